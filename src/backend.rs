@@ -1,0 +1,143 @@
+//! Choosing a burn backend and float type at run time. Code that runs on any backend is written
+//! once as a [`BackendJob`] and dispatched here.
+
+use std::fmt;
+use std::str::FromStr;
+
+use burn::prelude::Backend;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    /// burn-flex: the CPU backend (SIMD, threads).
+    Flex,
+    /// wgpu: Vulkan, Metal, DX12 (lavapipe on a CPU-only Linux machine).
+    Wgpu,
+    /// CUDA through cubecl.
+    Cuda,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FloatType {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl FromStr for BackendKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "flex" | "cpu" => Ok(Self::Flex),
+            "wgpu" => Ok(Self::Wgpu),
+            "cuda" => Ok(Self::Cuda),
+            _ => Err(format!("unknown backend `{s}`: expected flex, wgpu or cuda")),
+        }
+    }
+}
+
+impl FromStr for FloatType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" | "fp32" | "float32" => Ok(Self::F32),
+            "f16" | "fp16" | "float16" => Ok(Self::F16),
+            "bf16" | "bfloat16" => Ok(Self::Bf16),
+            _ => Err(format!("unknown dtype `{s}`: expected f32, f16 or bf16")),
+        }
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Flex => "flex",
+            Self::Wgpu => "wgpu",
+            Self::Cuda => "cuda",
+        })
+    }
+}
+
+impl fmt::Display for FloatType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Bf16 => "bf16",
+        })
+    }
+}
+
+/// Work that runs on whichever backend is chosen.
+pub trait BackendJob {
+    type Output;
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output;
+}
+
+/// Runs `job` on `backend` with float type `dtype`, or says why that pair is not available in
+/// this build or on this kind of backend.
+pub fn dispatch<J: BackendJob>(backend: BackendKind, dtype: FloatType, job: J) -> Result<J::Output, String> {
+    use burn::tensor::{bf16, f16};
+    let unsupported = || {
+        Err(format!(
+            "dtype {dtype} is not supported on the {backend} backend{}",
+            match backend {
+                BackendKind::Wgpu => " (WGSL/Vulkan have no bf16 arithmetic: use f32 or f16)",
+                _ => "",
+            }
+        ))
+    };
+    let not_built = |feature: &str| {
+        Err(format!("this binary was built without the `{feature}` feature, so the {backend} backend is unavailable"))
+    };
+    match backend {
+        BackendKind::Flex => {
+            #[cfg(feature = "flex")]
+            {
+                use burn::backend::flex::FlexDevice;
+                match dtype {
+                    FloatType::F32 => Ok(job.run::<burn::backend::Flex<f32>>(FlexDevice)),
+                    FloatType::F16 => Ok(job.run::<burn::backend::Flex<f16>>(FlexDevice)),
+                    FloatType::Bf16 => Ok(job.run::<burn::backend::Flex<bf16>>(FlexDevice)),
+                }
+            }
+            #[cfg(not(feature = "flex"))]
+            {
+                let _ = (job, unsupported);
+                not_built("flex")
+            }
+        }
+        BackendKind::Wgpu => {
+            #[cfg(feature = "wgpu")]
+            {
+                use burn::backend::wgpu::WgpuDevice;
+                match dtype {
+                    FloatType::F32 => Ok(job.run::<burn::backend::Wgpu<f32>>(WgpuDevice::default())),
+                    FloatType::F16 => Ok(job.run::<burn::backend::Wgpu<f16>>(WgpuDevice::default())),
+                    FloatType::Bf16 => unsupported(),
+                }
+            }
+            #[cfg(not(feature = "wgpu"))]
+            {
+                let _ = (job, unsupported);
+                not_built("wgpu")
+            }
+        }
+        BackendKind::Cuda => {
+            #[cfg(feature = "cuda")]
+            {
+                use burn::backend::cuda::CudaDevice;
+                let device = CudaDevice::default();
+                match dtype {
+                    FloatType::F32 => Ok(job.run::<burn::backend::Cuda<f32>>(device)),
+                    FloatType::F16 => Ok(job.run::<burn::backend::Cuda<f16>>(device)),
+                    FloatType::Bf16 => Ok(job.run::<burn::backend::Cuda<bf16>>(device)),
+                }
+            }
+            #[cfg(not(feature = "cuda"))]
+            {
+                let _ = (job, unsupported);
+                not_built("cuda")
+            }
+        }
+    }
+}

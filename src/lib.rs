@@ -1,0 +1,11 @@
+//! LLaVA-JP on burn: a CLIP vision tower, an MLP projector and a GPT-2 language model
+//! (llm-jp-1.3b), generic over burn backends, importing Hugging Face checkpoints and matching
+//! transformers' numbers.
+
+pub mod backend;
+pub mod config;
+pub mod model;
+pub mod parity;
+pub mod weights;
+
+pub use llava_jp_import as import;

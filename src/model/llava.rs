@@ -1,0 +1,264 @@
+//! The LLaVA-JP model: CLIP tower -> projector -> GPT-2, with the image features spliced into
+//! the token sequence where each image placeholder id (-200) stands, as the reference's
+//! `prepare_inputs_labels_for_multimodal` does it.
+
+use burn::prelude::*;
+use burn::tensor::activation::log_softmax;
+
+use super::clip::ClipVisionModel;
+use super::gpt2::{lm_logits, new_lm_head, Gpt2Model, KvCache, LmHead};
+use super::projector::{Projector, ProjectorKind};
+use crate::config::{LlavaConfig, PaddingSide, SelectFeature};
+
+/// The id standing for an image in a token sequence.
+pub const IMAGE_TOKEN_INDEX: i64 = -200;
+/// The label of a position that carries no loss.
+pub const IGNORE_INDEX: i64 = -100;
+
+/// One sample of a batch, before splicing: token ids with -200 where images go, and optional
+/// labels of the same length (-100 where no loss is wanted).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub input_ids: Vec<i64>,
+    pub labels: Option<Vec<i64>>,
+}
+
+/// A batch ready for the language model: embeddings with the images spliced in, padded.
+pub struct MultimodalBatch<B: Backend> {
+    pub inputs_embeds: Tensor<B, 3>,
+    pub position_ids: Tensor<B, 2, Int>,
+    /// `[batch, tokens]`, false for padding.
+    pub key_valid: Tensor<B, 2, Bool>,
+    /// Real length of each sample after splicing and truncation.
+    pub lengths: Vec<usize>,
+    /// Spliced labels, `[batch, tokens]` (-100 on images and padding), when the samples had labels.
+    pub labels: Option<Vec<Vec<i64>>>,
+}
+
+pub struct LlavaOutput<B: Backend> {
+    pub logits: Tensor<B, 3>,
+    /// Mean shifted cross-entropy over labels != -100, when labels were given.
+    pub loss: Option<Tensor<B, 1>>,
+}
+
+#[derive(Module, Debug)]
+pub struct LlavaModel<B: Backend> {
+    pub vision_tower: ClipVisionModel<B>,
+    pub mm_projector: Projector<B>,
+    pub transformer: Gpt2Model<B>,
+    pub lm_head: Option<LmHead<B>>,
+    /// Index of the tower hidden state taken (`mm_vision_select_layer` made non-negative).
+    pub select_layer: usize,
+    /// Whether the CLS token is kept (`mm_vision_select_feature = cls_patch`).
+    pub keep_cls: bool,
+    /// Spliced sequences are cut to this many tokens (`tokenizer_model_max_length`).
+    pub max_length: usize,
+    pub pad_left: bool,
+}
+
+impl<B: Backend> LlavaModel<B> {
+    /// A model with fresh (random) weights for `config`; import overwrites them.
+    pub fn new(config: &LlavaConfig, device: &B::Device) -> Self {
+        let kind = ProjectorKind::parse(&config.mm_projector_type).expect("validated config");
+        Self {
+            vision_tower: ClipVisionModel::new(config.vision(), device),
+            mm_projector: Projector::new(kind, config.vision().hidden_size, config.text.n_embd, device),
+            transformer: Gpt2Model::new(&config.text, device),
+            lm_head: new_lm_head(&config.text, device),
+            select_layer: config.select_layer_index(),
+            keep_cls: config.mm_vision_select_feature == SelectFeature::ClsPatch,
+            max_length: config.max_length(),
+            pad_left: config.tokenizer_padding_side == PaddingSide::Left,
+        }
+    }
+
+    /// Tower then projector: `[images, 3, H, W]` -> `[images, image_tokens, n_embd]`.
+    pub fn encode_images(&self, pixel_values: Tensor<B, 4>) -> Tensor<B, 3> {
+        let out = self.vision_tower.forward(pixel_values, self.select_layer);
+        let features = out.hidden_states.into_iter().nth(self.select_layer).expect("hidden state computed");
+        let [n, t, d] = features.dims();
+        let features = if self.keep_cls { features } else { features.slice([0..n, 1..t, 0..d]) };
+        self.mm_projector.forward(features)
+    }
+
+    /// Splices `image_features` (`[images, image_tokens, n_embd]`, consumed in order, one per
+    /// -200 id across the batch) into the samples' token embeddings, truncates each spliced
+    /// sequence to `max_length` (the tokenizer already cut the text to it), and pads to the longest with zero embeddings on
+    /// the configured side. Position ids restart at 0 in each sample.
+    pub fn prepare_inputs(&self, samples: &[Sample], image_features: Option<Tensor<B, 3>>) -> MultimodalBatch<B> {
+        self.prepare_inputs_padded(samples, image_features, self.pad_left)
+    }
+
+    pub fn prepare_inputs_padded(
+        &self,
+        samples: &[Sample],
+        image_features: Option<Tensor<B, 3>>,
+        pad_left: bool,
+    ) -> MultimodalBatch<B> {
+        let device = self.transformer.wte.weight.device();
+        let d = self.transformer.wte.weight.dims()[1];
+        let images_given = image_features.as_ref().map_or(0, |f| f.dims()[0]);
+        let image_tokens = image_features.as_ref().map_or(0, |f| f.dims()[1]);
+        let placeholders: usize =
+            samples.iter().map(|s| s.input_ids.iter().filter(|&&id| id == IMAGE_TOKEN_INDEX).count()).sum();
+        assert_eq!(
+            placeholders, images_given,
+            "the batch has {placeholders} image placeholders (-200) but {images_given} images were given"
+        );
+
+        // Embed every text token of the batch in one lookup.
+        let text_ids: Vec<Vec<i64>> = samples
+            .iter()
+            .map(|s| s.input_ids.iter().copied().filter(|&id| id != IMAGE_TOKEN_INDEX).collect())
+            .collect();
+        let all_ids: Vec<i64> = text_ids.iter().flatten().copied().collect();
+        let text_embeds = (!all_ids.is_empty()).then(|| {
+            let n = all_ids.len();
+            let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(all_ids, [1, n]), &device);
+            self.transformer.wte.forward(ids).reshape([n, d])
+        });
+
+        let mut next_image = 0;
+        let mut next_text = 0;
+        let mut pieces_per_sample: Vec<Vec<Tensor<B, 2>>> = Vec::new();
+        let mut labels_per_sample: Vec<Vec<i64>> = Vec::new();
+        let mut lengths = Vec::new();
+        for sample in samples {
+            let ids = &sample.input_ids[..];
+            let labels = sample.labels.as_ref().map(|l| {
+                assert_eq!(l.len(), ids.len(), "labels and input_ids differ in length");
+                &l[..]
+            });
+            let mut pieces = Vec::new();
+            let mut spliced_labels = Vec::new();
+            let mut run_start = 0;
+            let flush = |from: usize, to: usize, next_text: &mut usize, pieces: &mut Vec<Tensor<B, 2>>| {
+                if to > from {
+                    let embeds = text_embeds.as_ref().expect("text tokens were embedded");
+                    pieces.push(embeds.clone().slice([*next_text..*next_text + (to - from), 0..d]));
+                    *next_text += to - from;
+                }
+            };
+            for (i, &id) in ids.iter().enumerate() {
+                if id == IMAGE_TOKEN_INDEX {
+                    flush(run_start, i, &mut next_text, &mut pieces);
+                    spliced_labels.extend(labels.map_or(vec![IGNORE_INDEX; i - run_start], |l| l[run_start..i].to_vec()));
+                    let features = image_features.as_ref().expect("checked above");
+                    pieces.push(features.clone().slice([next_image..next_image + 1]).reshape([image_tokens, d]));
+                    spliced_labels.extend(std::iter::repeat_n(IGNORE_INDEX, image_tokens));
+                    next_image += 1;
+                    run_start = i + 1;
+                }
+            }
+            flush(run_start, ids.len(), &mut next_text, &mut pieces);
+            spliced_labels.extend(labels.map_or(vec![IGNORE_INDEX; ids.len() - run_start], |l| l[run_start..].to_vec()));
+            // Truncate again after splicing (an image can push the text past the limit).
+            let mut kept = Vec::new();
+            let mut len = 0;
+            for piece in pieces {
+                let rows = piece.dims()[0];
+                if len + rows <= self.max_length {
+                    len += rows;
+                    kept.push(piece);
+                } else {
+                    let take = self.max_length - len;
+                    if take > 0 {
+                        kept.push(piece.slice([0..take, 0..d]));
+                        len += take;
+                    }
+                    break;
+                }
+            }
+            spliced_labels.truncate(len);
+            lengths.push(len);
+            pieces_per_sample.push(kept);
+            labels_per_sample.push(spliced_labels);
+        }
+        let longest = lengths.iter().copied().max().unwrap_or(0).max(1);
+        let mut rows = Vec::new();
+        let mut positions = Vec::new();
+        let mut valid = Vec::new();
+        let mut padded_labels = Vec::new();
+        for ((mut pieces, labels), &len) in pieces_per_sample.into_iter().zip(labels_per_sample).zip(&lengths) {
+            let pad = longest - len;
+            let pad_rows = (pad > 0).then(|| Tensor::<B, 2>::zeros([pad, d], &device));
+            let mut label_row = vec![IGNORE_INDEX; pad];
+            if pad_left {
+                if let Some(z) = pad_rows {
+                    pieces.insert(0, z);
+                }
+                positions.extend(std::iter::repeat_n(0i64, pad).chain(0..len as i64));
+                valid.extend(std::iter::repeat_n(false, pad).chain(std::iter::repeat_n(true, len)));
+                label_row.extend(labels);
+            } else {
+                if let Some(z) = pad_rows {
+                    pieces.push(z);
+                }
+                positions.extend((0..len as i64).chain(std::iter::repeat_n(0, pad)));
+                valid.extend(std::iter::repeat_n(true, len).chain(std::iter::repeat_n(false, pad)));
+                label_row = labels.into_iter().chain(label_row).collect();
+            }
+            rows.push(Tensor::cat(pieces, 0));
+            padded_labels.push(label_row);
+        }
+        let b = samples.len();
+        let has_labels = samples.iter().any(|s| s.labels.is_some());
+        MultimodalBatch {
+            inputs_embeds: Tensor::stack(rows, 0),
+            position_ids: Tensor::from_data(TensorData::new(positions, [b, longest]), &device),
+            key_valid: Tensor::from_data(TensorData::new(valid, [b, longest]), &device),
+            lengths,
+            labels: has_labels.then_some(padded_labels),
+        }
+    }
+
+    /// The language model over a prepared batch (and a cache, for generation): logits.
+    pub fn forward_embeds(
+        &self,
+        inputs_embeds: Tensor<B, 3>,
+        position_ids: Tensor<B, 2, Int>,
+        key_valid: Tensor<B, 2, Bool>,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        let hidden = self.transformer.forward(inputs_embeds, position_ids, key_valid, cache);
+        lm_logits(&self.transformer, self.lm_head.as_ref(), hidden)
+    }
+
+    /// Logits and, when the samples carry labels, the loss: the whole training forward.
+    pub fn forward(&self, samples: &[Sample], pixel_values: Option<Tensor<B, 4>>) -> LlavaOutput<B> {
+        let features = pixel_values.map(|p| self.encode_images(p));
+        let batch = self.prepare_inputs(samples, features);
+        let logits = self.forward_embeds(batch.inputs_embeds, batch.position_ids, batch.key_valid, None);
+        let loss = batch.labels.as_ref().map(|labels| shifted_cross_entropy(logits.clone(), labels));
+        LlavaOutput { logits, loss }
+    }
+
+    pub fn new_cache(&self) -> KvCache<B> {
+        KvCache::new(self.transformer.h.len())
+    }
+}
+
+/// Mean cross-entropy of predicting `labels[t + 1]` from `logits[t]`, over the positions whose
+/// label is not -100 (transformers' causal-LM loss). Computed in f32 whatever the model's dtype.
+/// A batch with no trained position gives 0 (transformers gives NaN).
+pub fn shifted_cross_entropy<B: Backend>(logits: Tensor<B, 3>, labels: &[Vec<i64>]) -> Tensor<B, 1> {
+    let [b, t, v] = logits.dims();
+    let device = logits.device();
+    let mut targets = Vec::with_capacity(b * t);
+    let mut weights = Vec::with_capacity(b * t);
+    for row in labels {
+        assert_eq!(row.len(), t, "labels have {} positions, logits {t}", row.len());
+        for pos in 0..t {
+            let next = if pos + 1 < t { row[pos + 1] } else { IGNORE_INDEX };
+            assert!(next == IGNORE_INDEX || (0..v as i64).contains(&next), "label {next} is outside the vocabulary of {v}");
+            weights.push(if next == IGNORE_INDEX { 0.0f32 } else { 1.0 });
+            targets.push(if next == IGNORE_INDEX { 0 } else { next });
+        }
+    }
+    let count: f32 = weights.iter().sum();
+    let logits = logits.cast(burn::tensor::DType::F32).reshape([b * t, v]);
+    let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [b * t, 1]), &device);
+    let weights = Tensor::<B, 1>::from_data(TensorData::new(weights, [b * t]), (&device, burn::tensor::DType::F32));
+    let picked = log_softmax(logits, 1).gather(1, targets).reshape([b * t]);
+    -(picked * weights).sum() / count.max(1.0)
+}

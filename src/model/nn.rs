@@ -1,0 +1,206 @@
+//! The building blocks shared by the vision tower, the projector and the language model, and the
+//! two routes every matrix product and every attention of the model goes through
+//! ([`matmul`], [`attention`]), so that faster backend paths (cuBLASLt, flash attention) slot in
+//! here without touching the models.
+
+use burn::module::Param;
+use burn::prelude::*;
+use burn::tensor::activation;
+use burn::tensor::module::attention as burn_attention;
+use burn::tensor::ops::AttentionModuleOptions;
+
+/// The one route for matrix products: `[m, k] x [k, n] -> [m, n]`.
+pub fn matmul<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
+    a.matmul(b)
+}
+
+/// `x · w + bias` over the last dimension of `x`, with `w` given as `[in, out]` (it may be a
+/// transposed view of an `[out, in]` weight). Leading dimensions are flattened into one GEMM.
+pub fn affine<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    w_in_out: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+) -> Tensor<B, D> {
+    let dims = x.dims();
+    let [k, n] = w_in_out.dims();
+    assert_eq!(dims[D - 1], k, "input width {} does not match weight [in {k}, out {n}]", dims[D - 1]);
+    let rows = dims[..D - 1].iter().product::<usize>();
+    let y = matmul(x.reshape([rows, k]), w_in_out);
+    let y = match bias {
+        Some(b) => y + b.unsqueeze::<2>(),
+        None => y,
+    };
+    let mut out = dims;
+    out[D - 1] = n;
+    y.reshape(out)
+}
+
+/// The one route for attention: `softmax(q kᵀ · scale + mask) v` over
+/// `[batch, heads, tokens, head_dim]`. `masked` is true where a query must not see a key.
+pub fn attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    masked: Option<Tensor<B, 4, Bool>>,
+    scale: f64,
+) -> Tensor<B, 4> {
+    let options = AttentionModuleOptions { scale: Some(scale), softcap: None, is_causal: false };
+    burn_attention(q, k, v, masked, None, options)
+}
+
+/// Activation functions by their transformers names (`ACT2FN`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `x * sigmoid(1.702 x)`, CLIP's.
+    QuickGelu,
+    /// Exact erf GELU (`gelu`, `nn.GELU()`), llm-jp's and the projector's.
+    Gelu,
+    /// Tanh approximation (`gelu_new`, `gelu_pytorch_tanh`, `gelu_fast`), GPT-2's default.
+    GeluTanh,
+    Relu,
+    Silu,
+}
+
+impl Activation {
+    pub fn parse(name: &str) -> Result<Self, String> {
+        Ok(match name {
+            "quick_gelu" => Self::QuickGelu,
+            "gelu" => Self::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Self::GeluTanh,
+            "relu" => Self::Relu,
+            "silu" | "swish" => Self::Silu,
+            _ => {
+                return Err(
+                    "one of quick_gelu, gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, relu, silu".into()
+                )
+            }
+        })
+    }
+
+    pub fn forward<B: Backend, const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        match self {
+            Self::QuickGelu => x.clone() * activation::sigmoid(x * 1.702),
+            Self::Gelu => activation::gelu(x),
+            Self::GeluTanh => activation::gelu_approximate(x),
+            Self::Relu => activation::relu(x),
+            Self::Silu => activation::silu(x),
+        }
+    }
+}
+
+/// PyTorch's `nn.Linear`: weight stored `[out, in]`, as in the checkpoint.
+#[derive(Module, Debug)]
+pub struct Linear<B: Backend> {
+    pub weight: Param<Tensor<B, 2>>,
+    pub bias: Option<Param<Tensor<B, 1>>>,
+}
+
+impl<B: Backend> Linear<B> {
+    /// PyTorch's default initialisation (uniform in ±1/sqrt(in)); imports overwrite it.
+    pub fn new(d_in: usize, d_out: usize, bias: bool, device: &B::Device) -> Self {
+        let bound = 1.0 / (d_in as f64).sqrt();
+        let dist = burn::tensor::Distribution::Uniform(-bound, bound);
+        Self {
+            weight: Param::from_tensor(Tensor::random([d_out, d_in], dist, device)),
+            bias: bias.then(|| Param::from_tensor(Tensor::random([d_out], dist, device))),
+        }
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        affine(x, self.weight.val().transpose(), self.bias.as_ref().map(|b| b.val()))
+    }
+}
+
+/// GPT-2's `Conv1D`: a linear layer whose weight is stored `[in, out]`.
+#[derive(Module, Debug)]
+pub struct Conv1D<B: Backend> {
+    pub weight: Param<Tensor<B, 2>>,
+    pub bias: Param<Tensor<B, 1>>,
+}
+
+impl<B: Backend> Conv1D<B> {
+    /// GPT-2's initialisation: normal(0, 0.02) weights, zero bias.
+    pub fn new(d_in: usize, d_out: usize, device: &B::Device) -> Self {
+        let dist = burn::tensor::Distribution::Normal(0.0, 0.02);
+        Self {
+            weight: Param::from_tensor(Tensor::random([d_in, d_out], dist, device)),
+            bias: Param::from_tensor(Tensor::zeros([d_out], device)),
+        }
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        affine(x, self.weight.val(), Some(self.bias.val()))
+    }
+}
+
+/// PyTorch's `nn.LayerNorm` over the last dimension (biased variance, eps inside the root),
+/// with PyTorch's parameter names.
+#[derive(Module, Debug)]
+pub struct LayerNorm<B: Backend> {
+    pub weight: Param<Tensor<B, 1>>,
+    pub bias: Param<Tensor<B, 1>>,
+    pub eps: f64,
+}
+
+impl<B: Backend> LayerNorm<B> {
+    pub fn new(d: usize, eps: f64, device: &B::Device) -> Self {
+        Self {
+            weight: Param::from_tensor(Tensor::ones([d], device)),
+            bias: Param::from_tensor(Tensor::zeros([d], device)),
+            eps,
+        }
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let (var, mean) = x.clone().var_mean_bias(D - 1);
+        let x = (x - mean) / (var + self.eps).sqrt();
+        x * self.weight.val().unsqueeze() + self.bias.val().unsqueeze()
+    }
+}
+
+/// PyTorch's `nn.Embedding`: a `[num, dim]` table.
+#[derive(Module, Debug)]
+pub struct Embedding<B: Backend> {
+    pub weight: Param<Tensor<B, 2>>,
+}
+
+impl<B: Backend> Embedding<B> {
+    pub fn new(num: usize, dim: usize, std: f64, device: &B::Device) -> Self {
+        let dist = burn::tensor::Distribution::Normal(0.0, std);
+        Self { weight: Param::from_tensor(Tensor::random([num, dim], dist, device)) }
+    }
+
+    pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        burn::tensor::module::embedding(self.weight.val(), ids)
+    }
+}
+
+/// Dropout that is active only while gradients are being recorded (training on an autodiff
+/// backend), as `model.train()` / `model.eval()` do in PyTorch.
+#[derive(Module, Debug, Clone)]
+pub struct Dropout {
+    pub prob: f64,
+}
+
+impl Dropout {
+    pub fn forward<B: Backend, const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        if self.prob == 0.0 || !B::ad_enabled(&x.device()) {
+            return x;
+        }
+        let keep = x.random_like(burn::tensor::Distribution::Bernoulli(1.0 - self.prob));
+        x * keep / (1.0 - self.prob)
+    }
+}
+
+/// Splits `[batch, tokens, heads * head_dim]` into `[batch, heads, tokens, head_dim]`.
+pub fn split_heads<B: Backend>(x: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
+    let [b, t, d] = x.dims();
+    x.reshape([b, t, heads, d / heads]).swap_dims(1, 2)
+}
+
+/// The inverse of [`split_heads`].
+pub fn merge_heads<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 3> {
+    let [b, h, t, hd] = x.dims();
+    x.swap_dims(1, 2).reshape([b, t, h * hd])
+}
+
