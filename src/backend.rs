@@ -76,8 +76,10 @@ pub trait BackendJob {
 /// Runs `job` on `backend` with float type `dtype`, or says why that pair is not available in
 /// this build or on this kind of backend.
 pub fn dispatch<J: BackendJob>(backend: BackendKind, dtype: FloatType, job: J) -> Result<J::Output, String> {
+    #[allow(unused_imports)]
     use burn::tensor::{bf16, f16};
-    let unsupported = || {
+    #[allow(unused_variables)]
+    let unsupported = || -> Result<J::Output, String> {
         Err(format!(
             "dtype {dtype} is not supported on the {backend} backend{}",
             match backend {
@@ -86,7 +88,8 @@ pub fn dispatch<J: BackendJob>(backend: BackendKind, dtype: FloatType, job: J) -
             }
         ))
     };
-    let not_built = |feature: &str| {
+    #[allow(unused_variables)]
+    let not_built = |feature: &str| -> Result<J::Output, String> {
         Err(format!("this binary was built without the `{feature}` feature, so the {backend} backend is unavailable"))
     };
     match backend {
@@ -94,11 +97,18 @@ pub fn dispatch<J: BackendJob>(backend: BackendKind, dtype: FloatType, job: J) -
             #[cfg(feature = "flex")]
             {
                 use burn::backend::flex::FlexDevice;
-                match dtype {
-                    FloatType::F32 => Ok(job.run::<burn::backend::Flex<f32>>(FlexDevice)),
-                    FloatType::F16 => Ok(job.run::<burn::backend::Flex<f16>>(FlexDevice)),
-                    FloatType::Bf16 => Ok(job.run::<burn::backend::Flex<bf16>>(FlexDevice)),
+                use burn::tensor::DType;
+                // Flex picks its float type per device, once, before the first tensor.
+                let float = match dtype {
+                    FloatType::F32 => DType::F32,
+                    FloatType::F16 => DType::F16,
+                    FloatType::Bf16 => DType::BF16,
+                };
+                if float != DType::F32 {
+                    burn::tensor::set_default_dtypes::<burn::backend::Flex>(&FlexDevice, float, DType::I32)
+                        .map_err(|e| format!("cannot use {dtype} on the flex backend: {e:?}"))?;
                 }
+                Ok(job.run::<burn::backend::Flex>(FlexDevice))
             }
             #[cfg(not(feature = "flex"))]
             {

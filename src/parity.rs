@@ -100,7 +100,11 @@ fn bool_mask(values: &[i64]) -> Vec<bool> {
 
 /// The weights files of a fixture directory: every format the script saved.
 fn weight_files(dir: &Path) -> Vec<std::path::PathBuf> {
-    ["model.safetensors", "pytorch_model.bin"].iter().map(|f| dir.join(f)).filter(|p| p.is_file()).collect()
+    ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"]
+        .iter()
+        .map(|f| dir.join(f))
+        .filter(|p| p.is_file())
+        .collect()
 }
 
 fn file_label(path: &Path) -> String {
@@ -212,7 +216,7 @@ pub fn check_llava<B: Backend>(dir: &Path, device: &B::Device) -> anyhow::Result
                 let name = format!("llava[{label}] batch {batch} logits, {side} padding");
                 out.push(compare(&name, &to_f32(logits), &expected.f32(&format!("logits_{batch}_{side}"))?, Some((&mask, v))));
                 let name = format!("llava[{label}] batch {batch} loss, {side} padding");
-                out.push(compare(&name, &to_f32(loss), &expected.f32(&format!("loss_{batch}"))?, None));
+                out.push(compare(&name, &to_f32(loss), &expected.f32(&format!("loss_{batch}_{side}"))?, None));
             }
         }
     }

@@ -33,3 +33,8 @@ fn import_errors_name_key_file_and_shapes() {
 fn half_precision_checkpoints_load_into_f32() {
     common::half_precision_checkpoints_load_into_f32::<B>(&FlexDevice);
 }
+
+#[test]
+fn sharded_checkpoints_load() {
+    common::sharded_checkpoints_load::<B>(&FlexDevice);
+}

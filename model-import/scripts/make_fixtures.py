@@ -31,11 +31,13 @@ def write_json(path, obj):
         json.dump(obj, f, indent=2, ensure_ascii=False)
 
 
-def save_both(model, out):
+def save_both(model, out, full):
     """`model.safetensors` and `config.json` by `save_pretrained`; `pytorch_model.bin` as the
-    pickled state dict that older transformers wrote (shared tensors kept shared)."""
+    pickled state dict that older transformers wrote (shared tensors kept shared). Full-size
+    fixtures keep only the safetensors, to spare disk and time."""
     model.save_pretrained(out)
-    torch.save(model.state_dict(), os.path.join(out, "pytorch_model.bin"))
+    if not full:
+        torch.save(model.state_dict(), os.path.join(out, "pytorch_model.bin"))
 
 
 def ragged(rows, pad=0):
@@ -73,16 +75,21 @@ def make_clip(out, full, dtype):
               max_position_embeddings=16, projection_dim=vc["projection_dim"])
     # A whole CLIPModel (text tower included, which the importer must pass over).
     model = CLIPModel(CLIPConfig(text_config=tc, vision_config=vc, projection_dim=vc["projection_dim"])).eval()
-    save_both(model, out)
+    save_both(model, out, full)
     vision = CLIPVisionModel.from_pretrained(out).eval()
     n = 2
     pixels = torch.randn(n, 3, vc["image_size"], vc["image_size"])
-    with torch.no_grad():
-        result = vision.to(dtype)(pixel_values=pixels.to(dtype), output_hidden_states=True)
-    expected = {f"hidden_states.{i}": h.float().contiguous() for i, h in enumerate(result.hidden_states)}
-    expected["pooler_output"] = result.pooler_output.float().contiguous()
+
+    def run(dtype, device):
+        result = vision.to(device, dtype)(pixel_values=pixels.to(device, dtype), output_hidden_states=True)
+        expected = {f"hidden_states.{i}": h.float().cpu().contiguous() for i, h in enumerate(result.hidden_states)}
+        expected["pooler_output"] = result.pooler_output.float().cpu().contiguous()
+        return expected
+
+    expected = run(dtype, "cpu")
     save_file({"pixel_values": pixels.contiguous()}, os.path.join(out, "inputs.safetensors"))
     save_file(expected, os.path.join(out, "expected.safetensors"))
+    baseline("clip", expected, run)
     write_json(os.path.join(out, "fixture.json"), {"kind": "clip", "reference_dtype": str(dtype)})
 
 
@@ -104,19 +111,29 @@ def make_gpt2(out, full, dtype, **over):
     os.makedirs(out, exist_ok=True)
     torch.manual_seed(1)
     model = GPT2LMHeadModel(gpt2_config(full, **over)).eval()
-    save_both(model, out)
+    save_both(model, out, full)
     gen = torch.Generator().manual_seed(2)
     lengths = [40, 25] if full else [9, 5]
-    inputs, expected = {}, {}
+    inputs = {}
     for side in ["right", "left"]:
         g = torch.Generator().manual_seed(3)  # the same tokens on both sides
         ids, mask, pos = padded_batch(lengths, model.config.vocab_size, side, g)
-        with torch.no_grad():
-            logits = model.to(dtype)(input_ids=ids, attention_mask=mask, position_ids=pos).logits
         inputs.update({f"input_ids_{side}": ids, f"attention_mask_{side}": mask, f"position_ids_{side}": pos})
-        expected[f"logits_{side}"] = logits.float().contiguous()
+
+    def run(dtype, device):
+        m = model.to(device, dtype)
+        expected = {}
+        for side in ["right", "left"]:
+            args = {k: inputs[f"{k}_{side}"].to(device) for k in ["input_ids", "attention_mask", "position_ids"]}
+            logits = m(**args).logits
+            # Compare where the reference is meaningful: real tokens only.
+            expected[f"logits_{side}"] = (logits.float() * args["attention_mask"][..., None]).cpu().contiguous()
+        return expected
+
+    expected = run(dtype, "cpu")
     save_file(inputs, os.path.join(out, "inputs.safetensors"))
     save_file(expected, os.path.join(out, "expected.safetensors"))
+    baseline("gpt2", expected, run)
     write_json(os.path.join(out, "fixture.json"), {"kind": "gpt2", "reference_dtype": str(dtype)})
 
 
@@ -134,11 +151,12 @@ class Llava(torch.nn.Module):
 
     def prepare(self, samples, labels, features, side):
         wte = self.lm.transformer.wte
+        dev = wte.weight.device
         embeds, new_labels = [], []
         img = 0
         for ids, lab in zip(samples, labels):
-            ids = torch.tensor(ids)
-            lab = torch.tensor(lab)
+            ids = torch.tensor(ids, device=dev)
+            lab = torch.tensor(lab, device=dev)
             cuts = [-1] + torch.where(ids == IMAGE_TOKEN_INDEX)[0].tolist() + [len(ids)]
             text = [ids[cuts[i] + 1: cuts[i + 1]] for i in range(len(cuts) - 1)]
             text_lab = [lab[cuts[i] + 1: cuts[i + 1]] for i in range(len(cuts) - 1)]
@@ -149,25 +167,30 @@ class Llava(torch.nn.Module):
                 l.append(text_lab[i])
                 if i < len(text) - 1:
                     e.append(features[img])
-                    l.append(torch.full((features[img].shape[0],), IGNORE_INDEX))
+                    l.append(torch.full((features[img].shape[0],), IGNORE_INDEX, device=dev))
                     img += 1
             embeds.append(torch.cat(e)[: self.max_length])
             new_labels.append(torch.cat(l)[: self.max_length])
         width = max(x.shape[0] for x in embeds)
         b, d = len(embeds), embeds[0].shape[1]
-        out = torch.zeros(b, width, d, dtype=embeds[0].dtype)
-        lab_out = torch.full((b, width), IGNORE_INDEX, dtype=torch.int64)
-        mask = torch.zeros(b, width, dtype=torch.int64)
-        pos = torch.zeros(b, width, dtype=torch.int64)
+        out = torch.zeros(b, width, d, dtype=embeds[0].dtype, device=dev)
+        lab_out = torch.full((b, width), IGNORE_INDEX, dtype=torch.int64, device=dev)
+        mask = torch.zeros(b, width, dtype=torch.int64, device=dev)
+        pos = torch.zeros(b, width, dtype=torch.int64, device=dev)
         for i, (x, l) in enumerate(zip(embeds, new_labels)):
             n = x.shape[0]
             sl = slice(width - n, width) if side == "left" else slice(0, n)
-            out[i, sl], lab_out[i, sl], mask[i, sl], pos[i, sl] = x, l, 1, torch.arange(n)
+            out[i, sl], lab_out[i, sl], mask[i, sl], pos[i, sl] = x, l, 1, torch.arange(n, device=dev)
         return out, lab_out, mask, pos
 
     def forward(self, samples, labels, pixels, side):
         features = self.encode_images(pixels)
         embeds, lab, mask, pos = self.prepare(samples, labels, features, side)
+        # A sample's first token is predicted from nothing real; with left padding transformers'
+        # shifted loss would predict it from a padding row. Neither LLaVA-JP's right-padded
+        # training nor llava-jp trains that target, so it is masked here.
+        first = torch.argmax(mask, dim=1)
+        lab[torch.arange(lab.shape[0], device=lab.device), first] = IGNORE_INDEX
         result = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, labels=lab)
         return result.logits, result.loss, mask
 
@@ -198,6 +221,9 @@ def make_llava(out, full, dtype):
     # The whole model under LLaVA-JP's names.
     state = {}
     for k, v in vision.state_dict().items():
+        # LLaVA-JP's checkpoints (transformers 4.x) keep CLIPVisionModel's `vision_model.` level,
+        # which transformers 5 no longer has.
+        k = k if k.startswith("vision_model.") else f"vision_model.{k}"
         state[f"model.vision_tower.vision_tower.{k}"] = v
     for k, v in projector.state_dict().items():
         state[f"model.mm_projector.{k}"] = v
@@ -206,9 +232,10 @@ def make_llava(out, full, dtype):
             state[k] = v
     state = {k: v.contiguous().clone() for k, v in state.items()}
     save_file(state, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
-    full_state = dict(state)
-    full_state["lm_head.weight"] = lm.state_dict()["lm_head.weight"]
-    torch.save(full_state, os.path.join(out, "pytorch_model.bin"))
+    if not full:
+        full_state = dict(state)
+        full_state["lm_head.weight"] = lm.state_dict()["lm_head.weight"]
+        torch.save(full_state, os.path.join(out, "pytorch_model.bin"))
     torch.save({f"model.mm_projector.{k}": v for k, v in projector.state_dict().items()},
                os.path.join(out, "mm_projector.bin"))
     # The parts a stage-1 run starts from.
@@ -234,21 +261,47 @@ def make_llava(out, full, dtype):
     size = vc["image_size"]
     px_a = torch.randn(2, 3, size, size, generator=gen)
     px_b = torch.randn(2, 3, size, size, generator=gen)
-    inputs, expected = {}, {}
-    for name, samples, labels, px in [("a", a, a_lab, px_a), ("b", b, b_lab, px_b)]:
+    inputs = {}
+    batches = [("a", a, a_lab, px_a), ("b", b, b_lab, px_b)]
+    for name, samples, labels, px in batches:
         ids_t, ids_len = ragged(samples)
         lab_t, lab_len = ragged(labels, IGNORE_INDEX)
         inputs.update({f"input_ids_{name}": ids_t, f"input_ids_{name}_lengths": ids_len,
                        f"labels_{name}": lab_t, f"labels_{name}_lengths": lab_len, f"pixel_values_{name}": px})
-        for side in (["right", "left"] if name == "a" else ["right"]):
-            with torch.no_grad():
-                logits, loss, mask = model(samples, labels, px.to(dtype), side)
-            expected[f"logits_{name}_{side}"] = logits.float().contiguous()
-            expected[f"mask_{name}_{side}"] = mask
-            expected[f"loss_{name}"] = loss.float().reshape(1)
+
+    def run(dtype, device):
+        m = model.to(device, dtype)
+        expected = {}
+        for name, samples, labels, px in batches:
+            for side in (["right", "left"] if name == "a" else ["right"]):
+                logits, loss, mask = m(samples, labels, px.to(device, dtype), side)
+                expected[f"logits_{name}_{side}"] = (logits.float() * mask[..., None].to(device)).cpu().contiguous()
+                expected[f"mask_{name}_{side}"] = mask.cpu()
+                expected[f"loss_{name}_{side}"] = loss.float().reshape(1).cpu()
+        return expected
+
+    expected = run(dtype, "cpu")
     save_file(inputs, os.path.join(out, "inputs.safetensors"))
     save_file(expected, os.path.join(out, "expected.safetensors"))
+    baseline("llava", expected, run)
     write_json(os.path.join(out, "fixture.json"), {"kind": "llava", "reference_dtype": str(dtype), "image_tokens": patches})
+
+
+BASELINE = None  # (dtype, device): also run the reference at this precision and print its error
+
+
+def baseline(name, expected, run):
+    """Prints how far transformers itself lands from the saved f32 reference when it computes in
+    another precision, the yardstick for our own bf16 errors."""
+    if BASELINE is None:
+        return
+    dtype, device = BASELINE
+    other = run(dtype, device)
+    for k, ref in expected.items():
+        if k.startswith("mask"):
+            continue
+        diff = (other[k] - ref).abs().max().item()
+        print(f"transformers {name} {k} in {dtype} on {device}: max_abs {diff:.3e}  max_rel {diff / ref.abs().max().item():.3e}")
 
 
 def main():
@@ -256,8 +309,13 @@ def main():
     p.add_argument("out")
     p.add_argument("--full", action="store_true", help="full-size architectures (random weights)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--baseline", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="also run transformers at this precision (on CUDA when present) and print its error")
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
+    global BASELINE
+    if args.baseline:
+        BASELINE = (getattr(torch, args.baseline), "cuda" if torch.cuda.is_available() else "cpu")
     torch.set_grad_enabled(False)
     make_clip(os.path.join(args.out, "clip"), args.full, dtype)
     make_gpt2(os.path.join(args.out, "gpt2"), args.full, dtype)

@@ -39,7 +39,11 @@ impl Layout {
     /// first.
     pub fn candidates(&self, path: &str) -> Vec<String> {
         match self {
-            Layout::Clip => vec![path.to_string(), format!("{LLAVA_VISION_PREFIX}{path}")],
+            Layout::Clip => {
+                let mut keys = vec![path.to_string(), format!("{LLAVA_VISION_PREFIX}{path}")];
+                keys.extend(without_vision_model(path));
+                keys
+            }
             Layout::Gpt2 => {
                 let mut keys = vec![path.to_string()];
                 if let Some(rest) = path.strip_prefix("transformer.") {
@@ -53,7 +57,9 @@ impl Layout {
                 .collect(),
             Layout::LlavaJp(p) => {
                 if let Some(rest) = path.strip_prefix("vision_tower.") {
-                    vec![format!("{LLAVA_VISION_PREFIX}{rest}")]
+                    let mut keys = vec![format!("{LLAVA_VISION_PREFIX}{rest}")];
+                    keys.extend(without_vision_model(rest).map(|k| format!("{LLAVA_VISION_PREFIX}{k}")));
+                    keys
                 } else if let Some(rest) = path.strip_prefix("mm_projector.") {
                     projector_keys(*p, rest)
                         .into_iter()
@@ -92,6 +98,12 @@ impl Layout {
     }
 }
 
+/// transformers 5 saves a `CLIPVisionModel` without the `vision_model.` level (4.x kept it, and
+/// LLaVA-JP's checkpoints have it): both spellings are accepted.
+fn without_vision_model(path: &str) -> Option<String> {
+    path.strip_prefix("vision_model.").map(str::to_string)
+}
+
 /// Our projector paths are `linears.{i}.{weight,bias}`; the stored names drop `linears` and
 /// number the linears as `nn.Sequential` does.
 fn projector_keys(layout: ProjectorLayout, path: &str) -> Vec<String> {
@@ -119,9 +131,17 @@ mod tests {
         let l = Layout::LlavaJp(ProjectorLayout::Sequential);
         assert_eq!(
             l.candidates("vision_tower.vision_model.encoder.layers.3.mlp.fc1.weight"),
-            vec!["model.vision_tower.vision_tower.vision_model.encoder.layers.3.mlp.fc1.weight"]
+            vec![
+                "model.vision_tower.vision_tower.vision_model.encoder.layers.3.mlp.fc1.weight",
+                "model.vision_tower.vision_tower.encoder.layers.3.mlp.fc1.weight"
+            ]
         );
         assert_eq!(l.candidates("mm_projector.linears.1.bias"), vec!["model.mm_projector.2.bias"]);
+        assert_eq!(
+            Layout::Clip.candidates("vision_model.pre_layrnorm.weight").last().unwrap(),
+            "pre_layrnorm.weight",
+            "transformers 5 CLIPVisionModel names"
+        );
         assert_eq!(l.candidates("transformer.h.0.attn.c_attn.weight"), vec!["transformer.h.0.attn.c_attn.weight"]);
         let single = Layout::Projector(ProjectorLayout::Single);
         assert_eq!(single.candidates("linears.0.weight")[0], "model.mm_projector.weight");

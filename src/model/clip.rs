@@ -40,7 +40,6 @@ impl<B: Backend> ClipVisionEmbeddings<B> {
         let patch_embeds = affine(patches, weight.reshape([hidden, c * p * p]).transpose(), None);
         let cls = self.class_embedding.val().reshape([1, 1, hidden]).expand([b, 1, hidden]);
         let embeddings = Tensor::cat(vec![cls, patch_embeds], 1);
-        let positions = self.position_embedding.weight.val().slice([0..1 + gh * gw]);
         let positions_count = self.position_embedding.weight.dims()[0];
         assert_eq!(
             positions_count,
@@ -48,7 +47,7 @@ impl<B: Backend> ClipVisionEmbeddings<B> {
             "image {h}x{w} gives {} tokens but the tower has {positions_count} positions",
             1 + gh * gw
         );
-        embeddings + positions.unsqueeze::<3>()
+        embeddings + self.position_embedding.weight.val().unsqueeze::<3>()
     }
 }
 

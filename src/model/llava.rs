@@ -169,6 +169,7 @@ impl<B: Backend> LlavaModel<B> {
                     break;
                 }
             }
+            assert!(len > 0, "sample {} of the batch is empty", lengths.len());
             spliced_labels.truncate(len);
             lengths.push(len);
             pieces_per_sample.push(kept);
@@ -186,6 +187,12 @@ impl<B: Backend> LlavaModel<B> {
             if pad_left {
                 if let Some(z) = pad_rows {
                     pieces.insert(0, z);
+                }
+                // Nothing real precedes a sample's first token, so it is never a target; with
+                // left padding the shifted loss would otherwise predict it from a padding row.
+                let mut labels = labels;
+                if let Some(first) = labels.first_mut() {
+                    *first = IGNORE_INDEX;
                 }
                 positions.extend(std::iter::repeat_n(0i64, pad).chain(0..len as i64));
                 valid.extend(std::iter::repeat_n(false, pad).chain(std::iter::repeat_n(true, len)));

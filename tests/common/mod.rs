@@ -121,3 +121,49 @@ pub fn half_precision_checkpoints_load_into_f32<B: Backend>(device: &B::Device) 
         std::fs::remove_dir_all(&dir).ok();
     }
 }
+
+/// Writes `tensors` of `source` into `dir` as two safetensors shards and an HF index.
+fn write_shards(source: &Checkpoint, dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let all: Vec<(String, burn::tensor::TensorData)> =
+        source.tensors.iter().map(|(k, t)| (k.clone(), t.read().unwrap())).collect();
+    let half = all.len() / 2;
+    let mut weight_map = serde_json::Map::new();
+    for (i, chunk) in [&all[..half], &all[half..]].iter().enumerate() {
+        let name = format!("model-0000{}-of-00002.safetensors", i + 1);
+        let views: Vec<(String, safetensors::tensor::TensorView)> = chunk
+            .iter()
+            .map(|(k, d)| {
+                assert_eq!(d.dtype, burn::tensor::DType::F32);
+                (k.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, d.shape.to_vec(), d.as_bytes()).unwrap())
+            })
+            .collect();
+        safetensors::tensor::serialize_to_file(views, None, &dir.join(&name)).unwrap();
+        for (k, _) in chunk.iter() {
+            weight_map.insert(k.clone(), name.clone().into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+}
+
+/// A sharded checkpoint (`model.safetensors.index.json`) gives the same model as one file; a
+/// missing shard is an error that names it.
+pub fn sharded_checkpoints_load<B: Backend>(device: &B::Device) {
+    let source = fixture("llava");
+    let dir = std::env::temp_dir().join(format!("llava-jp-shards-{}", std::process::id()));
+    write_shards(&Checkpoint::open(source.join("model.safetensors")).unwrap(), &dir);
+    std::fs::copy(source.join("config.json"), dir.join("config.json")).unwrap();
+    for f in ["inputs.safetensors", "expected.safetensors", "fixture.json"] {
+        std::fs::copy(source.join(f), dir.join(f)).unwrap();
+    }
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    assert_eq!(ckpt.files.len(), 2, "both shards opened");
+    // 1 source x 3 batches x (logits + loss)
+    assert_close(&check_llava::<B>(&dir, device).unwrap(), 3 * 2, F32_TOLERANCE);
+
+    std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
+    let err = Checkpoint::open(&dir).err().expect("a missing shard fails").to_string();
+    assert!(err.contains("model-00002-of-00002.safetensors"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}

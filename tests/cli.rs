@@ -1,0 +1,61 @@
+//! The `inspect` and `check` subcommands, run as a user runs them.
+use std::path::Path;
+use std::process::Command;
+
+fn llava_jp(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_llava-jp"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("the binary runs");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+#[test]
+fn inspect_names_the_model_its_parts_and_loads_it() {
+    let (ok, out) = llava_jp(&["inspect", "tests/fixtures/llava"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("LLaVA-JP"), "{out}");
+    assert!(out.contains("vision tower") && out.contains("projector") && out.contains("language model"), "{out}");
+    assert!(out.contains("F32"), "{out}");
+    assert!(out.contains("loads cleanly: yes"), "{out}");
+
+    let (ok, out) = llava_jp(&["inspect", "tests/fixtures/clip/pytorch_model.bin"]);
+    assert!(ok && out.contains("CLIP") && out.contains("text tower (ignored)") && out.contains("loads cleanly: yes"), "{out}");
+
+    let (ok, out) = llava_jp(&["inspect", "tests/fixtures/llava/mm_projector.bin"]);
+    assert!(ok && out.contains("projector") && out.contains("Mlp(2), 32 -> 32"), "{out}");
+
+    let (ok, out) = llava_jp(&["inspect", "tests/fixtures/gpt2-untied"]);
+    assert!(ok && out.contains("GPT-2") && out.contains("loads cleanly: yes"), "{out}");
+}
+
+#[test]
+fn inspect_reports_what_is_wrong() {
+    let (ok, out) = llava_jp(&["inspect", "tests/fixtures/does-not-exist"]);
+    assert!(!ok && out.contains("does-not-exist"), "{out}");
+
+    // A GPT-2 config beside a checkpoint of another size: the load fails and says where.
+    let dir = std::env::temp_dir().join(format!("llava-jp-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt2");
+    std::fs::copy(root.join("model.safetensors"), dir.join("model.safetensors")).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join("config.json")).unwrap()).unwrap();
+    config["n_embd"] = 48.into();
+    config["n_head"] = 4.into();
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let (ok, out) = llava_jp(&["inspect", dir.to_str().unwrap()]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("loads cleanly: no") && out.contains("shape mismatch") && out.contains("transformer.wte.weight"), "{out}");
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn check_runs_the_embedded_fixtures_within_tolerance() {
+    let (ok, out) = llava_jp(&["check", "--fixture", "tests/fixtures", "--tolerance", "1e-4"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("llava[parts]") && out.contains("clip[pytorch_model.bin]"), "{out}");
+    let (ok, out) = llava_jp(&["check", "--fixture", "tests/fixtures/gpt2", "--backend", "wgpu", "--dtype", "bf16"]);
+    assert!(!ok && out.contains("bf16 is not supported on the wgpu backend"), "{out}");
+}
