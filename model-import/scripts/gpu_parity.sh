@@ -16,9 +16,11 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 if [ -n "${TINY:-}" ]; then  # also remake the committed tiny fixtures
   python3 model-import/scripts/make_fixtures.py /tmp/tiny >/dev/null 2>&1 && tar czf "$out/tiny.tgz" -C /tmp tiny
 fi
-python3 model-import/scripts/make_fixtures.py /tmp/full --full --baseline bfloat16 2>&1 | grep -v Warning | tee "$out/reference.log"
-for run in "cuda f32" "cuda bf16" "wgpu f32"; do
+# ONLY=llava RUNS="cuda bf16,wgpu f32" narrows the run to fit a device call.
+python3 model-import/scripts/make_fixtures.py /tmp/full --full --baseline bfloat16 ${ONLY:+--only $ONLY} 2>&1 | grep -v Warning | tee "$out/reference.log"
+IFS=, read -ra runs <<< "${RUNS:-cuda f32,cuda bf16,wgpu f32}"
+for run in "${runs[@]}"; do
   set -- $run
   echo "== $1 $2"
-  $bin check --fixture /tmp/full --backend "$1" --dtype "$2" 2>&1 | tee "$out/check-$1-$2.log"
+  $bin check --fixture /tmp/full${ONLY:+/$ONLY} --backend "$1" --dtype "$2" 2>&1 | tee "$out/check-$1-$2.log"
 done

@@ -311,18 +311,23 @@ def main():
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--baseline", default=None, choices=["bfloat16", "float16", "float32"],
                    help="also run transformers at this precision (on CUDA when present) and print its error")
+    p.add_argument("--only", default=None, choices=["clip", "gpt2", "llava"], help="make one fixture kind")
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
     global BASELINE
     if args.baseline:
         BASELINE = (getattr(torch, args.baseline), "cuda" if torch.cuda.is_available() else "cpu")
     torch.set_grad_enabled(False)
-    make_clip(os.path.join(args.out, "clip"), args.full, dtype)
-    make_gpt2(os.path.join(args.out, "gpt2"), args.full, dtype)
-    if not args.full:
-        make_gpt2(os.path.join(args.out, "gpt2-untied"), False, dtype, activation_function="gelu_new",
-                  tie_word_embeddings=False, scale_attn_by_inverse_layer_idx=True)
-    make_llava(os.path.join(args.out, "llava"), args.full, dtype)
+    want = lambda kind: args.only in (None, kind)
+    if want("clip"):
+        make_clip(os.path.join(args.out, "clip"), args.full, dtype)
+    if want("gpt2"):
+        make_gpt2(os.path.join(args.out, "gpt2"), args.full, dtype)
+        if not args.full:
+            make_gpt2(os.path.join(args.out, "gpt2-untied"), False, dtype, activation_function="gelu_new",
+                      tie_word_embeddings=False, scale_attn_by_inverse_layer_idx=True)
+    if want("llava"):
+        make_llava(os.path.join(args.out, "llava"), args.full, dtype)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 use burn::module::Param;
 use burn::prelude::*;
 
-use super::nn::{affine, attention, merge_heads, split_heads, Activation, Embedding, LayerNorm, Linear};
+use super::nn::{affine, attention, merge_heads, split_heads, Activation, Dropout, Embedding, LayerNorm, Linear};
 use crate::config::ClipVisionConfig;
 
 /// The patch embedding: a `patch x patch` convolution with stride `patch` and no bias. Stored as
@@ -57,6 +57,7 @@ pub struct ClipAttention<B: Backend> {
     pub k_proj: Linear<B>,
     pub v_proj: Linear<B>,
     pub out_proj: Linear<B>,
+    pub attention_dropout: Dropout,
     pub num_heads: usize,
 }
 
@@ -66,7 +67,7 @@ impl<B: Backend> ClipAttention<B> {
         let q = split_heads(self.q_proj.forward(x.clone()), self.num_heads);
         let k = split_heads(self.k_proj.forward(x.clone()), self.num_heads);
         let v = split_heads(self.v_proj.forward(x), self.num_heads);
-        let out = attention(q, k, v, None, 1.0 / (head_dim as f64).sqrt());
+        let out = attention(q, k, v, None, 1.0 / (head_dim as f64).sqrt(), &self.attention_dropout);
         self.out_proj.forward(merge_heads(out))
     }
 }
@@ -135,6 +136,7 @@ impl<B: Backend> ClipVisionModel<B> {
                 k_proj: Linear::new(d, d, true, device),
                 v_proj: Linear::new(d, d, true, device),
                 out_proj: Linear::new(d, d, true, device),
+                attention_dropout: Dropout { prob: config.attention_dropout },
                 num_heads: config.num_attention_heads,
             },
             layer_norm1: LayerNorm::new(d, config.layer_norm_eps, device),

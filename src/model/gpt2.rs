@@ -76,9 +76,7 @@ impl<B: Backend> Gpt2Attention<B> {
             }
             *slot = Some((k.clone(), v.clone()));
         }
-        // Attention-probability dropout is not applied: the fused attention route has none.
-        // Training parity with dropout on is statistical anyway; residual dropout is kept.
-        let out = attention(q, k, v, Some(masked), self.scale);
+        let out = attention(q, k, v, Some(masked), self.scale, &self.attn_dropout);
         self.resid_dropout.forward(self.c_proj.forward(merge_heads(out)))
     }
 }

@@ -37,13 +37,23 @@ pub fn affine<B: Backend, const D: usize>(
 
 /// The one route for attention: `softmax(q kᵀ · scale + mask) v` over
 /// `[batch, heads, tokens, head_dim]`. `masked` is true where a query must not see a key.
+/// `dropout` drops attention probabilities while training (as GPT-2's `attn_dropout` does); the
+/// fused kernel has no dropout, so only that case takes the explicit path.
 pub fn attention<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
     masked: Option<Tensor<B, 4, Bool>>,
     scale: f64,
+    dropout: &Dropout,
 ) -> Tensor<B, 4> {
+    if dropout.is_active::<B>(&q.device()) {
+        let mut scores = q.matmul(k.swap_dims(2, 3)) * scale;
+        if let Some(masked) = masked {
+            scores = scores.mask_fill(masked, f32::NEG_INFINITY);
+        }
+        return dropout.forward(activation::softmax(scores, 3)).matmul(v);
+    }
     let options = AttentionModuleOptions { scale: Some(scale), softcap: None, is_causal: false };
     burn_attention(q, k, v, masked, None, options)
 }
@@ -183,8 +193,12 @@ pub struct Dropout {
 }
 
 impl Dropout {
+    pub fn is_active<B: Backend>(&self, device: &B::Device) -> bool {
+        self.prob > 0.0 && B::ad_enabled(device)
+    }
+
     pub fn forward<B: Backend, const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        if self.prob == 0.0 || !B::ad_enabled(&x.device()) {
+        if !self.is_active::<B>(&x.device()) {
             return x;
         }
         let keep = x.random_like(burn::tensor::Distribution::Bernoulli(1.0 - self.prob));
