@@ -67,3 +67,86 @@ fn dropout_is_active_only_in_training() {
     let (plain, _, _) = load_gpt2::<B>(&common::fixture("gpt2"), &FlexDevice).unwrap();
     assert!(max_diff(&c, &logits(&plain, &FlexDevice)) < 1e-6);
 }
+
+/// Projectors from stored files: a `linear` one (`model.mm_projector.weight`) and an
+/// `mlp3x_gelu` one (`model.mm_projector.{0,2,4}`), checked against arithmetic done here by hand.
+#[test]
+fn projectors_load_and_compute_as_pytorch() {
+    use burn::prelude::*;
+    use llava_jp::model::{Projector, ProjectorKind};
+    use llava_jp::parity::to_f32;
+    use llava_jp::weights::load_projector;
+
+    let dir = std::env::temp_dir().join(format!("llava-jp-proj-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let value = |i: usize, salt: usize| (((i * 7 + salt * 13) % 17) as f32 - 8.0) / 10.0;
+    let (d_in, d_out) = (3usize, 2usize);
+    // PyTorch layouts: weight [out, in].
+    let write = |path: &std::path::Path, tensors: &[(String, Vec<usize>, Vec<f32>)]| {
+        let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+        let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+            .iter()
+            .zip(&bytes)
+            .map(|((k, s, _), b)| (k.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap()))
+            .collect();
+        safetensors::tensor::serialize_to_file(views, None, path).unwrap();
+    };
+    let x: Vec<f32> = (0..2 * d_in).map(|i| value(i, 5)).collect();
+    let gelu = |v: f32| 0.5 * v * (1.0 + erf(v / std::f32::consts::SQRT_2));
+    let affine = |x: &[f32], w: &[f32], b: &[f32], n_in: usize, n_out: usize| -> Vec<f32> {
+        (0..x.len() / n_in)
+            .flat_map(|r| (0..n_out).map(move |o| (0..n_in).map(|i| x[r * n_in + i] * w[o * n_in + i]).sum::<f32>() + b[o]))
+            .collect()
+    };
+
+    // linear
+    let w: Vec<f32> = (0..d_out * d_in).map(|i| value(i, 1)).collect();
+    let b: Vec<f32> = (0..d_out).map(|i| value(i, 2)).collect();
+    let file = dir.join("linear.safetensors");
+    write(&file, &[("model.mm_projector.weight".into(), vec![d_out, d_in], w.clone()), ("model.mm_projector.bias".into(), vec![d_out], b.clone())]);
+    let p = Projector::<B>::new(ProjectorKind::Linear, d_in, d_out, &FlexDevice);
+    let (p, _) = load_projector(p, ProjectorKind::Linear, &file).unwrap();
+    let xt = Tensor::<B, 2>::from_data(TensorData::new(x.clone(), [2, d_in]), &FlexDevice);
+    let got = to_f32(p.forward(xt.clone()));
+    let want = affine(&x, &w, &b, d_in, d_out);
+    assert!(got.iter().zip(&want).all(|(g, w)| (g - w).abs() < 1e-6), "{got:?} vs {want:?}");
+
+    // mlp3x_gelu: Linear(in, out), GELU, Linear(out, out), GELU, Linear(out, out)
+    let mut tensors = Vec::new();
+    let mut layers = Vec::new();
+    for (i, n_in) in [d_in, d_out, d_out].into_iter().enumerate() {
+        let w: Vec<f32> = (0..d_out * n_in).map(|j| value(j, 3 + i)).collect();
+        let b: Vec<f32> = (0..d_out).map(|j| value(j, 9 + i)).collect();
+        tensors.push((format!("model.mm_projector.{}.weight", 2 * i), vec![d_out, n_in], w.clone()));
+        tensors.push((format!("model.mm_projector.{}.bias", 2 * i), vec![d_out], b.clone()));
+        layers.push((w, b, n_in));
+    }
+    let file = dir.join("mm_projector.safetensors");
+    write(&file, &tensors);
+    let kind = ProjectorKind::parse("mlp3x_gelu").unwrap();
+    let (p, report) = load_projector(Projector::<B>::new(kind, d_in, d_out, &FlexDevice), kind, &file).unwrap();
+    assert_eq!(report.loaded, 6);
+    let got = to_f32(p.forward(xt));
+    let mut h = x.clone();
+    for (i, (w, b, n_in)) in layers.iter().enumerate() {
+        if i > 0 {
+            h = h.iter().map(|&v| gelu(v)).collect();
+        }
+        h = affine(&h, w, b, *n_in, d_out);
+    }
+    assert!(got.iter().zip(&h).all(|(g, w)| (g - w).abs() < 1e-5), "{got:?} vs {h:?}");
+
+    // The identity projector has no weights and passes features through.
+    let p = Projector::<B>::new(ProjectorKind::Identity, 4, 4, &FlexDevice);
+    let t = Tensor::<B, 2>::from_data(TensorData::new(vec![1.0f32, -2.0, 3.0, 0.5], [1, 4]), &FlexDevice);
+    assert_eq!(to_f32(p.forward(t)), vec![1.0, -2.0, 3.0, 0.5]);
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// erf by Abramowitz-Stegun 7.1.26 (absolute error below 1.5e-7).
+fn erf(x: f32) -> f32 {
+    let x64 = x as f64;
+    let t = 1.0 / (1.0 + 0.3275911 * x64.abs());
+    let poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))));
+    ((1.0 - poly * (-x64 * x64).exp()).copysign(x64)) as f32
+}
