@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod data;
 pub mod model;
 pub mod parity;
 pub mod weights;
