@@ -5,7 +5,7 @@ use anyhow::Context;
 use burn::prelude::Backend;
 use clap::{Parser, Subcommand};
 use llava_jp::backend::{dispatch, BackendJob, BackendKind, FloatType};
-use llava_jp::import::{load_module, Checkpoint, Layout, ProjectorLayout};
+use llava_jp::import::{load_module, Checkpoint, Layout};
 use llava_jp::model::{Projector, ProjectorKind};
 use llava_jp::parity::check_fixture;
 use llava_jp::weights::{load_clip, load_gpt2, load_llava};
@@ -215,12 +215,8 @@ impl BackendJob for InspectLoad {
                 let ckpt = Checkpoint::open(&self.path)?;
                 let (kind, d_in, d_out) = projector_shape(&ckpt)?;
                 let projector = Projector::<B>::new(kind, d_in, d_out, &device);
-                let layout = match kind {
-                    ProjectorKind::Mlp(_) => ProjectorLayout::Sequential,
-                    _ => ProjectorLayout::Single,
-                };
                 println!("projector: {kind:?}, {d_in} -> {d_out}");
-                load_module(projector, &ckpt, Layout::Projector(layout), false)?.1
+                load_module(projector, &ckpt, Layout::Projector(kind.layout()), false)?.1
             }
         };
         Ok(format!(

@@ -49,8 +49,8 @@ pub fn load_gpt2<B: Backend>(dir: &Path, device: &B::Device) -> Result<(Gpt2LmHe
 /// A whole LLaVA-JP model from its directory (reference checkpoints and our own exports).
 pub fn load_llava<B: Backend>(dir: &Path, device: &B::Device) -> Result<(LlavaModel<B>, LlavaConfig, LoadReport), WeightsError> {
     let config = LlavaConfig::from_file(config_path(dir)?)?;
-    let model = load_llava_weights(LlavaModel::new(&config, device), &config, dir)?;
-    Ok((model.0, config, model.1))
+    let (model, report) = load_llava_weights(LlavaModel::new(&config, device), &config, dir)?;
+    Ok((model, config, report))
 }
 
 /// Loads a whole LLaVA-JP checkpoint into an existing model of `config`'s shape.
