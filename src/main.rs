@@ -10,6 +10,8 @@ use llava_jp::model::{Projector, ProjectorKind};
 use llava_jp::parity::check_fixture;
 use llava_jp::weights::{load_clip, load_gpt2, load_llava};
 
+mod cli;
+
 #[derive(Parser)]
 #[command(name = "llava-jp", version, about = "LLaVA-JP (CLIP + projector + GPT-2) on burn: CPU, wgpu and CUDA")]
 struct Cli {
@@ -40,6 +42,17 @@ enum Command {
         #[arg(long)]
         tolerance: Option<f32>,
     },
+    /// Convert a public dataset to the LLaVA format.
+    #[command(subcommand)]
+    Convert(cli::data::ConvertCommand),
+    /// Read a dataset through the loader and report what would be used and left out, and why.
+    #[command(name = "data-check")]
+    DataCheck {
+        #[command(flatten)]
+        data: cli::data::DataArgs,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+    },
 }
 
 fn main() {
@@ -52,6 +65,8 @@ fn main() {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Inspect { path, no_load } => inspect(&path, !no_load),
+        Command::Convert(command) => cli::data::convert(command),
+        Command::DataCheck { data, batch_size } => cli::data::check(&data, batch_size),
         Command::Check { fixture, backend, dtype, tolerance } => {
             let mut dirs = vec![];
             if fixture.join("fixture.json").is_file() {

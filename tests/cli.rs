@@ -59,3 +59,28 @@ fn check_runs_the_embedded_fixtures_within_tolerance() {
     let (ok, out) = llava_jp(&["check", "--fixture", "tests/fixtures/gpt2", "--backend", "wgpu", "--dtype", "bf16"]);
     assert!(!ok && out.contains("bf16 is not supported on the wgpu backend"), "{out}");
 }
+
+#[test]
+fn convert_then_data_check_reports_what_is_used_and_left_out() {
+    let dir = std::env::temp_dir().join(format!("llava-jp-cli-data-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("VG_100K")).unwrap();
+    image::RgbImage::from_fn(20, 12, |x, y| image::Rgb([x as u8 * 10, y as u8 * 20, 90])).save(dir.join("VG_100K/1.png")).unwrap();
+    std::fs::rename(dir.join("VG_100K/1.png"), dir.join("VG_100K/1.jpg")).unwrap();
+    let qas = r#"[{"id": 1, "qas": [{"qa_id": 5, "image_id": 1, "question": "何色？", "answer": "青。"},
+                              {"qa_id": 6, "image_id": 1, "question": "形は？", "answer": "四角。"}]},
+                  {"id": 2, "qas": [{"qa_id": 7, "image_id": 2, "question": "何？", "answer": "犬。"}]}]"#;
+    std::fs::write(dir.join("qa.json"), qas).unwrap();
+    let d = |p: &str| dir.join(p).display().to_string();
+    let (ok, out) = llava_jp(&["convert", "ja-vg-vqa", "--input", &d("qa.json"), "--output", &d("vg.jsonl")]);
+    assert!(ok && out.contains("wrote 3 records"), "{out}");
+
+    let tokenizer = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/llm-jp-tokenizer-v2.1/tokenizer.json");
+    let tokenizer = std::env::var("LLAVA_JP_TOKENIZER").unwrap_or(tokenizer.display().to_string());
+    let args = ["data-check", "--data", &d("vg.jsonl"), "--image-folder", &d("."), "--tokenizer", &tokenizer, "--image-size", "32", "--image-tokens", "4"];
+    let (ok, out) = llava_jp(&args);
+    assert!(ok, "{out}");
+    assert!(out.contains("2 samples used, 1 left out") && out.contains("missing-image: 1") && out.contains("sample 2-7"), "{out}");
+    let (ok, out) = llava_jp(&[&args[..], &["--bad-samples", "fail"]].concat());
+    assert!(!ok && out.contains("sample 2-7") && out.contains("image file not found"), "{out}");
+}

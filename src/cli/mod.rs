@@ -1,0 +1,2 @@
+//! Subcommands of the `llava-jp` binary that are more than a few lines.
+pub mod data;
