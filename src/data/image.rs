@@ -178,30 +178,34 @@ fn coefficients(in_size: usize, out_size: usize) -> (Vec<(usize, usize)>, Vec<i3
     (bounds, weights, ksize)
 }
 
-fn clip8(v: i64) -> u8 {
+fn clip8(v: i32) -> u8 {
     (v >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
-/// PIL's `Image.resize(size, Image.BICUBIC)` on RGB bytes.
+/// PIL's `Image.resize(size, Image.BICUBIC)` on RGB bytes. Sums are in i32 as in PIL (the
+/// weights add up to 2^22, so they cannot overflow); the vertical pass runs over whole rows so
+/// that the compiler can vectorise it.
 pub fn resize_bicubic(img: &RgbImage, out_w: usize, out_h: usize) -> RgbImage {
     let (in_w, in_h) = (img.width() as usize, img.height() as usize);
     let src = img.as_raw();
+    const HALF: i32 = 1 << (PRECISION_BITS - 1);
     // Horizontal pass (skipped when the width does not change, as PIL does).
     let (hw, horizontal): (usize, Vec<u8>) = if in_w == out_w {
         (in_w, src.clone())
     } else {
         let (bounds, k, ksize) = coefficients(in_w, out_w);
         let mut out = vec![0u8; out_w * in_h * 3];
-        for y in 0..in_h {
+        for (src_row, out_row) in src.chunks_exact(in_w * 3).zip(out.chunks_exact_mut(out_w * 3)) {
             for (xx, &(xmin, xmax)) in bounds.iter().enumerate() {
                 let w = &k[xx * ksize..xx * ksize + xmax];
-                for c in 0..3 {
-                    let mut acc: i64 = 1 << (PRECISION_BITS - 1);
-                    for (x, &wx) in w.iter().enumerate() {
-                        acc += i64::from(src[(y * in_w + xmin + x) * 3 + c]) * i64::from(wx);
-                    }
-                    out[(y * out_w + xx) * 3 + c] = clip8(acc);
+                let px = &src_row[xmin * 3..(xmin + xmax) * 3];
+                let (mut r, mut g, mut b) = (HALF, HALF, HALF);
+                for (p, &wx) in px.chunks_exact(3).zip(w) {
+                    r += i32::from(p[0]) * wx;
+                    g += i32::from(p[1]) * wx;
+                    b += i32::from(p[2]) * wx;
                 }
+                out_row[xx * 3..xx * 3 + 3].copy_from_slice(&[clip8(r), clip8(g), clip8(b)]);
             }
         }
         (out_w, out)
@@ -211,17 +215,19 @@ pub fn resize_bicubic(img: &RgbImage, out_w: usize, out_h: usize) -> RgbImage {
         horizontal
     } else {
         let (bounds, k, ksize) = coefficients(in_h, out_h);
-        let mut out = vec![0u8; hw * out_h * 3];
+        let row = hw * 3;
+        let mut out = vec![0u8; row * out_h];
+        let mut acc = vec![0i32; row];
         for (yy, &(ymin, ymax)) in bounds.iter().enumerate() {
-            let w = &k[yy * ksize..yy * ksize + ymax];
-            for x in 0..hw {
-                for c in 0..3 {
-                    let mut acc: i64 = 1 << (PRECISION_BITS - 1);
-                    for (y, &wy) in w.iter().enumerate() {
-                        acc += i64::from(horizontal[((ymin + y) * hw + x) * 3 + c]) * i64::from(wy);
-                    }
-                    out[(yy * hw + x) * 3 + c] = clip8(acc);
+            acc.fill(HALF);
+            for (y, &wy) in k[yy * ksize..yy * ksize + ymax].iter().enumerate() {
+                let src_row = &horizontal[(ymin + y) * row..(ymin + y + 1) * row];
+                for (a, &p) in acc.iter_mut().zip(src_row) {
+                    *a += i32::from(p) * wy;
                 }
+            }
+            for (o, &a) in out[yy * row..(yy + 1) * row].iter_mut().zip(&acc) {
+                *o = clip8(a);
             }
         }
         out
