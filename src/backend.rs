@@ -151,3 +151,31 @@ pub fn dispatch<J: BackendJob>(backend: BackendKind, dtype: FloatType, job: J) -
         }
     }
 }
+
+/// Work that needs gradients: runs on the autodiff version of the chosen backend, with f32
+/// parameters (mixed precision casts inside the model, see `model::nn::autocast`).
+pub trait AutodiffJob {
+    type Output;
+    fn run<B: burn::tensor::backend::AutodiffBackend>(self, device: B::Device) -> Self::Output;
+}
+
+pub fn dispatch_autodiff<J: AutodiffJob>(backend: BackendKind, job: J) -> Result<J::Output, String> {
+    #[allow(unused_variables)]
+    let not_built = |feature: &str| -> Result<J::Output, String> {
+        Err(format!("this binary was built without the `{feature}` feature, so the {backend} backend is unavailable"))
+    };
+    use burn::backend::Autodiff;
+    match backend {
+        #[cfg(feature = "flex")]
+        BackendKind::Flex => Ok(job.run::<Autodiff<burn::backend::Flex>>(burn::backend::flex::FlexDevice)),
+        #[cfg(feature = "wgpu")]
+        BackendKind::Wgpu => Ok(job.run::<Autodiff<burn::backend::Wgpu<f32>>>(burn::backend::wgpu::WgpuDevice::default())),
+        #[cfg(feature = "cuda")]
+        BackendKind::Cuda => Ok(job.run::<Autodiff<burn::backend::Cuda<f32>>>(burn::backend::cuda::CudaDevice::default())),
+        #[allow(unreachable_patterns)]
+        other => {
+            let _ = job;
+            not_built(&other.to_string())
+        }
+    }
+}

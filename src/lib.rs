@@ -7,6 +7,7 @@ pub mod config;
 pub mod data;
 pub mod model;
 pub mod parity;
+pub mod train;
 pub mod weights;
 
 pub use llava_jp_import as import;

@@ -42,6 +42,14 @@ enum Command {
         #[arg(long)]
         tolerance: Option<f32>,
     },
+    /// Train stage 1 (projector) or stage 2 (projector + LLM) from a TOML config.
+    Train(cli::train::TrainArgs),
+    /// Draw the loss / learning-rate plot of a run's metrics.jsonl.
+    Plot {
+        metrics: PathBuf,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Convert a public dataset to the LLaVA format.
     #[command(subcommand)]
     Convert(cli::data::ConvertCommand),
@@ -66,6 +74,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Inspect { path, no_load } => inspect(&path, !no_load),
         Command::Convert(command) => cli::data::convert(command),
+        Command::Train(args) => cli::train::run(args),
+        Command::Plot { metrics, out } => {
+            let out = out.unwrap_or_else(|| metrics.with_file_name("loss.png"));
+            llava_jp::train::plot::plot_metrics_file(&metrics, &out)?;
+            println!("{}", out.display());
+            Ok(())
+        }
         Command::DataCheck { data, batch_size } => cli::data::check(&data, batch_size),
         Command::Check { fixture, backend, dtype, tolerance } => {
             let mut dirs = vec![];

@@ -1,2 +1,3 @@
 //! Subcommands of the `llava-jp` binary that are more than a few lines.
 pub mod data;
+pub mod train;

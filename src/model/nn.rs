@@ -6,12 +6,42 @@
 use burn::module::Param;
 use burn::prelude::*;
 use burn::tensor::activation;
+use burn::tensor::DType;
 use burn::tensor::module::attention as burn_attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
+thread_local! {
+    static AUTOCAST: std::cell::Cell<Option<DType>> = const { std::cell::Cell::new(None) };
+}
+
+/// Mixed precision as PyTorch's autocast does it: while the guard lives, matrix products and
+/// attention on this thread compute in `dtype` (bf16) from weights and activations kept in
+/// their own dtype (f32 master weights); everything else (LayerNorm, softmax of the loss,
+/// residuals) stays in f32. The casts are differentiable, so gradients reach the f32 weights.
+pub fn autocast(dtype: Option<DType>) -> AutocastGuard {
+    AutocastGuard(AUTOCAST.replace(dtype))
+}
+
+pub struct AutocastGuard(Option<DType>);
+
+impl Drop for AutocastGuard {
+    fn drop(&mut self) {
+        AUTOCAST.set(self.0);
+    }
+}
+
+/// The dtype matrix work runs in for a tensor of `dtype`, under the current autocast.
+fn compute_dtype(dtype: DType) -> Option<DType> {
+    AUTOCAST.get().filter(|&c| c != dtype)
+}
+
 /// The one route for matrix products: `[m, k] x [k, n] -> [m, n]`.
 pub fn matmul<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
-    a.matmul(b)
+    let dtype = a.dtype();
+    match compute_dtype(dtype) {
+        Some(c) => a.cast(c).matmul(b.cast(c)).cast(dtype),
+        None => a.matmul(b),
+    }
 }
 
 /// `x · w + bias` over the last dimension of `x`, with `w` given as `[in, out]` (it may be a
@@ -47,6 +77,11 @@ pub fn attention<B: Backend>(
     scale: f64,
     dropout: &Dropout,
 ) -> Tensor<B, 4> {
+    let dtype = q.dtype();
+    if let Some(c) = compute_dtype(dtype) {
+        let _full = autocast(None);
+        return attention(q.cast(c), k.cast(c), v.cast(c), masked, scale, dropout).cast(dtype);
+    }
     if dropout.is_active::<B>(&q.device()) {
         let mut scores = q.matmul(k.swap_dims(2, 3)) * scale;
         if let Some(masked) = masked {

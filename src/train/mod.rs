@@ -1,0 +1,11 @@
+//! Training both LLaVA stages: the loop, the optimizer and schedule, checkpoints, run settings.
+
+pub mod checkpoint;
+pub mod config;
+pub mod optim;
+pub mod plot;
+pub mod trainer;
+
+pub use checkpoint::TrainerState;
+pub use config::TrainConfig;
+pub use trainer::{train, NonFinite, StepMetrics, TrainControl, TrainOutcome};

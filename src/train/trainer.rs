@@ -1,0 +1,409 @@
+//! The training loop, generic over autodiff backends: both LLaVA stages as the reference recipe
+//! runs them (HF Trainer semantics: gradient accumulation by dividing each micro-batch's mean
+//! loss, global-norm clipping, AdamW, cosine schedule with warmup, one scheduler step per
+//! optimizer step), with checkpoints that resume to the same losses.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use burn::module::{AutodiffModule, ModuleMapper, Param};
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+
+use super::checkpoint::{self, latest, save_atomically, TrainerState};
+use super::config::TrainConfig;
+use super::optim::{clip_scale, cosine_lr, global_grad_norm, AdamW, AdamWConfig, StepRates};
+use crate::config::LlavaConfig;
+use crate::data::{AspectMode, Batch, DataLoader, DataReport, ImageProcessor, LlavaDataset, LoaderConfig, SampleBuilder, Template, TextTokenizer};
+use crate::model::nn::autocast;
+use crate::model::{LlavaModel, ProjectorKind};
+
+/// A loss or gradient norm that is not a finite number.
+#[derive(Debug, thiserror::Error)]
+#[error("step {step}: the {what} is {value} (not finite); stopped, the last good checkpoint is {last_checkpoint}")]
+pub struct NonFinite {
+    pub step: u64,
+    pub what: &'static str,
+    pub value: f64,
+    pub last_checkpoint: String,
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub epoch: f64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub samples: usize,
+    /// Tokens after splicing (text + image features), padding excluded.
+    pub tokens: usize,
+    pub tokens_per_s: f64,
+    pub elapsed_s: f64,
+    pub rss_mb: f64,
+    #[serde(default)]
+    pub skipped: bool,
+}
+
+pub struct TrainOutcome {
+    pub state: TrainerState,
+    pub metrics: Vec<StepMetrics>,
+    pub checkpoint: Option<PathBuf>,
+    pub interrupted: bool,
+    pub data_report: DataReport,
+}
+
+/// What the caller can change while a run goes on.
+#[derive(Clone, Default)]
+pub struct TrainControl {
+    /// Set (by Ctrl-C) to save a checkpoint and stop after the current step.
+    pub stop: Arc<AtomicBool>,
+    /// Print progress to stderr.
+    pub progress: bool,
+    /// Test hook: the loss of this step (1-based) is replaced by NaN.
+    pub poison_step: Option<u64>,
+}
+
+/// Sets whether each float parameter is trained (`require_grad`).
+struct Trainable(bool);
+
+impl<B: Backend> ModuleMapper<B> for Trainable {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, tensor, mapper) = param.consume();
+        Param::from_mapped_value(id, tensor.set_require_grad(self.0), mapper)
+    }
+}
+
+pub fn set_trainable<B: Backend, M: Module<B>>(module: M, trainable: bool) -> M {
+    module.map(&mut Trainable(trainable))
+}
+
+/// The model a run starts from: a whole checkpoint (ours or a reference one), or parts.
+pub fn initial_model<B: Backend>(cfg: &TrainConfig, config: &LlavaConfig, device: &B::Device) -> anyhow::Result<LlavaModel<B>> {
+    let mut model = LlavaModel::<B>::new(config, device);
+    if let Some(init) = &cfg.init_from {
+        let ours = if init.join("trainer_state.json").is_file() { Some(init.clone()) } else { latest(init) };
+        model = match ours {
+            Some(dir) => {
+                checkpoint::load_model(&mut model, &dir.join("model.safetensors"), None)?;
+                model
+            }
+            None => crate::weights::load_llava_weights(model, config, init).with_context(|| format!("init_from = {}", init.display()))?.0,
+        };
+    } else {
+        if let Some(path) = &cfg.vision_tower {
+            let ckpt = llava_jp_import::Checkpoint::open(path)?;
+            model.vision_tower = llava_jp_import::load_module(model.vision_tower, &ckpt, llava_jp_import::Layout::Clip, false)?.0;
+        }
+        if let Some(path) = &cfg.language_model {
+            let lm = crate::model::Gpt2LmHeadModel { transformer: model.transformer, lm_head: model.lm_head };
+            let has_head = lm.lm_head.is_some();
+            let ckpt = llava_jp_import::Checkpoint::open(path)?;
+            let lm = llava_jp_import::load_module(lm, &ckpt, llava_jp_import::Layout::Gpt2, has_head)?.0;
+            model.transformer = lm.transformer;
+            model.lm_head = lm.lm_head;
+        }
+    }
+    if let Some(path) = &cfg.pretrain_mm_mlp_adapter {
+        let ours = if path.join("trainer_state.json").is_file() { Some(path.clone()) } else if path.is_dir() { latest(path) } else { None };
+        match ours {
+            Some(dir) => {
+                checkpoint::load_model(&mut model, &dir.join("model.safetensors"), Some("mm_projector"))?;
+            }
+            None => {
+                let kind = ProjectorKind::parse(&config.mm_projector_type).map_err(anyhow::Error::msg)?;
+                model.mm_projector = crate::weights::load_projector(model.mm_projector, kind, path)?.0;
+            }
+        }
+    }
+    Ok(model)
+}
+
+/// The model config as trained: dropout off when the run asks for it.
+pub fn training_model_config(cfg: &TrainConfig) -> anyhow::Result<LlavaConfig> {
+    let mut config = LlavaConfig::from_file(&cfg.model_config)?;
+    if !cfg.dropout {
+        config.text.resid_pdrop = 0.0;
+        config.text.embd_pdrop = 0.0;
+        config.text.attn_pdrop = 0.0;
+        if let Some(v) = config.vision_config.as_mut() {
+            v.attention_dropout = 0.0;
+        }
+    }
+    Ok(config)
+}
+
+pub fn sample_builder(cfg: &TrainConfig, config: &LlavaConfig) -> anyhow::Result<SampleBuilder> {
+    let mode = AspectMode::parse(&config.image_aspect_ratio).map_err(anyhow::Error::msg)?;
+    Ok(SampleBuilder {
+        tokenizer: TextTokenizer::from_file(&cfg.tokenizer)?,
+        template: Template::by_name(&cfg.template).map_err(anyhow::Error::msg)?,
+        image_processor: ImageProcessor::clip(config.vision().image_size, mode),
+        image_folder: cfg.image_folder.clone(),
+        max_length: config.max_length(),
+        image_tokens: config.image_tokens(),
+        truncate_long: cfg.truncate_long,
+    })
+}
+
+fn rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<f64>().ok()))
+        .map_or(0.0, |pages| pages * 4096.0 / 1048576.0)
+}
+
+fn spliced_tokens(batch: &Batch, image_tokens: usize) -> usize {
+    batch.examples.iter().map(|e| e.input_ids.len() + if e.pixel_values.is_some() { image_tokens - 1 } else { 0 }).sum()
+}
+
+/// A text progress bar line.
+fn progress_line(m: &StepMetrics, total: u64, eta_s: f64) -> String {
+    let width = 24;
+    let done = ((m.step as f64 / total.max(1) as f64) * width as f64).round() as usize;
+    format!(
+        "[{}{}] step {}/{} | loss {:.4} | lr {:.2e} | {:.0} tok/s | {:.0} MB | ETA {}",
+        "#".repeat(done.min(width)),
+        ".".repeat(width - done.min(width)),
+        m.step,
+        total,
+        m.loss,
+        m.lr,
+        m.tokens_per_s,
+        m.rss_mb,
+        format_duration(eta_s)
+    )
+}
+
+pub fn format_duration(s: f64) -> String {
+    let s = s.max(0.0).round() as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
+    } else {
+        format!("{}m{:02}s", s / 60, s % 60)
+    }
+}
+
+/// Runs (or resumes, from `resume`: a checkpoint directory or an output directory's latest) the
+/// training `cfg` describes, on `device`.
+pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, resume: Option<&Path>, device: &B::Device, control: &TrainControl) -> anyhow::Result<TrainOutcome> {
+    let config = training_model_config(cfg)?;
+    let resume_dir = match resume {
+        None => None,
+        Some(p) if p.join("trainer_state.json").is_file() => Some(p.to_path_buf()),
+        Some(p) => Some(latest(p).with_context(|| format!("--resume {}: no checkpoint there (no `latest`)", p.display()))?),
+    };
+    // Fresh weights (whatever no checkpoint provides) are drawn from the run's seed.
+    B::seed(device, cfg.seed);
+    let mut model: LlavaModel<B> = match &resume_dir {
+        Some(dir) => {
+            let mut model = LlavaModel::new(&config, device);
+            checkpoint::load_model(&mut model, &dir.join("model.safetensors"), None)?;
+            model
+        }
+        None => initial_model(cfg, &config, device)?,
+    };
+    // What is trained: the projector always, the LLM in stage 2, the tower when unfrozen.
+    model.mm_projector = set_trainable(model.mm_projector, true);
+    model.vision_tower = set_trainable(model.vision_tower, !cfg.freeze_vision_tower);
+    model.transformer = set_trainable(model.transformer, cfg.stage == 2);
+    model.lm_head = model.lm_head.map(|h| set_trainable(h, cfg.stage == 2));
+
+    let builder = Arc::new(sample_builder(cfg, &config)?);
+    let dataset = Arc::new(LlavaDataset::open(&cfg.data, cfg.policy())?);
+    for r in dataset.load_report.rejections.iter().take(20) {
+        eprintln!("left out: {r}");
+    }
+    anyhow::ensure!(!dataset.is_empty(), "no usable record in {:?}", cfg.data);
+    let loader = DataLoader::new(
+        dataset.clone(),
+        builder.clone(),
+        LoaderConfig {
+            batch_size: cfg.per_device_train_batch_size,
+            shuffle: true,
+            seed: cfg.seed,
+            group_by_length: cfg.group_by_modality_length,
+            workers: cfg.dataloader_num_workers,
+            prefetch_batches: 4,
+            drop_last: false,
+            policy: cfg.policy(),
+        },
+    );
+    let batches_per_epoch = dataset.len().div_ceil(cfg.per_device_train_batch_size);
+    let steps_per_epoch = batches_per_epoch.div_ceil(cfg.gradient_accumulation_steps) as u64;
+    let total_steps = cfg.max_steps.unwrap_or_else(|| (cfg.num_train_epochs * steps_per_epoch as f64).ceil() as u64).max(1);
+
+    let mut optim = AdamW::<B::InnerBackend>::new(AdamWConfig {
+        beta1: cfg.adam_beta1,
+        beta2: cfg.adam_beta2,
+        epsilon: cfg.adam_epsilon,
+        weight_decay: cfg.weight_decay,
+    });
+    let mut state = TrainerState { total_steps, seed: cfg.seed, ..Default::default() };
+    let metrics_path = cfg.output_dir.join("metrics.jsonl");
+    let mut metrics: Vec<StepMetrics> = Vec::new();
+    if let Some(dir) = &resume_dir {
+        state = checkpoint::read_state(dir)?;
+        anyhow::ensure!(state.total_steps == total_steps, "{}: the run had {} steps in total, this config makes {total_steps}", dir.display(), state.total_steps);
+        let dtype = model.transformer.wte.weight.val().dtype();
+        checkpoint::load_optimizer(&mut optim, &dir.join("optimizer.safetensors"), dtype, device)?;
+        // The metrics file keeps the steps up to the checkpoint; later ones are redone.
+        if let Ok(text) = std::fs::read_to_string(&metrics_path) {
+            metrics = text.lines().filter_map(|l| serde_json::from_str::<StepMetrics>(l).ok()).filter(|m| m.step <= state.step).collect();
+        }
+    }
+    std::fs::create_dir_all(&cfg.output_dir).with_context(|| cfg.output_dir.display().to_string())?;
+    let mut metrics_file = std::fs::File::create(&metrics_path).with_context(|| metrics_path.display().to_string())?;
+    for m in &metrics {
+        writeln!(metrics_file, "{}", serde_json::to_string(m)?)?;
+    }
+    std::fs::write(cfg.output_dir.join("train_config.toml"), cfg.to_toml())?;
+
+    let _autocast = autocast(cfg.compute_dtype());
+    let mut last_checkpoint: Option<PathBuf> = resume_dir.clone();
+    let mut data_report = DataReport::default();
+    let run_started = Instant::now();
+    let elapsed_before = state.elapsed_s;
+    let size = config.vision().image_size;
+    let accum = cfg.gradient_accumulation_steps;
+    let mut interrupted = false;
+    let mut steps_this_run = 0u64;
+
+    let save = |model: &LlavaModel<B>, optim: &AdamW<B::InnerBackend>, state: &TrainerState| -> anyhow::Result<PathBuf> {
+        let dir = save_atomically(&cfg.output_dir, state.step, cfg.save_total_limit, |tmp| {
+            checkpoint::save_model(model, &tmp.join("model.safetensors"))?;
+            checkpoint::save_optimizer(optim, &tmp.join("optimizer.safetensors"))?;
+            checkpoint::write_json(&tmp.join("trainer_state.json"), state)?;
+            std::fs::write(tmp.join("config.json"), config.to_json())
+                .map_err(|e| checkpoint::CheckpointError::Io { path: tmp.join("config.json"), message: e.to_string() })?;
+            std::fs::write(tmp.join("train_config.toml"), cfg.to_toml())
+                .map_err(|e| checkpoint::CheckpointError::Io { path: tmp.join("train_config.toml"), message: e.to_string() })
+        })?;
+        Ok(dir)
+    };
+
+    let mut done = false;
+    while state.step < total_steps && !done {
+        let epoch = state.epoch;
+        let mut batches = loader.epoch(epoch, state.position);
+        let order_len = batches.order_len().max(1);
+        loop {
+            let step_started = Instant::now();
+            let mut micro: Vec<Batch> = Vec::with_capacity(accum);
+            for batch in batches.by_ref() {
+                let batch = batch.map_err(|r| anyhow::anyhow!("{r} (bad_samples = \"fail\")"))?;
+                for r in &batch.rejections {
+                    if control.progress {
+                        eprintln!("\nleft out: {r}");
+                    }
+                }
+                micro.push(batch);
+                if micro.len() == accum {
+                    break;
+                }
+            }
+            if micro.is_empty() {
+                break;
+            }
+            // Dropout masks depend on the step only, so a resumed run draws the same ones.
+            B::seed(device, cfg.seed.wrapping_mul(1_000_003).wrapping_add(state.step));
+            let mut accumulator = GradientsAccumulator::<LlavaModel<B>>::new();
+            let mut loss_sum = 0.0;
+            let (mut samples, mut tokens) = (0, 0);
+            for batch in &micro {
+                let pixels = (batch.images > 0)
+                    .then(|| Tensor::<B, 4>::from_data(TensorData::new(batch.pixel_values.clone(), [batch.images, 3, size, size]), device));
+                let out = model.forward(&batch.samples(), pixels);
+                let mut loss = out.loss.expect("training samples carry labels");
+                if control.poison_step == Some(state.step + 1) {
+                    loss = loss * f32::NAN;
+                }
+                loss_sum += f64::from(loss.clone().into_scalar().elem::<f32>());
+                let grads = (loss / micro.len() as f64).backward();
+                accumulator.accumulate(&model, GradientsParams::from_grads(grads, &model));
+                samples += batch.len();
+                tokens += spliced_tokens(batch, builder.image_tokens);
+            }
+            let grads = accumulator.grads();
+            let loss = loss_sum / micro.len() as f64;
+            let grad_norm = global_grad_norm(&model, &grads);
+            let lr = cosine_lr(cfg.learning_rate, state.step, total_steps, cfg.warmup_ratio);
+            let position = micro.last().expect("non-empty").next_position;
+            let finite = loss.is_finite() && grad_norm.is_finite();
+            if !finite && cfg.on_nonfinite == "stop" {
+                let (what, value) = if loss.is_finite() { ("gradient norm", grad_norm) } else { ("loss", loss) };
+                let last = last_checkpoint.as_ref().map_or("none (no checkpoint was written yet)".to_string(), |p| p.display().to_string());
+                return Err(NonFinite { step: state.step + 1, what, value, last_checkpoint: last }.into());
+            }
+            if finite {
+                let projector_lr = cfg.mm_projector_lr.map(|base| cosine_lr(base, state.step, total_steps, cfg.warmup_ratio));
+                let rates = StepRates { lr, projector_lr, grad_scale: clip_scale(grad_norm, cfg.max_grad_norm) };
+                model = optim.step(model, grads, rates);
+            } else if control.progress {
+                eprintln!("\nstep {}: non-finite loss or gradient ({loss}, {grad_norm}); step skipped (on_nonfinite = \"skip\")", state.step + 1);
+            }
+            state.step += 1;
+            steps_this_run += 1;
+            state.epoch = epoch;
+            state.position = position;
+            state.samples_seen += samples as u64;
+            state.tokens_seen += tokens as u64;
+            state.elapsed_s = elapsed_before + run_started.elapsed().as_secs_f64();
+            let step_s = step_started.elapsed().as_secs_f64();
+            let m = StepMetrics {
+                step: state.step,
+                epoch: epoch as f64 + position as f64 / order_len as f64,
+                loss,
+                lr,
+                grad_norm,
+                samples,
+                tokens,
+                tokens_per_s: tokens as f64 / step_s.max(1e-9),
+                elapsed_s: state.elapsed_s,
+                rss_mb: rss_mb(),
+                skipped: !finite,
+            };
+            writeln!(metrics_file, "{}", serde_json::to_string(&m)?)?;
+            if control.progress && (state.step % cfg.logging_steps.max(1) == 0 || state.step == total_steps) {
+                let per_step = run_started.elapsed().as_secs_f64() / steps_this_run.max(1) as f64;
+                let eta = per_step * (total_steps - state.step) as f64;
+                eprint!("\r{}", progress_line(&m, total_steps, eta));
+            }
+            metrics.push(m);
+            let stop = control.stop.load(Ordering::SeqCst);
+            if state.step % cfg.save_steps.max(1) == 0 || state.step == total_steps || stop {
+                last_checkpoint = Some(save(&model, &optim, &state)?);
+            }
+            if stop {
+                interrupted = true;
+            }
+            if stop || state.step >= total_steps {
+                done = true;
+                break;
+            }
+        }
+        data_report.merge(&batches.report);
+        if !done {
+            state.epoch = epoch + 1;
+            state.position = 0;
+        }
+    }
+    if control.progress {
+        eprintln!();
+    }
+    metrics_file.flush()?;
+    let mut report = dataset.load_report.clone();
+    report.merge(&data_report);
+    Ok(TrainOutcome { state, metrics, checkpoint: last_checkpoint, interrupted, data_report: report })
+}
+
+/// The model of a finished run, without autodiff, for evaluation and generation.
+pub fn inference_model<B: AutodiffBackend>(model: LlavaModel<B>) -> LlavaModel<B::InnerBackend> {
+    model.valid()
+}

@@ -1,0 +1,286 @@
+//! Training on the CPU backend with a tiny LLaVA (random tower and LLM, the real llm-jp
+//! tokenizer): the loss falls in both stages, frozen parts stay bit-identical, a resumed run
+//! repeats the uninterrupted one's losses, a NaN stops the run at the right step and keeps the
+//! last good checkpoint, and the optimizer follows PyTorch's AdamW and HF's schedule.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use burn::backend::Autodiff;
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::prelude::*;
+use llava_jp::model::LlavaModel;
+use llava_jp::train::optim::{clip_scale, cosine_lr};
+use llava_jp::train::trainer::{initial_model, training_model_config};
+use llava_jp::train::{train, NonFinite, TrainConfig, TrainControl};
+
+type Flex = burn::backend::Flex;
+type B = Autodiff<Flex>;
+
+/// burn's random generator is one per process: runs that must be reproducible take turns.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn device() -> burn::backend::flex::FlexDevice {
+    Default::default()
+}
+
+fn tokenizer_path() -> PathBuf {
+    std::env::var_os("LLAVA_JP_TOKENIZER").map(PathBuf::from).unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/llm-jp-tokenizer-v2.1/tokenizer.json")
+    })
+}
+
+/// A workspace with a tiny model config, coloured-square images, captions (stage 1) and
+/// question/answer pairs (stage 2).
+fn workspace(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("llava-jp-train-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("images")).unwrap();
+    let config = serde_json::json!({
+        "model_type": "llava", "vocab_size": 50570, "n_positions": 128, "n_embd": 32, "n_layer": 2, "n_head": 4,
+        "activation_function": "gelu", "tie_word_embeddings": true, "bos_token_id": 7, "eos_token_id": 7,
+        "mm_vision_tower": "tiny-clip", "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2,
+        "tokenizer_model_max_length": 96,
+        "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                          "image_size": 28, "patch_size": 7, "hidden_act": "quick_gelu"}
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let colours = [("赤", [220u8, 30, 30]), ("青", [30, 60, 220]), ("緑", [30, 200, 60]), ("黄", [230, 220, 40])];
+    let (mut captions, mut qas) = (vec![], vec![]);
+    for (i, (name, rgb)) in colours.iter().enumerate() {
+        let img = image::RgbImage::from_fn(28, 28, |x, y| if (8..20).contains(&x) && (8..20).contains(&y) { image::Rgb(*rgb) } else { image::Rgb([250, 250, 250]) });
+        img.save(dir.join(format!("images/{i}.png"))).unwrap();
+        captions.push(serde_json::json!({"id": format!("c{i}"), "image": format!("{i}.png"), "conversations": [
+            {"from": "ユーザー", "value": "<image>\n画像を説明してください。"}, {"from": "システム", "value": format!("{name}い四角です。")}]}).to_string());
+        qas.push(serde_json::json!({"id": format!("q{i}"), "image": format!("{i}.png"), "conversations": [
+            {"from": "ユーザー", "value": "<image>\n四角は何色ですか？"}, {"from": "システム", "value": format!("{name}です。")}]}).to_string());
+    }
+    std::fs::write(dir.join("captions.jsonl"), captions.join("\n")).unwrap();
+    std::fs::write(dir.join("qa.jsonl"), qas.join("\n")).unwrap();
+    dir
+}
+
+fn config(dir: &Path, stage: u8, out: &str, overrides: &[&str]) -> TrainConfig {
+    let (data, template, lr) = if stage == 1 { ("captions.jsonl", "plain", 5e-2) } else { ("qa.jsonl", "v1", 1e-2) };
+    let text = format!(
+        r#"
+        model_config = "{dir}/config.json"
+        stage = {stage}
+        data = ["{dir}/{data}"]
+        image_folder = "{dir}/images"
+        tokenizer = "{tok}"
+        template = "{template}"
+        output_dir = "{dir}/{out}"
+        per_device_train_batch_size = 2
+        gradient_accumulation_steps = 2
+        learning_rate = {lr}
+        max_steps = 12
+        warmup_ratio = 0.1
+        save_steps = 4
+        save_total_limit = 0
+        seed = 7
+        dataloader_num_workers = 2
+        "#,
+        dir = dir.display(),
+        tok = tokenizer_path().display()
+    );
+    let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+    TrainConfig::from_toml(&text, &overrides).unwrap()
+}
+
+/// Every float parameter by module path, as host values.
+fn parameters<M: Module<Flex>>(model: &M) -> BTreeMap<String, Vec<f32>> {
+    struct Collect {
+        path: Vec<String>,
+        out: BTreeMap<String, Vec<f32>>,
+    }
+    impl ModuleVisitor<Flex> for Collect {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.into());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<Flex, D>>) {
+            self.out.insert(self.path.join("."), p.val().into_data().to_vec().unwrap());
+        }
+    }
+    let mut c = Collect { path: vec![], out: BTreeMap::new() };
+    model.visit(&mut c);
+    c.out
+}
+
+fn initial(cfg: &TrainConfig) -> BTreeMap<String, Vec<f32>> {
+    <B as Backend>::seed(&device(), cfg.seed);
+    let config = training_model_config(cfg).unwrap();
+    parameters(&initial_model::<Flex>(cfg, &config, &device()).unwrap())
+}
+
+fn trained(dir: &Path) -> BTreeMap<String, Vec<f32>> {
+    let config = llava_jp::config::LlavaConfig::from_file(dir.join("config.json")).unwrap();
+    let mut model = LlavaModel::<Flex>::new(&config, &device());
+    llava_jp::train::checkpoint::load_model(&mut model, &dir.join("model.safetensors"), None).unwrap();
+    parameters(&model)
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len() as f64
+}
+
+fn changed(before: &BTreeMap<String, Vec<f32>>, after: &BTreeMap<String, Vec<f32>>, prefix: &str) -> (usize, usize) {
+    let names: Vec<&String> = before.keys().filter(|k| k.starts_with(prefix)).collect();
+    assert!(!names.is_empty(), "no parameter under {prefix}");
+    let n = names.iter().filter(|k| before[**k] != after[**k]).count();
+    (n, names.len())
+}
+
+#[test]
+fn stage1_trains_the_projector_only_and_its_loss_falls() {
+    let _serial = serial();
+    let dir = workspace("stage1");
+    let cfg = config(&dir, 1, "out", &["max_steps=24"]);
+    let before = initial(&cfg);
+    let outcome = train::<B>(&cfg, None, &device(), &TrainControl::default()).unwrap();
+    let losses: Vec<f64> = outcome.metrics.iter().map(|m| m.loss).collect();
+    println!("stage 1 losses: {losses:?}");
+    assert_eq!(losses.len(), 24);
+    // The LLM is random and frozen, so the projector alone can only lower the loss a little
+    // (about 0.1 nats here; batch-to-batch noise is about 0.01).
+    assert!(mean(&losses[16..]) < mean(&losses[..2]) - 0.05, "loss falls: {losses:?}");
+    let after = trained(outcome.checkpoint.as_ref().unwrap());
+    assert_eq!(changed(&before, &after, "vision_tower").0, 0, "the tower is bit-identical");
+    assert_eq!(changed(&before, &after, "transformer").0, 0, "the LLM is bit-identical");
+    let (n, total) = changed(&before, &after, "mm_projector");
+    assert_eq!(n, total, "every projector parameter moved");
+    // The metrics file has one line per step; the schedule warmed up and decayed.
+    let lines = std::fs::read_to_string(dir.join("out/metrics.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 24);
+    assert_eq!(outcome.metrics[0].lr, 0.0, "HF's first step runs at warmup lr 0");
+    assert!(outcome.metrics[3].lr > outcome.metrics[23].lr);
+}
+
+#[test]
+fn stage2_trains_projector_and_llm_and_keeps_the_tower() {
+    let _serial = serial();
+    let dir = workspace("stage2");
+    let cfg = config(&dir, 2, "out", &[]);
+    let before = initial(&cfg);
+    let outcome = train::<B>(&cfg, None, &device(), &TrainControl::default()).unwrap();
+    let losses: Vec<f64> = outcome.metrics.iter().map(|m| m.loss).collect();
+    println!("stage 2 losses: {losses:?}");
+    assert!(mean(&losses[9..]) < mean(&losses[..3]) - 2.0, "loss falls: {losses:?}");
+    let after = trained(outcome.checkpoint.as_ref().unwrap());
+    assert_eq!(changed(&before, &after, "vision_tower").0, 0, "the tower is bit-identical");
+    let (n, total) = changed(&before, &after, "transformer");
+    assert_eq!(n, total, "every LLM parameter moved");
+
+    // Stage 2 can start from a stage-1 run's projector.
+    let stage1 = config(&dir, 1, "s1", &["max_steps=2"]);
+    let s1 = train::<B>(&stage1, None, &device(), &TrainControl::default()).unwrap();
+    let s1_params = trained(s1.checkpoint.as_ref().unwrap());
+    let from_stage1 = config(&dir, 2, "s2", &[&format!("pretrain_mm_mlp_adapter=\"{}\"", dir.join("s1").display()), "max_steps=1"]);
+    let start = initial(&from_stage1);
+    for (k, v) in &s1_params {
+        if k.starts_with("mm_projector") {
+            assert_eq!(&start[k], v, "{k} comes from stage 1");
+        }
+    }
+}
+
+#[test]
+fn a_resumed_run_repeats_the_uninterrupted_losses() {
+    let _serial = serial();
+    let dir = workspace("resume");
+    let full = train::<B>(&config(&dir, 2, "full", &[]), None, &device(), &TrainControl::default()).unwrap();
+    // The same run, "crashed" after its checkpoint at step 4 and resumed from there.
+    let cfg = config(&dir, 2, "part", &[]);
+    let first = train::<B>(&cfg, None, &device(), &TrainControl::default()).unwrap();
+    let resumed_from = dir.join("part/checkpoint-000004");
+    assert!(resumed_from.is_dir());
+    let resumed = train::<B>(&cfg, Some(&resumed_from), &device(), &TrainControl::default()).unwrap();
+    let a: Vec<(u64, f64)> = full.metrics.iter().map(|m| (m.step, m.loss)).collect();
+    let b: Vec<(u64, f64)> = resumed.metrics.iter().map(|m| (m.step, m.loss)).collect();
+    println!("uninterrupted {a:?}\nresumed       {b:?}");
+    assert_eq!(a.len(), 12);
+    assert_eq!(b.len(), 12, "steps 1-4 kept from the metrics file, 5-12 redone");
+    assert_eq!(a, b, "same losses after resuming");
+    assert_eq!(first.metrics.iter().map(|m| m.loss).collect::<Vec<_>>(), full.metrics.iter().map(|m| m.loss).collect::<Vec<_>>());
+    assert_eq!(trained(full.checkpoint.as_ref().unwrap()), trained(resumed.checkpoint.as_ref().unwrap()), "same final weights");
+}
+
+#[test]
+fn a_nan_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint() {
+    let _serial = serial();
+    let dir = workspace("nan");
+    let cfg = config(&dir, 2, "out", &[]);
+    let control = TrainControl { poison_step: Some(6), ..Default::default() };
+    let err = match train::<B>(&cfg, None, &device(), &control) {
+        Ok(_) => panic!("a NaN loss must stop the run"),
+        Err(e) => e,
+    };
+    let nonfinite = err.downcast_ref::<NonFinite>().expect("a NonFinite error");
+    assert_eq!(nonfinite.step, 6);
+    assert!(err.to_string().contains("step 6") && err.to_string().contains("checkpoint-000004"), "{err}");
+    let latest = std::fs::read_to_string(dir.join("out/latest")).unwrap();
+    assert_eq!(latest.trim(), "checkpoint-000004");
+    assert_eq!(llava_jp::train::checkpoint::read_state(&dir.join("out/checkpoint-000004")).unwrap().step, 4);
+    assert!(trained(&dir.join("out/checkpoint-000004")).values().all(|v| v.iter().all(|x| x.is_finite())));
+
+    // With on_nonfinite = skip the step is dropped and the run goes on.
+    let cfg = config(&dir, 2, "skip", &["on_nonfinite=\"skip\""]);
+    let outcome = train::<B>(&cfg, None, &device(), &control).unwrap();
+    assert_eq!(outcome.metrics.len(), 12);
+    assert!(outcome.metrics[5].skipped && !outcome.metrics[6].skipped);
+    assert!(trained(outcome.checkpoint.as_ref().unwrap()).values().all(|v| v.iter().all(|x| x.is_finite())));
+}
+
+#[test]
+fn bf16_mixed_precision_follows_f32() {
+    let _serial = serial();
+    let dir = workspace("bf16");
+    let f32_run = train::<B>(&config(&dir, 2, "f32", &["max_steps=4", "dropout=false"]), None, &device(), &TrainControl::default()).unwrap();
+    let bf16_run = train::<B>(&config(&dir, 2, "bf16", &["max_steps=4", "dropout=false", "precision=\"bf16\""]), None, &device(), &TrainControl::default()).unwrap();
+    for (a, b) in f32_run.metrics.iter().zip(&bf16_run.metrics) {
+        println!("step {}: f32 {:.5} bf16 {:.5}", a.step, a.loss, b.loss);
+        assert!((a.loss - b.loss).abs() < 0.02 * a.loss, "step {}: f32 {} vs bf16 {}", a.step, a.loss, b.loss);
+    }
+    // Master weights stay f32.
+    let ckpt = bf16_run.checkpoint.unwrap();
+    let bytes = std::fs::read(ckpt.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert!(st.tensors().iter().all(|(_, v)| v.dtype() == safetensors::Dtype::F32));
+}
+
+#[test]
+fn schedule_and_clipping_follow_hf() {
+    // get_cosine_schedule_with_warmup(num_warmup_steps = ceil(0.03 * 100) = 3, 100 steps)
+    assert_eq!(cosine_lr(1e-3, 0, 100, 0.03), 0.0);
+    assert!((cosine_lr(1e-3, 1, 100, 0.03) - 1e-3 / 3.0).abs() < 1e-15);
+    assert!((cosine_lr(1e-3, 3, 100, 0.03) - 1e-3).abs() < 1e-15);
+    let mid = 3 + 97 / 2;
+    let expected = 1e-3 * 0.5 * (1.0 + (std::f64::consts::PI * (mid - 3) as f64 / 97.0).cos());
+    assert!((cosine_lr(1e-3, mid as u64, 100, 0.03) - expected).abs() < 1e-15);
+    assert!(cosine_lr(1e-3, 99, 100, 0.03) < 1e-6);
+    assert_eq!(clip_scale(0.5, Some(1.0)), 1.0);
+    assert!((clip_scale(4.0, Some(1.0)) - 1.0 / (4.0 + 1e-6)).abs() < 1e-12);
+    assert_eq!(clip_scale(4.0, None), 1.0);
+}
+
+#[test]
+fn configs_read_overrides_and_name_what_is_wrong() {
+    let dir = workspace("config");
+    let cfg = config(&dir, 1, "out", &["learning_rate=0.5", "template=v1", "mm_projector_lr=2e-5"]);
+    assert_eq!((cfg.learning_rate, cfg.template.as_str(), cfg.mm_projector_lr), (0.5, "v1", Some(2e-5)));
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/stage1.toml")).unwrap();
+    let err = TrainConfig::from_toml(&text, &["stage=3".into()]).unwrap_err().to_string();
+    assert!(err.contains("stage = 3"), "{err}");
+    let err = TrainConfig::from_toml(&text, &["learning_rat=1".into()]).unwrap_err().to_string();
+    assert!(err.contains("learning_rat"), "{err}");
+    for name in ["stage1.toml", "stage2.toml"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs").join(name);
+        TrainConfig::from_file(&path, &[]).unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+}
