@@ -44,6 +44,14 @@ enum Command {
     },
     /// Train stage 1 (projector) or stage 2 (projector + LLM) from a TOML config.
     Train(cli::train::TrainArgs),
+    /// Fold a LoRA run's adapters into the LLM: a plain model directory.
+    MergeLora {
+        /// A checkpoint of a run with lora_enable = true.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Draw the loss / learning-rate plot of a run's metrics.jsonl.
     Plot {
         metrics: PathBuf,
@@ -75,6 +83,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect { path, no_load } => inspect(&path, !no_load),
         Command::Convert(command) => cli::data::convert(command),
         Command::Train(args) => cli::train::run(args),
+        Command::MergeLora { checkpoint, out } => {
+            llava_jp::train::lora::merge_lora_checkpoint::<burn::backend::Flex>(&checkpoint, &out, &Default::default())?;
+            println!("merged model written to {}", out.display());
+            Ok(())
+        }
         Command::Plot { metrics, out } => {
             let out = out.unwrap_or_else(|| metrics.with_file_name("loss.png"));
             llava_jp::train::plot::plot_metrics_file(&metrics, &out)?;

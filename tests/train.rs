@@ -279,8 +279,97 @@ fn configs_read_overrides_and_name_what_is_wrong() {
     assert!(err.contains("stage = 3"), "{err}");
     let err = TrainConfig::from_toml(&text, &["learning_rat=1".into()]).unwrap_err().to_string();
     assert!(err.contains("learning_rat"), "{err}");
-    for name in ["stage1.toml", "stage2.toml"] {
+    for name in ["stage1.toml", "stage2.toml", "stage2-lora.toml"] {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs").join(name);
         TrainConfig::from_file(&path, &[]).unwrap_or_else(|e| panic!("{name}: {e}"));
     }
+}
+
+#[test]
+fn lora_merged_equals_lora_unmerged() {
+    use llava_jp::model::Sample;
+    use llava_jp::train::lora::{add_lora, merge_lora, LoraConfig};
+    let _serial = serial();
+    let dir = workspace("lora-merge");
+    let config = llava_jp::config::LlavaConfig::from_file(dir.join("config.json")).unwrap();
+    <Flex as Backend>::seed(&device(), 3);
+    let mut model = LlavaModel::<Flex>::new(&config, &device());
+    let lora = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, target_modules: vec!["c_attn".into(), "mlp.c_proj".into()] };
+    model.transformer = add_lora(model.transformer, &lora, &device()).unwrap();
+    // Fresh adapters add nothing (B = 0); give them weight so the test means something.
+    for block in model.transformer.h.iter_mut() {
+        for layer in [&mut block.attn.c_attn, &mut block.mlp.c_proj] {
+            let l = layer.lora.as_mut().expect("adapter attached");
+            let dims = l.lora_b.val().dims();
+            l.lora_b = Param::from_tensor(Tensor::random(dims, burn::tensor::Distribution::Normal(0.0, 0.2), &device()));
+        }
+        assert!(block.attn.c_proj.lora.is_none() && block.mlp.c_fc.lora.is_none(), "only the targets get adapters");
+    }
+    let samples = vec![Sample { input_ids: vec![7, 120, -200, 300, 4000, 7], labels: None }];
+    let pixels = || Tensor::<Flex, 4>::random([1, 3, 28, 28], burn::tensor::Distribution::Normal(0.0, 1.0), &device());
+    let pixel_values = pixels();
+    let unmerged: Vec<f32> = model.forward(&samples, Some(pixel_values.clone())).logits.into_data().to_vec().unwrap();
+    model.transformer = merge_lora(model.transformer);
+    assert!(model.transformer.h.iter().all(|b| b.attn.c_attn.lora.is_none()));
+    let merged: Vec<f32> = model.forward(&samples, Some(pixel_values)).logits.into_data().to_vec().unwrap();
+    let max = unmerged.iter().zip(&merged).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    println!("LoRA merged vs unmerged: max |diff| {max:.2e}");
+    assert!(max < 1e-4, "merged differs by {max}");
+    let err = add_lora(LlavaModel::<Flex>::new(&config, &device()).transformer, &LoraConfig { target_modules: vec!["q_proj".into()], ..lora }, &device())
+        .map(|_| ())
+        .unwrap_err();
+    assert!(err.contains("q_proj") && err.contains("attn.c_attn"), "{err}");
+}
+
+#[test]
+fn lora_training_trains_adapters_and_projector_and_merges() {
+    let _serial = serial();
+    let dir = workspace("lora");
+    let cfg = config(&dir, 2, "out", &["lora_enable=true", "lora_r=4", "lora_alpha=8", "max_steps=10", "learning_rate=5e-2", "mm_projector_lr=1e-2"]);
+    let before = initial(&cfg);
+    let outcome = train::<B>(&cfg, None, &device(), &TrainControl::default()).unwrap();
+    let losses: Vec<f64> = outcome.metrics.iter().map(|m| m.loss).collect();
+    println!("LoRA losses: {losses:?}");
+    // A random frozen LLM with rank-4 adapters: the loss moves, but not far (noise is ~0.01).
+    assert!(mean(&losses[7..]) < mean(&losses[..3]) - 0.15, "loss falls: {losses:?}");
+    let ckpt = outcome.checkpoint.unwrap();
+    let after = trained_with_lora(&ckpt, &cfg);
+    for (k, v) in &before {
+        if k.starts_with("transformer") || k.starts_with("vision_tower") {
+            assert_eq!(&after[k], v, "{k} is frozen under LoRA");
+        }
+    }
+    assert!(after.keys().any(|k| k.contains(".lora.")));
+    assert!(after.iter().filter(|(k, _)| k.contains("lora_b")).all(|(_, v)| v.iter().any(|x| *x != 0.0)), "adapters trained");
+    assert_eq!(changed(&before, &after, "mm_projector").0, changed(&before, &after, "mm_projector").1);
+    // The adapter file holds the adapters and the projector, nothing else.
+    let bytes = std::fs::read(ckpt.join("adapter.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let names = st.names();
+    assert!(!names.is_empty() && names.iter().all(|n| n.contains(".lora.") || n.starts_with("mm_projector.")), "{names:?}");
+
+    // Merged into a plain model, it computes what the adapted one does.
+    let merged_dir = dir.join("merged");
+    llava_jp::train::lora::merge_lora_checkpoint::<Flex>(&ckpt, &merged_dir, &device()).unwrap();
+    let merged = trained(&merged_dir);
+    assert!(merged.keys().all(|k| !k.contains(".lora.")));
+    let config = llava_jp::config::LlavaConfig::from_file(ckpt.join("config.json")).unwrap();
+    let mut adapted = LlavaModel::<Flex>::new(&config, &device());
+    adapted.transformer = llava_jp::train::lora::add_lora(adapted.transformer, &cfg.lora().unwrap(), &device()).unwrap();
+    llava_jp::train::checkpoint::load_model(&mut adapted, &ckpt.join("model.safetensors"), None).unwrap();
+    let mut plain = LlavaModel::<Flex>::new(&config, &device());
+    llava_jp::train::checkpoint::load_model(&mut plain, &merged_dir.join("model.safetensors"), None).unwrap();
+    let samples = vec![llava_jp::model::Sample { input_ids: vec![7, 99, 1234, 7], labels: None }];
+    let a: Vec<f32> = adapted.forward(&samples, None).logits.into_data().to_vec().unwrap();
+    let b: Vec<f32> = plain.forward(&samples, None).logits.into_data().to_vec().unwrap();
+    let max = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(max < 1e-4, "merged model differs by {max}");
+}
+
+fn trained_with_lora(dir: &Path, cfg: &TrainConfig) -> BTreeMap<String, Vec<f32>> {
+    let config = llava_jp::config::LlavaConfig::from_file(dir.join("config.json")).unwrap();
+    let mut model = LlavaModel::<Flex>::new(&config, &device());
+    model.transformer = llava_jp::train::lora::add_lora(model.transformer, &cfg.lora().unwrap(), &device()).unwrap();
+    llava_jp::train::checkpoint::load_model(&mut model, &dir.join("model.safetensors"), None).unwrap();
+    parameters(&model)
 }

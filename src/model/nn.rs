@@ -156,11 +156,13 @@ impl<B: Backend> Linear<B> {
     }
 }
 
-/// GPT-2's `Conv1D`: a linear layer whose weight is stored `[in, out]`.
+/// GPT-2's `Conv1D`: a linear layer whose weight is stored `[in, out]`, optionally with a LoRA
+/// update beside it.
 #[derive(Module, Debug)]
 pub struct Conv1D<B: Backend> {
     pub weight: Param<Tensor<B, 2>>,
     pub bias: Param<Tensor<B, 1>>,
+    pub lora: Option<LoraAdapter<B>>,
 }
 
 impl<B: Backend> Conv1D<B> {
@@ -170,11 +172,57 @@ impl<B: Backend> Conv1D<B> {
         Self {
             weight: Param::from_tensor(Tensor::random([d_in, d_out], dist, device)),
             bias: Param::from_tensor(Tensor::zeros([d_out], device)),
+            lora: None,
         }
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        affine(x, self.weight.val(), Some(self.bias.val()))
+        match &self.lora {
+            None => affine(x, self.weight.val(), Some(self.bias.val())),
+            Some(lora) => affine(x.clone(), self.weight.val(), Some(self.bias.val())) + lora.forward(x),
+        }
+    }
+
+    /// Folds the LoRA update into the weight (`W + (B A)ᵀ · alpha / r`) and drops the adapter.
+    pub fn merge_lora(mut self) -> Self {
+        if let Some(lora) = self.lora.take() {
+            let merged = self.weight.val() + lora.delta_in_out();
+            self.weight = Param::from_tensor(merged.detach());
+        }
+        self
+    }
+}
+
+/// A LoRA adapter: `x -> dropout(x) Aᵀ Bᵀ · alpha / r`, in PEFT's layouts (`lora_A` `[r, in]`,
+/// `lora_B` `[out, r]`) and initialisation (A as `nn.Linear`'s default, B zero, so training
+/// starts from the base model's function).
+#[derive(Module, Debug)]
+pub struct LoraAdapter<B: Backend> {
+    pub lora_a: Param<Tensor<B, 2>>,
+    pub lora_b: Param<Tensor<B, 2>>,
+    pub scaling: f64,
+    pub dropout: Dropout,
+}
+
+impl<B: Backend> LoraAdapter<B> {
+    pub fn new(d_in: usize, d_out: usize, r: usize, alpha: f64, dropout: f64, device: &B::Device) -> Self {
+        let bound = 1.0 / (d_in as f64).sqrt();
+        Self {
+            lora_a: Param::from_tensor(Tensor::random([r, d_in], burn::tensor::Distribution::Uniform(-bound, bound), device)),
+            lora_b: Param::from_tensor(Tensor::zeros([d_out, r], device)),
+            scaling: alpha / r as f64,
+            dropout: Dropout { prob: dropout },
+        }
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let h = affine(self.dropout.forward(x), self.lora_a.val().transpose(), None);
+        affine(h, self.lora_b.val().transpose(), None) * self.scaling
+    }
+
+    /// The update as an `[in, out]` matrix.
+    pub fn delta_in_out(&self) -> Tensor<B, 2> {
+        matmul(self.lora_a.val().transpose(), self.lora_b.val().transpose()) * self.scaling
     }
 }
 

@@ -97,16 +97,23 @@ pub fn save_model<B: Backend, M: ModuleSnapshot<B>>(model: &M, path: &Path) -> R
     model.save_into(&mut store).map_err(|e| CheckpointError::Io { path: path.into(), message: format!("{e:?}") })
 }
 
-/// Loads parameters saved by [`save_model`]; every parameter of `model` must be in the file, and
-/// only those whose path passes `keep` (all when `None`) are applied.
+/// The parameters whose path matches `pattern` (a regular expression).
+pub fn save_model_filtered<B: Backend, M: ModuleSnapshot<B>>(model: &M, path: &Path, pattern: &str) -> Result<(), CheckpointError> {
+    let mut store = SafetensorsStore::from_file(path).with_regex(pattern);
+    model.save_into(&mut store).map_err(|e| CheckpointError::Io { path: path.into(), message: format!("{e:?}") })
+}
+
+/// Loads parameters saved by [`save_model`]. With `only` (a regular expression over paths), just
+/// the matching parameters are applied and the others may be absent; without it every parameter
+/// of `model` must be in the file.
 pub fn load_model<B: Backend, M: ModuleSnapshot<B>>(model: &mut M, path: &Path, only: Option<&str>) -> Result<usize, CheckpointError> {
     let err = |message: String| CheckpointError::Io { path: path.into(), message };
     if !path.is_file() {
         return Err(err("no such file".into()));
     }
     let mut store = SafetensorsStore::from_file(path).allow_partial(only.is_some());
-    if let Some(prefix) = only {
-        store = store.with_regex(format!("^{}", regex_escape(prefix)));
+    if let Some(pattern) = only {
+        store = store.with_regex(pattern);
     }
     let result = model.load_from(&mut store).map_err(|e| err(format!("{e:?}")))?;
     if !result.errors.is_empty() {
@@ -120,10 +127,6 @@ pub fn load_model<B: Backend, M: ModuleSnapshot<B>>(model: &mut M, path: &Path, 
         return Err(err(format!("no parameter applied{}", only.map(|p| format!(" under `{p}`")).unwrap_or_default())));
     }
     Ok(result.applied.len())
-}
-
-fn regex_escape(s: &str) -> String {
-    s.chars().flat_map(|c| if c.is_ascii_alphanumeric() || c == '_' { vec![c] } else { vec!['\\', c] }).collect()
 }
 
 /// The optimizer's moments as f32 safetensors (`{path}.exp_avg`, `{path}.exp_avg_sq`) plus its

@@ -30,6 +30,17 @@ pub struct TrainConfig {
     pub stage: u8,
     #[serde(default = "yes")]
     pub freeze_vision_tower: bool,
+    /// LoRA on the LLM (stage 2): adapters and the projector train, the LLM stays frozen.
+    #[serde(default)]
+    pub lora_enable: bool,
+    #[serde(default = "lora_r")]
+    pub lora_r: usize,
+    #[serde(default = "lora_alpha")]
+    pub lora_alpha: f64,
+    #[serde(default = "lora_dropout")]
+    pub lora_dropout: f64,
+    #[serde(default = "lora_targets")]
+    pub lora_target_modules: Vec<String>,
 
     // --- data
     pub data: Vec<PathBuf>,
@@ -94,6 +105,18 @@ pub struct TrainConfig {
     pub on_nonfinite: String,
 }
 
+fn lora_r() -> usize {
+    128
+}
+fn lora_alpha() -> f64 {
+    256.0
+}
+fn lora_dropout() -> f64 {
+    0.05
+}
+fn lora_targets() -> Vec<String> {
+    vec!["c_attn".into()]
+}
 fn yes() -> bool {
     true
 }
@@ -204,10 +227,22 @@ impl TrainConfig {
         }
         self.bad_samples.parse::<BadSamplePolicy>().map_err(TrainConfigError::Invalid)?;
         crate::data::Template::by_name(&self.template).map_err(TrainConfigError::Invalid)?;
+        if self.lora_enable && self.stage != 2 {
+            return bad("lora_enable = true needs stage = 2 (LoRA adapts the LLM, which stage 1 does not train)".into());
+        }
         if self.data.is_empty() {
             return bad("data: no data file".into());
         }
         Ok(())
+    }
+
+    pub fn lora(&self) -> Option<super::lora::LoraConfig> {
+        self.lora_enable.then(|| super::lora::LoraConfig {
+            r: self.lora_r,
+            alpha: self.lora_alpha,
+            dropout: self.lora_dropout,
+            target_modules: self.lora_target_modules.clone(),
+        })
     }
 
     pub fn policy(&self) -> BadSamplePolicy {

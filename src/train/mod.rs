@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod lora;
 pub mod optim;
 pub mod plot;
 pub mod trainer;

@@ -49,6 +49,9 @@ pub struct StepMetrics {
     pub rss_mb: f64,
     #[serde(default)]
     pub skipped: bool,
+    /// The sample ids of each micro-batch, so that another implementation can replay the run.
+    #[serde(default)]
+    pub batches: Vec<Vec<String>>,
 }
 
 pub struct TrainOutcome {
@@ -70,28 +73,66 @@ pub struct TrainControl {
     pub poison_step: Option<u64>,
 }
 
-/// Sets whether each float parameter is trained (`require_grad`).
-struct Trainable(bool);
+/// Sets whether each float parameter is trained (`require_grad`), by its path in the module.
+struct Trainable<F: Fn(&str) -> bool> {
+    path: Vec<String>,
+    trainable: F,
+}
 
-impl<B: Backend> ModuleMapper<B> for Trainable {
+impl<B: Backend, F: Fn(&str) -> bool> ModuleMapper<B> for Trainable<F> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let (id, tensor, mapper) = param.consume();
-        Param::from_mapped_value(id, tensor.set_require_grad(self.0), mapper)
+        let trainable = (self.trainable)(&self.path.join("."));
+        Param::from_mapped_value(id, tensor.set_require_grad(trainable), mapper)
     }
 }
 
 pub fn set_trainable<B: Backend, M: Module<B>>(module: M, trainable: bool) -> M {
-    module.map(&mut Trainable(trainable))
+    module.map(&mut Trainable { path: vec![], trainable: |_: &str| trainable })
+}
+
+/// Trains the parameters whose path (inside `module`) passes `trainable`, freezes the rest.
+pub fn set_trainable_where<B: Backend, M: Module<B>>(module: M, trainable: impl Fn(&str) -> bool) -> M {
+    module.map(&mut Trainable { path: vec![], trainable })
+}
+
+/// Freezes and unfreezes the parts as the run's stage says: the projector always trains, the
+/// LLM in stage 2 (only its LoRA adapters when LoRA is on), the tower when unfrozen.
+pub fn apply_stage<B: Backend>(mut model: LlavaModel<B>, cfg: &TrainConfig) -> LlavaModel<B> {
+    model.mm_projector = set_trainable(model.mm_projector, true);
+    model.vision_tower = set_trainable(model.vision_tower, !cfg.freeze_vision_tower);
+    let llm = cfg.stage == 2;
+    if cfg.lora_enable {
+        model.transformer = set_trainable_where(model.transformer, super::lora::is_lora);
+    } else {
+        model.transformer = set_trainable(model.transformer, llm);
+    }
+    model.lm_head = model.lm_head.map(|h| set_trainable(h, llm && !cfg.lora_enable));
+    model
+}
+
+/// The model file of one of our checkpoints or exports (module paths as names), if `dir` holds one.
+pub fn native_model_file(dir: &Path) -> Option<PathBuf> {
+    let file = dir.join("model.safetensors");
+    let bytes = std::fs::read(&file).ok()?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).ok()?;
+    meta.tensors().keys().any(|k| k.starts_with("vision_tower.") || k.starts_with("mm_projector.")).then_some(file)
 }
 
 /// The model a run starts from: a whole checkpoint (ours or a reference one), or parts.
 pub fn initial_model<B: Backend>(cfg: &TrainConfig, config: &LlavaConfig, device: &B::Device) -> anyhow::Result<LlavaModel<B>> {
     let mut model = LlavaModel::<B>::new(config, device);
     if let Some(init) = &cfg.init_from {
-        let ours = if init.join("trainer_state.json").is_file() { Some(init.clone()) } else { latest(init) };
+        let ours = native_model_file(init).or_else(|| latest(init).and_then(|d| native_model_file(&d)));
         model = match ours {
-            Some(dir) => {
-                checkpoint::load_model(&mut model, &dir.join("model.safetensors"), None)?;
+            Some(file) => {
+                checkpoint::load_model(&mut model, &file, None)?;
                 model
             }
             None => crate::weights::load_llava_weights(model, config, init).with_context(|| format!("init_from = {}", init.display()))?.0,
@@ -111,10 +152,10 @@ pub fn initial_model<B: Backend>(cfg: &TrainConfig, config: &LlavaConfig, device
         }
     }
     if let Some(path) = &cfg.pretrain_mm_mlp_adapter {
-        let ours = if path.join("trainer_state.json").is_file() { Some(path.clone()) } else if path.is_dir() { latest(path) } else { None };
+        let ours = native_model_file(path).or_else(|| latest(path).and_then(|d| native_model_file(&d)));
         match ours {
-            Some(dir) => {
-                checkpoint::load_model(&mut model, &dir.join("model.safetensors"), Some("mm_projector"))?;
+            Some(file) => {
+                checkpoint::load_model(&mut model, &file, Some(r"^mm_projector\."))?;
             }
             None => {
                 let kind = ProjectorKind::parse(&config.mm_projector_type).map_err(anyhow::Error::msg)?;
@@ -202,18 +243,16 @@ pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, resume: Option<&Path>, devic
     // Fresh weights (whatever no checkpoint provides) are drawn from the run's seed.
     B::seed(device, cfg.seed);
     let mut model: LlavaModel<B> = match &resume_dir {
-        Some(dir) => {
-            let mut model = LlavaModel::new(&config, device);
-            checkpoint::load_model(&mut model, &dir.join("model.safetensors"), None)?;
-            model
-        }
+        Some(_) => LlavaModel::new(&config, device),
         None => initial_model(cfg, &config, device)?,
     };
-    // What is trained: the projector always, the LLM in stage 2, the tower when unfrozen.
-    model.mm_projector = set_trainable(model.mm_projector, true);
-    model.vision_tower = set_trainable(model.vision_tower, !cfg.freeze_vision_tower);
-    model.transformer = set_trainable(model.transformer, cfg.stage == 2);
-    model.lm_head = model.lm_head.map(|h| set_trainable(h, cfg.stage == 2));
+    if let Some(lora) = cfg.lora() {
+        model.transformer = super::lora::add_lora(model.transformer, &lora, device).map_err(anyhow::Error::msg)?;
+    }
+    if let Some(dir) = &resume_dir {
+        checkpoint::load_model(&mut model, &dir.join("model.safetensors"), None)?;
+    }
+    let mut model = apply_stage(model, cfg);
 
     let builder = Arc::new(sample_builder(cfg, &config)?);
     let dataset = Arc::new(LlavaDataset::open(&cfg.data, cfg.policy())?);
@@ -278,6 +317,10 @@ pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, resume: Option<&Path>, devic
     let save = |model: &LlavaModel<B>, optim: &AdamW<B::InnerBackend>, state: &TrainerState| -> anyhow::Result<PathBuf> {
         let dir = save_atomically(&cfg.output_dir, state.step, cfg.save_total_limit, |tmp| {
             checkpoint::save_model(model, &tmp.join("model.safetensors"))?;
+            if cfg.lora_enable {
+                // The adapters and the projector alone (LLaVA's `non_lora_trainables` beside them).
+                checkpoint::save_model_filtered(model, &tmp.join("adapter.safetensors"), r"(\.lora\.|^mm_projector\.)")?;
+            }
             checkpoint::save_optimizer(optim, &tmp.join("optimizer.safetensors"))?;
             checkpoint::write_json(&tmp.join("trainer_state.json"), state)?;
             std::fs::write(tmp.join("config.json"), config.to_json())
@@ -368,6 +411,7 @@ pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, resume: Option<&Path>, devic
                 elapsed_s: state.elapsed_s,
                 rss_mb: rss_mb(),
                 skipped: !finite,
+                batches: micro.iter().map(|b| b.examples.iter().map(|e| e.id.clone()).collect()).collect(),
             };
             writeln!(metrics_file, "{}", serde_json::to_string(&m)?)?;
             if control.progress && (state.step % cfg.logging_steps.max(1) == 0 || state.step == total_steps) {
