@@ -13,7 +13,7 @@ export PYTHONUNBUFFERED=1 CUBECL_AUTOTUNE_LEVEL=minimal
 bin=/tmp/llava-jp
 [ -x $bin ] || { xz -dc .dev/llava-jp.xz > $bin && chmod +x $bin; }
 tp=/tmp/train-parity
-[ -d $tp/model ] || python3 model-import/scripts/train_reference.py make $tp --tokenizer "$PWD/.dev/tokenizer/tokenizer.json" 2>&1 | grep -v Warning
+[ -f $tp/stage2.toml ] || python3 model-import/scripts/train_reference.py make $tp --tokenizer "$PWD/.dev/tokenizer/tokenizer.json" 2>&1 | grep -v Warning
 for stage in $stages; do
   for run in $runs; do
     backend=${run%%:*}; precision=${run##*:}
