@@ -159,21 +159,33 @@ pub trait AutodiffJob {
     fn run<B: burn::tensor::backend::AutodiffBackend>(self, device: B::Device) -> Self::Output;
 }
 
-pub fn dispatch_autodiff<J: AutodiffJob>(backend: BackendKind, job: J) -> Result<J::Output, String> {
+/// Runs `job` on the autodiff backend over `backend`; with `checkpointing`, burn's balanced
+/// activation checkpointing (memory-bound operations recomputed in the backward pass).
+pub fn dispatch_autodiff<J: AutodiffJob>(backend: BackendKind, checkpointing: bool, job: J) -> Result<J::Output, String> {
     #[allow(unused_variables)]
     let not_built = |feature: &str| -> Result<J::Output, String> {
         Err(format!("this binary was built without the `{feature}` feature, so the {backend} backend is unavailable"))
     };
+    #[allow(unused_imports)]
+    use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
     use burn::backend::Autodiff;
-    match backend {
+    match (backend, checkpointing) {
         #[cfg(feature = "flex")]
-        BackendKind::Flex => Ok(job.run::<Autodiff<burn::backend::Flex>>(burn::backend::flex::FlexDevice)),
+        (BackendKind::Flex, false) => Ok(job.run::<Autodiff<burn::backend::Flex>>(burn::backend::flex::FlexDevice)),
+        #[cfg(feature = "flex")]
+        (BackendKind::Flex, true) => Ok(job.run::<Autodiff<burn::backend::Flex, BalancedCheckpointing>>(burn::backend::flex::FlexDevice)),
         #[cfg(feature = "wgpu")]
-        BackendKind::Wgpu => Ok(job.run::<Autodiff<burn::backend::Wgpu<f32>>>(burn::backend::wgpu::WgpuDevice::default())),
+        (BackendKind::Wgpu, false) => Ok(job.run::<Autodiff<burn::backend::Wgpu<f32>>>(burn::backend::wgpu::WgpuDevice::default())),
+        #[cfg(feature = "wgpu")]
+        (BackendKind::Wgpu, true) => Err("gradient_checkpointing is available on flex and cuda, not on wgpu".into()),
         #[cfg(feature = "cuda")]
-        BackendKind::Cuda => Ok(job.run::<Autodiff<burn::backend::Cuda<f32>>>(burn::backend::cuda::CudaDevice::default())),
+        (BackendKind::Cuda, false) => Ok(job.run::<Autodiff<burn::backend::Cuda<f32>>>(burn::backend::cuda::CudaDevice::default())),
+        #[cfg(feature = "cuda")]
+        (BackendKind::Cuda, true) => {
+            Ok(job.run::<Autodiff<burn::backend::Cuda<f32>, BalancedCheckpointing>>(burn::backend::cuda::CudaDevice::default()))
+        }
         #[allow(unreachable_patterns)]
-        other => {
+        (other, _) => {
             let _ = job;
             not_built(&other.to_string())
         }

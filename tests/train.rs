@@ -373,3 +373,99 @@ fn trained_with_lora(dir: &Path, cfg: &TrainConfig) -> BTreeMap<String, Vec<f32>
     llava_jp::train::checkpoint::load_model(&mut model, &dir.join("model.safetensors"), None).unwrap();
     parameters(&model)
 }
+
+#[test]
+fn gradient_checkpointing_gives_the_same_run() {
+    use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+    let _serial = serial();
+    let dir = workspace("checkpointing");
+    let plain = train::<B>(&config(&dir, 2, "plain", &["max_steps=4"]), None, &device(), &TrainControl::default()).unwrap();
+    let cfg = config(&dir, 2, "ckpt", &["max_steps=4", "gradient_checkpointing=true"]);
+    let recomputed = train::<Autodiff<Flex, BalancedCheckpointing>>(&cfg, None, &device(), &TrainControl::default()).unwrap();
+    let a: Vec<f64> = plain.metrics.iter().map(|m| m.loss).collect();
+    let b: Vec<f64> = recomputed.metrics.iter().map(|m| m.loss).collect();
+    println!("plain {a:?}\nrecomputed {b:?}");
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() < 1e-5, "{a:?} vs {b:?}");
+    }
+}
+
+/// The `train` command as a user runs it: progress, Ctrl-C saving a checkpoint, `--resume`,
+/// the plot at the end and on demand.
+#[test]
+fn train_command_stops_on_ctrl_c_with_a_checkpoint_and_resumes() {
+    use std::process::{Command, Stdio};
+    let _serial = serial();
+    let dir = workspace("cli");
+    let cfg = config(&dir, 2, "out", &[]);
+    let toml_path = dir.join("run.toml");
+    std::fs::write(&toml_path, cfg.to_toml()).unwrap();
+    let bin = env!("CARGO_BIN_EXE_llava-jp");
+    let child = Command::new(bin)
+        .args(["train", "--config", toml_path.to_str().unwrap(), "--set", "max_steps=400", "--set", "save_steps=1000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = dir.join("out/metrics.jsonl");
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < 2 {
+        assert!(started.elapsed().as_secs() < 120, "no progress in two minutes");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    println!("{text}");
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("Ctrl-C") && text.contains("interrupted after"), "{text}");
+    assert!(text.contains("step ") && text.contains("tok/s") && text.contains("ETA"), "a progress line: {text}");
+    let latest = std::fs::read_to_string(dir.join("out/latest")).unwrap();
+    let step = llava_jp::train::checkpoint::read_state(&dir.join("out").join(latest.trim())).unwrap().step;
+    assert!(step >= 2 && step < 400, "checkpoint at the step reached: {step}");
+    assert!(dir.join("out/loss.png").is_file());
+
+    // Resume to a nearby end.
+    let end = (step + 2).to_string();
+    let out = Command::new(bin)
+        .args(["train", "--config", toml_path.to_str().unwrap(), "--set", "max_steps=400", "--set", "save_steps=1000", "--set"])
+        .arg(format!("max_steps={end}"))
+        .arg("--resume")
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    // A different max_steps changes the schedule, which a resume must refuse.
+    assert!(!out.status.success() && text.contains("steps in total"), "{text}");
+    let out = Command::new(bin)
+        .args(["train", "--config", toml_path.to_str().unwrap(), "--set", "max_steps=400", "--set", "save_steps=1000", "--resume"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Let it take a step or two, then stop it again; the metrics file keeps counting up.
+    let pid = out.id().to_string();
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < step as usize + 2 {
+        assert!(started.elapsed().as_secs() < 120, "no progress after resuming");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    Command::new("kill").args(["-INT", &pid]).status().unwrap();
+    let done = out.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&done.stdout).to_string() + &String::from_utf8_lossy(&done.stderr);
+    assert!(done.status.success(), "{text}");
+    let steps: Vec<u64> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<llava_jp::train::StepMetrics>(l).unwrap().step)
+        .collect();
+    assert_eq!(steps, (1..=steps.len() as u64).collect::<Vec<_>>(), "one line per step, in order, across the resume");
+
+    // The plot on demand.
+    let png = dir.join("plot.png");
+    let out = Command::new(bin).args(["plot", metrics.to_str().unwrap(), "--out", png.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let img = image::open(&png).unwrap().to_rgb8();
+    assert_eq!(img.dimensions(), (960, 640));
+    let coloured = img.pixels().filter(|p| p.0 != [255, 255, 255]).count();
+    assert!(coloured > 5000, "the plot has lines and labels ({coloured} coloured pixels)");
+}

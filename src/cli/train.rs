@@ -18,8 +18,8 @@ pub struct TrainArgs {
     pub set: Vec<String>,
     /// Continue a run: from the given checkpoint, or from the output directory's latest one when
     /// no path is given.
-    #[arg(long, num_args = 0..=1, default_missing_value = "")]
-    pub resume: Option<PathBuf>,
+    #[arg(long, num_args = 0..=1, value_name = "CHECKPOINT")]
+    pub resume: Option<Option<PathBuf>>,
     #[arg(long, default_value = "flex")]
     pub backend: BackendKind,
 }
@@ -39,7 +39,7 @@ impl AutodiffJob for TrainJob {
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let config = TrainConfig::from_file(&args.config, &args.set)?;
-    let resume = args.resume.map(|p| if p.as_os_str().is_empty() { config.output_dir.clone() } else { p });
+    let resume = args.resume.map(|p| p.unwrap_or_else(|| config.output_dir.clone()));
     let control = TrainControl { progress: true, ..Default::default() };
     let stop = control.stop.clone();
     ctrlc::set_handler(move || {
@@ -57,7 +57,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         config.precision,
         output_dir.display()
     );
-    let outcome = dispatch_autodiff(args.backend, TrainJob { config, resume, control }).map_err(anyhow::Error::msg)??;
+    let checkpointing = config.gradient_checkpointing;
+    let outcome = dispatch_autodiff(args.backend, checkpointing, TrainJob { config, resume, control }).map_err(anyhow::Error::msg)??;
     let plot = output_dir.join("loss.png");
     llava_jp::train::plot::plot_metrics(&outcome.metrics, &plot)?;
     let last = outcome.metrics.last();

@@ -88,6 +88,10 @@ pub struct TrainConfig {
     /// `f32`, or `bf16` for mixed precision (f32 weights and optimizer state, bf16 matrix work).
     #[serde(default = "f32")]
     pub precision: String,
+    /// Recompute cheap (memory-bound) activations in the backward pass instead of keeping them
+    /// (burn's balanced checkpointing), for memory; flex and CUDA.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
     /// Dropout probabilities of the config stay on while training unless this is false.
     #[serde(default = "yes")]
     pub dropout: bool,

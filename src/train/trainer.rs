@@ -69,7 +69,8 @@ pub struct TrainControl {
     pub stop: Arc<AtomicBool>,
     /// Print progress to stderr.
     pub progress: bool,
-    /// Test hook: the loss of this step (1-based) is replaced by NaN.
+    /// Test hook: a NaN is put into the pixels (or, without images, the loss) of this step's
+    /// (1-based) first micro-batch.
     pub poison_step: Option<u64>,
 }
 
@@ -359,12 +360,17 @@ pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, resume: Option<&Path>, devic
             let mut accumulator = GradientsAccumulator::<LlavaModel<B>>::new();
             let mut loss_sum = 0.0;
             let (mut samples, mut tokens) = (0, 0);
-            for batch in &micro {
+            for (k, batch) in micro.iter().enumerate() {
+                let poison = k == 0 && control.poison_step == Some(state.step + 1);
+                let mut pixel_values = batch.pixel_values.clone();
+                if poison && !pixel_values.is_empty() {
+                    pixel_values[0] = f32::NAN;
+                }
                 let pixels = (batch.images > 0)
-                    .then(|| Tensor::<B, 4>::from_data(TensorData::new(batch.pixel_values.clone(), [batch.images, 3, size, size]), device));
+                    .then(|| Tensor::<B, 4>::from_data(TensorData::new(pixel_values, [batch.images, 3, size, size]), device));
                 let out = model.forward(&batch.samples(), pixels);
                 let mut loss = out.loss.expect("training samples carry labels");
-                if control.poison_step == Some(state.step + 1) {
+                if poison && batch.images == 0 {
                     loss = loss * f32::NAN;
                 }
                 loss_sum += f64::from(loss.clone().into_scalar().elem::<f32>());
