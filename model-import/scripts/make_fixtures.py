@@ -195,6 +195,22 @@ class Llava(torch.nn.Module):
         return result.logits, result.loss, mask
 
 
+def llava_jp_state_dict(vision, projector, lm):
+    """The whole model under LLaVA-JP's checkpoint names (the tied lm_head left out)."""
+    state = {}
+    for k, v in vision.state_dict().items():
+        # LLaVA-JP's checkpoints (transformers 4.x) keep CLIPVisionModel's `vision_model.` level,
+        # which transformers 5 no longer has.
+        k = k if k.startswith("vision_model.") else f"vision_model.{k}"
+        state[f"model.vision_tower.vision_tower.{k}"] = v
+    for k, v in projector.state_dict().items():
+        state[f"model.mm_projector.{k}"] = v
+    for k, v in lm.state_dict().items():
+        if k != "lm_head.weight":  # tied to transformer.wte.weight
+            state[k] = v
+    return state
+
+
 def make_llava(out, full, dtype):
     os.makedirs(out, exist_ok=True)
     torch.manual_seed(4)
@@ -218,18 +234,7 @@ def make_llava(out, full, dtype):
         vision_config=dict(vc, model_type="clip_vision_model"),
     )
     write_json(os.path.join(out, "config.json"), config)
-    # The whole model under LLaVA-JP's names.
-    state = {}
-    for k, v in vision.state_dict().items():
-        # LLaVA-JP's checkpoints (transformers 4.x) keep CLIPVisionModel's `vision_model.` level,
-        # which transformers 5 no longer has.
-        k = k if k.startswith("vision_model.") else f"vision_model.{k}"
-        state[f"model.vision_tower.vision_tower.{k}"] = v
-    for k, v in projector.state_dict().items():
-        state[f"model.mm_projector.{k}"] = v
-    for k, v in lm.state_dict().items():
-        if k != "lm_head.weight":  # tied to transformer.wte.weight
-            state[k] = v
+    state = llava_jp_state_dict(vision, projector, lm)
     state = {k: v.contiguous().clone() for k, v in state.items()}
     save_file(state, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     if not full:

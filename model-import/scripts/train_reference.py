@@ -58,15 +58,8 @@ def make(args):
     model_dir = os.path.join(out, "model")
     os.makedirs(model_dir, exist_ok=True)
     json.dump(config, open(os.path.join(model_dir, "config.json"), "w"), indent=1)
-    state = {}
-    for k, v in vision.state_dict().items():
-        k = k if k.startswith("vision_model.") else f"vision_model.{k}"
-        state[f"model.vision_tower.vision_tower.{k}"] = v
-    for k, v in projector.state_dict().items():
-        state[f"model.mm_projector.{k}"] = v
-    for k, v in lm.state_dict().items():
-        if k != "lm_head.weight":
-            state[k] = v
+    from make_fixtures import llava_jp_state_dict
+    state = llava_jp_state_dict(vision, projector, lm)
     save_file({k: v.contiguous().clone() for k, v in state.items()}, os.path.join(model_dir, "model.safetensors"),
               metadata={"format": "pt"})
     # Images: a shape of a colour on white; captions (stage 1) and questions (stage 2).

@@ -161,7 +161,7 @@ pub fn plot_metrics(metrics: &[StepMetrics], path: &Path) -> anyhow::Result<()> 
         })
         .collect();
     let lr: Vec<(f64, f64)> = metrics.iter().map(|m| (m.step as f64, m.lr)).collect();
-    panel(&mut img, 0, H as i64 * 3 / 5, "loss (avg)", &[(&loss, RAW, 1), (&smooth, SMOOTH, 2)], max_step);
+    panel(&mut img, 0, H as i64 * 3 / 5, "loss", &[(&loss, RAW, 1), (&smooth, SMOOTH, 2)], max_step);
     panel(&mut img, H as i64 * 3 / 5, H as i64 * 2 / 5, "lr", &[(&lr, LR, 2)], max_step);
     text(&mut img, W as i64 / 2 - text_width("step", 1) / 2, H as i64 - 12, "step", 1, AXIS);
     let tmp = path.with_extension("png.partial");
