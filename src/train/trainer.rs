@@ -201,8 +201,13 @@ fn rss_mb() -> f64 {
         .map_or(0.0, |pages| pages * 4096.0 / 1048576.0)
 }
 
-fn spliced_tokens(batch: &Batch, image_tokens: usize) -> usize {
-    batch.examples.iter().map(|e| e.input_ids.len() + if e.pixel_values.is_some() { image_tokens - 1 } else { 0 }).sum()
+/// Tokens the model sees: text plus image features, cut to the maximum length as the model cuts.
+fn spliced_tokens(batch: &Batch, image_tokens: usize, max_length: usize) -> usize {
+    batch
+        .examples
+        .iter()
+        .map(|e| (e.input_ids.len() + if e.pixel_values.is_some() { image_tokens - 1 } else { 0 }).min(max_length))
+        .sum()
 }
 
 /// A text progress bar line.
@@ -377,7 +382,7 @@ pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, resume: Option<&Path>, devic
                 let grads = (loss / micro.len() as f64).backward();
                 accumulator.accumulate(&model, GradientsParams::from_grads(grads, &model));
                 samples += batch.len();
-                tokens += spliced_tokens(batch, builder.image_tokens);
+                tokens += spliced_tokens(batch, builder.image_tokens, builder.max_length);
             }
             let grads = accumulator.grads();
             let loss = loss_sum / micro.len() as f64;

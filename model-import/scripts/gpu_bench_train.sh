@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Full-size training steps on the H200: our binary (CUDA, bf16 mixed precision) and PyTorch +
+# transformers (bf16 autocast, SDPA, fused AdamW) at the same shapes, one after the other.
+#   stage 2: batch 8 x 1024 tokens (projector + LLM); stage 1: batch 32 x 608 (projector only)
+#   usage (repository root; binary at .dev/llava-jp.xz, tokenizer dir at .dev/tokenizer/):
+#   bash model-import/scripts/gpu_bench_train.sh OUT_DIR ["2 1"] [STEPS]
+set -uo pipefail
+out=${1:?output folder}; stages=${2:-2 1}; steps=${3:-6}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 CUBECL_AUTOTUNE_LEVEL=minimal
+bin=/tmp/llava-jp
+[ -x $bin ] || { xz -dc .dev/llava-jp.xz > $bin && chmod +x $bin; }
+b=/tmp/bench-train
+python3 model-import/scripts/bench_train.py data $b --tokenizer "$PWD/.dev/tokenizer/tokenizer.json" --steps $steps
+peak() { sort -n "$1" | tail -1; }
+for stage in $stages; do
+  if [ $stage = 2 ]; then batch=8; seq=1024; else batch=32; seq=608; fi
+  echo "== stage $stage: batch $batch x $seq tokens"
+  (while true; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits; sleep 0.5; done) > "$out/mem-ours-$stage.txt" &
+  sampler=$!
+  start=$(date +%s)
+  timeout ${OURS_TIMEOUT:-420} $bin train --config $b/stage$stage.toml --backend cuda > "$out/ours-stage$stage.log" 2>&1
+  echo "ours exit $? after $(( $(date +%s) - start )) s"
+  kill $sampler
+  cp $b/run-stage$stage/metrics.jsonl "$out/ours-stage$stage.metrics.jsonl" 2>/dev/null
+  python3 - "$out/ours-stage$stage.metrics.jsonl" $batch $seq "$(peak "$out/mem-ours-$stage.txt")" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+batch, seq, peak_mib = int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+steady = rows[2:] if len(rows) > 3 else rows
+step_s = sum(r["tokens"] / r["tokens_per_s"] for r in steady) / len(steady)
+tokens = sum(r["tokens"] for r in steady) / len(steady)
+llm = 1.3e9  # replaced below by the exact count when known
+print(json.dumps(dict(side="ours", steps=len(rows), step_s=step_s, tokens_per_step=tokens, tokens_per_s=tokens / step_s,
+                      samples_per_s=batch / step_s, first_step_s=rows[0]["tokens"] / rows[0]["tokens_per_s"],
+                      peak_gib_nvidia_smi=peak_mib / 1024)))
+PY
+  (while true; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits; sleep 0.5; done) > "$out/mem-torch-$stage.txt" &
+  sampler=$!
+  python3 model-import/scripts/bench_train.py torch --stage $stage --batch $batch --seq $seq --steps 8 2>&1 | grep -v Warning | tail -1
+  kill $sampler
+  echo "pytorch peak (nvidia-smi): $(peak "$out/mem-torch-$stage.txt") MiB"
+done
