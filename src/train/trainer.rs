@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use burn::module::{AutodiffModule, ModuleMapper, Param};
+use burn::module::{ModuleMapper, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
@@ -95,7 +95,7 @@ impl<B: Backend, F: Fn(&str) -> bool> ModuleMapper<B> for Trainable<F> {
 }
 
 pub fn set_trainable<B: Backend, M: Module<B>>(module: M, trainable: bool) -> M {
-    module.map(&mut Trainable { path: vec![], trainable: |_: &str| trainable })
+    set_trainable_where(module, |_: &str| trainable)
 }
 
 /// Trains the parameters whose path (inside `module`) passes `trainable`, freezes the rest.
@@ -118,6 +118,12 @@ pub fn apply_stage<B: Backend>(mut model: LlavaModel<B>, cfg: &TrainConfig) -> L
     model
 }
 
+/// Our model file at `path`: a checkpoint or export directory, or a run directory (its latest
+/// checkpoint). `None` for anything else (a reference checkpoint, a projector file).
+pub fn our_model_file(path: &Path) -> Option<PathBuf> {
+    native_model_file(path).or_else(|| latest(path).and_then(|d| native_model_file(&d)))
+}
+
 /// The model file of one of our checkpoints or exports (module paths as names), if `dir` holds one.
 pub fn native_model_file(dir: &Path) -> Option<PathBuf> {
     let file = dir.join("model.safetensors");
@@ -130,8 +136,7 @@ pub fn native_model_file(dir: &Path) -> Option<PathBuf> {
 pub fn initial_model<B: Backend>(cfg: &TrainConfig, config: &LlavaConfig, device: &B::Device) -> anyhow::Result<LlavaModel<B>> {
     let mut model = LlavaModel::<B>::new(config, device);
     if let Some(init) = &cfg.init_from {
-        let ours = native_model_file(init).or_else(|| latest(init).and_then(|d| native_model_file(&d)));
-        model = match ours {
+        model = match our_model_file(init) {
             Some(file) => {
                 checkpoint::load_model(&mut model, &file, None)?;
                 model
@@ -153,8 +158,7 @@ pub fn initial_model<B: Backend>(cfg: &TrainConfig, config: &LlavaConfig, device
         }
     }
     if let Some(path) = &cfg.pretrain_mm_mlp_adapter {
-        let ours = native_model_file(path).or_else(|| latest(path).and_then(|d| native_model_file(&d)));
-        match ours {
+        match our_model_file(path) {
             Some(file) => {
                 checkpoint::load_model(&mut model, &file, Some(r"^mm_projector\."))?;
             }
@@ -365,9 +369,11 @@ pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, resume: Option<&Path>, devic
             let mut accumulator = GradientsAccumulator::<LlavaModel<B>>::new();
             let mut loss_sum = 0.0;
             let (mut samples, mut tokens) = (0, 0);
-            for (k, batch) in micro.iter().enumerate() {
+            let micro_batches = micro.len() as f64;
+            for (k, batch) in micro.iter_mut().enumerate() {
                 let poison = k == 0 && control.poison_step == Some(state.step + 1);
-                let mut pixel_values = batch.pixel_values.clone();
+                // The pixels go to the device once; the batch keeps its ids for the metrics.
+                let mut pixel_values = std::mem::take(&mut batch.pixel_values);
                 if poison && !pixel_values.is_empty() {
                     pixel_values[0] = f32::NAN;
                 }
@@ -379,7 +385,7 @@ pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, resume: Option<&Path>, devic
                     loss = loss * f32::NAN;
                 }
                 loss_sum += f64::from(loss.clone().into_scalar().elem::<f32>());
-                let grads = (loss / micro.len() as f64).backward();
+                let grads = (loss / micro_batches).backward();
                 accumulator.accumulate(&model, GradientsParams::from_grads(grads, &model));
                 samples += batch.len();
                 tokens += spliced_tokens(batch, builder.image_tokens, builder.max_length);
@@ -456,9 +462,4 @@ pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, resume: Option<&Path>, devic
     let mut report = dataset.load_report.clone();
     report.merge(&data_report);
     Ok(TrainOutcome { state, metrics, checkpoint: last_checkpoint, interrupted, data_report: report })
-}
-
-/// The model of a finished run, without autodiff, for evaluation and generation.
-pub fn inference_model<B: AutodiffBackend>(model: LlavaModel<B>) -> LlavaModel<B::InnerBackend> {
-    model.valid()
 }
