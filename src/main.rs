@@ -44,6 +44,12 @@ enum Command {
     },
     /// Train stage 1 (projector) or stage 2 (projector + LLM) from a TOML config.
     Train(cli::train::TrainArgs),
+    /// Ask about an image: one question (--prompt), a conversation on standard input, or a JSONL
+    /// file of questions (--questions) answered in batches.
+    Chat(cli::chat::ChatArgs),
+    /// Write a self-contained model directory (weights, config, tokenizer, preprocessor config)
+    /// that every backend loads, wgpu included.
+    Export(cli::chat::ExportArgs),
     /// Fold a LoRA run's adapters into the LLM: a plain model directory.
     MergeLora {
         /// A checkpoint of a run with lora_enable = true.
@@ -83,6 +89,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect { path, no_load } => inspect(&path, !no_load),
         Command::Convert(command) => cli::data::convert(command),
         Command::Train(args) => cli::train::run(args),
+        Command::Chat(args) => cli::chat::chat(args),
+        Command::Export(args) => cli::chat::export_model(args),
         Command::MergeLora { checkpoint, out } => {
             llava_jp::train::lora::merge_lora_checkpoint::<burn::backend::Flex>(&checkpoint, &out, &Default::default())?;
             println!("merged model written to {}", out.display());

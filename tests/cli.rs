@@ -1,6 +1,9 @@
-//! The `inspect` and `check` subcommands, run as a user runs them.
+//! The subcommands, run as a user runs them.
+mod common;
+
+use std::io::Write;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 fn llava_jp(args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_llava-jp"))
@@ -75,12 +78,94 @@ fn convert_then_data_check_reports_what_is_used_and_left_out() {
     let (ok, out) = llava_jp(&["convert", "ja-vg-vqa", "--input", &d("qa.json"), "--output", &d("vg.jsonl")]);
     assert!(ok && out.contains("wrote 3 records"), "{out}");
 
-    let tokenizer = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/llm-jp-tokenizer-v2.1/tokenizer.json");
-    let tokenizer = std::env::var("LLAVA_JP_TOKENIZER").unwrap_or(tokenizer.display().to_string());
+    let tokenizer = common::tokenizer_path().display().to_string();
     let args = ["data-check", "--data", &d("vg.jsonl"), "--image-folder", &d("."), "--tokenizer", &tokenizer, "--image-size", "32", "--image-tokens", "4"];
     let (ok, out) = llava_jp(&args);
     assert!(ok, "{out}");
     assert!(out.contains("2 samples used, 1 left out") && out.contains("missing-image: 1") && out.contains("sample 2-7"), "{out}");
     let (ok, out) = llava_jp(&[&args[..], &["--bad-samples", "fail"]].concat());
     assert!(!ok && out.contains("sample 2-7") && out.contains("image file not found"), "{out}");
+}
+
+/// `llava-jp ARGS` with `input` on standard input.
+fn llava_jp_stdin(args: &[&str], input: &str) -> (bool, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_llava-jp"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary runs");
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn export_then_chat_one_question_a_conversation_and_a_questions_file() {
+    let dir = common::tiny_model_dir("cli-chat", false);
+    let model = dir.display().to_string();
+    let horse = common::fixture("images/horse.png").display().to_string();
+    let greedy = ["--temperature", "0", "--max-new-tokens", "6"];
+
+    // Our checkpoint has no tokenizer: the error says what to do.
+    let (ok, out) = llava_jp(&["chat", "--model", &model, "--prompt", "何？"]);
+    assert!(!ok && out.contains("no tokenizer.json") && out.contains("--tokenizer"), "{out}");
+
+    let export = dir.with_extension("export").display().to_string();
+    let tokenizer = common::tokenizer_path().display().to_string();
+    let (ok, out) = llava_jp(&["export", "--model", &model, "--tokenizer", &tokenizer, "--to", &export, "--dtype", "f16"]);
+    assert!(ok && out.contains("exported"), "{out}");
+
+    let ask = |extra: &[&str]| llava_jp(&[&["chat", "--model", &export, "--image", &horse, "--prompt", "この馬は何色ですか？"][..], &greedy[..], extra].concat());
+    let (ok, single) = ask(&["--stats"]);
+    assert!(ok && single.contains("prompt tokens") && single.contains("tokens/s"), "{single}");
+    let answer = single.lines().next().unwrap().trim().to_string();
+
+    let (ok, out) = ask(&["--backend", "wgpu", "--dtype", "bf16"]);
+    assert!(!ok && out.contains("bf16 is not supported on the wgpu backend"), "{out}");
+    let (ok, out) = llava_jp(&["chat", "--model", &export, "--image", "nowhere.jpg", "--prompt", "何？"]);
+    assert!(!ok && out.contains("nowhere.jpg"), "{out}");
+
+    // A conversation on standard input: two questions, the history kept, then /quit.
+    let (ok, stdout, stderr) = llava_jp_stdin(
+        &[&["chat", "--model", &export, "--image", &horse][..], &greedy[..]].concat(),
+        "この馬は何色ですか？\n\n/image nowhere.png\n背景は？\n/quit\n",
+    );
+    assert!(ok, "{stdout}{stderr}");
+    let answers: Vec<&str> = stdout.lines().collect();
+    assert_eq!(answers.len(), 2, "{stdout}");
+    assert_eq!(answers[0].trim(), answer, "the first turn is the single question's answer");
+    assert!(stderr.contains("nowhere.png"), "{stderr}");
+
+    // A questions file: good lines answered in batches, bad ones reported in place.
+    let folder = dir.with_extension("questions");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::copy(&horse, folder.join("horse.png")).unwrap();
+    let lines = [
+        r#"{"id": "a", "image": "horse.png", "question": "この馬は何色ですか？"}"#,
+        r#"{"id": "b", "image": "missing.jpg", "question": "何？"}"#,
+        r#"not json"#,
+        r#"{"id": "d", "question": "こんにちは。"}"#,
+        r#"{"id": "e", "image": "horse.png", "question": "この馬は何色ですか？"}"#,
+    ];
+    std::fs::write(folder.join("q.jsonl"), lines.join("\n")).unwrap();
+    let answers_file = folder.join("answers.jsonl");
+    let (ok, out) = llava_jp(&[&["chat", "--model", &export, "--questions", folder.join("q.jsonl").to_str().unwrap(),
+        "--output", answers_file.to_str().unwrap(), "--batch-size", "2"][..], &greedy[..]].concat());
+    assert!(ok && out.contains("3 answered, 2 refused"), "{out}");
+    let records: Vec<serde_json::Value> =
+        std::fs::read_to_string(&answers_file).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(records.len(), 5);
+    assert_eq!(records[0]["id"], "a");
+    assert_eq!(records[0]["answer"].as_str().unwrap(), answer, "batched (left-padded) equals the single answer");
+    assert_eq!(records[4]["answer"], records[0]["answer"]);
+    assert!(records[0]["finish_reason"] == "length" || records[0]["finish_reason"] == "stop");
+    assert!(records[1]["error"].as_str().unwrap().contains("missing.jpg"), "{}", records[1]);
+    assert!(records[2]["error"].as_str().unwrap().contains("line 3"), "{}", records[2]);
+    assert!(records[3]["answer"].is_string() && records[3].get("error").is_none(), "{}", records[3]);
+    for d in [&dir, &folder, &dir.with_extension("export")] {
+        std::fs::remove_dir_all(d).ok();
+    }
 }

@@ -23,3 +23,19 @@ fn gpt2_untied_gelu_new_matches_transformers() {
 fn llava_matches_transformers() {
     common::llava_matches_transformers::<B>(&WgpuDevice::default());
 }
+
+/// An export (f16 weights) answers on wgpu exactly as on the CPU backend.
+#[test]
+fn export_loads_on_wgpu_with_the_cpu_answer() {
+    use burn::backend::flex::FlexDevice;
+    use llava_jp::infer::{export, Assistant, LoadOptions};
+    let dir = common::tiny_model_dir("wgpu", true);
+    let assistant = Assistant::<burn::backend::Flex>::load(&dir, &LoadOptions::default(), &FlexDevice).unwrap();
+    let out = dir.with_extension("export");
+    export(&assistant, &out, burn::tensor::DType::F16).unwrap();
+    let cpu = common::greedy_answer::<burn::backend::Flex>(&out, &FlexDevice);
+    let gpu = common::greedy_answer::<B>(&out, &WgpuDevice::default());
+    println!("cpu {cpu:?}\nwgpu {gpu:?}");
+    assert_eq!(cpu.0.len(), 8);
+    assert_eq!(cpu, gpu);
+}

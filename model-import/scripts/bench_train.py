@@ -60,7 +60,9 @@ dataloader_num_workers = 8
 ''')
 
 
-def bench(args):
+def full_size_model(max_length):
+    """LLaVA-JP v1.0's architecture (configs/llava-jp-1.3b-v1.0.json) with random weights, SDPA
+    attention and no dropout: (model, vision, projector, lm), on the CPU in f32."""
     import torch
     from transformers import CLIPVisionConfig, CLIPVisionModel, GPT2Config, GPT2LMHeadModel
     from make_fixtures import Llava
@@ -69,12 +71,19 @@ def bench(args):
     text = GPT2Config(**{k: v for k, v in config.items() if k in GPT2Config().to_dict() and k != "model_type"},
                       attn_implementation="sdpa")
     text.resid_pdrop = text.embd_pdrop = text.attn_pdrop = 0.0
-    dev = "cuda"
     torch.manual_seed(0)
     vision = CLIPVisionModel(CLIPVisionConfig(**vc, attn_implementation="sdpa"))
-    projector = torch.nn.Sequential(torch.nn.Linear(1024, 2048), torch.nn.GELU(), torch.nn.Linear(2048, 2048))
+    d_v, d_t = vc["hidden_size"], text.n_embd
+    projector = torch.nn.Sequential(torch.nn.Linear(d_v, d_t), torch.nn.GELU(), torch.nn.Linear(d_t, d_t))
     lm = GPT2LMHeadModel(text)
-    model = Llava(vision, projector, lm, -2, False, args.seq).to(dev)
+    return Llava(vision, projector, lm, -2, False, max_length), vision, projector, lm
+
+
+def bench(args):
+    import torch
+    dev = "cuda"
+    model, vision, projector, lm = full_size_model(args.seq)
+    model = model.to(dev)
     for p in model.parameters():
         p.requires_grad_(False)
     trained = list(projector.parameters()) + (list(lm.parameters()) if args.stage == 2 else [])

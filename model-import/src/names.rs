@@ -27,6 +27,8 @@ pub enum Layout {
     Projector(ProjectorLayout),
     /// A whole LLaVA-JP checkpoint into our LLaVA model.
     LlavaJp(ProjectorLayout),
+    /// One of our own checkpoints: stored names are our module paths.
+    Native,
 }
 
 /// The prefix under which a LLaVA-JP checkpoint stores the CLIP tower.
@@ -55,6 +57,7 @@ impl Layout {
                 .into_iter()
                 .flat_map(|k| [format!("{LLAVA_PROJECTOR_PREFIX}{k}"), format!("mm_projector.{k}")])
                 .collect(),
+            Layout::Native => vec![path.to_string()],
             Layout::LlavaJp(p) => {
                 if let Some(rest) = path.strip_prefix("vision_tower.") {
                     let mut keys = vec![format!("{LLAVA_VISION_PREFIX}{rest}")];
@@ -93,7 +96,7 @@ impl Layout {
             Layout::LlavaJp(_) => {
                 buffer || tied_head || key.starts_with("model.transformer.") || key == "model.lm_head.weight"
             }
-            Layout::Projector(_) => false,
+            Layout::Projector(_) | Layout::Native => false,
         }
     }
 }

@@ -1,3 +1,4 @@
 //! Subcommands of the `llava-jp` binary that are more than a few lines.
+pub mod chat;
 pub mod data;
 pub mod train;

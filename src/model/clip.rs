@@ -172,6 +172,17 @@ impl<B: Backend> ClipVisionModel<B> {
         self.vision_model.encoder.layers.len()
     }
 
+    /// Patches per image: the position table less the CLS position.
+    pub fn num_patches(&self) -> usize {
+        self.vision_model.embeddings.position_embedding.weight.dims()[0] - 1
+    }
+
+    /// Side of the square images the tower takes.
+    pub fn image_size(&self) -> usize {
+        let side = (self.num_patches() as f64).sqrt().round() as usize;
+        side * self.vision_model.embeddings.patch_size
+    }
+
     /// Runs the tower up to hidden state `upto` (0 = embeddings, `num_layers()` = last layer)
     /// and returns every hidden state on the way; later layers are not computed.
     pub fn forward(&self, pixel_values: Tensor<B, 4>, upto: usize) -> ClipVisionOutput<B> {

@@ -227,8 +227,7 @@ impl<B: Backend> LlavaModel<B> {
         key_valid: Tensor<B, 2, Bool>,
         cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
-        let hidden = self.transformer.forward(inputs_embeds, position_ids, key_valid, cache);
-        lm_logits(&self.transformer, self.lm_head.as_ref(), hidden)
+        self.logits(self.transformer.forward(inputs_embeds, position_ids, key_valid, cache))
     }
 
     /// Logits and, when the samples carry labels, the loss: the whole training forward.
@@ -238,6 +237,16 @@ impl<B: Backend> LlavaModel<B> {
         let logits = self.forward_embeds(batch.inputs_embeds, batch.position_ids, batch.key_valid, None);
         let loss = batch.labels.as_ref().map(|labels| shifted_cross_entropy(logits.clone(), labels));
         LlavaOutput { logits, loss }
+    }
+
+    /// Logits of the hidden states the language model returned (`ln_f`'s output).
+    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        lm_logits(&self.transformer, self.lm_head.as_ref(), hidden)
+    }
+
+    /// Tokens each image takes in the spliced sequence.
+    pub fn image_tokens(&self) -> usize {
+        self.vision_tower.num_patches() + usize::from(self.keep_cls)
     }
 
     pub fn new_cache(&self) -> KvCache<B> {

@@ -167,3 +167,51 @@ pub fn sharded_checkpoints_load<B: Backend>(device: &B::Device) {
     assert!(err.contains("model-00002-of-00002.safetensors"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The real llm-jp v2.1 tokenizer of `../shared` (or `LLAVA_JP_TOKENIZER`).
+pub fn tokenizer_path() -> PathBuf {
+    std::env::var_os("LLAVA_JP_TOKENIZER").map(PathBuf::from).unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/llm-jp-tokenizer-v2.1/tokenizer.json")
+    })
+}
+
+/// A model directory of ours as training leaves it (random tiny model whose vocabulary fits
+/// llm-jp's tokenizer, `model.safetensors` under module paths, `config.json`), with the
+/// tokenizer copied in when `with_tokenizer`. Built on the CPU backend with a fixed seed.
+pub fn tiny_model_dir(name: &str, with_tokenizer: bool) -> PathBuf {
+    use burn::backend::flex::FlexDevice;
+    let dir = std::env::temp_dir().join(format!("llava-jp-model-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = serde_json::json!({
+        "model_type": "llava", "vocab_size": 50570, "n_positions": 128, "n_embd": 32, "n_layer": 2, "n_head": 4,
+        "activation_function": "gelu", "tie_word_embeddings": true, "bos_token_id": 7, "eos_token_id": 7,
+        "mm_vision_tower": "tiny-clip", "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2,
+        "tokenizer_model_max_length": 96,
+        "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                          "image_size": 28, "patch_size": 7, "hidden_act": "quick_gelu"}
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let config = llava_jp::config::LlavaConfig::from_file(dir.join("config.json")).unwrap();
+    <burn::backend::Flex as Backend>::seed(&FlexDevice, 17);
+    let model = llava_jp::model::LlavaModel::<burn::backend::Flex>::new(&config, &FlexDevice);
+    llava_jp::train::checkpoint::save_model(&model, &dir.join("model.safetensors")).unwrap();
+    if with_tokenizer {
+        std::fs::copy(tokenizer_path(), dir.join("tokenizer.json")).unwrap();
+    }
+    dir
+}
+
+/// Greedy answer tokens of the model in `dir` on backend `B` for one question about the
+/// fixture horse, and the answer text.
+pub fn greedy_answer<B: Backend>(dir: &Path, device: &B::Device) -> (Vec<i64>, String) {
+    use llava_jp::infer::{Assistant, Conversation, GenerationConfig, LoadOptions};
+    let assistant = Assistant::<B>::load(dir, &LoadOptions::default(), device).unwrap();
+    let image = assistant.load_image(&fixture("images/horse.png")).unwrap();
+    let conversation = Conversation { history: vec![], image: Some(image) };
+    let prompt = assistant.prompt(&conversation, "この画像について説明してください。").unwrap();
+    let config = GenerationConfig { max_new_tokens: 8, eos_token_id: None, ..GenerationConfig::default() };
+    let (mut answers, _) = assistant.answer(&[prompt], &config, &mut |_, _| {}).unwrap();
+    let (generated, text) = answers.pop().unwrap();
+    (generated.tokens, text)
+}

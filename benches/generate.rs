@@ -1,0 +1,115 @@
+//! Generation speed: time to first token (image encoding + prefill) and decode tokens per second,
+//! at batch 1 and batch 8, on each backend asked for. Random weights of the given config (the
+//! speed does not depend on their values); greedy, no eos, so every run generates the same
+//! number of tokens. The same work in transformers: `model-import/scripts/bench_generate.py`;
+//! both on the GPU machine: `model-import/scripts/gpu_bench_generate.sh`.
+//!
+//!     cargo bench --bench generate [-- --config configs/tiny.json --backends flex,wgpu
+//!         --dtype f32 --batches 1,8 --text-tokens 8 --new-tokens 16 --runs 3]
+//!
+//! Prints one JSON line per (backend, batch): medians over `--runs` after one warm-up run.
+use std::path::PathBuf;
+use std::time::Duration;
+
+use burn::prelude::Backend;
+use llava_jp::backend::{dispatch, BackendJob, BackendKind, FloatType};
+use llava_jp::config::LlavaConfig;
+use llava_jp::infer::{generate, GenerationConfig, Prompt};
+use llava_jp::model::{LlavaModel, IMAGE_TOKEN_INDEX};
+
+struct Settings {
+    config: PathBuf,
+    batches: Vec<usize>,
+    text_tokens: usize,
+    new_tokens: usize,
+    runs: usize,
+    dtype: FloatType,
+}
+
+struct BenchJob<'a>(&'a Settings, BackendKind);
+
+impl BackendJob for BenchJob<'_> {
+    type Output = ();
+    fn run<B: Backend>(self, device: B::Device) {
+        let (s, backend) = (self.0, self.1);
+        let config = LlavaConfig::from_file(&s.config).expect("model config");
+        B::seed(&device, 0);
+        let model = LlavaModel::<B>::new(&config, &device);
+        let size = model.vision_tower.image_size();
+        let vocab = config.text.vocab_size as i64;
+        // Prompts of different lengths (as a batch of real questions has), one image each.
+        let prompt = |i: usize| {
+            let n = s.text_tokens + (i * 3) % (s.text_tokens / 2 + 1);
+            let mut ids: Vec<i64> = (0..n).map(|k| 8 + ((k * 7919 + i * 104729) as i64 % (vocab - 8))).collect();
+            ids.insert(1.min(n), IMAGE_TOKEN_INDEX);
+            let pixels = (0..3 * size * size).map(|k| ((k + i) % 255) as f32 / 128.0 - 1.0).collect();
+            Prompt { input_ids: ids, images: vec![pixels], seed: None }
+        };
+        let gen = GenerationConfig { max_new_tokens: s.new_tokens, eos_token_id: None, ..GenerationConfig::default() };
+        for &batch in &s.batches {
+            let prompts: Vec<Prompt> = (0..batch).map(prompt).collect();
+            let warm = GenerationConfig { max_new_tokens: s.new_tokens.min(4), ..gen.clone() };
+            generate(&model, &prompts, &warm, None, &mut |_, _| {}).expect("warm-up");
+            let mut ttft = Vec::new();
+            let mut decode = Vec::new();
+            let mut prompt_tokens = 0;
+            for _ in 0..s.runs {
+                let (out, stats) = generate(&model, &prompts, &gen, None, &mut |_, _| {}).expect("generation");
+                prompt_tokens = out.iter().map(|g| g.prompt_tokens).max().unwrap_or(0);
+                ttft.push(stats.time_to_first_token);
+                // Every prompt advances one token per decode step.
+                decode.push((batch * stats.decode_steps) as f64 / stats.decode.as_secs_f64().max(1e-9));
+            }
+            let line = serde_json::json!({
+                "side": "ours", "backend": backend.to_string(), "dtype": s.dtype.to_string(),
+                "config": s.config.display().to_string(), "batch": batch, "prompt_tokens": prompt_tokens,
+                "new_tokens": s.new_tokens, "ttft_ms": median_ms(&ttft),
+                "decode_tokens_per_s": median(&mut decode), "runs": s.runs,
+            });
+            println!("{line}");
+        }
+    }
+}
+
+fn median_ms(v: &[Duration]) -> f64 {
+    let mut ms: Vec<f64> = v.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+    median(&mut ms)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let mut s = Settings {
+        config: root.join("configs/tiny.json"),
+        batches: vec![1, 8],
+        text_tokens: 8,
+        new_tokens: 16,
+        runs: 3,
+        dtype: FloatType::F32,
+    };
+    let mut backends = vec![BackendKind::Flex, BackendKind::Wgpu];
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = || args.next().unwrap_or_else(|| panic!("{a} needs a value"));
+        match a.as_str() {
+            "--config" => s.config = value().into(),
+            "--backends" => backends = value().split(',').map(|b| b.parse().expect("backend")).collect(),
+            "--dtype" => s.dtype = value().parse().expect("dtype"),
+            "--batches" => s.batches = value().split(',').map(|b| b.parse().expect("batch")).collect(),
+            "--text-tokens" => s.text_tokens = value().parse().expect("count"),
+            "--new-tokens" => s.new_tokens = value().parse().expect("count"),
+            "--runs" => s.runs = value().parse().expect("count"),
+            "--bench" => {}
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    for backend in backends {
+        if let Err(e) = dispatch(backend, s.dtype, BenchJob(&s, backend)) {
+            eprintln!("{backend}: skipped: {e}");
+        }
+    }
+}
