@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod config;
 pub mod data;
+pub mod demo;
 pub mod infer;
 pub mod model;
 pub mod parity;

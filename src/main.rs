@@ -44,6 +44,14 @@ enum Command {
     },
     /// Train stage 1 (projector) or stage 2 (projector + LLM) from a TOML config.
     Train(cli::train::TrainArgs),
+    /// The whole pipeline on the CPU in minutes: synthetic Japanese visual QA data, a tokenizer,
+    /// both training stages, held-out evaluation, an exported model to chat with.
+    Demo(cli::demo::DemoArgs),
+    /// Write the demo's synthetic Japanese visual QA dataset (LLaVA format + images).
+    Synth(cli::demo::SynthArgs),
+    /// Train a tokenizer in llm-jp's form (Unigram, byte fallback, its special ids) on texts.
+    #[command(name = "train-tokenizer")]
+    TrainTokenizer(cli::demo::TrainTokenizerArgs),
     /// Ask about an image: one question (--prompt), a conversation on standard input, or a JSONL
     /// file of questions (--questions) answered in batches.
     Chat(cli::chat::ChatArgs),
@@ -90,6 +98,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Convert(command) => cli::data::convert(command),
         Command::Train(args) => cli::train::run(args),
         Command::Chat(args) => cli::chat::chat(args),
+        Command::Demo(args) => cli::demo::demo(args),
+        Command::Synth(args) => cli::demo::synth(args),
+        Command::TrainTokenizer(args) => cli::demo::train_tokenizer(args),
         Command::Export(args) => cli::chat::export_model(args),
         Command::MergeLora { checkpoint, out } => {
             llava_jp::train::lora::merge_lora_checkpoint::<burn::backend::Flex>(&checkpoint, &out, &Default::default())?;

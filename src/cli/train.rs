@@ -24,10 +24,10 @@ pub struct TrainArgs {
     pub backend: BackendKind,
 }
 
-struct TrainJob {
-    config: TrainConfig,
-    resume: Option<PathBuf>,
-    control: TrainControl,
+pub struct TrainJob {
+    pub config: TrainConfig,
+    pub resume: Option<PathBuf>,
+    pub control: TrainControl,
 }
 
 impl AutodiffJob for TrainJob {

@@ -9,6 +9,7 @@ pub mod image;
 pub mod loader;
 pub mod preprocess;
 pub mod tokenizer;
+pub mod tokenizer_train;
 
 pub use conversation::{SeparatorStyle, Template};
 pub use dataset::{BadSamplePolicy, DataReport, Example, LlavaDataset, Problem, Record, Rejection, SampleBuilder};
