@@ -118,18 +118,29 @@ pub fn apply_stage<B: Backend>(mut model: LlavaModel<B>, cfg: &TrainConfig) -> L
     model
 }
 
-/// Our model file at `path`: a checkpoint or export directory, or a run directory (its latest
-/// checkpoint). `None` for anything else (a reference checkpoint, a projector file).
+/// Our model file at `path`: a checkpoint directory (or a merged LoRA model), or a run directory
+/// (its latest checkpoint). `None` for anything else (a reference checkpoint, an export, which
+/// uses the reference's names, a projector file).
 pub fn our_model_file(path: &Path) -> Option<PathBuf> {
     native_model_file(path).or_else(|| latest(path).and_then(|d| native_model_file(&d)))
 }
 
-/// The model file of one of our checkpoints or exports (module paths as names), if `dir` holds one.
+/// The model file of one of our checkpoints (module paths as names), if `dir` holds one. Only
+/// the safetensors header is read, not the (possibly gigabytes of) weights.
 pub fn native_model_file(dir: &Path) -> Option<PathBuf> {
+    use std::io::Read;
     let file = dir.join("model.safetensors");
-    let bytes = std::fs::read(&file).ok()?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).ok()?;
-    meta.tensors().keys().any(|k| k.starts_with("vision_tower.") || k.starts_with("mm_projector.")).then_some(file)
+    let mut reader = std::fs::File::open(&file).ok()?;
+    let mut len = [0u8; 8];
+    reader.read_exact(&mut len).ok()?;
+    let len = u64::from_le_bytes(len);
+    if len > 100 << 20 {
+        return None;
+    }
+    let mut header = vec![0u8; len as usize];
+    reader.read_exact(&mut header).ok()?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header).ok()?;
+    header.keys().any(|k| k.starts_with("vision_tower.") || k.starts_with("mm_projector.")).then_some(file)
 }
 
 /// The model a run starts from: a whole checkpoint (ours or a reference one), or parts.
