@@ -169,3 +169,51 @@ fn export_then_chat_one_question_a_conversation_and_a_questions_file() {
         std::fs::remove_dir_all(d).ok();
     }
 }
+
+/// The README's main command, shortened: data, tokenizer, both stages, held-out evaluation and
+/// export, then `chat` on the model directory it leaves.
+#[test]
+fn the_quick_demo_learns_to_see_and_chat_answers_from_its_model() {
+    use llava_jp::demo::synth::{QuestionType, COLOURS};
+    let out = std::env::temp_dir().join(format!("llava-jp-cli-demo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let out_arg = out.display().to_string();
+    let (ok, text) = llava_jp(&["demo", "--quick", "--out", &out_arg]);
+    assert!(ok, "{text}");
+    for written in ["run-stage1/loss.png", "run-stage2/loss.png", "stage2.toml", "model/model.safetensors", "model/tokenizer.json"] {
+        assert!(out.join(written).is_file(), "{written} missing:\n{text}");
+    }
+    assert!(text.contains("Held-out exact match per question type"), "{text}");
+
+    // Accuracy per question type from the answers file, against guessing.
+    let mut tally: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
+    let answers = std::fs::read_to_string(out.join("eval.jsonl")).unwrap();
+    for line in answers.lines() {
+        let r: serde_json::Value = serde_json::from_str(line).unwrap();
+        let t = tally.entry(r["type"].as_str().unwrap().to_string()).or_default();
+        t.0 += usize::from(r["correct"].as_bool().unwrap());
+        t.1 += 1;
+    }
+    let accuracy = |t: QuestionType| {
+        let (right, all) = tally[t.name()];
+        right as f64 / all as f64
+    };
+    let report: Vec<String> = QuestionType::ALL.iter().map(|&t| format!("{} {:.2}", t.name(), accuracy(t))).collect();
+    // Colour is what a short run learns first; together the types are far above guessing.
+    assert!(accuracy(QuestionType::Colour) >= QUICK_COLOUR, "{report:?}\n{text}");
+    let mean: f64 = QuestionType::ALL.iter().map(|&t| accuracy(t)).sum::<f64>() / 5.0;
+    let chance: f64 = QuestionType::ALL.iter().map(|&t| 1.0 / t.choices() as f64).sum::<f64>() / 5.0;
+    assert!(mean >= 2.0 * chance, "mean accuracy {mean:.2} vs chance {chance:.2}: {report:?}");
+
+    // `chat` answers from the exported directory with a colour, as trained.
+    let first: serde_json::Value = serde_json::from_str(answers.lines().next().unwrap()).unwrap();
+    let image = first["image"].as_str().unwrap();
+    let model = out.join("model").display().to_string();
+    let (ok, said) = llava_jp(&["chat", "--model", &model, "--image", image, "--prompt", "何色ですか？", "--temperature", "0"]);
+    assert!(ok, "{said}");
+    let said = said.lines().next().unwrap_or("").trim().to_string();
+    assert!(COLOURS.iter().any(|c| said == format!("{}です。", c.0)), "chat said {said:?}");
+    std::fs::remove_dir_all(&out).ok();
+}
+
+const QUICK_COLOUR: f64 = 0.8;

@@ -50,7 +50,8 @@ pub struct SynthArgs {
     pub train_images: usize,
     #[arg(long, default_value_t = 150)]
     pub eval_images: usize,
-    #[arg(long, default_value_t = 48)]
+    /// Side of the pictures in pixels (the demo model's tower takes 32).
+    #[arg(long, default_value_t = 32)]
     pub image_size: u32,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
@@ -145,15 +146,18 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
     prepare_out(out)?;
     let paths = DemoPaths::new(out);
 
+    let model_config = out.join("model-config.json");
+    std::fs::write(&model_config, MODEL_CONFIG)?;
+    let config = llava_jp::config::LlavaConfig::from_file(&model_config)?;
+
     eprintln!("[1/5] synthetic Japanese visual QA data ({} training pictures, {} held out)", plan.train_images, plan.eval_images);
-    let synth_config = SynthConfig { train_images: plan.train_images, eval_images: plan.eval_images, image_size: 48, seed: plan.seed };
+    // Pictures are drawn at the tower's input size, so that preprocessing does not resample them.
+    let image_size = config.vision().image_size as u32;
+    let synth_config = SynthConfig { train_images: plan.train_images, eval_images: plan.eval_images, image_size, seed: plan.seed };
     let ds = synth::write_dataset(&paths.data, &synth_config, &mut |d, t| bar("pictures", d, t))?;
 
     eprintln!("[2/5] tokenizer (Unigram, byte fallback, llm-jp's special ids)");
     let (tokenizer, size) = write_tokenizer(&paths.tokenizer, &synth::corpus(), DEMO_VOCAB)?;
-    let model_config = out.join("model-config.json");
-    std::fs::write(&model_config, MODEL_CONFIG)?;
-    let config = llava_jp::config::LlavaConfig::from_file(&model_config)?;
     anyhow::ensure!(size <= config.text.vocab_size, "the tokenizer has {size} tokens, the model config {}", config.text.vocab_size);
     eprintln!("  {size} tokens: {}", tokenizer.display());
 

@@ -61,6 +61,11 @@ impl TextTokenizer {
         self.inner.token_to_id(token).map(i64::from)
     }
 
+    /// The piece an id stands for.
+    pub fn id_to_token(&self, id: i64) -> Option<String> {
+        u32::try_from(id).ok().and_then(|id| self.inner.id_to_token(id))
+    }
+
     /// `tokenizer(text).input_ids`: the post-processor's special tokens included.
     pub fn encode(&self, text: &str) -> Result<Vec<i64>, TokenizerError> {
         let encoding = self

@@ -21,6 +21,25 @@ fn normalise(text: &str) -> String {
     format!("\u{2581}{}", text.replace(' ', "\u{2581}"))
 }
 
+/// A normalised text cut after each `。`, `、`, `？` and `:`, and at each `▁` (left out).
+fn clauses(text: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for (i, c) in text.char_indices() {
+        let end = i + c.len_utf8();
+        if c == '\u{2581}' {
+            out.push(&text[start..i]);
+            start = end;
+        } else if matches!(c, '。' | '、' | '？' | ':') {
+            out.push(&text[start..end]);
+            start = end;
+        }
+    }
+    out.push(&text[start..]);
+    out.retain(|c| !c.is_empty());
+    out
+}
+
 /// A `tokenizer.json` (as JSON) trained on `texts`, with at most `vocab_size` tokens in all
 /// (8 special, 256 byte-fallback, the rest learnt pieces).
 pub fn train_tokenizer(texts: &[String], vocab_size: usize) -> Result<serde_json::Value, String> {
@@ -28,10 +47,15 @@ pub fn train_tokenizer(texts: &[String], vocab_size: usize) -> Result<serde_json
     if vocab_size <= reserved + 16 {
         return Err(format!("vocab_size {vocab_size} leaves no room for learnt pieces beside {reserved} special and byte tokens"));
     }
-    let normalised: Vec<String> = texts.iter().filter(|t| !t.is_empty()).map(|t| normalise(t)).collect();
+    let mut normalised: Vec<String> = texts.iter().filter(|t| !t.is_empty()).map(|t| normalise(t)).collect();
     if normalised.is_empty() {
         return Err("the corpus is empty".into());
     }
+    // The trainer seeds its pieces with substrings shared by distinct texts, so a phrase that
+    // only ever occurs inside the same long text (a template's system message) would stay
+    // spelt out character by character; its clauses, fed as texts of their own, become pieces.
+    let clauses: Vec<String> = normalised.iter().flat_map(|t| clauses(t)).map(str::to_owned).collect();
+    normalised.extend(clauses);
     let mut trainer = UnigramTrainer::builder()
         .show_progress(false)
         .vocab_size((vocab_size - reserved) as u32)
@@ -43,7 +67,16 @@ pub fn train_tokenizer(texts: &[String], vocab_size: usize) -> Result<serde_json
     trainer.train(&mut model).map_err(|e| e.to_string())?;
 
     let mut vocab: Vec<serde_json::Value> = SPECIAL_TOKENS.iter().map(|t| serde_json::json!([t, 0.0])).collect();
-    let learnt: Vec<(String, f64)> = model.iter().filter(|(p, _)| !SPECIAL_TOKENS.contains(&p.as_str())).map(|(p, s)| (p.clone(), *s)).collect();
+    // A space (`▁`) is always a token of its own. A generation prompt ends with the space after
+    // "システム:", so the answer's first piece must not have been learnt with that space glued
+    // on ("▁赤です。"), or the model never saw the prompt's lone "▁" before an answer; and the
+    // reference's label masking (each "... システム: " tokenized alone) lines up only if the
+    // space never merges with what precedes it either.
+    let learnt: Vec<(String, f64)> = model
+        .iter()
+        .filter(|(p, _)| !SPECIAL_TOKENS.contains(&p.as_str()) && (p == "\u{2581}" || !p.contains('\u{2581}')))
+        .map(|(p, s)| (p.clone(), *s))
+        .collect();
     let lowest = learnt.iter().map(|(_, s)| *s).fold(0.0f64, f64::min);
     vocab.extend(learnt.iter().map(|(p, s)| serde_json::json!([p, s])));
     // Byte pieces are only reached by fallback; scored below every learnt piece.

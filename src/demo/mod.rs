@@ -8,8 +8,8 @@ pub mod synth;
 
 use std::path::{Path, PathBuf};
 
-/// The demo's model: tiny CLIP (48-pixel images, one 16-pixel patch per grid cell: 9 image
-/// tokens) + projector + tiny GPT-2.
+/// The demo's model: tiny CLIP (32-pixel pictures in 8-pixel patches: 16 image tokens, 2x2 per
+/// grid cell) + projector + tiny GPT-2 (128 wide, 2 layers).
 pub const MODEL_CONFIG: &str = include_str!("../../configs/demo.json");
 
 /// How big a demo run is.
@@ -46,7 +46,7 @@ pub fn stage_config(
     plan: &DemoPlan,
 ) -> anyhow::Result<crate::train::TrainConfig> {
     let q = |p: &Path| format!("{:?}", p.display().to_string());
-    let (template, lr, steps) = if stage == 1 { ("plain", 1e-3, plan.stage1_steps) } else { ("v1", 2e-3, plan.stage2_steps) };
+    let (template, lr, steps) = if stage == 1 { ("plain", 1e-3, plan.stage1_steps) } else { ("v1", 1e-3, plan.stage2_steps) };
     let mut text = format!(
         "# Demo stage {stage}: written by `llava-jp demo`; rerun with `llava-jp train --config <this file>`.\n\
          model_config = {model}\n\
