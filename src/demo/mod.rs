@@ -31,7 +31,7 @@ impl DemoPlan {
 
     /// The test's demo: the same pipeline, shorter.
     pub fn quick() -> Self {
-        Self { train_images: 600, eval_images: 40, stage1_steps: 20, stage2_steps: 150, batch_size: 16, seed: 42 }
+        Self { train_images: 1000, eval_images: 40, stage1_steps: 20, stage2_steps: 300, batch_size: 16, seed: 42 }
     }
 }
 
