@@ -9,6 +9,7 @@ pub mod demo;
 pub mod infer;
 pub mod model;
 pub mod parity;
+pub mod serve;
 pub mod train;
 pub mod weights;
 

@@ -58,6 +58,9 @@ enum Command {
     /// Write a self-contained model directory (weights, config, tokenizer, preprocessor config)
     /// that every backend loads, wgpu included.
     Export(cli::chat::ExportArgs),
+    /// An OpenAI-compatible HTTP API (/v1/chat/completions, streamed or not) and a web page
+    /// for asking about images.
+    Serve(cli::serve::ServeArgs),
     /// Fold a LoRA run's adapters into the LLM: a plain model directory.
     MergeLora {
         /// A checkpoint of a run with lora_enable = true.
@@ -102,6 +105,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Synth(args) => cli::demo::synth(args),
         Command::TrainTokenizer(args) => cli::demo::train_tokenizer(args),
         Command::Export(args) => cli::chat::export_model(args),
+        Command::Serve(args) => cli::serve::run(args),
         Command::MergeLora { checkpoint, out } => {
             llava_jp::train::lora::merge_lora_checkpoint::<burn::backend::Flex>(&checkpoint, &out, &Default::default())?;
             println!("merged model written to {}", out.display());

@@ -25,7 +25,7 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    fn options(&self) -> LoadOptions {
+    pub fn options(&self) -> LoadOptions {
         LoadOptions { tokenizer: self.tokenizer.clone(), template: self.template.clone() }
     }
 }

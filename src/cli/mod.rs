@@ -2,4 +2,5 @@
 pub mod chat;
 pub mod data;
 pub mod demo;
+pub mod serve;
 pub mod train;

@@ -84,12 +84,17 @@ impl ImageProcessor {
     /// A truncated JPEG is an error: the decoder would fill the missing rows with grey.
     pub fn open(path: impl AsRef<Path>) -> Result<RgbImage, ImageError> {
         let path = path.as_ref();
-        let err = |message: String| ImageError::Read { path: path.display().to_string(), message };
-        let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-        if bytes.starts_with(&[0xFF, 0xD8]) && !jpeg_is_complete(&bytes) {
+        let bytes = std::fs::read(path).map_err(|e| ImageError::Read { path: path.display().to_string(), message: e.to_string() })?;
+        Self::decode(&bytes, &path.display().to_string())
+    }
+
+    /// [`open`](Self::open) for bytes in memory; `name` says where they came from in errors.
+    pub fn decode(bytes: &[u8], name: &str) -> Result<RgbImage, ImageError> {
+        let err = |message: String| ImageError::Read { path: name.to_string(), message };
+        if bytes.starts_with(&[0xFF, 0xD8]) && !jpeg_is_complete(bytes) {
             return Err(err("truncated JPEG: no end-of-image marker after the scan data".into()));
         }
-        let decoded = image::load_from_memory(&bytes).map_err(|e| err(e.to_string()))?;
+        let decoded = image::load_from_memory(bytes).map_err(|e| err(e.to_string()))?;
         Ok(decoded.to_rgb8())
     }
 

@@ -26,6 +26,9 @@ pub struct GenerationConfig {
     pub use_cache: bool,
     /// Keep each step's logits (before the penalty and the warpers) in the output.
     pub keep_logits: bool,
+    /// Set from elsewhere (a server whose client went away) to end every unfinished prompt
+    /// after the current step with [`FinishReason::Cancelled`].
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Default for GenerationConfig {
@@ -38,6 +41,7 @@ impl Default for GenerationConfig {
             seed: 0,
             use_cache: true,
             keep_logits: false,
+            cancel: None,
         }
     }
 }
@@ -61,13 +65,15 @@ pub enum FinishReason {
     Length,
     /// The model's positions ran out.
     Context,
+    /// [`GenerationConfig::cancel`] was set.
+    Cancelled,
 }
 
 impl FinishReason {
     /// OpenAI's names: `stop` or `length`.
     pub fn openai(&self) -> &'static str {
         match self {
-            Self::Eos | Self::Stop(_) => "stop",
+            Self::Eos | Self::Stop(_) | Self::Cancelled => "stop",
             Self::Length | Self::Context => "length",
         }
     }
@@ -219,6 +225,12 @@ pub fn generate<B: Backend>(
         }
         first = false;
         step += 1;
+        if config.cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
+            for (o, d) in out.iter_mut().zip(done.iter_mut()).filter(|(_, d)| !**d) {
+                o.finish = FinishReason::Cancelled;
+                *d = true;
+            }
+        }
         if done.iter().all(|&d| d) {
             break;
         }
