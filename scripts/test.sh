@@ -6,12 +6,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # wgpu needs a Vulkan driver; on a machine without a GPU, lavapipe (software Vulkan) is it.
-if ! ls /usr/share/vulkan/icd.d/*.json >/dev/null 2>&1; then
-  echo "installing Mesa's Vulkan drivers (lavapipe) for the wgpu tests"
+# The serve page's browser test needs headless Chromium, and Japanese fonts for its screenshot.
+missing=()
+ls /usr/share/vulkan/icd.d/*.json >/dev/null 2>&1 || missing+=(mesa-vulkan-drivers)
+command -v chromium >/dev/null 2>&1 || [ -n "${LLAVA_JP_CHROMIUM:-}" ] || missing+=(chromium)
+ls /usr/share/fonts/opentype/noto/NotoSansCJK* >/dev/null 2>&1 || missing+=(fonts-noto-cjk)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing ${missing[*]} for the wgpu and browser tests"
   sudo_cmd=""
   [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
   $sudo_cmd apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq mesa-vulkan-drivers >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 # One target directory outside the clone, so that every clone on this machine shares one build.

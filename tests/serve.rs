@@ -2,115 +2,18 @@
 //! tiny model, against the `chat` command's answers.
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use base64::Engine;
+use common::http::{data_url, http, post, post_stream, start, with_image, KEY};
 
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(model: &Path, extra: &[&str]) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_llava-jp"))
-        .args(["serve", "--model", model.to_str().unwrap(), "--port", "0"])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("the binary runs");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.split("http://").nth(1).and_then(|s| s.split_whitespace().next()).unwrap_or_else(|| panic!("no address in {line:?}")).to_string();
-    Server { child, addr }
-}
-
-/// One HTTP/1.1 request on its own connection; the status and the (de-chunked) body.
-fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    s.write_all(head.as_bytes()).unwrap();
-    // A refused body may be answered before it is all sent; the answer is what counts.
-    let _ = s.write_all(body);
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a header");
-    let header = String::from_utf8_lossy(&raw[..split]).to_string();
-    let status: u16 = header.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let mut rest = &raw[split + 4..];
-    let body = if header.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        let mut out = Vec::new();
-        loop {
-            let eol = rest.windows(2).position(|w| w == b"\r\n").unwrap();
-            let size = usize::from_str_radix(std::str::from_utf8(&rest[..eol]).unwrap().trim(), 16).unwrap();
-            if size == 0 {
-                break;
-            }
-            out.extend_from_slice(&rest[eol + 2..eol + 2 + size]);
-            rest = &rest[eol + 2 + size + 2..];
-        }
-        out
-    } else {
-        rest.to_vec()
-    };
-    (status, String::from_utf8(body).unwrap())
-}
-
-const KEY: &str = "test-key";
-
-fn post(addr: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
-    let (status, text) = http(addr, "POST", "/v1/chat/completions", &[("Content-Type", "application/json"), ("Authorization", &format!("Bearer {KEY}"))], body.to_string().as_bytes());
-    (status, serde_json::from_str(&text).unwrap_or_else(|_| serde_json::json!({"raw": text})))
-}
-
-/// The streamed text of a `stream: true` request, its finish reason and usage.
-fn post_stream(addr: &str, body: &serde_json::Value) -> (String, String, serde_json::Value) {
-    let (status, text) = http(addr, "POST", "/v1/chat/completions", &[("Content-Type", "application/json"), ("Authorization", &format!("Bearer {KEY}"))], body.to_string().as_bytes());
-    assert_eq!(status, 200, "{text}");
-    let events: Vec<&str> = text.split("\n\n").filter_map(|e| e.strip_prefix("data: ")).collect();
-    assert_eq!(events.last(), Some(&"[DONE]"), "{text}");
-    let mut answer = String::new();
-    let (mut finish, mut usage) = (String::new(), serde_json::Value::Null);
-    for e in &events[..events.len() - 1] {
-        let chunk: serde_json::Value = serde_json::from_str(e).unwrap();
-        assert_eq!(chunk["object"], "chat.completion.chunk", "{e}");
-        answer.push_str(chunk["choices"][0]["delta"]["content"].as_str().unwrap_or(""));
-        if let Some(f) = chunk["choices"][0]["finish_reason"].as_str() {
-            finish = f.to_string();
-        }
-        if !chunk["usage"].is_null() {
-            usage = chunk["usage"].clone();
-        }
-    }
-    (answer, finish, usage)
-}
-
-fn data_url(path: &Path) -> String {
-    let mime = if path.extension().is_some_and(|e| e == "png") { "image/png" } else { "image/jpeg" };
-    format!("data:{mime};base64,{}", base64::engine::general_purpose::STANDARD.encode(std::fs::read(path).unwrap()))
-}
-
-fn with_image(question: &str, url: &str) -> serde_json::Value {
-    serde_json::json!({"role": "user", "content": [{"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": url}}]})
-}
-
-fn chat_answer(model: &str, image: &Path, question: &str) -> String {
+fn chat_answer(model: &str, image: &Path, question: &str, max_new_tokens: usize) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_llava-jp"))
-        .args(["chat", "--model", model, "--image", image.to_str().unwrap(), "--prompt", question, "--temperature", "0", "--max-new-tokens", "6", "--repetition-penalty", "1.5"])
+        .args(["chat", "--model", model, "--image", image.to_str().unwrap(), "--prompt", question, "--temperature", "0", "--max-new-tokens", &max_new_tokens.to_string(), "--repetition-penalty", "1.5"])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -137,7 +40,7 @@ fn serve_answers_as_chat_does_streamed_or_not_concurrently_and_refuses_bad_reque
     // Greedy answers equal the chat command's, streamed and not.
     let horse = common::fixture("images/horse.png");
     let question = "この馬は何色ですか？";
-    let expected = chat_answer(&model, &horse, question);
+    let expected = chat_answer(&model, &horse, question, 6);
     assert!(!expected.trim().is_empty(), "the answer has text, so equal answers mean something: {expected:?}");
     let request = serde_json::json!({"model": "tiny", "messages": [with_image(question, &data_url(&horse))], "temperature": 0, "max_tokens": 6, "repetition_penalty": 1.5});
     let (status, reply) = post(addr, &request);
@@ -247,5 +150,172 @@ fn a_cancelled_generation_stops_after_the_current_step() {
     assert_eq!(seen, 1);
     assert_eq!(answers[0].0.finish, FinishReason::Cancelled);
     assert_eq!(answers[0].0.tokens.len(), 1);
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn many_requests_at_once_each_get_the_right_answer_and_the_load_is_measured() {
+    let dir = common::tiny_model_dir("serve-load", true);
+    let server = start(&dir, &["--api-key", KEY]);
+    let horse = common::fixture("images/horse.png");
+    let question = "この馬は何色ですか？";
+    let expected = chat_answer(&dir.display().to_string(), &horse, question, 8);
+    let body = serde_json::json!({"messages": [with_image(question, &data_url(&horse))], "temperature": 0, "max_tokens": 8, "repetition_penalty": 1.5});
+    // Bounded in count and time; `cargo bench --bench serve_load` runs the longer version.
+    for concurrency in [1, 4] {
+        let report = common::http::load(&server.addr, &body, &expected, 40, concurrency, Duration::from_secs(60));
+        println!("{report}");
+        assert!(report.latencies_ms.len() >= 10, "only {} requests answered in 60 s", report.latencies_ms.len());
+    }
+    drop(server);
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// Headless Chromium driven over the DevTools protocol, one page.
+struct Browser {
+    child: Child,
+    page: tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<TcpStream>>,
+    next_id: u64,
+    profile: PathBuf,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.profile);
+    }
+}
+
+fn chromium() -> PathBuf {
+    if let Some(path) = std::env::var_os("LLAVA_JP_CHROMIUM") {
+        return path.into();
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .flat_map(|dir| ["chromium", "chromium-browser", "google-chrome"].map(|name| dir.join(name)))
+        .find(|p| p.is_file())
+        .expect("the browser test needs headless Chromium: `apt-get install chromium fonts-noto-cjk` (scripts/test.sh installs them), or LLAVA_JP_CHROMIUM=/path/to/chrome")
+}
+
+impl Browser {
+    fn launch() -> Browser {
+        let profile = std::env::temp_dir().join(format!("llava-jp-chromium-{}", std::process::id()));
+        let mut child = Command::new(chromium())
+            .args(["--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--remote-debugging-port=0", "--window-size=1000,720", "--lang=ja"])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .arg("about:blank")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("Chromium starts");
+        // Chromium names its DevTools address on stderr; the rest of stderr is drained so it never blocks.
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                if let Some(url) = line.strip_prefix("DevTools listening on ") {
+                    let _ = tx.send(url.trim().to_string());
+                }
+            }
+        });
+        let browser_url = rx.recv_timeout(Duration::from_secs(60)).expect("Chromium printed its DevTools address within 60 s");
+        let host = browser_url.trim_start_matches("ws://").split('/').next().unwrap().to_string();
+        let (browser, _) = tungstenite::connect(browser_url.as_str()).expect("the browser's DevTools socket");
+        let mut b = Browser { child, page: browser, next_id: 0, profile };
+        let target = b.call("Target.createTarget", serde_json::json!({"url": "about:blank"}));
+        let (page, _) = tungstenite::connect(format!("ws://{host}/devtools/page/{}", target["targetId"].as_str().unwrap())).expect("the page's DevTools socket");
+        b.page = page;
+        if let tungstenite::stream::MaybeTlsStream::Plain(s) = b.page.get_mut() {
+            s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        }
+        b
+    }
+
+    /// One DevTools command and its result (events arriving meanwhile are skipped).
+    fn call(&mut self, method: &str, params: serde_json::Value) -> serde_json::Value {
+        self.next_id += 1;
+        let id = self.next_id;
+        self.page.send(tungstenite::Message::text(serde_json::json!({"id": id, "method": method, "params": params}).to_string())).unwrap();
+        loop {
+            let tungstenite::Message::Text(text) = self.page.read().unwrap_or_else(|e| panic!("{method}: {e}")) else { continue };
+            let reply: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
+            if reply["id"] == id {
+                assert!(reply["error"].is_null(), "{method}: {}", reply["error"]);
+                return reply["result"].clone();
+            }
+        }
+    }
+
+    fn eval(&mut self, js: &str) -> serde_json::Value {
+        let r = self.call("Runtime.evaluate", serde_json::json!({"expression": js, "returnByValue": true}));
+        assert!(r["exceptionDetails"].is_null(), "{js}: {}", r["exceptionDetails"]);
+        r["result"]["value"].clone()
+    }
+
+    /// Evaluates `js` until it gives something other than null or false.
+    fn wait_for(&mut self, js: &str, what: &str, limit: Duration) -> serde_json::Value {
+        let clock = Instant::now();
+        loop {
+            let v = self.eval(js);
+            if !v.is_null() && v != false {
+                return v;
+            }
+            assert!(clock.elapsed() < limit, "waited {limit:?} for {what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn press_enter(&mut self) {
+        for kind in ["keyDown", "keyUp"] {
+            self.call("Input.dispatchKeyEvent", serde_json::json!({"type": kind, "key": "Enter", "code": "Enter", "windowsVirtualKeyCode": 13, "text": "\r"}));
+        }
+    }
+}
+
+#[test]
+fn the_web_page_answers_a_question_about_a_chosen_picture_in_headless_chromium() {
+    let dir = common::tiny_model_dir("serve-browser", true);
+    let server = start(&dir, &["--api-key", KEY]);
+    let horse = common::fixture("images/horse.png");
+    let question = "この馬は何色ですか？";
+    let expected = chat_answer(&dir.display().to_string(), &horse, question, 8);
+    assert!(!expected.trim().is_empty(), "{expected:?}");
+
+    let mut b = Browser::launch();
+    b.call("Page.navigate", serde_json::json!({"url": format!("http://{}/", server.addr)}));
+    b.wait_for("document.readyState === 'complete' && !!document.getElementById('ask')", "the page", Duration::from_secs(30));
+    // The picture goes through the file input, as the file dialog would put it.
+    let input = b.call("Runtime.evaluate", serde_json::json!({"expression": "document.getElementById('file')"}))["result"]["objectId"].clone();
+    b.call("DOM.setFileInputFiles", serde_json::json!({"files": [horse.canonicalize().unwrap()], "objectId": input}));
+    b.wait_for("!!document.getElementById('preview')", "the picture's preview", Duration::from_secs(10));
+    // Greedy, 8 tokens and the chat command's repetition penalty, set on the sliders.
+    b.eval("for (const [id, v] of [['temperature', 0], ['max_tokens', 8], ['repetition_penalty', 1.5]]) { const s = document.getElementById(id); s.value = v; s.dispatchEvent(new Event('input')); }");
+    // Typed in as committed text (what an IME hands the page), then Enter.
+    b.eval("document.getElementById('api_key').focus()");
+    b.call("Input.insertText", serde_json::json!({"text": KEY}));
+    b.eval("document.getElementById('question').focus()");
+    b.call("Input.insertText", serde_json::json!({"text": question}));
+    b.press_enter();
+    let answer = b.wait_for(
+        "(() => { const e = document.querySelector('.error'); if (e) return 'ERROR ' + e.textContent; const a = document.querySelector('.assistant.done'); return a ? a.textContent : null; })()",
+        "the answer",
+        Duration::from_secs(60),
+    );
+
+    // The screenshot is kept whatever happens next: <target>/release/test-artefacts/serve-page.png.
+    let shot = b.call("Page.captureScreenshot", serde_json::json!({"format": "png"}));
+    let artefacts = Path::new(env!("CARGO_BIN_EXE_llava-jp")).parent().unwrap().join("test-artefacts");
+    std::fs::create_dir_all(&artefacts).unwrap();
+    let png = base64::engine::general_purpose::STANDARD.decode(shot["data"].as_str().unwrap()).unwrap();
+    std::fs::write(artefacts.join("serve-page.png"), &png).unwrap();
+    println!("screenshot: {}", artefacts.join("serve-page.png").display());
+    assert!(png.len() > 10_000, "a screenshot of {} bytes", png.len());
+
+    assert_eq!(answer.as_str(), Some(expected.as_str()), "the page's answer");
+    assert_eq!(b.eval("document.querySelector('.user').textContent").as_str(), Some(question), "the question as the page shows it");
+    assert_eq!(b.eval("document.getElementById('question').value").as_str(), Some(""), "the question box is cleared after answering");
+    drop(b);
+    drop(server);
     std::fs::remove_dir_all(dir).ok();
 }

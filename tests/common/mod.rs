@@ -2,6 +2,8 @@
 //! instantiates them for one backend, since device settings are global per process.
 #![allow(dead_code)]
 
+pub mod http;
+
 use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
