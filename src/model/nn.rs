@@ -125,12 +125,21 @@ impl Activation {
     pub fn forward<B: Backend, const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         match self {
             Self::QuickGelu => x.clone() * activation::sigmoid(x * 1.702),
-            Self::Gelu => activation::gelu(x),
+            Self::Gelu => gelu_erf(x),
             Self::GeluTanh => activation::gelu_approximate(x),
             Self::Relu => activation::relu(x),
             Self::Silu => activation::silu(x),
         }
     }
+}
+
+/// Exact GELU, `x · Φ(x)` with `Φ(x) = (1 + erf(x/√2)) / 2`, written out in tensor ops so that
+/// autodiff differentiates it exactly. burn 0.21's own `gelu` has an exact forward, but its
+/// default `gelu_backward` (used by ndarray, wgpu and CUDA; flex overrides it) is the derivative
+/// of the tanh approximation: gradients off by up to ~1e-3 relative, found by the backend fuzzer.
+pub fn gelu_erf<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let cdf = (x.clone() * std::f64::consts::FRAC_1_SQRT_2).erf().add_scalar(1.0).mul_scalar(0.5);
+    x * cdf
 }
 
 /// PyTorch's `nn.Linear`: weight stored `[out, in]`, as in the checkpoint.
