@@ -330,6 +330,20 @@ impl Gpt2Case {
         }
         (ids, positions, valid, width)
     }
+
+    /// The model with the case's weights, and the batch on `device`: ids, positions, validity
+    /// `[batch, width + steps]`, and the prompt width.
+    #[allow(clippy::type_complexity)]
+    fn model_and_batch<B: Backend>(&self, device: &B::Device) -> (Gpt2LmHeadModel<B>, Tensor<B, 2, Int>, Tensor<B, 2, Int>, Tensor<B, 2, Bool>, usize) {
+        let mut model = Gpt2LmHeadModel::<B>::new(&self.config(), device);
+        randomize(&mut model, self.seed, device);
+        let (ids, positions, valid, width) = self.batch();
+        let shape = [self.lengths.len(), width + self.steps];
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, shape), device);
+        let positions = Tensor::<B, 2, Int>::from_data(TensorData::new(positions, shape), device);
+        let valid = Tensor::<B, 2, Bool>::from_data(TensorData::new(valid, shape), device);
+        (model, ids, positions, valid, width)
+    }
 }
 
 fn gpt2_strategy() -> impl Strategy<Value = Gpt2Case> {
@@ -351,13 +365,7 @@ impl Property for Gpt2Property {
     }
 
     fn outputs<B: Backend>(c: &Gpt2Case, device: &B::Device) -> Result<Outputs, String> {
-        let mut model = Gpt2LmHeadModel::<B>::new(&c.config(), device);
-        randomize(&mut model, c.seed, device);
-        let (ids, positions, valid, _) = c.batch();
-        let (b, t) = (c.lengths.len(), ids.len() / c.lengths.len());
-        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, t]), device);
-        let positions = Tensor::<B, 2, Int>::from_data(TensorData::new(positions, [b, t]), device);
-        let valid = Tensor::<B, 2, Bool>::from_data(TensorData::new(valid, [b, t]), device);
+        let (model, ids, positions, valid, _) = c.model_and_batch::<B>(device);
         Ok(vec![("logits".into(), to_f32(model.forward(ids, positions, valid, None)))])
     }
 }
@@ -375,13 +383,8 @@ impl Property for DecodeProperty {
     }
 
     fn outputs<B: Backend>(c: &Gpt2Case, device: &B::Device) -> Result<Outputs, String> {
-        let mut model = Gpt2LmHeadModel::<B>::new(&c.config(), device);
-        randomize(&mut model, c.seed, device);
-        let (ids, positions, valid, width) = c.batch();
-        let (b, t) = (c.lengths.len(), ids.len() / c.lengths.len());
-        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, t]), device);
-        let positions = Tensor::<B, 2, Int>::from_data(TensorData::new(positions, [b, t]), device);
-        let valid = Tensor::<B, 2, Bool>::from_data(TensorData::new(valid, [b, t]), device);
+        let (model, ids, positions, valid, width) = c.model_and_batch::<B>(device);
+        let b = c.lengths.len();
         let full = model.forward(ids.clone(), positions.clone(), valid.clone(), None);
         let mut cache = llava_jp::model::gpt2::KvCache::new(c.layers);
         let cut = |x: Tensor<B, 2, Int>, r: std::ops::Range<usize>| x.slice([0..b, r]);
