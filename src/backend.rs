@@ -153,37 +153,54 @@ pub fn dispatch<J: BackendJob>(backend: BackendKind, dtype: FloatType, job: J) -
 }
 
 /// Work that needs gradients: runs on the autodiff version of the chosen backend, with f32
-/// parameters (mixed precision casts inside the model, see `model::nn::autocast`).
+/// parameters (mixed precision casts inside the model, see `model::nn::autocast`), on one or
+/// more devices of it (data parallelism).
 pub trait AutodiffJob {
     type Output;
-    fn run<B: burn::tensor::backend::AutodiffBackend>(self, device: B::Device) -> Self::Output;
+    fn run<B: burn::tensor::backend::AutodiffBackend>(self, devices: Vec<B::Device>) -> Self::Output;
 }
 
-/// Runs `job` on the autodiff backend over `backend`; with `checkpointing`, burn's balanced
-/// activation checkpointing (memory-bound operations recomputed in the backward pass).
-pub fn dispatch_autodiff<J: AutodiffJob>(backend: BackendKind, checkpointing: bool, job: J) -> Result<J::Output, String> {
+/// Runs `job` on the autodiff backend over `backend`, on its first `num_devices` devices (the
+/// GPUs 0.. on CUDA and wgpu; the one CPU device, shared, on flex); with `checkpointing`,
+/// burn's balanced activation checkpointing (memory-bound operations recomputed in the
+/// backward pass).
+pub fn dispatch_autodiff<J: AutodiffJob>(backend: BackendKind, checkpointing: bool, num_devices: usize, job: J) -> Result<J::Output, String> {
     #[allow(unused_variables)]
     let not_built = |feature: &str| -> Result<J::Output, String> {
         Err(format!("this binary was built without the `{feature}` feature, so the {backend} backend is unavailable"))
     };
+    if num_devices == 0 {
+        return Err("num_devices = 0: at least one device is needed".into());
+    }
     #[allow(unused_imports)]
     use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
     use burn::backend::Autodiff;
+    #[cfg(feature = "flex")]
+    let flex = || vec![burn::backend::flex::FlexDevice; num_devices];
+    #[cfg(feature = "wgpu")]
+    let wgpu = || -> Vec<burn::backend::wgpu::WgpuDevice> {
+        use burn::backend::wgpu::WgpuDevice;
+        if num_devices == 1 {
+            vec![WgpuDevice::default()]
+        } else {
+            (0..num_devices).map(WgpuDevice::DiscreteGpu).collect()
+        }
+    };
+    #[cfg(feature = "cuda")]
+    let cuda = || (0..num_devices).map(burn::backend::cuda::CudaDevice::new).collect::<Vec<_>>();
     match (backend, checkpointing) {
         #[cfg(feature = "flex")]
-        (BackendKind::Flex, false) => Ok(job.run::<Autodiff<burn::backend::Flex>>(burn::backend::flex::FlexDevice)),
+        (BackendKind::Flex, false) => Ok(job.run::<Autodiff<burn::backend::Flex>>(flex())),
         #[cfg(feature = "flex")]
-        (BackendKind::Flex, true) => Ok(job.run::<Autodiff<burn::backend::Flex, BalancedCheckpointing>>(burn::backend::flex::FlexDevice)),
+        (BackendKind::Flex, true) => Ok(job.run::<Autodiff<burn::backend::Flex, BalancedCheckpointing>>(flex())),
         #[cfg(feature = "wgpu")]
-        (BackendKind::Wgpu, false) => Ok(job.run::<Autodiff<burn::backend::Wgpu<f32>>>(burn::backend::wgpu::WgpuDevice::default())),
+        (BackendKind::Wgpu, false) => Ok(job.run::<Autodiff<burn::backend::Wgpu<f32>>>(wgpu())),
         #[cfg(feature = "wgpu")]
         (BackendKind::Wgpu, true) => Err("gradient_checkpointing is available on flex and cuda, not on wgpu".into()),
         #[cfg(feature = "cuda")]
-        (BackendKind::Cuda, false) => Ok(job.run::<Autodiff<burn::backend::Cuda<f32>>>(burn::backend::cuda::CudaDevice::default())),
+        (BackendKind::Cuda, false) => Ok(job.run::<Autodiff<burn::backend::Cuda<f32>>>(cuda())),
         #[cfg(feature = "cuda")]
-        (BackendKind::Cuda, true) => {
-            Ok(job.run::<Autodiff<burn::backend::Cuda<f32>, BalancedCheckpointing>>(burn::backend::cuda::CudaDevice::default()))
-        }
+        (BackendKind::Cuda, true) => Ok(job.run::<Autodiff<burn::backend::Cuda<f32>, BalancedCheckpointing>>(cuda())),
         #[allow(unreachable_patterns)]
         (other, _) => {
             let _ = job;

@@ -14,7 +14,12 @@
 //! - `LLAVA_JP_FUZZ_SEED`: the case generator's seed, a number or `random` (default 0, so CI
 //!   runs the same cases every time);
 //! - `LLAVA_JP_FUZZ_REPLAY`: `{"computation": .., "case": ..}` as a failure prints it: runs that
-//!   one case only.
+//!   one case only;
+//! - `LLAVA_JP_FUZZ_ONLY`: computations to run, by key (`image,matmul,attention,projector,clip,gpt2,
+//!   decode,llava,gradients`; default all), so that one process per computation can run them in
+//!   parallel;
+//! - `LLAVA_JP_FUZZ_SECONDS`: stop starting new cases after this long per computation (the
+//!   number actually run is printed), for a device with a time limit.
 //!
 //! On the GPU machine: `model-import/scripts/gpu_backend_fuzz.sh` runs the CUDA and wgpu legs.
 use std::cell::RefCell;
@@ -118,6 +123,8 @@ type Outputs = Vec<(String, Vec<f32>)>;
 
 trait Property {
     const NAME: &'static str;
+    /// A short name for `LLAVA_JP_FUZZ_ONLY`.
+    const KEY: &'static str;
     type Case: Debug + Clone + Serialize + DeserializeOwned;
     fn strategy() -> BoxedStrategy<Self::Case>;
     /// Cases per run for a leg with a default of `base` (properties that cost more take fewer).
@@ -125,6 +132,43 @@ trait Property {
         base
     }
     fn outputs<B: Backend>(case: &Self::Case, device: &B::Device) -> Result<Outputs, String>;
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct GemmCase {
+    seed: u64,
+    m: usize,
+    k: usize,
+    n: usize,
+    /// The right operand as the transposed view of an `[n, k]` tensor (as `Linear` passes its
+    /// weight), or stored `[k, n]` (as GPT-2's Conv1D does).
+    transposed: bool,
+}
+
+/// The one matrix-product route (`nn::matmul`), on both weight layouts, with small and
+/// degenerate (1-wide) dimensions drawn often.
+struct GemmProperty;
+
+impl Property for GemmProperty {
+    const NAME: &'static str = "matmul";
+    const KEY: &'static str = "matmul";
+    type Case = GemmCase;
+
+    fn strategy() -> BoxedStrategy<GemmCase> {
+        let dim = || prop_oneof![1..=4usize, 1..=130usize];
+        (any::<u64>(), dim(), dim(), dim(), any::<bool>()).prop_map(|(seed, m, k, n, transposed)| GemmCase { seed, m, k, n, transposed }).boxed()
+    }
+
+    fn outputs<B: Backend>(c: &GemmCase, device: &B::Device) -> Result<Outputs, String> {
+        let mut rng = Rng::new(c.seed, "gemm");
+        let a = tensor::<B, 2>(rng.values(c.m * c.k, 1.0), [c.m, c.k], device);
+        let b = if c.transposed {
+            tensor::<B, 2>(rng.values(c.n * c.k, 1.0), [c.n, c.k], device).transpose()
+        } else {
+            tensor::<B, 2>(rng.values(c.k * c.n, 1.0), [c.k, c.n], device)
+        };
+        Ok(vec![("product".into(), to_f32(llava_jp::model::nn::matmul(a, b)))])
+    }
 }
 
 /// `masked`: none, GPT-2's causal mask over random left padding, or random (a query always
@@ -154,6 +198,7 @@ struct AttentionProperty;
 
 impl Property for AttentionProperty {
     const NAME: &'static str = "attention";
+    const KEY: &'static str = "attention";
     type Case = AttentionCase;
 
     fn strategy() -> BoxedStrategy<AttentionCase> {
@@ -237,6 +282,7 @@ struct ClipProperty;
 
 impl Property for ClipProperty {
     const NAME: &'static str = "clip";
+    const KEY: &'static str = "clip";
     type Case = ClipCase;
 
     fn strategy() -> BoxedStrategy<ClipCase> {
@@ -267,6 +313,7 @@ struct ProjectorProperty;
 
 impl Property for ProjectorProperty {
     const NAME: &'static str = "projector";
+    const KEY: &'static str = "projector";
     type Case = ProjectorCase;
 
     fn strategy() -> BoxedStrategy<ProjectorCase> {
@@ -358,6 +405,7 @@ struct Gpt2Property;
 
 impl Property for Gpt2Property {
     const NAME: &'static str = "gpt2";
+    const KEY: &'static str = "gpt2";
     type Case = Gpt2Case;
 
     fn strategy() -> BoxedStrategy<Gpt2Case> {
@@ -376,6 +424,7 @@ struct DecodeProperty;
 
 impl Property for DecodeProperty {
     const NAME: &'static str = "kv-cached decode";
+    const KEY: &'static str = "decode";
     type Case = Gpt2Case;
 
     fn strategy() -> BoxedStrategy<Gpt2Case> {
@@ -497,6 +546,7 @@ struct LlavaProperty;
 
 impl Property for LlavaProperty {
     const NAME: &'static str = "llava forward and loss";
+    const KEY: &'static str = "llava";
     type Case = LlavaCase;
 
     fn strategy() -> BoxedStrategy<LlavaCase> {
@@ -521,6 +571,7 @@ struct GradientProperty;
 
 impl Property for GradientProperty {
     const NAME: &'static str = "training-step gradients";
+    const KEY: &'static str = "gradients";
     type Case = LlavaCase;
 
     fn strategy() -> BoxedStrategy<LlavaCase> {
@@ -586,6 +637,7 @@ struct ImageProperty;
 
 impl Property for ImageProperty {
     const NAME: &'static str = "image preprocessing";
+    const KEY: &'static str = "image";
     type Case = ImageCase;
 
     fn strategy() -> BoxedStrategy<ImageCase> {
@@ -697,6 +749,24 @@ fn env_cases(default: u32) -> u32 {
     std::env::var("LLAVA_JP_FUZZ_CASES").ok().map(|v| v.parse().expect("LLAVA_JP_FUZZ_CASES: a number of cases")).unwrap_or(default)
 }
 
+fn selected<P: Property>() -> bool {
+    match std::env::var("LLAVA_JP_FUZZ_ONLY") {
+        Ok(keys) => {
+            let keys: Vec<&str> = keys.split(',').map(str::trim).collect();
+            let known = ["image", "matmul", "attention", "projector", "clip", "gpt2", "decode", "llava", "gradients"];
+            if let Some(bad) = keys.iter().find(|k| !known.contains(k)) {
+                panic!("LLAVA_JP_FUZZ_ONLY: unknown computation `{bad}`; expected some of {known:?}");
+            }
+            keys.contains(&P::KEY)
+        }
+        Err(_) => true,
+    }
+}
+
+fn time_budget() -> Option<std::time::Duration> {
+    std::env::var("LLAVA_JP_FUZZ_SECONDS").ok().map(|v| std::time::Duration::from_secs_f64(v.parse().expect("LLAVA_JP_FUZZ_SECONDS: a number of seconds")))
+}
+
 fn generator_seed() -> u64 {
     match std::env::var("LLAVA_JP_FUZZ_SEED").as_deref() {
         Ok("random") => std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64,
@@ -735,16 +805,29 @@ fn run_property<P: Property, R: Backend, C: Backend>(leg: &Leg, r: &R::Device, c
         return;
     }
 
+    if !selected::<P>() {
+        return;
+    }
     let cases = P::cases(env_cases(leg.cases));
+    let (started, budget) = (std::time::Instant::now(), time_budget());
     let seed = generator_seed();
     let mut bytes = [0u8; 32];
     bytes[..8].copy_from_slice(&seed.to_le_bytes());
     bytes[8..8 + P::NAME.len().min(24)].copy_from_slice(&P::NAME.as_bytes()[..P::NAME.len().min(24)]);
     let config = Config { cases, failure_persistence: None, max_shrink_iters: 512, max_shrink_time: 120_000, ..Config::default() };
     let mut runner = TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &bytes));
+    let failed = std::cell::Cell::new(false);
     let seen = RefCell::new((0u32, 0.0f32, 0.0f32, 0.0f32, String::new()));
     let result = runner.run(&P::strategy(), |case| {
-        let (err, scale, ratio, output) = check(&case).map_err(TestCaseError::fail)?;
+        // Past the time budget the remaining cases are drawn but not run (nor counted); a
+        // failure's shrinking runs to the end whatever the time.
+        if budget.is_some_and(|b| started.elapsed() > b) && seen.borrow().0 > 0 && !failed.get() {
+            return Ok(());
+        }
+        let (err, scale, ratio, output) = check(&case).map_err(|e| {
+            failed.set(true);
+            TestCaseError::fail(e)
+        })?;
         let mut s = seen.borrow_mut();
         s.0 += 1;
         if ratio >= s.3 {
@@ -755,7 +838,7 @@ fn run_property<P: Property, R: Backend, C: Backend>(leg: &Leg, r: &R::Device, c
     match result {
         Ok(()) => {
             let (n, err, scale, ratio, output) = seen.into_inner();
-            println!("{:<24} {n:>4} cases  worst {err:.3e} (scale {scale:.2e}, {:>5.1}% of the tolerance) in {output}", P::NAME, ratio * 100.0);
+            println!("{:<24} {n:>4} cases in {:>5.0} s  worst {err:.3e} (scale {scale:.2e}, {:>5.1}% of the tolerance) in {output}", P::NAME, started.elapsed().as_secs_f64(), ratio * 100.0);
             worst.rows.push((P::NAME.into(), n, err, scale, ratio, output));
         }
         Err(TestError::Fail(reason, case)) => panic!(
@@ -774,6 +857,7 @@ fn run_leg<R: Backend, C: Backend>(leg: Leg, r: R::Device, c: C::Device) {
     println!("{}: {:?}, generator seed {}", leg.name, leg.tolerance, generator_seed());
     let mut worst = Worst::default();
     run_property::<ImageProperty, R, C>(&leg, &r, &c, &mut worst);
+    run_property::<GemmProperty, R, C>(&leg, &r, &c, &mut worst);
     run_property::<AttentionProperty, R, C>(&leg, &r, &c, &mut worst);
     run_property::<ProjectorProperty, R, C>(&leg, &r, &c, &mut worst);
     run_property::<ClipProperty, R, C>(&leg, &r, &c, &mut worst);
@@ -781,8 +865,8 @@ fn run_leg<R: Backend, C: Backend>(leg: Leg, r: R::Device, c: C::Device) {
     run_property::<DecodeProperty, R, C>(&leg, &r, &c, &mut worst);
     run_property::<LlavaProperty, R, C>(&leg, &r, &c, &mut worst);
     run_property::<GradientProperty, R, C>(&leg, &r, &c, &mut worst);
-    if std::env::var("LLAVA_JP_FUZZ_REPLAY").is_err() {
-        assert_eq!(worst.rows.len(), 8, "every computation ran");
+    if std::env::var("LLAVA_JP_FUZZ_REPLAY").is_err() && std::env::var("LLAVA_JP_FUZZ_ONLY").is_err() {
+        assert_eq!(worst.rows.len(), 9, "every computation ran");
     }
 }
 

@@ -143,7 +143,7 @@ fn stage1_trains_the_projector_only_and_its_loss_falls() {
     let dir = workspace("stage1");
     let cfg = config(&dir, 1, "out", &["max_steps=24"]);
     let before = initial(&cfg);
-    let outcome = train::<B>(&cfg, None, &device(), &TrainControl::default()).unwrap();
+    let outcome = train::<B>(&cfg, None, &[device()], &TrainControl::default()).unwrap();
     let losses: Vec<f64> = outcome.metrics.iter().map(|m| m.loss).collect();
     println!("stage 1 losses: {losses:?}");
     assert_eq!(losses.len(), 24);
@@ -168,7 +168,7 @@ fn stage2_trains_projector_and_llm_and_keeps_the_tower() {
     let dir = workspace("stage2");
     let cfg = config(&dir, 2, "out", &[]);
     let before = initial(&cfg);
-    let outcome = train::<B>(&cfg, None, &device(), &TrainControl::default()).unwrap();
+    let outcome = train::<B>(&cfg, None, &[device()], &TrainControl::default()).unwrap();
     let losses: Vec<f64> = outcome.metrics.iter().map(|m| m.loss).collect();
     println!("stage 2 losses: {losses:?}");
     assert!(mean(&losses[9..]) < mean(&losses[..3]) - 2.0, "loss falls: {losses:?}");
@@ -179,7 +179,7 @@ fn stage2_trains_projector_and_llm_and_keeps_the_tower() {
 
     // Stage 2 can start from a stage-1 run's projector.
     let stage1 = config(&dir, 1, "s1", &["max_steps=2"]);
-    let s1 = train::<B>(&stage1, None, &device(), &TrainControl::default()).unwrap();
+    let s1 = train::<B>(&stage1, None, &[device()], &TrainControl::default()).unwrap();
     let s1_params = trained(s1.checkpoint.as_ref().unwrap());
     let from_stage1 = config(&dir, 2, "s2", &[&format!("pretrain_mm_mlp_adapter=\"{}\"", dir.join("s1").display()), "max_steps=1"]);
     let start = initial(&from_stage1);
@@ -194,13 +194,13 @@ fn stage2_trains_projector_and_llm_and_keeps_the_tower() {
 fn a_resumed_run_repeats_the_uninterrupted_losses() {
     let _serial = serial();
     let dir = workspace("resume");
-    let full = train::<B>(&config(&dir, 2, "full", &[]), None, &device(), &TrainControl::default()).unwrap();
+    let full = train::<B>(&config(&dir, 2, "full", &[]), None, &[device()], &TrainControl::default()).unwrap();
     // The same run, "crashed" after its checkpoint at step 4 and resumed from there.
     let cfg = config(&dir, 2, "part", &[]);
-    let first = train::<B>(&cfg, None, &device(), &TrainControl::default()).unwrap();
+    let first = train::<B>(&cfg, None, &[device()], &TrainControl::default()).unwrap();
     let resumed_from = dir.join("part/checkpoint-000004");
     assert!(resumed_from.is_dir());
-    let resumed = train::<B>(&cfg, Some(&resumed_from), &device(), &TrainControl::default()).unwrap();
+    let resumed = train::<B>(&cfg, Some(&resumed_from), &[device()], &TrainControl::default()).unwrap();
     let a: Vec<(u64, f64)> = full.metrics.iter().map(|m| (m.step, m.loss)).collect();
     let b: Vec<(u64, f64)> = resumed.metrics.iter().map(|m| (m.step, m.loss)).collect();
     println!("uninterrupted {a:?}\nresumed       {b:?}");
@@ -217,7 +217,7 @@ fn a_nan_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint() {
     let dir = workspace("nan");
     let cfg = config(&dir, 2, "out", &[]);
     let control = TrainControl { poison_step: Some(6), ..Default::default() };
-    let err = match train::<B>(&cfg, None, &device(), &control) {
+    let err = match train::<B>(&cfg, None, &[device()], &control) {
         Ok(_) => panic!("a NaN loss must stop the run"),
         Err(e) => e,
     };
@@ -231,7 +231,7 @@ fn a_nan_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint() {
 
     // With on_nonfinite = skip the step is dropped and the run goes on.
     let cfg = config(&dir, 2, "skip", &["on_nonfinite=\"skip\""]);
-    let outcome = train::<B>(&cfg, None, &device(), &control).unwrap();
+    let outcome = train::<B>(&cfg, None, &[device()], &control).unwrap();
     assert_eq!(outcome.metrics.len(), 12);
     assert!(outcome.metrics[5].skipped && !outcome.metrics[6].skipped);
     assert!(trained(outcome.checkpoint.as_ref().unwrap()).values().all(|v| v.iter().all(|x| x.is_finite())));
@@ -241,8 +241,8 @@ fn a_nan_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint() {
 fn bf16_mixed_precision_follows_f32() {
     let _serial = serial();
     let dir = workspace("bf16");
-    let f32_run = train::<B>(&config(&dir, 2, "f32", &["max_steps=4", "dropout=false"]), None, &device(), &TrainControl::default()).unwrap();
-    let bf16_run = train::<B>(&config(&dir, 2, "bf16", &["max_steps=4", "dropout=false", "precision=\"bf16\""]), None, &device(), &TrainControl::default()).unwrap();
+    let f32_run = train::<B>(&config(&dir, 2, "f32", &["max_steps=4", "dropout=false"]), None, &[device()], &TrainControl::default()).unwrap();
+    let bf16_run = train::<B>(&config(&dir, 2, "bf16", &["max_steps=4", "dropout=false", "precision=\"bf16\""]), None, &[device()], &TrainControl::default()).unwrap();
     for (a, b) in f32_run.metrics.iter().zip(&bf16_run.metrics) {
         println!("step {}: f32 {:.5} bf16 {:.5}", a.step, a.loss, b.loss);
         assert!((a.loss - b.loss).abs() < 0.02 * a.loss, "step {}: f32 {} vs bf16 {}", a.step, a.loss, b.loss);
@@ -252,6 +252,43 @@ fn bf16_mixed_precision_follows_f32() {
     let bytes = std::fs::read(ckpt.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     assert!(st.tensors().iter().all(|(_, v)| v.dtype() == safetensors::Dtype::F32));
+}
+
+fn refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// Data parallelism: N replicas with one micro-batch each per step make the same run as one
+/// device accumulating N micro-batches (the same batches, the same summed gradients), also
+/// when a step has fewer micro-batches than replicas (a replica without one adds zeros).
+#[test]
+fn data_parallel_replicas_equal_accumulation_on_one_device() {
+    let _serial = serial();
+    let dir = workspace("ddp");
+    for (batch, steps) in [(1, "6"), (4, "3")] {
+        let common = [format!("per_device_train_batch_size={batch}"), format!("max_steps={steps}"), "dropout=false".into(), "save_steps=100".into()];
+        let with = |extra: &[&str]| -> Vec<String> { common.iter().cloned().chain(extra.iter().map(|s| s.to_string())).collect() };
+        let one = with(&["gradient_accumulation_steps=2"]);
+        let two = with(&["gradient_accumulation_steps=1", "num_devices=2"]);
+        let one = train::<B>(&config(&dir, 2, &format!("one-{batch}"), &refs(&one)), None, &[device()], &TrainControl::default()).unwrap();
+        let two = train::<B>(&config(&dir, 2, &format!("two-{batch}"), &refs(&two)), None, &[device(), device()], &TrainControl::default()).unwrap();
+        assert_eq!(one.metrics.len(), two.metrics.len());
+        for (a, b) in one.metrics.iter().zip(&two.metrics) {
+            println!("batch {batch} step {}: one device {:.6} (norm {:.6}), two replicas {:.6} (norm {:.6})", a.step, a.loss, a.grad_norm, b.loss, b.grad_norm);
+            assert_eq!(a.batches, b.batches, "step {}: the same micro-batches", a.step);
+            assert_eq!(a.samples, b.samples);
+            assert!((a.loss - b.loss).abs() <= 1e-5 * a.loss.abs().max(1.0), "step {}: loss {} vs {}", a.step, a.loss, b.loss);
+            assert!((a.grad_norm - b.grad_norm).abs() <= 1e-5 * a.grad_norm.max(1.0), "step {}: gradient norm {} vs {}", a.step, a.grad_norm, b.grad_norm);
+        }
+        let (wa, wb) = (trained(one.checkpoint.as_ref().unwrap()), trained(two.checkpoint.as_ref().unwrap()));
+        let worst = wa.iter().map(|(k, a)| a.iter().zip(&wb[k]).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max)).fold(0.0f32, f32::max);
+        println!("batch {batch}: largest weight difference {worst:e}");
+        assert!(worst <= 1e-5, "final weights differ by {worst}");
+    }
+    // The config and the devices handed over must agree.
+    let cfg = config(&dir, 2, "mismatch", &["num_devices=2"]);
+    let err = train::<B>(&cfg, None, &[device()], &TrainControl::default()).err().expect("one device for two replicas is refused").to_string();
+    assert!(err.contains("num_devices = 2") && err.contains("1 device"), "{err}");
 }
 
 #[test]
@@ -327,7 +364,7 @@ fn lora_training_trains_adapters_and_projector_and_merges() {
     let dir = workspace("lora");
     let cfg = config(&dir, 2, "out", &["lora_enable=true", "lora_r=4", "lora_alpha=8", "max_steps=10", "learning_rate=5e-2", "mm_projector_lr=1e-2"]);
     let before = initial(&cfg);
-    let outcome = train::<B>(&cfg, None, &device(), &TrainControl::default()).unwrap();
+    let outcome = train::<B>(&cfg, None, &[device()], &TrainControl::default()).unwrap();
     let losses: Vec<f64> = outcome.metrics.iter().map(|m| m.loss).collect();
     println!("LoRA losses: {losses:?}");
     // A random frozen LLM with rank-4 adapters: the loss moves, but not far (noise is ~0.01).
@@ -379,9 +416,9 @@ fn gradient_checkpointing_gives_the_same_run() {
     use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
     let _serial = serial();
     let dir = workspace("checkpointing");
-    let plain = train::<B>(&config(&dir, 2, "plain", &["max_steps=4"]), None, &device(), &TrainControl::default()).unwrap();
+    let plain = train::<B>(&config(&dir, 2, "plain", &["max_steps=4"]), None, &[device()], &TrainControl::default()).unwrap();
     let cfg = config(&dir, 2, "ckpt", &["max_steps=4", "gradient_checkpointing=true"]);
-    let recomputed = train::<Autodiff<Flex, BalancedCheckpointing>>(&cfg, None, &device(), &TrainControl::default()).unwrap();
+    let recomputed = train::<Autodiff<Flex, BalancedCheckpointing>>(&cfg, None, &[device()], &TrainControl::default()).unwrap();
     let a: Vec<f64> = plain.metrics.iter().map(|m| m.loss).collect();
     let b: Vec<f64> = recomputed.metrics.iter().map(|m| m.loss).collect();
     println!("plain {a:?}\nrecomputed {b:?}");

@@ -1,31 +1,52 @@
 #!/usr/bin/env bash
 # Backend differential fuzzing on the GPU machine: the CUDA legs (f32, bf16, f32 weights with
 # bf16 matrix work) and the wgpu leg on the real GPU (Vulkan), each against flex in f32, with a
-# random case generator and many cases per computation. Failures print their minimal case and
-# the command that replays it.
+# random case generator. Every (leg, computation) pair runs as its own process, all in
+# parallel, each drawing cases until its time budget is spent (most of the time goes into
+# compiling kernels for new shapes, which is CPU work). Failures print their minimal case and the
+# command that replays it; the summary lists cases run and the worst error per pair.
 #   on the development machine:
 #     cargo test --release --test backend_fuzz --no-run   # prints the test binary's path
 #     strip -o /tmp/backend-fuzz <that path> && xz -c /tmp/backend-fuzz > .dev/backend-fuzz.xz
+#     (for the wgpu leg: apt-get download libvulkan1 into .gl/)
 #   on the GPU machine (repository root, carry .dev and .gl):
-#     bash model-import/scripts/gpu_backend_fuzz.sh OUT_DIR [CASES]
-#   LEGS="cuda_f32_vs_flex ..." picks legs; SEED=N replays a generator seed (default random).
+#     bash model-import/scripts/gpu_backend_fuzz.sh OUT_DIR
+#   LEGS="cuda_f32_vs_flex ..." and ONLY="attention gpt2 ..." pick legs and computations;
+#   FUZZ_SECONDS (default 400) is each process's budget, CASES (default 1000) its case cap,
+#   SEED=N replays a generator seed (default random).
 set -uo pipefail
-out=${1:?output folder}; cases=${2:-64}
+out=${1:?output folder}
 mkdir -p "$out"
+# One log per process, kept in a scratch folder and packed into $out/logs.tgz at the end (the
+# device tool brings back only a few files).
+logs=$(mktemp -d)
 bin=/tmp/backend-fuzz
 [ -x $bin ] || { xz -dc .dev/backend-fuzz.xz > $bin && chmod +x $bin; }
-# wgpu on the H200: Vulkan loader libraries from .gl/, NVIDIA's driver as the ICD.
-if [ -d .gl ]; then
+legs=${LEGS:-cuda_f32_vs_flex cuda_bf16_vs_flex cuda_autocast_bf16_vs_flex}
+# wgpu on the H200: Vulkan loader library from .gl/, NVIDIA's driver as the ICD.
+if [ -d .gl ] && ls .gl/*.deb >/dev/null 2>&1; then
   for f in .gl/*.deb; do dpkg -x "$f" /; done
   ldconfig
   export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+  [ -z "${LEGS:-}" ] && legs="$legs wgpu_f32_vs_flex"
 fi
-export LLAVA_JP_FUZZ_CASES=$cases LLAVA_JP_FUZZ_SEED=${SEED:-random} CUBECL_AUTOTUNE_LEVEL=minimal
+export LLAVA_JP_FUZZ_CASES=${CASES:-1000} LLAVA_JP_FUZZ_SECONDS=${FUZZ_SECONDS:-400}
+export LLAVA_JP_FUZZ_SEED=${SEED:-random} CUBECL_AUTOTUNE_LEVEL=minimal RAYON_NUM_THREADS=2
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+for leg in $legs; do
+  for c in ${ONLY:-image matmul attention projector clip gpt2 decode llava gradients}; do echo "$leg $c"; done
+done | xargs -P "${JOBS:-64}" -L1 bash -c '
+  LLAVA_JP_FUZZ_ONLY=$1 timeout "${LEG_TIMEOUT:-560}" '"$bin"' "$0" --exact --include-ignored --nocapture --test-threads 1 > "'"$logs"'/$0.$1.log" 2>&1
+  echo "$0 $1 exit $?" >> "'"$logs"'/status.txt"'
+tar czf "$out/logs.tgz" -C "$logs" .
+# Failures first (minimal case and replay command), the summary last.
 status=0
-for leg in ${LEGS:-cuda_f32_vs_flex cuda_bf16_vs_flex cuda_autocast_bf16_vs_flex wgpu_f32_vs_flex}; do
-  echo "== $leg"
-  timeout "${LEG_TIMEOUT:-540}" $bin "$leg" --exact --include-ignored --nocapture --test-threads 1 2>&1 | tee "$out/$leg.log"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+for f in "$logs"/*.log; do
+  grep -q "cases in" "$f" || { status=1; echo "== $(basename "$f" .log): no result:"; grep -v "^stack\|^note:" "$f" | grep -A4 "panicked at tests\|error" | head -12; }
 done
+echo "== cases run and worst errors"
+for leg in $legs; do
+  echo "-- $leg"
+  grep -h "cases in" "$logs/$leg".*.log
+done | tee "$out/summary.txt"
 exit $status

@@ -32,8 +32,8 @@ pub struct TrainJob {
 
 impl AutodiffJob for TrainJob {
     type Output = anyhow::Result<TrainOutcome>;
-    fn run<B: burn::tensor::backend::AutodiffBackend>(self, device: B::Device) -> Self::Output {
-        train::<B>(&self.config, self.resume.as_deref(), &device, &self.control)
+    fn run<B: burn::tensor::backend::AutodiffBackend>(self, devices: Vec<B::Device>) -> Self::Output {
+        train::<B>(&self.config, self.resume.as_deref(), &devices, &self.control)
     }
 }
 
@@ -51,14 +51,15 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     })?;
     let output_dir = config.output_dir.clone();
     eprintln!(
-        "training stage {} on {} ({}), output in {}",
+        "training stage {} on {}{} ({}), output in {}",
         config.stage,
         args.backend,
+        if config.num_devices > 1 { format!(" x {} data-parallel replicas", config.num_devices) } else { String::new() },
         config.precision,
         output_dir.display()
     );
-    let checkpointing = config.gradient_checkpointing;
-    let outcome = dispatch_autodiff(args.backend, checkpointing, TrainJob { config, resume, control }).map_err(anyhow::Error::msg)??;
+    let (checkpointing, num_devices) = (config.gradient_checkpointing, config.num_devices);
+    let outcome = dispatch_autodiff(args.backend, checkpointing, num_devices, TrainJob { config, resume, control }).map_err(anyhow::Error::msg)??;
     let plot = output_dir.join("loss.png");
     llava_jp::train::plot::plot_metrics(&outcome.metrics, &plot)?;
     let last = outcome.metrics.last();

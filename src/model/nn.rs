@@ -37,6 +37,21 @@ fn compute_dtype(dtype: DType) -> Option<DType> {
 
 /// The one route for matrix products: `[m, k] x [k, n] -> [m, n]`.
 pub fn matmul<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
+    let ([m, _], [_, n]) = (a.dims(), b.dims());
+    // burn 0.21's fusion (CUDA, wgpu) may run a one-row or one-column product joined to
+    // element-wise work (a bias add, a cast) on a vector-matrix kernel that is only valid for
+    // one row and a row-major right operand: other such products come out wrong
+    // (tracel-ai/burn#5122; found by tests/backend_fuzz.rs). A zero second row or column
+    // keeps them off it, at the cost of one row or column more.
+    if m == 1 || n == 1 {
+        let a = if m == 1 { Tensor::cat(vec![a.clone(), a.zeros_like()], 0) } else { a };
+        let b = if n == 1 { Tensor::cat(vec![b.clone(), b.zeros_like()], 1) } else { b };
+        return product(a, b).slice([0..m, 0..n]);
+    }
+    product(a, b)
+}
+
+fn product<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
     let dtype = a.dtype();
     match compute_dtype(dtype) {
         Some(c) => a.cast(c).matmul(b.cast(c)).cast(dtype),

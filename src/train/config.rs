@@ -66,6 +66,12 @@ pub struct TrainConfig {
     #[serde(default)]
     pub max_steps: Option<u64>,
     pub per_device_train_batch_size: usize,
+    /// Data-parallel replicas (the first N GPUs on CUDA; threads on one device on flex, which
+    /// checks the arithmetic rather than speeding anything up): each step takes
+    /// `per_device_train_batch_size * gradient_accumulation_steps * num_devices` samples, and
+    /// the replicas' gradients are summed through burn's collective all-reduce.
+    #[serde(default = "one")]
+    pub num_devices: usize,
     #[serde(default = "one")]
     pub gradient_accumulation_steps: usize,
     pub learning_rate: f64,
@@ -214,8 +220,8 @@ impl TrainConfig {
         if !matches!(self.stage, 1 | 2) {
             return bad(format!("stage = {}: expected 1 (projector) or 2 (projector + LLM)", self.stage));
         }
-        if self.per_device_train_batch_size == 0 || self.gradient_accumulation_steps == 0 {
-            return bad("per_device_train_batch_size and gradient_accumulation_steps must be at least 1".into());
+        if self.per_device_train_batch_size == 0 || self.gradient_accumulation_steps == 0 || self.num_devices == 0 {
+            return bad("per_device_train_batch_size, gradient_accumulation_steps and num_devices must be at least 1".into());
         }
         if !(self.learning_rate > 0.0) {
             return bad(format!("learning_rate = {}: expected a positive number", self.learning_rate));

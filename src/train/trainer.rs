@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
+use burn::collective::{all_reduce, finish_collective, register, CollectiveConfig, PeerId, ReduceOperation};
 use burn::module::{ModuleMapper, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
@@ -254,7 +255,151 @@ pub fn format_duration(s: f64) -> String {
 
 /// Runs (or resumes, from `resume`: a checkpoint directory or an output directory's latest) the
 /// training `cfg` describes, on `device`.
-pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, resume: Option<&Path>, device: &B::Device, control: &TrainControl) -> anyhow::Result<TrainOutcome> {
+/// Work for one data-parallel replica in one optimizer step.
+struct ReplicaWork {
+    /// This replica's micro-batches (the step's `k`-th goes to replica `k % num_devices`).
+    micro: Vec<Batch>,
+    /// The step's micro-batch count over all replicas: each loss is divided by it, so that the
+    /// summed gradients are the mean over the step's micro-batches, as accumulation on one
+    /// device makes them.
+    micro_batches: f64,
+    /// 0-based optimizer step (the schedule's position).
+    step: u64,
+}
+
+/// Forward and backward over one replica's micro-batches: the gradients (each micro-batch's
+/// mean loss divided by `micro_batches`) and the sum of the micro-batch losses.
+fn local_gradients<B: AutodiffBackend>(
+    model: &LlavaModel<B>,
+    micro: &mut [Batch],
+    micro_batches: f64,
+    size: usize,
+    device: &B::Device,
+    poison: bool,
+) -> (GradientsParams, f64) {
+    let mut accumulator = GradientsAccumulator::<LlavaModel<B>>::new();
+    let mut loss_sum = 0.0;
+    for (k, batch) in micro.iter_mut().enumerate() {
+        let poison = poison && k == 0;
+        // The pixels go to the device once; the batch keeps its ids for the metrics.
+        let mut pixel_values = std::mem::take(&mut batch.pixel_values);
+        if poison && !pixel_values.is_empty() {
+            pixel_values[0] = f32::NAN;
+        }
+        let pixels = (batch.images > 0).then(|| Tensor::<B, 4>::from_data(TensorData::new(pixel_values, [batch.images, 3, size, size]), device));
+        let out = model.forward(&batch.samples(), pixels);
+        let mut loss = out.loss.expect("training samples carry labels");
+        if poison && batch.images == 0 {
+            loss = loss * f32::NAN;
+        }
+        loss_sum += f64::from(loss.clone().into_scalar().elem::<f32>());
+        let grads = (loss / micro_batches).backward();
+        accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
+    }
+    (accumulator.grads(), loss_sum)
+}
+
+/// Zero gradients for trainable parameters the loss did not reach on this replica (a batch
+/// without pictures leaves the projector untouched), so that every replica all-reduces the
+/// same parameters in the same order.
+fn complete_gradients<B: AutodiffBackend>(model: &LlavaModel<B>, grads: &mut GradientsParams, device: &B::Device) {
+    struct Zeros<'a, B: AutodiffBackend> {
+        grads: &'a mut GradientsParams,
+        device: &'a B::Device,
+    }
+    impl<B: AutodiffBackend> burn::module::ModuleVisitor<B> for Zeros<'_, B> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if param.is_require_grad() && self.grads.get::<B::InnerBackend, D>(param.id).is_none() {
+                let zeros = Tensor::<B::InnerBackend, D>::zeros(param.shape(), self.device);
+                self.grads.register::<B::InnerBackend, D>(param.id, zeros);
+            }
+        }
+    }
+    model.visit(&mut Zeros::<B> { grads, device });
+}
+
+/// With several replicas: the gradients and the loss sum, summed over all of them (every
+/// replica calls this once per step, in the same order).
+fn all_reduce_step<B: AutodiffBackend>(
+    peer: Option<PeerId>,
+    model: &LlavaModel<B>,
+    mut grads: GradientsParams,
+    loss_sum: f64,
+    device: &B::Device,
+) -> anyhow::Result<(GradientsParams, f64)> {
+    let Some(peer) = peer else { return Ok((grads, loss_sum)) };
+    complete_gradients(model, &mut grads, device);
+    let grads = grads.all_reduce::<B::InnerBackend>(peer, ReduceOperation::Sum).map_err(|e| anyhow::anyhow!("all-reduce of the gradients (replica {peer:?}): {e:?}"))?;
+    let loss = Tensor::<B::InnerBackend, 1>::from_data(TensorData::new(vec![loss_sum as f32], [1]), device);
+    let loss = all_reduce::<B::InnerBackend>(peer, loss.into_primitive().tensor(), ReduceOperation::Sum)
+        .map_err(|e| anyhow::anyhow!("all-reduce of the loss (replica {peer:?}): {e:?}"))?;
+    let loss = Tensor::<B::InnerBackend, 1>::from_primitive(burn::tensor::TensorPrimitive::Float(loss));
+    Ok((grads, f64::from(loss.into_scalar().elem::<f32>())))
+}
+
+/// The learning rates and clipping of step `step` (0-based).
+fn step_rates(cfg: &TrainConfig, step: u64, total_steps: u64, grad_norm: f64) -> StepRates {
+    StepRates {
+        lr: cosine_lr(cfg.learning_rate, step, total_steps, cfg.warmup_ratio),
+        projector_lr: cfg.mm_projector_lr.map(|base| cosine_lr(base, step, total_steps, cfg.warmup_ratio)),
+        grad_scale: clip_scale(grad_norm, cfg.max_grad_norm),
+    }
+}
+
+fn new_optimizer<B: Backend>(cfg: &TrainConfig) -> AdamW<B> {
+    AdamW::new(AdamWConfig { beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, epsilon: cfg.adam_epsilon, weight_decay: cfg.weight_decay })
+}
+
+/// The dropout seed of a step on a replica: it depends on the step (so a resumed run draws the
+/// same masks) and the replica (so replicas do not share masks).
+fn dropout_seed(cfg: &TrainConfig, step: u64, rank: usize) -> u64 {
+    cfg.seed.wrapping_mul(1_000_003).wrapping_add(step).wrapping_add((rank as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15))
+}
+
+/// A data-parallel replica other than the first: it receives its share of each step, joins the
+/// all-reduce, and takes the same optimizer step as every replica (the summed gradients are the
+/// same everywhere, so the weights stay equal). It ends when the first replica hangs up.
+#[allow(clippy::too_many_arguments)]
+fn replica_loop<B: AutodiffBackend>(
+    rank: usize,
+    mut model: LlavaModel<B>,
+    mut optim: AdamW<B::InnerBackend>,
+    device: B::Device,
+    cfg: TrainConfig,
+    total_steps: u64,
+    size: usize,
+    collective: CollectiveConfig,
+    work: std::sync::mpsc::Receiver<ReplicaWork>,
+) -> anyhow::Result<()> {
+    let peer = PeerId::from(rank);
+    register::<B::InnerBackend>(peer, device.clone(), collective).map_err(|e| anyhow::anyhow!("replica {rank}: joining the collective: {e:?}"))?;
+    // The autocast guard is per thread.
+    let _autocast = autocast(cfg.compute_dtype());
+    while let Ok(mut w) = work.recv() {
+        B::seed(&device, dropout_seed(&cfg, w.step, rank));
+        let (grads, loss_sum) = local_gradients(&model, &mut w.micro, w.micro_batches, size, &device, false);
+        let (grads, loss_sum) = all_reduce_step(Some(peer), &model, grads, loss_sum, &device)?;
+        let grad_norm = global_grad_norm(&model, &grads);
+        if loss_sum.is_finite() && grad_norm.is_finite() {
+            model = optim.step(model, grads, step_rates(&cfg, w.step, total_steps, grad_norm));
+        } else if cfg.on_nonfinite == "stop" {
+            break;
+        }
+    }
+    finish_collective::<B::InnerBackend>(peer).map_err(|e| anyhow::anyhow!("replica {rank}: leaving the collective: {e:?}"))
+}
+
+/// Runs (or resumes) a training run on `devices`: one, or `cfg.num_devices` data-parallel
+/// replicas, the first of which loads the data, logs and writes the checkpoints.
+pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, resume: Option<&Path>, devices: &[B::Device], control: &TrainControl) -> anyhow::Result<TrainOutcome> {
+    anyhow::ensure!(
+        devices.len() == cfg.num_devices,
+        "num_devices = {} but {} device(s) were given to the trainer",
+        cfg.num_devices,
+        devices.len()
+    );
+    let device = &devices[0];
+    let world = devices.len();
     let config = training_model_config(cfg)?;
     let resume_dir = match resume {
         None => None,
@@ -296,15 +441,10 @@ pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, resume: Option<&Path>, devic
         },
     );
     let batches_per_epoch = dataset.len().div_ceil(cfg.per_device_train_batch_size);
-    let steps_per_epoch = batches_per_epoch.div_ceil(cfg.gradient_accumulation_steps) as u64;
+    let steps_per_epoch = batches_per_epoch.div_ceil(cfg.gradient_accumulation_steps * world) as u64;
     let total_steps = cfg.max_steps.unwrap_or_else(|| (cfg.num_train_epochs * steps_per_epoch as f64).ceil() as u64).max(1);
 
-    let mut optim = AdamW::<B::InnerBackend>::new(AdamWConfig {
-        beta1: cfg.adam_beta1,
-        beta2: cfg.adam_beta2,
-        epsilon: cfg.adam_epsilon,
-        weight_decay: cfg.weight_decay,
-    });
+    let mut optim = new_optimizer::<B::InnerBackend>(cfg);
     let mut state = TrainerState { total_steps, seed: cfg.seed, ..Default::default() };
     let metrics_path = cfg.output_dir.join("metrics.jsonl");
     let mut metrics: Vec<StepMetrics> = Vec::new();
@@ -325,12 +465,35 @@ pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, resume: Option<&Path>, devic
     }
     std::fs::write(cfg.output_dir.join("train_config.toml"), cfg.to_toml())?;
 
+    let size = config.vision().image_size;
+    // Data-parallel replicas 1.. on their own threads, each with a copy of the model and of the
+    // optimizer state; replica 0 is this thread.
+    let collective = CollectiveConfig::default().with_num_devices(world);
+    let mut replicas = Vec::new();
+    for (rank, replica_device) in devices.iter().enumerate().skip(1) {
+        let mut replica_optim = new_optimizer::<B::InnerBackend>(cfg);
+        if let Some(dir) = &resume_dir {
+            let dtype = model.transformer.wte.weight.val().dtype();
+            checkpoint::load_optimizer(&mut replica_optim, &dir.join("optimizer.safetensors"), dtype, replica_device)?;
+        }
+        let replica = model.clone().fork(replica_device);
+        let (tx, rx) = std::sync::mpsc::channel::<ReplicaWork>();
+        let (cfg, replica_device, collective) = (cfg.clone(), replica_device.clone(), collective.clone());
+        let handle = std::thread::Builder::new()
+            .name(format!("replica-{rank}"))
+            .spawn(move || replica_loop::<B>(rank, replica, replica_optim, replica_device, cfg, total_steps, size, collective, rx))?;
+        replicas.push((tx, handle));
+    }
+    let peer = (world > 1).then(|| PeerId::from(0usize));
+    if let Some(peer) = peer {
+        register::<B::InnerBackend>(peer, device.clone(), collective).map_err(|e| anyhow::anyhow!("replica 0: joining the collective: {e:?}"))?;
+    }
+
     let _autocast = autocast(cfg.compute_dtype());
     let mut last_checkpoint: Option<PathBuf> = resume_dir.clone();
     let mut data_report = DataReport::default();
     let run_started = Instant::now();
     let elapsed_before = state.elapsed_s;
-    let size = config.vision().image_size;
     let accum = cfg.gradient_accumulation_steps;
     let mut interrupted = false;
     let mut steps_this_run = 0u64;
@@ -353,118 +516,131 @@ pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, resume: Option<&Path>, devic
     };
 
     let mut done = false;
-    while state.step < total_steps && !done {
-        let epoch = state.epoch;
-        let mut batches = loader.epoch(epoch, state.position);
-        let order_len = batches.order_len().max(1);
-        loop {
-            let step_started = Instant::now();
-            let mut micro: Vec<Batch> = Vec::with_capacity(accum);
-            for batch in batches.by_ref() {
-                let batch = batch.map_err(|r| anyhow::anyhow!("{r} (bad_samples = \"fail\")"))?;
-                for r in &batch.rejections {
-                    if control.progress {
-                        eprintln!("\nleft out: {r}");
+    // The loop runs in a closure so that the replicas are released however it ends.
+    let result = (|| -> anyhow::Result<()> {
+        while state.step < total_steps && !done {
+            let epoch = state.epoch;
+            let mut batches = loader.epoch(epoch, state.position);
+            let order_len = batches.order_len().max(1);
+            loop {
+                let step_started = Instant::now();
+                let mut micro: Vec<Batch> = Vec::with_capacity(accum);
+                for batch in batches.by_ref() {
+                    let batch = batch.map_err(|r| anyhow::anyhow!("{r} (bad_samples = \"fail\")"))?;
+                    for r in &batch.rejections {
+                        if control.progress {
+                            eprintln!("\nleft out: {r}");
+                        }
+                    }
+                    micro.push(batch);
+                    if micro.len() == accum * world {
+                        break;
                     }
                 }
-                micro.push(batch);
-                if micro.len() == accum {
+                if micro.is_empty() {
+                    break;
+                }
+                // Dropout masks depend on the step only, so a resumed run draws the same ones.
+                B::seed(device, dropout_seed(cfg, state.step, 0));
+                let micro_batches = micro.len() as f64;
+                let samples: usize = micro.iter().map(|b| b.len()).sum();
+                let tokens: usize = micro.iter().map(|b| spliced_tokens(b, builder.image_tokens, builder.max_length)).sum();
+                let batch_ids: Vec<Vec<String>> = micro.iter().map(|b| b.examples.iter().map(|e| e.id.clone()).collect()).collect();
+                let position = micro.last().expect("non-empty").next_position;
+                // Micro-batch k goes to replica k % world.
+                let mut shares: Vec<Vec<Batch>> = (0..world).map(|_| Vec::new()).collect();
+                for (k, batch) in micro.into_iter().enumerate() {
+                    shares[k % world].push(batch);
+                }
+                let mut own = shares.remove(0);
+                for ((tx, _), share) in replicas.iter().zip(shares) {
+                    tx.send(ReplicaWork { micro: share, micro_batches, step: state.step })
+                        .map_err(|_| anyhow::anyhow!("step {}: a data-parallel replica has stopped", state.step + 1))?;
+                }
+                let poison = control.poison_step == Some(state.step + 1);
+                let (grads, loss_sum) = local_gradients(&model, &mut own, micro_batches, size, device, poison);
+                let (grads, loss_sum) = all_reduce_step(peer, &model, grads, loss_sum, device)?;
+                let loss = loss_sum / micro_batches;
+                let grad_norm = global_grad_norm(&model, &grads);
+                let lr = cosine_lr(cfg.learning_rate, state.step, total_steps, cfg.warmup_ratio);
+                let finite = loss.is_finite() && grad_norm.is_finite();
+                if !finite && cfg.on_nonfinite == "stop" {
+                    let (what, value) = if loss.is_finite() { ("gradient norm", grad_norm) } else { ("loss", loss) };
+                    let last = last_checkpoint.as_ref().map_or("none (no checkpoint was written yet)".to_string(), |p| p.display().to_string());
+                    return Err(NonFinite { step: state.step + 1, what, value, last_checkpoint: last }.into());
+                }
+                if finite {
+                    model = optim.step(model, grads, step_rates(cfg, state.step, total_steps, grad_norm));
+                } else if control.progress {
+                    eprintln!("\nstep {}: non-finite loss or gradient ({loss}, {grad_norm}); step skipped (on_nonfinite = \"skip\")", state.step + 1);
+                }
+                state.step += 1;
+                steps_this_run += 1;
+                state.epoch = epoch;
+                state.position = position;
+                state.samples_seen += samples as u64;
+                state.tokens_seen += tokens as u64;
+                state.elapsed_s = elapsed_before + run_started.elapsed().as_secs_f64();
+                let step_s = step_started.elapsed().as_secs_f64();
+                let m = StepMetrics {
+                    step: state.step,
+                    epoch: epoch as f64 + position as f64 / order_len as f64,
+                    loss,
+                    lr,
+                    grad_norm,
+                    samples,
+                    tokens,
+                    tokens_per_s: tokens as f64 / step_s.max(1e-9),
+                    elapsed_s: state.elapsed_s,
+                    rss_mb: rss_mb(),
+                    skipped: !finite,
+                    batches: batch_ids,
+                };
+                writeln!(metrics_file, "{}", serde_json::to_string(&m)?)?;
+                if control.progress && (state.step % cfg.logging_steps.max(1) == 0 || state.step == total_steps) {
+                    let per_step = run_started.elapsed().as_secs_f64() / steps_this_run.max(1) as f64;
+                    let eta = per_step * (total_steps - state.step) as f64;
+                    eprint!("\r{}", progress_line(&m, total_steps, eta));
+                }
+                metrics.push(m);
+                let stop = control.stop.load(Ordering::SeqCst);
+                if state.step % cfg.save_steps.max(1) == 0 || state.step == total_steps || stop {
+                    last_checkpoint = Some(save(&model, &optim, &state)?);
+                }
+                if stop {
+                    interrupted = true;
+                }
+                if stop || state.step >= total_steps {
+                    done = true;
                     break;
                 }
             }
-            if micro.is_empty() {
-                break;
-            }
-            // Dropout masks depend on the step only, so a resumed run draws the same ones.
-            B::seed(device, cfg.seed.wrapping_mul(1_000_003).wrapping_add(state.step));
-            let mut accumulator = GradientsAccumulator::<LlavaModel<B>>::new();
-            let mut loss_sum = 0.0;
-            let (mut samples, mut tokens) = (0, 0);
-            let micro_batches = micro.len() as f64;
-            for (k, batch) in micro.iter_mut().enumerate() {
-                let poison = k == 0 && control.poison_step == Some(state.step + 1);
-                // The pixels go to the device once; the batch keeps its ids for the metrics.
-                let mut pixel_values = std::mem::take(&mut batch.pixel_values);
-                if poison && !pixel_values.is_empty() {
-                    pixel_values[0] = f32::NAN;
-                }
-                let pixels = (batch.images > 0)
-                    .then(|| Tensor::<B, 4>::from_data(TensorData::new(pixel_values, [batch.images, 3, size, size]), device));
-                let out = model.forward(&batch.samples(), pixels);
-                let mut loss = out.loss.expect("training samples carry labels");
-                if poison && batch.images == 0 {
-                    loss = loss * f32::NAN;
-                }
-                loss_sum += f64::from(loss.clone().into_scalar().elem::<f32>());
-                let grads = (loss / micro_batches).backward();
-                accumulator.accumulate(&model, GradientsParams::from_grads(grads, &model));
-                samples += batch.len();
-                tokens += spliced_tokens(batch, builder.image_tokens, builder.max_length);
-            }
-            let grads = accumulator.grads();
-            let loss = loss_sum / micro.len() as f64;
-            let grad_norm = global_grad_norm(&model, &grads);
-            let lr = cosine_lr(cfg.learning_rate, state.step, total_steps, cfg.warmup_ratio);
-            let position = micro.last().expect("non-empty").next_position;
-            let finite = loss.is_finite() && grad_norm.is_finite();
-            if !finite && cfg.on_nonfinite == "stop" {
-                let (what, value) = if loss.is_finite() { ("gradient norm", grad_norm) } else { ("loss", loss) };
-                let last = last_checkpoint.as_ref().map_or("none (no checkpoint was written yet)".to_string(), |p| p.display().to_string());
-                return Err(NonFinite { step: state.step + 1, what, value, last_checkpoint: last }.into());
-            }
-            if finite {
-                let projector_lr = cfg.mm_projector_lr.map(|base| cosine_lr(base, state.step, total_steps, cfg.warmup_ratio));
-                let rates = StepRates { lr, projector_lr, grad_scale: clip_scale(grad_norm, cfg.max_grad_norm) };
-                model = optim.step(model, grads, rates);
-            } else if control.progress {
-                eprintln!("\nstep {}: non-finite loss or gradient ({loss}, {grad_norm}); step skipped (on_nonfinite = \"skip\")", state.step + 1);
-            }
-            state.step += 1;
-            steps_this_run += 1;
-            state.epoch = epoch;
-            state.position = position;
-            state.samples_seen += samples as u64;
-            state.tokens_seen += tokens as u64;
-            state.elapsed_s = elapsed_before + run_started.elapsed().as_secs_f64();
-            let step_s = step_started.elapsed().as_secs_f64();
-            let m = StepMetrics {
-                step: state.step,
-                epoch: epoch as f64 + position as f64 / order_len as f64,
-                loss,
-                lr,
-                grad_norm,
-                samples,
-                tokens,
-                tokens_per_s: tokens as f64 / step_s.max(1e-9),
-                elapsed_s: state.elapsed_s,
-                rss_mb: rss_mb(),
-                skipped: !finite,
-                batches: micro.iter().map(|b| b.examples.iter().map(|e| e.id.clone()).collect()).collect(),
-            };
-            writeln!(metrics_file, "{}", serde_json::to_string(&m)?)?;
-            if control.progress && (state.step % cfg.logging_steps.max(1) == 0 || state.step == total_steps) {
-                let per_step = run_started.elapsed().as_secs_f64() / steps_this_run.max(1) as f64;
-                let eta = per_step * (total_steps - state.step) as f64;
-                eprint!("\r{}", progress_line(&m, total_steps, eta));
-            }
-            metrics.push(m);
-            let stop = control.stop.load(Ordering::SeqCst);
-            if state.step % cfg.save_steps.max(1) == 0 || state.step == total_steps || stop {
-                last_checkpoint = Some(save(&model, &optim, &state)?);
-            }
-            if stop {
-                interrupted = true;
-            }
-            if stop || state.step >= total_steps {
-                done = true;
-                break;
+            data_report.merge(&batches.report);
+            if !done {
+                state.epoch = epoch + 1;
+                state.position = 0;
             }
         }
-        data_report.merge(&batches.report);
-        if !done {
-            state.epoch = epoch + 1;
-            state.position = 0;
+        Ok(())
+    })();
+    // Hang up on the replicas (they leave the collective when their queue closes), then wait.
+    let handles: Vec<_> = replicas.into_iter().map(|(_, handle)| handle).collect();
+    let mut replica_error = None;
+    if let Some(peer) = peer {
+        if let Err(e) = finish_collective::<B::InnerBackend>(peer) {
+            replica_error = Some(anyhow::anyhow!("replica 0: leaving the collective: {e:?}"));
         }
+    }
+    for (rank, handle) in handles.into_iter().enumerate() {
+        match handle.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => replica_error = replica_error.or(Some(e)),
+            Err(_) => replica_error = replica_error.or(Some(anyhow::anyhow!("data-parallel replica {} panicked", rank + 1))),
+        }
+    }
+    result?;
+    if let Some(e) = replica_error {
+        return Err(e);
     }
     if control.progress {
         eprintln!();
