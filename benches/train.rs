@@ -10,7 +10,11 @@
 //! ones: `model-import/scripts/bench_train.py data`); without, a tiny LLaVA on coloured squares
 //! with the llm-jp tokenizer (`../shared/reference/`, or `LLAVA_JP_TOKENIZER`). The first two
 //! steps (kernel compilation, autotuning, allocator warm-up) are left out of the averages.
-//! MFU counts 6 x LLM parameters x tokens per step, the PyTorch script's formula.
+//! MFU counts 6 x LLM parameters x tokens per step, the PyTorch script's formula. Tokens are
+//! those after splicing, padding excluded; the PyTorch script's samples are all exactly
+//! `max_length` long, so compare runs whose samples fill it (the GPU script's data do), on one
+//! device (`--torch` runs PyTorch on one GPU). On CUDA a step's time is taken when its loss is
+//! read back, so work still queued then is counted in the next step.
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

@@ -824,7 +824,13 @@ fn run_property<P: Property, R: Backend, C: Backend>(leg: &Leg, r: &R::Device, c
         if budget.is_some_and(|b| started.elapsed() > b) && seen.borrow().0 > 0 && !failed.get() {
             return Ok(());
         }
-        let (err, scale, ratio, output) = check(&case).map_err(|e| {
+        // A panic on a backend is a failure like any other (and marks the run as failing, so
+        // that shrinking goes on past the time budget).
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(&case))).unwrap_or_else(|panic| {
+            let message = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
+            Err(format!("panicked: {}", message.unwrap_or_default()))
+        });
+        let (err, scale, ratio, output) = outcome.map_err(|e| {
             failed.set(true);
             TestCaseError::fail(e)
         })?;

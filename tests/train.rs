@@ -260,18 +260,35 @@ fn refs(v: &[String]) -> Vec<&str> {
 
 /// Data parallelism: N replicas with one micro-batch each per step make the same run as one
 /// device accumulating N micro-batches (the same batches, the same summed gradients), also
-/// when a step has fewer micro-batches than replicas (a replica without one adds zeros).
+/// when a step has fewer micro-batches than replicas (a replica without one adds zeros), and
+/// when no replica's batch has a picture (the projector then gets no step at all, as on one
+/// device, though its optimizer moments are not zero).
 #[test]
 fn data_parallel_replicas_equal_accumulation_on_one_device() {
     let _serial = serial();
     let dir = workspace("ddp");
-    for (batch, steps) in [(1, "6"), (4, "3")] {
-        let common = [format!("per_device_train_batch_size={batch}"), format!("max_steps={steps}"), "dropout=false".into(), "save_steps=100".into()];
+    // Two samples with a picture and six without.
+    let mut mixed: Vec<String> = std::fs::read_to_string(dir.join("qa.jsonl")).unwrap().lines().take(2).map(String::from).collect();
+    for i in 0..6 {
+        mixed.push(serde_json::json!({"id": format!("t{i}"), "conversations": [
+            {"from": "ユーザー", "value": "色の名前を一つ言ってください。"}, {"from": "システム", "value": "赤です。"}]}).to_string());
+    }
+    std::fs::write(dir.join("mixed.jsonl"), mixed.join("\n")).unwrap();
+    let mixed_data = format!("data=[\"{}\"]", dir.join("mixed.jsonl").display());
+    for (batch, steps, data) in [(1, "6", None), (4, "3", None), (1, "8", Some(mixed_data.as_str()))] {
+        let mut common = vec![format!("per_device_train_batch_size={batch}"), format!("max_steps={steps}"), "dropout=false".into(), "save_steps=100".into()];
+        if let Some(data) = data {
+            common.extend([data.to_string(), "weight_decay=0.1".into()]);
+        }
         let with = |extra: &[&str]| -> Vec<String> { common.iter().cloned().chain(extra.iter().map(|s| s.to_string())).collect() };
         let one = with(&["gradient_accumulation_steps=2"]);
         let two = with(&["gradient_accumulation_steps=1", "num_devices=2"]);
-        let one = train::<B>(&config(&dir, 2, &format!("one-{batch}"), &refs(&one)), None, &[device()], &TrainControl::default()).unwrap();
-        let two = train::<B>(&config(&dir, 2, &format!("two-{batch}"), &refs(&two)), None, &[device(), device()], &TrainControl::default()).unwrap();
+        let one = train::<B>(&config(&dir, 2, &format!("one-{batch}-{steps}"), &refs(&one)), None, &[device()], &TrainControl::default()).unwrap();
+        let two = train::<B>(&config(&dir, 2, &format!("two-{batch}-{steps}"), &refs(&two)), None, &[device(), device()], &TrainControl::default()).unwrap();
+        if data.is_some() {
+            let text_only = one.metrics.iter().filter(|m| m.batches.iter().flatten().all(|id| id.starts_with('t'))).count();
+            assert!(text_only > 0 && text_only < one.metrics.len(), "the mixed run has steps without pictures and steps with ({text_only})");
+        }
         assert_eq!(one.metrics.len(), two.metrics.len());
         for (a, b) in one.metrics.iter().zip(&two.metrics) {
             println!("batch {batch} step {}: one device {:.6} (norm {:.6}), two replicas {:.6} (norm {:.6})", a.step, a.loss, a.grad_norm, b.loss, b.grad_norm);

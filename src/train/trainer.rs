@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use burn::collective::{all_reduce, finish_collective, register, CollectiveConfig, PeerId, ReduceOperation};
+use burn::collective::{all_reduce, finish_collective, register, reset_collective, CollectiveConfig, PeerId, ReduceOperation};
 use burn::module::{ModuleMapper, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
@@ -301,21 +301,51 @@ fn local_gradients<B: AutodiffBackend>(
 
 /// Zero gradients for trainable parameters the loss did not reach on this replica (a batch
 /// without pictures leaves the projector untouched), so that every replica all-reduces the
-/// same parameters in the same order.
-fn complete_gradients<B: AutodiffBackend>(model: &LlavaModel<B>, grads: &mut GradientsParams, device: &B::Device) {
+/// same parameters in the same order; returns, per trainable parameter in module order, 1 where
+/// this replica's loss did reach it.
+fn complete_gradients<B: AutodiffBackend>(model: &LlavaModel<B>, grads: &mut GradientsParams, device: &B::Device) -> Vec<f32> {
     struct Zeros<'a, B: AutodiffBackend> {
         grads: &'a mut GradientsParams,
         device: &'a B::Device,
+        reached: Vec<f32>,
     }
     impl<B: AutodiffBackend> burn::module::ModuleVisitor<B> for Zeros<'_, B> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            if param.is_require_grad() && self.grads.get::<B::InnerBackend, D>(param.id).is_none() {
+            if !param.is_require_grad() {
+                return;
+            }
+            let reached = self.grads.get::<B::InnerBackend, D>(param.id).is_some();
+            if !reached {
                 let zeros = Tensor::<B::InnerBackend, D>::zeros(param.shape(), self.device);
                 self.grads.register::<B::InnerBackend, D>(param.id, zeros);
             }
+            self.reached.push(if reached { 1.0 } else { 0.0 });
         }
     }
-    model.visit(&mut Zeros::<B> { grads, device });
+    let mut zeros = Zeros::<B> { grads, device, reached: Vec::new() };
+    model.visit(&mut zeros);
+    zeros.reached
+}
+
+/// Removes the gradients of trainable parameters (in module order) that no replica reached, so
+/// that, as on one device, the optimizer leaves them alone (no moment update, no decay).
+fn drop_unreached<B: AutodiffBackend>(model: &LlavaModel<B>, grads: &mut GradientsParams, reached: &[f32]) {
+    struct Unreached<'a> {
+        grads: &'a mut GradientsParams,
+        reached: &'a [f32],
+        at: usize,
+    }
+    impl<B: AutodiffBackend> burn::module::ModuleVisitor<B> for Unreached<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if param.is_require_grad() {
+                if self.reached[self.at] == 0.0 {
+                    self.grads.remove::<B::InnerBackend, D>(param.id);
+                }
+                self.at += 1;
+            }
+        }
+    }
+    model.visit(&mut Unreached { grads, reached, at: 0 });
 }
 
 /// With several replicas: the gradients and the loss sum, summed over all of them (every
@@ -328,13 +358,18 @@ fn all_reduce_step<B: AutodiffBackend>(
     device: &B::Device,
 ) -> anyhow::Result<(GradientsParams, f64)> {
     let Some(peer) = peer else { return Ok((grads, loss_sum)) };
-    complete_gradients(model, &mut grads, device);
-    let grads = grads.all_reduce::<B::InnerBackend>(peer, ReduceOperation::Sum).map_err(|e| anyhow::anyhow!("all-reduce of the gradients (replica {peer:?}): {e:?}"))?;
-    let loss = Tensor::<B::InnerBackend, 1>::from_data(TensorData::new(vec![loss_sum as f32], [1]), device);
-    let loss = all_reduce::<B::InnerBackend>(peer, loss.into_primitive().tensor(), ReduceOperation::Sum)
+    let reached = complete_gradients(model, &mut grads, device);
+    let mut grads = grads.all_reduce::<B::InnerBackend>(peer, ReduceOperation::Sum).map_err(|e| anyhow::anyhow!("all-reduce of the gradients (replica {peer:?}): {e:?}"))?;
+    // One vector: the loss sum, then how many replicas reached each trainable parameter.
+    let mut values = vec![loss_sum as f32];
+    values.extend(&reached);
+    let n = values.len();
+    let summed = Tensor::<B::InnerBackend, 1>::from_data(TensorData::new(values, [n]), device);
+    let summed = all_reduce::<B::InnerBackend>(peer, summed.into_primitive().tensor(), ReduceOperation::Sum)
         .map_err(|e| anyhow::anyhow!("all-reduce of the loss (replica {peer:?}): {e:?}"))?;
-    let loss = Tensor::<B::InnerBackend, 1>::from_primitive(burn::tensor::TensorPrimitive::Float(loss));
-    Ok((grads, f64::from(loss.into_scalar().elem::<f32>())))
+    let summed: Vec<f32> = Tensor::<B::InnerBackend, 1>::from_primitive(burn::tensor::TensorPrimitive::Float(summed)).into_data().to_vec().expect("f32 values");
+    drop_unreached(model, &mut grads, &summed[1..]);
+    Ok((grads, f64::from(summed[0])))
 }
 
 /// The learning rates and clipping of step `step` (0-based).
@@ -372,6 +407,7 @@ fn replica_loop<B: AutodiffBackend>(
     work: std::sync::mpsc::Receiver<ReplicaWork>,
 ) -> anyhow::Result<()> {
     let peer = PeerId::from(rank);
+    let _release = ReleaseOnFailure::<B::InnerBackend>::new();
     register::<B::InnerBackend>(peer, device.clone(), collective).map_err(|e| anyhow::anyhow!("replica {rank}: joining the collective: {e:?}"))?;
     // The autocast guard is per thread.
     let _autocast = autocast(cfg.compute_dtype());
@@ -386,7 +422,34 @@ fn replica_loop<B: AutodiffBackend>(
             break;
         }
     }
-    finish_collective::<B::InnerBackend>(peer).map_err(|e| anyhow::anyhow!("replica {rank}: leaving the collective: {e:?}"))
+    finish_collective::<B::InnerBackend>(peer).map_err(|e| anyhow::anyhow!("replica {rank}: leaving the collective: {e:?}"))?;
+    _release.disarm();
+    Ok(())
+}
+
+/// Resets the process's collective when dropped armed (an error or a panic left this replica's
+/// loop early), so that the replicas waiting in an all-reduce for it get an error instead of
+/// waiting for ever, and a later run starts from a clean collective.
+struct ReleaseOnFailure<B: Backend> {
+    armed: std::cell::Cell<bool>,
+    backend: std::marker::PhantomData<B>,
+}
+
+impl<B: Backend> ReleaseOnFailure<B> {
+    fn new() -> Self {
+        Self { armed: std::cell::Cell::new(true), backend: std::marker::PhantomData }
+    }
+    fn disarm(&self) {
+        self.armed.set(false);
+    }
+}
+
+impl<B: Backend> Drop for ReleaseOnFailure<B> {
+    fn drop(&mut self) {
+        if self.armed.get() {
+            reset_collective::<B>();
+        }
+    }
 }
 
 /// Runs (or resumes) a training run on `devices`: one, or `cfg.num_devices` data-parallel
@@ -468,17 +531,28 @@ pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, resume: Option<&Path>, devic
     let size = config.vision().image_size;
     // Data-parallel replicas 1.. on their own threads, each with a copy of the model and of the
     // optimizer state; replica 0 is this thread.
-    let collective = CollectiveConfig::default().with_num_devices(world);
-    let mut replicas = Vec::new();
+    // Everything that can fail is done before the first thread starts.
+    let mut prepared = Vec::new();
     for (rank, replica_device) in devices.iter().enumerate().skip(1) {
         let mut replica_optim = new_optimizer::<B::InnerBackend>(cfg);
         if let Some(dir) = &resume_dir {
             let dtype = model.transformer.wte.weight.val().dtype();
             checkpoint::load_optimizer(&mut replica_optim, &dir.join("optimizer.safetensors"), dtype, replica_device)?;
         }
-        let replica = model.clone().fork(replica_device);
+        prepared.push((rank, model.clone().fork(replica_device), replica_optim, replica_device.clone()));
+    }
+    if world > 1 && cfg.dropout {
+        eprintln!(
+            "note: with {world} replicas the dropout masks come from one generator shared by the replicas' threads, so a resumed run does not repeat the same losses exactly"
+        );
+    }
+    let collective = CollectiveConfig::default().with_num_devices(world);
+    // From here on, a failure or panic on this thread resets the collective (see below).
+    let release = (world > 1).then(ReleaseOnFailure::<B::InnerBackend>::new);
+    let mut replicas = Vec::new();
+    for (rank, replica, replica_optim, replica_device) in prepared {
         let (tx, rx) = std::sync::mpsc::channel::<ReplicaWork>();
-        let (cfg, replica_device, collective) = (cfg.clone(), replica_device.clone(), collective.clone());
+        let (cfg, collective) = (cfg.clone(), collective.clone());
         let handle = std::thread::Builder::new()
             .name(format!("replica-{rank}"))
             .spawn(move || replica_loop::<B>(rank, replica, replica_optim, replica_device, cfg, total_steps, size, collective, rx))?;
@@ -624,9 +698,14 @@ pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, resume: Option<&Path>, devic
         Ok(())
     })();
     // Hang up on the replicas (they leave the collective when their queue closes), then wait.
+    // After a failure here the collective is reset first, so that replicas waiting for this
+    // one in an all-reduce return.
     let handles: Vec<_> = replicas.into_iter().map(|(_, handle)| handle).collect();
     let mut replica_error = None;
-    if let Some(peer) = peer {
+    if let (Err(_), Some(release)) = (&result, &release) {
+        release.disarm();
+        reset_collective::<B::InnerBackend>();
+    } else if let Some(peer) = peer {
         if let Err(e) = finish_collective::<B::InnerBackend>(peer) {
             replica_error = Some(anyhow::anyhow!("replica 0: leaving the collective: {e:?}"));
         }
@@ -641,6 +720,9 @@ pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, resume: Option<&Path>, devic
     result?;
     if let Some(e) = replica_error {
         return Err(e);
+    }
+    if let Some(release) = &release {
+        release.disarm();
     }
     if control.progress {
         eprintln!();
