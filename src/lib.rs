@@ -3,6 +3,8 @@
 //! transformers' numbers.
 
 pub mod backend;
+#[cfg(feature = "cuda")]
+pub mod cublaslt;
 pub mod config;
 pub mod data;
 pub mod demo;

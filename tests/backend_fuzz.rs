@@ -7,7 +7,9 @@
 //! - `cpu_flex_f32_vs_ndarray_f64`: flex against ndarray in f64 (so flex's own errors show);
 //! - `wgpu_f32_vs_flex`: wgpu (lavapipe on a machine without a GPU) against flex;
 //! - `cuda_*` (ignored unless asked for: they need an NVIDIA GPU): CUDA in f32, in bf16, and
-//!   f32 weights with bf16 matrix work (the training autocast), against flex.
+//!   f32 weights with bf16 matrix work (the training autocast), against flex;
+//! - `cpu_flex_autocast_bf16_vs_flex` (ignored; for diagnosis): bf16 matrix work on flex against
+//!   f32 flex, so that a CUDA autocast failure replayed here shows what bf16 rounding alone does.
 //!
 //! Settings (environment):
 //! - `LLAVA_JP_FUZZ_CASES`: cases per computation (default: the leg's CI count);
@@ -710,6 +712,11 @@ struct Leg {
     tolerance: Tolerance,
     /// The candidate's matrix work in this dtype (f32 weights), as training's autocast does.
     autocast: Option<DType>,
+    /// The candidate rounds matrix work below f32 (bf16, or TF32 for cubecl's f32 matmul): a
+    /// failing case is set aside as ill-conditioned when bf16 matrix work on the reference
+    /// backend misses the autocast tolerance on it too (a LayerNorm over two or three features
+    /// with a tiny variance turns rounding into O(1) changes, on any backend).
+    reduced_precision: bool,
 }
 
 /// The worst error seen per computation: `(cases, worst max|c - r|, its scale, worst ratio to the tolerance, output)`.
@@ -786,6 +793,17 @@ fn run_property<P: Property, R: Backend, C: Backend>(leg: &Leg, r: &R::Device, c
         };
         compare(P::NAME, &reference, &candidate, leg.tolerance)
     };
+    // Whether bf16 matrix work alone, on the reference backend, misses the autocast tolerance.
+    let ill_conditioned = |case: &P::Case| -> Option<String> {
+        TOLERANCE.set(F32);
+        let exact = P::outputs::<R>(case, r).ok()?;
+        TOLERANCE.set(AUTOCAST_BF16);
+        let rounded = {
+            let _guard = llava_jp::model::nn::autocast(Some(DType::BF16));
+            P::outputs::<R>(case, r).ok()?
+        };
+        compare(P::NAME, &exact, &rounded, AUTOCAST_BF16).err()
+    };
     let replay_command = |case: &P::Case| {
         let json = serde_json::json!({"computation": P::NAME, "case": case});
         format!("LLAVA_JP_FUZZ_REPLAY='{json}' cargo test --release --test backend_fuzz -- {} --exact --include-ignored --nocapture", leg.name)
@@ -800,7 +818,10 @@ fn run_property<P: Property, R: Backend, C: Backend>(leg: &Leg, r: &R::Device, c
         println!("replaying {}: {case:?}", P::NAME);
         match check(&case) {
             Ok((err, scale, ratio, output)) => println!("passes: worst {output}: {err:.3e} (scale {scale:.3e}, {ratio:.2} of the tolerance)"),
-            Err(e) => panic!("{}: {e}", P::NAME),
+            Err(e) => match ill_conditioned(&case).filter(|_| leg.reduced_precision) {
+                Some(why) => println!("fails ({e}), but the case is ill-conditioned: bf16 matrix work on the reference backend misses too ({why})"),
+                None => panic!("{}: {e}", P::NAME),
+            },
         }
         return;
     }
@@ -818,6 +839,7 @@ fn run_property<P: Property, R: Backend, C: Backend>(leg: &Leg, r: &R::Device, c
     let mut runner = TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &bytes));
     let failed = std::cell::Cell::new(false);
     let seen = RefCell::new((0u32, 0.0f32, 0.0f32, 0.0f32, String::new()));
+    let set_aside = std::cell::Cell::new(0u32);
     let result = runner.run(&P::strategy(), |case| {
         // Past the time budget the remaining cases are drawn but not run (nor counted); a
         // failure's shrinking runs to the end whatever the time.
@@ -830,6 +852,16 @@ fn run_property<P: Property, R: Backend, C: Backend>(leg: &Leg, r: &R::Device, c
             let message = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
             Err(format!("panicked: {}", message.unwrap_or_default()))
         });
+        let outcome = match outcome {
+            Err(e) if !e.starts_with("panicked") && leg.reduced_precision => match ill_conditioned(&case) {
+                Some(why) => {
+                    set_aside.set(set_aside.get() + 1);
+                    return Err(TestCaseError::reject(format!("ill-conditioned: {why}")));
+                }
+                None => Err(e),
+            },
+            outcome => outcome,
+        };
         let (err, scale, ratio, output) = outcome.map_err(|e| {
             failed.set(true);
             TestCaseError::fail(e)
@@ -844,7 +876,11 @@ fn run_property<P: Property, R: Backend, C: Backend>(leg: &Leg, r: &R::Device, c
     match result {
         Ok(()) => {
             let (n, err, scale, ratio, output) = seen.into_inner();
-            println!("{:<24} {n:>4} cases in {:>5.0} s  worst {err:.3e} (scale {scale:.2e}, {:>5.1}% of the tolerance) in {output}", P::NAME, started.elapsed().as_secs_f64(), ratio * 100.0);
+            let aside = match set_aside.get() {
+                0 => String::new(),
+                k => format!("; {k} ill-conditioned failing cases set aside"),
+            };
+            println!("{:<24} {n:>4} cases in {:>5.0} s  worst {err:.3e} (scale {scale:.2e}, {:>5.1}% of the tolerance) in {output}{aside}", P::NAME, started.elapsed().as_secs_f64(), ratio * 100.0);
             worst.rows.push((P::NAME.into(), n, err, scale, ratio, output));
         }
         Err(TestError::Fail(reason, case)) => panic!(
@@ -877,13 +913,26 @@ fn run_leg<R: Backend, C: Backend>(leg: Leg, r: R::Device, c: C::Device) {
 }
 
 const F32: Tolerance = Tolerance { atol: 1e-4, rtol: 2e-4 };
+/// f32 weights, bf16 matrix work.
+const AUTOCAST_BF16: Tolerance = Tolerance { atol: 3e-2, rtol: 3e-2 };
 
 #[cfg(feature = "ndarray")]
 #[test]
 fn cpu_flex_f32_vs_ndarray_f64() {
     use burn::backend::ndarray::NdArrayDevice;
-    let leg = Leg { name: "cpu_flex_f32_vs_ndarray_f64", cases: 24, tolerance: F32, autocast: None };
+    let leg = Leg { name: "cpu_flex_f32_vs_ndarray_f64", cases: 24, tolerance: F32, autocast: None, reduced_precision: false };
     run_leg::<burn::backend::NdArray<f64>, burn::backend::Flex>(leg, NdArrayDevice::Cpu, burn::backend::flex::FlexDevice);
+}
+
+/// bf16 rounding alone, with no other backend involved: flex with the training autocast against
+/// flex in f32, at the CUDA autocast leg's tolerance. Replaying a CUDA autocast failure here tells
+/// whether the case is one that bf16 matrix work cannot meet anywhere (a narrow LayerNorm with
+/// a tiny variance magnifies rounding) or one the CUDA backend gets wrong.
+#[test]
+#[ignore = "diagnosis: replays CUDA autocast failures on the CPU"]
+fn cpu_flex_autocast_bf16_vs_flex() {
+    let leg = Leg { name: "cpu_flex_autocast_bf16_vs_flex", cases: 24, tolerance: AUTOCAST_BF16, autocast: Some(DType::BF16), reduced_precision: false };
+    run_leg::<burn::backend::Flex, burn::backend::Flex>(leg, burn::backend::flex::FlexDevice, burn::backend::flex::FlexDevice);
 }
 
 #[cfg(feature = "wgpu")]
@@ -892,7 +941,7 @@ fn wgpu_f32_vs_flex() {
     use burn::backend::wgpu::WgpuDevice;
     // Few cases: every new shape compiles new shaders, which lavapipe does slowly (12 cases per
     // computation took 19 minutes on the 2-core CI machine; the GPU script runs many more).
-    let leg = Leg { name: "wgpu_f32_vs_flex", cases: 4, tolerance: F32, autocast: None };
+    let leg = Leg { name: "wgpu_f32_vs_flex", cases: 4, tolerance: F32, autocast: None, reduced_precision: false };
     run_leg::<burn::backend::Flex, burn::backend::Wgpu<f32>>(leg, burn::backend::flex::FlexDevice, WgpuDevice::default());
 }
 
@@ -902,7 +951,7 @@ fn wgpu_f32_vs_flex() {
 fn cuda_f32_vs_flex() {
     use burn::backend::cuda::CudaDevice;
     // cubecl's f32 matmul may use TF32 tensor cores (10-bit mantissa).
-    let leg = Leg { name: "cuda_f32_vs_flex", cases: 64, tolerance: Tolerance { atol: 2e-3, rtol: 5e-3 }, autocast: None };
+    let leg = Leg { name: "cuda_f32_vs_flex", cases: 64, tolerance: Tolerance { atol: 2e-3, rtol: 5e-3 }, autocast: None, reduced_precision: true };
     run_leg::<burn::backend::Flex, burn::backend::Cuda<f32>>(leg, burn::backend::flex::FlexDevice, CudaDevice::default());
 }
 
@@ -911,7 +960,7 @@ fn cuda_f32_vs_flex() {
 #[ignore = "needs an NVIDIA GPU: model-import/scripts/gpu_backend_fuzz.sh"]
 fn cuda_bf16_vs_flex() {
     use burn::backend::cuda::CudaDevice;
-    let leg = Leg { name: "cuda_bf16_vs_flex", cases: 64, tolerance: Tolerance { atol: 5e-2, rtol: 5e-2 }, autocast: None };
+    let leg = Leg { name: "cuda_bf16_vs_flex", cases: 64, tolerance: Tolerance { atol: 5e-2, rtol: 5e-2 }, autocast: None, reduced_precision: true };
     run_leg::<burn::backend::Flex, burn::backend::Cuda<half::bf16>>(leg, burn::backend::flex::FlexDevice, CudaDevice::default());
 }
 
@@ -920,6 +969,6 @@ fn cuda_bf16_vs_flex() {
 #[ignore = "needs an NVIDIA GPU: model-import/scripts/gpu_backend_fuzz.sh"]
 fn cuda_autocast_bf16_vs_flex() {
     use burn::backend::cuda::CudaDevice;
-    let leg = Leg { name: "cuda_autocast_bf16_vs_flex", cases: 64, tolerance: Tolerance { atol: 3e-2, rtol: 3e-2 }, autocast: Some(DType::BF16) };
+    let leg = Leg { name: "cuda_autocast_bf16_vs_flex", cases: 64, tolerance: AUTOCAST_BF16, autocast: Some(DType::BF16), reduced_precision: true };
     run_leg::<burn::backend::Flex, burn::backend::Cuda<f32>>(leg, burn::backend::flex::FlexDevice, CudaDevice::default());
 }

@@ -37,13 +37,16 @@ fn compute_dtype(dtype: DType) -> Option<DType> {
 
 /// The one route for matrix products: `[m, k] x [k, n] -> [m, n]`.
 pub fn matmul<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
-    let ([m, _], [_, n]) = (a.dims(), b.dims());
-    // burn 0.21's fusion (CUDA, wgpu) may run a one-row or one-column product joined to
-    // element-wise work (a bias add, a cast) on a vector-matrix kernel that is only valid for
-    // one row and a row-major right operand: other such products come out wrong
-    // (tracel-ai/burn#5122; found by tests/backend_fuzz.rs). A zero second row or column
-    // keeps them off it, at the cost of one row or column more.
-    if m == 1 || n == 1 {
+    let ([m, k], [_, n]) = (a.dims(), b.dims());
+    // burn 0.21's fusion (CUDA, wgpu) may run a product with a dimension of one joined to
+    // element-wise work (a bias add, a cast) on a vector kernel that is only valid for some
+    // layouts: such products come out wrong or NaN (tracel-ai/burn#5122; found by
+    // tests/backend_fuzz.rs). Zero padding to two keeps them off it: a zero row of `a` or column
+    // of `b` adds a row or column that is sliced off, a zero inner column/row adds nothing. The
+    // inner dimension counts too, because it becomes an outer one in the backward products.
+    if m == 1 || k == 1 || n == 1 {
+        let a = if k == 1 { Tensor::cat(vec![a.clone(), a.zeros_like()], 1) } else { a };
+        let b = if k == 1 { Tensor::cat(vec![b.clone(), b.zeros_like()], 0) } else { b };
         let a = if m == 1 { Tensor::cat(vec![a.clone(), a.zeros_like()], 0) } else { a };
         let b = if n == 1 { Tensor::cat(vec![b.clone(), b.zeros_like()], 1) } else { b };
         return product(a, b).slice([0..m, 0..n]);
@@ -54,9 +57,19 @@ pub fn matmul<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
 fn product<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
     let dtype = a.dtype();
     match compute_dtype(dtype) {
-        Some(c) => a.cast(c).matmul(b.cast(c)).cast(dtype),
-        None => a.matmul(b),
+        Some(c) => gemm(a.cast(c), b.cast(c)).cast(dtype),
+        None => gemm(a, b),
     }
+}
+
+/// The backend's product, or cuBLASLt's on CUDA when enabled (`crate::cublaslt`).
+fn gemm<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
+    #[cfg(feature = "cuda")]
+    let (a, b) = match crate::cublaslt::try_matmul(a, b) {
+        Ok(product) => return product,
+        Err(operands) => operands,
+    };
+    a.matmul(b)
 }
 
 /// `x · w + bias` over the last dimension of `x`, with `w` given as `[in, out]` (it may be a
@@ -92,6 +105,14 @@ pub fn attention<B: Backend>(
     scale: f64,
     dropout: &Dropout,
 ) -> Tensor<B, 4> {
+    let [b, h, t, head_dim] = q.dims();
+    if head_dim == 1 {
+        // An inner dimension of one makes `q kᵀ` an outer product, which burn 0.21's fusion may
+        // get wrong (see `matmul`); a zero column in q, k and v changes no score and adds an
+        // output column that is sliced off.
+        let pad = |x: Tensor<B, 4>| Tensor::cat(vec![x.clone(), x.zeros_like()], 3);
+        return attention(pad(q), pad(k), pad(v), masked, scale, dropout).slice([0..b, 0..h, 0..t, 0..1]);
+    }
     let dtype = q.dtype();
     if let Some(c) = compute_dtype(dtype) {
         let _full = autocast(None);
