@@ -756,11 +756,22 @@ fn env_cases(default: u32) -> u32 {
     std::env::var("LLAVA_JP_FUZZ_CASES").ok().map(|v| v.parse().expect("LLAVA_JP_FUZZ_CASES: a number of cases")).unwrap_or(default)
 }
 
+/// Every computation, in the order a leg runs them: the one list the runner and the
+/// `LLAVA_JP_FUZZ_ONLY` check read (applies macro `$m` to the property types).
+macro_rules! every_property {
+    ($m:ident) => {
+        $m!(ImageProperty, GemmProperty, AttentionProperty, ProjectorProperty, ClipProperty, Gpt2Property, DecodeProperty, LlavaProperty, GradientProperty)
+    };
+}
+
 fn selected<P: Property>() -> bool {
     match std::env::var("LLAVA_JP_FUZZ_ONLY") {
         Ok(keys) => {
             let keys: Vec<&str> = keys.split(',').map(str::trim).collect();
-            let known = ["image", "matmul", "attention", "projector", "clip", "gpt2", "decode", "llava", "gradients"];
+            macro_rules! keys {
+                ($($p:ident),*) => { [$(<$p as Property>::KEY),*] };
+            }
+            let known = every_property!(keys);
             if let Some(bad) = keys.iter().find(|k| !known.contains(k)) {
                 panic!("LLAVA_JP_FUZZ_ONLY: unknown computation `{bad}`; expected some of {known:?}");
             }
@@ -898,17 +909,15 @@ fn run_property<P: Property, R: Backend, C: Backend>(leg: &Leg, r: &R::Device, c
 fn run_leg<R: Backend, C: Backend>(leg: Leg, r: R::Device, c: C::Device) {
     println!("{}: {:?}, generator seed {}", leg.name, leg.tolerance, generator_seed());
     let mut worst = Worst::default();
-    run_property::<ImageProperty, R, C>(&leg, &r, &c, &mut worst);
-    run_property::<GemmProperty, R, C>(&leg, &r, &c, &mut worst);
-    run_property::<AttentionProperty, R, C>(&leg, &r, &c, &mut worst);
-    run_property::<ProjectorProperty, R, C>(&leg, &r, &c, &mut worst);
-    run_property::<ClipProperty, R, C>(&leg, &r, &c, &mut worst);
-    run_property::<Gpt2Property, R, C>(&leg, &r, &c, &mut worst);
-    run_property::<DecodeProperty, R, C>(&leg, &r, &c, &mut worst);
-    run_property::<LlavaProperty, R, C>(&leg, &r, &c, &mut worst);
-    run_property::<GradientProperty, R, C>(&leg, &r, &c, &mut worst);
+    macro_rules! run {
+        ($($p:ident),*) => { $(run_property::<$p, R, C>(&leg, &r, &c, &mut worst);)* };
+    }
+    every_property!(run);
     if std::env::var("LLAVA_JP_FUZZ_REPLAY").is_err() && std::env::var("LLAVA_JP_FUZZ_ONLY").is_err() {
-        assert_eq!(worst.rows.len(), 9, "every computation ran");
+        macro_rules! count {
+            ($($p:ident),*) => { [$(stringify!($p)),*].len() };
+        }
+        assert_eq!(worst.rows.len(), every_property!(count), "every computation ran");
     }
 }
 
