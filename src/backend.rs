@@ -136,6 +136,7 @@ pub fn dispatch<J: BackendJob>(backend: BackendKind, dtype: FloatType, job: J) -
             #[cfg(feature = "cuda")]
             {
                 use burn::backend::cuda::CudaDevice;
+                cache_cuda_kernels();
                 let device = CudaDevice::default();
                 match dtype {
                     FloatType::F32 => Ok(job.run::<burn::backend::Cuda<f32>>(device)),
@@ -158,6 +159,38 @@ pub fn dispatch<J: BackendJob>(backend: BackendKind, dtype: FloatType, job: J) -
 pub trait AutodiffJob {
     type Output;
     fn run<B: burn::tensor::backend::AutodiffBackend>(self, devices: Vec<B::Device>) -> Self::Output;
+}
+
+/// Where compiled CUDA kernels are kept between runs: `LLAVA_JP_KERNEL_CACHE`, else
+/// `$XDG_CACHE_HOME/llava-jp/cubecl` or `~/.cache/llava-jp/cubecl`.
+#[cfg(feature = "cuda")]
+pub fn kernel_cache_dir() -> Option<std::path::PathBuf> {
+    if let Some(dir) = std::env::var_os("LLAVA_JP_KERNEL_CACHE") {
+        return Some(dir.into());
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME").map(std::path::PathBuf::from).or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache")))?;
+    Some(base.join("llava-jp").join("cubecl"))
+}
+
+/// cubecl compiles every CUDA kernel through NVRTC on first use and, unless told where, keeps
+/// nothing on disk, so every run paid that again (minutes for a training step's kernels). This
+/// points its compilation cache at [`kernel_cache_dir`] before CUDA is first used, unless a
+/// `cubecl.toml` / `burn.toml` already chose one. (Autotune results are cached by default.)
+#[cfg(feature = "cuda")]
+pub fn cache_cuda_kernels() {
+    use burn_cubecl::cubecl::config::{cache::CacheConfig, CubeClRuntimeConfig, RuntimeConfig};
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let mut state = CubeClRuntimeConfig::storage().lock();
+        if state.is_some() {
+            return; // already read by an earlier CUDA or wgpu use: too late to change
+        }
+        let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
+        if config.compilation.cache.is_none() {
+            config.compilation.cache = kernel_cache_dir().map(CacheConfig::File);
+        }
+        *state = Some(std::sync::Arc::new(config));
+    });
 }
 
 /// Runs `job` on the autodiff backend over `backend`, on its first `num_devices` devices (the
@@ -187,7 +220,10 @@ pub fn dispatch_autodiff<J: AutodiffJob>(backend: BackendKind, checkpointing: bo
         }
     };
     #[cfg(feature = "cuda")]
-    let cuda = || (0..num_devices).map(burn::backend::cuda::CudaDevice::new).collect::<Vec<_>>();
+    let cuda = || {
+        cache_cuda_kernels();
+        (0..num_devices).map(burn::backend::cuda::CudaDevice::new).collect::<Vec<_>>()
+    };
     match (backend, checkpointing) {
         #[cfg(feature = "flex")]
         (BackendKind::Flex, false) => Ok(job.run::<Autodiff<burn::backend::Flex>>(flex())),

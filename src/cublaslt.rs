@@ -1,24 +1,31 @@
 //! Matrix products on CUDA through cuBLASLt, loaded at run time, as a custom operation of burn's
 //! fused CUDA backend (`burn::backend::Cuda`). burn 0.21's own bf16 GEMM runs at about a quarter
 //! of cuBLAS's speed on an H200; this is the faster path [`crate::model::nn::matmul`] takes when
-//! `LLAVA_JP_GEMM=cublaslt` is set and the backend is CUDA without autodiff (inference). Every
-//! other backend, and training, keeps burn's path.
+//! `LLAVA_JP_GEMM=cublaslt` is set and the backend is burn's CUDA backend, for inference and for
+//! training alike. Every other backend keeps burn's path.
 //!
 //! cubecl 0.10 does not hand out the CUDA stream it runs on, so the product runs on a stream of
 //! its own between two waits on the host: cubecl's queue is drained before (the operands are
-//! written) and cuBLASLt's stream after (cubecl may reuse the operands' memory next). That costs
-//! two round trips per product, little beside a large GEMM and a lot beside a decode step's.
+//! written; the wait comes after the operands' device addresses are fetched, since fetching one
+//! can queue work) and cuBLASLt's stream after (cubecl may reuse the operands' memory next).
+//! That costs two round trips per product, little beside a large GEMM and a lot beside a decode
+//! step's.
 //!
-//! Status (H200, 2026-12-01): bf16 products at the LLM's shapes run 1.5-3.2x faster than burn's
-//! (`benches/gemm.rs`), f32 products are exact f32 (burn's use TF32), and the backend fuzzer's
-//! matmul, projector, CLIP and GPT-2 properties pass with it on; its KV-cached decode property
-//! does not (cached and uncached logits disagree on small shapes), so the route stays opt-in
-//! until that is found.
+//! Training goes through it too: on the autodiff CUDA backends the product is an autodiff
+//! operation whose backward is two more cuBLASLt products ([`autodiff`]).
+//!
+//! Status (H200, 2026-12-02): bf16 products at the LLM's shapes run 1.5-3.2x faster than burn's
+//! (`benches/gemm.rs`), f32 products are exact f32 (burn's use TF32). With the route on, the
+//! backend fuzzer's matmul, projector, GPT-2, KV-cached decode, LLaVA and training-gradient
+//! properties pass on the f32, bf16 and autocast CUDA legs, except one LLaVA case on f32 (GPT-2
+//! width 2 with one-wide heads), whose logits miss by 1.9e-2 every time although every product
+//! in it is exact when checked (`LLAVA_JP_GEMM_CHECK=1`, which also makes the case pass). Until
+//! that is understood the route stays opt-in. A full-size stage-2 training step is no faster with
+//! it (0.80 s against PyTorch's 0.18 s): matrix products are not where that time goes.
 
 use std::any::Any;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
-
 
 use burn::backend::ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
 use burn::prelude::*;
@@ -82,11 +89,11 @@ fn downcast<T: 'static, U: 'static>(value: T) -> Result<U, T> {
 /// route is enabled; the operands come back untouched otherwise.
 #[allow(clippy::type_complexity)]
 pub fn try_matmul<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Result<Tensor<B, 2>, (Tensor<B, 2>, Tensor<B, 2>)> {
-    if !enabled() || std::any::TypeId::of::<B::FloatTensorPrimitive>() != std::any::TypeId::of::<Primitive>() {
+    if !enabled() || !matches!(a.dtype(), DType::F32 | DType::BF16 | DType::F16) || a.dtype() != b.dtype() {
         return Err((a, b));
     }
-    if !matches!(a.dtype(), DType::F32 | DType::BF16 | DType::F16) || a.dtype() != b.dtype() {
-        return Err((a, b));
+    if std::any::TypeId::of::<B::FloatTensorPrimitive>() != std::any::TypeId::of::<Primitive>() {
+        return try_autodiff_matmul(a, b);
     }
     let (TensorPrimitive::Float(pa), TensorPrimitive::Float(pb)) = (a.into_primitive(), b.into_primitive()) else {
         unreachable!("float tensors of a float dtype");
@@ -95,6 +102,90 @@ pub fn try_matmul<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Result<Tensor
     let out = register(pa, pb);
     let out = downcast::<Primitive, B::FloatTensorPrimitive>(out).ok().unwrap();
     Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
+}
+
+/// `LLAVA_JP_GEMM_CHECK=1`: every routed product is compared with the same product done in f64
+/// on the host, and a wrong one panics naming its shapes (a debugging aid; it reads every
+/// operand back, so it is slow).
+fn checking() -> bool {
+    static CHECK: OnceLock<bool> = OnceLock::new();
+    *CHECK.get_or_init(|| std::env::var_os("LLAVA_JP_GEMM_CHECK").is_some())
+}
+
+/// [`try_matmul`] under [`checking`]. The bound per entry is the operands' rounding unit times
+/// `Σ|a||b|` (plus a little for accumulation), so that a wrong layout or a race shows and
+/// rounding does not.
+pub(crate) fn checked<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Result<Tensor<B, 2>, (Tensor<B, 2>, Tensor<B, 2>)> {
+    if !checking() {
+        return try_matmul(a, b);
+    }
+    let host = |t: &Tensor<B, 2>| t.clone().into_data().convert::<f64>().to_vec::<f64>().unwrap();
+    let ([m, k], [_, n], dtype) = (a.dims(), b.dims(), a.dtype());
+    let (ha, hb) = (host(&a), host(&b));
+    let routed = try_matmul(a, b)?;
+    let got = host(&routed);
+    let unit = match dtype {
+        DType::BF16 => 2f64.powi(-7),
+        DType::F16 => 2f64.powi(-10),
+        _ => 2f64.powi(-20),
+    };
+    for i in 0..m {
+        for j in 0..n {
+            let (mut want, mut size) = (0f64, 0f64);
+            for l in 0..k {
+                want += ha[i * k + l] * hb[l * n + j];
+                size += (ha[i * k + l] * hb[l * n + j]).abs();
+            }
+            let err = (got[i * n + j] - want).abs();
+            if !(err <= size * (4.0 * unit + k as f64 * 2f64.powi(-24)) + 1e-30) {
+                panic!("cuBLASLt product [{m}, {k}] x [{k}, {n}] {dtype:?}: entry ({i}, {j}) is {} where f64 gives {want} (|a||b| sums to {size})", got[i * n + j]);
+            }
+        }
+    }
+    Ok(routed)
+}
+
+/// Calls `$m!` with the autodiff CUDA backends routed to cuBLASLt, as `inner, strategy` pairs.
+macro_rules! autodiff_cuda_backends {
+    ($m:ident) => {
+        $m!(Cuda<f32>, NoCheckpointing; Cuda<f32>, BalancedCheckpointing; Cuda<bf16>, NoCheckpointing; Cuda<bf16>, BalancedCheckpointing; Cuda<f16>, NoCheckpointing)
+    };
+}
+
+/// The autodiff CUDA backends this crate trains on (`crate::backend::dispatch_autodiff`, and
+/// the tests' bf16 one): each gets cuBLASLt's product and backward ([`autodiff::matmul`]).
+fn try_autodiff_matmul<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Result<Tensor<B, 2>, (Tensor<B, 2>, Tensor<B, 2>)> {
+    use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
+    use burn::backend::{Autodiff, Cuda};
+    use burn::tensor::{bf16, f16};
+    macro_rules! route {
+        ($($inner:ty, $strategy:ty);*) => {$(
+            if std::any::TypeId::of::<B>() == std::any::TypeId::of::<Autodiff<$inner, $strategy>>() {
+                let (TensorPrimitive::Float(pa), TensorPrimitive::Float(pb)) = (a.into_primitive(), b.into_primitive()) else {
+                    unreachable!("float tensors of a float dtype");
+                };
+                type P = burn::tensor::ops::FloatTensor<Autodiff<$inner, $strategy>>;
+                let (pa, pb) = (downcast::<_, P>(pa).ok().unwrap(), downcast::<_, P>(pb).ok().unwrap());
+                let out = autodiff::matmul::<$inner, $strategy>(pa, pb);
+                let out = downcast::<P, B::FloatTensorPrimitive>(out).ok().unwrap();
+                return Ok(Tensor::from_primitive(TensorPrimitive::Float(out)));
+            }
+        )*};
+    }
+    autodiff_cuda_backends!(route);
+    Err((a, b))
+}
+
+/// Whether [`try_matmul`] takes `B`'s products (for callers that work around burn's own).
+pub fn routes<B: Backend>() -> bool {
+    use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
+    use burn::backend::{Autodiff, Cuda};
+    use burn::tensor::{bf16, f16};
+    use std::any::TypeId;
+    macro_rules! any_of {
+        ($($inner:ty, $strategy:ty);*) => { false $(|| TypeId::of::<B>() == TypeId::of::<Autodiff<$inner, $strategy>>())* };
+    }
+    enabled() && (TypeId::of::<B::FloatTensorPrimitive>() == TypeId::of::<Primitive>() || autodiff_cuda_backends!(any_of))
 }
 
 /// Queues the product on the fused backend's stream as a custom operation.
@@ -208,12 +299,22 @@ fn gemm(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>) -> Result<CubeTe
     let client = a.client.clone();
     let device = a.device.clone();
     // Row-major C = A·B is column-major Cᵀ = Bᵀ·Aᵀ: cuBLASLt's first operand is our `b`.
+    if checking() {
+        let layout = |t: &CubeTensor<CudaRuntime>| format!("{:?} strides {:?} offset {:?} stream {:?}", t.meta.shape(), t.meta.strides(), t.handle.offset_start, t.handle.stream);
+        eprintln!("cuBLASLt operands: a {} b {}", layout(&a), layout(&b));
+    }
     let (x, y) = (operand(b), operand(a));
-    let out = client.empty(m * n * elem);
+    // Laid out as burn lays out its own outputs (rows may be padded for alignment), so that the
+    // fused kernels reading it see the layouts they were written for.
+    let out = client.empty_tensor(Shape::new([m, n]), elem);
+    let ldd = out.strides[0] as i64;
+    let (out, out_strides) = (out.memory, out.strides);
     let workspace = client.empty(WORKSPACE_BYTES);
-    block_on(client.sync()).map_err(|e| format!("waiting for cubecl's queue: {e:?}"))?;
     let resource = |t: &burn_cubecl::cubecl::server::Handle| client.get_resource(t.clone()).map_err(|e| format!("{e:?}"));
     let (rx, ry, rd, rw) = (resource(&x.tensor.handle)?, resource(&y.tensor.handle)?, resource(&out)?, resource(&workspace)?);
+    // After the resources: fetching one made on another cubecl stream (another thread) queues a
+    // wait for that stream on ours, which this drains too.
+    block_on(client.sync()).map_err(|e| format!("waiting for cubecl's queue: {e:?}"))?;
     let (px, py, pd, pw) = (rx.resource().ptr, ry.resource().ptr, rd.resource().ptr, rw.resource().ptr);
 
     let mut devices = devices().lock().unwrap_or_else(|p| p.into_inner());
@@ -226,7 +327,7 @@ fn gemm(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>) -> Result<CubeTe
         dtype: data_type,
         transposed: (x.transposed, y.transposed),
         mnk: (n as u64, m as u64, k as u64),
-        lds: (x.ld, y.ld, n as i64),
+        lds: (x.ld, y.ld, ldd),
         alignments: (alignment(px), alignment(py), alignment(pd)),
     };
     // SAFETY: descriptors are created and destroyed here; pointers come from live cubecl
@@ -243,7 +344,7 @@ fn gemm(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>) -> Result<CubeTe
             set_op(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, y.transposed)?;
             let lx = lt::create_matrix_layout(data_type, x.rows, x.cols, x.ld)?;
             let ly = lt::create_matrix_layout(data_type, y.rows, y.cols, y.ld)?;
-            let ld = lt::create_matrix_layout(data_type, n as u64, m as u64, n as i64)?;
+            let ld = lt::create_matrix_layout(data_type, n as u64, m as u64, ldd)?;
             Ok::<_, lt::CublasError>((lx, ly, ld))
         })();
         let (lx, ly, ld) = match layouts {
@@ -286,7 +387,7 @@ fn gemm(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>) -> Result<CubeTe
     }
     dev.stream.synchronize().map_err(|e| format!("cuBLASLt's stream: {e}"))?;
     drop((rx, ry, rd, rw));
-    Ok(CubeTensor::new_contiguous(client, device, Shape::new([m, n]), out, dtype))
+    Ok(CubeTensor::new(client, out, burn_std::Metadata::new(Shape::new([m, n]), out_strides), device, dtype))
 }
 
 /// The heuristic's first choice for this problem, with the workspace we give and the operands'
@@ -314,4 +415,56 @@ unsafe fn pick_algorithm(
     })();
     let _ = lt::destroy_matmul_pref(pref);
     result
+}
+
+/// Training: the product's backward is two more products (`dC · Bᵀ`, `Aᵀ · dC`), both routed to
+/// cuBLASLt, the transposes being views it reads as they lie.
+mod autodiff {
+    use super::{register, Primitive};
+    use burn::backend::autodiff::checkpoint::base::Checkpointer;
+    use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+    use burn::backend::autodiff::grads::Gradients;
+    use burn::backend::autodiff::ops::{binary, Backward, Ops, OpsKind};
+    use burn::backend::autodiff::NodeId;
+    use burn::backend::Autodiff;
+    use burn::tensor::ops::FloatTensor;
+    use burn::prelude::Backend;
+
+    #[derive(Debug)]
+    struct LtMatmulBackward;
+
+    impl<B: Backend<FloatTensorPrimitive = Primitive>> Backward<B, 2> for LtMatmulBackward {
+        /// Each operand is kept only when the other one needs a gradient.
+        type State = (Option<NodeId>, Option<NodeId>);
+
+        fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
+            let (lhs, rhs) = ops.state;
+            let lhs: Option<Primitive> = lhs.map(|id| checkpointer.retrieve_node_output(id));
+            let rhs: Option<Primitive> = rhs.map(|id| checkpointer.retrieve_node_output(id));
+            binary::<B, _, _>(
+                ops.parents,
+                ops.node,
+                grads,
+                |grad| register(grad, B::float_transpose(rhs.expect("the right operand, kept for the left's gradient"))),
+                |grad| register(B::float_transpose(lhs.expect("the left operand, kept for the right's gradient")), grad),
+            );
+        }
+    }
+
+    /// `lhs · rhs` on `Autodiff<B, C>` with cuBLASLt's product and backward.
+    pub(super) fn matmul<B, C>(lhs: FloatTensor<Autodiff<B, C>>, rhs: FloatTensor<Autodiff<B, C>>) -> FloatTensor<Autodiff<B, C>>
+    where
+        B: Backend<FloatTensorPrimitive = Primitive>,
+        C: CheckpointStrategy,
+    {
+        let (lhs_tracked, rhs_tracked) = (lhs.is_tracked(), rhs.is_tracked());
+        match LtMatmulBackward.prepare::<C>([lhs.node.clone(), rhs.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(mut prep) => {
+                let lhs_state = rhs_tracked.then(|| prep.checkpoint(&lhs));
+                let rhs_state = lhs_tracked.then(|| prep.checkpoint(&rhs));
+                prep.finish((lhs_state, rhs_state), register(lhs.primitive, rhs.primitive))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(register(lhs.primitive, rhs.primitive)),
+        }
+    }
 }

@@ -44,7 +44,7 @@ pub fn matmul<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
     // tests/backend_fuzz.rs). Zero padding to two keeps them off it: a zero row of `a` or column
     // of `b` adds a row or column that is sliced off, a zero inner column/row adds nothing. The
     // inner dimension counts too, because it becomes an outer one in the backward products.
-    if m == 1 || k == 1 || n == 1 {
+    if (m == 1 || k == 1 || n == 1) && !cublaslt_routes::<B>() {
         let a = if k == 1 { Tensor::cat(vec![a.clone(), a.zeros_like()], 1) } else { a };
         let b = if k == 1 { Tensor::cat(vec![b.clone(), b.zeros_like()], 0) } else { b };
         let a = if m == 1 { Tensor::cat(vec![a.clone(), a.zeros_like()], 0) } else { a };
@@ -62,10 +62,18 @@ fn product<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
     }
 }
 
+/// Whether products on `B` go to cuBLASLt, which needs none of burn's workarounds.
+fn cublaslt_routes<B: Backend>() -> bool {
+    #[cfg(feature = "cuda")]
+    return crate::cublaslt::routes::<B>();
+    #[cfg(not(feature = "cuda"))]
+    false
+}
+
 /// The backend's product, or cuBLASLt's on CUDA when enabled (`crate::cublaslt`).
 fn gemm<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
     #[cfg(feature = "cuda")]
-    let (a, b) = match crate::cublaslt::try_matmul(a, b) {
+    let (a, b) = match crate::cublaslt::checked(a, b) {
         Ok(product) => return product,
         Err(operands) => operands,
     };
