@@ -4,6 +4,8 @@
 #   stage 2: batch 8 x 1024 tokens (projector + LLM); stage 1: batch 32 x 608 (projector only)
 #   usage (repository root; binary at .dev/llava-jp.xz, tokenizer dir at .dev/tokenizer/):
 #   bash model-import/scripts/gpu_bench_train.sh OUT_DIR ["2 1"] [STEPS]
+#   PROFILE=1 adds cubecl's per-kernel profile of our run (every kernel timed, so the step
+#   itself slows down) to OUT_DIR/cubecl-stageN.log, for the per-kernel breakdown.
 set -uo pipefail
 out=${1:?output folder}; stages=${2:-2 1}; steps=${3:-6}
 mkdir -p "$out"
@@ -19,7 +21,9 @@ for stage in $stages; do
   (while true; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits; sleep 0.5; done) > "$out/mem-ours-$stage.txt" &
   sampler=$!
   start=$(date +%s)
-  timeout ${OURS_TIMEOUT:-420} $bin train --config $b/stage$stage.toml --backend cuda > "$out/ours-stage$stage.log" 2>&1
+  profile=()
+  [ "${PROFILE:-0}" = 1 ] && profile=(env CUBECL_DEBUG_LOG="$out/cubecl-stage$stage.log" CUBECL_DEBUG_OPTION=profile-medium)
+  timeout ${OURS_TIMEOUT:-420} "${profile[@]}" $bin train --config $b/stage$stage.toml --backend cuda > "$out/ours-stage$stage.log" 2>&1
   echo "ours exit $? after $(( $(date +%s) - start )) s"
   kill $sampler
   cp $b/run-stage$stage/metrics.jsonl "$out/ours-stage$stage.metrics.jsonl" 2>/dev/null
