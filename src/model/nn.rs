@@ -44,7 +44,7 @@ pub fn matmul<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
     // tests/backend_fuzz.rs). Zero padding to two keeps them off it: a zero row of `a` or column
     // of `b` adds a row or column that is sliced off, a zero inner column/row adds nothing. The
     // inner dimension counts too, because it becomes an outer one in the backward products.
-    if (m == 1 || k == 1 || n == 1) && !cublaslt_routes::<B>() {
+    if (m == 1 || k == 1 || n == 1) && fuses::<B>(&a.device()) && !cublaslt_routes::<B>() {
         let a = if k == 1 { Tensor::cat(vec![a.clone(), a.zeros_like()], 1) } else { a };
         let b = if k == 1 { Tensor::cat(vec![b.clone(), b.zeros_like()], 0) } else { b };
         let a = if m == 1 { Tensor::cat(vec![a.clone(), a.zeros_like()], 0) } else { a };
@@ -60,6 +60,13 @@ fn product<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
         Some(c) => gemm(a.cast(c), b.cast(c)).cast(dtype),
         None => gemm(a, b),
     }
+}
+
+/// Whether `B` is one of burn's fusing backends (CUDA, wgpu; under autodiff too), whose bugs
+/// [`matmul`] and [`attention`] work around. The CPU backends do not fuse: padding there would
+/// only double a batch-1 decode step's products.
+fn fuses<B: Backend>(device: &B::Device) -> bool {
+    B::name(device).contains("fusion")
 }
 
 /// Whether products on `B` go to cuBLASLt, which needs none of burn's workarounds.
@@ -114,7 +121,7 @@ pub fn attention<B: Backend>(
     dropout: &Dropout,
 ) -> Tensor<B, 4> {
     let [b, h, t, head_dim] = q.dims();
-    if head_dim == 1 {
+    if head_dim == 1 && fuses::<B>(&q.device()) {
         // An inner dimension of one makes `q kᵀ` an outer product, which burn 0.21's fusion may
         // get wrong (see `matmul`); a zero column in q, k and v changes no score and adds an
         // output column that is sliced off.
