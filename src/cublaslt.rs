@@ -85,10 +85,15 @@ fn downcast<T: 'static, U: 'static>(value: T) -> Result<U, T> {
     }
 }
 
-/// `a · b` (`[m, k] x [k, n]`) through cuBLASLt when `B` is burn's fused CUDA backend and the
-/// route is enabled; the operands come back untouched otherwise.
+/// `a · b` (`[m, k] x [k, n]`) through cuBLASLt when `B` is burn's fused CUDA backend (with or
+/// without autodiff) and the route is enabled; the operands come back untouched otherwise.
 #[allow(clippy::type_complexity)]
 pub fn try_matmul<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Result<Tensor<B, 2>, (Tensor<B, 2>, Tensor<B, 2>)> {
+    if checking() { checked(a, b) } else { route(a, b) }
+}
+
+#[allow(clippy::type_complexity)]
+fn route<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Result<Tensor<B, 2>, (Tensor<B, 2>, Tensor<B, 2>)> {
     if !enabled() || !matches!(a.dtype(), DType::F32 | DType::BF16 | DType::F16) || a.dtype() != b.dtype() {
         return Err((a, b));
     }
@@ -112,17 +117,15 @@ fn checking() -> bool {
     *CHECK.get_or_init(|| std::env::var_os("LLAVA_JP_GEMM_CHECK").is_some())
 }
 
-/// [`try_matmul`] under [`checking`]. The bound per entry is the operands' rounding unit times
+/// [`route`] under [`checking`]. The bound per entry is the operands' rounding unit times
 /// `Σ|a||b|` (plus a little for accumulation), so that a wrong layout or a race shows and
 /// rounding does not.
-pub(crate) fn checked<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Result<Tensor<B, 2>, (Tensor<B, 2>, Tensor<B, 2>)> {
-    if !checking() {
-        return try_matmul(a, b);
-    }
+#[allow(clippy::type_complexity)]
+fn checked<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Result<Tensor<B, 2>, (Tensor<B, 2>, Tensor<B, 2>)> {
     let host = |t: &Tensor<B, 2>| t.clone().into_data().convert::<f64>().to_vec::<f64>().unwrap();
     let ([m, k], [_, n], dtype) = (a.dims(), b.dims(), a.dtype());
     let (ha, hb) = (host(&a), host(&b));
-    let routed = try_matmul(a, b)?;
+    let routed = route(a, b)?;
     let got = host(&routed);
     let unit = match dtype {
         DType::BF16 => 2f64.powi(-7),
@@ -298,11 +301,11 @@ fn gemm(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>) -> Result<CubeTe
     }
     let client = a.client.clone();
     let device = a.device.clone();
-    // Row-major C = A·B is column-major Cᵀ = Bᵀ·Aᵀ: cuBLASLt's first operand is our `b`.
     if checking() {
         let layout = |t: &CubeTensor<CudaRuntime>| format!("{:?} strides {:?} offset {:?} stream {:?}", t.meta.shape(), t.meta.strides(), t.handle.offset_start, t.handle.stream);
         eprintln!("cuBLASLt operands: a {} b {}", layout(&a), layout(&b));
     }
+    // Row-major C = A·B is column-major Cᵀ = Bᵀ·Aᵀ: cuBLASLt's first operand is our `b`.
     let (x, y) = (operand(b), operand(a));
     // Laid out as burn lays out its own outputs (rows may be padded for alignment), so that the
     // fused kernels reading it see the layouts they were written for.

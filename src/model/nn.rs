@@ -80,7 +80,7 @@ fn cublaslt_routes<B: Backend>() -> bool {
 /// The backend's product, or cuBLASLt's on CUDA when enabled (`crate::cublaslt`).
 fn gemm<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
     #[cfg(feature = "cuda")]
-    let (a, b) = match crate::cublaslt::checked(a, b) {
+    let (a, b) = match crate::cublaslt::try_matmul(a, b) {
         Ok(product) => return product,
         Err(operands) => operands,
     };
