@@ -175,7 +175,8 @@ pub fn kernel_cache_dir() -> Option<std::path::PathBuf> {
 /// cubecl compiles every CUDA kernel through NVRTC on first use and, unless told where, keeps
 /// nothing on disk, so every run paid that again (minutes for a training step's kernels). This
 /// points its compilation cache at [`kernel_cache_dir`] before CUDA is first used, unless a
-/// `cubecl.toml` / `burn.toml` already chose one. (Autotune results are cached by default.)
+/// `cubecl.toml` / `burn.toml` already chose one. Autotune results, which cubecl keeps under the
+/// nearest Cargo project's `target/` by default (so a run from elsewhere retunes), go there too.
 #[cfg(feature = "cuda")]
 pub fn cache_cuda_kernels() {
     use burn_cubecl::cubecl::config::{cache::CacheConfig, CubeClRuntimeConfig, RuntimeConfig};
@@ -188,6 +189,9 @@ pub fn cache_cuda_kernels() {
         let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
         if config.compilation.cache.is_none() {
             config.compilation.cache = kernel_cache_dir().map(CacheConfig::File);
+        }
+        if let (CacheConfig::Target, Some(dir)) = (&config.autotune.cache, kernel_cache_dir()) {
+            config.autotune.cache = CacheConfig::File(dir.join("autotune"));
         }
         *state = Some(std::sync::Arc::new(config));
     });

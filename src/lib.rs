@@ -8,6 +8,8 @@ pub mod cublaslt;
 pub mod config;
 pub mod data;
 pub mod demo;
+#[cfg(feature = "cuda")]
+pub mod flash;
 pub mod infer;
 pub mod model;
 pub mod parity;

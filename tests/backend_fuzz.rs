@@ -17,7 +17,7 @@
 //!   runs the same cases every time);
 //! - `LLAVA_JP_FUZZ_REPLAY`: `{"computation": .., "case": ..}` as a failure prints it: runs that
 //!   one case only;
-//! - `LLAVA_JP_FUZZ_ONLY`: computations to run, by key (`image,matmul,attention,projector,clip,gpt2,
+//! - `LLAVA_JP_FUZZ_ONLY`: computations to run, by key (`image,matmul,attention,attention_grad,projector,clip,gpt2,
 //!   decode,llava,gradients`; default all), so that one process per computation can run them in
 //!   parallel;
 //! - `LLAVA_JP_FUZZ_SECONDS`: stop starting new cases after this long per computation (the
@@ -205,12 +205,28 @@ impl Property for AttentionProperty {
 
     fn strategy() -> BoxedStrategy<AttentionCase> {
         let mask = prop_oneof![Just(MaskKind::None), Just(MaskKind::CausalPadded), Just(MaskKind::Random)];
-        (any::<u64>(), 1..=3usize, 1..=4usize, 1..=12usize, 0..=12usize, 1..=64usize, mask, 0.1f64..2.0)
+        // Head widths that are multiples of 16 and lengths past one 64-wide tile reach CUDA's
+        // flash kernel (`src/flash.rs`) on the bf16 legs; the rest stay on burn's attention.
+        let head_dim = prop_oneof![1..=64usize, prop::sample::select(vec![16usize, 32, 64, 128])];
+        let queries = prop_oneof![3 => 1..=12usize, 1 => 60..=140usize];
+        let past = prop_oneof![3 => 0..=12usize, 1 => 50..=140usize];
+        (any::<u64>(), 1..=3usize, 1..=4usize, queries, past, head_dim, mask, 0.1f64..2.0)
             .prop_map(|(seed, batch, heads, queries, past, head_dim, mask, scale_factor)| AttentionCase { seed, batch, heads, queries, past, head_dim, mask, scale_factor })
             .boxed()
     }
 
     fn outputs<B: Backend>(c: &AttentionCase, device: &B::Device) -> Result<Outputs, String> {
+        let (q, k, v, masked, scale, _) = c.inputs::<B>(device);
+        Ok(vec![("output".into(), to_f32(attention(q, k, v, masked, scale, &Dropout { prob: 0.0 })))])
+    }
+}
+
+impl AttentionCase {
+    /// Queries, keys, values, the mask, the scale, and a random weighting of the output (for
+    /// a loss whose gradient is not uniform).
+    #[allow(clippy::type_complexity)]
+    fn inputs<B: Backend>(&self, device: &B::Device) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>, Option<Tensor<B, 4, Bool>>, f64, Tensor<B, 4>) {
+        let c = self;
         let keys = c.queries + c.past;
         let mut rng = Rng::new(c.seed, "qkv");
         let q = tensor::<B, 4>(rng.values(c.batch * c.heads * c.queries * c.head_dim, 2.0), [c.batch, c.heads, c.queries, c.head_dim], device);
@@ -238,7 +254,32 @@ impl Property for AttentionProperty {
             }
         };
         let scale = c.scale_factor / (c.head_dim as f64).sqrt();
-        Ok(vec![("output".into(), to_f32(attention(q, k, v, masked, scale, &Dropout { prob: 0.0 })))])
+        let mut rng = Rng::new(c.seed, "output weights");
+        let weights = tensor::<B, 4>(rng.values(c.batch * c.heads * c.queries * c.head_dim, 1.0), [c.batch, c.heads, c.queries, c.head_dim], device);
+        (q, k, v, masked, scale, weights)
+    }
+}
+
+/// Attention's backward on its own: the gradients of a weighted sum of the output with respect
+/// to queries, keys and values (CUDA's flash backward kernels on the bf16 legs).
+struct AttentionGradientProperty;
+
+impl Property for AttentionGradientProperty {
+    const NAME: &'static str = "attention gradients";
+    const KEY: &'static str = "attention_grad";
+    type Case = AttentionCase;
+
+    fn strategy() -> BoxedStrategy<AttentionCase> {
+        AttentionProperty::strategy()
+    }
+
+    fn outputs<B: Backend>(c: &AttentionCase, device: &B::Device) -> Result<Outputs, String> {
+        let (q, k, v, masked, scale, weights) = c.inputs::<Autodiff<B>>(device);
+        let (q, k, v) = (q.require_grad(), k.require_grad(), v.require_grad());
+        let out = attention(q.clone(), k.clone(), v.clone(), masked, scale, &Dropout { prob: 0.0 });
+        let grads = (out * weights).sum().backward();
+        let grad = |name: &str, t: &Tensor<Autodiff<B>, 4>| (format!("grad {name}"), to_f32(t.grad(&grads).expect("a gradient")));
+        Ok(vec![grad("q", &q), grad("k", &k), grad("v", &v)])
     }
 }
 
@@ -760,7 +801,7 @@ fn env_cases(default: u32) -> u32 {
 /// `LLAVA_JP_FUZZ_ONLY` check read (applies macro `$m` to the property types).
 macro_rules! every_property {
     ($m:ident) => {
-        $m!(ImageProperty, GemmProperty, AttentionProperty, ProjectorProperty, ClipProperty, Gpt2Property, DecodeProperty, LlavaProperty, GradientProperty)
+        $m!(ImageProperty, GemmProperty, AttentionProperty, AttentionGradientProperty, ProjectorProperty, ClipProperty, Gpt2Property, DecodeProperty, LlavaProperty, GradientProperty)
     };
 }
 

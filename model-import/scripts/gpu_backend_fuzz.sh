@@ -13,7 +13,7 @@
 #     bash model-import/scripts/gpu_backend_fuzz.sh OUT_DIR
 #   LEGS="cuda_f32_vs_flex ..." and ONLY="attention gpt2 ..." pick legs and computations;
 #   FUZZ_SECONDS (default 400) is each process's budget, CASES (default 1000) its case cap,
-#   SEED=N replays a generator seed (default random).
+#   SEED=N replays a generator seed (default random), ATTENTION picks LLAVA_JP_ATTENTION.
 set -uo pipefail
 out=${1:?output folder}
 mkdir -p "$out"
@@ -32,9 +32,12 @@ if [ -d .gl ] && ls .gl/*.deb >/dev/null 2>&1; then
 fi
 export LLAVA_JP_FUZZ_CASES=${CASES:-1000} LLAVA_JP_FUZZ_SECONDS=${FUZZ_SECONDS:-400}
 export LLAVA_JP_FUZZ_SEED=${SEED:-random} CUBECL_AUTOTUNE_LEVEL=minimal RAYON_NUM_THREADS=2
+# The flash attention kernels forward and backward (src/flash.rs); ATTENTION=burn or flash to
+# narrow.
+export LLAVA_JP_ATTENTION=${ATTENTION:-flash-train}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 for leg in $legs; do
-  for c in ${ONLY:-image matmul attention projector clip gpt2 decode llava gradients}; do echo "$leg $c"; done
+  for c in ${ONLY:-image matmul attention attention_grad projector clip gpt2 decode llava gradients}; do echo "$leg $c"; done
 done | xargs -P "${JOBS:-64}" -L1 bash -c '
   LLAVA_JP_FUZZ_ONLY=$1 timeout "${LEG_TIMEOUT:-560}" '"$bin"' "$0" --exact --include-ignored --nocapture --test-threads 1 > "'"$logs"'/$0.$1.log" 2>&1
   echo "$0 $1 exit $?" >> "'"$logs"'/status.txt"'

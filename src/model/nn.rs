@@ -110,8 +110,10 @@ pub fn affine<B: Backend, const D: usize>(
 
 /// The one route for attention: `softmax(q kᵀ · scale + mask) v` over
 /// `[batch, heads, tokens, head_dim]`. `masked` is true where a query must not see a key.
-/// `dropout` drops attention probabilities while training (as GPT-2's `attn_dropout` does); the
-/// fused kernel has no dropout, so only that case takes the explicit path.
+/// Without dropout, CUDA takes the flash kernel where it covers the case (`crate::flash`), other
+/// backends burn's fused attention. `dropout` drops attention probabilities while training (as
+/// GPT-2's `attn_dropout` does); neither kernel has dropout, so that case takes the explicit
+/// path.
 pub fn attention<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
@@ -133,7 +135,16 @@ pub fn attention<B: Backend>(
         let _full = autocast(None);
         return attention(q.cast(c), k.cast(c), v.cast(c), masked, scale, dropout).cast(dtype);
     }
-    if dropout.is_active::<B>(&q.device()) {
+    let dropping = dropout.is_active::<B>(&q.device());
+    #[cfg(feature = "cuda")]
+    let (q, k, v, masked) = match dropping {
+        true => (q, k, v, masked),
+        false => match crate::flash::try_attention(q, k, v, masked, scale) {
+            Ok(out) => return out,
+            Err(operands) => operands,
+        },
+    };
+    if dropping {
         let mut scores = q.matmul(k.swap_dims(2, 3)) * scale;
         if let Some(masked) = masked {
             scores = scores.mask_fill(masked, f32::NEG_INFINITY);
