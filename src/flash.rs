@@ -10,12 +10,14 @@
 //!
 //! Covered: queries, keys and values of one dtype (bf16 or f16) with a head width that is a
 //! multiple of 16 up to 128, any strides, and any boolean mask (broadcast views included), on
-//! `Cuda<bf16>` / `Cuda<f16>` / autocast `Cuda<f32>` and on their autodiff backends, where the
+//! `Cuda<bf16>` / `Cuda<f16>` / autocast `Cuda<f32>` and on their autodiff backends (with and
+//! without balanced checkpointing) of GPUs with compute capability 8.0 or more, where the
 //! backward is two more kernels (dQ; dK and dV) that recompute the scores from the forward's
 //! log-sum-exp. Attention dropout is not in the kernels: training with it keeps burn's path.
 //!
 //! Status (H200, 2026-12-02): the backend fuzzer's attention and attention-gradient properties
-//! pass on the bf16 and autocast legs (worst 6.6% and 25% of their tolerances). Speed at batch
+//! (run with `LLAVA_JP_ATTENTION=flash-train`, as `gpu_backend_fuzz.sh` does) pass on the bf16
+//! and autocast legs (worst 6.6% and 25% of their tolerances). Speed at batch
 //! 8 x 1024, causal, head width 128: forward 1.55 ms against burn's 2.06 ms (PyTorch's SDPA:
 //! 0.088 ms), forward and backward 5.7 ms against burn's 4.75 ms (SDPA: 0.55 ms). So the route
 //! is on by default for attention no gradient flows through ([`Route::Forward`]) and opt-in for
@@ -112,6 +114,11 @@ pub fn try_attention<B: Backend>(
 ) -> Result<Tensor<B, 4>, Rejected<B>> {
     let ([b, h, tq, d], [_, _, tk, _]) = (q.dims(), k.dims());
     let dtype = q.dtype();
+    // The type test first, so that other backends never read the route's variable.
+    let fused = std::any::TypeId::of::<B::FloatTensorPrimitive>() == std::any::TypeId::of::<Primitive>();
+    if !fused && !autodiff_cuda::<B>() {
+        return Err((q, k, v, masked));
+    }
     let covered = route() != Route::Burn
         && matches!(dtype, DType::BF16 | DType::F16)
         && k.dtype() == dtype
@@ -120,14 +127,14 @@ pub fn try_attention<B: Backend>(
         && (16..=128).contains(&d)
         && tq > 0
         && tk > 0
-        && b * h <= 65535 // one grid row per (batch, head)
+        && (1..=65535).contains(&(b * h)) // one grid row per (batch, head)
         && k.dims() == [b, h, tk, d]
         && v.dims() == [b, h, tk, d]
-        && masked.as_ref().is_none_or(|m| m.dims() == [b, h, tq, tk]);
+        && masked.as_ref().is_none_or(|m| m.dims() == [b, h, tq, tk])
+        && tensor_cores(&q.device());
     if !covered {
         return Err((q, k, v, masked));
     }
-    let fused = std::any::TypeId::of::<B::FloatTensorPrimitive>() == std::any::TypeId::of::<Primitive>();
     if fused {
         let prim = |t: Tensor<B, 4>| downcast::<_, Primitive>(t.into_primitive().tensor()).ok().unwrap();
         let mask = masked.map(|m| downcast::<_, Primitive>(m.into_primitive()).ok().unwrap());
@@ -136,6 +143,38 @@ pub fn try_attention<B: Backend>(
         return Ok(Tensor::from_primitive(TensorPrimitive::Float(out)));
     }
     autodiff_attention(q, k, v, masked, scale)
+}
+
+/// The CUDA autodiff backends the kernels serve: one list for the test and the dispatch.
+macro_rules! autodiff_cuda_backends {
+    ($m:ident) => {
+        $m!(Cuda<f32>, NoCheckpointing; Cuda<f32>, BalancedCheckpointing; Cuda<bf16>, NoCheckpointing; Cuda<bf16>, BalancedCheckpointing; Cuda<f16>, NoCheckpointing; Cuda<f16>, BalancedCheckpointing)
+    };
+}
+
+fn autodiff_cuda<B: Backend>() -> bool {
+    use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
+    use burn::backend::{Autodiff, Cuda};
+    use burn::tensor::{bf16, f16};
+    macro_rules! any_of {
+        ($($inner:ty, $strategy:ty);*) => { false $(|| std::any::TypeId::of::<B>() == std::any::TypeId::of::<Autodiff<$inner, $strategy>>())* };
+    }
+    autodiff_cuda_backends!(any_of)
+}
+
+/// Whether the device has the tensor-core instructions the kernels use (`mma.sync` m16n8k16 with
+/// bf16, compute capability 8.0 and up); older GPUs keep burn's attention. Asked once per device.
+fn tensor_cores<D: 'static>(device: &D) -> bool {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    static ANSWERS: OnceLock<Mutex<HashMap<usize, bool>>> = OnceLock::new();
+    let Some(index) = (device as &dyn std::any::Any).downcast_ref::<burn::backend::cuda::CudaDevice>().map(|d| d.index) else {
+        return false;
+    };
+    let mut answers = ANSWERS.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+    *answers.entry(index).or_insert_with(|| {
+        cudarc::driver::CudaContext::new(index).and_then(|c| c.compute_capability()).is_ok_and(|(major, _)| major >= 8)
+    })
 }
 
 /// On the autodiff CUDA backends: the flash forward, and its backward when an operand is tracked
@@ -167,7 +206,7 @@ fn autodiff_attention<B: Backend>(
             }
         )*};
     }
-    route!(Cuda<f32>, NoCheckpointing; Cuda<f32>, BalancedCheckpointing; Cuda<bf16>, NoCheckpointing; Cuda<bf16>, BalancedCheckpointing; Cuda<f16>, NoCheckpointing);
+    autodiff_cuda_backends!(route);
     Err((q, k, v, masked))
 }
 

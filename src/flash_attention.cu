@@ -266,7 +266,8 @@ extern "C" __global__ void __launch_bounds__(128) flash_attention_forward(
             m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 1));
             m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 2));
             const float next = fmaxf(row_max[r], m);
-            // A row with every key hidden so far has max -inf: shift by 0 so exp2 gives 0, not NaN.
+            // A row with every key hidden so far has max -inf: shift by 0 so that exp2 gives
+            // 0 here, not NaN.
             shift[r] = next == NEG_INF ? 0.f : next;
             alpha[r] = exp2f(row_max[r] - shift[r]);
             row_max[r] = next;
@@ -297,7 +298,9 @@ extern "C" __global__ void __launch_bounds__(128) flash_attention_forward(
         float sum = row_sum[r];
         sum += __shfl_xor_sync(0xffffffff, sum, 1);
         sum += __shfl_xor_sync(0xffffffff, sum, 2);
-        inv[r] = 1.f / sum;
+        // A row that sees no key at all gets 0 (as burn's attention gives), not 0/0; its delta
+        // is then 0 and no NaN reaches the backward.
+        inv[r] = sum > 0.f ? 1.f / sum : 0.f;
         // The row's log-sum-exp in the scaled base-2 domain, for the backward pass.
         if (rows[r] < p.queries && t == 0) lse[bh * p.queries + rows[r]] = sum > 0.f ? row_max[r] + log2f(sum) : NEG_INF;
     }

@@ -261,7 +261,8 @@ impl AttentionCase {
 }
 
 /// Attention's backward on its own: the gradients of a weighted sum of the output with respect
-/// to queries, keys and values (CUDA's flash backward kernels on the bf16 legs).
+/// to queries, keys and values (on the bf16 CUDA legs, CUDA's flash backward kernels when
+/// `LLAVA_JP_ATTENTION=flash-train`, as `gpu_backend_fuzz.sh` sets it; burn's otherwise).
 struct AttentionGradientProperty;
 
 impl Property for AttentionGradientProperty {
