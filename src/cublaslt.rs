@@ -77,7 +77,8 @@ pub fn set_enabled(on: bool) {
     ENABLED.store(on as u8, std::sync::atomic::Ordering::Relaxed);
 }
 
-fn downcast<T: 'static, U: 'static>(value: T) -> Result<U, T> {
+/// `value` as a `U` when `T` is `U` (for backend-generic code that takes a CUDA-only path).
+pub(crate) fn downcast<T: 'static, U: 'static>(value: T) -> Result<U, T> {
     let boxed: Box<dyn Any> = Box::new(value);
     match boxed.downcast::<U>() {
         Ok(u) => Ok(*u),

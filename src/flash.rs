@@ -44,6 +44,8 @@ use burn_cubecl::CubeBackend;
 use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{FusionRuntime, FusionTensor};
 
+use crate::cublaslt::downcast;
+
 type Inner = CubeBackend<CudaRuntime, f32, i32, u8>;
 type Runtime = FusionCubeRuntime<CudaRuntime>;
 /// The float and bool primitive of `Cuda<_>`.
@@ -93,13 +95,6 @@ pub fn set_route(route: Route) {
     ROUTE.store(route as u8, Ordering::Relaxed);
 }
 
-fn downcast<T: 'static, U: 'static>(value: T) -> Result<U, T> {
-    let mut slot = Some(value);
-    match (&mut slot as &mut dyn std::any::Any).downcast_mut::<Option<U>>() {
-        Some(u) => Ok(u.take().unwrap()),
-        None => Err(slot.unwrap()),
-    }
-}
 
 type Rejected<B> = (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>, Option<Tensor<B, 4, Bool>>);
 
@@ -305,11 +300,11 @@ impl Operation<Runtime> for FlashForward {
         let mask = self.with_mask.then(|| handles.get_bool_tensor::<Inner>(&inputs[3]));
         let [b, h, tq, d]: [usize; 4] = q.meta.shape().to_vec().try_into().expect("4-d queries");
         let out = empty(&q, [b, h, tq, d], q.dtype);
-        let lse = empty(&q, [b, h, tq, 1], DType::F32);
+        let lse = empty(&q, [b, h, tq], DType::F32);
         let operands = Operands { q: &q, k: &k, v: &v, mask: mask.as_ref(), grad: None, scale: self.scale };
         launch(Kernel::Forward, &operands, vec![&out, &lse], tq);
         handles.register_float_tensor::<Inner>(&self.desc.outputs[0].id, out);
-        handles.register_float_tensor::<Inner>(&self.desc.outputs[1].id, reshape(lse, [b, h, tq]));
+        handles.register_float_tensor::<Inner>(&self.desc.outputs[1].id, lse);
     }
 }
 
@@ -343,32 +338,25 @@ impl Operation<Runtime> for FlashBackward {
 
 type Cube = CubeTensor<CudaRuntime>;
 
+/// Row-major (contiguous) strides of `shape`.
+fn row_major<const N: usize>(shape: [usize; N]) -> [usize; N] {
+    let mut strides = [1; N];
+    for i in (0..N.saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1];
+    }
+    strides
+}
+
 /// A new contiguous tensor on `like`'s device.
 fn empty<const N: usize>(like: &Cube, shape: [usize; N], dtype: DType) -> Cube {
     let handle = like.client.empty(shape.iter().product::<usize>() * dtype.size());
-    let mut strides = [1; N];
-    for i in (0..N.saturating_sub(1)).rev() {
-        strides[i] = strides[i + 1] * shape[i + 1];
-    }
-    CubeTensor::new(like.client.clone(), handle, burn_std::Metadata::new(Shape::new(shape), strides), like.device.clone(), dtype)
+    CubeTensor::new(like.client.clone(), handle, burn_std::Metadata::new(Shape::new(shape), row_major(shape)), like.device.clone(), dtype)
 }
 
-fn reshape<const N: usize>(tensor: Cube, shape: [usize; N]) -> Cube {
-    let mut strides = [1; N];
-    for i in (0..N.saturating_sub(1)).rev() {
-        strides[i] = strides[i + 1] * shape[i + 1];
-    }
-    CubeTensor::new(tensor.client.clone(), tensor.handle, burn_std::Metadata::new(Shape::new(shape), strides), tensor.device, tensor.dtype)
-}
-
-/// The per-row f32 vectors are read as contiguous `[batch * heads, queries]`.
+/// The per-row f32 vectors (`[batch, heads, queries]`) are read as contiguous.
 fn contiguous(tensor: Cube) -> Cube {
-    let shape = tensor.meta.shape().to_vec();
-    let mut expected = vec![1; shape.len()];
-    for i in (0..shape.len().saturating_sub(1)).rev() {
-        expected[i] = expected[i + 1] * shape[i + 1];
-    }
-    if tensor.meta.strides().iter().zip(&expected).all(|(s, e)| s == e) { tensor } else { into_contiguous(tensor) }
+    let shape: [usize; 3] = tensor.meta.shape().to_vec().try_into().expect("[batch, heads, queries]");
+    if tensor.meta.strides().iter().eq(row_major(shape).iter()) { tensor } else { into_contiguous(tensor) }
 }
 
 /// What every kernel reads: the forward's operands, the mask, the output's gradient (backward).
