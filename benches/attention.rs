@@ -2,7 +2,8 @@
 //! (`src/flash.rs`), in one run, with the largest difference between the two outputs. Needs an
 //! NVIDIA GPU; `model-import/scripts/bench_attention.py` times PyTorch's SDPA at the same shapes.
 //!
-//!     cargo bench --bench attention [-- --dtype bf16 --iters 20 --forward-only]
+//!     cargo bench --bench attention [-- --dtype bf16 --iters 20 --forward-only --flash-train-only
+//!         --shapes train,prefill,clip,decode --dropout 0.1]
 //!
 //! Prints one JSON line per shape: milliseconds of each route and their ratio, for the forward
 //! alone and for forward and backward (training; not for the decode shape).
@@ -30,6 +31,11 @@ fn main() {
     let iters: usize = value("--iters").map_or(20, |v| v.parse().expect("--iters: a number"));
     // Forward only: skips the training timings (each compiles burn's backward kernels anew).
     let forward_only = args.iter().any(|a| a == "--forward-only");
+    // Training timed through the flash kernels only: burn's backward kernels take minutes to
+    // compile on a fresh machine, and their time does not change with ours.
+    let flash_train_only = args.iter().any(|a| a == "--flash-train-only");
+    // Shapes whose name contains one of these words (default: all).
+    let wanted = value("--shapes");
     let device = CudaDevice::default();
     // (name, batch, heads, queries, keys, head_dim, causal): llm-jp-1.3b training and prefill
     // with GPT-2's causal mask (padding included), CLIP ViT-L/14-336's unmasked attention over
@@ -41,7 +47,13 @@ fn main() {
         ("llm decode 1 vs 600", 1, 16, 1, 600, 128, true),
     ];
     let no_dropout = Dropout { prob: 0.0 };
+    // Attention dropout in the training timings (GPT-2's `attn_pdrop`; llm-jp-1.3b trains with
+    // 0.1): the flash kernels drop in place, burn's route writes the dropped scores out.
+    let train_dropout = Dropout { prob: value("--dropout").map_or(0.0, |v| v.parse().expect("--dropout: a probability")) };
     for (name, b, h, tq, tk, d, causal) in shapes {
+        if wanted.as_ref().is_some_and(|w| !w.split(',').any(|word| name.contains(word))) {
+            continue;
+        }
         let qkv = |t: usize| Tensor::<B, 4>::random([b, h, t, d], Distribution::Normal(0.0, 1.0), &device).cast(dtype);
         let (q, k, v) = (qkv(tq), qkv(tk), qkv(tk));
         let mask = causal.then(|| attention_mask(Tensor::<B, 2, Bool>::full([b, tk], true, &device), tq, h));
@@ -50,7 +62,7 @@ fn main() {
         let mut ms = [0.0f64; 2];
         let mut outputs = Vec::new();
         for (route, flash) in [(0, false), (1, true)] {
-            llava_jp::flash::set_route(if flash { Route::Forward } else { Route::Burn });
+            llava_jp::flash::set_route(if flash { Route::Inference } else { Route::Burn });
             for _ in 0..3 {
                 let _ = run();
             }
@@ -70,10 +82,13 @@ fn main() {
             let mask = mask.clone().map(Tensor::<AD, 4, Bool>::from_inner);
             let step = || {
                 let (q, k, v) = (lift(&q), lift(&k), lift(&v));
-                let grads = attention(q.clone(), k.clone(), v.clone(), mask.clone(), scale, &no_dropout).sum().backward();
+                let grads = attention(q.clone(), k.clone(), v.clone(), mask.clone(), scale, &train_dropout).sum().backward();
                 (q.grad(&grads), k.grad(&grads), v.grad(&grads))
             };
             for (route, flash) in [(0, false), (1, true)] {
+                if flash_train_only && !flash {
+                    continue;
+                }
                 llava_jp::flash::set_route(if flash { Route::Training } else { Route::Burn });
                 for _ in 0..3 {
                     let _ = step();
@@ -93,7 +108,7 @@ fn main() {
             "{}",
             serde_json::json!({
                 "shape": name, "batch": b, "heads": h, "queries": tq, "keys": tk, "head_dim": d, "causal": causal,
-                "dtype": format!("{dtype:?}"), "burn_ms": ms[0], "flash_ms": ms[1], "speedup": ms[0] / ms[1],
+                "dtype": format!("{dtype:?}"), "train_dropout": train_dropout.prob, "burn_ms": ms[0], "flash_ms": ms[1], "speedup": ms[0] / ms[1],
                 "train_burn_ms": train_ms[0], "train_flash_ms": train_ms[1], "train_speedup": train_ms[0] / train_ms[1],
                 "max_abs_diff": diff, "max_abs_burn": scale_out,
             })

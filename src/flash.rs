@@ -13,16 +13,18 @@
 //! `Cuda<bf16>` / `Cuda<f16>` / autocast `Cuda<f32>` and on their autodiff backends (with and
 //! without balanced checkpointing) of GPUs with compute capability 8.0 or more, where the
 //! backward is two more kernels (dQ; dK and dV) that recompute the scores from the forward's
-//! log-sum-exp. Attention dropout is not in the kernels: training with it keeps burn's path.
+//! log-sum-exp. Attention dropout is in the kernels, as [`SeededDropout`] describes it (a hash
+//! of a seed drawn on the device and each probability's place decides), so the backward drops
+//! the same probabilities without a stored mask.
 //!
-//! Status (H200, 2026-12-02): the backend fuzzer's attention and attention-gradient properties
-//! (run with `LLAVA_JP_ATTENTION=flash-train`, as `gpu_backend_fuzz.sh` does) pass on the bf16
-//! and autocast legs (worst 6.6% and 25% of their tolerances). Speed at batch
-//! 8 x 1024, causal, head width 128: forward 1.55 ms against burn's 2.06 ms (PyTorch's SDPA:
-//! 0.088 ms), forward and backward 5.7 ms against burn's 4.75 ms (SDPA: 0.55 ms). So the route
-//! is on by default for attention no gradient flows through ([`Route::Forward`]) and opt-in for
-//! training (`LLAVA_JP_ATTENTION=flash-train`) until the kernels are tuned (causal tile skipping,
-//! `ldmatrix`, asynchronous copies, fewer registers per thread).
+//! Status (H200, 2026-12-02): the backend fuzzer's attention, attention-gradient and
+//! attention-with-dropout properties pass on the bf16 and autocast legs (worst 31% of their
+//! tolerances). Speed at batch 8 x 1024, causal, head width 128: forward 0.94 ms against burn's
+//! 2.07 ms (PyTorch's SDPA: 0.088 ms), forward and backward 3.0 ms against burn's 4.75 ms (SDPA:
+//! 0.55 ms), 3.1 ms with dropout 0.1 (SDPA: 0.63 ms); CLIP's 8 x 577 x 64 forward 0.25 ms
+//! against burn's 0.92 ms. A full-size stage-2 step keeps its time (0.78 s, bound elsewhere) and
+//! peaks at 69 GiB instead of 89. So the route is on everywhere by default ([`Route::Training`]);
+//! what is left is asynchronous tile copies, larger query tiles and a decode kernel.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -45,6 +47,7 @@ use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{FusionRuntime, FusionTensor};
 
 use crate::cublaslt::downcast;
+use crate::model::nn::{AttentionDropout, SeededDropout};
 
 type Inner = CubeBackend<CudaRuntime, f32, i32, u8>;
 type Runtime = FusionCubeRuntime<CudaRuntime>;
@@ -63,31 +66,31 @@ pub enum Route {
     /// None: burn's attention everywhere.
     Burn,
     /// Attention no gradient flows through (inference, a frozen vision tower while training).
-    Forward,
-    /// Training's too, through the backward kernels (slower than burn's path as they stand).
+    Inference,
+    /// Training's too, through the backward kernels, dropout included.
     Training,
 }
 
 static ROUTE: AtomicU8 = AtomicU8::new(UNSET);
 const UNSET: u8 = u8::MAX;
 
-/// The route: `LLAVA_JP_ATTENTION` = `flash` (the default: [`Route::Forward`]), `flash-train`
-/// ([`Route::Training`]) or `burn`, unless [`set_route`] said otherwise.
+/// The route: `LLAVA_JP_ATTENTION` = `flash` (the default: [`Route::Training`]),
+/// `flash-inference` ([`Route::Inference`]) or `burn`, unless [`set_route`] said otherwise.
 pub fn route() -> Route {
     let code = match ROUTE.load(Ordering::Relaxed) {
         UNSET => {
             let route = match std::env::var("LLAVA_JP_ATTENTION").as_deref() {
-                Ok("flash") | Err(_) => Route::Forward,
-                Ok("flash-train") => Route::Training,
+                Ok("flash") | Err(_) => Route::Training,
+                Ok("flash-inference") => Route::Inference,
                 Ok("burn") => Route::Burn,
-                Ok(other) => panic!("LLAVA_JP_ATTENTION={other}: expected `flash`, `flash-train` or `burn`"),
+                Ok(other) => panic!("LLAVA_JP_ATTENTION={other}: expected `flash`, `flash-inference` or `burn`"),
             };
             set_route(route);
             return route;
         }
         code => code,
     };
-    [Route::Burn, Route::Forward, Route::Training][code as usize]
+    [Route::Burn, Route::Inference, Route::Training][code as usize]
 }
 
 /// Sets the route for the whole process (benchmarks compare them).
@@ -98,14 +101,16 @@ pub fn set_route(route: Route) {
 
 type Rejected<B> = (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>, Option<Tensor<B, 4, Bool>>);
 
-/// `softmax(q kᵀ · scale, hidden where masked) v` by the flash kernel when `B` and the operands
-/// are ones it covers (see the module's notes); the operands come back untouched otherwise.
+/// `softmax(q kᵀ · scale, hidden where masked) v`, with `dropout`, by the flash kernel when `B`
+/// and the operands are ones it covers (see the module's notes; random dropout only on the
+/// training route); the operands come back untouched otherwise.
 pub fn try_attention<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
     masked: Option<Tensor<B, 4, Bool>>,
     scale: f64,
+    dropout: AttentionDropout,
 ) -> Result<Tensor<B, 4>, Rejected<B>> {
     let ([b, h, tq, d], [_, _, tk, _]) = (q.dims(), k.dims());
     let dtype = q.dtype();
@@ -126,19 +131,37 @@ pub fn try_attention<B: Backend>(
         && k.dims() == [b, h, tk, d]
         && v.dims() == [b, h, tk, d]
         && masked.as_ref().is_none_or(|m| m.dims() == [b, h, tq, tk])
+        && match dropout {
+            AttentionDropout::None => true,
+            AttentionDropout::Random(prob) => route() == Route::Training && (0.0..1.0).contains(&prob),
+            AttentionDropout::Seeded(d) => (0.0..1.0).contains(&d.prob),
+        }
         && tensor_cores(&q.device());
     if !covered {
         return Err((q, k, v, masked));
     }
+    // The dropout's seed as two 32-bit words on the device: drawn there from the backend's
+    // generator (seeded runs repeat, and no value comes back to the host), or as given.
+    let device = q.device();
+    let seed_words = |words: [u32; 2]| Tensor::<B, 1, Int>::from_data(TensorData::new(words.map(|w| w as i32).to_vec(), [2]), &device);
+    let dropout = match dropout {
+        AttentionDropout::None => None,
+        AttentionDropout::Random(prob) => Some((prob, Tensor::<B, 1, Int>::random([2], burn::tensor::Distribution::Uniform(0.0, 2_147_483_647.0), &device))),
+        AttentionDropout::Seeded(d) => Some((d.prob, seed_words(d.seed))),
+    };
+    let dropout = dropout.map(|(prob, seed)| (prob, downcast::<_, Primitive>(seed.into_primitive()).ok().unwrap()));
     if fused {
         let prim = |t: Tensor<B, 4>| downcast::<_, Primitive>(t.into_primitive().tensor()).ok().unwrap();
         let mask = masked.map(|m| downcast::<_, Primitive>(m.into_primitive()).ok().unwrap());
-        let out = register_forward(prim(q), prim(k), prim(v), mask, scale).0;
+        let out = register_forward(prim(q), prim(k), prim(v), mask, dropout, scale).0;
         let out = downcast::<Primitive, B::FloatTensorPrimitive>(out).ok().unwrap();
         return Ok(Tensor::from_primitive(TensorPrimitive::Float(out)));
     }
-    autodiff_attention(q, k, v, masked, scale)
+    autodiff_attention(q, k, v, masked, dropout, scale)
 }
+
+/// Dropout as the kernels take it: the probability and the seed's two words on the device.
+type KernelDropout = Option<(f64, Primitive)>;
 
 /// The CUDA autodiff backends the kernels serve: one list for the test and the dispatch.
 macro_rules! autodiff_cuda_backends {
@@ -179,6 +202,7 @@ fn autodiff_attention<B: Backend>(
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
     masked: Option<Tensor<B, 4, Bool>>,
+    dropout: KernelDropout,
     scale: f64,
 ) -> Result<Tensor<B, 4>, Rejected<B>> {
     use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
@@ -195,7 +219,7 @@ fn autodiff_attention<B: Backend>(
                     return Err((back(pq), back(pk), back(pv), masked));
                 }
                 let mask = masked.map(|m| downcast::<_, Primitive>(m.into_primitive()).ok().unwrap());
-                let out = autodiff::attention::<$inner, $strategy>(pq, pk, pv, mask, scale);
+                let out = autodiff::attention::<$inner, $strategy>(pq, pk, pv, mask, dropout, scale);
                 let out = downcast::<P, B::FloatTensorPrimitive>(out).ok().unwrap();
                 return Ok(Tensor::from_primitive(TensorPrimitive::Float(out)));
             }
@@ -225,21 +249,25 @@ impl Kernel {
 
 /// Queues the forward on the fused backend's stream as a custom operation: the output and the
 /// rows' log-sum-exp (f32 `[batch, heads, queries]`, for the backward).
-fn register_forward(q: Primitive, k: Primitive, v: Primitive, mask: Option<Primitive>, scale: f64) -> (Primitive, Primitive) {
+fn register_forward(q: Primitive, k: Primitive, v: Primitive, mask: Option<Primitive>, dropout: KernelDropout, scale: f64) -> (Primitive, Primitive) {
     let client = q.client.clone();
     let shape = q.shape.clone();
     let [b, h, tq, _]: [usize; 4] = shape.to_vec().try_into().expect("4-d queries");
     let dtype = q.dtype;
+    let (drop_prob, seed) = split(dropout);
     let mut inputs = vec![&q, &k, &v];
     inputs.extend(mask.as_ref());
+    inputs.extend(seed.as_ref());
     let streams = OperationStreams::with_inputs(inputs);
     let out = TensorIr::uninit(client.create_empty_handle(), shape, dtype);
     let lse = TensorIr::uninit(client.create_empty_handle(), Shape::new([b, h, tq]), DType::F32);
     let with_mask = mask.is_some();
     let mut irs = vec![q.into_ir(), k.into_ir(), v.into_ir()];
     irs.extend(mask.map(|m| m.into_ir()));
+    irs.extend(seed.map(|s| s.into_ir()));
     let desc = CustomOpIr::new("flash_attention_forward", &irs, &[out, lse]);
-    let mut outputs = client.register(streams, OperationIr::Custom(desc.clone()), FlashForward { desc, with_mask, scale });
+    let op = FlashForward { desc: desc.clone(), with_mask, drop_prob, scale };
+    let mut outputs = client.register(streams, OperationIr::Custom(desc), op);
     let lse = outputs.pop().expect("two outputs");
     (outputs.pop().expect("two outputs"), lse)
 }
@@ -252,6 +280,7 @@ fn register_backward(
     k: Primitive,
     v: Primitive,
     mask: Option<Primitive>,
+    dropout: KernelDropout,
     out: Primitive,
     lse: Primitive,
     grad: Primitive,
@@ -268,8 +297,10 @@ fn register_backward(
     let client = q.client.clone();
     let dtype = q.dtype;
     let (q_shape, k_shape) = (q.shape.clone(), k.shape.clone());
+    let (drop_prob, seed) = split(dropout);
     let mut inputs = vec![&q, &k, &v, &grad, &lse, &delta];
     inputs.extend(mask.as_ref());
+    inputs.extend(seed.as_ref());
     let streams = OperationStreams::with_inputs(inputs);
     let dq = TensorIr::uninit(client.create_empty_handle(), q_shape, dtype);
     let dk = TensorIr::uninit(client.create_empty_handle(), k_shape.clone(), dtype);
@@ -277,17 +308,26 @@ fn register_backward(
     let with_mask = mask.is_some();
     let mut irs = vec![q.into_ir(), k.into_ir(), v.into_ir(), grad.into_ir(), lse.into_ir(), delta.into_ir()];
     irs.extend(mask.map(|m| m.into_ir()));
+    irs.extend(seed.map(|s| s.into_ir()));
     let desc = CustomOpIr::new("flash_attention_backward", &irs, &[dq, dk, dv]);
-    let mut outputs = client.register(streams, OperationIr::Custom(desc.clone()), FlashBackward { desc, with_mask, scale });
+    let op = FlashBackward { desc: desc.clone(), with_mask, drop_prob, scale };
+    let mut outputs = client.register(streams, OperationIr::Custom(desc), op);
     let dv = outputs.pop().expect("three outputs");
     let dk = outputs.pop().expect("three outputs");
     (outputs.pop().expect("three outputs"), dk, dv)
+}
+
+/// The dropout probability (0 without) and the seed, apart.
+fn split(dropout: KernelDropout) -> (f64, Option<Primitive>) {
+    dropout.map_or((0.0, None), |(prob, seed)| (prob, Some(seed)))
 }
 
 #[derive(Debug)]
 struct FlashForward {
     desc: CustomOpIr,
     with_mask: bool,
+    /// With dropout (more than 0), the seed is the input after the mask.
+    drop_prob: f64,
     scale: f64,
 }
 
@@ -298,10 +338,12 @@ impl Operation<Runtime> for FlashForward {
         let k = handles.get_float_tensor::<Inner>(&inputs[1]);
         let v = handles.get_float_tensor::<Inner>(&inputs[2]);
         let mask = self.with_mask.then(|| handles.get_bool_tensor::<Inner>(&inputs[3]));
+        let seed = (self.drop_prob > 0.0).then(|| handles.get_int_tensor::<Inner>(&inputs[3 + self.with_mask as usize]));
         let [b, h, tq, d]: [usize; 4] = q.meta.shape().to_vec().try_into().expect("4-d queries");
         let out = empty(&q, [b, h, tq, d], q.dtype);
         let lse = empty(&q, [b, h, tq], DType::F32);
-        let operands = Operands { q: &q, k: &k, v: &v, mask: mask.as_ref(), grad: None, scale: self.scale };
+        let dropout = seed.as_ref().map(|s| (self.drop_prob, s));
+        let operands = Operands { q: &q, k: &k, v: &v, mask: mask.as_ref(), dropout, grad: None, scale: self.scale };
         launch(Kernel::Forward, &operands, vec![&out, &lse], tq);
         handles.register_float_tensor::<Inner>(&self.desc.outputs[0].id, out);
         handles.register_float_tensor::<Inner>(&self.desc.outputs[1].id, lse);
@@ -312,6 +354,7 @@ impl Operation<Runtime> for FlashForward {
 struct FlashBackward {
     desc: CustomOpIr,
     with_mask: bool,
+    drop_prob: f64,
     scale: f64,
 }
 
@@ -322,12 +365,14 @@ impl Operation<Runtime> for FlashBackward {
         let (q, k, v, grad) = (get(0), get(1), get(2), get(3));
         let (lse, delta) = (contiguous(get(4)), contiguous(get(5)));
         let mask = self.with_mask.then(|| handles.get_bool_tensor::<Inner>(&inputs[6]));
+        let seed = (self.drop_prob > 0.0).then(|| handles.get_int_tensor::<Inner>(&inputs[6 + self.with_mask as usize]));
         let [b, h, tq, d]: [usize; 4] = q.meta.shape().to_vec().try_into().expect("4-d queries");
         let tk = k.meta.shape()[2];
         let dq = empty(&q, [b, h, tq, d], q.dtype);
         let dk = empty(&q, [b, h, tk, d], q.dtype);
         let dv = empty(&q, [b, h, tk, d], q.dtype);
-        let operands = Operands { q: &q, k: &k, v: &v, mask: mask.as_ref(), grad: Some(&grad), scale: self.scale };
+        let dropout = seed.as_ref().map(|s| (self.drop_prob, s));
+        let operands = Operands { q: &q, k: &k, v: &v, mask: mask.as_ref(), dropout, grad: Some(&grad), scale: self.scale };
         launch(Kernel::BackwardDq, &operands, vec![&lse, &delta, &dq], tq);
         launch(Kernel::BackwardDkDv, &operands, vec![&lse, &delta, &dk, &dv], tk);
         for (output, tensor) in self.desc.outputs.iter().zip([dq, dk, dv]) {
@@ -359,12 +404,14 @@ fn contiguous(tensor: Cube) -> Cube {
     if tensor.meta.strides().iter().eq(row_major(shape).iter()) { tensor } else { into_contiguous(tensor) }
 }
 
-/// What every kernel reads: the forward's operands, the mask, the output's gradient (backward).
+/// What every kernel reads: the forward's operands, the mask, the dropout's probability and
+/// seed, the output's gradient (backward).
 struct Operands<'a> {
     q: &'a Cube,
     k: &'a Cube,
     v: &'a Cube,
     mask: Option<&'a Cube>,
+    dropout: Option<(f64, &'a Cube)>,
     grad: Option<&'a Cube>,
     scale: f64,
 }
@@ -386,8 +433,12 @@ fn launch(kernel: Kernel, ops: &Operands, outputs: Vec<&Cube>, rows: usize) {
     }
     info.push(((ops.scale * std::f64::consts::LOG2_E) as f32).to_bits() as u64);
     info.push((ops.scale as f32).to_bits() as u64);
-    // Without a mask the kernel never reads its argument; any live buffer fills the slot.
-    let mut buffers = vec![ops.q, ops.k, ops.v, ops.mask.unwrap_or(ops.q)];
+    let drop_prob = ops.dropout.map_or(0.0, |(prob, _)| prob);
+    info.push(SeededDropout::drop_below(drop_prob) as u64);
+    info.push(((1.0 / (1.0 - drop_prob)) as f32).to_bits() as u64);
+    // Without a mask (or dropout) the kernel never reads that argument; any live buffer fills
+    // the slot.
+    let mut buffers = vec![ops.q, ops.k, ops.v, ops.mask.unwrap_or(ops.q), ops.dropout.map_or(ops.q, |(_, seed)| seed)];
     buffers.extend(ops.grad);
     buffers.extend(outputs);
     let mut args = KernelArguments::new();
@@ -395,24 +446,32 @@ fn launch(kernel: Kernel, ops: &Operands, outputs: Vec<&Cube>, rows: usize) {
     // All of it static: cubecl would pass a dynamic part as one more buffer argument.
     let words = info.len();
     args.info = MetadataBindingInfo::new(info, words);
-    let task = FlashTask { kernel, head_dim: d, bf16: ops.q.dtype == DType::BF16, mask_bytes: ops.mask.map_or(0, |m| m.dtype.size()) };
+    let task = FlashTask {
+        kernel,
+        head_dim: d,
+        bf16: ops.q.dtype == DType::BF16,
+        mask_bytes: ops.mask.map_or(0, |m| m.dtype.size()),
+        dropout: ops.dropout.is_some(),
+    };
     let count = CubeCount::Static(rows.div_ceil(BLOCK) as u32, (b * h) as u32, 1);
     ops.q.client.launch(Box::new(task), count, args);
 }
 
-/// One kernel of `SOURCE` for one head width, operand type and mask type: the source behind
-/// three `#define`s.
+/// One kernel of `SOURCE` for one head width, operand type, mask type and dropout or not: the
+/// source behind four `#define`s.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct FlashTask {
     kernel: Kernel,
     head_dim: usize,
     bf16: bool,
     mask_bytes: usize,
+    dropout: bool,
 }
 
 impl FlashTask {
     fn source(&self) -> String {
-        format!("#define HEAD_DIM {}\n#define IS_BF16 {}\n#define MASK_BYTES {}\n{SOURCE}", self.head_dim, self.bf16 as u8, self.mask_bytes)
+        let (d, bf16, mask, dropout) = (self.head_dim, self.bf16 as u8, self.mask_bytes, self.dropout as u8);
+        format!("#define HEAD_DIM {d}\n#define IS_BF16 {bf16}\n#define MASK_BYTES {mask}\n#define DROPOUT {dropout}\n{SOURCE}")
     }
 }
 
@@ -420,7 +479,12 @@ impl FlashTask {
 /// served from cubecl's on-disk PTX cache.
 fn source_hash() -> u64 {
     static HASH: OnceLock<u64> = OnceLock::new();
-    *HASH.get_or_init(|| SOURCE.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3)))
+    *HASH.get_or_init(|| fnv1a(SOURCE))
+}
+
+/// FNV-1a, 64 bits: what a hand-written kernel's id carries of its source.
+fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
 }
 
 impl KernelMetadata for FlashTask {
@@ -441,32 +505,46 @@ impl CubeTask<CudaCompiler> for FlashTask {
         mode: ExecutionMode,
         address_type: StorageType,
     ) -> Result<CompiledKernel<CudaCompiler>, CompilationError> {
-        // cubecl wants its own representation beside the source (it reads the dynamic shared
-        // memory size from it): an empty kernel's, since ours use static shared memory only.
-        let empty = KernelDefinition {
-            buffers: vec![],
-            tensor_maps: vec![],
-            scalars: vec![],
-            cube_dim: CubeDim::new_1d(THREADS),
-            body: Scope::root(false),
-            options: KernelOptions { kernel_name: self.kernel.entry().into(), debug_symbols: false, cluster_dim: None },
-        };
-        let repr = compiler.compile(empty, options, mode, address_type)?;
-        Ok(CompiledKernel {
-            entrypoint_name: self.kernel.entry().into(),
-            debug_name: Some("llava_jp::flash::FlashTask"),
-            source: self.source(),
-            repr: Some(repr),
-            cube_dim: CubeDim::new_1d(THREADS),
-            debug_info: None,
-        })
+        compile_source(compiler, options, mode, address_type, self.kernel.entry(), self.source(), THREADS)
     }
+}
+
+/// A kernel of our own CUDA C++ `source` (entry point `entry`, `threads` per block, static
+/// shared memory only) as cubecl's compiler hands kernels on: NVRTC compiles the source, and
+/// cubecl wants its own representation beside it (it reads the dynamic shared memory size
+/// from it), which is an empty kernel's.
+fn compile_source(
+    compiler: &mut CudaCompiler,
+    options: &<CudaCompiler as Compiler>::CompilationOptions,
+    mode: ExecutionMode,
+    address_type: StorageType,
+    entry: &str,
+    source: String,
+    threads: u32,
+) -> Result<CompiledKernel<CudaCompiler>, CompilationError> {
+    let empty = KernelDefinition {
+        buffers: vec![],
+        tensor_maps: vec![],
+        scalars: vec![],
+        cube_dim: CubeDim::new_1d(threads),
+        body: Scope::root(false),
+        options: KernelOptions { kernel_name: entry.into(), debug_symbols: false, cluster_dim: None },
+    };
+    let repr = compiler.compile(empty, options, mode, address_type)?;
+    Ok(CompiledKernel {
+        entrypoint_name: entry.into(),
+        debug_name: Some("llava_jp custom CUDA kernel"),
+        source,
+        repr: Some(repr),
+        cube_dim: CubeDim::new_1d(threads),
+        debug_info: None,
+    })
 }
 
 /// Training: the attention as an autodiff operation whose backward is the two flash backward
 /// kernels. The state keeps the operands, the output and the log-sum-exp (no scores).
 mod autodiff {
-    use super::{register_backward, register_forward, Primitive};
+    use super::{register_backward, register_forward, KernelDropout, Primitive};
     use burn::backend::autodiff::checkpoint::base::Checkpointer;
     use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
     use burn::backend::autodiff::grads::Gradients;
@@ -484,6 +562,7 @@ mod autodiff {
         k: Primitive,
         v: Primitive,
         mask: Option<Primitive>,
+        dropout: KernelDropout,
         out: Primitive,
         lse: Primitive,
         scale: f64,
@@ -495,7 +574,7 @@ mod autodiff {
         fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
             let grad = grads.consume::<B>(&ops.node);
             let s = ops.state;
-            let (dq, dk, dv) = register_backward(s.q, s.k, s.v, s.mask, s.out, s.lse, grad, s.scale);
+            let (dq, dk, dv) = register_backward(s.q, s.k, s.v, s.mask, s.dropout, s.out, s.lse, grad, s.scale);
             for (parent, grad) in ops.parents.into_iter().zip([dq, dk, dv]) {
                 if let Some(node) = parent {
                     grads.register::<B>(node.id, grad);
@@ -510,6 +589,7 @@ mod autodiff {
         k: FloatTensor<Autodiff<B, C>>,
         v: FloatTensor<Autodiff<B, C>>,
         mask: Option<Primitive>,
+        dropout: KernelDropout,
         scale: f64,
     ) -> FloatTensor<Autodiff<B, C>>
     where
@@ -518,11 +598,11 @@ mod autodiff {
     {
         match FlashAttentionBackward.prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
-                let (out, lse) = register_forward(q.primitive.clone(), k.primitive.clone(), v.primitive.clone(), mask.clone(), scale);
-                let state = State { q: q.primitive, k: k.primitive, v: v.primitive, mask, out: out.clone(), lse, scale };
+                let (out, lse) = register_forward(q.primitive.clone(), k.primitive.clone(), v.primitive.clone(), mask.clone(), dropout.clone(), scale);
+                let state = State { q: q.primitive, k: k.primitive, v: v.primitive, mask, dropout, out: out.clone(), lse, scale };
                 prep.finish(state, out)
             }
-            OpsKind::UnTracked(prep) => prep.finish(register_forward(q.primitive, k.primitive, v.primitive, mask, scale).0),
+            OpsKind::UnTracked(prep) => prep.finish(register_forward(q.primitive, k.primitive, v.primitive, mask, dropout, scale).0),
         }
     }
 }
@@ -536,15 +616,16 @@ mod tests {
     #[test]
     fn tasks_compile_to_our_source() {
         for kernel in [Kernel::Forward, Kernel::BackwardDq, Kernel::BackwardDkDv] {
-            let task = FlashTask { kernel, head_dim: 64, bf16: true, mask_bytes: 1 };
+            let task = FlashTask { kernel, head_dim: 64, bf16: true, mask_bytes: 1, dropout: true };
             let compiled = task
                 .compile(&mut CudaCompiler::default(), &Default::default(), ExecutionMode::Checked, task.address_type())
                 .expect("compiles");
             assert_eq!(compiled.entrypoint_name, kernel.entry());
             assert_eq!(compiled.repr.expect("a representation").shared_memory_size(), 0);
-            assert!(compiled.source.starts_with("#define HEAD_DIM 64\n#define IS_BF16 1\n#define MASK_BYTES 1\n"));
+            assert!(compiled.source.starts_with("#define HEAD_DIM 64\n#define IS_BF16 1\n#define MASK_BYTES 1\n#define DROPOUT 1\n"));
             assert!(compiled.source.contains(&format!("__launch_bounds__({THREADS}) {}(", kernel.entry())));
             assert_ne!(task.id(), FlashTask { head_dim: 128, ..task }.id());
+            assert_ne!(task.id(), FlashTask { dropout: false, ..task }.id());
         }
     }
 }

@@ -4,15 +4,24 @@
 //   HEAD_DIM    the head width, a multiple of 16 up to 128
 //   IS_BF16     1 for bf16 operands, 0 for f16
 //   MASK_BYTES  0 (no mask), 1 (burn's u8 bools) or 4 (u32 bools)
+//   DROPOUT     1 to drop probabilities (training's attention dropout), else 0
 // No CUDA headers: operands are raw 16-bit words, conversions are PTX.
 //
 // Forward: one block of four warps takes 64 queries of one (batch, head); each warp keeps 16
 // query rows in registers and walks the keys 64 at a time through shared memory, keeping a
 // running row maximum and sum (online softmax) so the [queries, keys] scores never reach global
 // memory; it also writes each row's log-sum-exp for the backward pass.
+// Each (64 queries, 64 keys) tile's mask is staged in shared memory first and classified: a
+// tile no query of which sees any key is skipped (its keys and values are not even loaded), so
+// a causal mask costs half the work without the kernel being told it is causal; a tile every
+// query of which sees every key takes no per-score test.
 // Backward: the scores are recomputed from that log-sum-exp, twice: once per block of 64 keys
 // (dK, dV, walking the queries) and once per block of 64 queries (dQ, walking the keys), so
 // that no gradient needs atomics or a zeroed accumulator.
+// Dropout drops a probability after the softmax (its sum and log-sum-exp are the undropped
+// ones) and scales the kept ones by 1 / (1 - p); which are dropped is a hash of a seed and the
+// score's place, so the backward kernels drop the same ones without a stored mask, and a
+// reference written with tensors can too (`SeededDropout` in `src/model/nn.rs` is that hash).
 // Scores, sums and gradients accumulate in f32; probabilities and score gradients are rounded
 // to the operand type for the products that follow, as PyTorch's flash kernels do.
 //
@@ -38,6 +47,8 @@ struct __align__(8) Params {
     i64 do_stride[4];    // the output's gradient (backward only)
     i64 scale_log2e;     // f32 bits: the softmax scale times log2(e), for exp2
     i64 scale;           // f32 bits: the softmax scale
+    i64 drop_below;      // dropout: a score whose hash is below this (p * 2^32) is dropped
+    i64 keep_scale;      // f32 bits: 1 / (1 - p), the kept scores' factor
 };
 
 #define D HEAD_DIM
@@ -45,6 +56,9 @@ struct __align__(8) Params {
 // Shared rows padded by 8 elements so the fragment loads of a warp spread over the banks.
 #define ROW (D + 8)
 #define NEG_INF (__int_as_float(0xff800000))
+// Mask tile rows in bytes: 16 past TILE so vector stores stay aligned and the rows of a warp's
+// reads start on different banks.
+#define MASK_ROW (TILE + 16)
 
 __device__ __forceinline__ u32 pack(float lo, float hi) {
     u32 r;
@@ -78,6 +92,26 @@ __device__ __forceinline__ void mma(float* c, const u32* a, const u32* b) {
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// The shared-space address of a pointer into shared memory, as ldmatrix takes it.
+__device__ __forceinline__ u32 shared_address(const void* at) {
+    u32 r;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(at));
+    return r;
+}
+
+// Four 8x8 matrices of 16-bit words from shared memory, lanes 8m..8m+7 giving the row addresses
+// of matrix m; lane (g, t) receives row g, columns 2t..2t+1 of each (transposed: column g, rows
+// 2t..2t+1), which is one register of an mma fragment.
+__device__ __forceinline__ void ldmatrix_x4(u32* r, const u16* at) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(at)));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(u32* r, const u16* at) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(at)));
+}
+
 __device__ __forceinline__ u32 pair(u16 lo, u16 hi) {
     return (u32)lo | ((u32)hi << 16);
 }
@@ -86,9 +120,31 @@ __device__ __forceinline__ float f32_of(i64 bits) {
     return __int_as_float((int)bits);
 }
 
+// lowbias32 (Chris Wellons' integer hash): a bijection of 32-bit words whose every output bit
+// depends on every input bit.
+__device__ __forceinline__ u32 mix32(u32 x) {
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    x ^= x >> 16;
+    return x;
+}
+
+// Dropout's hash, in two steps (`SeededDropout` in `src/model/nn.rs` computes the same): a code
+// per query row of (batch, head) `bh` from the seed's two words, then whether the row keeps
+// key `key`.
+__device__ __forceinline__ u32 dropout_row(const u32* seed, i64 bh, i64 query) {
+    return mix32(mix32(seed[0] ^ mix32((u32)bh ^ seed[1])) + (u32)query);
+}
+
+__device__ __forceinline__ bool dropout_keeps(u32 row, i64 key, const Params& p) {
+    return mix32(row ^ ((u32)key * 0x9e3779b9u)) >= (u32)p.drop_below;
+}
+
 // Sixteen bytes, for vector loads and stores.
 struct __align__(16) Vec16 {
-    u32 x, y, z, w;
+    u32 word[4];
 };
 
 // Rows `first + 0..TILE` of one (batch, head) slice into a padded shared tile; rows past `count`
@@ -100,7 +156,7 @@ __device__ __forceinline__ void load_tile(u16* tile, const u16* base, const i64*
         for (int i = threadIdx.x; i < TILE * D / 8; i += blockDim.x) {
             const int r = i / (D / 8), c = (i % (D / 8)) * 8;
             const i64 row = first + r;
-            Vec16 value = {0, 0, 0, 0};
+            Vec16 value = {{0, 0, 0, 0}};
             if (row < count) value = *(const Vec16*)(base + row * stride[2] + c);
             *(Vec16*)(tile + r * ROW + c) = value;
         }
@@ -158,39 +214,114 @@ __device__ __forceinline__ const u8* mask_of(const u8* mask, const Params& p, i6
 #endif
 }
 
+// What a tile of 64 queries x 64 keys sees (`stage_mask`).
+#define SEES_NONE 0  // every score hidden: the tile is skipped
+#define SEES_SOME 1  // the staged mask tile says which
+#define SEES_ALL 2   // no score hidden: no test per score
+
+// W bytes (16, 8 or 4) as words, for vector loads and stores of the mask.
+template <int W>
+struct __align__(W) Words {
+    u32 word[W / 4];
+};
+
+// The mask rows of a tile inside the bounds, W bytes per load (`first` and the row stride
+// multiples of W), each byte made 0 or 1 (any nonzero byte is true); `all` and `any` gather
+// whether this thread's bytes were all / any true.
+template <int W>
+__device__ __forceinline__ void stage_mask_rows(u8* tile, const u8* first, i64 row_stride, int& all, int& any) {
+    for (int i = threadIdx.x; i < TILE * TILE / W; i += blockDim.x) {
+        const int r = i / (TILE / W), c = (i % (TILE / W)) * W;
+        Words<W> w = *(const Words<W>*)(first + r * row_stride + c);
+#pragma unroll
+        for (int j = 0; j < W / 4; ++j) {
+            // The high bit of (byte & 0x7f) + 0x7f, or of the byte itself, is set exactly when
+            // the byte is nonzero.
+            const u32 x = w.word[j];
+            const u32 bits = ((((x & 0x7f7f7f7fu) + 0x7f7f7f7fu) | x) & 0x80808080u) >> 7;
+            w.word[j] = bits;
+            all &= bits == 0x01010101u;
+            any |= bits != 0;
+        }
+        *(Words<W>*)(tile + r * MASK_ROW + c) = w;
+    }
+}
+
+// Stages which scores of the tile (queries `q_first + 0..TILE`, keys `k_first + 0..TILE`) are
+// hidden into `tile` (one byte each, 1 = hidden, rows of MASK_ROW bytes, by query) and says what
+// the tile sees; the whole block calls it and it ends on a barrier, except where it can answer
+// from the bounds alone (no mask, tile inside them), which every thread does alike.
+__device__ __forceinline__ int stage_mask(u8* tile, const u8* mask_bh, const Params& p, i64 q_first, i64 k_first) {
+    const bool edge = q_first + TILE > p.queries || k_first + TILE > p.keys;
+#if !MASK_BYTES
+    if (!edge) return SEES_ALL;
+#endif
+    int all = 1, any = 0;  // of this thread's share: all hidden, any hidden
+#if MASK_BYTES == 1
+    const u8* first = mask_bh + q_first * p.mask_stride[2] + k_first;
+    // The widest loads the row stride and the tile's address allow (GPT-2's mask over 600
+    // tokens has rows 8 bytes apart modulo 16).
+    const unsigned long long align = (unsigned long long)p.mask_stride[2] | (unsigned long long)first;
+    if (!edge && p.mask_stride[3] == 1 && (align & 3) == 0) {
+        if ((align & 15) == 0) stage_mask_rows<16>(tile, first, p.mask_stride[2], all, any);
+        else if ((align & 7) == 0) stage_mask_rows<8>(tile, first, p.mask_stride[2], all, any);
+        else stage_mask_rows<4>(tile, first, p.mask_stride[2], all, any);
+    } else
+#endif
+    {
+        for (int i = threadIdx.x; i < TILE * TILE; i += blockDim.x) {
+            const int r = i / TILE, c = i % TILE;
+            const bool h = hidden(mask_bh, p, q_first + r, k_first + c);
+            tile[r * MASK_ROW + c] = h;
+            all &= h;
+            any |= h;
+        }
+    }
+    all = __syncthreads_and(all);
+    any = __syncthreads_or(any);
+    return all ? SEES_NONE : any ? SEES_SOME : SEES_ALL;
+}
+
 // acc[n] (16 rows x 8 columns each) += a (16 x 16 * CHUNKS) · tile (16 * CHUNKS rows x D of a
 // shared tile, read down its rows): the `p v` shape, `a` given as C fragments of 2 * CHUNKS
-// 8-wide tiles.
+// 8-wide tiles. The tile's B fragments come transposed by ldmatrix, two 8-wide tiles per load.
 template <int CHUNKS>
 __device__ __forceinline__ void times_tile_rows(float (*acc)[4], float (*a)[4], const u16* tile) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int lane = threadIdx.x & 31, m = lane >> 3, r = lane & 7;
 #pragma unroll
     for (int kk = 0; kk < CHUNKS; ++kk) {
         const u32 af[4] = {pack(a[2 * kk][0], a[2 * kk][1]), pack(a[2 * kk][2], a[2 * kk][3]),
                            pack(a[2 * kk + 1][0], a[2 * kk + 1][1]), pack(a[2 * kk + 1][2], a[2 * kk + 1][3])};
-        const u16* r0 = tile + (kk * 16 + 2 * t) * ROW;
+        // Matrices: rows kk*16 + 0..7 and + 8..15, for columns n*8.. then (n+1)*8..
+        const u16* at = tile + (kk * 16 + (m & 1) * 8 + r) * ROW + (m >> 1) * 8;
 #pragma unroll
-        for (int n = 0; n < D / 8; ++n) {
-            const int col = n * 8 + g;
-            const u32 bf[2] = {pair(r0[col], r0[ROW + col]), pair(r0[8 * ROW + col], r0[9 * ROW + col])};
+        for (int n = 0; n < D / 8; n += 2) {
+            u32 bf[4];
+            ldmatrix_x4_trans(bf, at + n * 8);
             mma(acc[n], af, bf);
+            mma(acc[n + 1], af, bf + 2);
         }
     }
 }
 
-// s[n] (16 x 8 each, COLS of them) = a (16 x D, A fragments) · tileᵀ over the tile's first
-// 8 * COLS rows: the `q kᵀ` shape.
+// s[n] (16 x 8 each, COLS of them, COLS even) = a (16 x D, A fragments) · tileᵀ over the
+// tile's first 8 * COLS rows: the `q kᵀ` shape. The tile's B fragments come by ldmatrix, two
+// 8-row tiles per load.
 template <int COLS>
 __device__ __forceinline__ void times_tile_transposed(float (*s)[4], u32 (*a)[4], const u16* tile) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int lane = threadIdx.x & 31, m = lane >> 3, r = lane & 7;
+    // Matrices: rows n*8 + 0..7 at columns c*16 + 0..7 and + 8..15, then rows (n+1)*8 + 0..7.
+    const u16* at = tile + ((m >> 1) * 8 + r) * ROW + (m & 1) * 8;
 #pragma unroll
-    for (int n = 0; n < COLS; ++n) {
+    for (int n = 0; n < COLS; n += 2) {
         s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+        s[n + 1][0] = s[n + 1][1] = s[n + 1][2] = s[n + 1][3] = 0.f;
 #pragma unroll
         for (int c = 0; c < D / 16; ++c) {
-            const u16* kr = tile + (n * 8 + g) * ROW + c * 16 + 2 * t;
-            const u32 bf[2] = {*(const u32*)kr, *(const u32*)(kr + 8)};
+            u32 bf[4];
+            ldmatrix_x4(bf, at + n * 8 * ROW + c * 16);
             mma(s[n], a[c], bf);
+            mma(s[n + 1], a[c], bf + 2);
         }
     }
 }
@@ -214,17 +345,20 @@ __device__ __forceinline__ void store_rows(u16* out, i64 bh, i64 count, const i6
 
 extern "C" __global__ void __launch_bounds__(128) flash_attention_forward(
     const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
-    const u8* __restrict__ mask, u16* __restrict__ out, float* __restrict__ lse,
+    const u8* __restrict__ mask, const u32* __restrict__ seed, u16* __restrict__ out, float* __restrict__ lse,
     const __grid_constant__ Params p) {
     __shared__ __align__(16) u16 k_tile[TILE * ROW];
     __shared__ __align__(16) u16 v_tile[TILE * ROW];
+    __shared__ __align__(16) u8 mask_tile[TILE * MASK_ROW];
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
     const i64 bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
     const u8* mask_bh = mask_of(mask, p, b, h);
-    const i64 q0 = (i64)blockIdx.x * TILE + warp * 16;  // this warp's first query
+    const i64 q_block = (i64)blockIdx.x * TILE;
+    const i64 q0 = q_block + warp * 16;  // this warp's first query
     const i64 rows[2] = {q0 + g, q0 + g + 8};
+    const u8* mask_rows = mask_tile + (warp * 16 + g) * MASK_ROW;  // row g; row g + 8 is 8 rows on
     const float scale = f32_of(p.scale_log2e);
     const u16* kb = k + b * p.k_stride[0] + h * p.k_stride[1];
     const u16* vb = v + b * p.v_stride[0] + h * p.v_stride[1];
@@ -237,9 +371,12 @@ extern "C" __global__ void __launch_bounds__(128) flash_attention_forward(
     for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
     float row_max[2] = {NEG_INF, NEG_INF};
     float row_sum[2] = {0.f, 0.f};  // this lane's share; the quad's shares are added at the end
+    const u32 drop_rows[2] = {DROPOUT ? dropout_row(seed, bh, rows[0]) : 0u, DROPOUT ? dropout_row(seed, bh, rows[1]) : 0u};
 
     for (i64 k0 = 0; k0 < p.keys; k0 += TILE) {
         __syncthreads();  // the previous tiles are no longer read
+        const int sees = stage_mask(mask_tile, mask_bh, p, q_block, k0);
+        if (sees == SEES_NONE) continue;
         load_tile(k_tile, kb, p.k_stride, k0, p.keys);
         load_tile(v_tile, vb, p.v_stride, k0, p.keys);
         __syncthreads();
@@ -253,8 +390,8 @@ extern "C" __global__ void __launch_bounds__(128) flash_attention_forward(
         for (int n = 0; n < TILE / 8; ++n) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const i64 key = k0 + n * 8 + 2 * t + (e & 1);
-                const float x = hidden(mask_bh, p, rows[e >> 1], key) ? NEG_INF : s[n][e] * scale;
+                const bool masked = sees == SEES_SOME && mask_rows[(e >> 1) * 8 * MASK_ROW + n * 8 + 2 * t + (e & 1)];
+                const float x = masked ? NEG_INF : s[n][e] * scale;
                 s[n][e] = x;
                 tile_max[e >> 1] = fmaxf(tile_max[e >> 1], x);
             }
@@ -285,8 +422,8 @@ extern "C" __global__ void __launch_bounds__(128) flash_attention_forward(
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const float pe = exp2f(s[n][e] - shift[e >> 1]);
-                s[n][e] = pe;
-                row_sum[e >> 1] += pe;
+                row_sum[e >> 1] += pe;  // the softmax's sum is of every probability, dropped or not
+                s[n][e] = (!DROPOUT || dropout_keeps(drop_rows[e >> 1], k0 + n * 8 + 2 * t + (e & 1), p)) ? pe : 0.f;
             }
         }
         times_tile_rows<TILE / 16>(o, s, v_tile);
@@ -300,7 +437,7 @@ extern "C" __global__ void __launch_bounds__(128) flash_attention_forward(
         sum += __shfl_xor_sync(0xffffffff, sum, 2);
         // A row that sees no key at all gets 0 (as burn's attention gives), not 0/0; its delta
         // is then 0 and no NaN reaches the backward.
-        inv[r] = sum > 0.f ? 1.f / sum : 0.f;
+        inv[r] = sum > 0.f ? (DROPOUT ? f32_of(p.keep_scale) : 1.f) / sum : 0.f;
         // The row's log-sum-exp in the scaled base-2 domain, for the backward pass.
         if (rows[r] < p.queries && t == 0) lse[bh * p.queries + rows[r]] = sum > 0.f ? row_max[r] + log2f(sum) : NEG_INF;
     }
@@ -316,17 +453,20 @@ extern "C" __global__ void __launch_bounds__(128) flash_attention_forward(
 
 // The probabilities and score gradients of one 16 x TILE tile, in place: `s` holds scores
 // (q kᵀ) and `dp` holds dO vᵀ, both as C fragments; on return `s` holds P and `dp` holds
-// dS = P (dP - delta) (before the softmax scale), over COLS 8-wide tiles. ROW_OF / COL_OF give
-// the query and key of entry e of tile n, LSE2_OF and DELTA_OF that query's values.
-#define PROBABILITIES_AND_GRADIENTS(COLS, ROW_OF, COL_OF, LSE2_OF, DELTA_OF)                    \
+// dS = P (dP - delta) (before the softmax scale), over COLS 8-wide tiles. QUERY_OF / KEY_OF give
+// the query and key of entry e of tile n within the staged mask tile (`sees`, `mask_tile`),
+// LSE2_OF and DELTA_OF that query's values, DROP_ROW_OF its dropout code and KEY_AT the key's
+// index. With dropout, `s` holds the kept probabilities scaled (Z P, what multiplied V) and
+// dP = Z (dO vᵀ).
+#define PROBABILITIES_AND_GRADIENTS(COLS, QUERY_OF, KEY_OF, LSE2_OF, DELTA_OF, DROP_ROW_OF, KEY_AT) \
     _Pragma("unroll") for (int n = 0; n < COLS; ++n) {                                         \
         _Pragma("unroll") for (int e = 0; e < 4; ++e) {                                        \
-            const i64 query = ROW_OF, key = COL_OF;                                             \
             const float l2 = LSE2_OF;                                                           \
-            const float pe = (hidden(mask_bh, p, query, key) || l2 == NEG_INF)                        \
-                                 ? 0.f : exp2f(s[n][e] * scale_log2e - l2);                     \
-            s[n][e] = pe;                                                                       \
-            dp[n][e] = pe * (dp[n][e] - (DELTA_OF));                                           \
+            const bool masked = sees == SEES_SOME && mask_tile[(QUERY_OF) * MASK_ROW + (KEY_OF)]; \
+            const float pe = (masked || l2 == NEG_INF) ? 0.f : exp2f(s[n][e] * scale_log2e - l2); \
+            const float z = !DROPOUT ? 1.f : dropout_keeps(DROP_ROW_OF, KEY_AT, p) ? keep_scale : 0.f; \
+            s[n][e] = pe * z;                                                                   \
+            dp[n][e] = pe * (dp[n][e] * z - (DELTA_OF));                                       \
         }                                                                                       \
     }
 
@@ -334,18 +474,21 @@ extern "C" __global__ void __launch_bounds__(128) flash_attention_forward(
 // [batch * heads, queries]; `dq` is a contiguous [batch, heads, queries, D].
 extern "C" __global__ void __launch_bounds__(128) flash_attention_backward_dq(
     const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
-    const u8* __restrict__ mask, const u16* __restrict__ dout, const float* __restrict__ lse,
+    const u8* __restrict__ mask, const u32* __restrict__ seed, const u16* __restrict__ dout, const float* __restrict__ lse,
     const float* __restrict__ delta, u16* __restrict__ dq, const __grid_constant__ Params p) {
     __shared__ __align__(16) u16 k_tile[TILE * ROW];
     __shared__ __align__(16) u16 v_tile[TILE * ROW];
+    __shared__ __align__(16) u8 mask_tile[TILE * MASK_ROW];
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
     const i64 bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
     const u8* mask_bh = mask_of(mask, p, b, h);
-    const i64 q0 = (i64)blockIdx.x * TILE + warp * 16;
+    const i64 q_block = (i64)blockIdx.x * TILE;
+    const i64 q0 = q_block + warp * 16;
     const i64 rows[2] = {q0 + g, q0 + g + 8};
-    const float scale_log2e = f32_of(p.scale_log2e);
+    const float scale_log2e = f32_of(p.scale_log2e), keep_scale = f32_of(p.keep_scale);
+    const u32 drop_rows[2] = {DROPOUT ? dropout_row(seed, bh, rows[0]) : 0u, DROPOUT ? dropout_row(seed, bh, rows[1]) : 0u};
     const u16* kb = k + b * p.k_stride[0] + h * p.k_stride[1];
     const u16* vb = v + b * p.v_stride[0] + h * p.v_stride[1];
 
@@ -366,6 +509,8 @@ extern "C" __global__ void __launch_bounds__(128) flash_attention_backward_dq(
 
     for (i64 k0 = 0; k0 < p.keys; k0 += TILE) {
         __syncthreads();
+        const int sees = stage_mask(mask_tile, mask_bh, p, q_block, k0);
+        if (sees == SEES_NONE) continue;
         load_tile(k_tile, kb, p.k_stride, k0, p.keys);
         load_tile(v_tile, vb, p.v_stride, k0, p.keys);
         __syncthreads();
@@ -373,7 +518,8 @@ extern "C" __global__ void __launch_bounds__(128) flash_attention_backward_dq(
         float s[TILE / 8][4], dp[TILE / 8][4];
         times_tile_transposed<TILE / 8>(s, qa, k_tile);
         times_tile_transposed<TILE / 8>(dp, da, v_tile);
-        PROBABILITIES_AND_GRADIENTS(TILE / 8, rows[e >> 1], k0 + n * 8 + 2 * t + (e & 1), row_lse[e >> 1], row_delta[e >> 1])
+        PROBABILITIES_AND_GRADIENTS(TILE / 8, warp * 16 + g + (e >> 1) * 8, n * 8 + 2 * t + (e & 1), row_lse[e >> 1], row_delta[e >> 1],
+                                    drop_rows[e >> 1], k0 + n * 8 + 2 * t + (e & 1))
         times_tile_rows<TILE / 16>(acc, dp, k_tile);  // dQ += dS k
     }
     store_rows(dq, bh, p.queries, rows, acc, f32_of(p.scale));
@@ -384,21 +530,24 @@ extern "C" __global__ void __launch_bounds__(128) flash_attention_backward_dq(
 // dV += Pᵀ dO and dK += dSᵀ q. `dk` and `dv` are contiguous [batch, heads, keys, D].
 extern "C" __global__ void __launch_bounds__(128) flash_attention_backward_dkdv(
     const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
-    const u8* __restrict__ mask, const u16* __restrict__ dout, const float* __restrict__ lse,
+    const u8* __restrict__ mask, const u32* __restrict__ seed, const u16* __restrict__ dout, const float* __restrict__ lse,
     const float* __restrict__ delta, u16* __restrict__ dk, u16* __restrict__ dv,
     const __grid_constant__ Params p) {
     __shared__ __align__(16) u16 q_tile[TILE * ROW];
     __shared__ __align__(16) u16 do_tile[TILE * ROW];
     __shared__ float lse_tile[TILE];
     __shared__ float delta_tile[TILE];
+    __shared__ u32 drop_row_tile[TILE];  // the queries' dropout codes
+    __shared__ __align__(16) u8 mask_tile[TILE * MASK_ROW];
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
     const i64 bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
     const u8* mask_bh = mask_of(mask, p, b, h);
-    const i64 k0 = (i64)blockIdx.x * TILE + warp * 16;
+    const i64 k_block = (i64)blockIdx.x * TILE;
+    const i64 k0 = k_block + warp * 16;
     const i64 keys[2] = {k0 + g, k0 + g + 8};
-    const float scale_log2e = f32_of(p.scale_log2e);
+    const float scale_log2e = f32_of(p.scale_log2e), keep_scale = f32_of(p.keep_scale);
     const u16* qb = q + b * p.q_stride[0] + h * p.q_stride[1];
     const u16* db = dout + b * p.do_stride[0] + h * p.do_stride[1];
 
@@ -415,12 +564,15 @@ extern "C" __global__ void __launch_bounds__(128) flash_attention_backward_dkdv(
 
     for (i64 r0 = 0; r0 < p.queries; r0 += TILE) {
         __syncthreads();
+        const int sees = stage_mask(mask_tile, mask_bh, p, r0, k_block);
+        if (sees == SEES_NONE) continue;
         load_tile(q_tile, qb, p.q_stride, r0, p.queries);
         load_tile(do_tile, db, p.do_stride, r0, p.queries);
         for (int i = threadIdx.x; i < TILE; i += blockDim.x) {
             const i64 row = r0 + i;
             lse_tile[i] = row < p.queries ? lse[bh * p.queries + row] : NEG_INF;
             delta_tile[i] = row < p.queries ? delta[bh * p.queries + row] : 0.f;
+            if (DROPOUT) drop_row_tile[i] = dropout_row(seed, bh, row);
         }
         __syncthreads();
 
@@ -432,8 +584,8 @@ extern "C" __global__ void __launch_bounds__(128) flash_attention_backward_dkdv(
             float s[4][4], dp[4][4];
             times_tile_transposed<4>(s, ka, q_tile + c0 * ROW);
             times_tile_transposed<4>(dp, va, do_tile + c0 * ROW);
-            PROBABILITIES_AND_GRADIENTS(4, r0 + c0 + n * 8 + 2 * t + (e & 1), keys[e >> 1], lse_tile[c0 + n * 8 + 2 * t + (e & 1)],
-                                        delta_tile[c0 + n * 8 + 2 * t + (e & 1)])
+            PROBABILITIES_AND_GRADIENTS(4, c0 + n * 8 + 2 * t + (e & 1), warp * 16 + g + (e >> 1) * 8, lse_tile[c0 + n * 8 + 2 * t + (e & 1)],
+                                        delta_tile[c0 + n * 8 + 2 * t + (e & 1)], drop_row_tile[c0 + n * 8 + 2 * t + (e & 1)], keys[e >> 1])
             times_tile_rows<2>(dv_acc, s, do_tile + c0 * ROW);  // dV += Pᵀ dO
             times_tile_rows<2>(dk_acc, dp, q_tile + c0 * ROW);  // dK += dSᵀ q
         }

@@ -17,8 +17,8 @@
 //!   runs the same cases every time);
 //! - `LLAVA_JP_FUZZ_REPLAY`: `{"computation": .., "case": ..}` as a failure prints it: runs that
 //!   one case only;
-//! - `LLAVA_JP_FUZZ_ONLY`: computations to run, by key (`image,matmul,attention,attention_grad,projector,clip,gpt2,
-//!   decode,llava,gradients`; default all), so that one process per computation can run them in
+//! - `LLAVA_JP_FUZZ_ONLY`: computations to run, by key (`image,matmul,attention,attention_grad,attention_dropout,
+//!   projector,clip,gpt2,decode,llava,gradients`; default all), so that one process per computation can run them in
 //!   parallel;
 //! - `LLAVA_JP_FUZZ_SECONDS`: stop starting new cases after this long per computation (the
 //!   number actually run is printed), for a device with a time limit.
@@ -34,7 +34,7 @@ use burn::tensor::{Bool, DType, TensorData};
 use burn_store::{ModuleSnapshot, TensorSnapshot};
 use llava_jp::config::{ClipVisionConfig, Gpt2Config, LlavaConfig};
 use llava_jp::data::image::{AspectMode, ImageProcessor};
-use llava_jp::model::nn::{attention, Dropout};
+use llava_jp::model::nn::{attention, attention_with_seeded_dropout, Dropout, SeededDropout};
 use llava_jp::model::projector::{Projector, ProjectorKind};
 use llava_jp::model::{gpt2::attention_mask, ClipVisionModel, Gpt2LmHeadModel, LlavaModel, Sample, IGNORE_INDEX, IMAGE_TOKEN_INDEX};
 use llava_jp::parity::to_f32;
@@ -262,7 +262,7 @@ impl AttentionCase {
 
 /// Attention's backward on its own: the gradients of a weighted sum of the output with respect
 /// to queries, keys and values (on the bf16 CUDA legs, CUDA's flash backward kernels when
-/// `LLAVA_JP_ATTENTION=flash-train`, as `gpu_backend_fuzz.sh` sets it; burn's otherwise).
+/// the route is `flash`, the default; burn's otherwise).
 struct AttentionGradientProperty;
 
 impl Property for AttentionGradientProperty {
@@ -281,6 +281,41 @@ impl Property for AttentionGradientProperty {
         let grads = (out * weights).sum().backward();
         let grad = |name: &str, t: &Tensor<Autodiff<B>, 4>| (format!("grad {name}"), to_f32(t.grad(&grads).expect("a gradient")));
         Ok(vec![grad("q", &q), grad("k", &k), grad("v", &v)])
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct AttentionDropoutCase {
+    attention: AttentionCase,
+    prob: f64,
+    seed: [u32; 2],
+}
+
+/// Attention with dropout, forward and backward: the output and the gradients of a weighted
+/// sum of it, with the probabilities [`SeededDropout`] names dropped (by CUDA's flash kernels on
+/// the bf16 legs on the default route; written out with tensors elsewhere), so
+/// a kernel that drops other probabilities, or forgets them in its backward, fails.
+struct AttentionDropoutProperty;
+
+impl Property for AttentionDropoutProperty {
+    const NAME: &'static str = "attention with dropout";
+    const KEY: &'static str = "attention_dropout";
+    type Case = AttentionDropoutCase;
+
+    fn strategy() -> BoxedStrategy<AttentionDropoutCase> {
+        (AttentionProperty::strategy(), 0.05f64..0.6, any::<[u32; 2]>())
+            .prop_map(|(attention, prob, seed)| AttentionDropoutCase { attention, prob, seed })
+            .boxed()
+    }
+
+    fn outputs<B: Backend>(c: &AttentionDropoutCase, device: &B::Device) -> Result<Outputs, String> {
+        let (q, k, v, masked, scale, weights) = c.attention.inputs::<Autodiff<B>>(device);
+        let (q, k, v) = (q.require_grad(), k.require_grad(), v.require_grad());
+        let dropout = SeededDropout { prob: c.prob, seed: c.seed };
+        let out = attention_with_seeded_dropout(q.clone(), k.clone(), v.clone(), masked, scale, dropout);
+        let grads = (out.clone() * weights).sum().backward();
+        let grad = |name: &str, t: &Tensor<Autodiff<B>, 4>| (format!("grad {name}"), to_f32(t.grad(&grads).expect("a gradient")));
+        Ok(vec![("output".into(), to_f32(out.inner())), grad("q", &q), grad("k", &k), grad("v", &v)])
     }
 }
 
@@ -802,7 +837,7 @@ fn env_cases(default: u32) -> u32 {
 /// `LLAVA_JP_FUZZ_ONLY` check read (applies macro `$m` to the property types).
 macro_rules! every_property {
     ($m:ident) => {
-        $m!(ImageProperty, GemmProperty, AttentionProperty, AttentionGradientProperty, ProjectorProperty, ClipProperty, Gpt2Property, DecodeProperty, LlavaProperty, GradientProperty)
+        $m!(ImageProperty, GemmProperty, AttentionProperty, AttentionGradientProperty, AttentionDropoutProperty, ProjectorProperty, ClipProperty, Gpt2Property, DecodeProperty, LlavaProperty, GradientProperty)
     };
 }
 

@@ -2,7 +2,9 @@
 in one device call (bf16, causal where ours is; a single decode query sees every key): forward,
 and forward with backward.
 
-    python3 bench_attention.py [--iters 20]
+    python3 bench_attention.py [--iters 20] [--dropout 0.1]
+
+`--dropout` is the attention dropout of the forward-with-backward timings (training's).
 """
 import argparse
 import json
@@ -22,6 +24,7 @@ SHAPES = [
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--dropout", type=float, default=0.0)
     args = parser.parse_args()
     for name, b, h, tq, tk, d, causal in SHAPES:
         q = torch.randn(b, h, tq, d, device="cuda", dtype=torch.bfloat16)
@@ -39,7 +42,7 @@ def main():
         train_ms = None
         if tq > 1:
             leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-            step = lambda: F.scaled_dot_product_attention(*leaves, is_causal=causal).sum().backward()
+            step = lambda: F.scaled_dot_product_attention(*leaves, is_causal=causal, dropout_p=args.dropout).sum().backward()
             for _ in range(3):
                 step()
             torch.cuda.synchronize()
@@ -48,7 +51,7 @@ def main():
                 step()
             torch.cuda.synchronize()
             train_ms = (time.perf_counter() - start) * 1e3 / args.iters
-        print(json.dumps(dict(side="pytorch sdpa", shape=name, ms=ms, train_ms=train_ms)))
+        print(json.dumps(dict(side="pytorch sdpa", shape=name, ms=ms, train_ms=train_ms, train_dropout=args.dropout)))
 
 
 if __name__ == "__main__":

@@ -32,12 +32,12 @@ if [ -d .gl ] && ls .gl/*.deb >/dev/null 2>&1; then
 fi
 export LLAVA_JP_FUZZ_CASES=${CASES:-1000} LLAVA_JP_FUZZ_SECONDS=${FUZZ_SECONDS:-400}
 export LLAVA_JP_FUZZ_SEED=${SEED:-random} CUBECL_AUTOTUNE_LEVEL=minimal RAYON_NUM_THREADS=2
-# The flash attention kernels forward and backward (src/flash.rs); ATTENTION=burn or flash to
-# narrow.
-export LLAVA_JP_ATTENTION=${ATTENTION:-flash-train}
+# The flash attention kernels forward and backward (src/flash.rs, the default route);
+# ATTENTION=burn or flash-inference to narrow.
+export LLAVA_JP_ATTENTION=${ATTENTION:-flash}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 for leg in $legs; do
-  for c in ${ONLY:-image matmul attention attention_grad projector clip gpt2 decode llava gradients}; do echo "$leg $c"; done
+  for c in ${ONLY:-image matmul attention attention_grad attention_dropout projector clip gpt2 decode llava gradients}; do echo "$leg $c"; done
 done | xargs -P "${JOBS:-64}" -L1 bash -c '
   LLAVA_JP_FUZZ_ONLY=$1 timeout "${LEG_TIMEOUT:-560}" '"$bin"' "$0" --exact --include-ignored --nocapture --test-threads 1 > "'"$logs"'/$0.$1.log" 2>&1
   echo "$0 $1 exit $?" >> "'"$logs"'/status.txt"'

@@ -110,10 +110,10 @@ pub fn affine<B: Backend, const D: usize>(
 
 /// The one route for attention: `softmax(q kᵀ · scale + mask) v` over
 /// `[batch, heads, tokens, head_dim]`. `masked` is true where a query must not see a key.
-/// Without dropout, CUDA takes the flash kernel where it covers the case (`crate::flash`), other
-/// backends burn's fused attention. `dropout` drops attention probabilities while training (as
-/// GPT-2's `attn_dropout` does); neither kernel has dropout, so that case takes the explicit
-/// path.
+/// `dropout` drops attention probabilities while training (as GPT-2's `attn_dropout` does).
+/// CUDA takes the flash kernel where it covers the case (`crate::flash`; with dropout, on its
+/// training route, in the [`SeededDropout`] form with a seed drawn on the device); otherwise
+/// burn's fused attention, or without it under dropout the explicit path.
 pub fn attention<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
@@ -122,37 +122,128 @@ pub fn attention<B: Backend>(
     scale: f64,
     dropout: &Dropout,
 ) -> Tensor<B, 4> {
+    let drop = match dropout.is_active::<B>(&q.device()) {
+        true => AttentionDropout::Random(dropout.prob),
+        false => AttentionDropout::None,
+    };
+    attention_with(q, k, v, masked, scale, drop)
+}
+
+/// [`attention`] with exactly the probabilities `dropout` names dropped, whatever the backend
+/// and whether or not gradients are recorded: the flash kernel's dropout written out, so that
+/// backends can be checked against each other with dropout on.
+pub fn attention_with_seeded_dropout<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    masked: Option<Tensor<B, 4, Bool>>,
+    scale: f64,
+    dropout: SeededDropout,
+) -> Tensor<B, 4> {
+    attention_with(q, k, v, masked, scale, AttentionDropout::Seeded(dropout))
+}
+
+/// Which probabilities an attention drops.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum AttentionDropout {
+    None,
+    /// Each with this probability, at random.
+    Random(f64),
+    /// Those the hash says.
+    Seeded(SeededDropout),
+}
+
+fn attention_with<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    masked: Option<Tensor<B, 4, Bool>>,
+    scale: f64,
+    dropout: AttentionDropout,
+) -> Tensor<B, 4> {
     let [b, h, t, head_dim] = q.dims();
     if head_dim == 1 && fuses::<B>(&q.device()) {
         // An inner dimension of one makes `q kᵀ` an outer product, which burn 0.21's fusion may
         // get wrong (see `matmul`); a zero column in q, k and v changes no score and adds an
         // output column that is sliced off.
         let pad = |x: Tensor<B, 4>| Tensor::cat(vec![x.clone(), x.zeros_like()], 3);
-        return attention(pad(q), pad(k), pad(v), masked, scale, dropout).slice([0..b, 0..h, 0..t, 0..1]);
+        return attention_with(pad(q), pad(k), pad(v), masked, scale, dropout).slice([0..b, 0..h, 0..t, 0..1]);
     }
     let dtype = q.dtype();
     if let Some(c) = compute_dtype(dtype) {
         let _full = autocast(None);
-        return attention(q.cast(c), k.cast(c), v.cast(c), masked, scale, dropout).cast(dtype);
+        return attention_with(q.cast(c), k.cast(c), v.cast(c), masked, scale, dropout).cast(dtype);
     }
-    let dropping = dropout.is_active::<B>(&q.device());
     #[cfg(feature = "cuda")]
-    let (q, k, v, masked) = match dropping {
-        true => (q, k, v, masked),
-        false => match crate::flash::try_attention(q, k, v, masked, scale) {
-            Ok(out) => return out,
-            Err(operands) => operands,
-        },
+    let (q, k, v, masked) = match crate::flash::try_attention(q, k, v, masked, scale, dropout) {
+        Ok(out) => return out,
+        Err(operands) => operands,
     };
-    if dropping {
-        let mut scores = q.matmul(k.swap_dims(2, 3)) * scale;
-        if let Some(masked) = masked {
-            scores = scores.mask_fill(masked, f32::NEG_INFINITY);
+    let scores = || {
+        let scores = q.clone().matmul(k.clone().swap_dims(2, 3)) * scale;
+        let scores = match masked.clone() {
+            Some(masked) => scores.mask_fill(masked, f32::NEG_INFINITY),
+            None => scores,
+        };
+        activation::softmax(scores, 3)
+    };
+    match dropout {
+        AttentionDropout::None => {
+            let options = AttentionModuleOptions { scale: Some(scale), softcap: None, is_causal: false };
+            burn_attention(q, k, v, masked, None, options)
         }
-        return dropout.forward(activation::softmax(scores, 3)).matmul(v);
+        AttentionDropout::Random(prob) => Dropout { prob }.forward(scores()).matmul(v),
+        AttentionDropout::Seeded(drop) => {
+            let [_, _, tk, _] = k.dims();
+            let probabilities = scores();
+            let kept = drop.kept::<B>([b, h, t, tk], &q.device()).float().cast(probabilities.dtype());
+            (probabilities * kept / (1.0 - drop.prob)).matmul(v)
+        }
     }
-    let options = AttentionModuleOptions { scale: Some(scale), softcap: None, is_causal: false };
-    burn_attention(q, k, v, masked, None, options)
+}
+
+/// Attention dropout as the flash kernel draws it (`src/flash_attention.cu`, which computes the
+/// same hash): the probability of query `query` and key `key` in the (batch · heads) slice `bh`
+/// is kept when the hash of them and `seed` is at least `prob · 2³²`, so a kernel's backward and
+/// a reference written with tensors drop the same probabilities without a stored mask.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SeededDropout {
+    pub prob: f64,
+    pub seed: [u32; 2],
+}
+
+impl SeededDropout {
+    /// Hashes below this are dropped.
+    pub fn drop_below(prob: f64) -> u32 {
+        (prob * 4_294_967_296.0).round().clamp(0.0, u32::MAX as f64) as u32
+    }
+
+    pub fn keeps(&self, bh: u32, query: u32, key: u32) -> bool {
+        let row = mix32(mix32(self.seed[0] ^ mix32(bh ^ self.seed[1])).wrapping_add(query));
+        mix32(row ^ key.wrapping_mul(0x9e37_79b9)) >= Self::drop_below(self.prob)
+    }
+
+    /// Which of `[batch, heads, queries, keys]` probabilities are kept.
+    pub fn kept<B: Backend>(&self, [b, h, tq, tk]: [usize; 4], device: &B::Device) -> Tensor<B, 4, Bool> {
+        let mut keep = Vec::with_capacity(b * h * tq * tk);
+        for bh in 0..b * h {
+            for query in 0..tq {
+                keep.extend((0..tk).map(|key| self.keeps(bh as u32, query as u32, key as u32)));
+            }
+        }
+        Tensor::from_data(TensorData::new(keep, [b, h, tq, tk]), device)
+    }
+}
+
+/// lowbias32 (Chris Wellons' integer hash): a bijection of 32-bit words whose every output bit
+/// depends on every input bit.
+fn mix32(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7feb_352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846c_a68b);
+    x ^= x >> 16;
+    x
 }
 
 /// Activation functions by their transformers names (`ACT2FN`).
@@ -372,3 +463,39 @@ pub fn merge_heads<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 3> {
     x.swap_dims(1, 2).reshape([b, t, h * hd])
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::SeededDropout;
+
+    /// The hash drops about `prob` of the probabilities, independently of where they are: the
+    /// kept share over a whole slice, and along one row and one column, is near 1 - prob; another
+    /// seed drops other ones; prob 0 drops none.
+    #[test]
+    fn seeded_dropout_drops_its_share() {
+        let (queries, keys) = (256u32, 256u32);
+        for prob in [0.1, 0.5] {
+            let drop = SeededDropout { prob, seed: [12345, 678] };
+            let share = |cells: &mut dyn Iterator<Item = (u32, u32)>| {
+                let (mut kept, mut all) = (0usize, 0usize);
+                for (query, key) in cells {
+                    kept += drop.keeps(3, query, key) as usize;
+                    all += 1;
+                }
+                kept as f64 / all as f64
+            };
+            let whole = share(&mut (0..queries).flat_map(|q| (0..keys).map(move |k| (q, k))));
+            assert!((whole - (1.0 - prob)).abs() < 0.01, "prob {prob}: kept {whole} of the slice");
+            let row = share(&mut (0..4096).map(|k| (7, k)));
+            let column = share(&mut (0..4096).map(|q| (q, 7)));
+            for (what, kept) in [("row", row), ("column", column)] {
+                assert!((kept - (1.0 - prob)).abs() < 0.03, "prob {prob}: kept {kept} of a {what}");
+            }
+            let other = SeededDropout { seed: [12346, 678], ..drop };
+            let differ = (0..keys).filter(|&k| drop.keeps(0, 0, k) != other.keeps(0, 0, k)).count();
+            assert!(differ > keys as usize / 10, "prob {prob}: seeds 12345 and 12346 differ in only {differ} of {keys}");
+        }
+        let none = SeededDropout { prob: 0.0, seed: [1, 2] };
+        assert!((0..1000).all(|k| none.keeps(0, 1, k)));
+    }
+}
