@@ -5,11 +5,21 @@
 //! training alike. Every other backend keeps burn's path.
 //!
 //! cubecl 0.10 does not hand out the CUDA stream it runs on, so the product runs on a stream of
-//! its own between two waits on the host: cubecl's queue is drained before (the operands are
-//! written; the wait comes after the operands' device addresses are fetched, since fetching one
-//! can queue work) and cuBLASLt's stream after (cubecl may reuse the operands' memory next).
-//! That costs two round trips per product, little beside a large GEMM and a lot beside a decode
-//! step's.
+//! its own, ordered against cubecl's on the device, the host never waiting: a one-thread kernel
+//! queued on cubecl's stream sets a flag in device memory once everything before it (the
+//! operands) is written; a one-thread kernel on cuBLASLt's stream spins until it sees that flag,
+//! then the product runs, then another one-thread kernel sets a second flag; a one-thread kernel
+//! queued on cubecl's stream right after the first spins until it sees the second, so nothing
+//! cubecl runs later (a reader of the product, a reuse of the operands' or workspace's memory)
+//! starts before the product is written. Each product has its own pair of flags (a ring of
+//! [`FLAG_SLOTS`]), so products queued from several cubecl streams cannot release each other.
+//! The waits are kernels, not `cuStreamWaitValue` (which returned `CUDA_ERROR_INVALID_VALUE` on
+//! the H200 with cubecl's memory), and they trap after a minute rather than hang. cubecl
+//! launches from a device thread of its own, so the flag kernel is flushed to it before
+//! cuBLASLt's stream is told to wait for it.
+//! `LLAVA_JP_GEMM=cublaslt-sync` orders by host waits instead (cubecl's queue drained before the
+//! product, cuBLASLt's stream after): two round trips per product, which left the GPU idle 40%
+//! of a full-size stage-2 step.
 //!
 //! Training goes through it too: on the autodiff CUDA backends the product is an autodiff
 //! operation whose backward is two more cuBLASLt products ([`autodiff`]).
@@ -20,8 +30,9 @@
 //! properties pass on the f32, bf16 and autocast CUDA legs, except one LLaVA case on f32 (GPT-2
 //! width 2 with one-wide heads), whose logits miss by 1.9e-2 every time although every product
 //! in it is exact when checked (`LLAVA_JP_GEMM_CHECK=1`, which also makes the case pass). Until
-//! that is understood the route stays opt-in. A full-size stage-2 training step is no faster with
-//! it (0.80 s against PyTorch's 0.18 s): matrix products are not where that time goes.
+//! that is understood the route stays opt-in. Ordered on the device, a full-size stage-2
+//! training step (flash attention on) takes 0.51 s against 0.77 s with host waits (PyTorch:
+//! 0.19 s); the step's host thread is then busy all the time, the GPU is not.
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -39,7 +50,7 @@ use burn_cubecl::CubeBackend;
 use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{FusionRuntime, FusionTensor};
 use cudarc::cublaslt::{result as lt, sys};
-use cudarc::driver::{CudaContext, CudaStream};
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
 
 /// The inner (unfused) backend whose handles the fused CUDA backend keeps; its float type does
 /// not matter here, a tensor's dtype travels with it.
@@ -52,29 +63,41 @@ type Primitive = FusionTensor<Runtime>;
 const WORKSPACE_BYTES: usize = 32 << 20;
 
 static ENABLED: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(UNSET);
-const UNSET: u8 = 2;
+const UNSET: u8 = u8::MAX;
+/// [`ENABLED`]'s values: burn's products, cuBLASLt ordered on the device, cuBLASLt ordered by
+/// host waits.
+const OFF: u8 = 0;
+const DEVICE_ORDERED: u8 = 1;
+const HOST_ORDERED: u8 = 2;
 
-/// Whether matrix products go through cuBLASLt: `LLAVA_JP_GEMM=cublaslt` (opt-in while it is
-/// young) or `burn` (the default), unless [`set_enabled`] said otherwise.
+/// Whether matrix products go through cuBLASLt: `LLAVA_JP_GEMM=cublaslt` (or `cublaslt-sync`,
+/// ordered by host waits; opt-in while the route is young) or `burn` (the default), unless
+/// [`set_enabled`] said otherwise.
 pub fn enabled() -> bool {
+    mode() != OFF
+}
+
+fn mode() -> u8 {
     use std::sync::atomic::Ordering;
     match ENABLED.load(Ordering::Relaxed) {
         UNSET => {
-            let on = match std::env::var("LLAVA_JP_GEMM").as_deref() {
-                Ok("cublaslt") => true,
-                Ok("burn") | Err(_) => false,
-                Ok(other) => panic!("LLAVA_JP_GEMM={other}: expected `cublaslt` or `burn`"),
+            let mode = match std::env::var("LLAVA_JP_GEMM").as_deref() {
+                Ok("cublaslt") => DEVICE_ORDERED,
+                Ok("cublaslt-sync") => HOST_ORDERED,
+                Ok("burn") | Err(_) => OFF,
+                Ok(other) => panic!("LLAVA_JP_GEMM={other}: expected `cublaslt`, `cublaslt-sync` or `burn`"),
             };
-            ENABLED.store(on as u8, Ordering::Relaxed);
-            on
+            ENABLED.store(mode, Ordering::Relaxed);
+            mode
         }
-        on => on == 1,
+        mode => mode,
     }
 }
 
-/// Turns the cuBLASLt route on or off for the whole process (benchmarks compare both).
+/// Turns the cuBLASLt route (ordered on the device) on or off for the whole process (benchmarks
+/// compare both).
 pub fn set_enabled(on: bool) {
-    ENABLED.store(on as u8, std::sync::atomic::Ordering::Relaxed);
+    ENABLED.store(if on { DEVICE_ORDERED } else { OFF }, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// `value` as a `U` when `T` is `U` (for backend-generic code that takes a CUDA-only path).
@@ -250,6 +273,8 @@ struct Device {
     stream: Arc<CudaStream>,
     handle: sys::cublasLtHandle_t,
     algorithms: HashMap<Problem, sys::cublasLtMatmulAlgo_t>,
+    /// The device-ordered mode's flags, made on its first product.
+    flags: Option<Flags>,
 }
 
 // The handle and algorithms are plain data used under the mutex.
@@ -279,7 +304,7 @@ fn open(index: usize) -> Result<Device, String> {
     context.bind_to_thread().map_err(|e| format!("CUDA device {index}: {e}"))?;
     let stream = context.new_stream().map_err(|e| format!("a stream on CUDA device {index}: {e}"))?;
     let handle = lt::create_handle().map_err(|e| format!("cublasLtCreate: {e}"))?;
-    Ok(Device { context, stream, handle, algorithms: HashMap::new() })
+    Ok(Device { context, stream, handle, algorithms: HashMap::new(), flags: None })
 }
 
 /// The largest power of two (up to 256) that divides a device address: what the algorithm
@@ -316,9 +341,12 @@ fn gemm(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>) -> Result<CubeTe
     let workspace = client.empty(WORKSPACE_BYTES);
     let resource = |t: &burn_cubecl::cubecl::server::Handle| client.get_resource(t.clone()).map_err(|e| format!("{e:?}"));
     let (rx, ry, rd, rw) = (resource(&x.tensor.handle)?, resource(&y.tensor.handle)?, resource(&out)?, resource(&workspace)?);
-    // After the resources: fetching one made on another cubecl stream (another thread) queues a
-    // wait for that stream on ours, which this drains too.
-    block_on(client.sync()).map_err(|e| format!("waiting for cubecl's queue: {e:?}"))?;
+    let device_ordered = mode() == DEVICE_ORDERED;
+    if !device_ordered {
+        // After the resources: fetching one made on another cubecl stream (another thread)
+        // queues a wait for that stream on ours, which this drains too.
+        block_on(client.sync()).map_err(|e| format!("waiting for cubecl's queue: {e:?}"))?;
+    }
     let (px, py, pd, pw) = (rx.resource().ptr, ry.resource().ptr, rd.resource().ptr, rw.resource().ptr);
 
     let mut devices = devices().lock().unwrap_or_else(|p| p.into_inner());
@@ -327,6 +355,22 @@ fn gemm(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>) -> Result<CubeTe
         std::collections::hash_map::Entry::Vacant(e) => e.insert(open(device.index)?),
     };
     dev.context.bind_to_thread().map_err(|e| format!("CUDA device {}: {e}", device.index))?;
+    // Ordered on the device: cuBLASLt's stream waits for the flag a kernel queued now on
+    // cubecl's stream will set.
+    let order = match device_ordered {
+        false => None,
+        true => {
+            if dev.flags.is_none() {
+                dev.flags = Some(Flags::new(&client, &dev.context, &dev.stream)?);
+            }
+            let flags = dev.flags.as_mut().expect("made above");
+            let seq = flags.next(&client)?;
+            trace(seq, "ready launched on cubecl's stream");
+            flags.ring.on_lt_stream(&dev.stream, &flags.wait_ready, seq, FLAG_TIMEOUT_NS)?;
+            trace(seq, "wait queued on cuBLASLt's stream");
+            Some(seq)
+        }
+    };
     let problem = Problem {
         dtype: data_type,
         transposed: (x.transposed, y.transposed),
@@ -335,7 +379,9 @@ fn gemm(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>) -> Result<CubeTe
         alignments: (alignment(px), alignment(py), alignment(pd)),
     };
     // SAFETY: descriptors are created and destroyed here; pointers come from live cubecl
-    // allocations (held by the resources until the stream has finished), sized by their shapes.
+    // allocations, sized by their shapes, that cubecl hands on only after the product is written
+    // (host-ordered: the resources are held until cuBLASLt's stream has finished; device-ordered:
+    // cubecl's stream waits for the product's flag before anything it queues later).
     unsafe {
         let compute = sys::cublasComputeType_t::CUBLAS_COMPUTE_32F;
         let desc = lt::create_matmul_desc(compute, sys::cudaDataType_t::CUDA_R_32F).map_err(|e| format!("cublasLtMatmulDescCreate: {e}"))?;
@@ -389,9 +435,240 @@ fn gemm(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>) -> Result<CubeTe
         let _ = lt::destroy_matmul_desc(desc);
         run.map_err(|e| format!("cublasLtMatmul for {problem:?}: {e}"))?;
     }
-    dev.stream.synchronize().map_err(|e| format!("cuBLASLt's stream: {e}"))?;
+    match order {
+        Some(seq) => {
+            trace(seq, "product queued");
+            let flags = dev.flags.as_ref().expect("made above");
+            flags.ring.on_lt_stream(&dev.stream, &flags.set_done, seq, FLAG_TIMEOUT_NS)?;
+            flags.ring.on_cubecl_stream(&client, FlagKernel::ProductDone, seq, FLAG_TIMEOUT_NS);
+            trace(seq, "done queued on both streams");
+        }
+        None => dev.stream.synchronize().map_err(|e| format!("cuBLASLt's stream: {e}"))?,
+    }
+    // Ordered on the device, cubecl may hand this memory on as soon as it is released: whatever
+    // it queues next runs after `cublaslt_product_done`.
     drop((rx, ry, rd, rw));
     Ok(CubeTensor::new(client, out, burn_std::Metadata::new(Shape::new([m, n]), out_strides), device, dtype))
+}
+
+/// `LLAVA_JP_GEMM_TRACE=1`: each step of the device-ordered product on stderr (where a hang is).
+fn trace(seq: u64, what: &str) {
+    static TRACE: OnceLock<bool> = OnceLock::new();
+    if *TRACE.get_or_init(|| std::env::var_os("LLAVA_JP_GEMM_TRACE").is_some()) {
+        eprintln!("cuBLASLt product {seq}: {what}");
+    }
+}
+
+/// Flags in flight at once, per device, in the device-ordered mode (each product takes the next
+/// slot; a slot comes round again only after this many products).
+const FLAG_SLOTS: u64 = 1024;
+/// How long a flag kernel waits before it traps (a CUDA error instead of a silent hang): far
+/// beyond any queue of work ahead of a product.
+const FLAG_TIMEOUT_NS: u64 = 60_000_000_000;
+
+type Client = burn_cubecl::cubecl::client::ComputeClient<CudaRuntime>;
+
+/// Two rings of 64-bit flags in device memory (cubecl's, zeroed): `ready[FLAG_SLOTS]` then
+/// `done[FLAG_SLOTS]`; a product with sequence number `seq` uses slot `seq % FLAG_SLOTS` and sets
+/// both to `seq`, so the values of a slot only grow.
+struct Ring {
+    memory: burn_cubecl::cubecl::server::Handle,
+    /// The device address of `ready[0]`.
+    ptr: u64,
+}
+
+impl Ring {
+    fn new(client: &Client) -> Result<Self, String> {
+        let memory = client.create_from_slice(&vec![0u8; 2 * FLAG_SLOTS as usize * 8]);
+        let ptr = client.get_resource(memory.clone()).map_err(|e| format!("the cuBLASLt flags: {e:?}"))?.resource().ptr;
+        // The zeros are written before cuBLASLt's stream first reads a flag.
+        block_on(client.sync()).map_err(|e| format!("waiting for cubecl's queue: {e:?}"))?;
+        Ok(Ring { memory, ptr })
+    }
+
+    fn on_cubecl_stream(&self, client: &Client, kernel: FlagKernel, seq: u64, timeout_ns: u64) {
+        use burn_cubecl::cubecl::prelude::CubeCount;
+        use burn_cubecl::cubecl::server::{KernelArguments, MetadataBindingInfo};
+        let mut args = KernelArguments::new();
+        args.buffers = vec![self.memory.clone().binding()];
+        args.info = MetadataBindingInfo::new(vec![seq % FLAG_SLOTS, seq, timeout_ns], 3);
+        client.launch(Box::new(kernel), CubeCount::Static(1, 1, 1), args);
+    }
+
+    fn on_lt_stream(&self, stream: &Arc<CudaStream>, kernel: &CudaFunction, seq: u64, timeout_ns: u64) -> Result<(), String> {
+        use cudarc::driver::{LaunchConfig, PushKernelArg};
+        let (ptr, slot) = (self.ptr, seq % FLAG_SLOTS);
+        let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the kernels take (u64*, u64, u64, u64) and touch only slot `slot` of the rings,
+        // which live as long as `self`.
+        unsafe { stream.launch_builder(kernel).arg(&ptr).arg(&slot).arg(&seq).arg(&timeout_ns).launch(one) }
+            .map(|_| ())
+            .map_err(|e| format!("cuBLASLt's flag kernel: {e}"))
+    }
+
+    /// The two flags of `seq`, read back (a sync on cubecl's stream).
+    fn read(&self, client: &Client, seq: u64) -> Result<(u64, u64), String> {
+        let bytes = client.read_one(self.memory.clone()).map_err(|e| format!("reading the flags: {e:?}"))?;
+        let word = |i: u64| u64::from_le_bytes(bytes[i as usize * 8..i as usize * 8 + 8].try_into().expect("8 bytes"));
+        Ok((word(seq % FLAG_SLOTS), word(FLAG_SLOTS + seq % FLAG_SLOTS)))
+    }
+}
+
+/// The device-ordered mode's ring and the two kernels of [`LT_STREAM_SOURCE`] loaded for
+/// cuBLASLt's stream.
+struct Flags {
+    ring: Ring,
+    last: u64,
+    wait_ready: CudaFunction,
+    set_done: CudaFunction,
+}
+
+impl Flags {
+    fn new(client: &Client, context: &Arc<CudaContext>, stream: &Arc<CudaStream>) -> Result<Self, String> {
+        let source = format!("#define FLAG_SLOTS {FLAG_SLOTS}\n{LT_STREAM_SOURCE}");
+        let ptx = cudarc::nvrtc::compile_ptx(source).map_err(|e| format!("NVRTC on cuBLASLt's flag kernels: {e:?}"))?;
+        let module = context.load_module(ptx).map_err(|e| format!("loading cuBLASLt's flag kernels: {e}"))?;
+        let function = |name: &str| module.load_function(name).map_err(|e| format!("kernel {name}: {e}"));
+        let flags = Flags { ring: Ring::new(client)?, last: 0, wait_ready: function("cublaslt_wait_ready")?, set_done: function("cublaslt_set_done")? };
+        flags.self_test(client, stream)?;
+        Ok(flags)
+    }
+
+    /// One round trip on a ring of its own, each leg waited for on the host with a bound, so
+    /// that a kernel that does not run or a flag not seen across streams is an error naming the
+    /// leg, not a hang in the middle of training.
+    fn self_test(&self, client: &Client, stream: &Arc<CudaStream>) -> Result<(), String> {
+        let ring = Ring::new(client)?;
+        const SHORT: u64 = 2_000_000_000;
+        ring.on_cubecl_stream(client, FlagKernel::OperandsReady, 1, SHORT);
+        block_on(client.sync()).map_err(|e| format!("the ready-flag kernel on cubecl's stream: {e:?}"))?;
+        match ring.read(client, 1)? {
+            (1, 0) => {}
+            other => return Err(format!("after the ready-flag kernel, the flags (ready, done) read {other:?}, expected (1, 0)")),
+        }
+        ring.on_lt_stream(stream, &self.wait_ready, 1, SHORT)?;
+        ring.on_lt_stream(stream, &self.set_done, 1, SHORT)?;
+        let start = std::time::Instant::now();
+        loop {
+            // SAFETY: a query of our own live stream.
+            match unsafe { cudarc::driver::sys::cuStreamQuery(stream.cu_stream()) } {
+                cudarc::driver::sys::CUresult::CUDA_SUCCESS => break,
+                cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_READY if start.elapsed().as_secs() < 5 => std::thread::yield_now(),
+                other => return Err(format!("cuBLASLt's stream after its flag kernels: {other:?} after {:?}", start.elapsed())),
+            }
+        }
+        match ring.read(client, 1)? {
+            (1, 1) => {}
+            other => return Err(format!("after cuBLASLt's flag kernels, the flags (ready, done) read {other:?}, expected (1, 1)")),
+        }
+        ring.on_cubecl_stream(client, FlagKernel::ProductDone, 1, SHORT);
+        block_on(client.sync()).map_err(|e| format!("the done-flag wait on cubecl's stream: {e:?}"))
+    }
+
+    /// The next product's sequence number, with the kernel that sets its `ready` flag launched
+    /// on cubecl's stream. cubecl launches from a device thread of its own, batching what it is
+    /// handed until a flush: without the flush the wait on cuBLASLt's stream could spin for a
+    /// kernel not yet launched, while this thread, inside a cuBLASLt call that loads a kernel
+    /// (which waits for the device to idle), never gets to hand cubecl more work.
+    fn next(&mut self, client: &Client) -> Result<u64, String> {
+        self.last += 1;
+        self.ring.on_cubecl_stream(client, FlagKernel::OperandsReady, self.last, FLAG_TIMEOUT_NS);
+        client.flush().map_err(|e| format!("flushing cubecl's queue: {e:?}"))?;
+        Ok(self.last)
+    }
+}
+
+/// The one-thread kernels on cuBLASLt's stream, compiled by NVRTC through cudarc: wait until
+/// cubecl's stream has reached the product (`ready[slot]`), and tell it the product is written
+/// (`done[slot]`). Stream order puts the product between them.
+const LT_STREAM_SOURCE: &str = r#"
+typedef unsigned long long u64;
+
+__device__ u64 now_ns() {
+    u64 t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+extern "C" __global__ void cublaslt_wait_ready(u64* flags, u64 slot, u64 seq, u64 timeout_ns) {
+    const volatile u64* ready = flags + slot;
+    const u64 start = now_ns();
+    while (*ready < seq) {
+        if (now_ns() - start > timeout_ns) __trap();
+    }
+    __threadfence();
+}
+
+extern "C" __global__ void cublaslt_set_done(u64* flags, u64 slot, u64 seq, u64 timeout_ns) {
+    __threadfence();
+    *(volatile u64*)(flags + FLAG_SLOTS + slot) = seq;
+}
+"#;
+
+/// The two one-thread kernels on cubecl's stream, through cubecl (like [`crate::flash`]'s).
+const FLAG_SOURCE: &str = r#"
+typedef unsigned long long u64;
+struct __align__(8) Params { u64 slot, seq, timeout_ns; };
+
+// Everything queued before it on cubecl's stream (the operands) is written: set ready[slot].
+extern "C" __global__ void __launch_bounds__(32) cublaslt_operands_ready(u64* flags, const __grid_constant__ Params p) {
+    if (threadIdx.x != 0) return;
+    __threadfence();
+    *(volatile u64*)(flags + p.slot) = p.seq;
+}
+
+// Hold cubecl's stream until cuBLASLt's stream has written the product (done[slot]).
+extern "C" __global__ void __launch_bounds__(32) cublaslt_product_done(u64* flags, const __grid_constant__ Params p) {
+    if (threadIdx.x != 0) return;
+    const volatile u64* done = flags + FLAG_SLOTS + p.slot;
+    u64 start, now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+    while (*done < p.seq) {
+        asm volatile("nanosleep.u32 512;");
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+        if (now - start > p.timeout_ns) __trap();
+    }
+    __threadfence();
+}
+"#;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum FlagKernel {
+    OperandsReady,
+    ProductDone,
+}
+
+impl FlagKernel {
+    fn entry(self) -> &'static str {
+        match self {
+            FlagKernel::OperandsReady => "cublaslt_operands_ready",
+            FlagKernel::ProductDone => "cublaslt_product_done",
+        }
+    }
+}
+
+impl burn_cubecl::cubecl::prelude::KernelMetadata for FlagKernel {
+    fn id(&self) -> burn_cubecl::cubecl::prelude::KernelId {
+        use burn_cubecl::cubecl::prelude::{CubeDim, KernelId};
+        KernelId::new::<Self>().info((*self, crate::flash::fnv1a(FLAG_SOURCE), FLAG_SLOTS)).cube_dim(CubeDim::new_1d(32))
+    }
+
+    fn address_type(&self) -> burn_cubecl::cubecl::prelude::StorageType {
+        burn_cubecl::cubecl::prelude::AddressType::U64.unsigned_type()
+    }
+}
+
+impl burn_cubecl::cubecl::CubeTask<burn_cubecl::cubecl::cuda::CudaCompiler> for FlagKernel {
+    fn compile(
+        &self,
+        compiler: &mut burn_cubecl::cubecl::cuda::CudaCompiler,
+        options: &<burn_cubecl::cubecl::cuda::CudaCompiler as burn_cubecl::cubecl::Compiler>::CompilationOptions,
+        mode: burn_cubecl::cubecl::prelude::ExecutionMode,
+        address_type: burn_cubecl::cubecl::prelude::StorageType,
+    ) -> Result<burn_cubecl::cubecl::prelude::CompiledKernel<burn_cubecl::cubecl::cuda::CudaCompiler>, burn_cubecl::cubecl::CompilationError> {
+        let source = format!("#define FLAG_SLOTS {FLAG_SLOTS}\n{FLAG_SOURCE}");
+        crate::flash::compile_source(compiler, options, mode, address_type, self.entry(), source, 32)
+    }
 }
 
 /// The heuristic's first choice for this problem, with the workspace we give and the operands'
@@ -470,5 +747,33 @@ mod autodiff {
             }
             OpsKind::UnTracked(prep) => prep.finish(register(lhs.primitive, rhs.primitive)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn_cubecl::cubecl::cuda::CudaCompiler;
+    use burn_cubecl::cubecl::prelude::{ExecutionMode, KernelMetadata};
+    use burn_cubecl::cubecl::CubeTask;
+
+    /// The device-ordered mode's flag kernels compile without a GPU to our source, with the ring's
+    /// size defined, and have ids of their own.
+    #[test]
+    fn flag_kernels_compile_to_our_source() {
+        for kernel in [FlagKernel::OperandsReady, FlagKernel::ProductDone] {
+            let compiled = kernel
+                .compile(&mut CudaCompiler::default(), &Default::default(), ExecutionMode::Checked, kernel.address_type())
+                .expect("compiles");
+            assert_eq!(compiled.entrypoint_name, kernel.entry());
+            assert!(compiled.source.starts_with(&format!("#define FLAG_SLOTS {FLAG_SLOTS}\n")));
+            assert!(compiled.source.contains(&format!("{}(u64* flags", kernel.entry())));
+        }
+        assert_ne!(FlagKernel::OperandsReady.id(), FlagKernel::ProductDone.id());
+        // The argument lists `Ring::on_lt_stream` and `Ring::on_cubecl_stream` pass.
+        for entry in ["cublaslt_wait_ready", "cublaslt_set_done"] {
+            assert!(LT_STREAM_SOURCE.contains(&format!("{entry}(u64* flags, u64 slot, u64 seq, u64 timeout_ns)")));
+        }
+        assert!(FLAG_SOURCE.contains("struct __align__(8) Params { u64 slot, seq, timeout_ns; };"));
     }
 }

@@ -5,8 +5,8 @@
 //!
 //! The kernel is CUDA C++ handed to cubecl as a compiled-kernel task of its own, so cubecl
 //! compiles it with NVRTC, keeps its PTX in the kernel cache, and launches it on its own stream in
-//! order with every other kernel: no host wait, unlike [`crate::cublaslt`]. That makes this module
-//! the template for further hand-written CUDA kernels.
+//! order with every other kernel: no second stream to order against, unlike [`crate::cublaslt`].
+//! That makes this module the template for further hand-written CUDA kernels.
 //!
 //! Covered: queries, keys and values of one dtype (bf16 or f16) with a head width that is a
 //! multiple of 16 up to 128, any strides, and any boolean mask (broadcast views included), on
@@ -491,7 +491,7 @@ fn source_hash() -> u64 {
 }
 
 /// FNV-1a, 64 bits: what a hand-written kernel's id carries of its source.
-fn fnv1a(text: &str) -> u64 {
+pub(crate) fn fnv1a(text: &str) -> u64 {
     text.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
 }
 
@@ -521,7 +521,7 @@ impl CubeTask<CudaCompiler> for FlashTask {
 /// shared memory only) as cubecl's compiler hands kernels on: NVRTC compiles the source, and
 /// cubecl wants its own representation beside it (it reads the dynamic shared memory size
 /// from it), which is an empty kernel's.
-fn compile_source(
+pub(crate) fn compile_source(
     compiler: &mut CudaCompiler,
     options: &<CudaCompiler as Compiler>::CompilationOptions,
     mode: ExecutionMode,
