@@ -278,7 +278,9 @@ fn local_gradients<B: AutodiffBackend>(
     poison: bool,
 ) -> (GradientsParams, f64) {
     let mut accumulator = GradientsAccumulator::<LlavaModel<B>>::new();
-    let mut loss_sum = 0.0;
+    // Read back only once every backward is queued: a read waits for the device, and one between
+    // a forward and its backward would leave the device idle while the backward is recorded.
+    let mut losses = Vec::with_capacity(micro.len());
     for (k, batch) in micro.iter_mut().enumerate() {
         let poison = poison && k == 0;
         // The pixels go to the device once; the batch keeps its ids for the metrics.
@@ -292,10 +294,11 @@ fn local_gradients<B: AutodiffBackend>(
         if poison && batch.images == 0 {
             loss = loss * f32::NAN;
         }
-        loss_sum += f64::from(loss.clone().into_scalar().elem::<f32>());
+        losses.push(loss.clone().inner());
         let grads = (loss / micro_batches).backward();
         accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
     }
+    let loss_sum = losses.into_iter().map(|l| f64::from(l.into_scalar().elem::<f32>())).sum();
     (accumulator.grads(), loss_sum)
 }
 
