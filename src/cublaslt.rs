@@ -14,9 +14,18 @@
 //! starts before the product is written. Each product has its own pair of flags (a ring of
 //! [`FLAG_SLOTS`]), so products queued from several cubecl streams cannot release each other.
 //! The waits are kernels, not `cuStreamWaitValue` (which returned `CUDA_ERROR_INVALID_VALUE` on
-//! the H200 with cubecl's memory), and they trap after a minute rather than hang. cubecl
-//! launches from a device thread of its own, so the flag kernel is flushed to it before
-//! cuBLASLt's stream is told to wait for it.
+//! the H200 with cubecl's memory). cubecl launches from a device thread of its own, so the flag
+//! kernel is flushed to it before cuBLASLt's stream is told to wait for it: every wait is
+//! launched after the kernel that releases it, so nothing that waits for the whole device (lazy
+//! kernel loading, say) can deadlock. A wait that still lasts a minute traps; that leaves the
+//! CUDA context broken, and the error surfaces from a later call that need not name these
+//! kernels (`LLAVA_JP_GEMM_TRACE=1` prints each product's steps).
+//!
+//! What the ordering covers: the stream the product was queued on. An operand whose memory
+//! belongs to another cubecl stream is as safe as cubecl makes its own reads across streams.
+//! Several cubecl streams on one GPU share the ring; a slot is reused after [`FLAG_SLOTS`]
+//! products, so one stream running 1024 products ahead of another could see the other's flag
+//! (this project drives each GPU from one thread).
 //! `LLAVA_JP_GEMM=cublaslt-sync` orders by host waits instead (cubecl's queue drained before the
 //! product, cuBLASLt's stream after): two round trips per product, which left the GPU idle 40%
 //! of a full-size stage-2 step.
@@ -27,7 +36,8 @@
 //! Status (H200, 2026-12-02): bf16 products at the LLM's shapes run 1.5-3.2x faster than burn's
 //! (`benches/gemm.rs`), f32 products are exact f32 (burn's use TF32). With the route on, the
 //! backend fuzzer's matmul, projector, GPT-2, KV-cached decode, LLaVA and training-gradient
-//! properties pass on the f32, bf16 and autocast CUDA legs, except one LLaVA case on f32 (GPT-2
+//! properties pass on the f32, bf16 and autocast CUDA legs (ordered on the device: bf16 and
+//! autocast legs run so far), except one LLaVA case on f32 (GPT-2
 //! width 2 with one-wide heads), whose logits miss by 1.9e-2 every time although every product
 //! in it is exact when checked (`LLAVA_JP_GEMM_CHECK=1`, which also makes the case pass). Until
 //! that is understood the route stays opt-in. Ordered on the device, a full-size stage-2
@@ -290,8 +300,10 @@ struct Problem {
     alignments: (u32, u32, u32),
 }
 
-fn devices() -> &'static Mutex<HashMap<usize, Device>> {
-    static DEVICES: OnceLock<Mutex<HashMap<usize, Device>>> = OnceLock::new();
+/// One lock per GPU: each GPU's products come from its own thread (data-parallel replicas), and
+/// one GPU's product may wait on cubecl's thread (or on the device) while another's runs.
+fn devices() -> &'static Mutex<HashMap<usize, Arc<Mutex<Device>>>> {
+    static DEVICES: OnceLock<Mutex<HashMap<usize, Arc<Mutex<Device>>>>> = OnceLock::new();
     DEVICES.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
@@ -349,11 +361,15 @@ fn gemm(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>) -> Result<CubeTe
     }
     let (px, py, pd, pw) = (rx.resource().ptr, ry.resource().ptr, rd.resource().ptr, rw.resource().ptr);
 
-    let mut devices = devices().lock().unwrap_or_else(|p| p.into_inner());
-    let dev = match devices.entry(device.index) {
-        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-        std::collections::hash_map::Entry::Vacant(e) => e.insert(open(device.index)?),
+    let dev = {
+        let mut devices = devices().lock().unwrap_or_else(|p| p.into_inner());
+        match devices.entry(device.index) {
+            std::collections::hash_map::Entry::Occupied(e) => e.get().clone(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(Arc::new(Mutex::new(open(device.index)?))).clone(),
+        }
     };
+    let mut guard = dev.lock().unwrap_or_else(|p| p.into_inner());
+    let dev = &mut *guard;
     dev.context.bind_to_thread().map_err(|e| format!("CUDA device {}: {e}", device.index))?;
     // Ordered on the device: cuBLASLt's stream waits for the flag a kernel queued now on
     // cubecl's stream will set.
@@ -439,7 +455,11 @@ fn gemm(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>) -> Result<CubeTe
         Some(seq) => {
             trace(seq, "product queued");
             let flags = dev.flags.as_ref().expect("made above");
-            flags.ring.on_lt_stream(&dev.stream, &flags.set_done, seq, FLAG_TIMEOUT_NS)?;
+            if let Err(e) = flags.ring.on_lt_stream(&dev.stream, &flags.set_done, seq, FLAG_TIMEOUT_NS) {
+                // The product may still run: keep its memory until it has.
+                let _ = dev.stream.synchronize();
+                return Err(e);
+            }
             flags.ring.on_cubecl_stream(&client, FlagKernel::ProductDone, seq, FLAG_TIMEOUT_NS);
             trace(seq, "done queued on both streams");
         }
@@ -462,8 +482,8 @@ fn trace(seq: u64, what: &str) {
 /// Flags in flight at once, per device, in the device-ordered mode (each product takes the next
 /// slot; a slot comes round again only after this many products).
 const FLAG_SLOTS: u64 = 1024;
-/// How long a flag kernel waits before it traps (a CUDA error instead of a silent hang): far
-/// beyond any queue of work ahead of a product.
+/// How long a flag kernel waits before it traps (a CUDA error instead of a silent hang): a wait
+/// only ever covers GPU work already launched between two products.
 const FLAG_TIMEOUT_NS: u64 = 60_000_000_000;
 
 type Client = burn_cubecl::cubecl::client::ComputeClient<CudaRuntime>;
@@ -535,8 +555,9 @@ impl Flags {
     }
 
     /// One round trip on a ring of its own, each leg waited for on the host with a bound, so
-    /// that a kernel that does not run or a flag not seen across streams is an error naming the
-    /// leg, not a hang in the middle of training.
+    /// that a kernel that does not compile, launch or see its arguments is an error naming the
+    /// leg, not a hang in the middle of training. Each flag is set before its wait is launched
+    /// (the order every product keeps), so this checks the kernels, not a wait across streams.
     fn self_test(&self, client: &Client, stream: &Arc<CudaStream>) -> Result<(), String> {
         let ring = Ring::new(client)?;
         const SHORT: u64 = 2_000_000_000;
@@ -573,7 +594,7 @@ impl Flags {
     fn next(&mut self, client: &Client) -> Result<u64, String> {
         self.last += 1;
         self.ring.on_cubecl_stream(client, FlagKernel::OperandsReady, self.last, FLAG_TIMEOUT_NS);
-        client.flush().map_err(|e| format!("flushing cubecl's queue: {e:?}"))?;
+        client.flush().map_err(|e| format!("handing cubecl the flag kernel (the error may come from earlier work on its stream): {e:?}"))?;
         Ok(self.last)
     }
 }
