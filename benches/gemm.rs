@@ -1,5 +1,5 @@
 //! Matrix products on CUDA at llm-jp-1.3b's training and decoding shapes: burn's own GEMM
-//! against the cuBLASLt route (`src/cublaslt.rs`), in one run, with the largest difference
+//! against the cuBLASLt route (`src/cublaslt.rs`, ordered on the device and by host waits), in one run, with the largest difference
 //! between the two products (both accumulate in f32). Needs an NVIDIA GPU.
 //!
 //!     cargo bench --bench gemm [-- --dtype bf16 --iters 20]
@@ -11,9 +11,13 @@ use burn::backend::cuda::CudaDevice;
 use burn::backend::Cuda;
 use burn::prelude::*;
 use burn::tensor::{DType, Distribution};
+use llava_jp::cublaslt::GemmRoute;
 use llava_jp::model::nn::matmul;
 
 type B = Cuda<f32>;
+
+/// burn's product first (the reference), then cuBLASLt ordered on the device and by the host.
+const ROUTES: [GemmRoute; 3] = [GemmRoute::Burn, GemmRoute::CublasLt, GemmRoute::CublasLtHostOrdered];
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -42,10 +46,10 @@ fn main() {
         let w_out_in = Tensor::<B, 2>::random([n, k], Distribution::Normal(0.0, 0.02), &device).cast(dtype);
         let w_in_out = Tensor::<B, 2>::random([k, n], Distribution::Normal(0.0, 0.02), &device).cast(dtype);
         for (layout, w) in [("conv1d [in, out]", w_in_out), ("linear [out, in]^T", w_out_in.transpose())] {
-            let mut seconds = [0.0f64; 2];
+            let mut seconds = [0.0f64; 3];
             let mut products = Vec::new();
-            for (route, cublaslt) in [(0, false), (1, true)] {
-                llava_jp::cublaslt::set_enabled(cublaslt);
+            for (i, route) in ROUTES.into_iter().enumerate() {
+                llava_jp::cublaslt::set_route(route);
                 // Warm-up: burn compiles and autotunes its kernels on first use of a shape.
                 for _ in 0..3 {
                     let _ = matmul(x.clone(), w.clone());
@@ -56,20 +60,20 @@ fn main() {
                     let _ = matmul(x.clone(), w.clone());
                 }
                 B::sync(&device).expect("sync");
-                seconds[route] = start.elapsed().as_secs_f64() / iters as f64;
+                seconds[i] = start.elapsed().as_secs_f64() / iters as f64;
                 products.push(matmul(x.clone(), w.clone()).cast(DType::F32));
             }
-            let diff = (products[0].clone() - products[1].clone()).abs().max().into_scalar();
+            let diff = |j: usize| (products[0].clone() - products[j].clone()).abs().max().into_scalar();
             let scale = products[0].clone().abs().max().into_scalar();
             let tflops = |s: f64| 2.0 * (m * k * n) as f64 / s / 1e12;
             println!(
                 "{}",
                 serde_json::json!({
                     "m": m, "k": k, "n": n, "layout": layout, "dtype": format!("{dtype:?}"),
-                    "burn_ms": seconds[0] * 1e3, "cublaslt_ms": seconds[1] * 1e3,
+                    "burn_ms": seconds[0] * 1e3, "cublaslt_ms": seconds[1] * 1e3, "cublaslt_sync_ms": seconds[2] * 1e3,
                     "burn_tflops": tflops(seconds[0]), "cublaslt_tflops": tflops(seconds[1]),
                     "speedup": seconds[0] / seconds[1],
-                    "max_abs_diff": diff, "max_abs_burn": scale,
+                    "max_abs_diff": diff(1), "max_abs_diff_sync": diff(2), "max_abs_burn": scale,
                 })
             );
         }

@@ -14,10 +14,11 @@
 //! starts before the product is written. Each product has its own pair of flags (a ring of
 //! [`FLAG_SLOTS`]), so products queued from several cubecl streams cannot release each other.
 //! The waits are kernels, not `cuStreamWaitValue` (which returned `CUDA_ERROR_INVALID_VALUE` on
-//! the H200 with cubecl's memory). cubecl launches from a device thread of its own, so the flag
-//! kernel is flushed to it before cuBLASLt's stream is told to wait for it: every wait is
+//! the H200 with cubecl's memory). cubecl launches from a device thread of its own; the whole
+//! product is queued from that thread, in one hand-off (`ComputeClient::exclusive`), so the
+//! flag kernel is launched before cuBLASLt's stream is told to wait for it: every wait is
 //! launched after the kernel that releases it, so nothing that waits for the whole device (lazy
-//! kernel loading, say) can deadlock. A wait that still lasts a minute traps; that leaves the
+//! kernel loading, say) can deadlock, and the host never waits for the device. A wait that still lasts a minute traps; that leaves the
 //! CUDA context broken, and the error surfaces from a later call that need not name these
 //! kernels (`LLAVA_JP_GEMM_TRACE=1` prints each product's steps).
 //!
@@ -72,42 +73,65 @@ type Primitive = FusionTensor<Runtime>;
 /// cuBLASLt's scratch space; 32 MiB is what cuBLAS itself uses on Hopper.
 const WORKSPACE_BYTES: usize = 32 << 20;
 
-static ENABLED: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(UNSET);
-const UNSET: u8 = u8::MAX;
-/// [`ENABLED`]'s values: burn's products, cuBLASLt ordered on the device, cuBLASLt ordered by
-/// host waits.
-const OFF: u8 = 0;
-const DEVICE_ORDERED: u8 = 1;
-const HOST_ORDERED: u8 = 2;
-
-/// Whether matrix products go through cuBLASLt: `LLAVA_JP_GEMM=cublaslt` (or `cublaslt-sync`,
-/// ordered by host waits; opt-in while the route is young) or `burn` (the default), unless
-/// [`set_enabled`] said otherwise.
-pub fn enabled() -> bool {
-    mode() != OFF
+/// Which path a matrix product on burn's CUDA backend takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemmRoute {
+    /// burn's own product (cubecl's GEMM).
+    Burn,
+    /// cuBLASLt, ordered against cubecl's stream on the device (flag kernels).
+    CublasLt,
+    /// cuBLASLt between two host waits (cubecl's queue drained before, cuBLASLt's stream
+    /// after): the simple ordering, kept to compare against.
+    CublasLtHostOrdered,
 }
 
-fn mode() -> u8 {
-    use std::sync::atomic::Ordering;
-    match ENABLED.load(Ordering::Relaxed) {
-        UNSET => {
-            let mode = match std::env::var("LLAVA_JP_GEMM").as_deref() {
-                Ok("cublaslt") => DEVICE_ORDERED,
-                Ok("cublaslt-sync") => HOST_ORDERED,
-                Ok("burn") | Err(_) => OFF,
-                Ok(other) => panic!("LLAVA_JP_GEMM={other}: expected `cublaslt`, `cublaslt-sync` or `burn`"),
-            };
-            ENABLED.store(mode, Ordering::Relaxed);
-            mode
+impl GemmRoute {
+    const ALL: [GemmRoute; 3] = [GemmRoute::Burn, GemmRoute::CublasLt, GemmRoute::CublasLtHostOrdered];
+
+    /// `LLAVA_JP_GEMM`'s spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            GemmRoute::Burn => "burn",
+            GemmRoute::CublasLt => "cublaslt",
+            GemmRoute::CublasLtHostOrdered => "cublaslt-sync",
         }
-        mode => mode,
     }
 }
 
-/// Turns the cuBLASLt route (ordered on the device) on or off for the whole process (benchmarks
-/// compare both).
-pub fn set_enabled(on: bool) {
-    ENABLED.store(if on { DEVICE_ORDERED } else { OFF }, std::sync::atomic::Ordering::Relaxed);
+/// The route as `GemmRoute::ALL`'s index, or `UNSET` before the first product reads
+/// `LLAVA_JP_GEMM`.
+static ROUTE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(UNSET);
+const UNSET: u8 = u8::MAX;
+
+/// Whether matrix products go through cuBLASLt: `LLAVA_JP_GEMM=cublaslt` (or `cublaslt-sync`;
+/// opt-in while the route is young) or `burn` (the default), unless [`set_route`] said
+/// otherwise.
+pub fn enabled() -> bool {
+    route_now() != GemmRoute::Burn
+}
+
+/// The route products take now.
+pub fn route_now() -> GemmRoute {
+    use std::sync::atomic::Ordering;
+    match ROUTE.load(Ordering::Relaxed) {
+        UNSET => {
+            let route = match std::env::var("LLAVA_JP_GEMM") {
+                Err(_) => GemmRoute::Burn,
+                Ok(name) => *GemmRoute::ALL.iter().find(|r| r.name() == name).unwrap_or_else(|| {
+                    panic!("LLAVA_JP_GEMM={name}: expected `burn`, `cublaslt` or `cublaslt-sync`")
+                }),
+            };
+            set_route(route);
+            route
+        }
+        index => GemmRoute::ALL[index as usize],
+    }
+}
+
+/// Sets the route for the whole process (benchmarks compare them), over `LLAVA_JP_GEMM`.
+pub fn set_route(route: GemmRoute) {
+    let index = GemmRoute::ALL.iter().position(|r| *r == route).expect("a listed route") as u8;
+    ROUTE.store(index, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// `value` as a `U` when `T` is `U` (for backend-generic code that takes a CUDA-only path).
@@ -257,9 +281,7 @@ impl Operation<Runtime> for LtMatmul {
 struct Operand {
     tensor: CubeTensor<CudaRuntime>,
     transposed: bool,
-    /// Rows and columns of the column-major matrix in memory, and its leading dimension.
-    rows: u64,
-    cols: u64,
+    /// The column-major matrix's leading dimension.
     ld: i64,
 }
 
@@ -267,28 +289,38 @@ fn operand(tensor: CubeTensor<CudaRuntime>) -> Operand {
     let (shape, strides) = (tensor.meta.shape().to_vec(), tensor.meta.strides().to_vec());
     let (r, c) = (shape[0], shape[1]);
     if strides[1] == 1 && strides[0] >= c.max(1) {
-        Operand { ld: strides[0] as i64, tensor, transposed: false, rows: c as u64, cols: r as u64 }
+        Operand { ld: strides[0] as i64, tensor, transposed: false }
     } else if strides[0] == 1 && strides[1] >= r.max(1) {
-        Operand { ld: strides[1] as i64, tensor, transposed: true, rows: r as u64, cols: c as u64 }
+        Operand { ld: strides[1] as i64, tensor, transposed: true }
     } else {
         operand(into_contiguous(tensor))
     }
 }
 
-/// What a cuBLASLt product needs per device: the primary context (cubecl's), a stream and a
-/// handle, and the algorithm chosen for each problem (the heuristic query costs more than a
-/// small product).
+/// What a cuBLASLt product needs per device: the primary context (cubecl's), a stream, a handle,
+/// a workspace, and a plan for each problem seen (descriptors and the algorithm: the heuristic
+/// query costs more than a small product, and a decode step runs ~100 small products).
 struct Device {
     context: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     handle: sys::cublasLtHandle_t,
-    algorithms: HashMap<Problem, sys::cublasLtMatmulAlgo_t>,
+    /// [`WORKSPACE_BYTES`] of device memory, used only on `stream`, whose products run one
+    /// after another.
+    workspace: u64,
+    plans: HashMap<Problem, Plan>,
     /// The device-ordered mode's flags, made on its first product.
     flags: Option<Flags>,
 }
 
-// The handle and algorithms are plain data used under the mutex.
+// The handle, plans and workspace are plain data used under the mutex.
 unsafe impl Send for Device {}
+
+/// A problem's descriptors, made once and kept for the process.
+struct Plan {
+    desc: sys::cublasLtMatmulDesc_t,
+    layouts: (sys::cublasLtMatrixLayout_t, sys::cublasLtMatrixLayout_t, sys::cublasLtMatrixLayout_t),
+    algorithm: sys::cublasLtMatmulAlgo_t,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Problem {
@@ -300,11 +332,56 @@ struct Problem {
     alignments: (u32, u32, u32),
 }
 
+impl Plan {
+    /// Descriptors for `problem` and the heuristic's algorithm for them.
+    fn new(handle: sys::cublasLtHandle_t, problem: &Problem) -> Result<Plan, String> {
+        let Problem { dtype, transposed: (tx, ty), mnk: (m, n, k), lds: (ldx, ldy, ldd), alignments } = *problem;
+        // Row counts and column counts of the operands as they lie in memory.
+        let (x_dims, y_dims) = (if tx { (k, m) } else { (m, k) }, if ty { (n, k) } else { (k, n) });
+        // SAFETY: descriptors made here are destroyed here on failure, or kept in the plan.
+        unsafe {
+            let desc = lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType_t::CUDA_R_32F)
+                .map_err(|e| format!("cublasLtMatmulDescCreate: {e}"))?;
+            let mut made = vec![];
+            let result = (|| {
+                for (attr, t) in [
+                    (sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, tx),
+                    (sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, ty),
+                ] {
+                    let op: i32 = t as i32; // CUBLAS_OP_N = 0, CUBLAS_OP_T = 1
+                    lt::set_matmul_desc_attribute(desc, attr, (&op as *const i32).cast(), 4)?;
+                }
+                for (rows, cols, ld) in [(x_dims.0, x_dims.1, ldx), (y_dims.0, y_dims.1, ldy), (m, n, ldd)] {
+                    made.push(lt::create_matrix_layout(dtype, rows, cols, ld)?);
+                }
+                let layouts = (made[0], made[1], made[2]);
+                let algorithm = pick_algorithm(handle, desc, layouts, alignments)?;
+                Ok::<_, lt::CublasError>(Plan { desc, layouts, algorithm })
+            })();
+            result.map_err(|e| {
+                for layout in made {
+                    let _ = lt::destroy_matrix_layout(layout);
+                }
+                let _ = lt::destroy_matmul_desc(desc);
+                format!("cuBLASLt plan for {problem:?}: {e}")
+            })
+        }
+    }
+}
+
 /// One lock per GPU: each GPU's products come from its own thread (data-parallel replicas), and
-/// one GPU's product may wait on cubecl's thread (or on the device) while another's runs.
+/// one GPU's product may wait on the device while another's runs.
 fn devices() -> &'static Mutex<HashMap<usize, Arc<Mutex<Device>>>> {
     static DEVICES: OnceLock<Mutex<HashMap<usize, Arc<Mutex<Device>>>>> = OnceLock::new();
     DEVICES.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+fn device(index: usize) -> Result<Arc<Mutex<Device>>, String> {
+    let mut devices = devices().lock().unwrap_or_else(|p| p.into_inner());
+    match devices.entry(index) {
+        std::collections::hash_map::Entry::Occupied(e) => Ok(e.get().clone()),
+        std::collections::hash_map::Entry::Vacant(e) => Ok(e.insert(Arc::new(Mutex::new(open(index)?))).clone()),
+    }
 }
 
 fn open(index: usize) -> Result<Device, String> {
@@ -316,7 +393,10 @@ fn open(index: usize) -> Result<Device, String> {
     context.bind_to_thread().map_err(|e| format!("CUDA device {index}: {e}"))?;
     let stream = context.new_stream().map_err(|e| format!("a stream on CUDA device {index}: {e}"))?;
     let handle = lt::create_handle().map_err(|e| format!("cublasLtCreate: {e}"))?;
-    Ok(Device { context, stream, handle, algorithms: HashMap::new(), flags: None })
+    // SAFETY: a plain allocation in the bound context, kept for the process.
+    let workspace = unsafe { cudarc::driver::result::malloc_sync(WORKSPACE_BYTES) }
+        .map_err(|e| format!("cuBLASLt's {WORKSPACE_BYTES}-byte workspace on CUDA device {index}: {e}"))?;
+    Ok(Device { context, stream, handle, workspace, plans: HashMap::new(), flags: None })
 }
 
 /// The largest power of two (up to 256) that divides a device address: what the algorithm
@@ -345,42 +425,62 @@ fn gemm(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>) -> Result<CubeTe
     }
     // Row-major C = A·B is column-major Cᵀ = Bᵀ·Aᵀ: cuBLASLt's first operand is our `b`.
     let (x, y) = (operand(b), operand(a));
+    let dev = self::device(device.index)?;
+    let route = route_now();
+    if route == GemmRoute::CublasLt {
+        // Made (and self-tested, with host waits) before the hand-off below.
+        let mut guard = dev.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.flags.is_none() {
+            guard.context.bind_to_thread().map_err(|e| format!("CUDA device {}: {e}", device.index))?;
+            guard.flags = Some(Flags::new(&client, &guard.context, &guard.stream)?);
+        }
+    }
+    // One hand-off to cubecl's device thread per product: there each cubecl call below runs at
+    // once, in order with everything queued before (a call made from this thread would be a
+    // round trip of its own, and cubecl's flush waits for the device to reach the previous
+    // flush).
+    let task_client = client.clone();
+    let (out, out_strides) = client
+        .exclusive(move || enqueue(&task_client, &dev, route, x, y, (m, n, k), elem, data_type))
+        .map_err(|e| format!("cubecl's device thread: {e:?}"))??;
+    Ok(CubeTensor::new(client, out, burn_std::Metadata::new(Shape::new([m, n]), out_strides), device, dtype))
+}
+
+/// Queues the product `[m, k] x [k, n]` (cuBLASLt's operands `x`, `y`: see [`gemm`]) on
+/// cubecl's device thread.
+#[allow(clippy::too_many_arguments)]
+fn enqueue(
+    client: &Client,
+    dev: &Mutex<Device>,
+    route: GemmRoute,
+    x: Operand,
+    y: Operand,
+    (m, n, k): (usize, usize, usize),
+    elem: usize,
+    data_type: sys::cudaDataType_t,
+) -> Result<(burn_cubecl::cubecl::server::Handle, burn_std::Strides), String> {
     // Laid out as burn lays out its own outputs (rows may be padded for alignment), so that the
     // fused kernels reading it see the layouts they were written for.
     let out = client.empty_tensor(Shape::new([m, n]), elem);
     let ldd = out.strides[0] as i64;
-    let (out, out_strides) = (out.memory, out.strides);
-    let workspace = client.empty(WORKSPACE_BYTES);
     let resource = |t: &burn_cubecl::cubecl::server::Handle| client.get_resource(t.clone()).map_err(|e| format!("{e:?}"));
-    let (rx, ry, rd, rw) = (resource(&x.tensor.handle)?, resource(&y.tensor.handle)?, resource(&out)?, resource(&workspace)?);
-    let device_ordered = mode() == DEVICE_ORDERED;
-    if !device_ordered {
+    let (rx, ry, rd) = (resource(&x.tensor.handle)?, resource(&y.tensor.handle)?, resource(&out.memory)?);
+    if route == GemmRoute::CublasLtHostOrdered {
         // After the resources: fetching one made on another cubecl stream (another thread)
         // queues a wait for that stream on ours, which this drains too.
         block_on(client.sync()).map_err(|e| format!("waiting for cubecl's queue: {e:?}"))?;
     }
-    let (px, py, pd, pw) = (rx.resource().ptr, ry.resource().ptr, rd.resource().ptr, rw.resource().ptr);
-
-    let dev = {
-        let mut devices = devices().lock().unwrap_or_else(|p| p.into_inner());
-        match devices.entry(device.index) {
-            std::collections::hash_map::Entry::Occupied(e) => e.get().clone(),
-            std::collections::hash_map::Entry::Vacant(e) => e.insert(Arc::new(Mutex::new(open(device.index)?))).clone(),
-        }
-    };
+    let (px, py, pd) = (rx.resource().ptr, ry.resource().ptr, rd.resource().ptr);
     let mut guard = dev.lock().unwrap_or_else(|p| p.into_inner());
     let dev = &mut *guard;
-    dev.context.bind_to_thread().map_err(|e| format!("CUDA device {}: {e}", device.index))?;
-    // Ordered on the device: cuBLASLt's stream waits for the flag a kernel queued now on
-    // cubecl's stream will set.
-    let order = match device_ordered {
+    dev.context.bind_to_thread().map_err(|e| format!("CUDA device: {e}"))?;
+    // Ordered on the device: cuBLASLt's stream waits for the flag a kernel launched now on
+    // cubecl's stream will set (launched, not just queued: this runs on cubecl's thread).
+    let order = match route == GemmRoute::CublasLt {
         false => None,
         true => {
-            if dev.flags.is_none() {
-                dev.flags = Some(Flags::new(&client, &dev.context, &dev.stream)?);
-            }
-            let flags = dev.flags.as_mut().expect("made above");
-            let seq = flags.next(&client)?;
+            let flags = dev.flags.as_mut().expect("made before the hand-off");
+            let seq = flags.next(client);
             trace(seq, "ready launched on cubecl's stream");
             flags.ring.on_lt_stream(&dev.stream, &flags.wait_ready, seq, FLAG_TIMEOUT_NS)?;
             trace(seq, "wait queued on cuBLASLt's stream");
@@ -394,62 +494,40 @@ fn gemm(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>) -> Result<CubeTe
         lds: (x.ld, y.ld, ldd),
         alignments: (alignment(px), alignment(py), alignment(pd)),
     };
-    // SAFETY: descriptors are created and destroyed here; pointers come from live cubecl
-    // allocations, sized by their shapes, that cubecl hands on only after the product is written
-    // (host-ordered: the resources are held until cuBLASLt's stream has finished; device-ordered:
-    // cubecl's stream waits for the product's flag before anything it queues later).
-    unsafe {
-        let compute = sys::cublasComputeType_t::CUBLAS_COMPUTE_32F;
-        let desc = lt::create_matmul_desc(compute, sys::cudaDataType_t::CUDA_R_32F).map_err(|e| format!("cublasLtMatmulDescCreate: {e}"))?;
-        let set_op = |attr, t: bool| {
-            let op: i32 = t as i32; // CUBLAS_OP_N = 0, CUBLAS_OP_T = 1
-            lt::set_matmul_desc_attribute(desc, attr, (&op as *const i32).cast(), 4)
-        };
-        let layouts = (|| {
-            set_op(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, x.transposed)?;
-            set_op(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, y.transposed)?;
-            let lx = lt::create_matrix_layout(data_type, x.rows, x.cols, x.ld)?;
-            let ly = lt::create_matrix_layout(data_type, y.rows, y.cols, y.ld)?;
-            let ld = lt::create_matrix_layout(data_type, n as u64, m as u64, ldd)?;
-            Ok::<_, lt::CublasError>((lx, ly, ld))
-        })();
-        let (lx, ly, ld) = match layouts {
-            Ok(l) => l,
-            Err(e) => {
-                let _ = lt::destroy_matmul_desc(desc);
-                return Err(format!("cuBLASLt layouts for {problem:?}: {e}"));
-            }
-        };
-        let algorithm = match dev.algorithms.get(&problem) {
-            Some(a) => Ok(*a),
-            None => pick_algorithm(dev.handle, desc, (lx, ly, ld), problem.alignments).map(|a| *dev.algorithms.entry(problem).or_insert(a)),
-        };
-        let (alpha, beta) = (1.0f32, 0.0f32);
-        let run = algorithm.and_then(|algo| {
-            lt::matmul(
-                dev.handle,
-                desc,
-                (&alpha as *const f32).cast(),
-                (&beta as *const f32).cast(),
-                px as *const _,
-                lx,
-                py as *const _,
-                ly,
-                pd as *const _,
-                ld,
-                pd as *mut _,
-                ld,
-                &algo,
-                pw as *mut _,
-                WORKSPACE_BYTES,
-                dev.stream.cu_stream() as sys::cudaStream_t,
-            )
-        });
-        let _ = lt::destroy_matrix_layout(lx);
-        let _ = lt::destroy_matrix_layout(ly);
-        let _ = lt::destroy_matrix_layout(ld);
-        let _ = lt::destroy_matmul_desc(desc);
-        run.map_err(|e| format!("cublasLtMatmul for {problem:?}: {e}"))?;
+    let plan = match dev.plans.entry(problem) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(e) => e.insert(Plan::new(dev.handle, &problem)?),
+    };
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    // SAFETY: the plan's descriptors describe these operands (the problem is their key);
+    // pointers come from live cubecl allocations, sized by their shapes, that cubecl hands on
+    // only after the product is written (host-ordered: the resources are held until cuBLASLt's
+    // stream has finished; device-ordered: cubecl's stream waits for the product's flag before
+    // anything it queues later); the workspace is used on this stream alone.
+    let run = unsafe {
+        lt::matmul(
+            dev.handle,
+            plan.desc,
+            (&alpha as *const f32).cast(),
+            (&beta as *const f32).cast(),
+            px as *const _,
+            plan.layouts.0,
+            py as *const _,
+            plan.layouts.1,
+            pd as *const _,
+            plan.layouts.2,
+            pd as *mut _,
+            plan.layouts.2,
+            &plan.algorithm,
+            dev.workspace as *mut _,
+            WORKSPACE_BYTES,
+            dev.stream.cu_stream() as sys::cudaStream_t,
+        )
+    };
+    if let Err(e) = run {
+        // A failed launch leaves the wait kernel spinning for nothing it can miss (its ready
+        // flag is launched), so cubecl's stream need not be told anything.
+        return Err(format!("cublasLtMatmul for {problem:?}: {e}"));
     }
     match order {
         Some(seq) => {
@@ -460,15 +538,15 @@ fn gemm(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>) -> Result<CubeTe
                 let _ = dev.stream.synchronize();
                 return Err(e);
             }
-            flags.ring.on_cubecl_stream(&client, FlagKernel::ProductDone, seq, FLAG_TIMEOUT_NS);
-            trace(seq, "done queued on both streams");
+            flags.ring.on_cubecl_stream(client, FlagKernel::ProductDone, seq, FLAG_TIMEOUT_NS);
+            trace(seq, "done launched on both streams");
         }
         None => dev.stream.synchronize().map_err(|e| format!("cuBLASLt's stream: {e}"))?,
     }
     // Ordered on the device, cubecl may hand this memory on as soon as it is released: whatever
     // it queues next runs after `cublaslt_product_done`.
-    drop((rx, ry, rd, rw));
-    Ok(CubeTensor::new(client, out, burn_std::Metadata::new(Shape::new([m, n]), out_strides), device, dtype))
+    drop((rx, ry, rd));
+    Ok((out.memory, out.strides))
 }
 
 /// `LLAVA_JP_GEMM_TRACE=1`: each step of the device-ordered product on stderr (where a hang is).
@@ -587,15 +665,16 @@ impl Flags {
     }
 
     /// The next product's sequence number, with the kernel that sets its `ready` flag launched
-    /// on cubecl's stream. cubecl launches from a device thread of its own, batching what it is
-    /// handed until a flush: without the flush the wait on cuBLASLt's stream could spin for a
-    /// kernel not yet launched, while this thread, inside a cuBLASLt call that loads a kernel
-    /// (which waits for the device to idle), never gets to hand cubecl more work.
-    fn next(&mut self, client: &Client) -> Result<u64, String> {
+    /// on cubecl's stream. Called on cubecl's device thread, where the launch happens at once:
+    /// the wait on cuBLASLt's stream is launched after it, so it never spins for a kernel not
+    /// yet launched while this thread sits in a cuBLASLt call that loads a kernel (which waits
+    /// for the device to idle). (Called from another thread, cubecl would batch the launch until
+    /// a flush, and its flush also waits for the device to reach the previous flush: one host
+    /// wait per product, which made decoding 2x slower than burn's own products.)
+    fn next(&mut self, client: &Client) -> u64 {
         self.last += 1;
         self.ring.on_cubecl_stream(client, FlagKernel::OperandsReady, self.last, FLAG_TIMEOUT_NS);
-        client.flush().map_err(|e| format!("handing cubecl the flag kernel (the error may come from earlier work on its stream): {e:?}"))?;
-        Ok(self.last)
+        self.last
     }
 }
 
