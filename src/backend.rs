@@ -6,6 +6,19 @@ use std::str::FromStr;
 
 use burn::prelude::Backend;
 
+/// Calls `$m!` with the autodiff CUDA backends this crate trains on, as `inner, strategy` pairs
+/// (`Cuda<f32>` etc. and `NoCheckpointing` etc. must be in scope where it expands): the ones
+/// [`dispatch_autodiff`] and the tests use, which the CUDA-only paths (cuBLASLt products, flash
+/// attention) recognise by type. One list, so that a backend added to training gets both.
+#[cfg(feature = "cuda")]
+macro_rules! autodiff_cuda_backends {
+    ($m:ident) => {
+        $m!(Cuda<f32>, NoCheckpointing; Cuda<f32>, BalancedCheckpointing; Cuda<bf16>, NoCheckpointing; Cuda<bf16>, BalancedCheckpointing; Cuda<f16>, NoCheckpointing; Cuda<f16>, BalancedCheckpointing)
+    };
+}
+#[cfg(feature = "cuda")]
+pub(crate) use autodiff_cuda_backends;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendKind {
     /// burn-flex: the CPU backend (SIMD, threads).

@@ -49,6 +49,7 @@ use std::any::Any;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use crate::backend::autodiff_cuda_backends;
 use burn::backend::ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
 use burn::prelude::*;
 use burn::tensor::{DType, TensorPrimitive};
@@ -204,13 +205,6 @@ fn checked<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Result<Tensor<B, 2>,
         }
     }
     Ok(routed)
-}
-
-/// Calls `$m!` with the autodiff CUDA backends routed to cuBLASLt, as `inner, strategy` pairs.
-macro_rules! autodiff_cuda_backends {
-    ($m:ident) => {
-        $m!(Cuda<f32>, NoCheckpointing; Cuda<f32>, BalancedCheckpointing; Cuda<bf16>, NoCheckpointing; Cuda<bf16>, BalancedCheckpointing; Cuda<f16>, NoCheckpointing)
-    };
 }
 
 /// The autodiff CUDA backends this crate trains on (`crate::backend::dispatch_autodiff`, and

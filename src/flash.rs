@@ -30,6 +30,7 @@
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU8, Ordering};
 
+use crate::backend::autodiff_cuda_backends;
 use burn::backend::ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 use burn::prelude::*;
 use burn::tensor::{DType, TensorPrimitive};
@@ -167,13 +168,6 @@ pub fn try_attention<B: Backend>(
 
 /// Dropout as the kernels take it: the probability and the seed's two words on the device.
 type KernelDropout = Option<(f64, Primitive)>;
-
-/// The CUDA autodiff backends the kernels serve: one list for the test and the dispatch.
-macro_rules! autodiff_cuda_backends {
-    ($m:ident) => {
-        $m!(Cuda<f32>, NoCheckpointing; Cuda<f32>, BalancedCheckpointing; Cuda<bf16>, NoCheckpointing; Cuda<bf16>, BalancedCheckpointing; Cuda<f16>, NoCheckpointing; Cuda<f16>, BalancedCheckpointing)
-    };
-}
 
 fn autodiff_cuda<B: Backend>() -> bool {
     use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};

@@ -298,7 +298,11 @@ fn local_gradients<B: AutodiffBackend>(
         let grads = (loss / micro_batches).backward();
         accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
     }
-    let loss_sum = losses.into_iter().map(|l| f64::from(l.into_scalar().elem::<f32>())).sum();
+    // One read for all of them (a replica left without micro-batches at an epoch's end has none).
+    let loss_sum = match losses.is_empty() {
+        true => 0.0,
+        false => Tensor::cat(losses, 0).into_data().convert::<f32>().iter::<f32>().map(f64::from).sum(),
+    };
     (accumulator.grads(), loss_sum)
 }
 
@@ -601,7 +605,7 @@ pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, resume: Option<&Path>, devic
             let order_len = batches.order_len().max(1);
             loop {
                 let step_started = Instant::now();
-                let mut micro: Vec<Batch> = Vec::with_capacity(accum);
+                let mut micro: Vec<Batch> = Vec::with_capacity(accum * world);
                 for batch in batches.by_ref() {
                     let batch = batch.map_err(|r| anyhow::anyhow!("{r} (bad_samples = \"fail\")"))?;
                     for r in &batch.rejections {
