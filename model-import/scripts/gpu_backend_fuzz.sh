@@ -37,7 +37,7 @@ export LLAVA_JP_FUZZ_SEED=${SEED:-random} CUBECL_AUTOTUNE_LEVEL=minimal RAYON_NU
 export LLAVA_JP_ATTENTION=${ATTENTION:-flash}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 for leg in $legs; do
-  for c in ${ONLY:-image matmul attention attention_grad attention_dropout projector clip gpt2 decode llava gradients}; do echo "$leg $c"; done
+  for c in ${ONLY:-image matmul attention attention_grad attention_dropout projector clip pieces gpt2 decode llava gradients}; do echo "$leg $c"; done
 done | xargs -P "${JOBS:-64}" -L1 bash -c '
   LLAVA_JP_FUZZ_ONLY=$1 timeout "${LEG_TIMEOUT:-560}" '"$bin"' "$0" --exact --include-ignored --nocapture --test-threads 1 > "'"$logs"'/$0.$1.log" 2>&1
   echo "$0 $1 exit $?" >> "'"$logs"'/status.txt"'
