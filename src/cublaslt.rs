@@ -18,9 +18,10 @@
 //! product is queued from that thread, in one hand-off (`ComputeClient::exclusive`), so the
 //! flag kernel is launched before cuBLASLt's stream is told to wait for it: every wait is
 //! launched after the kernel that releases it, so nothing that waits for the whole device (lazy
-//! kernel loading, say) can deadlock, and the host never waits for the device. A wait that still lasts a minute traps; that leaves the
-//! CUDA context broken, and the error surfaces from a later call that need not name these
-//! kernels (`LLAVA_JP_GEMM_TRACE=1` prints each product's steps).
+//! kernel loading, say) can deadlock, and the host never waits for the device. A wait that
+//! still lasts a minute traps; that leaves the CUDA context broken, and the error surfaces from
+//! a later call that need not name these kernels (`LLAVA_JP_GEMM_TRACE=1` prints each
+//! product's steps).
 //!
 //! What the ordering covers: the stream the product was queued on. An operand whose memory
 //! belongs to another cubecl stream is as safe as cubecl makes its own reads across streams.
