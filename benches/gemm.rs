@@ -1,6 +1,7 @@
 //! Matrix products on CUDA at llm-jp-1.3b's training and decoding shapes: burn's own GEMM
-//! against the cuBLASLt route (`src/cublaslt.rs`, ordered on the device and by host waits), in one run, with the largest difference
-//! between the two products (both accumulate in f32). Needs an NVIDIA GPU.
+//! against the cuBLASLt route (`src/cublaslt.rs`, ordered on the device and by host waits), in
+//! one run, with the largest difference between burn's product and each cuBLASLt one (all
+//! accumulate in f32). Needs an NVIDIA GPU.
 //!
 //!     cargo bench --bench gemm [-- --dtype bf16 --iters 20]
 //!
