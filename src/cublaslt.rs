@@ -57,6 +57,8 @@ use burn::backend::ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutpu
 use burn::prelude::*;
 use burn::tensor::{DType, TensorPrimitive};
 use burn_cubecl::cubecl::cuda::CudaRuntime;
+use burn_cubecl::cubecl::device::{DeviceId, DeviceService, ServerUtilitiesHandle};
+use burn_cubecl::cubecl::device_handle::DeviceHandle;
 use burn_cubecl::cubecl::future::block_on;
 use burn_cubecl::fusion::FusionCubeRuntime;
 use burn_cubecl::kernel::into_contiguous;
@@ -307,6 +309,24 @@ struct Device {
     plans: HashMap<Problem, Plan>,
     /// The device-ordered mode's flags, made on its first product.
     flags: Option<Flags>,
+    /// Work handed to cubecl's device thread for this GPU.
+    queue: DeviceHandle<OnCubeclThread>,
+    /// What went wrong in a product queued there, told by the next one.
+    failure: Option<String>,
+}
+
+/// A service on cubecl's device thread (the one that launches this GPU's kernels): closures
+/// submitted to it run there, in order with cubecl's own work, without the submitter waiting.
+struct OnCubeclThread;
+
+impl DeviceService for OnCubeclThread {
+    fn init(_: DeviceId) -> Self {
+        OnCubeclThread
+    }
+
+    fn utilities(&self) -> ServerUtilitiesHandle {
+        Arc::new(())
+    }
 }
 
 // The handle, plans and workspace are plain data used under the mutex.
@@ -393,7 +413,10 @@ fn open(index: usize) -> Result<Device, String> {
     // SAFETY: a plain allocation in the bound context, kept for the process.
     let workspace = unsafe { cudarc::driver::result::malloc_sync(WORKSPACE_BYTES) }
         .map_err(|e| format!("cuBLASLt's {WORKSPACE_BYTES}-byte workspace on CUDA device {index}: {e}"))?;
-    Ok(Device { context, stream, handle, workspace, plans: HashMap::new(), flags: None })
+    // cubecl's compute service runs at the same (default, downstream) stage, so this shares its
+    // thread.
+    let queue = DeviceHandle::<OnCubeclThread>::new(burn_cubecl::cubecl::device::Device::to_id(&burn_cubecl::cubecl::cuda::CudaDevice { index }));
+    Ok(Device { context, stream, handle, workspace, plans: HashMap::new(), flags: None, queue, failure: None })
 }
 
 /// The largest power of two (up to 256) that divides a device address: what the algorithm
@@ -424,23 +447,37 @@ fn gemm(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>) -> Result<CubeTe
     let (x, y) = (operand(b), operand(a));
     let dev = self::device(device.index)?;
     let route = route_now();
-    if route == GemmRoute::CublasLt {
-        // Made (and self-tested, with host waits) before the hand-off below.
+    let (queue, context, stream, needs_flags) = {
         let mut guard = dev.lock().unwrap_or_else(|p| p.into_inner());
-        if guard.flags.is_none() {
-            guard.context.bind_to_thread().map_err(|e| format!("CUDA device {}: {e}", device.index))?;
-            guard.flags = Some(Flags::new(&client, &guard.context, &guard.stream)?);
+        if let Some(failure) = guard.failure.take() {
+            return Err(format!("an earlier product on CUDA device {} failed: {failure}", device.index));
         }
+        (guard.queue.clone(), guard.context.clone(), guard.stream.clone(), route == GemmRoute::CublasLt && guard.flags.is_none())
+    };
+    if needs_flags {
+        // Made (and self-tested, with host waits) before the first product is queued, without
+        // the lock: cubecl's thread may want it for a product queued earlier.
+        context.bind_to_thread().map_err(|e| format!("CUDA device {}: {e}", device.index))?;
+        let flags = Flags::new(&client, &context, &stream)?;
+        dev.lock().unwrap_or_else(|p| p.into_inner()).flags.get_or_insert(flags);
     }
-    // One hand-off to cubecl's device thread per product: there each cubecl call below runs at
-    // once, in order with everything queued before (a call made from this thread would be a
-    // round trip of its own, and cubecl's flush waits for the device to reach the previous
-    // flush).
-    let task_client = client.clone();
-    let (out, out_strides) = client
-        .exclusive(move || enqueue(&task_client, &dev, route, x, y, (m, n, k), elem, data_type))
-        .map_err(|e| format!("cubecl's device thread: {e:?}"))??;
-    Ok(CubeTensor::new(client, out, burn_std::Metadata::new(Shape::new([m, n]), out_strides), device, dtype))
+    // Laid out as burn lays out its own outputs (rows may be padded for alignment), so that the
+    // fused kernels reading it see the layouts they were written for. Made here (cubecl hands
+    // out the handle at once), written on cubecl's device thread below.
+    let out = client.empty_tensor(Shape::new([m, n]), elem);
+    let strides = out.strides.clone();
+    let ldd = strides[0] as i64;
+    // The product is queued from cubecl's device thread, after everything queued before it,
+    // and this thread does not wait: there each cubecl call runs at once (a call made from here
+    // would be a round trip of its own, and cubecl's flush waits for the device to reach the
+    // previous flush). A failure there is reported by the device's next product.
+    let (task_client, task_dev, memory) = (client.clone(), dev.clone(), out.memory.clone());
+    queue.submit(move |_: &mut OnCubeclThread| {
+        if let Err(e) = enqueue(&task_client, &task_dev, route, x, y, memory, ldd, (m, n, k), data_type) {
+            task_dev.lock().unwrap_or_else(|p| p.into_inner()).failure.get_or_insert(e);
+        }
+    });
+    Ok(CubeTensor::new(client, out.memory, burn_std::Metadata::new(Shape::new([m, n]), strides), device, dtype))
 }
 
 /// Queues the product `[m, k] x [k, n]` (cuBLASLt's operands `x`, `y`: see [`gemm`]) on
@@ -452,16 +489,13 @@ fn enqueue(
     route: GemmRoute,
     x: Operand,
     y: Operand,
+    out: burn_cubecl::cubecl::server::Handle,
+    ldd: i64,
     (m, n, k): (usize, usize, usize),
-    elem: usize,
     data_type: sys::cudaDataType_t,
-) -> Result<(burn_cubecl::cubecl::server::Handle, burn_std::Strides), String> {
-    // Laid out as burn lays out its own outputs (rows may be padded for alignment), so that the
-    // fused kernels reading it see the layouts they were written for.
-    let out = client.empty_tensor(Shape::new([m, n]), elem);
-    let ldd = out.strides[0] as i64;
+) -> Result<(), String> {
     let resource = |t: &burn_cubecl::cubecl::server::Handle| client.get_resource(t.clone()).map_err(|e| format!("{e:?}"));
-    let (rx, ry, rd) = (resource(&x.tensor.handle)?, resource(&y.tensor.handle)?, resource(&out.memory)?);
+    let (rx, ry, rd) = (resource(&x.tensor.handle)?, resource(&y.tensor.handle)?, resource(&out)?);
     if route == GemmRoute::CublasLtHostOrdered {
         // After the resources: fetching one made on another cubecl stream (another thread)
         // queues a wait for that stream on ours, which this drains too.
@@ -543,7 +577,7 @@ fn enqueue(
     // Ordered on the device, cubecl may hand this memory on as soon as it is released: whatever
     // it queues next runs after `cublaslt_product_done`.
     drop((rx, ry, rd));
-    Ok((out.memory, out.strides))
+    Ok(())
 }
 
 /// `LLAVA_JP_GEMM_TRACE=1`: each step of the device-ordered product on stderr (where a hang is).
