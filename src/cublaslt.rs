@@ -15,12 +15,14 @@
 //! [`FLAG_SLOTS`]), so products queued from several cubecl streams cannot release each other.
 //! The waits are kernels, not `cuStreamWaitValue` (which returned `CUDA_ERROR_INVALID_VALUE` on
 //! the H200 with cubecl's memory). cubecl launches from a device thread of its own; the whole
-//! product is queued from that thread, in one hand-off (`ComputeClient::exclusive`), so the
-//! flag kernel is launched before cuBLASLt's stream is told to wait for it: every wait is
+//! product is queued from that thread (a closure handed to it, the caller not waiting), so
+//! the flag kernel is launched before cuBLASLt's stream is told to wait for it: every wait is
 //! launched after the kernel that releases it, so nothing that waits for the whole device (lazy
-//! kernel loading, say) can deadlock, and the host never waits for the device. A wait that still lasts a minute traps; that leaves the
-//! CUDA context broken, and the error surfaces from a later call that need not name these
-//! kernels (`LLAVA_JP_GEMM_TRACE=1` prints each product's steps).
+//! kernel loading, say) can deadlock, and the host never waits for the device. A wait that
+//! still lasts a minute traps; that leaves the CUDA context broken, and the error surfaces from
+//! a later call that need not name these kernels (`LLAVA_JP_GEMM_TRACE=1` prints each
+//! product's steps). A product that fails on cubecl's thread stops the process: its output,
+//! already handed to burn, was never written.
 //!
 //! What the ordering covers: the stream the product was queued on. An operand whose memory
 //! belongs to another cubecl stream is as safe as cubecl makes its own reads across streams.
@@ -43,10 +45,10 @@
 //! in it is exact when checked (`LLAVA_JP_GEMM_CHECK=1`, which also makes the case pass). Until
 //! that is understood the route stays opt-in. Ordered on the device, in one hand-off, a
 //! full-size stage-2 training step (flash attention on) takes 0.49 s (0.47 s at best) against
-//! 0.77 s with host waits (PyTorch: 0.19 s). Greedy decode at batch 1 runs at 21.7 tokens/s
-//! against 31-33 with burn's products: burn-fusion's thread, which bounds decoding, waits at each
-//! product's hand-off until cubecl's thread has launched everything queued before it
-//! (`model-import/results/one-handoff-gemm-2026-12-02/`).
+//! 0.77 s with host waits (PyTorch: 0.19 s). Greedy decode at batch 1 ran at 21.7 tokens/s
+//! against 31-33 with burn's products while burn-fusion's thread, which bounds decoding, waited
+//! at each product's hand-off (`model-import/results/one-handoff-gemm-2026-12-02/`); it no
+//! longer waits (not yet measured).
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -311,8 +313,6 @@ struct Device {
     flags: Option<Flags>,
     /// Work handed to cubecl's device thread for this GPU.
     queue: DeviceHandle<OnCubeclThread>,
-    /// What went wrong in a product queued there, told by the next one.
-    failure: Option<String>,
 }
 
 /// A service on cubecl's device thread (the one that launches this GPU's kernels): closures
@@ -394,11 +394,12 @@ fn devices() -> &'static Mutex<HashMap<usize, Arc<Mutex<Device>>>> {
 }
 
 fn device(index: usize) -> Result<Arc<Mutex<Device>>, String> {
-    let mut devices = devices().lock().unwrap_or_else(|p| p.into_inner());
-    match devices.entry(index) {
-        std::collections::hash_map::Entry::Occupied(e) => Ok(e.get().clone()),
-        std::collections::hash_map::Entry::Vacant(e) => Ok(e.insert(Arc::new(Mutex::new(open(index)?))).clone()),
+    if let Some(dev) = devices().lock().unwrap_or_else(|p| p.into_inner()).get(&index) {
+        return Ok(dev.clone());
     }
+    // Opened without the lock: registering the queue waits for cubecl's thread.
+    let opened = Arc::new(Mutex::new(open(index)?));
+    Ok(devices().lock().unwrap_or_else(|p| p.into_inner()).entry(index).or_insert(opened).clone())
 }
 
 fn open(index: usize) -> Result<Device, String> {
@@ -416,7 +417,7 @@ fn open(index: usize) -> Result<Device, String> {
     // cubecl's compute service runs at the same (default, downstream) stage, so this shares its
     // thread.
     let queue = DeviceHandle::<OnCubeclThread>::new(burn_cubecl::cubecl::device::Device::to_id(&burn_cubecl::cubecl::cuda::CudaDevice { index }));
-    Ok(Device { context, stream, handle, workspace, plans: HashMap::new(), flags: None, queue, failure: None })
+    Ok(Device { context, stream, handle, workspace, plans: HashMap::new(), flags: None, queue })
 }
 
 /// The largest power of two (up to 256) that divides a device address: what the algorithm
@@ -448,10 +449,7 @@ fn gemm(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>) -> Result<CubeTe
     let dev = self::device(device.index)?;
     let route = route_now();
     let (queue, context, stream, needs_flags) = {
-        let mut guard = dev.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(failure) = guard.failure.take() {
-            return Err(format!("an earlier product on CUDA device {} failed: {failure}", device.index));
-        }
+        let guard = dev.lock().unwrap_or_else(|p| p.into_inner());
         (guard.queue.clone(), guard.context.clone(), guard.stream.clone(), route == GemmRoute::CublasLt && guard.flags.is_none())
     };
     if needs_flags {
@@ -470,12 +468,19 @@ fn gemm(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>) -> Result<CubeTe
     // The product is queued from cubecl's device thread, after everything queued before it,
     // and this thread does not wait: there each cubecl call runs at once (a call made from here
     // would be a round trip of its own, and cubecl's flush waits for the device to reach the
-    // previous flush). A failure there is reported by the device's next product.
+    // previous flush). A failure there stops the process: the output is already burn's, and
+    // would be read unwritten (cubecl's thread only logs a panic, so one is caught here too).
     let (task_client, task_dev, memory) = (client.clone(), dev.clone(), out.memory.clone());
+    let index = device.index;
     queue.submit(move |_: &mut OnCubeclThread| {
-        if let Err(e) = enqueue(&task_client, &task_dev, route, x, y, memory, ldd, (m, n, k), data_type) {
-            task_dev.lock().unwrap_or_else(|p| p.into_inner()).failure.get_or_insert(e);
-        }
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| enqueue(&task_client, &task_dev, route, x, y, memory, ldd, (m, n, k), data_type)));
+        let why = match run {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e,
+            Err(panic) => panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default(),
+        };
+        eprintln!("cuBLASLt product [{m}, {k}] x [{k}, {n}] on CUDA device {index} failed on cubecl's device thread: {why}; its output was never written, so the process stops");
+        std::process::abort();
     });
     Ok(CubeTensor::new(client, out.memory, burn_std::Metadata::new(Shape::new([m, n]), strides), device, dtype))
 }
