@@ -15,13 +15,14 @@
 //! [`FLAG_SLOTS`]), so products queued from several cubecl streams cannot release each other.
 //! The waits are kernels, not `cuStreamWaitValue` (which returned `CUDA_ERROR_INVALID_VALUE` on
 //! the H200 with cubecl's memory). cubecl launches from a device thread of its own; the whole
-//! product is queued from that thread, in one hand-off (`ComputeClient::exclusive`), so the
-//! flag kernel is launched before cuBLASLt's stream is told to wait for it: every wait is
+//! product is queued from that thread (a closure handed to it, the caller not waiting), so
+//! the flag kernel is launched before cuBLASLt's stream is told to wait for it: every wait is
 //! launched after the kernel that releases it, so nothing that waits for the whole device (lazy
 //! kernel loading, say) can deadlock, and the host never waits for the device. A wait that
 //! still lasts a minute traps; that leaves the CUDA context broken, and the error surfaces from
 //! a later call that need not name these kernels (`LLAVA_JP_GEMM_TRACE=1` prints each
-//! product's steps).
+//! product's steps). A product that fails on cubecl's thread stops the process: its output,
+//! already handed to burn, was never written.
 //!
 //! What the ordering covers: the stream the product was queued on. An operand whose memory
 //! belongs to another cubecl stream is as safe as cubecl makes its own reads across streams.
@@ -44,10 +45,10 @@
 //! in it is exact when checked (`LLAVA_JP_GEMM_CHECK=1`, which also makes the case pass). Until
 //! that is understood the route stays opt-in. Ordered on the device, in one hand-off, a
 //! full-size stage-2 training step (flash attention on) takes 0.49 s (0.47 s at best) against
-//! 0.77 s with host waits (PyTorch: 0.19 s). Greedy decode at batch 1 runs at 21.7 tokens/s
-//! against 31-33 with burn's products: burn-fusion's thread, which bounds decoding, waits at each
-//! product's hand-off until cubecl's thread has launched everything queued before it
-//! (`model-import/results/one-handoff-gemm-2026-12-02/`).
+//! 0.77 s with host waits (PyTorch: 0.19 s). Greedy decode at batch 1 ran at 21.7 tokens/s
+//! against 31-33 with burn's products while burn-fusion's thread, which bounds decoding, waited
+//! at each product's hand-off (`model-import/results/one-handoff-gemm-2026-12-02/`); it no
+//! longer waits (not yet measured).
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -58,6 +59,8 @@ use burn::backend::ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutpu
 use burn::prelude::*;
 use burn::tensor::{DType, TensorPrimitive};
 use burn_cubecl::cubecl::cuda::CudaRuntime;
+use burn_cubecl::cubecl::device::{DeviceId, DeviceService, ServerUtilitiesHandle};
+use burn_cubecl::cubecl::device_handle::DeviceHandle;
 use burn_cubecl::cubecl::future::block_on;
 use burn_cubecl::fusion::FusionCubeRuntime;
 use burn_cubecl::kernel::into_contiguous;
@@ -308,6 +311,22 @@ struct Device {
     plans: HashMap<Problem, Plan>,
     /// The device-ordered mode's flags, made on its first product.
     flags: Option<Flags>,
+    /// Work handed to cubecl's device thread for this GPU.
+    queue: DeviceHandle<OnCubeclThread>,
+}
+
+/// A service on cubecl's device thread (the one that launches this GPU's kernels): closures
+/// submitted to it run there, in order with cubecl's own work, without the submitter waiting.
+struct OnCubeclThread;
+
+impl DeviceService for OnCubeclThread {
+    fn init(_: DeviceId) -> Self {
+        OnCubeclThread
+    }
+
+    fn utilities(&self) -> ServerUtilitiesHandle {
+        Arc::new(())
+    }
 }
 
 // The handle, plans and workspace are plain data used under the mutex.
@@ -375,11 +394,12 @@ fn devices() -> &'static Mutex<HashMap<usize, Arc<Mutex<Device>>>> {
 }
 
 fn device(index: usize) -> Result<Arc<Mutex<Device>>, String> {
-    let mut devices = devices().lock().unwrap_or_else(|p| p.into_inner());
-    match devices.entry(index) {
-        std::collections::hash_map::Entry::Occupied(e) => Ok(e.get().clone()),
-        std::collections::hash_map::Entry::Vacant(e) => Ok(e.insert(Arc::new(Mutex::new(open(index)?))).clone()),
+    if let Some(dev) = devices().lock().unwrap_or_else(|p| p.into_inner()).get(&index) {
+        return Ok(dev.clone());
     }
+    // Opened without the lock: registering the queue waits for cubecl's thread.
+    let opened = Arc::new(Mutex::new(open(index)?));
+    Ok(devices().lock().unwrap_or_else(|p| p.into_inner()).entry(index).or_insert(opened).clone())
 }
 
 fn open(index: usize) -> Result<Device, String> {
@@ -394,7 +414,10 @@ fn open(index: usize) -> Result<Device, String> {
     // SAFETY: a plain allocation in the bound context, kept for the process.
     let workspace = unsafe { cudarc::driver::result::malloc_sync(WORKSPACE_BYTES) }
         .map_err(|e| format!("cuBLASLt's {WORKSPACE_BYTES}-byte workspace on CUDA device {index}: {e}"))?;
-    Ok(Device { context, stream, handle, workspace, plans: HashMap::new(), flags: None })
+    // cubecl's compute service runs at the same (default, downstream) stage, so this shares its
+    // thread.
+    let queue = DeviceHandle::<OnCubeclThread>::new(burn_cubecl::cubecl::device::Device::to_id(&burn_cubecl::cubecl::cuda::CudaDevice { index }));
+    Ok(Device { context, stream, handle, workspace, plans: HashMap::new(), flags: None, queue })
 }
 
 /// The largest power of two (up to 256) that divides a device address: what the algorithm
@@ -425,23 +448,41 @@ fn gemm(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>) -> Result<CubeTe
     let (x, y) = (operand(b), operand(a));
     let dev = self::device(device.index)?;
     let route = route_now();
-    if route == GemmRoute::CublasLt {
-        // Made (and self-tested, with host waits) before the hand-off below.
-        let mut guard = dev.lock().unwrap_or_else(|p| p.into_inner());
-        if guard.flags.is_none() {
-            guard.context.bind_to_thread().map_err(|e| format!("CUDA device {}: {e}", device.index))?;
-            guard.flags = Some(Flags::new(&client, &guard.context, &guard.stream)?);
-        }
+    let (queue, context, stream, needs_flags) = {
+        let guard = dev.lock().unwrap_or_else(|p| p.into_inner());
+        (guard.queue.clone(), guard.context.clone(), guard.stream.clone(), route == GemmRoute::CublasLt && guard.flags.is_none())
+    };
+    if needs_flags {
+        // Made (and self-tested, with host waits) before the first product is queued, without
+        // the lock: cubecl's thread may want it for a product queued earlier.
+        context.bind_to_thread().map_err(|e| format!("CUDA device {}: {e}", device.index))?;
+        let flags = Flags::new(&client, &context, &stream)?;
+        dev.lock().unwrap_or_else(|p| p.into_inner()).flags.get_or_insert(flags);
     }
-    // One hand-off to cubecl's device thread per product: there each cubecl call below runs at
-    // once, in order with everything queued before (a call made from this thread would be a
-    // round trip of its own, and cubecl's flush waits for the device to reach the previous
-    // flush).
-    let task_client = client.clone();
-    let (out, out_strides) = client
-        .exclusive(move || enqueue(&task_client, &dev, route, x, y, (m, n, k), elem, data_type))
-        .map_err(|e| format!("cubecl's device thread: {e:?}"))??;
-    Ok(CubeTensor::new(client, out, burn_std::Metadata::new(Shape::new([m, n]), out_strides), device, dtype))
+    // Laid out as burn lays out its own outputs (rows may be padded for alignment), so that the
+    // fused kernels reading it see the layouts they were written for. Made here (cubecl hands
+    // out the handle at once), written on cubecl's device thread below.
+    let out = client.empty_tensor(Shape::new([m, n]), elem);
+    let strides = out.strides.clone();
+    let ldd = strides[0] as i64;
+    // The product is queued from cubecl's device thread, after everything queued before it,
+    // and this thread does not wait: there each cubecl call runs at once (a call made from here
+    // would be a round trip of its own, and cubecl's flush waits for the device to reach the
+    // previous flush). A failure there stops the process: the output is already burn's, and
+    // would be read unwritten (cubecl's thread only logs a panic, so one is caught here too).
+    let (task_client, task_dev, memory) = (client.clone(), dev.clone(), out.memory.clone());
+    let index = device.index;
+    queue.submit(move |_: &mut OnCubeclThread| {
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| enqueue(&task_client, &task_dev, route, x, y, memory, ldd, (m, n, k), data_type)));
+        let why = match run {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e,
+            Err(panic) => panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default(),
+        };
+        eprintln!("cuBLASLt product [{m}, {k}] x [{k}, {n}] on CUDA device {index} failed on cubecl's device thread: {why}; its output was never written, so the process stops");
+        std::process::abort();
+    });
+    Ok(CubeTensor::new(client, out.memory, burn_std::Metadata::new(Shape::new([m, n]), strides), device, dtype))
 }
 
 /// Queues the product `[m, k] x [k, n]` (cuBLASLt's operands `x`, `y`: see [`gemm`]) on
@@ -453,16 +494,13 @@ fn enqueue(
     route: GemmRoute,
     x: Operand,
     y: Operand,
+    out: burn_cubecl::cubecl::server::Handle,
+    ldd: i64,
     (m, n, k): (usize, usize, usize),
-    elem: usize,
     data_type: sys::cudaDataType_t,
-) -> Result<(burn_cubecl::cubecl::server::Handle, burn_std::Strides), String> {
-    // Laid out as burn lays out its own outputs (rows may be padded for alignment), so that the
-    // fused kernels reading it see the layouts they were written for.
-    let out = client.empty_tensor(Shape::new([m, n]), elem);
-    let ldd = out.strides[0] as i64;
+) -> Result<(), String> {
     let resource = |t: &burn_cubecl::cubecl::server::Handle| client.get_resource(t.clone()).map_err(|e| format!("{e:?}"));
-    let (rx, ry, rd) = (resource(&x.tensor.handle)?, resource(&y.tensor.handle)?, resource(&out.memory)?);
+    let (rx, ry, rd) = (resource(&x.tensor.handle)?, resource(&y.tensor.handle)?, resource(&out)?);
     if route == GemmRoute::CublasLtHostOrdered {
         // After the resources: fetching one made on another cubecl stream (another thread)
         // queues a wait for that stream on ours, which this drains too.
@@ -544,7 +582,7 @@ fn enqueue(
     // Ordered on the device, cubecl may hand this memory on as soon as it is released: whatever
     // it queues next runs after `cublaslt_product_done`.
     drop((rx, ry, rd));
-    Ok((out.memory, out.strides))
+    Ok(())
 }
 
 /// `LLAVA_JP_GEMM_TRACE=1`: each step of the device-ordered product on stderr (where a hang is).
