@@ -24,6 +24,7 @@
 //!   parallel;
 //! - `LLAVA_JP_FUZZ_SECONDS`: stop starting new cases after this long per computation (the
 //!   number actually run is printed), for a device with a time limit.
+//! - `LLAVA_JP_FUZZ_DUMP`: a failing output is printed whole, reference and candidate.
 //!
 //! On the GPU machine: `model-import/scripts/gpu_backend_fuzz.sh` runs the CUDA and wgpu legs.
 use std::cell::RefCell;
@@ -36,7 +37,7 @@ use burn::tensor::{Bool, DType, TensorData};
 use burn_store::{ModuleSnapshot, TensorSnapshot};
 use llava_jp::config::{ClipVisionConfig, Gpt2Config, LlavaConfig};
 use llava_jp::data::image::{AspectMode, ImageProcessor};
-use llava_jp::model::nn::{attention, attention_with_seeded_dropout, Dropout, SeededDropout};
+use llava_jp::model::nn::{attention, attention_with_seeded_dropout, split_heads, Dropout, SeededDropout};
 use llava_jp::model::projector::{Projector, ProjectorKind};
 use llava_jp::model::{gpt2::attention_mask, ClipVisionModel, Gpt2LmHeadModel, LlavaModel, Sample, IGNORE_INDEX, IMAGE_TOKEN_INDEX};
 use llava_jp::parity::to_f32;
@@ -184,6 +185,16 @@ enum MaskKind {
     Random,
 }
 
+/// How q, k and v lie in memory: each its own tensor, or heads split out of one packed
+/// projection `[batch, tokens, 3 * heads * head_dim]` as GPT-2's attention makes them (strided
+/// views of one buffer, whose batch stride is not the head's).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+enum QkvLayout {
+    #[default]
+    Separate,
+    Packed,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct AttentionCase {
     seed: u64,
@@ -196,6 +207,8 @@ struct AttentionCase {
     /// The scale is this over √head_dim (1 is the usual), so scores stay of the size a model's
     /// are: at 8x the usual, bf16's rounding of the scores alone moves the softmax by 6e-2.
     scale_factor: f64,
+    #[serde(default)]
+    layout: QkvLayout,
 }
 
 struct AttentionProperty;
@@ -212,8 +225,19 @@ impl Property for AttentionProperty {
         let head_dim = prop_oneof![1..=64usize, prop::sample::select(vec![16usize, 32, 64, 128])];
         let queries = prop_oneof![3 => 1..=12usize, 1 => 60..=140usize];
         let past = prop_oneof![3 => 0..=12usize, 1 => 50..=140usize];
-        (any::<u64>(), 1..=3usize, 1..=4usize, queries, past, head_dim, mask, 0.1f64..2.0)
-            .prop_map(|(seed, batch, heads, queries, past, head_dim, mask, scale_factor)| AttentionCase { seed, batch, heads, queries, past, head_dim, mask, scale_factor })
+        let layout = prop_oneof![Just(QkvLayout::Separate), Just(QkvLayout::Packed)];
+        (any::<u64>(), 1..=3usize, 1..=4usize, queries, past, head_dim, mask, 0.1f64..2.0, layout)
+            .prop_map(|(seed, batch, heads, queries, past, head_dim, mask, scale_factor, layout)| AttentionCase {
+                seed,
+                batch,
+                heads,
+                queries,
+                past,
+                head_dim,
+                mask,
+                scale_factor,
+                layout,
+            })
             .boxed()
     }
 
@@ -231,9 +255,21 @@ impl AttentionCase {
         let c = self;
         let keys = c.queries + c.past;
         let mut rng = Rng::new(c.seed, "qkv");
-        let q = tensor::<B, 4>(rng.values(c.batch * c.heads * c.queries * c.head_dim, 2.0), [c.batch, c.heads, c.queries, c.head_dim], device);
-        let k = tensor::<B, 4>(rng.values(c.batch * c.heads * keys * c.head_dim, 2.0), [c.batch, c.heads, keys, c.head_dim], device);
-        let v = tensor::<B, 4>(rng.values(c.batch * c.heads * keys * c.head_dim, 1.0), [c.batch, c.heads, keys, c.head_dim], device);
+        let (q, k, v) = match c.layout {
+            QkvLayout::Separate => (
+                tensor::<B, 4>(rng.values(c.batch * c.heads * c.queries * c.head_dim, 2.0), [c.batch, c.heads, c.queries, c.head_dim], device),
+                tensor::<B, 4>(rng.values(c.batch * c.heads * keys * c.head_dim, 2.0), [c.batch, c.heads, keys, c.head_dim], device),
+                tensor::<B, 4>(rng.values(c.batch * c.heads * keys * c.head_dim, 1.0), [c.batch, c.heads, keys, c.head_dim], device),
+            ),
+            QkvLayout::Packed => {
+                // The queries are the last `queries` of the keys' tokens, as in a prefill after
+                // `past` cached ones.
+                let d = c.heads * c.head_dim;
+                let packed = tensor::<B, 3>(rng.values(c.batch * keys * 3 * d, 1.5), [c.batch, keys, 3 * d], device);
+                let part = |i: usize, tokens: std::ops::Range<usize>| split_heads(packed.clone().slice([0..c.batch, tokens, i * d..(i + 1) * d]), c.heads);
+                (part(0, c.past..keys), part(1, 0..keys), part(2, 0..keys))
+            }
+        };
         let masked = match c.mask {
             MaskKind::None => None,
             MaskKind::CausalPadded => {
@@ -543,9 +579,34 @@ impl Property for Gpt2Property {
         gpt2_strategy().boxed()
     }
 
+    /// Each stage of the forward as its own output, in order, so that a failure names the first
+    /// stage that differs (each backend runs on from its own previous stage). The stages are
+    /// `Gpt2LmHeadModel::forward`'s, written out; the last, the logits, is checked against
+    /// `forward` itself on the same backend.
     fn outputs<B: Backend>(c: &Gpt2Case, device: &B::Device) -> Result<Outputs, String> {
         let (model, ids, positions, valid, _) = c.model_and_batch::<B>(device);
-        Ok(vec![("logits".into(), to_f32(model.forward(ids, positions, valid, None)))])
+        let gpt = &model.transformer;
+        let t = ids.dims()[1];
+        let masked = attention_mask(valid.clone(), t, gpt.n_head());
+        let mut outputs: Outputs = vec![("attention mask".into(), to_f32(masked.clone().float()))];
+        let mut x = gpt.wte.forward(ids.clone()) + gpt.wpe.forward(positions.clone());
+        outputs.push(("embeddings".into(), to_f32(x.clone())));
+        for (i, block) in gpt.h.iter().enumerate() {
+            let normed = block.ln_1.forward(x.clone());
+            outputs.push((format!("block {i} ln_1"), to_f32(normed.clone())));
+            outputs.push((format!("block {i} attention"), to_f32(block.attn.forward(normed, masked.clone(), None))));
+            x = block.forward(x, masked.clone(), None);
+            outputs.push((format!("block {i} output"), to_f32(x.clone())));
+        }
+        let staged = model.logits(gpt.ln_f.forward(x));
+        let logits = to_f32(model.forward(ids, positions, valid, None));
+        let (err, scale) = max_error(&to_f32(staged), &logits);
+        let tolerance = TOLERANCE.get();
+        if err > tolerance.atol + tolerance.rtol * scale {
+            return Err(format!("the staged forward's logits differ from forward's by {err:.3e} (scale {scale:.3e}) on this backend"));
+        }
+        outputs.push(("logits".into(), logits));
+        Ok(outputs)
     }
 }
 
@@ -875,7 +936,18 @@ fn compare(name: &str, reference: &Outputs, candidate: &Outputs, tolerance: Tole
             worst = (err, scale, ratio, output.clone());
         }
         if ratio > 1.0 {
-            return Err(format!("{output}: max |candidate - reference| = {err:.3e} > {:.1e} + {:.1e} * max |reference| ({scale:.3e})", tolerance.atol, tolerance.rtol));
+            let at = (0..c.len()).find(|&i| max_error(&c[i..=i], &r[i..=i]).0 == err).unwrap_or(0);
+            if std::env::var_os("LLAVA_JP_FUZZ_DUMP").is_some() {
+                println!("{output}, reference: {r:?}\n{output}, candidate: {c:?}");
+            }
+            return Err(format!(
+                "{output}: max |candidate - reference| = {err:.3e} > {:.1e} + {:.1e} * max |reference| ({scale:.3e}), at value {at} of {} (candidate {}, reference {})",
+                tolerance.atol,
+                tolerance.rtol,
+                c.len(),
+                c[at],
+                r[at]
+            ));
         }
     }
     Ok(worst)

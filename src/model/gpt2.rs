@@ -58,7 +58,7 @@ pub struct Gpt2Attention<B: Backend> {
 }
 
 impl<B: Backend> Gpt2Attention<B> {
-    fn forward(
+    pub fn forward(
         &self,
         x: Tensor<B, 3>,
         masked: Tensor<B, 4, Bool>,
@@ -99,7 +99,7 @@ pub struct Gpt2Block<B: Backend> {
 }
 
 impl<B: Backend> Gpt2Block<B> {
-    fn forward(
+    pub fn forward(
         &self,
         x: Tensor<B, 3>,
         masked: Tensor<B, 4, Bool>,

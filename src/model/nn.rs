@@ -190,6 +190,20 @@ fn attention_with<B: Backend>(
     match dropout {
         AttentionDropout::None => {
             let options = AttentionModuleOptions { scale: Some(scale), softcap: None, is_causal: false };
+            // burn 0.21's attention on CUDA in bf16 read the second sequence of a batch wrongly
+            // (off by 2.2 at a scale of 1.8) when given GPT-2's q, k, v: one-head views of the
+            // fused projection's output; the same values laid out row-major pass (found by
+            // tests/backend_fuzz.rs, its gpt2 property; model-import/results/
+            // bf16-attention-layout-2026-12-02/). Reshaping through `[b · h, t, d]` gives that
+            // layout: a copy only where the view is not already one.
+            let row_major = |x: Tensor<B, 4>| {
+                let [b, h, t, d] = x.dims();
+                x.reshape([b * h, t, d]).reshape([b, h, t, d])
+            };
+            let (q, k, v) = match fuses::<B>(&q.device()) {
+                true => (row_major(q), row_major(k), row_major(v)),
+                false => (q, k, v),
+            };
             burn_attention(q, k, v, masked, None, options)
         }
         AttentionDropout::Random(prob) => Dropout { prob }.forward(scores()).matmul(v),
