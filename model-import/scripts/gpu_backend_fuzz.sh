@@ -12,6 +12,7 @@
 #   on the GPU machine (repository root, carry .dev and .gl):
 #     bash model-import/scripts/gpu_backend_fuzz.sh OUT_DIR
 #   LEGS="cuda_f32_vs_flex ..." and ONLY="attention gpt2 ..." pick legs and computations;
+#   Cases in fuzz_regressions.txt (beside this script) are replayed first on their legs.
 #   FUZZ_SECONDS (default 400) is each process's budget, CASES (default 1000) its case cap,
 #   SEED=N replays a generator seed (default random), ATTENTION picks LLAVA_JP_ATTENTION.
 set -uo pipefail
@@ -36,6 +37,17 @@ export LLAVA_JP_FUZZ_SEED=${SEED:-random} CUBECL_AUTOTUNE_LEVEL=minimal RAYON_NU
 # ATTENTION=burn or flash-inference to narrow.
 export LLAVA_JP_ATTENTION=${ATTENTION:-flash}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+# Earlier failures first (model-import/scripts/fuzz_regressions.txt), for the legs run here.
+status=0
+while read -r leg case; do
+  case "$leg" in ''|'#'*) continue ;; esac
+  [[ " $legs " == *" $leg "* ]] || continue
+  if LLAVA_JP_FUZZ_REPLAY="$case" timeout "${LEG_TIMEOUT:-560}" $bin "$leg" --exact --include-ignored --nocapture > "$logs/regression.out" 2>&1 < /dev/null; then
+    echo "regression case passes on $leg: $(grep -m1 '^passes' "$logs/regression.out")"
+  else
+    status=1; echo "== REGRESSION on $leg: $case"; grep -v "^stack\|^note:" "$logs/regression.out" | grep -A3 "panicked" | head -6
+  fi
+done < "$(dirname "$0")/fuzz_regressions.txt"
 for leg in $legs; do
   for c in ${ONLY:-image matmul attention attention_grad attention_dropout projector clip pieces gpt2 decode llava gradients}; do echo "$leg $c"; done
 done | xargs -P "${JOBS:-64}" -L1 bash -c '
@@ -43,7 +55,6 @@ done | xargs -P "${JOBS:-64}" -L1 bash -c '
   echo "$0 $1 exit $?" >> "'"$logs"'/status.txt"'
 tar czf "$out/logs.tgz" -C "$logs" .
 # Failures first (minimal case and replay command), the summary last.
-status=0
 for f in "$logs"/*.log; do
   grep -q "cases in" "$f" || { status=1; echo "== $(basename "$f" .log): no result:"; grep -v "^stack\|^note:" "$f" | grep -A4 "panicked at tests\|error" | head -12; }
 done
