@@ -5,7 +5,7 @@
 //! both on the GPU machine: `model-import/scripts/gpu_bench_generate.sh`.
 //!
 //!     cargo bench --bench generate [-- --config configs/tiny.json --backends flex,wgpu
-//!         --dtype f32 --batches 1,8 --text-tokens 8 --new-tokens 16 --runs 3]
+//!         --dtype f32 --batches 1,8 --text-tokens 8 --new-tokens 16 --runs 3 --decode graph]
 //!
 //! Prints one JSON line per (backend, batch): medians over `--runs` after one warm-up run.
 use std::path::PathBuf;
@@ -24,6 +24,8 @@ struct Settings {
     new_tokens: usize,
     runs: usize,
     dtype: FloatType,
+    /// Batch 1 on CUDA through the graph decoder (`src/graph_decode.rs`) instead of burn.
+    graph: bool,
 }
 
 struct BenchJob<'a>(&'a Settings, BackendKind);
@@ -45,7 +47,24 @@ impl BackendJob for BenchJob<'_> {
             let pixels = (0..3 * size * size).map(|k| ((k + i) % 255) as f32 / 128.0 - 1.0).collect();
             Prompt { input_ids: ids, images: vec![pixels], seed: None }
         };
-        let gen = GenerationConfig { max_new_tokens: s.new_tokens, eos_token_id: None, ..GenerationConfig::default() };
+        let mut gen = GenerationConfig { max_new_tokens: s.new_tokens, eos_token_id: None, ..GenerationConfig::default() };
+        let graph = s.graph && backend == BackendKind::Cuda;
+        #[cfg(feature = "cuda")]
+        if graph {
+            let decoder = llava_jp::graph_decode::GraphDecoder::new(&model.transformer, model.lm_head.as_ref(), 0).expect("graph decoder");
+            gen.graph_decoder = Some(std::sync::Arc::new(std::sync::Mutex::new(decoder)));
+            // Where a step's time goes, at the benchmark's prompt length (before the runs, so the
+            // numbers do not depend on what the runs left in the cache).
+            let profile = gen.graph_decoder.as_ref().unwrap().lock().unwrap().profile(s.text_tokens + model.image_tokens(), 50);
+            match profile {
+                Ok(p) => println!("{}", serde_json::json!({
+                    "side": "ours", "profile": "graph decode step", "graph_step_ms": p.graph_step_ms,
+                    "launched_step_ms": p.launched_step_ms,
+                    "kernels": p.kernels.iter().map(|(n, ms, count)| serde_json::json!({"kernel": n, "ms": ms, "launches": count})).collect::<Vec<_>>(),
+                })),
+                Err(e) => eprintln!("graph decode profile: {e}"),
+            }
+        }
         for &batch in &s.batches {
             let prompts: Vec<Prompt> = (0..batch).map(prompt).collect();
             let warm = GenerationConfig { max_new_tokens: s.new_tokens.min(4), ..gen.clone() };
@@ -65,10 +84,22 @@ impl BackendJob for BenchJob<'_> {
                 "config": s.config.display().to_string(), "batch": batch, "prompt_tokens": prompt_tokens,
                 "new_tokens": s.new_tokens, "ttft_ms": median_ms(&ttft),
                 "decode_tokens_per_s": median(&mut decode), "runs": s.runs,
+                "decode": if graph && batch == 1 { "graph" } else { "eager" },
+                "graph_cache_load_ms": cache_load_ms(&gen),
             });
             println!("{line}");
         }
     }
+}
+
+/// The graph decoder's last cache copy (included in the decode time), when there is one.
+fn cache_load_ms(gen: &GenerationConfig) -> Option<f64> {
+    #[cfg(feature = "cuda")]
+    if let Some(decoder) = &gen.graph_decoder {
+        return Some(decoder.lock().unwrap().last_cache_load().as_secs_f64() * 1e3);
+    }
+    let _ = gen;
+    None
 }
 
 fn median_ms(v: &[Duration]) -> f64 {
@@ -90,6 +121,7 @@ fn main() {
         new_tokens: 16,
         runs: 3,
         dtype: FloatType::F32,
+        graph: false,
     };
     let mut backends = vec![BackendKind::Flex, BackendKind::Wgpu];
     let mut args = std::env::args().skip(1);
@@ -103,6 +135,13 @@ fn main() {
             "--text-tokens" => s.text_tokens = value().parse().expect("count"),
             "--new-tokens" => s.new_tokens = value().parse().expect("count"),
             "--runs" => s.runs = value().parse().expect("count"),
+            "--decode" => {
+                s.graph = match value().as_str() {
+                    "graph" => true,
+                    "eager" => false,
+                    other => panic!("--decode {other}: expected `eager` or `graph`"),
+                }
+            }
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }

@@ -10,6 +10,8 @@ pub mod data;
 pub mod demo;
 #[cfg(feature = "cuda")]
 pub mod flash;
+#[cfg(feature = "cuda")]
+pub mod graph_decode;
 pub mod infer;
 pub mod model;
 pub mod parity;

@@ -29,6 +29,10 @@ pub struct GenerationConfig {
     /// Set from elsewhere (a server whose client went away) to end every unfinished prompt
     /// after the current step with [`FinishReason::Cancelled`].
     pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// A CUDA-graph decoder built from this same model ([`crate::graph_decode`]): a single
+    /// prompt with the cache on decodes through it once burn has prefilled the prompt.
+    #[cfg(feature = "cuda")]
+    pub graph_decoder: Option<std::sync::Arc<std::sync::Mutex<crate::graph_decode::GraphDecoder>>>,
 }
 
 impl Default for GenerationConfig {
@@ -42,6 +46,8 @@ impl Default for GenerationConfig {
             use_cache: true,
             keep_logits: false,
             cancel: None,
+            #[cfg(feature = "cuda")]
+            graph_decoder: None,
         }
     }
 }
@@ -116,6 +122,8 @@ pub enum GenerateError {
     StopWithoutTokenizer,
     #[error("{0}")]
     Config(String),
+    #[error("graph decoding: {0}")]
+    GraphDecoder(String),
     #[error(transparent)]
     Tokenizer(#[from] crate::data::tokenizer::TokenizerError),
 }
@@ -183,19 +191,39 @@ pub fn generate<B: Backend>(
     let samples: Vec<Sample> = prompts.iter().map(|p| Sample { input_ids: p.input_ids.clone(), labels: None }).collect();
 
     let mut cache = config.use_cache.then(|| model.new_cache());
-    let mut logits = if let Some(cache) = cache.as_mut() {
+    let mut next: Next<B> = Next::Logits(if let Some(cache) = cache.as_mut() {
         let batch = model.prepare_inputs_padded(&samples, features.clone(), true);
         let hidden = model.transformer.forward(batch.inputs_embeds, batch.position_ids, batch.key_valid, Some(cache));
         let [_, t, d] = hidden.dims();
         model.logits(hidden.slice([0..b, t - 1..t, 0..d]))
     } else {
         last_logits_recomputed(model, &samples, features.clone())
+    });
+    #[cfg(feature = "cuda")]
+    let mut graph_decoder = match (&config.graph_decoder, b, &cache) {
+        (Some(decoder), 1, Some(_)) => {
+            let guard = decoder.lock().unwrap_or_else(|p| p.into_inner());
+            if !guard.fits(&model.transformer) {
+                return Err(GenerateError::GraphDecoder(format!("the decoder was built for a model of shape {:?}, not this one", guard.shape())));
+            }
+            Some((guard, false))
+        }
+        _ => None,
     };
+    // On the graph decoder, greedy steps take the arg max on the GPU.
+    #[cfg(feature = "cuda")]
+    let device_greedy = config.sampling.is_greedy() && config.sampling.repetition_penalty == 1.0 && !config.keep_logits;
     let mut stats = GenerationStats::default();
     let mut first = true;
     let mut step = 0usize;
     loop {
-        let rows = rows_f32(logits);
+        let (rows, chosen) = match next {
+            Next::Logits(logits) => (rows_f32(logits), None),
+            #[cfg(feature = "cuda")]
+            Next::Row(row) => (vec![row], None),
+            #[cfg(feature = "cuda")]
+            Next::Token(token) => (vec![], Some(token)),
+        };
         if first {
             stats.time_to_first_token = started.elapsed();
         }
@@ -205,12 +233,17 @@ pub fn generate<B: Backend>(
                 next_ids.push(config.eos_token_id.unwrap_or(0));
                 continue;
             }
-            let mut row = rows[i].clone();
-            if config.keep_logits {
-                out[i].logits.push(row.clone());
-            }
-            let seen: Vec<i64> = prompts[i].input_ids.iter().chain(&out[i].tokens).copied().collect();
-            let token = samplers[i].next(&mut row, &seen);
+            let token = match chosen {
+                Some(token) => token,
+                None => {
+                    let mut row = rows[i].clone();
+                    if config.keep_logits {
+                        out[i].logits.push(row.clone());
+                    }
+                    let seen: Vec<i64> = prompts[i].input_ids.iter().chain(&out[i].tokens).copied().collect();
+                    samplers[i].next(&mut row, &seen)
+                }
+            };
             out[i].tokens.push(token);
             stats.new_tokens += 1;
             on_token(i, token);
@@ -234,7 +267,20 @@ pub fn generate<B: Backend>(
         if done.iter().all(|&d| d) {
             break;
         }
-        logits = match cache.as_mut() {
+        #[cfg(feature = "cuda")]
+        if let (Some((decoder, loaded)), Some(cache)) = (graph_decoder.as_mut(), cache.as_ref()) {
+            if !*loaded {
+                decoder.load_cache(cache).map_err(GenerateError::GraphDecoder)?;
+                *loaded = true;
+            }
+            let position = prompt_lengths[0] + step - 1;
+            next = match decoder.step(next_ids[0], position, device_greedy).map_err(GenerateError::GraphDecoder)? {
+                crate::graph_decode::StepOutput::Token(token) => Next::Token(token),
+                crate::graph_decode::StepOutput::Logits(row) => Next::Row(row),
+            };
+            continue;
+        }
+        next = Next::Logits(match cache.as_mut() {
             Some(cache) => {
                 let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(next_ids, [b, 1]), &device);
                 let embeds = model.transformer.wte.forward(ids);
@@ -258,10 +304,22 @@ pub fn generate<B: Backend>(
                     .collect();
                 last_logits_recomputed(model, &grown, features.clone())
             }
-        };
+        });
     }
     stats.decode = started.elapsed().saturating_sub(stats.time_to_first_token);
     Ok((out, stats))
+}
+
+/// What the next step starts from.
+enum Next<B: Backend> {
+    /// `[batch, 1, vocab]` logits on the model's device.
+    Logits(Tensor<B, 3>),
+    /// The single prompt's logits, from the graph decoder.
+    #[cfg(feature = "cuda")]
+    Row(Vec<f32>),
+    /// The single prompt's arg max, from the graph decoder.
+    #[cfg(feature = "cuda")]
+    Token(i64),
 }
 
 /// Why generation of a prompt ends after `token`, if it does.

@@ -28,6 +28,11 @@ impl<B: Backend> KvCache<B> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Each layer's `(keys, values)`, `[batch, heads, tokens, head_dim]`, once filled.
+    pub fn layers(&self) -> &[Option<(Tensor<B, 4>, Tensor<B, 4>)>] {
+        &self.layers
+    }
 }
 
 /// `masked[b, h, i, j]`: query `i` of this chunk (at absolute position `past + i`) may not see

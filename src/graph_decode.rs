@@ -1,0 +1,605 @@
+//! Batch-1 decoding on CUDA as one CUDA graph per token. burn-fusion's host work per operation
+//! bounds eager decoding near 50 tokens/s on an H200, however fast the kernels are; here a decode
+//! step's ~220 kernels (`src/graph_decode.cu`) are captured once and each token replays them
+//! with one launch. The kernels read the token and its position from device memory and the
+//! last one writes the next (greedy) token and position there, so a greedy step costs the host
+//! one launch and a 4-byte read.
+//!
+//! The decoder holds its own copy of the language model's weights (bf16 for a bf16 model, f32
+//! otherwise; LoRA adapters folded in) and a key/value cache for every position, all allocated
+//! once. The prompt is prefilled by the model itself (burn), whose cache is then copied in;
+//! every later token runs here. Activations and their sums are f32 throughout, so a bf16 model
+//! decodes slightly more precisely than burn's bf16 path (which rounds every intermediate).
+//!
+//! Built by the caller from the model it will generate with ([`GraphDecoder::new`]) and handed
+//! to generation in [`crate::infer::GenerationConfig::graph_decoder`]; generation uses it for
+//! a single prompt on a cache (the only case it covers) and keeps burn's path otherwise.
+
+use std::sync::Arc;
+
+use burn::prelude::*;
+use burn::tensor::DType;
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{result, CudaContext, CudaFunction, CudaGraph, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
+
+use crate::model::gpt2::{Gpt2Model, KvCache, LmHead};
+use crate::model::nn::{Activation, Conv1D, LayerNorm};
+
+const SOURCE: &str = include_str!("graph_decode.cu");
+/// Constants of the source: keys per attention block, the widest head, GEMV's columns per
+/// block and most row splits.
+const ATTN_CHUNK: usize = 64;
+const MAX_HEAD_DIM: usize = 256;
+const GEMV_COLUMNS: usize = 256;
+const GEMV_MAX_SPLITS: usize = 16;
+const GEMV_MIN_ROWS: usize = 128;
+
+/// Device memory of the decoder, freed with it.
+struct Memory {
+    context: Arc<CudaContext>,
+    blocks: Vec<u64>,
+}
+
+impl Memory {
+    fn alloc(&mut self, bytes: usize, what: &str) -> Result<u64, String> {
+        // SAFETY: a plain allocation in our bound context, freed in `drop`.
+        let ptr = unsafe { result::malloc_sync(bytes.max(4)) }.map_err(|e| format!("allocating {bytes} bytes for {what}: {e}"))?;
+        self.blocks.push(ptr);
+        Ok(ptr)
+    }
+}
+
+impl Drop for Memory {
+    fn drop(&mut self) {
+        if self.context.bind_to_thread().is_ok() {
+            for &ptr in &self.blocks {
+                // SAFETY: allocated by `alloc`, freed once; the stream was synchronised by the
+                // decoder's drop.
+                let _ = unsafe { result::free_sync(ptr) };
+            }
+        }
+    }
+}
+
+/// Device addresses of a layer's parameters and cache.
+struct Layer {
+    ln_1: (u64, u64),
+    c_attn: (u64, u64),
+    attn_proj: (u64, u64),
+    ln_2: (u64, u64),
+    c_fc: (u64, u64),
+    mlp_proj: (u64, u64),
+    k_cache: u64,
+    v_cache: u64,
+    scale: f32,
+    eps: (f32, f32),
+}
+
+struct Kernels {
+    _module: Arc<CudaModule>,
+    embed: CudaFunction,
+    gemv: CudaFunction,
+    attention_chunk: CudaFunction,
+    logits: CudaFunction,
+    layernorm: CudaFunction,
+    bias_activation: CudaFunction,
+    attention_merge: CudaFunction,
+    argmax_advance: CudaFunction,
+}
+
+/// Shapes of the language model the decoder was built from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecoderShape {
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_head: usize,
+    pub inner: usize,
+    pub vocab: usize,
+    pub n_positions: usize,
+}
+
+/// [`GraphDecoder::profile`]'s answer (milliseconds).
+#[derive(Debug, Clone)]
+pub struct DecodeProfile {
+    /// One replay of the captured graph.
+    pub graph_step_ms: f64,
+    /// The kernels launched one by one (launch gaps included).
+    pub launched_step_ms: f64,
+    /// Per kernel: total time over the step and how many launches.
+    pub kernels: Vec<(String, f64, usize)>,
+}
+
+/// What a step hands back.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepOutput {
+    /// The arg max of the logits (greedy decoding).
+    Token(i64),
+    /// The logits, for a sampler on the host.
+    Logits(Vec<f32>),
+}
+
+pub struct GraphDecoder {
+    shape: DecoderShape,
+    /// `true`: weights and cache in bf16.
+    bf16: bool,
+    activation: i32,
+    ln_f: (u64, u64, f32),
+    wte: u64,
+    wpe: u64,
+    lm_head: u64,
+    layers: Vec<Layer>,
+    /// `[token, position, arg max, unused]`.
+    state: u64,
+    h: u64,
+    x: u64,
+    parts: u64,
+    chunk_acc: u64,
+    chunk_ml: u64,
+    logits: u64,
+    kernels: Kernels,
+    graph: Option<CudaGraph>,
+    /// How long the last [`Self::load_cache`] took.
+    last_cache_load: std::time::Duration,
+    stream: Arc<CudaStream>,
+    memory: Memory,
+}
+
+// The graph and raw pointers are used by one thread at a time (the decoder sits behind a mutex).
+unsafe impl Send for GraphDecoder {}
+
+impl std::fmt::Debug for GraphDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GraphDecoder").field("shape", &self.shape).field("bf16", &self.bf16).finish()
+    }
+}
+
+/// A tensor's values as f32 on the host.
+fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().into_vec::<f32>().expect("f32 values")
+}
+
+fn merged_weight<B: Backend>(c: &Conv1D<B>) -> Tensor<B, 2> {
+    match &c.lora {
+        None => c.weight.val(),
+        Some(lora) => c.weight.val() + lora.delta_in_out(),
+    }
+}
+
+/// Copies parameters to the decoder's memory: weights in the decoder's dtype, biases and
+/// LayerNorm parameters in f32.
+struct Uploader<'a> {
+    memory: &'a mut Memory,
+    bf16: bool,
+}
+
+impl Uploader<'_> {
+    fn values(&mut self, values: Vec<f32>, as_weight: bool, what: &str) -> Result<u64, String> {
+        let ptr;
+        if as_weight && self.bf16 {
+            let bits: Vec<u16> = values.iter().map(|&v| burn::tensor::bf16::from_f32(v).to_bits()).collect();
+            ptr = self.memory.alloc(bits.len() * 2, what)?;
+            // SAFETY: `ptr` holds `bits.len()` u16s.
+            unsafe { result::memcpy_htod_sync(ptr, &bits) }
+        } else {
+            ptr = self.memory.alloc(values.len() * 4, what)?;
+            // SAFETY: as above, f32s.
+            unsafe { result::memcpy_htod_sync(ptr, &values) }
+        }
+        .map_err(|e| format!("copying {what} to the GPU: {e}"))?;
+        Ok(ptr)
+    }
+
+    fn layernorm<B: Backend>(&mut self, ln: &LayerNorm<B>, name: &str) -> Result<(u64, u64), String> {
+        Ok((self.values(host(ln.weight.val()), false, name)?, self.values(host(ln.bias.val()), false, name)?))
+    }
+
+    fn conv<B: Backend>(&mut self, c: &Conv1D<B>, name: &str) -> Result<(u64, u64), String> {
+        Ok((self.values(host(merged_weight(c)), true, name)?, self.values(host(c.bias.val()), false, name)?))
+    }
+}
+
+impl GraphDecoder {
+    /// Copies `model`'s language model to CUDA device `device_index` (bf16 when the model is
+    /// bf16, f32 otherwise) and captures the decode step's graph.
+    pub fn new<B: Backend>(transformer: &Gpt2Model<B>, lm_head: Option<&LmHead<B>>, device_index: usize) -> Result<Self, String> {
+        let dtype = transformer.wte.weight.val().dtype();
+        let bf16 = match dtype {
+            DType::BF16 => true,
+            DType::F32 | DType::F64 => false,
+            other => return Err(format!("graph decoding takes bf16 or f32 models, this one is {other:?}")),
+        };
+        let [vocab, n_embd] = transformer.wte.weight.dims();
+        let n_positions = transformer.wpe.weight.dims()[0];
+        let n_layer = transformer.h.len();
+        let n_head = transformer.n_head();
+        let inner = transformer.h.first().map_or(4 * n_embd, |b| b.mlp.c_fc.weight.dims()[1]);
+        if n_layer == 0 || n_embd % n_head != 0 {
+            return Err(format!("graph decoding: {n_layer} layers of width {n_embd} in {n_head} heads"));
+        }
+        let head_dim = n_embd / n_head;
+        if head_dim > MAX_HEAD_DIM {
+            return Err(format!("graph decoding takes heads up to {MAX_HEAD_DIM} wide, this model's are {head_dim}"));
+        }
+        let activation = match transformer.h[0].mlp.activation {
+            Activation::QuickGelu => 0,
+            Activation::Gelu => 1,
+            Activation::GeluTanh => 2,
+            Activation::Relu => 3,
+            Activation::Silu => 4,
+        };
+        let shape = DecoderShape { n_layer, n_embd, n_head, inner, vocab, n_positions };
+
+        let context = CudaContext::new(device_index).map_err(|e| format!("CUDA device {device_index}: {e}"))?;
+        context.bind_to_thread().map_err(|e| format!("CUDA device {device_index}: {e}"))?;
+        let stream = context.new_stream().map_err(|e| format!("a stream on CUDA device {device_index}: {e}"))?;
+        let kernels = Kernels::load(&context, bf16)?;
+        let mut memory = Memory { context: context.clone(), blocks: vec![] };
+
+        let elem = if bf16 { 2 } else { 4 };
+        let mut up = Uploader { memory: &mut memory, bf16 };
+        let mut layers = Vec::with_capacity(n_layer);
+        for (i, block) in transformer.h.iter().enumerate() {
+            let name = |part: &str| format!("transformer.h.{i}.{part}");
+            let ln_1 = up.layernorm(&block.ln_1, &name("ln_1"))?;
+            let c_attn = up.conv(&block.attn.c_attn, &name("attn.c_attn"))?;
+            let attn_proj = up.conv(&block.attn.c_proj, &name("attn.c_proj"))?;
+            let ln_2 = up.layernorm(&block.ln_2, &name("ln_2"))?;
+            let c_fc = up.conv(&block.mlp.c_fc, &name("mlp.c_fc"))?;
+            let mlp_proj = up.conv(&block.mlp.c_proj, &name("mlp.c_proj"))?;
+            let cache_bytes = n_positions * n_embd * elem;
+            let k_cache = up.memory.alloc(cache_bytes, &name("keys"))?;
+            let v_cache = up.memory.alloc(cache_bytes, &name("values"))?;
+            layers.push(Layer {
+                ln_1,
+                c_attn,
+                attn_proj,
+                ln_2,
+                c_fc,
+                mlp_proj,
+                k_cache,
+                v_cache,
+                scale: block.attn.scale as f32,
+                eps: (block.ln_1.eps as f32, block.ln_2.eps as f32),
+            });
+        }
+        let wte = up.values(host(transformer.wte.weight.val()), true, "transformer.wte")?;
+        let wpe = up.values(host(transformer.wpe.weight.val()), true, "transformer.wpe")?;
+        let lm_head = match lm_head {
+            Some(head) => up.values(host(head.weight.val()), true, "lm_head")?,
+            None => wte,
+        };
+        let ln_f = {
+            let (g, b) = up.layernorm(&transformer.ln_f, "transformer.ln_f")?;
+            (g, b, transformer.ln_f.eps as f32)
+        };
+        let widest = (3 * n_embd).max(inner);
+        let max_chunks = n_positions.div_ceil(ATTN_CHUNK);
+        drop(up);
+        let state = memory.alloc(16, "the step's state")?;
+        let h = memory.alloc(n_embd * 4, "the residual stream")?;
+        let x = memory.alloc(widest * 4, "a layer's input")?;
+        let parts = memory.alloc(GEMV_MAX_SPLITS * widest * 4, "GEMV partial sums")?;
+        let chunk_acc = memory.alloc(n_head * max_chunks * head_dim * 4, "attention chunks")?;
+        let chunk_ml = memory.alloc(n_head * max_chunks * 2 * 4, "attention chunk maxima")?;
+        let logits = memory.alloc(vocab * 4, "logits")?;
+        let mut decoder = GraphDecoder {
+            shape,
+            bf16,
+            activation,
+            ln_f,
+            wte,
+            wpe,
+            lm_head,
+            layers,
+            state,
+            h,
+            x,
+            parts,
+            chunk_acc,
+            chunk_ml,
+            logits,
+            kernels,
+            graph: None,
+            last_cache_load: std::time::Duration::ZERO,
+            stream,
+            memory,
+        };
+        decoder.capture()?;
+        Ok(decoder)
+    }
+
+    /// How long the last prompt's cache took to copy in (part of the first decode step).
+    pub fn last_cache_load(&self) -> std::time::Duration {
+        self.last_cache_load
+    }
+
+    pub fn shape(&self) -> DecoderShape {
+        self.shape
+    }
+
+    /// Whether this decoder was built from a model of `transformer`'s shapes (a cheap guard
+    /// against handing generation another model's decoder).
+    pub fn fits<B: Backend>(&self, transformer: &Gpt2Model<B>) -> bool {
+        let [vocab, n_embd] = transformer.wte.weight.dims();
+        self.shape.vocab == vocab
+            && self.shape.n_embd == n_embd
+            && self.shape.n_layer == transformer.h.len()
+            && self.shape.n_head == transformer.n_head()
+            && self.shape.n_positions == transformer.wpe.weight.dims()[0]
+    }
+
+    /// Copies a single prompt's prefilled cache (`[1, heads, tokens, head_dim]` per layer) in.
+    pub fn load_cache<B: Backend>(&mut self, cache: &KvCache<B>) -> Result<(), String> {
+        let DecoderShape { n_embd, n_head, n_positions, .. } = self.shape;
+        let started = std::time::Instant::now();
+        let layers = cache.layers();
+        if layers.len() != self.layers.len() {
+            return Err(format!("a cache of {} layers for a decoder of {}", layers.len(), self.layers.len()));
+        }
+        self.memory.context.bind_to_thread().map_err(|e| e.to_string())?;
+        for (i, (slot, layer)) in layers.iter().zip(&self.layers).enumerate() {
+            let Some((k, v)) = slot else { return Err(format!("layer {i}'s cache is empty")) };
+            let [b, h, t, d] = k.dims();
+            if b != 1 || h != n_head || h * d != n_embd || t > n_positions || v.dims() != k.dims() {
+                return Err(format!("layer {i}'s cache is {:?}, expected [1, {n_head}, <= {n_positions}, {}]", k.dims(), n_embd / n_head));
+            }
+            for (tensor, ptr) in [(k, layer.k_cache), (v, layer.v_cache)] {
+                let rows = tensor.clone().swap_dims(1, 2).reshape([t, n_embd]);
+                let values = host(rows);
+                // SAFETY: the cache holds n_positions x n_embd elements; t <= n_positions.
+                unsafe {
+                    if self.bf16 {
+                        let bits: Vec<u16> = values.iter().map(|&v| burn::tensor::bf16::from_f32(v).to_bits()).collect();
+                        result::memcpy_htod_async(ptr, &bits, self.stream.cu_stream())
+                    } else {
+                        result::memcpy_htod_async(ptr, &values, self.stream.cu_stream())
+                    }
+                }
+                .map_err(|e| format!("copying layer {i}'s cache to the decoder: {e}"))?;
+                // The host vectors must outlive the copies.
+                self.stream.synchronize().map_err(|e| format!("copying layer {i}'s cache: {e}"))?;
+            }
+        }
+        self.last_cache_load = started.elapsed();
+        Ok(())
+    }
+
+    /// Runs one step: `token` at `position` (both must follow the cache), and returns the next
+    /// token (`greedy`) or the logits.
+    pub fn step(&mut self, token: i64, position: usize, greedy: bool) -> Result<StepOutput, String> {
+        if token < 0 || token as usize >= self.shape.vocab {
+            return Err(format!("token {token} outside the vocabulary of {}", self.shape.vocab));
+        }
+        if position >= self.shape.n_positions {
+            return Err(format!("position {position} beyond the model's {} positions", self.shape.n_positions));
+        }
+        let state = [token as i32, position as i32, 0, 0];
+        let stream = self.stream.cu_stream();
+        // SAFETY: `state` is 16 bytes on the device; the copy finishes before the stream
+        // synchronises below, and `state` lives until then.
+        unsafe { result::memcpy_htod_async(self.state, &state, stream) }.map_err(|e| format!("step state: {e}"))?;
+        self.graph.as_ref().expect("captured in new").launch().map_err(|e| format!("decode graph launch: {e}"))?;
+        if greedy {
+            let mut out = [0i32; 4];
+            // SAFETY: reads the 16-byte state after the graph, on the same stream.
+            unsafe { result::memcpy_dtoh_async(&mut out, self.state, stream) }.map_err(|e| format!("reading the token: {e}"))?;
+            self.stream.synchronize().map_err(|e| format!("decode step: {e}"))?;
+            Ok(StepOutput::Token(out[2] as i64))
+        } else {
+            let mut logits = vec![0f32; self.shape.vocab];
+            // SAFETY: `logits` holds vocab f32s, as the device buffer does.
+            unsafe { result::memcpy_dtoh_async(&mut logits, self.logits, stream) }.map_err(|e| format!("reading the logits: {e}"))?;
+            self.stream.synchronize().map_err(|e| format!("decode step: {e}"))?;
+            Ok(StepOutput::Logits(logits))
+        }
+    }
+
+    /// Records the step's kernels on the stream as a graph.
+    fn capture(&mut self) -> Result<(), String> {
+        self.memory.context.bind_to_thread().map_err(|e| e.to_string())?;
+        // Relaxed: other threads (cubecl's) may allocate or load modules meanwhile.
+        self.stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .map_err(|e| format!("beginning the decode graph's capture: {e}"))?;
+        let launched = self.launch_step(None);
+        let graph = self.stream.end_capture(CUgraphInstantiate_flags(0)).map_err(|e| format!("ending the decode graph's capture: {e}"))?;
+        launched?;
+        let graph = graph.ok_or("the decode graph's capture recorded nothing")?;
+        graph.upload().map_err(|e| format!("uploading the decode graph: {e}"))?;
+        self.graph = Some(graph);
+        Ok(())
+    }
+
+    /// Where a step's time goes at `position` (with whatever the cache holds): each kernel
+    /// launched on its own between timing events, summed per kernel over the layers, and the
+    /// captured graph's time per step over `replays` replays (from `position` on).
+    pub fn profile(&mut self, position: usize, replays: usize) -> Result<DecodeProfile, String> {
+        if position + replays >= self.shape.n_positions {
+            return Err(format!("profiling {replays} steps from position {position} passes the model's {} positions", self.shape.n_positions));
+        }
+        let stream = self.stream.cu_stream();
+        let state = [0i32, position as i32, 0, 0];
+        let event = || self.stream.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| e.to_string());
+        // SAFETY: as in `step`.
+        unsafe { result::memcpy_htod_async(self.state, &state, stream) }.map_err(|e| e.to_string())?;
+        let marks = std::cell::RefCell::new(vec![("start", event()?)]);
+        self.launch_step(Some(&marks))?;
+        self.stream.synchronize().map_err(|e| e.to_string())?;
+        let marks = marks.into_inner();
+        let mut kernels: Vec<(String, f64, usize)> = vec![];
+        for pair in marks.windows(2) {
+            let ms = pair[0].1.elapsed_ms(&pair[1].1).map_err(|e| e.to_string())? as f64;
+            match kernels.iter_mut().find(|k| k.0 == pair[1].0) {
+                Some(k) => {
+                    k.1 += ms;
+                    k.2 += 1;
+                }
+                None => kernels.push((pair[1].0.to_string(), ms, 1)),
+            }
+        }
+        unsafe { result::memcpy_htod_async(self.state, &state, stream) }.map_err(|e| e.to_string())?;
+        let graph = self.graph.as_ref().expect("captured in new");
+        let start = event()?;
+        for _ in 0..replays {
+            graph.launch().map_err(|e| e.to_string())?;
+        }
+        let end = event()?;
+        let graph_ms = start.elapsed_ms(&end).map_err(|e| e.to_string())? as f64 / replays.max(1) as f64;
+        let launched_ms = kernels.iter().map(|k| k.1).sum();
+        Ok(DecodeProfile { graph_step_ms: graph_ms, launched_step_ms: launched_ms, kernels })
+    }
+
+    /// The step's kernels in order: captured into the graph, or launched one by one between
+    /// timing events (`marks`, for [`Self::profile`]).
+    fn launch_step(&self, marks: Option<&std::cell::RefCell<Vec<(&'static str, cudarc::driver::CudaEvent)>>>) -> Result<(), String> {
+        let DecoderShape { n_embd, n_head, inner, vocab, n_positions, .. } = self.shape;
+        let k = &self.kernels;
+        let s = &self.stream;
+        let grid = |n: usize, threads: u32| LaunchConfig { grid_dim: ((n as u32).div_ceil(threads), 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+        let launch = |name: &'static str, result: Result<Option<_>, cudarc::driver::DriverError>| {
+            result.map_err(|e| format!("decode kernel {name}: {e}"))?;
+            if let Some(marks) = marks {
+                let event = s.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| e.to_string())?;
+                marks.borrow_mut().push((name, event));
+            }
+            Ok::<(), String>(())
+        };
+        let (d, head_dim) = (n_embd as i32, (n_embd / n_head) as i32);
+        let max_chunks = n_positions.div_ceil(ATTN_CHUNK) as i32;
+        // SAFETY (every launch): the arguments are the kernels' parameters in order, device
+        // addresses of buffers sized in `new` for these shapes.
+        unsafe {
+            launch("embed", s.launch_builder(&k.embed).arg(&self.state).arg(&self.wte).arg(&self.wpe).arg(&self.h).arg(&d).launch(grid(n_embd, 256)))?;
+        }
+        let null = 0u64;
+        let zero = 0i32;
+        // The residual the next LayerNorm adds: (partial sums, how many, bias).
+        let mut pending: Option<(i32, u64)> = None;
+        let ln_config = LaunchConfig { grid_dim: (1, 1, 1), block_dim: ((n_embd.div_ceil(32) * 32).min(1024) as u32, 1, 1), shared_mem_bytes: 0 };
+        let layernorm = |pending: Option<(i32, u64)>, (gamma, beta): (u64, u64), eps: f32| -> Result<(), String> {
+            let (parts, n_parts, bias) = match pending {
+                Some((n, bias)) => (self.parts, n, bias),
+                None => (null, zero, null),
+            };
+            unsafe {
+                launch(
+                    "layernorm",
+                    s.launch_builder(&k.layernorm)
+                        .arg(&self.h)
+                        .arg(&parts)
+                        .arg(&n_parts)
+                        .arg(&bias)
+                        .arg(&gamma)
+                        .arg(&beta)
+                        .arg(&self.x)
+                        .arg(&d)
+                        .arg(&eps)
+                        .launch(ln_config),
+                )
+            }
+        };
+        // x [k_dim] times w [k_dim, n_dim] into `parts`; returns the number of splits.
+        let gemv = |w: u64, k_dim: usize, n_dim: usize| -> Result<i32, String> {
+            let splits = k_dim.div_ceil(GEMV_MIN_ROWS).clamp(1, GEMV_MAX_SPLITS);
+            let rows = (k_dim.div_ceil(splits).div_ceil(8) * 8) as i32;
+            let splits = k_dim.div_ceil(rows as usize);
+            let config = LaunchConfig { grid_dim: (n_dim.div_ceil(GEMV_COLUMNS) as u32, splits as u32, 1), block_dim: (GEMV_COLUMNS as u32, 1, 1), shared_mem_bytes: 0 };
+            let (kd, nd) = (k_dim as i32, n_dim as i32);
+            unsafe { launch("gemv", s.launch_builder(&k.gemv).arg(&self.x).arg(&w).arg(&self.parts).arg(&kd).arg(&nd).arg(&rows).launch(config))? };
+            Ok(splits as i32)
+        };
+        for layer in &self.layers {
+            layernorm(pending, layer.ln_1, layer.eps.0)?;
+            let n_parts = gemv(layer.c_attn.0, n_embd, 3 * n_embd)?;
+            let config = LaunchConfig { grid_dim: (n_head as u32, max_chunks as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+            unsafe {
+                launch(
+                    "attention_chunk",
+                    s.launch_builder(&k.attention_chunk)
+                        .arg(&self.state)
+                        .arg(&self.parts)
+                        .arg(&n_parts)
+                        .arg(&layer.c_attn.1)
+                        .arg(&layer.k_cache)
+                        .arg(&layer.v_cache)
+                        .arg(&self.chunk_acc)
+                        .arg(&self.chunk_ml)
+                        .arg(&d)
+                        .arg(&head_dim)
+                        .arg(&max_chunks)
+                        .arg(&layer.scale)
+                        .launch(config),
+                )?;
+                let config = LaunchConfig { grid_dim: (n_head as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+                launch(
+                    "attention_merge",
+                    s.launch_builder(&k.attention_merge)
+                        .arg(&self.state)
+                        .arg(&self.chunk_acc)
+                        .arg(&self.chunk_ml)
+                        .arg(&self.x)
+                        .arg(&head_dim)
+                        .arg(&max_chunks)
+                        .launch(config),
+                )?;
+            }
+            let n_parts = gemv(layer.attn_proj.0, n_embd, n_embd)?;
+            layernorm(Some((n_parts, layer.attn_proj.1)), layer.ln_2, layer.eps.1)?;
+            let n_parts = gemv(layer.c_fc.0, n_embd, inner)?;
+            let n = inner as i32;
+            unsafe {
+                launch(
+                    "bias_activation",
+                    s.launch_builder(&k.bias_activation)
+                        .arg(&self.parts)
+                        .arg(&n_parts)
+                        .arg(&layer.c_fc.1)
+                        .arg(&self.x)
+                        .arg(&n)
+                        .arg(&self.activation)
+                        .launch(grid(inner, 256)),
+                )?;
+            }
+            let n_parts = gemv(layer.mlp_proj.0, inner, n_embd)?;
+            pending = Some((n_parts, layer.mlp_proj.1));
+        }
+        layernorm(pending, (self.ln_f.0, self.ln_f.1), self.ln_f.2)?;
+        let v = vocab as i32;
+        // A warp per row, eight rows per block.
+        let rows_config = LaunchConfig { grid_dim: (vocab.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        unsafe {
+            launch("logits", s.launch_builder(&k.logits).arg(&self.x).arg(&self.lm_head).arg(&self.logits).arg(&v).arg(&d).launch(rows_config))?;
+            let config = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+            launch("argmax_advance", s.launch_builder(&k.argmax_advance).arg(&self.logits).arg(&v).arg(&self.state).launch(config))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for GraphDecoder {
+    fn drop(&mut self) {
+        // The graph goes before the memory it reads; nothing may still run on it.
+        let _ = self.stream.synchronize();
+        self.graph = None;
+    }
+}
+
+impl Kernels {
+    fn load(context: &Arc<CudaContext>, bf16: bool) -> Result<Self, String> {
+        let ptx = cudarc::nvrtc::compile_ptx(SOURCE).map_err(|e| format!("NVRTC on src/graph_decode.cu: {e:?}"))?;
+        let module = context.load_module(ptx).map_err(|e| format!("loading the decode kernels: {e}"))?;
+        let suffix = if bf16 { "bf16" } else { "f32" };
+        let function = |name: String| module.load_function(&name).map_err(|e| format!("decode kernel {name}: {e}"));
+        Ok(Kernels {
+            embed: function(format!("embed_{suffix}"))?,
+            gemv: function(format!("gemv_{suffix}"))?,
+            attention_chunk: function(format!("attention_chunk_{suffix}"))?,
+            logits: function(format!("logits_{suffix}"))?,
+            layernorm: function("layernorm_f32".into())?,
+            bias_activation: function("bias_activation_f32".into())?,
+            attention_merge: function("attention_merge_f32".into())?,
+            argmax_advance: function("argmax_advance".into())?,
+            _module: module,
+        })
+    }
+}
