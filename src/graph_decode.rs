@@ -153,9 +153,19 @@ impl std::fmt::Debug for GraphDecoder {
     }
 }
 
-/// A tensor's values as f32 on the host.
-fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().into_vec::<f32>().expect("f32 values")
+/// `data` as the decoder stores it (bf16 or f32), as bytes; no conversion when it is already.
+fn storage_bytes(data: TensorData, bf16: bool) -> std::borrow::Cow<'static, [u8]> {
+    let want = if bf16 { DType::BF16 } else { DType::F32 };
+    if data.dtype == want {
+        return std::borrow::Cow::Owned(data.into_bytes().to_vec());
+    }
+    let values = data.convert::<f32>().into_vec::<f32>().expect("f32 values");
+    let bytes = if bf16 {
+        values.iter().flat_map(|&v| burn::tensor::bf16::from_f32(v).to_bits().to_le_bytes()).collect()
+    } else {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    };
+    std::borrow::Cow::Owned(bytes)
 }
 
 fn merged_weight<B: Backend>(c: &Conv1D<B>) -> Tensor<B, 2> {
@@ -173,28 +183,21 @@ struct Uploader<'a> {
 }
 
 impl Uploader<'_> {
-    fn values(&mut self, values: Vec<f32>, as_weight: bool, what: &str) -> Result<u64, String> {
-        let ptr;
-        if as_weight && self.bf16 {
-            let bits: Vec<u16> = values.iter().map(|&v| burn::tensor::bf16::from_f32(v).to_bits()).collect();
-            ptr = self.memory.alloc(bits.len() * 2, what)?;
-            // SAFETY: `ptr` holds `bits.len()` u16s.
-            unsafe { result::memcpy_htod_sync(ptr, &bits) }
-        } else {
-            ptr = self.memory.alloc(values.len() * 4, what)?;
-            // SAFETY: as above, f32s.
-            unsafe { result::memcpy_htod_sync(ptr, &values) }
-        }
-        .map_err(|e| format!("copying {what} to the GPU: {e}"))?;
+    /// `tensor` on the GPU: in the decoder's dtype when it is a weight, f32 otherwise.
+    fn values<B: Backend, const D: usize>(&mut self, tensor: Tensor<B, D>, as_weight: bool, what: &str) -> Result<u64, String> {
+        let bytes = storage_bytes(tensor.into_data(), as_weight && self.bf16);
+        let ptr = self.memory.alloc(bytes.len(), what)?;
+        // SAFETY: `ptr` holds `bytes.len()` bytes.
+        unsafe { result::memcpy_htod_sync(ptr, &bytes) }.map_err(|e| format!("copying {what} to the GPU: {e}"))?;
         Ok(ptr)
     }
 
     fn layernorm<B: Backend>(&mut self, ln: &LayerNorm<B>, name: &str) -> Result<(u64, u64), String> {
-        Ok((self.values(host(ln.weight.val()), false, name)?, self.values(host(ln.bias.val()), false, name)?))
+        Ok((self.values(ln.weight.val(), false, name)?, self.values(ln.bias.val(), false, name)?))
     }
 
     fn conv<B: Backend>(&mut self, c: &Conv1D<B>, name: &str) -> Result<(u64, u64), String> {
-        Ok((self.values(host(merged_weight(c)), true, name)?, self.values(host(c.bias.val()), false, name)?))
+        Ok((self.values(merged_weight(c), true, name)?, self.values(c.bias.val(), false, name)?))
     }
 }
 
@@ -262,10 +265,10 @@ impl GraphDecoder {
                 eps: (block.ln_1.eps as f32, block.ln_2.eps as f32),
             });
         }
-        let wte = up.values(host(transformer.wte.weight.val()), true, "transformer.wte")?;
-        let wpe = up.values(host(transformer.wpe.weight.val()), true, "transformer.wpe")?;
+        let wte = up.values(transformer.wte.weight.val(), true, "transformer.wte")?;
+        let wpe = up.values(transformer.wpe.weight.val(), true, "transformer.wpe")?;
         let lm_head = match lm_head {
-            Some(head) => up.values(host(head.weight.val()), true, "lm_head")?,
+            Some(head) => up.values(head.weight.val(), true, "lm_head")?,
             None => wte,
         };
         let ln_f = {
@@ -345,17 +348,10 @@ impl GraphDecoder {
             }
             for (tensor, ptr) in [(k, layer.k_cache), (v, layer.v_cache)] {
                 let rows = tensor.clone().swap_dims(1, 2).reshape([t, n_embd]);
-                let values = host(rows);
+                let bytes = storage_bytes(rows.into_data(), self.bf16);
                 // SAFETY: the cache holds n_positions x n_embd elements; t <= n_positions.
-                unsafe {
-                    if self.bf16 {
-                        let bits: Vec<u16> = values.iter().map(|&v| burn::tensor::bf16::from_f32(v).to_bits()).collect();
-                        result::memcpy_htod_async(ptr, &bits, self.stream.cu_stream())
-                    } else {
-                        result::memcpy_htod_async(ptr, &values, self.stream.cu_stream())
-                    }
-                }
-                .map_err(|e| format!("copying layer {i}'s cache to the decoder: {e}"))?;
+                unsafe { result::memcpy_htod_async(ptr, &bytes, self.stream.cu_stream()) }
+                    .map_err(|e| format!("copying layer {i}'s cache to the decoder: {e}"))?;
                 // The host vectors must outlive the copies.
                 self.stream.synchronize().map_err(|e| format!("copying layer {i}'s cache: {e}"))?;
             }
