@@ -201,6 +201,17 @@ impl Uploader<'_> {
     }
 }
 
+/// A decoder for `model`, on the CUDA device its weights are on, ready to hand to generation;
+/// an error naming the backend when the model is not on burn's CUDA backend.
+pub fn for_model<B: Backend>(model: &crate::model::LlavaModel<B>) -> Result<std::sync::Arc<std::sync::Mutex<GraphDecoder>>, String> {
+    let device = model.transformer.wte.weight.device();
+    let Some(cuda) = (&device as &dyn std::any::Any).downcast_ref::<burn::backend::cuda::CudaDevice>() else {
+        return Err(format!("graph decoding runs on the cuda backend, not on {device:?}"));
+    };
+    let decoder = GraphDecoder::new(&model.transformer, model.lm_head.as_ref(), cuda.index)?;
+    Ok(std::sync::Arc::new(std::sync::Mutex::new(decoder)))
+}
+
 impl GraphDecoder {
     /// Copies `model`'s language model to CUDA device `device_index` (bf16 when the model is
     /// bf16, f32 otherwise) and captures the decode step's graph.
