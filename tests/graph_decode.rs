@@ -114,7 +114,8 @@ fn check<B: Backend>(device: &B::Device, tol: f32) {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn graph_decode_matches_eager_f32() {
-    check::<Cuda<f32>>(&CudaDevice::new(0), 2e-4);
+    // burn's f32 products on CUDA run in TF32 (10-bit mantissas); the graph's are f32.
+    check::<Cuda<f32>>(&CudaDevice::new(0), 5e-3);
 }
 
 #[test]
