@@ -2,6 +2,14 @@
 // Weights, keys and values are `T` (bf16 kept as its bits, or float); every activation is f32.
 // The step reads its token and position from `state` in device memory, so one captured graph
 // serves every step: state[0] token, state[1] position, state[2] the step's arg max.
+//
+// A layer is five kernels: c_attn, attention, attn.c_proj, c_fc, mlp.c_proj. Each product is a
+// split-K GEMV whose blocks write partial sums; the last block to finish a column block (a
+// counter in device memory says which) adds them up with the bias and applies what follows
+// the product: nothing (q, k, v), the activation (c_fc), or the residual (the projections),
+// which also leaves the LayerNorm statistics of its columns for the next product, whose
+// blocks normalise their rows of the input themselves. So no kernel exists only to add up,
+// normalise or activate, and a step is 5 x layers + 2 launches.
 
 typedef unsigned short bf16;
 #define NEG_INF __int_as_float(0xff800000)
@@ -18,15 +26,17 @@ __device__ __forceinline__ void store(bf16* p, size_t i, float v) {
     p[i] = (bf16)(u >> 16);
 }
 
-// Eight consecutive values; `vec` says they are 16-byte aligned and all in range.
-__device__ __forceinline__ void load8(const bf16* p, size_t i, float out[8]) {
-    uint4 u = *reinterpret_cast<const uint4*>(p + i);
+// Eight consecutive values, 16-byte aligned (bf16) or 32-byte aligned (float).
+__device__ __forceinline__ void unpack8(uint4 u, float out[8]) {
     unsigned w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
     for (int j = 0; j < 4; j++) {
         out[2 * j] = __uint_as_float(w[j] << 16);
         out[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
     }
+}
+__device__ __forceinline__ void load8(const bf16* p, size_t i, float out[8]) {
+    unpack8(*reinterpret_cast<const uint4*>(p + i), out);
 }
 __device__ __forceinline__ void load8(const float* p, size_t i, float out[8]) {
     float4 a = *reinterpret_cast<const float4*>(p + i);
@@ -38,6 +48,12 @@ __device__ __forceinline__ void load8(const float* p, size_t i, float out[8]) {
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
 
@@ -53,65 +69,147 @@ __device__ float block_sum(float v, float* scratch) {
     return total;
 }
 
-// h = wte[token] + wpe[position].
-template <typename T>
-__device__ void embed(const int* state, const T* wte, const T* wpe, float* h, int d_model) {
-    int d = blockIdx.x * blockDim.x + threadIdx.x;
-    if (d >= d_model) return;
-    size_t token = (size_t)state[0], position = (size_t)state[1];
-    h[d] = to_f32(wte[token * d_model + d]) + to_f32(wpe[position * d_model + d]);
+// After a block's results are written: whether this block is the last of `expected` to
+// arrive at `counter`. The last resets the counter for the next kernel (the graph's next
+// replay included) and must read the others' results with __ldcg (past its L1).
+__device__ bool last_to_arrive(int* counter, int expected) {
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        last = atomicAdd(counter, 1) == expected - 1;
+        if (last) *counter = 0;
+    }
+    __syncthreads();
+    return last;
 }
 
-// When `parts` is given, first the residual: h += sum of the product's `n_parts` partial sums
-// + bias. Then x = LayerNorm(h) (two passes over h, as torch computes the variance). One block.
-__device__ void residual_layernorm(float* h, const float* parts, int n_parts, const float* bias,
-                                   const float* gamma, const float* beta, float* x, int d_model, float eps) {
+// LayerNorm statistics of the residual stream come in slots of STAT_COLUMNS columns: each
+// slot's mean and sum of squared deviations, combined here in slot order (Chan et al.).
+#define STAT_COLUMNS 256
+__device__ void combined_stats(const float* stats, int d_model, float eps, float* mean_out, float* rstd_out) {
+    float n = 0.f, mean = 0.f, m2 = 0.f;
+    for (int s = 0; s * STAT_COLUMNS < d_model; s++) {
+        float nb = (float)min(STAT_COLUMNS, d_model - s * STAT_COLUMNS);
+        float mb = stats[2 * s], m2b = stats[2 * s + 1];
+        float total = n + nb, delta = mb - mean;
+        mean += delta * nb / total;
+        m2 += m2b + delta * delta * n * nb / total;
+        n = total;
+    }
+    *mean_out = mean;
+    *rstd_out = rsqrtf(m2 / n + eps);
+}
+
+// This block's `count` (<= blockDim.x) values, one per thread (threads past `count` give
+// nothing): their mean and sum of squared deviations into stats[slot].
+__device__ void slot_stats(float v, int count, float* stats, int slot, float* scratch) {
+    bool valid = threadIdx.x < count;
+    float mean = block_sum(valid ? v : 0.f, scratch) / count;
+    float c = valid ? v - mean : 0.f;
+    float m2 = block_sum(c * c, scratch);
+    if (threadIdx.x == 0) { stats[2 * slot] = mean; stats[2 * slot + 1] = m2; }
+}
+
+// h = wte[token] + wpe[position], and h's statistics. Blocks of STAT_COLUMNS threads.
+template <typename T>
+__device__ void embed(const int* state, const T* wte, const T* wpe, float* h, float* stats, int d_model) {
     __shared__ float scratch[32];
-    float sum = 0.f;
-    for (int d = threadIdx.x; d < d_model; d += blockDim.x) {
-        float v = h[d];
-        if (parts) {
-            float p = bias[d];
-            for (int s = 0; s < n_parts; s++) p += parts[(size_t)s * d_model + d];
-            v += p;
-            h[d] = v;
-        }
-        sum += v;
+    int d = blockIdx.x * blockDim.x + threadIdx.x;
+    size_t token = (size_t)state[0], position = (size_t)state[1];
+    float v = 0.f;
+    if (d < d_model) {
+        v = to_f32(wte[token * d_model + d]) + to_f32(wpe[position * d_model + d]);
+        h[d] = v;
     }
-    float mean = block_sum(sum, scratch) / d_model;
-    float sq = 0.f;
-    for (int d = threadIdx.x; d < d_model; d += blockDim.x) {
-        float c = h[d] - mean;
-        sq += c * c;
-    }
-    float rstd = rsqrtf(block_sum(sq, scratch) / d_model + eps);
-    for (int d = threadIdx.x; d < d_model; d += blockDim.x) x[d] = (h[d] - mean) * rstd * gamma[d] + beta[d];
+    slot_stats(v, min((int)blockDim.x, d_model - (int)(blockIdx.x * blockDim.x)), stats, blockIdx.x, scratch);
 }
 
-// partial[split, n] = sum over rows k of split `blockIdx.y` of x[k] * w[k, n], w row-major
-// [k_dim, n_dim] (Conv1D's layout). A block: 32 column groups of 8 columns (one 16-byte load of
-// bf16 each, a warp reading 512 contiguous bytes) times 8 row lanes (the warps).
+__device__ float activate(float v, int activation) {
+    switch (activation) {
+        case 0: return v / (1.f + expf(-1.702f * v));                       // quick_gelu
+        case 1: return 0.5f * v * (1.f + erff(v * 0.70710678118654752f));  // gelu (erf)
+        case 2: {                                                            // gelu tanh
+            float inner = 0.7978845608028654f * (v + 0.044715f * v * v * v);
+            return 0.5f * v * (1.f + tanhf(inner));
+        }
+        case 3: return fmaxf(v, 0.f);                                       // relu
+        default: return v / (1.f + expf(-v));                              // silu
+    }
+}
+
+// What a GEMV does before and after its product.
+#define PROLOGUE_PLAIN 0      // the input is `x`
+#define PROLOGUE_LAYERNORM 1  // the input is LayerNorm(h) with h's slot statistics
+#define EPILOGUE_STORE 0      // out = sum + bias
+#define EPILOGUE_ACTIVATE 1   // out = activation(sum + bias)
+#define EPILOGUE_RESIDUAL 2   // h += sum + bias, then h's slot statistics
+
+struct GemvArgs {
+    const float* x;
+    float* h;
+    float* stats;
+    const float* gamma;
+    const float* beta;
+    float eps;
+    const float* bias;
+    float* parts;
+    float* out;
+    int* counters;
+    int k_dim, n_dim, rows_per_split, prologue, epilogue, activation;
+};
+
+// out[n] from x[k] * w[k, n], w row-major [k_dim, n_dim] (Conv1D's layout). A block: 32
+// column groups of 8 columns (one 16-byte load of bf16 each, a warp reading 512 contiguous
+// bytes of a row) times 8 row lanes (the warps), over the rows of split `blockIdx.y`; the
+// block's input rows are first put in shared memory (`xs`, dynamic), normalised if asked.
 #define GEMV_THREADS 256
+#define GEMV_UNROLL 8
 template <typename T>
-__device__ void gemv(const float* x, const T* w, float* partial, int k_dim, int n_dim, int rows_per_split) {
+__device__ void gemv(const GemvArgs& a, const T* w) {
+    extern __shared__ float xs[];
     __shared__ float sums[8][GEMV_THREADS + 1];
+    __shared__ float scratch[32];
     int group = threadIdx.x & 31, lane = threadIdx.x >> 5;
+    int k0 = blockIdx.y * a.rows_per_split;
+    int k1 = min(k0 + a.rows_per_split, a.k_dim);
+    if (a.prologue == PROLOGUE_LAYERNORM) {
+        float mean, rstd;
+        combined_stats(a.stats, a.k_dim, a.eps, &mean, &rstd);
+        for (int k = k0 + threadIdx.x; k < k1; k += blockDim.x) xs[k - k0] = (a.h[k] - mean) * rstd * a.gamma[k] + a.beta[k];
+    } else {
+        for (int k = k0 + threadIdx.x; k < k1; k += blockDim.x) xs[k - k0] = a.x[k];
+    }
+    __syncthreads();
+
+    int n_dim = a.n_dim;
     int col0 = (blockIdx.x * 32 + group) * 8;
-    int k0 = blockIdx.y * rows_per_split;
-    int k1 = min(k0 + rows_per_split, k_dim);
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     bool vec = (n_dim % 8 == 0) && col0 + 8 <= n_dim;
     if (vec) {
-#pragma unroll 4
-        for (int k = k0 + lane; k < k1; k += 8) {
-            float xv = x[k], wv[8];
+        int k = k0 + lane;
+        // GEMV_UNROLL rows' loads in flight before their products: the weights are the
+        // step's whole cost, and memory only keeps up with many reads outstanding.
+        for (; k + 8 * (GEMV_UNROLL - 1) < k1; k += 8 * GEMV_UNROLL) {
+            float wv[GEMV_UNROLL][8];
+#pragma unroll
+            for (int u = 0; u < GEMV_UNROLL; u++) load8(w, (size_t)(k + 8 * u) * n_dim + col0, wv[u]);
+#pragma unroll
+            for (int u = 0; u < GEMV_UNROLL; u++) {
+                float xv = xs[k + 8 * u - k0];
+#pragma unroll
+                for (int j = 0; j < 8; j++) acc[j] += xv * wv[u][j];
+            }
+        }
+        for (; k < k1; k += 8) {
+            float xv = xs[k - k0], wv[8];
             load8(w, (size_t)k * n_dim + col0, wv);
 #pragma unroll
             for (int j = 0; j < 8; j++) acc[j] += xv * wv[j];
         }
     } else if (col0 < n_dim) {
         for (int k = k0 + lane; k < k1; k += 8) {
-            float xv = x[k];
+            float xv = xs[k - k0];
             for (int j = 0; j < 8 && col0 + j < n_dim; j++) acc[j] += xv * to_f32(w[(size_t)k * n_dim + col0 + j]);
         }
     }
@@ -122,212 +220,200 @@ __device__ void gemv(const float* x, const T* w, float* partial, int k_dim, int 
     float s = 0.f;
 #pragma unroll
     for (int l = 0; l < 8; l++) s += sums[l][threadIdx.x];
-    if (col < n_dim) partial[(size_t)blockIdx.y * n_dim + col] = s;
-}
+    if (col < n_dim) a.parts[(size_t)blockIdx.y * n_dim + col] = s;
 
-// x = activation(sum of partials + bias). Activations as `nn::Activation` numbers them.
-__device__ void bias_activation(const float* parts, int n_parts, const float* bias, float* x, int n_dim, int activation) {
-    int n = blockIdx.x * blockDim.x + threadIdx.x;
-    if (n >= n_dim) return;
-    float v = bias[n];
-    for (int s = 0; s < n_parts; s++) v += parts[(size_t)s * n_dim + n];
-    switch (activation) {
-        case 0: v = v / (1.f + expf(-1.702f * v)); break;                       // quick_gelu
-        case 1: v = 0.5f * v * (1.f + erff(v * 0.70710678118654752f)); break;  // gelu (erf)
-        case 2: {                                                                // gelu tanh
-            float inner = 0.7978845608028654f * (v + 0.044715f * v * v * v);
-            v = 0.5f * v * (1.f + tanhf(inner));
-            break;
+    if (!last_to_arrive(&a.counters[blockIdx.x], gridDim.y)) return;
+    float v = 0.f;
+    if (col < n_dim) {
+        v = a.bias[col];
+        for (int split = 0; split < (int)gridDim.y; split++) v += __ldcg(&a.parts[(size_t)split * n_dim + col]);
+        if (a.epilogue == EPILOGUE_STORE) {
+            a.out[col] = v;
+        } else if (a.epilogue == EPILOGUE_ACTIVATE) {
+            a.out[col] = activate(v, a.activation);
+        } else {
+            v += a.h[col];
+            a.h[col] = v;
         }
-        case 3: v = fmaxf(v, 0.f); break;                                       // relu
-        default: v = v / (1.f + expf(-v)); break;                              // silu
     }
-    x[n] = v;
+    if (a.epilogue == EPILOGUE_RESIDUAL) {
+        slot_stats(v, min(GEMV_THREADS, n_dim - (int)(blockIdx.x * GEMV_THREADS)), a.stats, blockIdx.x, scratch);
+    }
 }
 
-// Attention of the step's query against keys 0..=position, one block per (head, chunk of
-// ATTN_CHUNK keys), four warps each taking every fourth key with an online softmax. The block
-// whose chunk holds the position also finishes q/k/v from the c_attn product's partials and
-// writes this token's key and value to the cache. Writes each chunk's max, sum and weighted
-// values; `attention_merge` combines the chunks.
+// Attention of the step's query against keys 0..=position. The cache is [head, position,
+// head_dim], each head's rows contiguous. One block per (head, chunk of ATTN_CHUNK keys): two
+// threads per key take its scores (the block whose chunk holds the position first writes
+// this token's key and value, rounded as the cache stores them), then the softmax over the
+// chunk, then each thread a column of the values. The last chunk of a head to finish merges
+// the chunks into out[head * head_dim ..].
 #define ATTN_CHUNK 64
 #define ATTN_THREADS 128
 #define MAX_HEAD_DIM 256
 template <typename T>
-__device__ void attention_chunk(const int* state, const float* parts, int n_parts, const float* bias, T* k_cache, T* v_cache,
-                                float* chunk_acc, float* chunk_ml, int d_model, int head_dim, int max_chunks, float scale) {
-    __shared__ float q[MAX_HEAD_DIM], k_new[MAX_HEAD_DIM], v_new[MAX_HEAD_DIM];
-    __shared__ float warp_m[4], warp_l[4], warp_acc[4][MAX_HEAD_DIM];
+__device__ void attention(const int* state, const float* qkv, T* k_cache, T* v_cache, float* chunk_acc, float* chunk_ml,
+                          int* counters, float* out, int d_model, int head_dim, int n_positions, int max_chunks, float scale) {
+    __shared__ float q[MAX_HEAD_DIM];
+    __shared__ float p[ATTN_CHUNK];
+    __shared__ float chunk_max, chunk_sum;
     int position = state[1], head = blockIdx.x, chunk = blockIdx.y;
+    int chunks = position / ATTN_CHUNK + 1;
+    if (chunk >= chunks) return;
     int j0 = chunk * ATTN_CHUNK;
-    if (j0 > position) return;
-    int j1 = min(j0 + ATTN_CHUNK, position + 1);
-    bool owns = position < j1;
+    int n = min(ATTN_CHUNK, position + 1 - j0);
+    size_t base = (size_t)head * n_positions * head_dim;
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
         int c = head * head_dim + d;
-        float qv = bias[c];
-        for (int s = 0; s < n_parts; s++) qv += parts[(size_t)s * 3 * d_model + c];
-        q[d] = qv;
-        if (owns) {
-            float kv = bias[d_model + c], vv = bias[2 * d_model + c];
-            for (int s = 0; s < n_parts; s++) {
-                kv += parts[(size_t)s * 3 * d_model + d_model + c];
-                vv += parts[(size_t)s * 3 * d_model + 2 * d_model + c];
+        q[d] = qkv[c];
+        if (chunk == chunks - 1) {
+            size_t at = base + (size_t)position * head_dim + d;
+            store(k_cache, at, qkv[d_model + c]);
+            store(v_cache, at, qkv[2 * d_model + c]);
+        }
+    }
+    // Also makes the new key and value visible to the block.
+    __syncthreads();
+
+    int j = threadIdx.x >> 1, half = threadIdx.x & 1;
+    float s = 0.f;
+    if (j < n) {
+        const T* kj = k_cache + base + (size_t)(j0 + j) * head_dim;
+        int width = (head_dim + 1) / 2, d0 = half * width, d1 = min(head_dim, d0 + width);
+        if (head_dim % 16 == 0) {
+#pragma unroll 8
+            for (int d = d0; d < d1; d += 8) {
+                float kv[8];
+                load8(kj, d, kv);
+#pragma unroll
+                for (int i = 0; i < 8; i++) s += q[d + i] * kv[i];
             }
-            size_t at = (size_t)position * d_model + c;
-            // The cache holds T; this step reads back what later steps will read.
-            store(k_cache, at, kv);
-            store(v_cache, at, vv);
-            k_new[d] = to_f32(k_cache[at]);
-            v_new[d] = to_f32(v_cache[at]);
+        } else {
+#pragma unroll 8
+            for (int d = d0; d < d1; d++) s += q[d] * to_f32(kj[d]);
         }
     }
+    s += __shfl_xor_sync(0xffffffffu, s, 1);
+    if (half == 0 && j < n) p[j] = s * scale;
     __syncthreads();
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    float m = NEG_INF, l = 0.f, acc[MAX_HEAD_DIM / 32];
-#pragma unroll
-    for (int i = 0; i < MAX_HEAD_DIM / 32; i++) acc[i] = 0.f;
-    for (int j = j0 + warp; j < j1; j += 4) {
-        const T* kj = k_cache + (size_t)j * d_model + head * head_dim;
-        const T* vj = v_cache + (size_t)j * d_model + head * head_dim;
-        bool current = j == position;
-        float s = 0.f;
-        for (int d = lane; d < head_dim; d += 32) s += q[d] * (current ? k_new[d] : to_f32(kj[d]));
-        s = warp_sum(s) * scale;
-        float m_new = fmaxf(m, s);
-        float correction = expf(m - m_new), p = expf(s - m_new);
-        l = l * correction + p;
-#pragma unroll
-        for (int i = 0; i < MAX_HEAD_DIM / 32; i++) {
-            int d = lane + 32 * i;
-            if (d < head_dim) acc[i] = acc[i] * correction + p * (current ? v_new[d] : to_f32(vj[d]));
+    if (threadIdx.x < 32) {
+        float m = NEG_INF;
+        for (int i = threadIdx.x; i < n; i += 32) m = fmaxf(m, p[i]);
+        m = warp_max(m);
+        float l = 0.f;
+        for (int i = threadIdx.x; i < n; i += 32) {
+            float e = expf(p[i] - m);
+            p[i] = e;
+            l += e;
         }
-        m = m_new;
-    }
-    if (lane == 0) { warp_m[warp] = m; warp_l[warp] = l; }
-#pragma unroll
-    for (int i = 0; i < MAX_HEAD_DIM / 32; i++) {
-        int d = lane + 32 * i;
-        if (d < head_dim) warp_acc[warp][d] = acc[i];
+        l = warp_sum(l);
+        if (threadIdx.x == 0) { chunk_max = m; chunk_sum = l; }
     }
     __syncthreads();
-    float big = fmaxf(fmaxf(warp_m[0], warp_m[1]), fmaxf(warp_m[2], warp_m[3]));
-    float weight[4], total = 0.f;
-    for (int w = 0; w < 4; w++) {
-        weight[w] = warp_l[w] > 0.f ? expf(warp_m[w] - big) : 0.f;
-        total += warp_l[w] * weight[w];
-    }
     size_t slot = (size_t)head * max_chunks + chunk;
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        const T* vd = v_cache + base + (size_t)j0 * head_dim + d;
         float a = 0.f;
-        for (int w = 0; w < 4; w++) if (weight[w] > 0.f) a += warp_acc[w][d] * weight[w];
+#pragma unroll 8
+        for (int i = 0; i < n; i++) a += p[i] * to_f32(vd[(size_t)i * head_dim]);
         chunk_acc[slot * head_dim + d] = a;
     }
-    if (threadIdx.x == 0) { chunk_ml[slot * 2] = big; chunk_ml[slot * 2 + 1] = total; }
-}
+    if (threadIdx.x == 0) { chunk_ml[slot * 2] = chunk_max; chunk_ml[slot * 2 + 1] = chunk_sum; }
 
-// x[head * head_dim + d] = the softmax-weighted values over every chunk up to the position.
-__device__ void attention_merge(const int* state, const float* chunk_acc, const float* chunk_ml, float* x, int head_dim, int max_chunks) {
-    int head = blockIdx.x, chunks = state[1] / ATTN_CHUNK + 1;
+    if (!last_to_arrive(&counters[head], chunks)) return;
     float big = NEG_INF;
-    for (int c = 0; c < chunks; c++) big = fmaxf(big, chunk_ml[((size_t)head * max_chunks + c) * 2]);
+    for (int c = 0; c < chunks; c++) big = fmaxf(big, __ldcg(&chunk_ml[((size_t)head * max_chunks + c) * 2]));
     float total = 0.f;
     for (int c = 0; c < chunks; c++) {
-        size_t slot = (size_t)head * max_chunks + c;
-        total += chunk_ml[slot * 2 + 1] * expf(chunk_ml[slot * 2] - big);
+        size_t sl = (size_t)head * max_chunks + c;
+        total += __ldcg(&chunk_ml[sl * 2 + 1]) * expf(__ldcg(&chunk_ml[sl * 2]) - big);
     }
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
         float a = 0.f;
         for (int c = 0; c < chunks; c++) {
-            size_t slot = (size_t)head * max_chunks + c;
-            a += chunk_acc[slot * head_dim + d] * expf(chunk_ml[slot * 2] - big);
+            size_t sl = (size_t)head * max_chunks + c;
+            a += __ldcg(&chunk_acc[sl * head_dim + d]) * expf(__ldcg(&chunk_ml[sl * 2]) - big);
         }
-        x[head * head_dim + d] = a / total;
+        out[head * head_dim + d] = a / total;
     }
 }
 
-// logits[row] = w[row, :] . x, w row-major [rows, d_model] (the tied wte or lm_head); a warp
-// per row.
+// logits[row] = w[row, :] . LayerNorm_f(h), w row-major [rows, d_model] (the tied wte or
+// lm_head); a warp per row, the block's warps striding over the rows. Each block keeps its
+// rows' first arg max; the last block picks the step's (NaN never wins), makes it the next
+// token and moves the position on.
 template <typename T>
-__device__ void logits_rows(const float* x, const T* w, float* logits, int rows, int d_model) {
-    int lane = threadIdx.x & 31;
-    int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (row >= rows) return;
-    const T* wr = w + (size_t)row * d_model;
-    float s = 0.f;
-    if (d_model % 8 == 0) {
-        for (int k = lane * 8; k < d_model; k += 256) {
-            float wv[8];
-            load8(w, (size_t)row * d_model + k, wv);
-#pragma unroll
-            for (int j = 0; j < 8; j++) s += wv[j] * x[k + j];
-        }
-    } else {
-        for (int k = lane; k < d_model; k += 32) s += to_f32(wr[k]) * x[k];
-    }
-    s = warp_sum(s);
-    if (lane == 0) logits[row] = s;
-}
-
-// The first index of the largest logit (NaN never wins) becomes the next token; the position
-// moves on. One block of 1024 threads.
-extern "C" __global__ void __launch_bounds__(1024) argmax_advance(const float* logits, int rows, int* state) {
-    __shared__ float best_v[1024];
-    __shared__ int best_i[1024];
+__device__ void logits_argmax(const float* h, const float* stats, const float* gamma, const float* beta, float eps, const T* w,
+                              float* logits, float* best, int* counters, int* state, int rows, int d_model) {
+    extern __shared__ float xs[];
+    __shared__ float warp_v[32];
+    __shared__ int warp_i[32];
+    float mean, rstd;
+    combined_stats(stats, d_model, eps, &mean, &rstd);
+    for (int k = threadIdx.x; k < d_model; k += blockDim.x) xs[k] = (h[k] - mean) * rstd * gamma[k] + beta[k];
+    __syncthreads();
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     float bv = NEG_INF;
     int bi = 0x7fffffff;
-    for (int r = threadIdx.x; r < rows; r += blockDim.x) {
-        float v = logits[r];
-        if (v > bv || (bi == 0x7fffffff && v == bv)) { bv = v; bi = r; }
-    }
-    best_v[threadIdx.x] = bv;
-    best_i[threadIdx.x] = bi;
-    __syncthreads();
-    for (int half = blockDim.x / 2; half > 0; half >>= 1) {
-        if (threadIdx.x < half) {
-            float ov = best_v[threadIdx.x + half];
-            int oi = best_i[threadIdx.x + half];
-            if (ov > best_v[threadIdx.x] || (ov == best_v[threadIdx.x] && oi < best_i[threadIdx.x])) {
-                best_v[threadIdx.x] = ov;
-                best_i[threadIdx.x] = oi;
+    for (int row = blockIdx.x * warps + warp; row < rows; row += gridDim.x * warps) {
+        const T* wr = w + (size_t)row * d_model;
+        float s = 0.f;
+        if (d_model % 8 == 0) {
+#pragma unroll 8
+            for (int k = lane * 8; k < d_model; k += 256) {
+                float wv[8];
+                load8(wr, k, wv);
+#pragma unroll
+                for (int j = 0; j < 8; j++) s += wv[j] * xs[k + j];
             }
+        } else {
+            for (int k = lane; k < d_model; k += 32) s += to_f32(wr[k]) * xs[k];
         }
-        __syncthreads();
+        s = warp_sum(s);
+        if (lane == 0) logits[row] = s;
+        // Rows come in increasing order: only a larger value replaces (first max).
+        if (s > bv || (bi == 0x7fffffff && s == bv)) { bv = s; bi = row; }
     }
+    if (lane == 0) { warp_v[warp] = bv; warp_i[warp] = bi; }
+    __syncthreads();
     if (threadIdx.x == 0) {
-        int token = best_i[0] == 0x7fffffff ? 0 : best_i[0];
+        for (int w2 = 1; w2 < warps; w2++) {
+            if (warp_v[w2] > bv || (warp_v[w2] == bv && warp_i[w2] < bi)) { bv = warp_v[w2]; bi = warp_i[w2]; }
+        }
+        best[2 * blockIdx.x] = bv;
+        best[2 * blockIdx.x + 1] = __int_as_float(bi);
+    }
+    if (!last_to_arrive(&counters[0], gridDim.x)) return;
+    if (threadIdx.x == 0) {
+        bv = NEG_INF;
+        bi = 0x7fffffff;
+        for (int b = 0; b < (int)gridDim.x; b++) {
+            float v = __ldcg(&best[2 * b]);
+            int i = __float_as_int(__ldcg(&best[2 * b + 1]));
+            if (v > bv || (v == bv && i < bi)) { bv = v; bi = i; }
+        }
+        int token = bi == 0x7fffffff ? 0 : bi;
         state[2] = token;
         state[0] = token;
         state[1] += 1;
     }
 }
 
-extern "C" __global__ void __launch_bounds__(1024) layernorm_f32(float* h, const float* parts, int n_parts, const float* bias,
-        const float* gamma, const float* beta, float* x, int d_model, float eps) {
-    residual_layernorm(h, parts, n_parts, bias, gamma, beta, x, d_model, eps);
-}
-
-extern "C" __global__ void __launch_bounds__(256) bias_activation_f32(const float* parts, int n_parts, const float* bias, float* x, int n_dim, int activation) {
-    bias_activation(parts, n_parts, bias, x, n_dim, activation);
-}
-
-extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attention_merge_f32(const int* state, const float* chunk_acc, const float* chunk_ml, float* x, int head_dim, int max_chunks) {
-    attention_merge(state, chunk_acc, chunk_ml, x, head_dim, max_chunks);
-}
-
 #define INSTANCES(SUFFIX, T)                                                                                          \
-    extern "C" __global__ void __launch_bounds__(256) embed_##SUFFIX(const int* state, const T* wte, const T* wpe, float* h, int d_model) { \
-        embed<T>(state, wte, wpe, h, d_model);                                                                        \
+    extern "C" __global__ void __launch_bounds__(STAT_COLUMNS) embed_##SUFFIX(const int* state, const T* wte, const T* wpe, float* h, \
+            float* stats, int d_model) {                                                                              \
+        embed<T>(state, wte, wpe, h, stats, d_model);                                                                 \
     }                                                                                                                 \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##SUFFIX(const float* x, const T* w, float* partial, int k_dim, int n_dim, int rows_per_split) { \
-        gemv<T>(x, w, partial, k_dim, n_dim, rows_per_split);                                                        \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##SUFFIX(GemvArgs a, const T* w) {               \
+        gemv<T>(a, w);                                                                                                \
     }                                                                                                                 \
-    extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attention_chunk_##SUFFIX(const int* state, const float* parts, int n_parts, \
-            const float* bias, T* k_cache, T* v_cache, float* chunk_acc, float* chunk_ml, int d_model, int head_dim, int max_chunks, float scale) { \
-        attention_chunk<T>(state, parts, n_parts, bias, k_cache, v_cache, chunk_acc, chunk_ml, d_model, head_dim, max_chunks, scale); \
+    extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attention_##SUFFIX(const int* state, const float* qkv, T* k_cache, \
+            T* v_cache, float* chunk_acc, float* chunk_ml, int* counters, float* out, int d_model, int head_dim, int n_positions, \
+            int max_chunks, float scale) {                                                                            \
+        attention<T>(state, qkv, k_cache, v_cache, chunk_acc, chunk_ml, counters, out, d_model, head_dim, n_positions, max_chunks, scale); \
     }                                                                                                                 \
-    extern "C" __global__ void __launch_bounds__(256) logits_##SUFFIX(const float* x, const T* w, float* logits, int rows, int d_model) { \
-        logits_rows<T>(x, w, logits, rows, d_model);                                                                  \
+    extern "C" __global__ void __launch_bounds__(256) logits_##SUFFIX(const float* h, const float* stats, const float* gamma, \
+            const float* beta, float eps, const T* w, float* logits, float* best, int* counters, int* state, int rows, int d_model) { \
+        logits_argmax<T>(h, stats, gamma, beta, eps, w, logits, best, counters, state, rows, d_model);               \
     }
 
 INSTANCES(bf16, bf16)

@@ -1,14 +1,15 @@
 //! Batch-1 decoding on CUDA as one CUDA graph per token. burn-fusion's host work per operation
 //! bounds eager decoding near 50 tokens/s on an H200, however fast the kernels are; here a decode
-//! step's ~220 kernels (`src/graph_decode.cu`) are captured once and each token replays them
-//! with one launch. The kernels read the token and its position from device memory and the
+//! step's kernels (`src/graph_decode.cu`: five per layer, LayerNorms, bias, activation,
+//! residual and the attention's merge folded into the products) are captured once and each
+//! token replays them with one launch. The kernels read the token and its position from device memory and the
 //! last one writes the next (greedy) token and position there, so a greedy step costs the host
 //! one launch and a 4-byte read.
 //!
 //! The decoder holds its own copy of the language model's weights (bf16 for a bf16 model, f32
 //! otherwise; LoRA adapters folded in) and a key/value cache for every position, all allocated
-//! once. The prompt is prefilled by the model itself (burn), whose cache is then copied in;
-//! every later token runs here. Activations and their sums are f32 throughout, so a bf16 model
+//! once. The prompt is prefilled by the model itself (burn), whose cache is then copied in
+//! (device to device on burn's CUDA backend); every later token runs here. Activations and their sums are f32 throughout, so a bf16 model
 //! decodes slightly more precisely than burn's bf16 path (which rounds every intermediate).
 //!
 //! Built by the caller from the model it will generate with ([`GraphDecoder::new`]) and handed
@@ -27,12 +28,47 @@ use crate::model::nn::{Activation, Conv1D, LayerNorm};
 
 const SOURCE: &str = include_str!("graph_decode.cu");
 /// Constants of the source: keys per attention block, the widest head, GEMV's columns per
-/// block and most row splits.
+/// block (also the residual stream's columns per statistics slot).
 const ATTN_CHUNK: usize = 64;
 const MAX_HEAD_DIM: usize = 256;
 const GEMV_COLUMNS: usize = 256;
-const GEMV_MAX_SPLITS: usize = 16;
-const GEMV_MIN_ROWS: usize = 128;
+/// A GEMV's row splits: enough blocks for two per SM, each split at least `GEMV_MIN_ROWS`
+/// rows, at most `GEMV_MAX_SPLITS` partial sums for the last block to add up.
+const GEMV_MAX_SPLITS: usize = 32;
+const GEMV_MIN_ROWS: usize = 64;
+/// Dynamic shared memory a block may use for its input rows (48 KiB less the static arrays).
+const MAX_DYNAMIC_SHARED: usize = 38 * 1024;
+
+/// The GEMV kernel's parameters (`GemvArgs` in the source, same order and layout).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct GemvArgs {
+    x: u64,
+    h: u64,
+    stats: u64,
+    gamma: u64,
+    beta: u64,
+    eps: f32,
+    bias: u64,
+    parts: u64,
+    out: u64,
+    counters: u64,
+    k_dim: i32,
+    n_dim: i32,
+    rows_per_split: i32,
+    prologue: i32,
+    epilogue: i32,
+    activation: i32,
+}
+
+// SAFETY: plain old data with the C struct's layout (`#[repr(C)]`, fields in its order).
+unsafe impl cudarc::driver::DeviceRepr for GemvArgs {}
+
+const PROLOGUE_PLAIN: i32 = 0;
+const PROLOGUE_LAYERNORM: i32 = 1;
+const EPILOGUE_STORE: i32 = 0;
+const EPILOGUE_ACTIVATE: i32 = 1;
+const EPILOGUE_RESIDUAL: i32 = 2;
 
 /// Device memory of the decoder, freed with it.
 struct Memory {
@@ -79,12 +115,8 @@ struct Kernels {
     _module: Arc<CudaModule>,
     embed: CudaFunction,
     gemv: CudaFunction,
-    attention_chunk: CudaFunction,
+    attention: CudaFunction,
     logits: CudaFunction,
-    layernorm: CudaFunction,
-    bias_activation: CudaFunction,
-    attention_merge: CudaFunction,
-    argmax_advance: CudaFunction,
 }
 
 /// Shapes of the language model the decoder was built from.
@@ -130,11 +162,21 @@ pub struct GraphDecoder {
     layers: Vec<Layer>,
     /// `[token, position, arg max, unused]`.
     state: u64,
+    /// The residual stream and its LayerNorm statistics (per `GEMV_COLUMNS` columns).
     h: u64,
-    x: u64,
+    stats: u64,
+    qkv: u64,
+    attn_out: u64,
+    fc_out: u64,
     parts: u64,
     chunk_acc: u64,
     chunk_ml: u64,
+    /// Which blocks have finished, per column block or head (reset by the last).
+    counters: u64,
+    /// Each logits block's best (value, index).
+    best: u64,
+    logits_blocks: usize,
+    sms: usize,
     logits: u64,
     kernels: Kernels,
     graph: Option<CudaGraph>,
@@ -166,6 +208,60 @@ fn storage_bytes(data: TensorData, bf16: bool) -> std::borrow::Cow<'static, [u8]
         values.iter().flat_map(|v| v.to_le_bytes()).collect()
     };
     std::borrow::Cow::Owned(bytes)
+}
+
+/// A prompt cache tensor as a copy reads it: burn's own CUDA storage when the model is on the
+/// fused CUDA backend in the decoder's dtype, else bytes on the host.
+enum Source {
+    /// The contiguous tensor (held so that cubecl keeps its memory) and its device address.
+    Device(Box<dyn std::any::Any>, u64),
+    Host(std::borrow::Cow<'static, [u8]>),
+}
+
+impl Source {
+    fn of<B: Backend>(tensor: Tensor<B, 4>, bf16: bool) -> Result<Self, String> {
+        use burn::tensor::TensorPrimitive;
+        use burn_cubecl::cubecl::cuda::CudaRuntime;
+        use burn_cubecl::cubecl::future::block_on;
+        type Fused = burn_fusion::FusionTensor<burn_cubecl::fusion::FusionCubeRuntime<CudaRuntime>>;
+        let want = if bf16 { DType::BF16 } else { DType::F32 };
+        if tensor.dtype() == want {
+            if let TensorPrimitive::Float(primitive) = tensor.clone().into_primitive() {
+                if let Ok(fused) = crate::cublaslt::downcast::<_, Fused>(primitive) {
+                    let client = fused.client.clone();
+                    // Runs what burn has queued for the tensor, then waits for the GPU to write it.
+                    let cube = client.resolve_tensor_float::<burn_cubecl::CubeBackend<CudaRuntime, f32, i32, u8>>(fused);
+                    let cube = burn_cubecl::kernel::into_contiguous(cube);
+                    block_on(cube.client.sync()).map_err(|e| format!("waiting for the prompt's cache: {e:?}"))?;
+                    let resource = cube.client.get_resource(cube.handle.clone()).map_err(|e| format!("the prompt cache's memory: {e:?}"))?;
+                    let ptr = resource.resource().ptr;
+                    return Ok(Source::Device(Box::new((cube, resource)), ptr));
+                }
+            }
+        }
+        Ok(Source::Host(storage_bytes(tensor.into_data(), bf16)))
+    }
+
+    fn memory_type(&self) -> cudarc::driver::sys::CUmemorytype {
+        match self {
+            Source::Device(..) => cudarc::driver::sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+            Source::Host(_) => cudarc::driver::sys::CUmemorytype::CU_MEMORYTYPE_HOST,
+        }
+    }
+
+    fn device_ptr(&self) -> u64 {
+        match self {
+            Source::Device(_, ptr) => *ptr,
+            Source::Host(_) => 0,
+        }
+    }
+
+    fn host_ptr(&self) -> *const std::ffi::c_void {
+        match self {
+            Source::Device(..) => std::ptr::null(),
+            Source::Host(bytes) => bytes.as_ptr().cast(),
+        }
+    }
 }
 
 fn merged_weight<B: Backend>(c: &Conv1D<B>) -> Tensor<B, 2> {
@@ -289,12 +385,33 @@ impl GraphDecoder {
         let widest = (3 * n_embd).max(inner);
         let max_chunks = n_positions.div_ceil(ATTN_CHUNK);
         drop(up);
+        let sms = context
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| format!("CUDA device {device_index}: {e}"))? as usize;
+        for (k_dim, n_dim) in [(n_embd, 3 * n_embd), (n_embd, n_embd), (n_embd, inner), (inner, n_embd)] {
+            let (_, rows) = gemv_splits(k_dim, n_dim, sms);
+            if rows * 4 > MAX_DYNAMIC_SHARED {
+                return Err(format!("graph decoding: a product over {k_dim} rows needs {rows} rows per block, more than shared memory holds"));
+            }
+        }
+        if n_embd * 4 > MAX_DYNAMIC_SHARED {
+            return Err(format!("graph decoding: a width of {n_embd} does not fit the logits kernel's shared memory"));
+        }
+        let logits_blocks = (2 * sms).min(vocab.div_ceil(8)).max(1);
         let state = memory.alloc(16, "the step's state")?;
         let h = memory.alloc(n_embd * 4, "the residual stream")?;
-        let x = memory.alloc(widest * 4, "a layer's input")?;
+        let stats = memory.alloc(n_embd.div_ceil(GEMV_COLUMNS) * 2 * 4, "LayerNorm statistics")?;
+        let qkv = memory.alloc(3 * n_embd * 4, "q, k, v")?;
+        let attn_out = memory.alloc(n_embd * 4, "the attention's output")?;
+        let fc_out = memory.alloc(inner * 4, "the MLP's activations")?;
         let parts = memory.alloc(GEMV_MAX_SPLITS * widest * 4, "GEMV partial sums")?;
         let chunk_acc = memory.alloc(n_head * max_chunks * head_dim * 4, "attention chunks")?;
         let chunk_ml = memory.alloc(n_head * max_chunks * 2 * 4, "attention chunk maxima")?;
+        let n_counters = widest.div_ceil(GEMV_COLUMNS).max(n_head).max(1);
+        let counters = memory.alloc(n_counters * 4, "block counters")?;
+        // SAFETY: `counters` holds n_counters i32s; the kernels expect them zero.
+        unsafe { result::memset_d8_sync(counters, 0, n_counters * 4) }.map_err(|e| format!("zeroing the block counters: {e}"))?;
+        let best = memory.alloc(logits_blocks * 2 * 4, "arg max per block")?;
         let logits = memory.alloc(vocab * 4, "logits")?;
         let mut decoder = GraphDecoder {
             shape,
@@ -307,10 +424,17 @@ impl GraphDecoder {
             layers,
             state,
             h,
-            x,
+            stats,
+            qkv,
+            attn_out,
+            fc_out,
             parts,
             chunk_acc,
             chunk_ml,
+            counters,
+            best,
+            logits_blocks,
+            sms,
             logits,
             kernels,
             graph: None,
@@ -342,7 +466,9 @@ impl GraphDecoder {
             && self.shape.n_positions == transformer.wpe.weight.dims()[0]
     }
 
-    /// Copies a single prompt's prefilled cache (`[1, heads, tokens, head_dim]` per layer) in.
+    /// Copies a single prompt's prefilled cache (`[1, heads, tokens, head_dim]` per layer) in:
+    /// device to device when the model is on burn's fused CUDA backend, through the host
+    /// otherwise.
     pub fn load_cache<B: Backend>(&mut self, cache: &KvCache<B>) -> Result<(), String> {
         let DecoderShape { n_embd, n_head, n_positions, .. } = self.shape;
         let started = std::time::Instant::now();
@@ -351,6 +477,9 @@ impl GraphDecoder {
             return Err(format!("a cache of {} layers for a decoder of {}", layers.len(), self.layers.len()));
         }
         self.memory.context.bind_to_thread().map_err(|e| e.to_string())?;
+        let elem = if self.bf16 { 2 } else { 4 };
+        // What the copies read, kept until the stream has finished them.
+        let mut sources: Vec<Source> = Vec::with_capacity(2 * layers.len());
         for (i, (slot, layer)) in layers.iter().zip(&self.layers).enumerate() {
             let Some((k, v)) = slot else { return Err(format!("layer {i}'s cache is empty")) };
             let [b, h, t, d] = k.dims();
@@ -358,15 +487,40 @@ impl GraphDecoder {
                 return Err(format!("layer {i}'s cache is {:?}, expected [1, {n_head}, <= {n_positions}, {}]", k.dims(), n_embd / n_head));
             }
             for (tensor, ptr) in [(k, layer.k_cache), (v, layer.v_cache)] {
-                let rows = tensor.clone().swap_dims(1, 2).reshape([t, n_embd]);
-                let bytes = storage_bytes(rows.into_data(), self.bf16);
-                // SAFETY: the cache holds n_positions x n_embd elements; t <= n_positions.
-                unsafe { result::memcpy_htod_async(ptr, &bytes, self.stream.cu_stream()) }
-                    .map_err(|e| format!("copying layer {i}'s cache to the decoder: {e}"))?;
-                // The host vectors must outlive the copies.
-                self.stream.synchronize().map_err(|e| format!("copying layer {i}'s cache: {e}"))?;
+                let source = Source::of(tensor.clone(), self.bf16)?;
+                // Each head's `t` rows land at the start of its `n_positions` rows.
+                let row = t * d * elem;
+                let copy = cudarc::driver::sys::CUDA_MEMCPY2D {
+                    srcXInBytes: 0,
+                    srcY: 0,
+                    srcMemoryType: source.memory_type(),
+                    srcHost: source.host_ptr(),
+                    srcDevice: source.device_ptr(),
+                    srcArray: std::ptr::null_mut(),
+                    srcPitch: row,
+                    dstXInBytes: 0,
+                    dstY: 0,
+                    dstMemoryType: cudarc::driver::sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+                    dstHost: std::ptr::null_mut(),
+                    dstDevice: ptr,
+                    dstArray: std::ptr::null_mut(),
+                    dstPitch: n_positions * d * elem,
+                    WidthInBytes: row,
+                    Height: h,
+                };
+                if row > 0 {
+                    // SAFETY: the source holds h rows of `row` bytes (contiguous [1, h, t, d] in
+                    // the decoder's dtype, checked by `Source::of`) and lives in `sources` until
+                    // the stream is synchronised below; the destination holds h x n_positions x d.
+                    unsafe { cudarc::driver::sys::cuMemcpy2DAsync_v2(&copy, self.stream.cu_stream()) }
+                        .result()
+                        .map_err(|e| format!("copying layer {i}'s cache to the decoder: {e}"))?;
+                }
+                sources.push(source);
             }
         }
+        self.stream.synchronize().map_err(|e| format!("copying the prompt's cache: {e}"))?;
+        drop(sources);
         self.last_cache_load = started.elapsed();
         Ok(())
     }
@@ -462,7 +616,6 @@ impl GraphDecoder {
         let DecoderShape { n_embd, n_head, inner, vocab, n_positions, .. } = self.shape;
         let k = &self.kernels;
         let s = &self.stream;
-        let grid = |n: usize, threads: u32| LaunchConfig { grid_dim: ((n as u32).div_ceil(threads), 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
         let launch = |name: &'static str, result: Result<Option<_>, cudarc::driver::DriverError>| {
             result.map_err(|e| format!("decode kernel {name}: {e}"))?;
             if let Some(marks) = marks {
@@ -473,114 +626,111 @@ impl GraphDecoder {
         };
         let (d, head_dim) = (n_embd as i32, (n_embd / n_head) as i32);
         let max_chunks = n_positions.div_ceil(ATTN_CHUNK) as i32;
+        let n_pos = n_positions as i32;
         // SAFETY (every launch): the arguments are the kernels' parameters in order, device
         // addresses of buffers sized in `new` for these shapes.
         unsafe {
-            launch("embed", s.launch_builder(&k.embed).arg(&self.state).arg(&self.wte).arg(&self.wpe).arg(&self.h).arg(&d).launch(grid(n_embd, 256)))?;
+            let config = LaunchConfig { grid_dim: (n_embd.div_ceil(GEMV_COLUMNS) as u32, 1, 1), block_dim: (GEMV_COLUMNS as u32, 1, 1), shared_mem_bytes: 0 };
+            launch("embed", s.launch_builder(&k.embed).arg(&self.state).arg(&self.wte).arg(&self.wpe).arg(&self.h).arg(&self.stats).arg(&d).launch(config))?;
         }
-        let null = 0u64;
-        let zero = 0i32;
-        // The residual the next LayerNorm adds: (partial sums, how many, bias).
-        let mut pending: Option<(i32, u64)> = None;
-        let ln_config = LaunchConfig { grid_dim: (1, 1, 1), block_dim: ((n_embd.div_ceil(32) * 32).min(1024) as u32, 1, 1), shared_mem_bytes: 0 };
-        let layernorm = |pending: Option<(i32, u64)>, (gamma, beta): (u64, u64), eps: f32| -> Result<(), String> {
-            let (parts, n_parts, bias) = match pending {
-                Some((n, bias)) => (self.parts, n, bias),
-                None => (null, zero, null),
-            };
-            unsafe {
-                launch(
-                    "layernorm",
-                    s.launch_builder(&k.layernorm)
-                        .arg(&self.h)
-                        .arg(&parts)
-                        .arg(&n_parts)
-                        .arg(&bias)
-                        .arg(&gamma)
-                        .arg(&beta)
-                        .arg(&self.x)
-                        .arg(&d)
-                        .arg(&eps)
-                        .launch(ln_config),
-                )
+        let base = GemvArgs {
+            x: 0,
+            h: self.h,
+            stats: self.stats,
+            gamma: 0,
+            beta: 0,
+            eps: 0.0,
+            bias: 0,
+            parts: self.parts,
+            out: 0,
+            counters: self.counters,
+            k_dim: 0,
+            n_dim: 0,
+            rows_per_split: 0,
+            prologue: PROLOGUE_PLAIN,
+            epilogue: EPILOGUE_STORE,
+            activation: self.activation,
+        };
+        // One product: `input` is x (PROLOGUE_PLAIN) or LayerNorm(h) with (gamma, beta, eps).
+        let gemv = |name: &'static str, (w, bias): (u64, u64), k_dim: usize, n_dim: usize, input: Result<u64, (u64, u64, f32)>, epilogue: i32, out: u64| {
+            let (splits, rows) = gemv_splits(k_dim, n_dim, self.sms);
+            let mut args = GemvArgs { bias, out, k_dim: k_dim as i32, n_dim: n_dim as i32, rows_per_split: rows as i32, epilogue, ..base };
+            match input {
+                Ok(x) => args.x = x,
+                Err((gamma, beta, eps)) => {
+                    args.prologue = PROLOGUE_LAYERNORM;
+                    (args.gamma, args.beta, args.eps) = (gamma, beta, eps);
+                }
             }
+            let config = LaunchConfig {
+                grid_dim: (n_dim.div_ceil(GEMV_COLUMNS) as u32, splits as u32, 1),
+                block_dim: (GEMV_COLUMNS as u32, 1, 1),
+                shared_mem_bytes: (rows * 4) as u32,
+            };
+            unsafe { launch(name, s.launch_builder(&k.gemv).arg(&args).arg(&w).launch(config)) }
         };
-        // x [k_dim] times w [k_dim, n_dim] into `parts`; returns the number of splits.
-        let gemv = |w: u64, k_dim: usize, n_dim: usize| -> Result<i32, String> {
-            let splits = k_dim.div_ceil(GEMV_MIN_ROWS).clamp(1, GEMV_MAX_SPLITS);
-            let rows = (k_dim.div_ceil(splits).div_ceil(8) * 8) as i32;
-            let splits = k_dim.div_ceil(rows as usize);
-            let config = LaunchConfig { grid_dim: (n_dim.div_ceil(GEMV_COLUMNS) as u32, splits as u32, 1), block_dim: (GEMV_COLUMNS as u32, 1, 1), shared_mem_bytes: 0 };
-            let (kd, nd) = (k_dim as i32, n_dim as i32);
-            unsafe { launch("gemv", s.launch_builder(&k.gemv).arg(&self.x).arg(&w).arg(&self.parts).arg(&kd).arg(&nd).arg(&rows).launch(config))? };
-            Ok(splits as i32)
-        };
+        let attention_config = LaunchConfig { grid_dim: (n_head as u32, max_chunks as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
         for layer in &self.layers {
-            layernorm(pending, layer.ln_1, layer.eps.0)?;
-            let n_parts = gemv(layer.c_attn.0, n_embd, 3 * n_embd)?;
-            let config = LaunchConfig { grid_dim: (n_head as u32, max_chunks as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+            let ln_1 = Err((layer.ln_1.0, layer.ln_1.1, layer.eps.0));
+            gemv("attn.c_attn", layer.c_attn, n_embd, 3 * n_embd, ln_1, EPILOGUE_STORE, self.qkv)?;
             unsafe {
                 launch(
-                    "attention_chunk",
-                    s.launch_builder(&k.attention_chunk)
+                    "attention",
+                    s.launch_builder(&k.attention)
                         .arg(&self.state)
-                        .arg(&self.parts)
-                        .arg(&n_parts)
-                        .arg(&layer.c_attn.1)
+                        .arg(&self.qkv)
                         .arg(&layer.k_cache)
                         .arg(&layer.v_cache)
                         .arg(&self.chunk_acc)
                         .arg(&self.chunk_ml)
+                        .arg(&self.counters)
+                        .arg(&self.attn_out)
                         .arg(&d)
                         .arg(&head_dim)
+                        .arg(&n_pos)
                         .arg(&max_chunks)
                         .arg(&layer.scale)
-                        .launch(config),
-                )?;
-                let config = LaunchConfig { grid_dim: (n_head as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-                launch(
-                    "attention_merge",
-                    s.launch_builder(&k.attention_merge)
-                        .arg(&self.state)
-                        .arg(&self.chunk_acc)
-                        .arg(&self.chunk_ml)
-                        .arg(&self.x)
-                        .arg(&head_dim)
-                        .arg(&max_chunks)
-                        .launch(config),
+                        .launch(attention_config),
                 )?;
             }
-            let n_parts = gemv(layer.attn_proj.0, n_embd, n_embd)?;
-            layernorm(Some((n_parts, layer.attn_proj.1)), layer.ln_2, layer.eps.1)?;
-            let n_parts = gemv(layer.c_fc.0, n_embd, inner)?;
-            let n = inner as i32;
-            unsafe {
-                launch(
-                    "bias_activation",
-                    s.launch_builder(&k.bias_activation)
-                        .arg(&self.parts)
-                        .arg(&n_parts)
-                        .arg(&layer.c_fc.1)
-                        .arg(&self.x)
-                        .arg(&n)
-                        .arg(&self.activation)
-                        .launch(grid(inner, 256)),
-                )?;
-            }
-            let n_parts = gemv(layer.mlp_proj.0, inner, n_embd)?;
-            pending = Some((n_parts, layer.mlp_proj.1));
+            gemv("attn.c_proj", layer.attn_proj, n_embd, n_embd, Ok(self.attn_out), EPILOGUE_RESIDUAL, 0)?;
+            let ln_2 = Err((layer.ln_2.0, layer.ln_2.1, layer.eps.1));
+            gemv("mlp.c_fc", layer.c_fc, n_embd, inner, ln_2, EPILOGUE_ACTIVATE, self.fc_out)?;
+            gemv("mlp.c_proj", layer.mlp_proj, inner, n_embd, Ok(self.fc_out), EPILOGUE_RESIDUAL, 0)?;
         }
-        layernorm(pending, (self.ln_f.0, self.ln_f.1), self.ln_f.2)?;
         let v = vocab as i32;
-        // A warp per row, eight rows per block.
-        let rows_config = LaunchConfig { grid_dim: (vocab.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let (gamma, beta, eps) = self.ln_f;
+        let config = LaunchConfig { grid_dim: (self.logits_blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: (n_embd * 4) as u32 };
         unsafe {
-            launch("logits", s.launch_builder(&k.logits).arg(&self.x).arg(&self.lm_head).arg(&self.logits).arg(&v).arg(&d).launch(rows_config))?;
-            let config = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
-            launch("argmax_advance", s.launch_builder(&k.argmax_advance).arg(&self.logits).arg(&v).arg(&self.state).launch(config))?;
+            launch(
+                "ln_f + logits + arg max",
+                s.launch_builder(&k.logits)
+                    .arg(&self.h)
+                    .arg(&self.stats)
+                    .arg(&gamma)
+                    .arg(&beta)
+                    .arg(&eps)
+                    .arg(&self.lm_head)
+                    .arg(&self.logits)
+                    .arg(&self.best)
+                    .arg(&self.counters)
+                    .arg(&self.state)
+                    .arg(&v)
+                    .arg(&d)
+                    .launch(config),
+            )?;
         }
         Ok(())
     }
+}
+
+/// A product's row splits and rows per split: enough blocks for two per SM where the rows
+/// allow, each split a multiple of eight rows (one per warp of the block).
+fn gemv_splits(k_dim: usize, n_dim: usize, sms: usize) -> (usize, usize) {
+    let column_blocks = n_dim.div_ceil(GEMV_COLUMNS).max(1);
+    let splits = (2 * sms).div_ceil(column_blocks).clamp(1, GEMV_MAX_SPLITS).min(k_dim.div_ceil(GEMV_MIN_ROWS).max(1));
+    let rows = k_dim.div_ceil(splits).div_ceil(8) * 8;
+    (k_dim.div_ceil(rows).max(1), rows.max(8))
 }
 
 impl Drop for GraphDecoder {
@@ -600,12 +750,8 @@ impl Kernels {
         Ok(Kernels {
             embed: function(format!("embed_{suffix}"))?,
             gemv: function(format!("gemv_{suffix}"))?,
-            attention_chunk: function(format!("attention_chunk_{suffix}"))?,
+            attention: function(format!("attention_{suffix}"))?,
             logits: function(format!("logits_{suffix}"))?,
-            layernorm: function("layernorm_f32".into())?,
-            bias_activation: function("bias_activation_f32".into())?,
-            attention_merge: function("attention_merge_f32".into())?,
-            argmax_advance: function("argmax_advance".into())?,
             _module: module,
         })
     }

@@ -55,6 +55,11 @@ impl Default for Limits {
     }
 }
 
+#[cfg(feature = "cuda")]
+pub type GraphDecoderSlot = Option<Arc<std::sync::Mutex<crate::graph_decode::GraphDecoder>>>;
+#[cfg(not(feature = "cuda"))]
+pub type GraphDecoderSlot = ();
+
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     pub addr: SocketAddr,
@@ -63,6 +68,10 @@ pub struct ServeOptions {
     /// When set, `/v1/*` wants `Authorization: Bearer <key>`.
     pub api_key: Option<String>,
     pub limits: Limits,
+    /// On the cuda backend, every request decodes through this CUDA-graph decoder
+    /// (`serve --decode graph`): the server answers one request at a time, at batch 1.
+    #[cfg(feature = "cuda")]
+    pub graph_decoder: GraphDecoderSlot,
 }
 
 /// What the model thread sends back for one request.
@@ -94,6 +103,13 @@ fn now() -> u64 {
 /// Serves `assistant` until the process ends. `on_listening` is told the bound address (port
 /// 0 picks a free one) once connections are accepted.
 pub fn serve<B: Backend>(assistant: Assistant<B>, options: ServeOptions, on_listening: impl FnOnce(SocketAddr) + Send + 'static) -> anyhow::Result<()> {
+    #[allow(unused_mut)]
+    let mut options = options;
+    // The decoder stays on the model thread with the model.
+    #[cfg(feature = "cuda")]
+    let graph_decoder = options.graph_decoder.take();
+    #[cfg(not(feature = "cuda"))]
+    let graph_decoder = ();
     let (jobs, queue) = std::sync::mpsc::sync_channel::<Job>(options.limits.max_queue);
     let shared = Arc::new(Shared { options: options.clone(), jobs, created: now() });
     let http = std::thread::Builder::new().name("http".into()).spawn(move || -> anyhow::Result<()> {
@@ -107,7 +123,7 @@ pub fn serve<B: Backend>(assistant: Assistant<B>, options: ServeOptions, on_list
     })?;
     // The model stays on this thread: backends need not move tensors across threads.
     for job in queue {
-        answer(&assistant, job);
+        answer(&assistant, job, &graph_decoder);
     }
     http.join().map_err(|_| anyhow::anyhow!("the HTTP thread panicked"))?
 }
@@ -259,7 +275,7 @@ fn usage(prompt_tokens: usize, completion_tokens: usize) -> serde_json::Value {
 }
 
 /// Runs one request on the model thread, replying as text is released.
-fn answer<B: Backend>(assistant: &Assistant<B>, job: Job) {
+fn answer<B: Backend>(assistant: &Assistant<B>, job: Job, graph_decoder: &GraphDecoderSlot) {
     let Job { ask, image, replies } = job;
     if replies.is_closed() {
         return;
@@ -274,7 +290,14 @@ fn answer<B: Backend>(assistant: &Assistant<B>, job: Job) {
         Err(e) => return refuse(ApiError::bad("invalid_prompt", e.to_string())),
     };
     let cancel = Arc::new(AtomicBool::new(false));
-    let config = crate::infer::GenerationConfig { cancel: Some(cancel.clone()), ..ask.config };
+    let config = crate::infer::GenerationConfig {
+        cancel: Some(cancel.clone()),
+        #[cfg(feature = "cuda")]
+        graph_decoder: graph_decoder.clone(),
+        ..ask.config
+    };
+    #[cfg(not(feature = "cuda"))]
+    let _ = graph_decoder;
     let mut stream = TextStream::new(&assistant.tokenizer, &config.stop_strings);
     let mut stream_error = None;
     let result = assistant.answer(std::slice::from_ref(&prompt), &config, &mut |_, token| match stream.push(token) {
