@@ -3,13 +3,14 @@
 // The step reads its token and position from `state` in device memory, so one captured graph
 // serves every step: state[0] token, state[1] position, state[2] the step's arg max.
 //
-// A layer is five kernels: c_attn, attention, attn.c_proj, c_fc, mlp.c_proj. A product is a
-// GEMV over the weight stored transposed ([out, in], as nn.Linear keeps it), a warp per output:
-// each block first puts the input in shared memory (normalising it when a LayerNorm comes
-// before the product) while its warps' first weight loads are already on their way, and each
-// warp finishes its output itself: bias, then the activation (c_fc) or the residual (the
-// projections). So no kernel exists only to normalise, activate or add, and a step is
-// 5 x layers + 2 launches.
+// A layer is five kernels: c_attn, attention, attn.c_proj, c_fc, mlp.c_proj. Each product is a
+// split-K GEMV whose blocks write partial sums; the last block to finish a column block (a
+// counter in device memory says which) adds them up with the bias and applies what follows
+// the product: nothing (q, k, v), the activation (c_fc), or the residual (the projections),
+// which also leaves the LayerNorm statistics of its columns for the next product, whose
+// blocks normalise their rows of the input themselves. So no kernel exists only to add up,
+// normalise or activate, and a step is 5 x layers + 2 launches.
+
 typedef unsigned short bf16;
 #define NEG_INF __int_as_float(0xff800000)
 
@@ -83,32 +84,45 @@ __device__ bool last_to_arrive(int* counter, int expected) {
     return last;
 }
 
-// h = wte[token] + wpe[position].
-template <typename T>
-__device__ void embed(const int* state, const T* wte, const T* wpe, float* h, int d_model) {
-    int d = blockIdx.x * blockDim.x + threadIdx.x;
-    if (d >= d_model) return;
-    size_t token = (size_t)state[0], position = (size_t)state[1];
-    h[d] = to_f32(wte[token * d_model + d]) + to_f32(wpe[position * d_model + d]);
+// LayerNorm statistics of the residual stream come in slots of STAT_COLUMNS columns: each
+// slot's mean and sum of squared deviations, combined here in slot order (Chan et al.).
+#define STAT_COLUMNS 256
+__device__ void combined_stats(const float* stats, int d_model, float eps, float* mean_out, float* rstd_out) {
+    float n = 0.f, mean = 0.f, m2 = 0.f;
+    for (int s = 0; s * STAT_COLUMNS < d_model; s++) {
+        float nb = (float)min(STAT_COLUMNS, d_model - s * STAT_COLUMNS);
+        float mb = stats[2 * s], m2b = stats[2 * s + 1];
+        float total = n + nb, delta = mb - mean;
+        mean += delta * nb / total;
+        m2 += m2b + delta * delta * n * nb / total;
+        n = total;
+    }
+    *mean_out = mean;
+    *rstd_out = rsqrtf(m2 / n + eps);
 }
 
-// xs = LayerNorm(h) over k_dim values (two passes over xs, as torch computes the variance).
-// Every thread of the block takes part.
-__device__ void layernorm_into(float* xs, const float* h, const float* gamma, const float* beta, float eps, int k_dim, float* scratch) {
-    float sum = 0.f;
-    for (int k = threadIdx.x; k < k_dim; k += blockDim.x) {
-        float v = h[k];
-        xs[k] = v;
-        sum += v;
+// This block's `count` (<= blockDim.x) values, one per thread (threads past `count` give
+// nothing): their mean and sum of squared deviations into stats[slot].
+__device__ void slot_stats(float v, int count, float* stats, int slot, float* scratch) {
+    bool valid = threadIdx.x < count;
+    float mean = block_sum(valid ? v : 0.f, scratch) / count;
+    float c = valid ? v - mean : 0.f;
+    float m2 = block_sum(c * c, scratch);
+    if (threadIdx.x == 0) { stats[2 * slot] = mean; stats[2 * slot + 1] = m2; }
+}
+
+// h = wte[token] + wpe[position], and h's statistics. Blocks of STAT_COLUMNS threads.
+template <typename T>
+__device__ void embed(const int* state, const T* wte, const T* wpe, float* h, float* stats, int d_model) {
+    __shared__ float scratch[32];
+    int d = blockIdx.x * blockDim.x + threadIdx.x;
+    size_t token = (size_t)state[0], position = (size_t)state[1];
+    float v = 0.f;
+    if (d < d_model) {
+        v = to_f32(wte[token * d_model + d]) + to_f32(wpe[position * d_model + d]);
+        h[d] = v;
     }
-    float mean = block_sum(sum, scratch) / k_dim;
-    float sq = 0.f;
-    for (int k = threadIdx.x; k < k_dim; k += blockDim.x) {
-        float c = xs[k] - mean;
-        sq += c * c;
-    }
-    float rstd = rsqrtf(block_sum(sq, scratch) / k_dim + eps);
-    for (int k = threadIdx.x; k < k_dim; k += blockDim.x) xs[k] = (xs[k] - mean) * rstd * gamma[k] + beta[k];
+    slot_stats(v, min((int)blockDim.x, d_model - (int)(blockIdx.x * blockDim.x)), stats, blockIdx.x, scratch);
 }
 
 __device__ float activate(float v, int activation) {
@@ -124,151 +138,129 @@ __device__ float activate(float v, int activation) {
     }
 }
 
-// A warp's dot product of a weight row with xs (shared). A step is 256 values (a 16-byte load
-// of eight bf16 per lane); PREFETCH steps are loaded at once, the first before the block's
-// prologue, so that memory always has many reads outstanding. Rows of a length that is a
-// multiple of 8 only (16-byte aligned); `row_dot_scalar` takes the others.
-#define PREFETCH 8
-template <typename T>
-__device__ __forceinline__ void prefetch_row(const T* wr, int k_dim, int lane, float pre[PREFETCH][8]) {
-#pragma unroll
-    for (int u = 0; u < PREFETCH; u++) {
-        int k = u * 256 + lane * 8;
-        if (k < k_dim) load8(wr, k, pre[u]);
-    }
-}
-
-template <typename T>
-__device__ __forceinline__ float row_dot(const T* wr, const float* xs, int k_dim, int lane, float pre[PREFETCH][8]) {
-    float s = 0.f;
-#pragma unroll
-    for (int u = 0; u < PREFETCH; u++) {
-        int k = u * 256 + lane * 8;
-        if (k < k_dim) {
-#pragma unroll
-            for (int j = 0; j < 8; j++) s += pre[u][j] * xs[k + j];
-        }
-    }
-    for (int k0 = PREFETCH * 256; k0 < k_dim; k0 += PREFETCH * 256) {
-        float wv[PREFETCH][8];
-#pragma unroll
-        for (int u = 0; u < PREFETCH; u++) {
-            int k = k0 + u * 256 + lane * 8;
-            if (k < k_dim) load8(wr, k, wv[u]);
-        }
-#pragma unroll
-        for (int u = 0; u < PREFETCH; u++) {
-            int k = k0 + u * 256 + lane * 8;
-            if (k < k_dim) {
-#pragma unroll
-                for (int j = 0; j < 8; j++) s += wv[u][j] * xs[k + j];
-            }
-        }
-    }
-    return warp_sum(s);
-}
-
-template <typename T>
-__device__ float row_dot_scalar(const T* wr, const float* xs, int k_dim, int lane) {
-    float s = 0.f;
-    for (int k = lane; k < k_dim; k += 32) s += to_f32(wr[k]) * xs[k];
-    return warp_sum(s);
-}
-
 // What a GEMV does before and after its product.
 #define PROLOGUE_PLAIN 0      // the input is `x`
-#define PROLOGUE_LAYERNORM 1  // the input is LayerNorm(h)
-#define EPILOGUE_STORE 0      // out = w x + bias
-#define EPILOGUE_ACTIVATE 1   // out = activation(w x + bias)
-#define EPILOGUE_RESIDUAL 2   // h += w x + bias
+#define PROLOGUE_LAYERNORM 1  // the input is LayerNorm(h) with h's slot statistics
+#define EPILOGUE_STORE 0      // out = sum + bias
+#define EPILOGUE_ACTIVATE 1   // out = activation(sum + bias)
+#define EPILOGUE_RESIDUAL 2   // h += sum + bias, then h's slot statistics
 
 struct GemvArgs {
     const float* x;
     float* h;
+    float* stats;
     const float* gamma;
     const float* beta;
     float eps;
     const float* bias;
+    float* parts;
     float* out;
-    int k_dim, n_dim, prologue, epilogue, activation;
+    int* counters;
+    int k_dim, n_dim, rows_per_split, prologue, epilogue, activation;
 };
 
-// out[n] = w[n, :] . input + bias[n], w row-major [n_dim, k_dim]: a warp per n, the input in
-// shared memory (`xs`, dynamic, k_dim floats).
+// out[n] from x[k] * w[k, n], w row-major [k_dim, n_dim] (Conv1D's layout). A block: 32
+// column groups of 8 columns (one 16-byte load of bf16 each, a warp reading 512 contiguous
+// bytes of a row) times 8 row lanes (the warps), over the rows of split `blockIdx.y`; the
+// block's input rows are first put in shared memory (`xs`, dynamic), normalised if asked.
 #define GEMV_THREADS 256
+#define GEMV_UNROLL 8
 template <typename T>
 __device__ void gemv(const GemvArgs& a, const T* w) {
     extern __shared__ float xs[];
+    __shared__ float sums[8][GEMV_THREADS + 1];
     __shared__ float scratch[32];
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    int n = blockIdx.x * (GEMV_THREADS / 32) + warp;
-    bool active = n < a.n_dim, vec = a.k_dim % 8 == 0;
-    const T* wr = w + (size_t)(active ? n : 0) * a.k_dim;
-    float pre[PREFETCH][8];
-    if (active && vec) prefetch_row(wr, a.k_dim, lane, pre);
+    int group = threadIdx.x & 31, lane = threadIdx.x >> 5;
+    int k0 = blockIdx.y * a.rows_per_split;
+    int k1 = min(k0 + a.rows_per_split, a.k_dim);
     if (a.prologue == PROLOGUE_LAYERNORM) {
-        layernorm_into(xs, a.h, a.gamma, a.beta, a.eps, a.k_dim, scratch);
+        float mean, rstd;
+        combined_stats(a.stats, a.k_dim, a.eps, &mean, &rstd);
+        for (int k = k0 + threadIdx.x; k < k1; k += blockDim.x) xs[k - k0] = (a.h[k] - mean) * rstd * a.gamma[k] + a.beta[k];
     } else {
-        for (int k = threadIdx.x; k < a.k_dim; k += blockDim.x) xs[k] = a.x[k];
+        for (int k = k0 + threadIdx.x; k < k1; k += blockDim.x) xs[k - k0] = a.x[k];
     }
     __syncthreads();
-    if (!active) return;
-    float s = vec ? row_dot(wr, xs, a.k_dim, lane, pre) : row_dot_scalar(wr, xs, a.k_dim, lane);
-    if (lane == 0) {
-        float v = s + a.bias[n];
-        if (a.epilogue == EPILOGUE_STORE) a.out[n] = v;
-        else if (a.epilogue == EPILOGUE_ACTIVATE) a.out[n] = activate(v, a.activation);
-        else a.h[n] += v;
-    }
-}
 
-// Four consecutive values of a key or value row from `d` on (zeros past head_dim).
-__device__ __forceinline__ void load4(const bf16* row, int d, int head_dim, bool vec, float out[4]) {
+    int n_dim = a.n_dim;
+    int col0 = (blockIdx.x * 32 + group) * 8;
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    bool vec = (n_dim % 8 == 0) && col0 + 8 <= n_dim;
     if (vec) {
-        uint2 u = *reinterpret_cast<const uint2*>(row + d);
-        out[0] = __uint_as_float(u.x << 16);
-        out[1] = __uint_as_float(u.x & 0xffff0000u);
-        out[2] = __uint_as_float(u.y << 16);
-        out[3] = __uint_as_float(u.y & 0xffff0000u);
-    } else {
+        int k = k0 + lane;
+        // GEMV_UNROLL rows' loads in flight before their products: the weights are the
+        // step's whole cost, and memory only keeps up with many reads outstanding.
+        for (; k + 8 * (GEMV_UNROLL - 1) < k1; k += 8 * GEMV_UNROLL) {
+            float wv[GEMV_UNROLL][8];
 #pragma unroll
-        for (int e = 0; e < 4; e++) out[e] = d + e < head_dim ? to_f32(row[d + e]) : 0.f;
+            for (int u = 0; u < GEMV_UNROLL; u++) load8(w, (size_t)(k + 8 * u) * n_dim + col0, wv[u]);
+#pragma unroll
+            for (int u = 0; u < GEMV_UNROLL; u++) {
+                float xv = xs[k + 8 * u - k0];
+#pragma unroll
+                for (int j = 0; j < 8; j++) acc[j] += xv * wv[u][j];
+            }
+        }
+        for (; k < k1; k += 8) {
+            float xv = xs[k - k0], wv[8];
+            load8(w, (size_t)k * n_dim + col0, wv);
+#pragma unroll
+            for (int j = 0; j < 8; j++) acc[j] += xv * wv[j];
+        }
+    } else if (col0 < n_dim) {
+        for (int k = k0 + lane; k < k1; k += 8) {
+            float xv = xs[k - k0];
+            for (int j = 0; j < 8 && col0 + j < n_dim; j++) acc[j] += xv * to_f32(w[(size_t)k * n_dim + col0 + j]);
+        }
     }
-}
-__device__ __forceinline__ void load4(const float* row, int d, int head_dim, bool vec, float out[4]) {
-    if (vec) {
-        float4 f = *reinterpret_cast<const float4*>(row + d);
-        out[0] = f.x; out[1] = f.y; out[2] = f.z; out[3] = f.w;
-    } else {
 #pragma unroll
-        for (int e = 0; e < 4; e++) out[e] = d + e < head_dim ? row[d + e] : 0.f;
+    for (int j = 0; j < 8; j++) sums[lane][group * 8 + j] = acc[j];
+    __syncthreads();
+    int col = blockIdx.x * GEMV_THREADS + threadIdx.x;
+    float s = 0.f;
+#pragma unroll
+    for (int l = 0; l < 8; l++) s += sums[l][threadIdx.x];
+    if (col < n_dim) a.parts[(size_t)blockIdx.y * n_dim + col] = s;
+
+    if (!last_to_arrive(&a.counters[blockIdx.x], gridDim.y)) return;
+    float v = 0.f;
+    if (col < n_dim) {
+        v = a.bias[col];
+        for (int split = 0; split < (int)gridDim.y; split++) v += __ldcg(&a.parts[(size_t)split * n_dim + col]);
+        if (a.epilogue == EPILOGUE_STORE) {
+            a.out[col] = v;
+        } else if (a.epilogue == EPILOGUE_ACTIVATE) {
+            a.out[col] = activate(v, a.activation);
+        } else {
+            v += a.h[col];
+            a.h[col] = v;
+        }
+    }
+    if (a.epilogue == EPILOGUE_RESIDUAL) {
+        slot_stats(v, min(GEMV_THREADS, n_dim - (int)(blockIdx.x * GEMV_THREADS)), a.stats, blockIdx.x, scratch);
     }
 }
 
 // Attention of the step's query against keys 0..=position. The cache is [head, position,
-// head_dim], each head's rows contiguous. One block per (head, chunk of ATTN_CHUNK keys): the
-// block whose chunk holds the position first writes this token's key and value (rounded as
-// the cache stores them); then each warp loads its KEYS_PER_WARP keys and values at once, a
-// lane holding four values of a row per 128 (G groups of 128: heads up to G x 128 wide), and
-// takes their softmax; the block combines its warps into the chunk's maximum, sum and
-// weighted values. The last chunk of a head to finish merges the chunks into
-// out[head * head_dim ..].
-#define ATTN_CHUNK 32
+// head_dim], each head's rows contiguous. One block per (head, chunk of ATTN_CHUNK keys): two
+// threads per key take its scores (the block whose chunk holds the position first writes
+// this token's key and value, rounded as the cache stores them), then the softmax over the
+// chunk, then each thread a column of the values. The last chunk of a head to finish merges
+// the chunks into out[head * head_dim ..].
+#define ATTN_CHUNK 64
 #define ATTN_THREADS 128
-#define KEYS_PER_WARP (ATTN_CHUNK / (ATTN_THREADS / 32))
 #define MAX_HEAD_DIM 256
-template <typename T, int G>
+template <typename T>
 __device__ void attention(const int* state, const float* qkv, T* k_cache, T* v_cache, float* chunk_acc, float* chunk_ml,
                           int* counters, float* out, int d_model, int head_dim, int n_positions, int max_chunks, float scale) {
-    extern __shared__ float chunk_weight[];
     __shared__ float q[MAX_HEAD_DIM];
-    __shared__ float warp_m[4], warp_l[4], warp_acc[4][MAX_HEAD_DIM];
-    __shared__ float scratch[32];
+    __shared__ float p[ATTN_CHUNK];
+    __shared__ float chunk_max, chunk_sum;
     int position = state[1], head = blockIdx.x, chunk = blockIdx.y;
     int chunks = position / ATTN_CHUNK + 1;
     if (chunk >= chunks) return;
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    int j0 = chunk * ATTN_CHUNK, j_end = min(j0 + ATTN_CHUNK, position + 1);
+    int j0 = chunk * ATTN_CHUNK;
+    int n = min(ATTN_CHUNK, position + 1 - j0);
     size_t base = (size_t)head * n_positions * head_dim;
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
         int c = head * head_dim + d;
@@ -282,130 +274,101 @@ __device__ void attention(const int* state, const float* qkv, T* k_cache, T* v_c
     // Also makes the new key and value visible to the block.
     __syncthreads();
 
-    bool vec = head_dim % 4 == 0;
-    float kv[KEYS_PER_WARP][G][4], vv[KEYS_PER_WARP][G][4];
-    int jw = j0 + warp * KEYS_PER_WARP;
+    int j = threadIdx.x >> 1, half = threadIdx.x & 1;
+    float s = 0.f;
+    if (j < n) {
+        const T* kj = k_cache + base + (size_t)(j0 + j) * head_dim;
+        int width = (head_dim + 1) / 2, d0 = half * width, d1 = min(head_dim, d0 + width);
+        if (head_dim % 16 == 0) {
+#pragma unroll 8
+            for (int d = d0; d < d1; d += 8) {
+                float kv[8];
+                load8(kj, d, kv);
 #pragma unroll
-    for (int i = 0; i < KEYS_PER_WARP; i++) {
-#pragma unroll
-        for (int g = 0; g < G; g++) {
-            int d = g * 128 + lane * 4;
-            if (jw + i < j_end && d < head_dim) {
-                load4(k_cache + base + (size_t)(jw + i) * head_dim, d, head_dim, vec, kv[i][g]);
-                load4(v_cache + base + (size_t)(jw + i) * head_dim, d, head_dim, vec, vv[i][g]);
-            } else {
-#pragma unroll
-                for (int e = 0; e < 4; e++) kv[i][g][e] = vv[i][g][e] = 0.f;
+                for (int i = 0; i < 8; i++) s += q[d + i] * kv[i];
             }
+        } else {
+#pragma unroll 8
+            for (int d = d0; d < d1; d++) s += q[d] * to_f32(kj[d]);
         }
     }
-    float qv[G][4];
-#pragma unroll
-    for (int g = 0; g < G; g++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-            int d = g * 128 + lane * 4 + e;
-            qv[g][e] = d < head_dim ? q[d] : 0.f;
-        }
-    float s[KEYS_PER_WARP], m = NEG_INF;
-#pragma unroll
-    for (int i = 0; i < KEYS_PER_WARP; i++) {
-        float dot = 0.f;
-#pragma unroll
-        for (int g = 0; g < G; g++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) dot += qv[g][e] * kv[i][g][e];
-        s[i] = warp_sum(dot) * scale;
-        if (jw + i < j_end) m = fmaxf(m, s[i]);
-    }
-    float l = 0.f, acc[G][4] = {};
-#pragma unroll
-    for (int i = 0; i < KEYS_PER_WARP; i++) {
-        float p = jw + i < j_end ? expf(s[i] - m) : 0.f;
-        l += p;
-#pragma unroll
-        for (int g = 0; g < G; g++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) acc[g][e] += p * vv[i][g][e];
-    }
-    if (lane == 0) { warp_m[warp] = m; warp_l[warp] = l; }
-#pragma unroll
-    for (int g = 0; g < G; g++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-            int d = g * 128 + lane * 4 + e;
-            if (d < head_dim) warp_acc[warp][d] = acc[g][e];
-        }
+    s += __shfl_xor_sync(0xffffffffu, s, 1);
+    if (half == 0 && j < n) p[j] = s * scale;
     __syncthreads();
-    float big = NEG_INF;
-    for (int w = 0; w < 4; w++) if (warp_l[w] > 0.f) big = fmaxf(big, warp_m[w]);
-    float weight[4], total = 0.f;
-    for (int w = 0; w < 4; w++) {
-        weight[w] = warp_l[w] > 0.f ? expf(warp_m[w] - big) : 0.f;
-        total += warp_l[w] * weight[w];
+    if (threadIdx.x < 32) {
+        float m = NEG_INF;
+        for (int i = threadIdx.x; i < n; i += 32) m = fmaxf(m, p[i]);
+        m = warp_max(m);
+        float l = 0.f;
+        for (int i = threadIdx.x; i < n; i += 32) {
+            float e = expf(p[i] - m);
+            p[i] = e;
+            l += e;
+        }
+        l = warp_sum(l);
+        if (threadIdx.x == 0) { chunk_max = m; chunk_sum = l; }
     }
+    __syncthreads();
     size_t slot = (size_t)head * max_chunks + chunk;
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-        float a = 0.f;
-        for (int w = 0; w < 4; w++) a += warp_acc[w][d] * weight[w];
-        chunk_acc[slot * head_dim + d] = a;
-    }
-    if (threadIdx.x == 0) { chunk_ml[slot * 2] = big; chunk_ml[slot * 2 + 1] = total; }
-
-    if (!last_to_arrive(&counters[head], chunks)) return;
-    const float* ml = chunk_ml + (size_t)head * max_chunks * 2;
-    float local = NEG_INF;
-    for (int c = threadIdx.x; c < chunks; c += blockDim.x) local = fmaxf(local, __ldcg(&ml[2 * c]));
-    local = warp_max(local);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = local;
-    __syncthreads();
-    big = fmaxf(fmaxf(scratch[0], scratch[1]), fmaxf(scratch[2], scratch[3]));
-    float part = 0.f;
-    for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
-        float wc = expf(__ldcg(&ml[2 * c]) - big);
-        chunk_weight[c] = wc;
-        part += __ldcg(&ml[2 * c + 1]) * wc;
-    }
-    total = block_sum(part, scratch);
-    const float* acc_head = chunk_acc + (size_t)head * max_chunks * head_dim;
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        const T* vd = v_cache + base + (size_t)j0 * head_dim + d;
         float a = 0.f;
 #pragma unroll 8
-        for (int c = 0; c < chunks; c++) a += __ldcg(&acc_head[(size_t)c * head_dim + d]) * chunk_weight[c];
+        for (int i = 0; i < n; i++) a += p[i] * to_f32(vd[(size_t)i * head_dim]);
+        chunk_acc[slot * head_dim + d] = a;
+    }
+    if (threadIdx.x == 0) { chunk_ml[slot * 2] = chunk_max; chunk_ml[slot * 2 + 1] = chunk_sum; }
+
+    if (!last_to_arrive(&counters[head], chunks)) return;
+    float big = NEG_INF;
+    for (int c = 0; c < chunks; c++) big = fmaxf(big, __ldcg(&chunk_ml[((size_t)head * max_chunks + c) * 2]));
+    float total = 0.f;
+    for (int c = 0; c < chunks; c++) {
+        size_t sl = (size_t)head * max_chunks + c;
+        total += __ldcg(&chunk_ml[sl * 2 + 1]) * expf(__ldcg(&chunk_ml[sl * 2]) - big);
+    }
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float a = 0.f;
+        for (int c = 0; c < chunks; c++) {
+            size_t sl = (size_t)head * max_chunks + c;
+            a += __ldcg(&chunk_acc[sl * head_dim + d]) * expf(__ldcg(&chunk_ml[sl * 2]) - big);
+        }
         out[head * head_dim + d] = a / total;
     }
 }
 
 // logits[row] = w[row, :] . LayerNorm_f(h), w row-major [rows, d_model] (the tied wte or
-// lm_head): a warp per row, the grid's warps striding over the rows. Each block keeps its
+// lm_head); a warp per row, the block's warps striding over the rows. Each block keeps its
 // rows' first arg max; the last block picks the step's (NaN never wins), makes it the next
 // token and moves the position on.
 template <typename T>
-__device__ void logits_argmax(const float* h, const float* gamma, const float* beta, float eps, const T* w, float* logits,
-                              float* best, int* counters, int* state, int rows, int d_model) {
+__device__ void logits_argmax(const float* h, const float* stats, const float* gamma, const float* beta, float eps, const T* w,
+                              float* logits, float* best, int* counters, int* state, int rows, int d_model) {
     extern __shared__ float xs[];
-    __shared__ float warp_v[32], scratch[32];
+    __shared__ float warp_v[32];
     __shared__ int warp_i[32];
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    bool vec = d_model % 8 == 0;
-    int row = blockIdx.x * warps + warp;
-    float pre[PREFETCH][8];
-    if (row < rows && vec) prefetch_row(w + (size_t)row * d_model, d_model, lane, pre);
-    layernorm_into(xs, h, gamma, beta, eps, d_model, scratch);
+    float mean, rstd;
+    combined_stats(stats, d_model, eps, &mean, &rstd);
+    for (int k = threadIdx.x; k < d_model; k += blockDim.x) xs[k] = (h[k] - mean) * rstd * gamma[k] + beta[k];
     __syncthreads();
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     float bv = NEG_INF;
     int bi = 0x7fffffff;
-    // The warp's first row was loaded before the LayerNorm.
-    for (bool loaded = true; row < rows; row += gridDim.x * warps, loaded = false) {
+    for (int row = blockIdx.x * warps + warp; row < rows; row += gridDim.x * warps) {
         const T* wr = w + (size_t)row * d_model;
-        float s;
-        if (vec) {
-            if (!loaded) prefetch_row(wr, d_model, lane, pre);
-            s = row_dot(wr, xs, d_model, lane, pre);
+        float s = 0.f;
+        if (d_model % 8 == 0) {
+#pragma unroll 8
+            for (int k = lane * 8; k < d_model; k += 256) {
+                float wv[8];
+                load8(wr, k, wv);
+#pragma unroll
+                for (int j = 0; j < 8; j++) s += wv[j] * xs[k + j];
+            }
         } else {
-            s = row_dot_scalar(wr, xs, d_model, lane);
+            for (int k = lane; k < d_model; k += 32) s += to_f32(wr[k]) * xs[k];
         }
+        s = warp_sum(s);
         if (lane == 0) logits[row] = s;
         // Rows come in increasing order: only a larger value replaces (first max).
         if (s > bv || (bi == 0x7fffffff && s == bv)) { bv = s; bi = row; }
@@ -436,8 +399,9 @@ __device__ void logits_argmax(const float* h, const float* gamma, const float* b
 }
 
 #define INSTANCES(SUFFIX, T)                                                                                          \
-    extern "C" __global__ void __launch_bounds__(256) embed_##SUFFIX(const int* state, const T* wte, const T* wpe, float* h, int d_model) { \
-        embed<T>(state, wte, wpe, h, d_model);                                                                        \
+    extern "C" __global__ void __launch_bounds__(STAT_COLUMNS) embed_##SUFFIX(const int* state, const T* wte, const T* wpe, float* h, \
+            float* stats, int d_model) {                                                                              \
+        embed<T>(state, wte, wpe, h, stats, d_model);                                                                 \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##SUFFIX(GemvArgs a, const T* w) {               \
         gemv<T>(a, w);                                                                                                \
@@ -445,16 +409,11 @@ __device__ void logits_argmax(const float* h, const float* gamma, const float* b
     extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attention_##SUFFIX(const int* state, const float* qkv, T* k_cache, \
             T* v_cache, float* chunk_acc, float* chunk_ml, int* counters, float* out, int d_model, int head_dim, int n_positions, \
             int max_chunks, float scale) {                                                                            \
-        attention<T, 1>(state, qkv, k_cache, v_cache, chunk_acc, chunk_ml, counters, out, d_model, head_dim, n_positions, max_chunks, scale); \
+        attention<T>(state, qkv, k_cache, v_cache, chunk_acc, chunk_ml, counters, out, d_model, head_dim, n_positions, max_chunks, scale); \
     }                                                                                                                 \
-    extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attention_wide_##SUFFIX(const int* state, const float* qkv, T* k_cache, \
-            T* v_cache, float* chunk_acc, float* chunk_ml, int* counters, float* out, int d_model, int head_dim, int n_positions, \
-            int max_chunks, float scale) {                                                                            \
-        attention<T, 2>(state, qkv, k_cache, v_cache, chunk_acc, chunk_ml, counters, out, d_model, head_dim, n_positions, max_chunks, scale); \
-    }                                                                                                                 \
-    extern "C" __global__ void __launch_bounds__(256) logits_##SUFFIX(const float* h, const float* gamma, const float* beta, float eps, \
-            const T* w, float* logits, float* best, int* counters, int* state, int rows, int d_model) {              \
-        logits_argmax<T>(h, gamma, beta, eps, w, logits, best, counters, state, rows, d_model);                      \
+    extern "C" __global__ void __launch_bounds__(256) logits_##SUFFIX(const float* h, const float* stats, const float* gamma, \
+            const float* beta, float eps, const T* w, float* logits, float* best, int* counters, int* state, int rows, int d_model) { \
+        logits_argmax<T>(h, stats, gamma, beta, eps, w, logits, best, counters, state, rows, d_model);               \
     }
 
 INSTANCES(bf16, bf16)

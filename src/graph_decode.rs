@@ -27,13 +27,17 @@ use crate::model::gpt2::{Gpt2Model, KvCache, LmHead};
 use crate::model::nn::{Activation, Conv1D, LayerNorm};
 
 const SOURCE: &str = include_str!("graph_decode.cu");
-/// Constants of the source: keys per attention block, the widest head (heads over 128 wide
-/// take the `attention_wide` kernel), threads of a GEMV block (a warp per output).
-const ATTN_CHUNK: usize = 32;
+/// Constants of the source: keys per attention block, the widest head, GEMV's columns per
+/// block (also the residual stream's columns per statistics slot).
+const ATTN_CHUNK: usize = 64;
 const MAX_HEAD_DIM: usize = 256;
-const GEMV_THREADS: usize = 256;
-/// Shared memory a block may take without asking (the dynamic part leaves room for the static).
-const DEFAULT_DYNAMIC_SHARED: usize = 46 * 1024;
+const GEMV_COLUMNS: usize = 256;
+/// A GEMV's row splits: enough blocks for two per SM, each split at least `GEMV_MIN_ROWS`
+/// rows, at most `GEMV_MAX_SPLITS` partial sums for the last block to add up.
+const GEMV_MAX_SPLITS: usize = 32;
+const GEMV_MIN_ROWS: usize = 64;
+/// Dynamic shared memory a block may use for its input rows (48 KiB less the static arrays).
+const MAX_DYNAMIC_SHARED: usize = 38 * 1024;
 
 /// The GEMV kernel's parameters (`GemvArgs` in the source, same order and layout).
 #[repr(C)]
@@ -41,13 +45,17 @@ const DEFAULT_DYNAMIC_SHARED: usize = 46 * 1024;
 struct GemvArgs {
     x: u64,
     h: u64,
+    stats: u64,
     gamma: u64,
     beta: u64,
     eps: f32,
     bias: u64,
+    parts: u64,
     out: u64,
+    counters: u64,
     k_dim: i32,
     n_dim: i32,
+    rows_per_split: i32,
     prologue: i32,
     epilogue: i32,
     activation: i32,
@@ -154,18 +162,21 @@ pub struct GraphDecoder {
     layers: Vec<Layer>,
     /// `[token, position, arg max, unused]`.
     state: u64,
-    /// The residual stream.
+    /// The residual stream and its LayerNorm statistics (per `GEMV_COLUMNS` columns).
     h: u64,
+    stats: u64,
     qkv: u64,
     attn_out: u64,
     fc_out: u64,
+    parts: u64,
     chunk_acc: u64,
     chunk_ml: u64,
-    /// Which blocks have finished, per head (reset by the last).
+    /// Which blocks have finished, per column block or head (reset by the last).
     counters: u64,
     /// Each logits block's best (value, index).
     best: u64,
     logits_blocks: usize,
+    sms: usize,
     logits: u64,
     kernels: Kernels,
     graph: Option<CudaGraph>,
@@ -281,9 +292,8 @@ impl Uploader<'_> {
         Ok((self.values(ln.weight.val(), false, name)?, self.values(ln.bias.val(), false, name)?))
     }
 
-    /// A Conv1D's weight transposed to `[out, in]` (a warp reads an output's row), and its bias.
     fn conv<B: Backend>(&mut self, c: &Conv1D<B>, name: &str) -> Result<(u64, u64), String> {
-        Ok((self.values(merged_weight(c).transpose(), true, name)?, self.values(c.bias.val(), false, name)?))
+        Ok((self.values(merged_weight(c), true, name)?, self.values(c.bias.val(), false, name)?))
     }
 }
 
@@ -332,7 +342,7 @@ impl GraphDecoder {
         let context = CudaContext::new(device_index).map_err(|e| format!("CUDA device {device_index}: {e}"))?;
         context.bind_to_thread().map_err(|e| format!("CUDA device {device_index}: {e}"))?;
         let stream = context.new_stream().map_err(|e| format!("a stream on CUDA device {device_index}: {e}"))?;
-        let kernels = Kernels::load(&context, bf16, head_dim > 128)?;
+        let kernels = Kernels::load(&context, bf16)?;
         let mut memory = Memory { context: context.clone(), blocks: vec![] };
 
         let elem = if bf16 { 2 } else { 4 };
@@ -372,36 +382,32 @@ impl GraphDecoder {
             let (g, b) = up.layernorm(&transformer.ln_f, "transformer.ln_f")?;
             (g, b, transformer.ln_f.eps as f32)
         };
+        let widest = (3 * n_embd).max(inner);
         let max_chunks = n_positions.div_ceil(ATTN_CHUNK);
         drop(up);
-        let attribute = |a| context.attribute(a).map_err(|e| format!("CUDA device {device_index}: {e}"));
-        let sms = attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
-        let shared_max = attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize;
-        // Each kernel's input in shared memory: a product's input row, the logits' hidden
-        // state, the attention's weight per chunk.
-        for (function, bytes, what) in [
-            (&kernels.gemv, n_embd.max(inner) * 4, format!("an input of {}", n_embd.max(inner))),
-            (&kernels.logits, n_embd * 4, format!("a width of {n_embd}")),
-            (&kernels.attention, max_chunks * 4, format!("{n_positions} positions")),
-        ] {
-            if bytes > shared_max.saturating_sub(2048) {
-                return Err(format!("graph decoding: {what} needs {bytes} bytes of shared memory per block, the GPU has {shared_max}"));
+        let sms = context
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| format!("CUDA device {device_index}: {e}"))? as usize;
+        for (k_dim, n_dim) in [(n_embd, 3 * n_embd), (n_embd, n_embd), (n_embd, inner), (inner, n_embd)] {
+            let (_, rows) = gemv_splits(k_dim, n_dim, sms);
+            if rows * 4 > MAX_DYNAMIC_SHARED {
+                return Err(format!("graph decoding: a product over {k_dim} rows needs {rows} rows per block, more than shared memory holds"));
             }
-            if bytes > DEFAULT_DYNAMIC_SHARED {
-                function
-                    .set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
-                    .map_err(|e| format!("graph decoding: asking for {bytes} bytes of shared memory: {e}"))?;
-            }
+        }
+        if n_embd * 4 > MAX_DYNAMIC_SHARED {
+            return Err(format!("graph decoding: a width of {n_embd} does not fit the logits kernel's shared memory"));
         }
         let logits_blocks = (2 * sms).min(vocab.div_ceil(8)).max(1);
         let state = memory.alloc(16, "the step's state")?;
         let h = memory.alloc(n_embd * 4, "the residual stream")?;
+        let stats = memory.alloc(n_embd.div_ceil(GEMV_COLUMNS) * 2 * 4, "LayerNorm statistics")?;
         let qkv = memory.alloc(3 * n_embd * 4, "q, k, v")?;
         let attn_out = memory.alloc(n_embd * 4, "the attention's output")?;
         let fc_out = memory.alloc(inner * 4, "the MLP's activations")?;
+        let parts = memory.alloc(GEMV_MAX_SPLITS * widest * 4, "GEMV partial sums")?;
         let chunk_acc = memory.alloc(n_head * max_chunks * head_dim * 4, "attention chunks")?;
         let chunk_ml = memory.alloc(n_head * max_chunks * 2 * 4, "attention chunk maxima")?;
-        let n_counters = n_head.max(1);
+        let n_counters = widest.div_ceil(GEMV_COLUMNS).max(n_head).max(1);
         let counters = memory.alloc(n_counters * 4, "block counters")?;
         // SAFETY: `counters` holds n_counters i32s; the kernels expect them zero.
         unsafe { result::memset_d8_sync(counters, 0, n_counters * 4) }.map_err(|e| format!("zeroing the block counters: {e}"))?;
@@ -418,14 +424,17 @@ impl GraphDecoder {
             layers,
             state,
             h,
+            stats,
             qkv,
             attn_out,
             fc_out,
+            parts,
             chunk_acc,
             chunk_ml,
             counters,
             best,
             logits_blocks,
+            sms,
             logits,
             kernels,
             graph: None,
@@ -621,26 +630,31 @@ impl GraphDecoder {
         // SAFETY (every launch): the arguments are the kernels' parameters in order, device
         // addresses of buffers sized in `new` for these shapes.
         unsafe {
-            let config = LaunchConfig { grid_dim: (n_embd.div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-            launch("embed", s.launch_builder(&k.embed).arg(&self.state).arg(&self.wte).arg(&self.wpe).arg(&self.h).arg(&d).launch(config))?;
+            let config = LaunchConfig { grid_dim: (n_embd.div_ceil(GEMV_COLUMNS) as u32, 1, 1), block_dim: (GEMV_COLUMNS as u32, 1, 1), shared_mem_bytes: 0 };
+            launch("embed", s.launch_builder(&k.embed).arg(&self.state).arg(&self.wte).arg(&self.wpe).arg(&self.h).arg(&self.stats).arg(&d).launch(config))?;
         }
-        // One product of `k_dim` inputs and `n_dim` outputs: `input` is x (PROLOGUE_PLAIN) or
-        // LayerNorm(h) with (gamma, beta, eps).
+        let base = GemvArgs {
+            x: 0,
+            h: self.h,
+            stats: self.stats,
+            gamma: 0,
+            beta: 0,
+            eps: 0.0,
+            bias: 0,
+            parts: self.parts,
+            out: 0,
+            counters: self.counters,
+            k_dim: 0,
+            n_dim: 0,
+            rows_per_split: 0,
+            prologue: PROLOGUE_PLAIN,
+            epilogue: EPILOGUE_STORE,
+            activation: self.activation,
+        };
+        // One product: `input` is x (PROLOGUE_PLAIN) or LayerNorm(h) with (gamma, beta, eps).
         let gemv = |name: &'static str, (w, bias): (u64, u64), k_dim: usize, n_dim: usize, input: Result<u64, (u64, u64, f32)>, epilogue: i32, out: u64| {
-            let mut args = GemvArgs {
-                x: 0,
-                h: self.h,
-                gamma: 0,
-                beta: 0,
-                eps: 0.0,
-                bias,
-                out,
-                k_dim: k_dim as i32,
-                n_dim: n_dim as i32,
-                prologue: PROLOGUE_PLAIN,
-                epilogue,
-                activation: self.activation,
-            };
+            let (splits, rows) = gemv_splits(k_dim, n_dim, self.sms);
+            let mut args = GemvArgs { bias, out, k_dim: k_dim as i32, n_dim: n_dim as i32, rows_per_split: rows as i32, epilogue, ..base };
             match input {
                 Ok(x) => args.x = x,
                 Err((gamma, beta, eps)) => {
@@ -649,14 +663,13 @@ impl GraphDecoder {
                 }
             }
             let config = LaunchConfig {
-                grid_dim: (n_dim.div_ceil(GEMV_THREADS / 32) as u32, 1, 1),
-                block_dim: (GEMV_THREADS as u32, 1, 1),
-                shared_mem_bytes: (k_dim * 4) as u32,
+                grid_dim: (n_dim.div_ceil(GEMV_COLUMNS) as u32, splits as u32, 1),
+                block_dim: (GEMV_COLUMNS as u32, 1, 1),
+                shared_mem_bytes: (rows * 4) as u32,
             };
             unsafe { launch(name, s.launch_builder(&k.gemv).arg(&args).arg(&w).launch(config)) }
         };
-        let attention_config =
-            LaunchConfig { grid_dim: (n_head as u32, max_chunks as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: (max_chunks * 4) as u32 };
+        let attention_config = LaunchConfig { grid_dim: (n_head as u32, max_chunks as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
         for layer in &self.layers {
             let ln_1 = Err((layer.ln_1.0, layer.ln_1.1, layer.eps.0));
             gemv("attn.c_attn", layer.c_attn, n_embd, 3 * n_embd, ln_1, EPILOGUE_STORE, self.qkv)?;
@@ -693,6 +706,7 @@ impl GraphDecoder {
                 "ln_f + logits + arg max",
                 s.launch_builder(&k.logits)
                     .arg(&self.h)
+                    .arg(&self.stats)
                     .arg(&gamma)
                     .arg(&beta)
                     .arg(&eps)
@@ -710,6 +724,15 @@ impl GraphDecoder {
     }
 }
 
+/// A product's row splits and rows per split: enough blocks for two per SM where the rows
+/// allow, each split a multiple of eight rows (one per warp of the block).
+fn gemv_splits(k_dim: usize, n_dim: usize, sms: usize) -> (usize, usize) {
+    let column_blocks = n_dim.div_ceil(GEMV_COLUMNS).max(1);
+    let splits = (2 * sms).div_ceil(column_blocks).clamp(1, GEMV_MAX_SPLITS).min(k_dim.div_ceil(GEMV_MIN_ROWS).max(1));
+    let rows = k_dim.div_ceil(splits).div_ceil(8) * 8;
+    (k_dim.div_ceil(rows).max(1), rows.max(8))
+}
+
 impl Drop for GraphDecoder {
     fn drop(&mut self) {
         // The graph goes before the memory it reads; nothing may still run on it.
@@ -719,7 +742,7 @@ impl Drop for GraphDecoder {
 }
 
 impl Kernels {
-    fn load(context: &Arc<CudaContext>, bf16: bool, wide_heads: bool) -> Result<Self, String> {
+    fn load(context: &Arc<CudaContext>, bf16: bool) -> Result<Self, String> {
         let ptx = cudarc::nvrtc::compile_ptx(SOURCE).map_err(|e| format!("NVRTC on src/graph_decode.cu: {e:?}"))?;
         let module = context.load_module(ptx).map_err(|e| format!("loading the decode kernels: {e}"))?;
         let suffix = if bf16 { "bf16" } else { "f32" };
@@ -727,7 +750,7 @@ impl Kernels {
         Ok(Kernels {
             embed: function(format!("embed_{suffix}"))?,
             gemv: function(format!("gemv_{suffix}"))?,
-            attention: function(format!("attention_{}{suffix}", if wide_heads { "wide_" } else { "" }))?,
+            attention: function(format!("attention_{suffix}"))?,
             logits: function(format!("logits_{suffix}"))?,
             _module: module,
         })

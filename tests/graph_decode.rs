@@ -1,8 +1,10 @@
 //! The CUDA-graph decoder (`src/graph_decode.rs`) against burn's eager decoding of the same
 //! model, on random small models whose shapes stress the kernels (heads one wide and wider
 //! than a warp, widths that are not multiples of eight, untied heads, several activations,
-//! prompts longer than an attention chunk). Needs a CUDA GPU: `cargo test --release --test
-//! graph_decode -- --ignored`.
+//! prompts longer than an attention chunk). Needs a CUDA GPU. Run each test in a process of its
+//! own (`cargo test --release --test graph_decode -- --ignored --exact <name>`): the flex
+//! references choose their float type once per process; `model-import/results/
+//! graph-decode-2026-12-03/call5.sh` runs them all.
 #![cfg(feature = "cuda")]
 
 use std::sync::{Arc, Mutex};
@@ -123,6 +125,27 @@ fn graph_decode_matches_eager_f32() {
 fn graph_decode_matches_eager_bf16() {
     // burn rounds every intermediate to bf16, the graph keeps activations in f32.
     check::<Cuda<burn::tensor::bf16>>(&CudaDevice::new(0), 4e-2);
+}
+
+// The same cases with burn's CPU backend as the reference: the decoder is built from the CPU
+// model's weights and takes its prompt cache through the host. Seconds, where the CUDA
+// references above spend minutes in burn's kernel compilation.
+#[cfg(feature = "flex")]
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn graph_decode_matches_flex_f32() {
+    check::<burn::backend::Flex>(&burn::backend::flex::FlexDevice, 2e-4);
+}
+
+/// Flex takes bf16 for the whole process: run it alone (`--exact`).
+#[cfg(feature = "flex")]
+#[test]
+#[ignore = "needs a CUDA GPU; run alone (flex's float type is chosen once per process)"]
+fn graph_decode_matches_flex_bf16() {
+    use burn::backend::flex::FlexDevice;
+    burn::tensor::set_default_dtypes::<burn::backend::Flex>(&FlexDevice, burn::tensor::DType::BF16, burn::tensor::DType::I32)
+        .expect("flex in bf16: run this test alone, before any other made a tensor");
+    check::<burn::backend::Flex>(&FlexDevice, 4e-2);
 }
 
 #[test]

@@ -52,8 +52,9 @@ pub struct GenerationArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// `graph`: on the cuda backend, a single question decodes through a CUDA graph of the
-    /// project's own kernels (several times faster at batch 1); `eager`: burn's operations.
-    #[arg(long, default_value = "eager", value_parser = ["eager", "graph"])]
+    /// project's own kernels (several times faster at batch 1); `eager`: burn's operations;
+    /// `auto`: `graph` on the cuda backend for a model it takes, `eager` otherwise.
+    #[arg(long, default_value = "eager", value_parser = ["auto", "eager", "graph"])]
     pub decode: String,
 }
 
@@ -136,6 +137,29 @@ pub fn export_model(args: ExportArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The CUDA-graph decoder `--decode` asks for: `graph` insists (an error when the model is not
+/// on the cuda backend or the decoder does not take it), `auto` takes it where it can and says
+/// why not on standard error otherwise, `eager` never.
+#[cfg(feature = "cuda")]
+pub fn graph_decoder<B: Backend>(
+    decode: &str,
+    model: &llava_jp::model::LlavaModel<B>,
+) -> anyhow::Result<Option<std::sync::Arc<std::sync::Mutex<llava_jp::graph_decode::GraphDecoder>>>> {
+    let on_cuda = (&model.transformer.wte.weight.device() as &dyn std::any::Any).is::<burn::backend::cuda::CudaDevice>();
+    match decode {
+        "eager" => Ok(None),
+        "auto" if !on_cuda => Ok(None),
+        "auto" => match llava_jp::graph_decode::for_model(model) {
+            Ok(decoder) => Ok(Some(decoder)),
+            Err(e) => {
+                eprintln!("decoding with burn's operations: {e}");
+                Ok(None)
+            }
+        },
+        _ => Ok(Some(llava_jp::graph_decode::for_model(model).map_err(anyhow::Error::msg)?)),
+    }
+}
+
 struct ChatJob(ChatArgs);
 
 impl BackendJob for ChatJob {
@@ -145,14 +169,12 @@ impl BackendJob for ChatJob {
         let assistant = Assistant::<B>::load(&args.model.model, &args.model.options(), &device)?;
         #[allow(unused_mut)]
         let mut config = args.generation.config();
-        if args.generation.decode == "graph" {
-            #[cfg(feature = "cuda")]
-            {
-                config.graph_decoder = Some(llava_jp::graph_decode::for_model(&assistant.model).map_err(anyhow::Error::msg)?);
-            }
-            #[cfg(not(feature = "cuda"))]
-            anyhow::bail!("--decode graph needs a build with the cuda feature");
+        #[cfg(feature = "cuda")]
+        {
+            config.graph_decoder = graph_decoder(&args.generation.decode, &assistant.model)?;
         }
+        #[cfg(not(feature = "cuda"))]
+        anyhow::ensure!(args.generation.decode != "graph", "--decode graph needs a build with the cuda feature");
         if let Some(file) = &args.questions {
             return answer_file(&assistant, file, args.output.as_deref(), args.batch_size, &config);
         }

@@ -45,8 +45,8 @@ pub struct ServeArgs {
     pub max_queue: usize,
     /// `graph`: on the cuda backend, requests decode through a CUDA graph of the project's own
     /// kernels (several times faster; requests are answered one at a time, at batch 1 anyway);
-    /// `eager`: burn's operations.
-    #[arg(long, default_value = "eager", value_parser = ["eager", "graph"])]
+    /// `eager`: burn's operations; `auto`: `graph` on the cuda backend where it takes the model.
+    #[arg(long, default_value = "eager", value_parser = ["auto", "eager", "graph"])]
     pub decode: String,
 }
 
@@ -81,10 +81,7 @@ impl BackendJob for ServeJob {
             api_key: args.api_key.clone(),
             limits,
             #[cfg(feature = "cuda")]
-            graph_decoder: match args.decode.as_str() {
-                "graph" => Some(llava_jp::graph_decode::for_model(&assistant.model).map_err(anyhow::Error::msg)?),
-                _ => None,
-            },
+            graph_decoder: super::chat::graph_decoder(&args.decode, &assistant.model)?,
         };
         #[cfg(not(feature = "cuda"))]
         anyhow::ensure!(args.decode != "graph", "--decode graph needs a build with the cuda feature");
