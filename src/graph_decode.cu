@@ -8,23 +8,101 @@
 // counter in device memory says which) adds them up with the bias and applies what follows
 // the product: nothing (q, k, v), the activation (c_fc), or the residual (the projections),
 // which also leaves the LayerNorm statistics of its columns for the next product, whose
-// blocks normalise their rows of the input themselves. So no kernel exists only to add up,
-// normalise or activate, and a step is 5 x layers + 2 launches.
+// blocks normalise their rows of the input themselves. The attention leaves one partial
+// softmax per chunk of keys, merged by attn.c_proj's blocks as they read their rows. So no
+// kernel exists only to add up, normalise, merge or activate: a step is 5 x layers + 2 launches.
+//
+// On sm_90 and later (GRAPH_DECODE_PDL) the kernels are launched as programmatic dependents:
+// a kernel's blocks start while the kernel before finishes, fetch what does not depend on it
+// (their weights into L2, the cache's older keys and values into registers) and only then
+// wait for it, so the memory stays busy across kernel boundaries.
 
 typedef unsigned short bf16;
 #define NEG_INF __int_as_float(0xff800000)
+
+#ifndef GRAPH_DECODE_PDL
+#define GRAPH_DECODE_PDL 0
+#endif
+
+// Returns once the kernel before has finished and its writes are visible (at once without a
+// programmatic launch).
+__device__ __forceinline__ void wait_for_previous_kernel() {
+#if GRAPH_DECODE_PDL
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Lets the next kernel's blocks start as this one's leave room. Called after the wait, so
+// that at most two kernels overlap and their prefetches do not crowd L2.
+__device__ __forceinline__ void let_next_kernel_start() {
+#if GRAPH_DECODE_PDL
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
+// The 128-byte lines of `bytes` bytes from `p`, into L2; `i` and `step` spread them over threads.
+__device__ __forceinline__ void prefetch_bytes(const char* p, size_t bytes, int i, int step) {
+    for (size_t at = (size_t)i * 128; at < bytes; at += (size_t)step * 128) prefetch_l2(p + at);
+    // A range that starts mid-line ends in one more line.
+    if (i == 0 && bytes > 0) prefetch_l2(p + bytes - 1);
+}
 
 __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(bf16 v) { return __uint_as_float(((unsigned)v) << 16); }
 
 __device__ __forceinline__ void store(float* p, size_t i, float v) { p[i] = v; }
 // Round to nearest even, as torch's and burn's f32 -> bf16 casts do.
-__device__ __forceinline__ void store(bf16* p, size_t i, float v) {
+__device__ __forceinline__ bf16 to_bf16(float v) {
     unsigned u = __float_as_uint(v);
-    if ((u & 0x7fffffffu) > 0x7f800000u) { p[i] = 0x7fc0; return; }
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
     u += 0x7fffu + ((u >> 16) & 1u);
-    p[i] = (bf16)(u >> 16);
+    return (bf16)(u >> 16);
 }
+__device__ __forceinline__ void store(bf16* p, size_t i, float v) { p[i] = to_bf16(v); }
+
+// Eight values as loaded (bf16 bits or floats), converted only where used: loads kept in
+// flight take half the registers in bf16.
+template <typename T> struct Raw8;
+template <> struct Raw8<bf16> { uint4 u; };
+template <> struct Raw8<float> { float4 a, b; };
+
+__device__ __forceinline__ void load_raw8(const bf16* p, Raw8<bf16>& r) { r.u = *reinterpret_cast<const uint4*>(p); }
+__device__ __forceinline__ void load_raw8(const float* p, Raw8<float>& r) {
+    r.a = *reinterpret_cast<const float4*>(p);
+    r.b = *reinterpret_cast<const float4*>(p + 4);
+}
+// The first `m` (< 8) values of an unaligned row, the rest zero.
+__device__ __forceinline__ void load_some8(const bf16* p, int m, Raw8<bf16>& r) {
+    unsigned v[8];
+#pragma unroll
+    for (int e = 0; e < 8; e++) v[e] = e < m ? (unsigned)p[e] : 0u;
+    r.u = make_uint4(v[0] | (v[1] << 16), v[2] | (v[3] << 16), v[4] | (v[5] << 16), v[6] | (v[7] << 16));
+}
+__device__ __forceinline__ void load_some8(const float* p, int m, Raw8<float>& r) {
+    float v[8];
+#pragma unroll
+    for (int e = 0; e < 8; e++) v[e] = e < m ? p[e] : 0.f;
+    r.a = make_float4(v[0], v[1], v[2], v[3]);
+    r.b = make_float4(v[4], v[5], v[6], v[7]);
+}
+// `v` rounded as T stores it, back to raw.
+__device__ __forceinline__ void pack8(const float v[8], Raw8<bf16>& r) {
+    unsigned b[8];
+#pragma unroll
+    for (int e = 0; e < 8; e++) b[e] = to_bf16(v[e]);
+    r.u = make_uint4(b[0] | (b[1] << 16), b[2] | (b[3] << 16), b[4] | (b[5] << 16), b[6] | (b[7] << 16));
+}
+__device__ __forceinline__ void pack8(const float v[8], Raw8<float>& r) {
+    r.a = make_float4(v[0], v[1], v[2], v[3]);
+    r.b = make_float4(v[4], v[5], v[6], v[7]);
+}
+template <typename T> __device__ __forceinline__ void zero8(Raw8<T>& r);
+template <> __device__ __forceinline__ void zero8(Raw8<bf16>& r) { r.u = make_uint4(0, 0, 0, 0); }
+template <> __device__ __forceinline__ void zero8(Raw8<float>& r) { r.a = r.b = make_float4(0.f, 0.f, 0.f, 0.f); }
 
 // Eight consecutive values, 16-byte aligned (bf16) or 32-byte aligned (float).
 __device__ __forceinline__ void unpack8(uint4 u, float out[8]) {
@@ -34,6 +112,11 @@ __device__ __forceinline__ void unpack8(uint4 u, float out[8]) {
         out[2 * j] = __uint_as_float(w[j] << 16);
         out[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
     }
+}
+__device__ __forceinline__ void unpack8(const Raw8<bf16>& r, float out[8]) { unpack8(r.u, out); }
+__device__ __forceinline__ void unpack8(const Raw8<float>& r, float out[8]) {
+    out[0] = r.a.x; out[1] = r.a.y; out[2] = r.a.z; out[3] = r.a.w;
+    out[4] = r.b.x; out[5] = r.b.y; out[6] = r.b.z; out[7] = r.b.w;
 }
 __device__ __forceinline__ void load8(const bf16* p, size_t i, float out[8]) {
     unpack8(*reinterpret_cast<const uint4*>(p + i), out);
@@ -115,6 +198,8 @@ __device__ void slot_stats(float v, int count, float* stats, int slot, float* sc
 template <typename T>
 __device__ void embed(const int* state, const T* wte, const T* wpe, float* h, float* stats, int d_model) {
     __shared__ float scratch[32];
+    wait_for_previous_kernel();
+    let_next_kernel_start();
     int d = blockIdx.x * blockDim.x + threadIdx.x;
     size_t token = (size_t)state[0], position = (size_t)state[1];
     float v = 0.f;
@@ -141,6 +226,7 @@ __device__ float activate(float v, int activation) {
 // What a GEMV does before and after its product.
 #define PROLOGUE_PLAIN 0      // the input is `x`
 #define PROLOGUE_LAYERNORM 1  // the input is LayerNorm(h) with h's slot statistics
+#define PROLOGUE_ATTENTION 2  // the input is the attention's chunks merged
 #define EPILOGUE_STORE 0      // out = sum + bias
 #define EPILOGUE_ACTIVATE 1   // out = activation(sum + bias)
 #define EPILOGUE_RESIDUAL 2   // h += sum + bias, then h's slot statistics
@@ -156,15 +242,40 @@ struct GemvArgs {
     float* parts;
     float* out;
     int* counters;
+    // PROLOGUE_ATTENTION: the step's state and the attention's per-chunk results.
+    const int* state;
+    const float* chunk_acc;
+    const float* chunk_ml;
+    int head_dim, attn_chunk, max_chunks;
     int k_dim, n_dim, rows_per_split, prologue, epilogue, activation;
 };
 
+// Output k of the attention (head k / head_dim): its chunks' partial softmaxes merged.
+__device__ float merged_attention(const GemvArgs& a, int k, int chunks) {
+    int head = k / a.head_dim, d = k % a.head_dim;
+    const float* ml = a.chunk_ml + (size_t)head * a.max_chunks * 2;
+    const float* acc = a.chunk_acc + (size_t)head * a.max_chunks * a.head_dim + d;
+    float big = NEG_INF;
+    for (int c = 0; c < chunks; c++) big = fmaxf(big, ml[2 * c]);
+    float total = 0.f, v = 0.f;
+    for (int c = 0; c < chunks; c++) {
+        float scale = expf(ml[2 * c] - big);
+        total += ml[2 * c + 1] * scale;
+        v += acc[(size_t)c * a.head_dim] * scale;
+    }
+    return v / total;
+}
+
 // out[n] from x[k] * w[k, n], w row-major [k_dim, n_dim] (Conv1D's layout). A block: 32
 // column groups of 8 columns (one 16-byte load of bf16 each, a warp reading 512 contiguous
-// bytes of a row) times 8 row lanes (the warps), over the rows of split `blockIdx.y`; the
-// block's input rows are first put in shared memory (`xs`, dynamic), normalised if asked.
+// bytes of a row) times 8 row lanes (the warps), over the rows of split `blockIdx.y`. Before
+// waiting for the kernel before, each thread loads its first GEMV_UNROLL rows of weights (an
+// L2 prefetch of the whole tile measured slower: twice the requests); then the block's input
+// rows go to shared memory (`xs`, dynamic), normalised or merged if asked.
 #define GEMV_THREADS 256
+#ifndef GEMV_UNROLL
 #define GEMV_UNROLL 8
+#endif
 template <typename T>
 __device__ void gemv(const GemvArgs& a, const T* w) {
     extern __shared__ float xs[];
@@ -173,32 +284,53 @@ __device__ void gemv(const GemvArgs& a, const T* w) {
     int group = threadIdx.x & 31, lane = threadIdx.x >> 5;
     int k0 = blockIdx.y * a.rows_per_split;
     int k1 = min(k0 + a.rows_per_split, a.k_dim);
+    int n_dim = a.n_dim;
+    int col0 = (blockIdx.x * 32 + group) * 8;
+    bool vec = (n_dim % 8 == 0) && col0 + 8 <= n_dim;
+    int k = k0 + lane;
+    bool first_group = vec && k + 8 * (GEMV_UNROLL - 1) < k1;
+    Raw8<T> wr[GEMV_UNROLL];
+    if (first_group) {
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; u++) load_raw8(w + (size_t)(k + 8 * u) * n_dim + col0, wr[u]);
+    }
+    wait_for_previous_kernel();
+    let_next_kernel_start();
     if (a.prologue == PROLOGUE_LAYERNORM) {
         float mean, rstd;
         combined_stats(a.stats, a.k_dim, a.eps, &mean, &rstd);
         for (int k = k0 + threadIdx.x; k < k1; k += blockDim.x) xs[k - k0] = (a.h[k] - mean) * rstd * a.gamma[k] + a.beta[k];
+    } else if (a.prologue == PROLOGUE_ATTENTION) {
+        int chunks = a.state[1] / a.attn_chunk + 1;
+        for (int k = k0 + threadIdx.x; k < k1; k += blockDim.x) xs[k - k0] = merged_attention(a, k, chunks);
     } else {
         for (int k = k0 + threadIdx.x; k < k1; k += blockDim.x) xs[k - k0] = a.x[k];
     }
     __syncthreads();
 
-    int n_dim = a.n_dim;
-    int col0 = (blockIdx.x * 32 + group) * 8;
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    bool vec = (n_dim % 8 == 0) && col0 + 8 <= n_dim;
+    if (first_group) {
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; u++) {
+            float xv = xs[k + 8 * u - k0], wv[8];
+            unpack8(wr[u], wv);
+#pragma unroll
+            for (int j = 0; j < 8; j++) acc[j] += xv * wv[j];
+        }
+        k += 8 * GEMV_UNROLL;
+    }
     if (vec) {
-        int k = k0 + lane;
         // GEMV_UNROLL rows' loads in flight before their products: the weights are the
         // step's whole cost, and memory only keeps up with many reads outstanding.
         for (; k + 8 * (GEMV_UNROLL - 1) < k1; k += 8 * GEMV_UNROLL) {
-            float wv[GEMV_UNROLL][8];
 #pragma unroll
-            for (int u = 0; u < GEMV_UNROLL; u++) load8(w, (size_t)(k + 8 * u) * n_dim + col0, wv[u]);
+            for (int u = 0; u < GEMV_UNROLL; u++) load_raw8(w + (size_t)(k + 8 * u) * n_dim + col0, wr[u]);
 #pragma unroll
             for (int u = 0; u < GEMV_UNROLL; u++) {
-                float xv = xs[k + 8 * u - k0];
+                float xv = xs[k + 8 * u - k0], wv[8];
+                unpack8(wr[u], wv);
 #pragma unroll
-                for (int j = 0; j < 8; j++) acc[j] += xv * wv[u][j];
+                for (int j = 0; j < 8; j++) acc[j] += xv * wv[j];
             }
         }
         for (; k < k1; k += 8) {
@@ -241,120 +373,163 @@ __device__ void gemv(const GemvArgs& a, const T* w) {
     }
 }
 
-// Attention of the step's query against keys 0..=position. The cache is [head, position,
-// head_dim], each head's rows contiguous. One block per (head, chunk of ATTN_CHUNK keys): two
-// threads per key take its scores (the block whose chunk holds the position first writes
-// this token's key and value, rounded as the cache stores them), then the softmax over the
-// chunk, then each thread a column of the values. The last chunk of a head to finish merges
-// the chunks into out[head * head_dim ..].
-#define ATTN_CHUNK 64
+// Attention of the step's query against keys 0..=position, one block per (head, chunk of
+// `chunk` keys). The cache is [head, position, head_dim], each head's rows contiguous. A key
+// is read by `lanes_per_key` adjacent lanes, eight of its dimensions each (16 bytes of bf16),
+// so a warp reads 32 / lanes_per_key keys at once; a thread holds its ATTN_ITERS keys and
+// values in registers, loaded before the wait (the step's own key, not yet in the cache, is
+// taken from qkv after it and written to the cache). The block leaves its chunk's softmax
+// numerator (un-normalised, against the chunk's max) and its (max, sum) for attn.c_proj.
 #define ATTN_THREADS 128
+#define ATTN_WARPS (ATTN_THREADS / 32)
+#define ATTN_ITERS 8
 #define MAX_HEAD_DIM 256
 template <typename T>
 __device__ void attention(const int* state, const float* qkv, T* k_cache, T* v_cache, float* chunk_acc, float* chunk_ml,
-                          int* counters, float* out, int d_model, int head_dim, int n_positions, int max_chunks, float scale) {
-    __shared__ float q[MAX_HEAD_DIM];
-    __shared__ float p[ATTN_CHUNK];
-    __shared__ float chunk_max, chunk_sum;
-    int position = state[1], head = blockIdx.x, chunk = blockIdx.y;
-    int chunks = position / ATTN_CHUNK + 1;
-    if (chunk >= chunks) return;
-    int j0 = chunk * ATTN_CHUNK;
-    int n = min(ATTN_CHUNK, position + 1 - j0);
+                          int d_model, int head_dim, int n_positions, int max_chunks, int chunk, int lanes_per_key, float scale) {
+    __shared__ float warp_m[ATTN_WARPS], warp_l[ATTN_WARPS];
+    __shared__ float warp_acc[ATTN_WARPS][MAX_HEAD_DIM];
+    // The position is the step's state, written before the graph began: safe before the wait.
+    int position = state[1], head = blockIdx.x, c = blockIdx.y;
+    int chunks = position / chunk + 1;
+    if (c >= chunks) return;
+    int j0 = c * chunk, n = min(chunk, position + 1 - j0);
+    int t = threadIdx.x, lane = t & 31, warp = t >> 5;
+    int sub = t % lanes_per_key, slot = t / lanes_per_key, keys_per_iter = ATTN_THREADS / lanes_per_key;
+    int d0 = sub * 8, dims = max(0, min(8, head_dim - d0));
+    bool vec = head_dim % 8 == 0;
     size_t base = (size_t)head * n_positions * head_dim;
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-        int c = head * head_dim + d;
-        q[d] = qkv[c];
-        if (chunk == chunks - 1) {
-            size_t at = base + (size_t)position * head_dim + d;
-            store(k_cache, at, qkv[d_model + c]);
-            store(v_cache, at, qkv[2 * d_model + c]);
-        }
-    }
-    // Also makes the new key and value visible to the block.
-    __syncthreads();
-
-    int j = threadIdx.x >> 1, half = threadIdx.x & 1;
-    float s = 0.f;
-    if (j < n) {
-        const T* kj = k_cache + base + (size_t)(j0 + j) * head_dim;
-        int width = (head_dim + 1) / 2, d0 = half * width, d1 = min(head_dim, d0 + width);
-        if (head_dim % 16 == 0) {
-#pragma unroll 8
-            for (int d = d0; d < d1; d += 8) {
-                float kv[8];
-                load8(kj, d, kv);
+    Raw8<T> kr[ATTN_ITERS], vr[ATTN_ITERS];
 #pragma unroll
-                for (int i = 0; i < 8; i++) s += q[d + i] * kv[i];
+    for (int i = 0; i < ATTN_ITERS; i++) {
+        int j = slot + i * keys_per_iter;
+        zero8(kr[i]);
+        zero8(vr[i]);
+        if (j < n && dims > 0) {
+            size_t at = base + (size_t)(j0 + j) * head_dim + d0;
+            if (vec) {
+                load_raw8(k_cache + at, kr[i]);
+                load_raw8(v_cache + at, vr[i]);
+            } else {
+                load_some8(k_cache + at, dims, kr[i]);
+                load_some8(v_cache + at, dims, vr[i]);
             }
-        } else {
-#pragma unroll 8
-            for (int d = d0; d < d1; d++) s += q[d] * to_f32(kj[d]);
         }
     }
-    s += __shfl_xor_sync(0xffffffffu, s, 1);
-    if (half == 0 && j < n) p[j] = s * scale;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        float m = NEG_INF;
-        for (int i = threadIdx.x; i < n; i += 32) m = fmaxf(m, p[i]);
-        m = warp_max(m);
-        float l = 0.f;
-        for (int i = threadIdx.x; i < n; i += 32) {
-            float e = expf(p[i] - m);
-            p[i] = e;
-            l += e;
-        }
-        l = warp_sum(l);
-        if (threadIdx.x == 0) { chunk_max = m; chunk_sum = l; }
-    }
-    __syncthreads();
-    size_t slot = (size_t)head * max_chunks + chunk;
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-        const T* vd = v_cache + base + (size_t)j0 * head_dim + d;
-        float a = 0.f;
-#pragma unroll 8
-        for (int i = 0; i < n; i++) a += p[i] * to_f32(vd[(size_t)i * head_dim]);
-        chunk_acc[slot * head_dim + d] = a;
-    }
-    if (threadIdx.x == 0) { chunk_ml[slot * 2] = chunk_max; chunk_ml[slot * 2 + 1] = chunk_sum; }
+    wait_for_previous_kernel();
+    let_next_kernel_start();
 
-    if (!last_to_arrive(&counters[head], chunks)) return;
-    float big = NEG_INF;
-    for (int c = 0; c < chunks; c++) big = fmaxf(big, __ldcg(&chunk_ml[((size_t)head * max_chunks + c) * 2]));
-    float total = 0.f;
-    for (int c = 0; c < chunks; c++) {
-        size_t sl = (size_t)head * max_chunks + c;
-        total += __ldcg(&chunk_ml[sl * 2 + 1]) * expf(__ldcg(&chunk_ml[sl * 2]) - big);
-    }
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-        float a = 0.f;
-        for (int c = 0; c < chunks; c++) {
-            size_t sl = (size_t)head * max_chunks + c;
-            a += __ldcg(&chunk_acc[sl * head_dim + d]) * expf(__ldcg(&chunk_ml[sl * 2]) - big);
+    const float* qh = qkv + (size_t)head * head_dim + d0;
+    float q[8];
+#pragma unroll
+    for (int e = 0; e < 8; e++) q[e] = e < dims ? qh[e] : 0.f;
+    if (c == chunks - 1 && slot == (position - j0) % keys_per_iter && dims > 0) {
+        // This thread holds the step's own key: from qkv, rounded as the cache keeps it.
+        float kn[8], vn[8];
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            kn[e] = e < dims ? qh[d_model + e] : 0.f;
+            vn[e] = e < dims ? qh[2 * d_model + e] : 0.f;
         }
-        out[head * head_dim + d] = a / total;
+        int which = (position - j0) / keys_per_iter;
+        size_t at = base + (size_t)position * head_dim + d0;
+#pragma unroll
+        for (int i = 0; i < ATTN_ITERS; i++) {
+            if (i == which) {
+                pack8(kn, kr[i]);
+                pack8(vn, vr[i]);
+            }
+        }
+        for (int e = 0; e < dims; e++) {
+            store(k_cache, at + e, kn[e]);
+            store(v_cache, at + e, vn[e]);
+        }
+    }
+
+    float s[ATTN_ITERS];
+    float m = NEG_INF;
+#pragma unroll
+    for (int i = 0; i < ATTN_ITERS; i++) {
+        float kf[8], x = 0.f;
+        unpack8(kr[i], kf);
+#pragma unroll
+        for (int e = 0; e < 8; e++) x += q[e] * kf[e];
+        for (int o = lanes_per_key / 2; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+        s[i] = slot + i * keys_per_iter < n ? x * scale : NEG_INF;
+        m = fmaxf(m, s[i]);
+    }
+    m = warp_max(m);
+    if (lane == 0) warp_m[warp] = m;
+    __syncthreads();
+    m = warp_m[0];
+    for (int w2 = 1; w2 < ATTN_WARPS; w2++) m = fmaxf(m, warp_m[w2]);
+
+    float l = 0.f, acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int i = 0; i < ATTN_ITERS; i++) {
+        float p = expf(s[i] - m), vf[8];
+        l += p;
+        unpack8(vr[i], vf);
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc[e] += p * vf[e];
+    }
+    // Each key's p sits in its lanes_per_key lanes: count it once.
+    l = warp_sum(sub == 0 ? l : 0.f);
+    for (int o = lanes_per_key; o < 32; o <<= 1) {
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc[e] += __shfl_xor_sync(0xffffffffu, acc[e], o);
+    }
+    if (lane == 0) warp_l[warp] = l;
+    if (lane < lanes_per_key) {
+        for (int e = 0; e < dims; e++) warp_acc[warp][d0 + e] = acc[e];
+    }
+    __syncthreads();
+    size_t at = (size_t)head * max_chunks + c;
+    for (int d = t; d < head_dim; d += ATTN_THREADS) {
+        float a = 0.f;
+#pragma unroll
+        for (int w2 = 0; w2 < ATTN_WARPS; w2++) a += warp_acc[w2][d];
+        chunk_acc[at * head_dim + d] = a;
+    }
+    if (t == 0) {
+        float total = 0.f;
+        for (int w2 = 0; w2 < ATTN_WARPS; w2++) total += warp_l[w2];
+        chunk_ml[at * 2] = m;
+        chunk_ml[at * 2 + 1] = total;
     }
 }
 
 // logits[row] = w[row, :] . LayerNorm_f(h), w row-major [rows, d_model] (the tied wte or
-// lm_head); a warp per row, the block's warps striding over the rows. Each block keeps its
-// rows' first arg max; the last block picks the step's (NaN never wins), makes it the next
-// token and moves the position on.
+// lm_head); a warp per row, the block's warps striding over the rows, each warp asking L2 for
+// its row two strides ahead. Each block keeps its rows' first arg max; the last block picks
+// the step's (NaN never wins), makes it the next token and moves the position on.
+#ifndef LOGITS_AHEAD
+#define LOGITS_AHEAD 2
+#endif
 template <typename T>
 __device__ void logits_argmax(const float* h, const float* stats, const float* gamma, const float* beta, float eps, const T* w,
                               float* logits, float* best, int* counters, int* state, int rows, int d_model) {
     extern __shared__ float xs[];
     __shared__ float warp_v[32];
     __shared__ int warp_i[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    int stride = gridDim.x * warps, first = blockIdx.x * warps + warp;
+    size_t row_bytes = (size_t)d_model * sizeof(T);
+    for (int a = 0; a < LOGITS_AHEAD; a++) {
+        int row = first + a * stride;
+        if (row < rows) prefetch_bytes(reinterpret_cast<const char*>(w + (size_t)row * d_model), row_bytes, lane, 32);
+    }
+    wait_for_previous_kernel();
+    let_next_kernel_start();
     float mean, rstd;
     combined_stats(stats, d_model, eps, &mean, &rstd);
     for (int k = threadIdx.x; k < d_model; k += blockDim.x) xs[k] = (h[k] - mean) * rstd * gamma[k] + beta[k];
     __syncthreads();
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     float bv = NEG_INF;
     int bi = 0x7fffffff;
-    for (int row = blockIdx.x * warps + warp; row < rows; row += gridDim.x * warps) {
+    for (int row = first; row < rows; row += stride) {
+        int ahead = row + LOGITS_AHEAD * stride;
+        if (ahead < rows) prefetch_bytes(reinterpret_cast<const char*>(w + (size_t)ahead * d_model), row_bytes, lane, 32);
         const T* wr = w + (size_t)row * d_model;
         float s = 0.f;
         if (d_model % 8 == 0) {
@@ -407,9 +582,10 @@ __device__ void logits_argmax(const float* h, const float* stats, const float* g
         gemv<T>(a, w);                                                                                                \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attention_##SUFFIX(const int* state, const float* qkv, T* k_cache, \
-            T* v_cache, float* chunk_acc, float* chunk_ml, int* counters, float* out, int d_model, int head_dim, int n_positions, \
-            int max_chunks, float scale) {                                                                            \
-        attention<T>(state, qkv, k_cache, v_cache, chunk_acc, chunk_ml, counters, out, d_model, head_dim, n_positions, max_chunks, scale); \
+            T* v_cache, float* chunk_acc, float* chunk_ml, int d_model, int head_dim, int n_positions, int max_chunks, int chunk, \
+            int lanes_per_key, float scale) {                                                                         \
+        attention<T>(state, qkv, k_cache, v_cache, chunk_acc, chunk_ml, d_model, head_dim, n_positions, max_chunks, chunk, \
+                     lanes_per_key, scale);                                                                           \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(256) logits_##SUFFIX(const float* h, const float* stats, const float* gamma, \
             const float* beta, float eps, const T* w, float* logits, float* best, int* counters, int* state, int rows, int d_model) { \

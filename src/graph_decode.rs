@@ -2,15 +2,18 @@
 //! bounds eager decoding near 50 tokens/s on an H200, however fast the kernels are; here a decode
 //! step's kernels (`src/graph_decode.cu`: five per layer, LayerNorms, bias, activation,
 //! residual and the attention's merge folded into the products) are captured once and each
-//! token replays them with one launch. The kernels read the token and its position from device memory and the
-//! last one writes the next (greedy) token and position there, so a greedy step costs the host
-//! one launch and a 4-byte read.
+//! token replays them with one launch. On sm_90 and later each kernel is a programmatic
+//! dependent of the one before, so it starts early and prefetches its weights. The kernels
+//! read the token and its position from device memory and the last one writes the next
+//! (greedy) token and position there, so a greedy step costs the host one launch and a 4-byte
+//! read.
 //!
 //! The decoder holds its own copy of the language model's weights (bf16 for a bf16 model, f32
 //! otherwise; LoRA adapters folded in) and a key/value cache for every position, all allocated
 //! once. The prompt is prefilled by the model itself (burn), whose cache is then copied in
-//! (device to device on burn's CUDA backend); every later token runs here. Activations and their sums are f32 throughout, so a bf16 model
-//! decodes slightly more precisely than burn's bf16 path (which rounds every intermediate).
+//! (device to device on burn's CUDA backend); every later token runs here. Activations and
+//! their sums are f32 throughout, so a bf16 model decodes slightly more precisely than burn's
+//! bf16 path (which rounds every intermediate).
 //!
 //! Built by the caller from the model it will generate with ([`GraphDecoder::new`]) and handed
 //! to generation in [`crate::infer::GenerationConfig::graph_decoder`]; generation uses it for
@@ -20,20 +23,23 @@ use std::sync::Arc;
 
 use burn::prelude::*;
 use burn::tensor::DType;
-use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{result, CudaContext, CudaFunction, CudaGraph, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
+use std::ffi::c_void;
+
+use cudarc::driver::sys::{self, CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{result, CudaContext, CudaFunction, CudaGraph, CudaModule, CudaStream, DriverError};
 
 use crate::model::gpt2::{Gpt2Model, KvCache, LmHead};
 use crate::model::nn::{Activation, Conv1D, LayerNorm};
 
 const SOURCE: &str = include_str!("graph_decode.cu");
-/// Constants of the source: keys per attention block, the widest head, GEMV's columns per
-/// block (also the residual stream's columns per statistics slot).
-const ATTN_CHUNK: usize = 64;
+/// Constants of the source: the attention's threads and keys per thread, the widest head,
+/// GEMV's columns per block (also the residual stream's columns per statistics slot).
+const ATTN_THREADS: usize = 128;
+const ATTN_ITERS: usize = 8;
 const MAX_HEAD_DIM: usize = 256;
 const GEMV_COLUMNS: usize = 256;
-/// A GEMV's row splits: enough blocks for two per SM, each split at least `GEMV_MIN_ROWS`
-/// rows, at most `GEMV_MAX_SPLITS` partial sums for the last block to add up.
+/// A GEMV's row splits: as many blocks as run at once (one wave), each split at least
+/// `GEMV_MIN_ROWS` rows, at most `GEMV_MAX_SPLITS` partial sums for the last block to add up.
 const GEMV_MAX_SPLITS: usize = 32;
 const GEMV_MIN_ROWS: usize = 64;
 /// Dynamic shared memory a block may use for its input rows (48 KiB less the static arrays).
@@ -53,6 +59,12 @@ struct GemvArgs {
     parts: u64,
     out: u64,
     counters: u64,
+    state: u64,
+    chunk_acc: u64,
+    chunk_ml: u64,
+    head_dim: i32,
+    attn_chunk: i32,
+    max_chunks: i32,
     k_dim: i32,
     n_dim: i32,
     rows_per_split: i32,
@@ -66,9 +78,66 @@ unsafe impl cudarc::driver::DeviceRepr for GemvArgs {}
 
 const PROLOGUE_PLAIN: i32 = 0;
 const PROLOGUE_LAYERNORM: i32 = 1;
+const PROLOGUE_ATTENTION: i32 = 2;
 const EPILOGUE_STORE: i32 = 0;
 const EPILOGUE_ACTIVATE: i32 = 1;
 const EPILOGUE_RESIDUAL: i32 = 2;
+
+/// The attention's layout for heads `head_dim` wide: lanes reading a key (eight dimensions
+/// each, a power of two) and keys per block.
+fn attention_layout(head_dim: usize) -> (usize, usize) {
+    let lanes_per_key = head_dim.div_ceil(8).next_power_of_two().clamp(1, 32);
+    (lanes_per_key, ATTN_ITERS * ATTN_THREADS / lanes_per_key)
+}
+
+/// What a GEMV reads as its input.
+enum Input {
+    /// A vector in device memory.
+    Vector(u64),
+    /// LayerNorm of the residual stream with (gamma, beta, eps).
+    LayerNorm(u64, u64, f32),
+    /// The attention's chunks, merged.
+    Attention,
+}
+
+/// Launches `function` on `stream` with `params` (pointers to each argument, in order); with
+/// `dependent`, as a programmatic dependent of the kernel before it (sm_90+), which lets it
+/// start before that one ends (the kernel waits where it needs its results).
+///
+/// # Safety
+/// `params` must match the kernel's parameters, and every device address in them be valid
+/// for what the kernel does with it.
+unsafe fn launch_kernel(
+    function: &CudaFunction,
+    stream: &CudaStream,
+    grid: (u32, u32),
+    block: u32,
+    shared: u32,
+    dependent: bool,
+    params: &mut [*mut c_void],
+) -> Result<(), DriverError> {
+    let mut attribute: sys::CUlaunchAttribute = std::mem::zeroed();
+    attribute.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attribute.value.programmaticStreamSerializationAllowed = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: grid.0,
+        gridDimY: grid.1,
+        gridDimZ: 1,
+        blockDimX: block,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: shared,
+        hStream: stream.cu_stream(),
+        attrs: &mut attribute,
+        numAttrs: dependent as u32,
+    };
+    sys::cuLaunchKernelEx(&config, function.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()).result()
+}
+
+/// Kernel parameters as `cuLaunchKernelEx` takes them: the address of each argument.
+macro_rules! params {
+    ($($arg:expr),* $(,)?) => { [$(($arg) as *const _ as *mut c_void),*] };
+}
 
 /// Device memory of the decoder, freed with it.
 struct Memory {
@@ -113,6 +182,8 @@ struct Layer {
 
 struct Kernels {
     _module: Arc<CudaModule>,
+    /// Launched as programmatic dependents (sm_90+, unless `LLAVA_JP_GRAPH_PDL=0`).
+    dependent: bool,
     embed: CudaFunction,
     gemv: CudaFunction,
     attention: CudaFunction,
@@ -139,6 +210,9 @@ pub struct DecodeProfile {
     pub launched_step_ms: f64,
     /// Per kernel: total time over the step and how many launches.
     pub kernels: Vec<(String, f64, usize)>,
+    /// GEMV blocks per SM, and whether kernels start early (programmatic dependent launch).
+    pub gemv_blocks_per_sm: usize,
+    pub dependent_launches: bool,
 }
 
 /// What a step hands back.
@@ -166,7 +240,6 @@ pub struct GraphDecoder {
     h: u64,
     stats: u64,
     qkv: u64,
-    attn_out: u64,
     fc_out: u64,
     parts: u64,
     chunk_acc: u64,
@@ -177,7 +250,13 @@ pub struct GraphDecoder {
     best: u64,
     logits_blocks: usize,
     sms: usize,
+    /// GEMV blocks an SM runs at once (from the kernel's registers and shared memory).
+    gemv_blocks_per_sm: usize,
     logits: u64,
+    /// Keys per attention block, lanes per key, chunks of the longest sequence.
+    attn_chunk: usize,
+    lanes_per_key: usize,
+    max_chunks: usize,
     kernels: Kernels,
     graph: Option<CudaGraph>,
     /// How long the last [`Self::load_cache`] took.
@@ -383,13 +462,21 @@ impl GraphDecoder {
             (g, b, transformer.ln_f.eps as f32)
         };
         let widest = (3 * n_embd).max(inner);
-        let max_chunks = n_positions.div_ceil(ATTN_CHUNK);
+        let (lanes_per_key, attn_chunk) = attention_layout(head_dim);
+        let max_chunks = n_positions.div_ceil(attn_chunk);
         drop(up);
         let sms = context
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| format!("CUDA device {device_index}: {e}"))? as usize;
+        let gemv_blocks_per_sm = kernels
+            .gemv
+            .occupancy_max_active_blocks_per_multiprocessor(GEMV_COLUMNS as u32, 4096, None)
+            .map_err(|e| format!("the decode GEMV's occupancy: {e}"))?
+            .max(1) as usize;
+        // For measuring: size the products' grids for another number of blocks per SM.
+        let gemv_blocks_per_sm = std::env::var("LLAVA_JP_GRAPH_GEMV_BLOCKS_PER_SM").ok().and_then(|v| v.parse().ok()).unwrap_or(gemv_blocks_per_sm);
         for (k_dim, n_dim) in [(n_embd, 3 * n_embd), (n_embd, n_embd), (n_embd, inner), (inner, n_embd)] {
-            let (_, rows) = gemv_splits(k_dim, n_dim, sms);
+            let (_, rows) = gemv_splits(k_dim, n_dim, gemv_blocks_per_sm * sms);
             if rows * 4 > MAX_DYNAMIC_SHARED {
                 return Err(format!("graph decoding: a product over {k_dim} rows needs {rows} rows per block, more than shared memory holds"));
             }
@@ -402,12 +489,11 @@ impl GraphDecoder {
         let h = memory.alloc(n_embd * 4, "the residual stream")?;
         let stats = memory.alloc(n_embd.div_ceil(GEMV_COLUMNS) * 2 * 4, "LayerNorm statistics")?;
         let qkv = memory.alloc(3 * n_embd * 4, "q, k, v")?;
-        let attn_out = memory.alloc(n_embd * 4, "the attention's output")?;
         let fc_out = memory.alloc(inner * 4, "the MLP's activations")?;
         let parts = memory.alloc(GEMV_MAX_SPLITS * widest * 4, "GEMV partial sums")?;
         let chunk_acc = memory.alloc(n_head * max_chunks * head_dim * 4, "attention chunks")?;
         let chunk_ml = memory.alloc(n_head * max_chunks * 2 * 4, "attention chunk maxima")?;
-        let n_counters = widest.div_ceil(GEMV_COLUMNS).max(n_head).max(1);
+        let n_counters = widest.div_ceil(GEMV_COLUMNS).max(1);
         let counters = memory.alloc(n_counters * 4, "block counters")?;
         // SAFETY: `counters` holds n_counters i32s; the kernels expect them zero.
         unsafe { result::memset_d8_sync(counters, 0, n_counters * 4) }.map_err(|e| format!("zeroing the block counters: {e}"))?;
@@ -426,7 +512,6 @@ impl GraphDecoder {
             h,
             stats,
             qkv,
-            attn_out,
             fc_out,
             parts,
             chunk_acc,
@@ -435,7 +520,11 @@ impl GraphDecoder {
             best,
             logits_blocks,
             sms,
+            gemv_blocks_per_sm,
             logits,
+            attn_chunk,
+            lanes_per_key,
+            max_chunks,
             kernels,
             graph: None,
             last_cache_load: std::time::Duration::ZERO,
@@ -607,32 +696,39 @@ impl GraphDecoder {
         let end = event()?;
         let graph_ms = start.elapsed_ms(&end).map_err(|e| e.to_string())? as f64 / replays.max(1) as f64;
         let launched_ms = kernels.iter().map(|k| k.1).sum();
-        Ok(DecodeProfile { graph_step_ms: graph_ms, launched_step_ms: launched_ms, kernels })
+        Ok(DecodeProfile {
+            graph_step_ms: graph_ms,
+            launched_step_ms: launched_ms,
+            kernels,
+            gemv_blocks_per_sm: self.gemv_blocks_per_sm,
+            dependent_launches: self.kernels.dependent,
+        })
     }
 
     /// The step's kernels in order: captured into the graph, or launched one by one between
     /// timing events (`marks`, for [`Self::profile`]).
     fn launch_step(&self, marks: Option<&std::cell::RefCell<Vec<(&'static str, cudarc::driver::CudaEvent)>>>) -> Result<(), String> {
         let DecoderShape { n_embd, n_head, inner, vocab, n_positions, .. } = self.shape;
+        self.memory.context.bind_to_thread().map_err(|e| e.to_string())?;
         let k = &self.kernels;
         let s = &self.stream;
-        let launch = |name: &'static str, result: Result<Option<_>, cudarc::driver::DriverError>| {
+        let launch = |name: &'static str, result: Result<(), DriverError>| {
             result.map_err(|e| format!("decode kernel {name}: {e}"))?;
             if let Some(marks) = marks {
-                let event = s.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| e.to_string())?;
+                let event = s.record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| e.to_string())?;
                 marks.borrow_mut().push((name, event));
             }
             Ok::<(), String>(())
         };
         let (d, head_dim) = (n_embd as i32, (n_embd / n_head) as i32);
-        let max_chunks = n_positions.div_ceil(ATTN_CHUNK) as i32;
+        let (attn_chunk, lanes_per_key, max_chunks) = (self.attn_chunk as i32, self.lanes_per_key as i32, self.max_chunks as i32);
         let n_pos = n_positions as i32;
-        // SAFETY (every launch): the arguments are the kernels' parameters in order, device
-        // addresses of buffers sized in `new` for these shapes.
-        unsafe {
-            let config = LaunchConfig { grid_dim: (n_embd.div_ceil(GEMV_COLUMNS) as u32, 1, 1), block_dim: (GEMV_COLUMNS as u32, 1, 1), shared_mem_bytes: 0 };
-            launch("embed", s.launch_builder(&k.embed).arg(&self.state).arg(&self.wte).arg(&self.wpe).arg(&self.h).arg(&self.stats).arg(&d).launch(config))?;
-        }
+        // The first kernel follows the host's copy of the state, not a kernel.
+        let grid = (n_embd.div_ceil(GEMV_COLUMNS) as u32, 1);
+        let mut params = params![&self.state, &self.wte, &self.wpe, &self.h, &self.stats, &d];
+        // SAFETY (every launch): the parameters are the kernels' in order, device addresses of
+        // buffers sized in `new` for these shapes.
+        launch("embed", unsafe { launch_kernel(&k.embed, s, grid, GEMV_COLUMNS as u32, 0, false, &mut params) })?;
         let base = GemvArgs {
             x: 0,
             h: self.h,
@@ -644,6 +740,12 @@ impl GraphDecoder {
             parts: self.parts,
             out: 0,
             counters: self.counters,
+            state: self.state,
+            chunk_acc: self.chunk_acc,
+            chunk_ml: self.chunk_ml,
+            head_dim,
+            attn_chunk,
+            max_chunks,
             k_dim: 0,
             n_dim: 0,
             rows_per_split: 0,
@@ -651,84 +753,74 @@ impl GraphDecoder {
             epilogue: EPILOGUE_STORE,
             activation: self.activation,
         };
-        // One product: `input` is x (PROLOGUE_PLAIN) or LayerNorm(h) with (gamma, beta, eps).
-        let gemv = |name: &'static str, (w, bias): (u64, u64), k_dim: usize, n_dim: usize, input: Result<u64, (u64, u64, f32)>, epilogue: i32, out: u64| {
-            let (splits, rows) = gemv_splits(k_dim, n_dim, self.sms);
+        let gemv = |name: &'static str, (w, bias): (u64, u64), k_dim: usize, n_dim: usize, input: Input, epilogue: i32, out: u64| {
+            let (splits, rows) = gemv_splits(k_dim, n_dim, self.gemv_blocks_per_sm * self.sms);
             let mut args = GemvArgs { bias, out, k_dim: k_dim as i32, n_dim: n_dim as i32, rows_per_split: rows as i32, epilogue, ..base };
             match input {
-                Ok(x) => args.x = x,
-                Err((gamma, beta, eps)) => {
+                Input::Vector(x) => args.x = x,
+                Input::LayerNorm(gamma, beta, eps) => {
                     args.prologue = PROLOGUE_LAYERNORM;
                     (args.gamma, args.beta, args.eps) = (gamma, beta, eps);
                 }
+                Input::Attention => args.prologue = PROLOGUE_ATTENTION,
             }
-            let config = LaunchConfig {
-                grid_dim: (n_dim.div_ceil(GEMV_COLUMNS) as u32, splits as u32, 1),
-                block_dim: (GEMV_COLUMNS as u32, 1, 1),
-                shared_mem_bytes: (rows * 4) as u32,
-            };
-            unsafe { launch(name, s.launch_builder(&k.gemv).arg(&args).arg(&w).launch(config)) }
+            let grid = (n_dim.div_ceil(GEMV_COLUMNS) as u32, splits as u32);
+            let mut params = params![&args, &w];
+            launch(name, unsafe { launch_kernel(&k.gemv, s, grid, GEMV_COLUMNS as u32, (rows * 4) as u32, k.dependent, &mut params) })
         };
-        let attention_config = LaunchConfig { grid_dim: (n_head as u32, max_chunks as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
         for layer in &self.layers {
-            let ln_1 = Err((layer.ln_1.0, layer.ln_1.1, layer.eps.0));
+            let ln_1 = Input::LayerNorm(layer.ln_1.0, layer.ln_1.1, layer.eps.0);
             gemv("attn.c_attn", layer.c_attn, n_embd, 3 * n_embd, ln_1, EPILOGUE_STORE, self.qkv)?;
-            unsafe {
-                launch(
-                    "attention",
-                    s.launch_builder(&k.attention)
-                        .arg(&self.state)
-                        .arg(&self.qkv)
-                        .arg(&layer.k_cache)
-                        .arg(&layer.v_cache)
-                        .arg(&self.chunk_acc)
-                        .arg(&self.chunk_ml)
-                        .arg(&self.counters)
-                        .arg(&self.attn_out)
-                        .arg(&d)
-                        .arg(&head_dim)
-                        .arg(&n_pos)
-                        .arg(&max_chunks)
-                        .arg(&layer.scale)
-                        .launch(attention_config),
-                )?;
-            }
-            gemv("attn.c_proj", layer.attn_proj, n_embd, n_embd, Ok(self.attn_out), EPILOGUE_RESIDUAL, 0)?;
-            let ln_2 = Err((layer.ln_2.0, layer.ln_2.1, layer.eps.1));
+            let mut params = params![
+                &self.state,
+                &self.qkv,
+                &layer.k_cache,
+                &layer.v_cache,
+                &self.chunk_acc,
+                &self.chunk_ml,
+                &d,
+                &head_dim,
+                &n_pos,
+                &max_chunks,
+                &attn_chunk,
+                &lanes_per_key,
+                &layer.scale,
+            ];
+            let grid = (n_head as u32, max_chunks as u32);
+            launch("attention", unsafe { launch_kernel(&k.attention, s, grid, ATTN_THREADS as u32, 0, k.dependent, &mut params) })?;
+            gemv("attn.c_proj", layer.attn_proj, n_embd, n_embd, Input::Attention, EPILOGUE_RESIDUAL, 0)?;
+            let ln_2 = Input::LayerNorm(layer.ln_2.0, layer.ln_2.1, layer.eps.1);
             gemv("mlp.c_fc", layer.c_fc, n_embd, inner, ln_2, EPILOGUE_ACTIVATE, self.fc_out)?;
-            gemv("mlp.c_proj", layer.mlp_proj, inner, n_embd, Ok(self.fc_out), EPILOGUE_RESIDUAL, 0)?;
+            gemv("mlp.c_proj", layer.mlp_proj, inner, n_embd, Input::Vector(self.fc_out), EPILOGUE_RESIDUAL, 0)?;
         }
         let v = vocab as i32;
         let (gamma, beta, eps) = self.ln_f;
-        let config = LaunchConfig { grid_dim: (self.logits_blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: (n_embd * 4) as u32 };
-        unsafe {
-            launch(
-                "ln_f + logits + arg max",
-                s.launch_builder(&k.logits)
-                    .arg(&self.h)
-                    .arg(&self.stats)
-                    .arg(&gamma)
-                    .arg(&beta)
-                    .arg(&eps)
-                    .arg(&self.lm_head)
-                    .arg(&self.logits)
-                    .arg(&self.best)
-                    .arg(&self.counters)
-                    .arg(&self.state)
-                    .arg(&v)
-                    .arg(&d)
-                    .launch(config),
-            )?;
-        }
-        Ok(())
+        let mut params = params![
+            &self.h,
+            &self.stats,
+            &gamma,
+            &beta,
+            &eps,
+            &self.lm_head,
+            &self.logits,
+            &self.best,
+            &self.counters,
+            &self.state,
+            &v,
+            &d,
+        ];
+        let grid = (self.logits_blocks as u32, 1);
+        let shared = (n_embd * 4) as u32;
+        launch("ln_f + logits + arg max", unsafe { launch_kernel(&k.logits, s, grid, 256, shared, k.dependent, &mut params) })
     }
 }
 
-/// A product's row splits and rows per split: enough blocks for two per SM where the rows
-/// allow, each split a multiple of eight rows (one per warp of the block).
-fn gemv_splits(k_dim: usize, n_dim: usize, sms: usize) -> (usize, usize) {
+/// A product's row splits and rows per split: no more blocks than `slots` (the GPU's blocks
+/// at once: a second, partial wave would cost a whole one's latency), each split a multiple
+/// of eight rows (one per warp of the block).
+fn gemv_splits(k_dim: usize, n_dim: usize, slots: usize) -> (usize, usize) {
     let column_blocks = n_dim.div_ceil(GEMV_COLUMNS).max(1);
-    let splits = (2 * sms).div_ceil(column_blocks).clamp(1, GEMV_MAX_SPLITS).min(k_dim.div_ceil(GEMV_MIN_ROWS).max(1));
+    let splits = (slots / column_blocks).clamp(1, GEMV_MAX_SPLITS).min(k_dim.div_ceil(GEMV_MIN_ROWS).max(1));
     let rows = k_dim.div_ceil(splits).div_ceil(8) * 8;
     (k_dim.div_ceil(rows).max(1), rows.max(8))
 }
@@ -743,11 +835,24 @@ impl Drop for GraphDecoder {
 
 impl Kernels {
     fn load(context: &Arc<CudaContext>, bf16: bool) -> Result<Self, String> {
-        let ptx = cudarc::nvrtc::compile_ptx(SOURCE).map_err(|e| format!("NVRTC on src/graph_decode.cu: {e:?}"))?;
+        let major = context
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+            .map_err(|e| format!("the CUDA device's compute capability: {e}"))?;
+        // Programmatic dependent launches need sm_90's `griddepcontrol`; the switch is there to
+        // measure what they bring.
+        let dependent = major >= 9 && std::env::var("LLAVA_JP_GRAPH_PDL").map_or(true, |v| v != "0");
+        let mut options: Vec<String> = if dependent { vec!["-DGRAPH_DECODE_PDL=1".into()] } else { vec![] };
+        // For measuring variants without a rebuild, e.g. "-DGEMV_UNROLL=16".
+        if let Ok(extra) = std::env::var("LLAVA_JP_GRAPH_NVRTC_OPTIONS") {
+            options.extend(extra.split_whitespace().map(String::from));
+        }
+        let options = cudarc::nvrtc::CompileOptions { arch: dependent.then_some("compute_90"), options, ..Default::default() };
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, options).map_err(|e| format!("NVRTC on src/graph_decode.cu: {e:?}"))?;
         let module = context.load_module(ptx).map_err(|e| format!("loading the decode kernels: {e}"))?;
         let suffix = if bf16 { "bf16" } else { "f32" };
         let function = |name: String| module.load_function(&name).map_err(|e| format!("decode kernel {name}: {e}"));
         Ok(Kernels {
+            dependent,
             embed: function(format!("embed_{suffix}"))?,
             gemv: function(format!("gemv_{suffix}"))?,
             attention: function(format!("attention_{suffix}"))?,
