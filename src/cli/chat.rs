@@ -53,8 +53,8 @@ pub struct GenerationArgs {
     pub seed: u64,
     /// `graph`: on the cuda backend, a single question decodes through a CUDA graph of the
     /// project's own kernels (several times faster at batch 1); `eager`: burn's operations;
-    /// `auto`: `graph` on the cuda backend for a model it takes, `eager` otherwise.
-    #[arg(long, default_value = "eager", value_parser = ["auto", "eager", "graph"])]
+    /// `auto` (the default): `graph` on the cuda backend for a model it takes, `eager` otherwise.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "eager", "graph"])]
     pub decode: String,
 }
 

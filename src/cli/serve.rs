@@ -45,8 +45,9 @@ pub struct ServeArgs {
     pub max_queue: usize,
     /// `graph`: on the cuda backend, requests decode through a CUDA graph of the project's own
     /// kernels (several times faster; requests are answered one at a time, at batch 1 anyway);
-    /// `eager`: burn's operations; `auto`: `graph` on the cuda backend where it takes the model.
-    #[arg(long, default_value = "eager", value_parser = ["auto", "eager", "graph"])]
+    /// `eager`: burn's operations; `auto` (the default): `graph` on the cuda backend where it
+    /// takes the model.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "eager", "graph"])]
     pub decode: String,
 }
 
