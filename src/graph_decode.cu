@@ -12,10 +12,11 @@
 // softmax per chunk of keys, merged by attn.c_proj's blocks as they read their rows. So no
 // kernel exists only to add up, normalise, merge or activate: a step is 5 x layers + 2 launches.
 //
-// On sm_90 and later (GRAPH_DECODE_PDL) the kernels are launched as programmatic dependents:
-// a kernel's blocks start while the kernel before finishes, fetch what does not depend on it
-// (their weights into L2, the cache's older keys and values into registers) and only then
-// wait for it, so the memory stays busy across kernel boundaries.
+// On sm_90 and later (GRAPH_DECODE_PDL) every kernel after `embed` is launched as a
+// programmatic dependent: its blocks start while the kernel before finishes, load what does
+// not depend on it (a GEMV its first weight rows, the attention the cache's older keys and
+// values, into registers; the logits kernel asks L2 for its first rows) and only then wait for
+// it, so the memory stays busy across kernel boundaries.
 
 typedef unsigned short bf16;
 #define NEG_INF __int_as_float(0xff800000)
@@ -75,7 +76,7 @@ __device__ __forceinline__ void load_raw8(const float* p, Raw8<float>& r) {
     r.a = *reinterpret_cast<const float4*>(p);
     r.b = *reinterpret_cast<const float4*>(p + 4);
 }
-// The first `m` (< 8) values of an unaligned row, the rest zero.
+// The first `m` (at most 8) values of an unaligned row, the rest zero.
 __device__ __forceinline__ void load_some8(const bf16* p, int m, Raw8<bf16>& r) {
     unsigned v[8];
 #pragma unroll
@@ -104,7 +105,7 @@ template <typename T> __device__ __forceinline__ void zero8(Raw8<T>& r);
 template <> __device__ __forceinline__ void zero8(Raw8<bf16>& r) { r.u = make_uint4(0, 0, 0, 0); }
 template <> __device__ __forceinline__ void zero8(Raw8<float>& r) { r.a = r.b = make_float4(0.f, 0.f, 0.f, 0.f); }
 
-// Eight consecutive values, 16-byte aligned (bf16) or 32-byte aligned (float).
+// Eight consecutive values, 16-byte aligned.
 __device__ __forceinline__ void unpack8(uint4 u, float out[8]) {
     unsigned w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
@@ -380,6 +381,8 @@ __device__ void gemv(const GemvArgs& a, const T* w) {
 // values in registers, loaded before the wait (the step's own key, not yet in the cache, is
 // taken from qkv after it and written to the cache). The block leaves its chunk's softmax
 // numerator (un-normalised, against the chunk's max) and its (max, sum) for attn.c_proj.
+// `chunk` must be ATTN_ITERS x (ATTN_THREADS / lanes_per_key), as `attention_layout` in
+// src/graph_decode.rs makes it: a block covers no more keys than that.
 #define ATTN_THREADS 128
 #define ATTN_WARPS (ATTN_THREADS / 32)
 #define ATTN_ITERS 8

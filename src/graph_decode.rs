@@ -2,8 +2,9 @@
 //! bounds eager decoding near 50 tokens/s on an H200, however fast the kernels are; here a decode
 //! step's kernels (`src/graph_decode.cu`: five per layer, LayerNorms, bias, activation,
 //! residual and the attention's merge folded into the products) are captured once and each
-//! token replays them with one launch. On sm_90 and later each kernel is a programmatic
-//! dependent of the one before, so it starts early and prefetches its weights. The kernels
+//! token replays them with one launch. On sm_90 and later each kernel after the first is a
+//! programmatic dependent of the one before, so it starts early and loads its first weights
+//! (or the cache's older rows) while that one finishes. The kernels
 //! read the token and its position from device memory and the last one writes the next
 //! (greedy) token and position there, so a greedy step costs the host one launch and a 4-byte
 //! read.
@@ -73,9 +74,6 @@ struct GemvArgs {
     activation: i32,
 }
 
-// SAFETY: plain old data with the C struct's layout (`#[repr(C)]`, fields in its order).
-unsafe impl cudarc::driver::DeviceRepr for GemvArgs {}
-
 const PROLOGUE_PLAIN: i32 = 0;
 const PROLOGUE_LAYERNORM: i32 = 1;
 const PROLOGUE_ATTENTION: i32 = 2;
@@ -84,7 +82,8 @@ const EPILOGUE_ACTIVATE: i32 = 1;
 const EPILOGUE_RESIDUAL: i32 = 2;
 
 /// The attention's layout for heads `head_dim` wide: lanes reading a key (eight dimensions
-/// each, a power of two) and keys per block.
+/// each, a power of two) and keys per block, which is what a block of the kernel covers
+/// (ATTN_ITERS keys a thread): the kernel and attn.c_proj's merge take it from here.
 fn attention_layout(head_dim: usize) -> (usize, usize) {
     let lanes_per_key = head_dim.div_ceil(8).next_power_of_two().clamp(1, 32);
     (lanes_per_key, ATTN_ITERS * ATTN_THREADS / lanes_per_key)
@@ -134,7 +133,9 @@ unsafe fn launch_kernel(
     sys::cuLaunchKernelEx(&config, function.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()).result()
 }
 
-/// Kernel parameters as `cuLaunchKernelEx` takes them: the address of each argument.
+/// Kernel parameters as `cuLaunchKernelEx` takes them: the address of each argument. Nothing
+/// checks the types: each must be the kernel parameter's exact type (i32, f32, a u64 device
+/// address or `GemvArgs`), and live until the launch returns.
 macro_rules! params {
     ($($arg:expr),* $(,)?) => { [$(($arg) as *const _ as *mut c_void),*] };
 }
@@ -206,7 +207,8 @@ pub struct DecoderShape {
 pub struct DecodeProfile {
     /// One replay of the captured graph.
     pub graph_step_ms: f64,
-    /// The kernels launched one by one (launch gaps included).
+    /// The kernels launched one by one (launch gaps included, and no overlap between them:
+    /// a timing event sits between each two, programmatic launch or not).
     pub launched_step_ms: f64,
     /// Per kernel: total time over the step and how many launches.
     pub kernels: Vec<(String, f64, usize)>,
@@ -244,7 +246,8 @@ pub struct GraphDecoder {
     parts: u64,
     chunk_acc: u64,
     chunk_ml: u64,
-    /// Which blocks have finished, per column block or head (reset by the last).
+    /// Which blocks have finished, per GEMV column block (`[0]` also for the logits blocks),
+    /// reset by the last.
     counters: u64,
     /// Each logits block's best (value, index).
     best: u64,
