@@ -5,7 +5,8 @@
 //! both on the GPU machine: `model-import/scripts/gpu_bench_generate.sh`.
 //!
 //!     cargo bench --bench generate [-- --config configs/tiny.json --backends flex,wgpu
-//!         --dtype f32 --batches 1,8 --text-tokens 8 --new-tokens 16 --runs 3 --decode graph]
+//!         --dtype f32 --batches 1,8 --text-tokens 8 --new-tokens 16 --runs 3 --decode graph
+//!         --graph-vision off]
 //!
 //! Prints one JSON line per (backend, batch): medians over `--runs` after one warm-up run.
 use std::path::PathBuf;
@@ -26,6 +27,8 @@ struct Settings {
     dtype: FloatType,
     /// Batch 1 on CUDA through the graph decoder (`src/graph_decode.rs`) instead of burn.
     graph: bool,
+    /// The graph decoder encodes images too (`--graph-vision off`: burn does).
+    graph_vision: bool,
 }
 
 struct BenchJob<'a>(&'a Settings, BackendKind);
@@ -51,7 +54,13 @@ impl BackendJob for BenchJob<'_> {
         let graph = s.graph && backend == BackendKind::Cuda;
         #[cfg(feature = "cuda")]
         if graph {
-            let decoder = llava_jp::graph_decode::GraphDecoder::new(&model.transformer, model.lm_head.as_ref(), 0).expect("graph decoder");
+            let mut decoder = llava_jp::graph_decode::GraphDecoder::new(&model.transformer, model.lm_head.as_ref(), 0).expect("graph decoder");
+            if s.graph_vision {
+                match decoder.vision_unsupported(&model) {
+                    None => decoder.add_vision(&model).expect("the decoder's vision tower"),
+                    Some(why) => eprintln!("images encoded by burn: {why}"),
+                }
+            }
             gen.graph_decoder = Some(std::sync::Arc::new(std::sync::Mutex::new(decoder)));
             // Where a step's time goes, at the benchmark's prompt length (before the runs, so the
             // numbers do not depend on what the runs left in the cache).
@@ -65,6 +74,40 @@ impl BackendJob for BenchJob<'_> {
                 })),
                 Err(e) => eprintln!("graph decode profile: {e}"),
             }
+            // At full size the decoder's own prefill against burn's, on the first token's
+            // logits (the tests compare them on small models).
+            let decoder = gen.graph_decoder.clone().unwrap();
+            let on = decoder.lock().unwrap().prefill_unsupported().is_none();
+            if on {
+                let first = |prefill: bool| {
+                    decoder.lock().unwrap().set_prefill(prefill);
+                    let once = GenerationConfig { max_new_tokens: 1, keep_logits: true, ..gen.clone() };
+                    generate(&model, &[prompt(0)], &once, None, &mut |_, _| {}).expect("first token").0.remove(0)
+                };
+                let (burn, ours) = (first(false), first(true));
+                let (a, b) = (&burn.logits[0], &ours.logits[0]);
+                let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+                println!("{}", serde_json::json!({
+                    "side": "ours", "profile": "prefill against burn's", "first_token_same": burn.tokens == ours.tokens,
+                    "logits_max_abs_diff": worst, "logits_scale": scale,
+                }));
+            } else {
+                eprintln!("the graph decoder does not prefill: {:?}", decoder.lock().unwrap().prefill_unsupported());
+            }
+        }
+        // Time to first token's first part: the vision tower and projector alone (burn).
+        {
+            let pixels: Vec<f32> = prompt(0).images.concat();
+            let encode = || {
+                let started = std::time::Instant::now();
+                let px = burn::tensor::Tensor::<B, 4>::from_data(burn::tensor::TensorData::new(pixels.clone(), [1, 3, size, size]), &device);
+                let _ = model.encode_images(px).into_data();
+                started.elapsed()
+            };
+            encode();
+            let times: Vec<Duration> = (0..s.runs.max(1)).map(|_| encode()).collect();
+            println!("{}", serde_json::json!({"side": "ours", "profile": "encode images", "backend": backend.to_string(), "batch": 1, "ms": median_ms(&times)}));
         }
         for &batch in &s.batches {
             let prompts: Vec<Prompt> = (0..batch).map(prompt).collect();
@@ -123,6 +166,7 @@ fn main() {
         runs: 3,
         dtype: FloatType::F32,
         graph: false,
+        graph_vision: true,
     };
     let mut backends = vec![BackendKind::Flex, BackendKind::Wgpu];
     let mut args = std::env::args().skip(1);
@@ -141,6 +185,13 @@ fn main() {
                     "graph" => true,
                     "eager" => false,
                     other => panic!("--decode {other}: expected `eager` or `graph`"),
+                }
+            }
+            "--graph-vision" => {
+                s.graph_vision = match value().as_str() {
+                    "on" => true,
+                    "off" => false,
+                    other => panic!("--graph-vision {other}: expected `on` or `off`"),
                 }
             }
             "--bench" => {}

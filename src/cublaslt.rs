@@ -342,6 +342,8 @@ struct Plan {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Problem {
     dtype: sys::cudaDataType_t,
+    /// The output's type: `dtype`, or f32 for products whose f32 sums are read unrounded.
+    out_dtype: sys::cudaDataType_t,
     transposed: (bool, bool),
     /// m, n, k of the column-major product D = op(X) · op(Y).
     mnk: (u64, u64, u64),
@@ -352,7 +354,7 @@ struct Problem {
 impl Plan {
     /// Descriptors for `problem` and the heuristic's algorithm for them.
     fn new(handle: sys::cublasLtHandle_t, problem: &Problem) -> Result<Plan, String> {
-        let Problem { dtype, transposed: (tx, ty), mnk: (m, n, k), lds: (ldx, ldy, ldd), alignments } = *problem;
+        let Problem { dtype, out_dtype, transposed: (tx, ty), mnk: (m, n, k), lds: (ldx, ldy, ldd), alignments } = *problem;
         // Row counts and column counts of the operands as they lie in memory.
         let (x_dims, y_dims) = (if tx { (k, m) } else { (m, k) }, if ty { (n, k) } else { (k, n) });
         // SAFETY: descriptors made here are destroyed here on failure, or kept in the plan.
@@ -368,8 +370,8 @@ impl Plan {
                     let op: i32 = t as i32; // CUBLAS_OP_N = 0, CUBLAS_OP_T = 1
                     lt::set_matmul_desc_attribute(desc, attr, (&op as *const i32).cast(), 4)?;
                 }
-                for (rows, cols, ld) in [(x_dims.0, x_dims.1, ldx), (y_dims.0, y_dims.1, ldy), (m, n, ldd)] {
-                    made.push(lt::create_matrix_layout(dtype, rows, cols, ld)?);
+                for (t, rows, cols, ld) in [(dtype, x_dims.0, x_dims.1, ldx), (dtype, y_dims.0, y_dims.1, ldy), (out_dtype, m, n, ldd)] {
+                    made.push(lt::create_matrix_layout(t, rows, cols, ld)?);
                 }
                 let layouts = (made[0], made[1], made[2]);
                 let algorithm = pick_algorithm(handle, desc, layouts, alignments)?;
@@ -525,6 +527,7 @@ fn enqueue(
     };
     let problem = Problem {
         dtype: data_type,
+        out_dtype: data_type,
         transposed: (x.transposed, y.transposed),
         mnk: (n as u64, m as u64, k as u64),
         lds: (x.ld, y.ld, ldd),
@@ -832,6 +835,107 @@ unsafe fn pick_algorithm(
     })();
     let _ = lt::destroy_matmul_pref(pref);
     result
+}
+
+/// Products on raw device memory for kernels that run outside burn (the graph decoder's
+/// prefill): row-major `out[m, n] = a[m, k] · w[k, n]` with bf16 operands and f32 sums and
+/// output, queued on the caller's stream. It has its own handle, workspace and plans, in the
+/// CUDA context bound to the thread that makes it.
+pub(crate) struct RawGemm {
+    context: Arc<CudaContext>,
+    handle: sys::cublasLtHandle_t,
+    workspace: u64,
+    plans: HashMap<Problem, Plan>,
+}
+
+// Plain data used by one thread at a time (its owner sits behind a mutex).
+unsafe impl Send for RawGemm {}
+
+impl RawGemm {
+    pub(crate) fn new(context: &Arc<CudaContext>) -> Result<Self, String> {
+        // SAFETY: only asks the loader whether the library can be opened.
+        if !unsafe { sys::is_culib_present() } {
+            return Err("libcublasLt.so could not be loaded (is the CUDA toolkit's lib64 on LD_LIBRARY_PATH?)".into());
+        }
+        context.bind_to_thread().map_err(|e| format!("CUDA device: {e}"))?;
+        let handle = lt::create_handle().map_err(|e| format!("cublasLtCreate: {e}"))?;
+        // SAFETY: a plain allocation in the bound context, freed in `drop`.
+        let workspace = match unsafe { cudarc::driver::result::malloc_sync(WORKSPACE_BYTES) } {
+            Ok(ptr) => ptr,
+            Err(e) => {
+                // SAFETY: made above, used by nothing.
+                let _ = unsafe { lt::destroy_handle(handle) };
+                return Err(format!("cuBLASLt's {WORKSPACE_BYTES}-byte workspace: {e}"));
+            }
+        };
+        Ok(RawGemm { context: context.clone(), handle, workspace, plans: HashMap::new() })
+    }
+
+    /// Queues `out[m, k] = a[m, k] · w[k, n]` (row-major, bf16 `a` and `w`, f32 `out`) on
+    /// `stream`.
+    ///
+    /// # Safety
+    /// `a`, `w` and `out` must be device addresses of at least m·k, k·n and m·n elements in
+    /// this context, `out` overlapping neither, and `stream` belong to the context; the
+    /// product runs after the work queued on `stream` before it.
+    pub(crate) unsafe fn bf16_to_f32(&mut self, stream: &CudaStream, a: u64, w: u64, out: u64, (m, k, n): (usize, usize, usize)) -> Result<(), String> {
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        // Row-major out = a·w is column-major outᵀ = wᵀ·aᵀ: cuBLASLt's first operand is `w`.
+        let problem = Problem {
+            dtype: sys::cudaDataType_t::CUDA_R_16BF,
+            out_dtype: sys::cudaDataType_t::CUDA_R_32F,
+            transposed: (false, false),
+            mnk: (n as u64, m as u64, k as u64),
+            lds: (n as i64, k as i64, n as i64),
+            alignments: (alignment(w), alignment(a), alignment(out)),
+        };
+        let plan = match self.plans.entry(problem) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(Plan::new(self.handle, &problem)?),
+        };
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // SAFETY: the plan describes these operands (the problem is its key); the caller
+        // vouches for the memory; the workspace is used on one stream at a time (the owner's).
+        lt::matmul(
+            self.handle,
+            plan.desc,
+            (&alpha as *const f32).cast(),
+            (&beta as *const f32).cast(),
+            w as *const _,
+            plan.layouts.0,
+            a as *const _,
+            plan.layouts.1,
+            out as *const _,
+            plan.layouts.2,
+            out as *mut _,
+            plan.layouts.2,
+            &plan.algorithm,
+            self.workspace as *mut _,
+            WORKSPACE_BYTES,
+            stream.cu_stream() as sys::cudaStream_t,
+        )
+        .map_err(|e| format!("cublasLtMatmul for {problem:?}: {e}"))
+    }
+}
+
+impl Drop for RawGemm {
+    fn drop(&mut self) {
+        if self.context.bind_to_thread().is_ok() {
+            // SAFETY: the owner has synchronised its stream; nothing uses these any more.
+            unsafe {
+                for plan in self.plans.values() {
+                    let _ = lt::destroy_matmul_desc(plan.desc);
+                    for layout in [plan.layouts.0, plan.layouts.1, plan.layouts.2] {
+                        let _ = lt::destroy_matrix_layout(layout);
+                    }
+                }
+                let _ = lt::destroy_handle(self.handle);
+                let _ = cudarc::driver::result::free_sync(self.workspace);
+            }
+        }
+    }
 }
 
 /// Training: the product's backward is two more products (`dC · Bᵀ`, `Aᵀ · dC`), both routed to

@@ -56,7 +56,7 @@ type Runtime = FusionCubeRuntime<CudaRuntime>;
 /// The float and bool primitive of `Cuda<_>`.
 type Primitive = FusionTensor<Runtime>;
 
-const SOURCE: &str = include_str!("flash_attention.cu");
+pub(crate) const SOURCE: &str = include_str!("flash_attention.cu");
 /// Rows (queries or keys) per block and threads per block: `TILE` and the launch bounds in the
 /// source.
 const BLOCK: usize = 64;

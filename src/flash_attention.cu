@@ -5,6 +5,9 @@
 //   IS_BF16     1 for bf16 operands, 0 for f16
 //   MASK_BYTES  0 (no mask), 1 (burn's u8 bools) or 4 (u32 bools)
 //   DROPOUT     1 to drop probabilities (training's attention dropout), else 0
+//   OUT_TOKEN_MAJOR  optional, 1: the forward writes its output as [batch, query, head, D]
+//               (what the output projection reads) instead of [batch, head, query, D]
+//               (the graph decoder's prefill, `src/graph_decode.rs`)
 // No CUDA headers: operands are raw 16-bit words, conversions are PTX.
 //
 // Forward: one block of four warps takes 64 queries of one (batch, head); each warp keeps 16
@@ -343,6 +346,10 @@ __device__ __forceinline__ void store_rows(u16* out, i64 bh, i64 count, const i6
     }
 }
 
+#ifndef OUT_TOKEN_MAJOR
+#define OUT_TOKEN_MAJOR 0
+#endif
+
 extern "C" __global__ void __launch_bounds__(128) flash_attention_forward(
     const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
     const u8* __restrict__ mask, const u32* __restrict__ seed, u16* __restrict__ out, float* __restrict__ lse,
@@ -448,7 +455,25 @@ extern "C" __global__ void __launch_bounds__(128) flash_attention_forward(
         o[n][2] *= inv[1];
         o[n][3] *= inv[1];
     }
+#if OUT_TOKEN_MAJOR
+    // Row q of head h goes to [b, q, h, :]: the heads of a query side by side.
+    {
+        const int t = (threadIdx.x & 31) & 3;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            if (rows[r] >= p.queries) continue;
+            u16* at = out + ((b * p.queries + rows[r]) * p.heads + h) * D;
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n) {
+                const int col = n * 8 + 2 * t;
+                at[col] = round_one(o[n][2 * r]);
+                at[col + 1] = round_one(o[n][2 * r + 1]);
+            }
+        }
+    }
+#else
     store_rows(out, bh, p.queries, rows, o, 1.f);
+#endif
 }
 
 // The probabilities and score gradients of one 16 x TILE tile, in place: `s` holds scores

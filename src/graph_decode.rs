@@ -11,10 +11,15 @@
 //!
 //! The decoder holds its own copy of the language model's weights (bf16 for a bf16 model, f32
 //! otherwise; LoRA adapters folded in) and a key/value cache for every position, all allocated
-//! once. The prompt is prefilled by the model itself (burn), whose cache is then copied in
-//! (device to device on burn's CUDA backend); every later token runs here. Activations and
-//! their sums are f32 throughout, so a bf16 model decodes slightly more precisely than burn's
-//! bf16 path (which rounds every intermediate).
+//! once. A bf16 model's prompt is prefilled here too ([`GraphDecoder::prefill_prompt`]:
+//! cuBLASLt's products, the flash attention kernel, and src/graph_prefill.cu's row kernels,
+//! launched one by one since the length varies), keys and values going straight into the
+//! cache; with [`GraphDecoder::add_vision`] the images are encoded here as well (the vision
+//! tower's selected layers and the projector, `graph_decode/vision.rs`), so that the time to
+//! the first token is the GPU's, not burn's host work. Otherwise burn prefills and its cache is
+//! copied in (device to device on burn's CUDA backend). Activations and their sums are f32
+//! throughout (the products' operands bf16), so a bf16 model runs slightly more precisely than
+//! burn's bf16 path (which rounds every intermediate).
 //!
 //! Built by the caller from the model it will generate with ([`GraphDecoder::new`]) and handed
 //! to generation in [`crate::infer::GenerationConfig::graph_decoder`]; generation uses it for
@@ -33,6 +38,8 @@ use crate::model::gpt2::{Gpt2Model, KvCache, LmHead};
 use crate::model::nn::{Activation, Conv1D, LayerNorm};
 
 const SOURCE: &str = include_str!("graph_decode.cu");
+/// The prefill's kernels between its products, compiled with `SOURCE` (they use its helpers).
+const PREFILL_SOURCE: &str = include_str!("graph_prefill.cu");
 /// Constants of the source: the attention's threads and keys per thread, the widest head,
 /// GEMV's columns per block (also the residual stream's columns per statistics slot).
 const ATTN_THREADS: usize = 128;
@@ -89,6 +96,31 @@ fn attention_layout(head_dim: usize) -> (usize, usize) {
     (lanes_per_key, ATTN_ITERS * ATTN_THREADS / lanes_per_key)
 }
 
+/// The kernels' code for an activation (`activate` in the source).
+fn activation_code(activation: Activation) -> i32 {
+    match activation {
+        Activation::QuickGelu => 0,
+        Activation::Gelu => 1,
+        Activation::GeluTanh => 2,
+        Activation::Relu => 3,
+        Activation::Silu => 4,
+    }
+}
+
+/// NVRTC's `compute_XY` for a capability; NVRTC wants a 'static name, so each one asked for
+/// is leaked once.
+fn compute_arch(major: i32, minor: i32) -> &'static str {
+    static NAMES: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    let name = format!("compute_{major}{minor}");
+    let mut names = NAMES.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(known) = names.iter().find(|n| **n == name) {
+        return known;
+    }
+    let leaked: &'static str = Box::leak(name.into_boxed_str());
+    names.push(leaked);
+    leaked
+}
+
 /// What a GEMV reads as its input.
 enum Input {
     /// A vector in device memory.
@@ -140,6 +172,9 @@ macro_rules! params {
     ($($arg:expr),* $(,)?) => { [$(($arg) as *const _ as *mut c_void),*] };
 }
 
+// After `params!`, which it uses (macros are in scope from their definition on).
+mod vision;
+
 /// Device memory of the decoder, freed with it.
 struct Memory {
     context: Arc<CudaContext>,
@@ -189,6 +224,16 @@ struct Kernels {
     gemv: CudaFunction,
     attention: CudaFunction,
     logits: CudaFunction,
+    prefill_residual_layernorm: CudaFunction,
+    prefill_split_qkv: CudaFunction,
+    prefill_bias_activation: CudaFunction,
+    prefill_last_row: CudaFunction,
+    prefill_splice: CudaFunction,
+    vision_patches: CudaFunction,
+    vision_embeddings: CudaFunction,
+    vision_take_rows: CudaFunction,
+    /// The device's compute capability (major, minor).
+    capability: (i32, i32),
 }
 
 /// Shapes of the language model the decoder was built from.
@@ -261,6 +306,13 @@ pub struct GraphDecoder {
     lanes_per_key: usize,
     max_chunks: usize,
     kernels: Kernels,
+    /// The prompt prefill's buffers and products, made by the first prefill.
+    prefill: Option<Prefill>,
+    /// The vision tower and projector, when [`Self::add_vision`] copied them.
+    vision: Option<vision::Vision>,
+    /// Whether [`Self::prefill`] runs (`LLAVA_JP_GRAPH_PREFILL=0` or [`Self::set_prefill`]
+    /// turn it off, to measure against burn's prefill).
+    prefill_on: bool,
     graph: Option<CudaGraph>,
     /// How long the last [`Self::load_cache`] took.
     last_cache_load: std::time::Duration,
@@ -292,8 +344,9 @@ fn storage_bytes(data: TensorData, bf16: bool) -> std::borrow::Cow<'static, [u8]
     std::borrow::Cow::Owned(bytes)
 }
 
-/// A prompt cache tensor as a copy reads it: burn's own CUDA storage when the model is on the
-/// fused CUDA backend in the decoder's dtype, else bytes on the host.
+/// A burn tensor (a prompt's cache or embeddings) as a copy or kernel reads it: burn's own CUDA
+/// storage when the model is on the fused CUDA backend in the decoder's dtype, else bytes on
+/// the host.
 enum Source {
     /// The device address of the contiguous tensor, held (`_keep`) so that cubecl keeps its memory.
     Device { ptr: u64, _keep: Box<dyn std::any::Any> },
@@ -301,7 +354,7 @@ enum Source {
 }
 
 impl Source {
-    fn of<B: Backend>(tensor: Tensor<B, 4>, bf16: bool) -> Result<Self, String> {
+    fn of<B: Backend, const D: usize>(tensor: Tensor<B, D>, bf16: bool) -> Result<Self, String> {
         use burn::tensor::TensorPrimitive;
         use burn_cubecl::cubecl::cuda::CudaRuntime;
         use burn_cubecl::cubecl::future::block_on;
@@ -314,8 +367,8 @@ impl Source {
                     // Runs what burn has queued for the tensor, then waits for the GPU to write it.
                     let cube = client.resolve_tensor_float::<burn_cubecl::CubeBackend<CudaRuntime, f32, i32, u8>>(fused);
                     let cube = burn_cubecl::kernel::into_contiguous(cube);
-                    block_on(cube.client.sync()).map_err(|e| format!("waiting for the prompt's cache: {e:?}"))?;
-                    let resource = cube.client.get_resource(cube.handle.clone()).map_err(|e| format!("the prompt cache's memory: {e:?}"))?;
+                    block_on(cube.client.sync()).map_err(|e| format!("waiting for burn's tensor: {e:?}"))?;
+                    let resource = cube.client.get_resource(cube.handle.clone()).map_err(|e| format!("burn's tensor memory: {e:?}"))?;
                     let ptr = resource.resource().ptr;
                     return Ok(Source::Device { ptr, _keep: Box::new((cube, resource)) });
                 }
@@ -379,14 +432,114 @@ impl Uploader<'_> {
     }
 }
 
-/// A decoder for `model`, on the CUDA device its weights are on, ready to hand to generation;
+/// The flash kernel's parameters (`Params` in src/flash_attention.cu: all 64-bit, in order).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct FlashParams {
+    batch: i64,
+    heads: i64,
+    queries: i64,
+    keys: i64,
+    q_stride: [i64; 4],
+    k_stride: [i64; 4],
+    v_stride: [i64; 4],
+    mask_stride: [i64; 4],
+    do_stride: [i64; 4],
+    scale_log2e: i64,
+    scale: i64,
+    drop_below: i64,
+    keep_scale: i64,
+}
+
+/// The flash kernel's queries per block.
+const FLASH_QUERIES: usize = 64;
+/// Widest residual stream `prefill_residual_layernorm` takes (256 threads x 16 values).
+const PREFILL_MAX_WIDTH: usize = 4096;
+
+/// A whole prompt's prefill on the decoder's weights: cuBLASLt's products, the flash attention
+/// kernel, and src/graph_prefill.cu between them, launched one after another on the decoder's
+/// stream (a prompt's length changes from call to call, so no graph; ~7 launches a layer cost
+/// the host microseconds each, where burn's operations cost tens). Keys and values go straight
+/// into the decoder's cache. Its buffers hold the longest prompt the model takes.
+struct Prefill {
+    gemm: crate::cublaslt::RawGemm,
+    _flash_module: Arc<CudaModule>,
+    flash: CudaFunction,
+    /// The residual stream (f32), the products' sums (f32), LayerNorm or activation outputs
+    /// (bf16, the next product's input), q and the attention's output (bf16, [tokens, width]),
+    /// the attention's log-sum-exp (unused here, the kernel writes it).
+    h: u64,
+    y: u64,
+    xn: u64,
+    q: u64,
+    attn: u64,
+    lse: u64,
+    /// A prompt's input embeddings (bf16, [tokens, width]), its images' features (f32, the
+    /// projector's last sums) and where each token's embedding comes from (i32, see
+    /// `prefill_splice`).
+    embeds: u64,
+    features: u64,
+    sources: u64,
+    /// The causal mask (u8, 1 = hidden), `mask_ld` bytes a row, for every position.
+    mask: u64,
+    mask_ld: usize,
+}
+
+impl Prefill {
+    fn new(memory: &mut Memory, kernels: &Kernels, shape: DecoderShape) -> Result<Self, String> {
+        let DecoderShape { n_embd, n_head, inner, n_positions, .. } = shape;
+        let head_dim = n_embd / n_head;
+        let (major, minor) = kernels.capability;
+        let source = format!(
+            "#define HEAD_DIM {head_dim}\n#define IS_BF16 1\n#define MASK_BYTES 1\n#define DROPOUT 0\n#define OUT_TOKEN_MAJOR 1\n{}",
+            crate::flash::SOURCE
+        );
+        let options = cudarc::nvrtc::CompileOptions { arch: Some(compute_arch(major, minor)), ..Default::default() };
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(source, options).map_err(|e| format!("NVRTC on src/flash_attention.cu (head_dim {head_dim}): {e:?}"))?;
+        let module = memory.context.load_module(ptx).map_err(|e| format!("loading the prefill's flash kernel: {e}"))?;
+        let flash = module.load_function("flash_attention_forward").map_err(|e| format!("the prefill's flash kernel: {e}"))?;
+        let gemm = crate::cublaslt::RawGemm::new(&memory.context)?;
+        let widest = (3 * n_embd).max(inner);
+        let mask_ld = n_positions.div_ceil(16) * 16;
+        let mut mask = vec![0u8; n_positions * mask_ld];
+        for (q, row) in mask.chunks_mut(mask_ld).enumerate() {
+            row[q + 1..].fill(1);
+        }
+        let prefill = Prefill {
+            gemm,
+            _flash_module: module,
+            flash,
+            h: memory.alloc(n_positions * n_embd * 4, "the prefill's residual stream")?,
+            y: memory.alloc(n_positions * widest * 4, "the prefill's product sums")?,
+            xn: memory.alloc(n_positions * n_embd.max(inner) * 2, "the prefill's product inputs")?,
+            q: memory.alloc(n_positions * n_embd * 2, "the prefill's queries")?,
+            attn: memory.alloc(n_positions * n_embd * 2, "the prefill's attention output")?,
+            lse: memory.alloc(n_head * n_positions * 4, "the prefill's log-sum-exp")?,
+            embeds: memory.alloc(n_positions * n_embd * 2, "the prompt's input embeddings")?,
+            features: memory.alloc(n_positions * n_embd * 4, "the prompt's image features")?,
+            sources: memory.alloc(n_positions * 4, "the prompt's embedding sources")?,
+            mask: memory.alloc(mask.len(), "the prefill's causal mask")?,
+            mask_ld,
+        };
+        // SAFETY: `mask` holds mask.len() bytes.
+        unsafe { result::memcpy_htod_sync(prefill.mask, &mask) }.map_err(|e| format!("copying the causal mask: {e}"))?;
+        Ok(prefill)
+    }
+}
+
+/// A decoder for `model` (its vision tower and projector too, where supported), on the CUDA
+/// device its weights are on, ready to hand to generation;
 /// an error naming the backend when the model is not on burn's CUDA backend.
 pub fn for_model<B: Backend>(model: &crate::model::LlavaModel<B>) -> Result<std::sync::Arc<std::sync::Mutex<GraphDecoder>>, String> {
     let device = model.transformer.wte.weight.device();
     let Some(cuda) = (&device as &dyn std::any::Any).downcast_ref::<burn::backend::cuda::CudaDevice>() else {
         return Err(format!("graph decoding runs on the cuda backend, not on {device:?}"));
     };
-    let decoder = GraphDecoder::new(&model.transformer, model.lm_head.as_ref(), cuda.index)?;
+    let mut decoder = GraphDecoder::new(&model.transformer, model.lm_head.as_ref(), cuda.index)?;
+    // Images are encoded here too where the kernels take the tower; burn encodes them otherwise.
+    if decoder.vision_unsupported(model).is_none() {
+        decoder.add_vision(model)?;
+    }
     Ok(std::sync::Arc::new(std::sync::Mutex::new(decoder)))
 }
 
@@ -412,13 +565,7 @@ impl GraphDecoder {
         if head_dim > MAX_HEAD_DIM {
             return Err(format!("graph decoding takes heads up to {MAX_HEAD_DIM} wide, this model's are {head_dim}"));
         }
-        let activation = match transformer.h[0].mlp.activation {
-            Activation::QuickGelu => 0,
-            Activation::Gelu => 1,
-            Activation::GeluTanh => 2,
-            Activation::Relu => 3,
-            Activation::Silu => 4,
-        };
+        let activation = activation_code(transformer.h[0].mlp.activation);
         let shape = DecoderShape { n_layer, n_embd, n_head, inner, vocab, n_positions };
 
         let context = CudaContext::new(device_index).map_err(|e| format!("CUDA device {device_index}: {e}"))?;
@@ -532,6 +679,9 @@ impl GraphDecoder {
             lanes_per_key,
             max_chunks,
             kernels,
+            prefill: None,
+            vision: None,
+            prefill_on: std::env::var("LLAVA_JP_GRAPH_PREFILL").map_or(true, |v| v != "0"),
             graph: None,
             last_cache_load: std::time::Duration::ZERO,
             stream,
@@ -620,6 +770,219 @@ impl GraphDecoder {
         Ok(())
     }
 
+    /// Why this decoder cannot prefill a prompt itself, if it cannot: it needs a bf16 model,
+    /// heads a multiple of 16 up to 128 wide (the flash kernel's), a width up to 4096 and an
+    /// sm_80+ GPU, and not to be turned off (then burn prefills instead).
+    pub fn prefill_unsupported(&self) -> Option<String> {
+        let DecoderShape { n_embd, n_head, .. } = self.shape;
+        let head_dim = n_embd / n_head;
+        if !self.prefill_on {
+            Some("turned off (LLAVA_JP_GRAPH_PREFILL=0 or set_prefill)".into())
+        } else if !self.bf16 {
+            Some("the model is f32 (the prefill's products and attention are bf16)".into())
+        } else if head_dim % 16 != 0 || head_dim > 128 {
+            Some(format!("heads are {head_dim} wide (the flash kernel takes multiples of 16 up to 128)"))
+        } else if n_embd > PREFILL_MAX_WIDTH {
+            Some(format!("the width {n_embd} is over {PREFILL_MAX_WIDTH}"))
+        } else if self.kernels.capability.0 < 8 {
+            Some(format!("the GPU is sm_{}{} (the flash kernel needs sm_80+)", self.kernels.capability.0, self.kernels.capability.1))
+        } else {
+            None
+        }
+    }
+
+    /// Turns the decoder's own prefill on or off (off: generation prefills with burn and copies
+    /// burn's cache in).
+    pub fn set_prefill(&mut self, on: bool) {
+        self.prefill_on = on;
+    }
+
+    /// Copies `model`'s vision tower (the layers its features come from) and projector in,
+    /// so that [`Self::prefill_prompt`] encodes images too; errors when
+    /// [`Self::vision_unsupported`] says why not.
+    pub fn add_vision<B: Backend>(&mut self, model: &crate::model::LlavaModel<B>) -> Result<(), String> {
+        if let Some(why) = self.vision_unsupported(model) {
+            return Err(format!("vision: {why}"));
+        }
+        self.memory.context.bind_to_thread().map_err(|e| e.to_string())?;
+        self.vision = Some(vision::Vision::new(model, &mut self.memory, self.kernels.capability)?);
+        Ok(())
+    }
+
+    /// Why this decoder cannot encode `model`'s images itself, if it cannot (the same needs as
+    /// the prefill's).
+    pub fn vision_unsupported<B: Backend>(&self, model: &crate::model::LlavaModel<B>) -> Option<String> {
+        vision::unsupported(model, self.bf16, self.kernels.capability)
+    }
+
+    /// Whether [`Self::prefill_prompt`] takes a prompt with `images` images.
+    pub fn prefills_prompt(&self, images: usize) -> bool {
+        self.prefill_unsupported().is_none() && (images == 0 || self.vision.is_some())
+    }
+
+    /// Prefills a single prompt from its token ids (-200 where each image goes, as
+    /// [`crate::infer::Prompt`] has them) and images (`[3, size, size]` pixel values each),
+    /// encoding the images here too; fills the cache for the decode steps that follow and
+    /// returns the last position's arg max (`greedy`) or logits.
+    pub fn prefill_prompt(&mut self, input_ids: &[i64], images: &[Vec<f32>], greedy: bool) -> Result<StepOutput, String> {
+        if let Some(why) = self.prefill_unsupported() {
+            return Err(format!("prefill: {why}"));
+        }
+        let DecoderShape { n_embd, vocab, n_positions, .. } = self.shape;
+        let placeholders = input_ids.iter().filter(|&&id| id == crate::model::IMAGE_TOKEN_INDEX).count();
+        if placeholders != images.len() {
+            return Err(format!("prefill: {placeholders} image placeholder(s) but {} image(s)", images.len()));
+        }
+        if !images.is_empty() && self.vision.is_none() {
+            return Err("prefill: the prompt has images but the decoder has no vision tower (add_vision)".into());
+        }
+        let image_tokens = self.vision.as_ref().map_or(0, |v| v.image_tokens());
+        let mut sources: Vec<i32> = Vec::with_capacity(input_ids.len() + placeholders * image_tokens);
+        let mut image = 0usize;
+        for (i, &id) in input_ids.iter().enumerate() {
+            if id == crate::model::IMAGE_TOKEN_INDEX {
+                sources.extend((0..image_tokens).map(|r| -((image * image_tokens + r) as i32) - 1));
+                image += 1;
+            } else if id < 0 || id as usize >= vocab {
+                return Err(format!("prefill: token {i} is {id}, outside the vocabulary of {vocab}"));
+            } else {
+                sources.push(id as i32);
+            }
+        }
+        let tokens = sources.len();
+        if tokens == 0 || tokens > n_positions {
+            return Err(format!("prefill: a prompt of {tokens} tokens (images included), expected 1..={n_positions}"));
+        }
+        self.memory.context.bind_to_thread().map_err(|e| e.to_string())?;
+        if self.prefill.is_none() {
+            self.prefill = Some(Prefill::new(&mut self.memory, &self.kernels, self.shape)?);
+        }
+        let pf = self.prefill.as_mut().expect("made above");
+        let s = &self.stream;
+        for (j, pixels) in images.iter().enumerate() {
+            let vision = self.vision.as_ref().expect("checked above");
+            let at = pf.features + (j * image_tokens * n_embd * 4) as u64;
+            vision.encode(&self.kernels, &mut pf.gemm, s, pixels, at).map_err(|e| format!("prefill: image {j}: {e}"))?;
+        }
+        // SAFETY: `sources` holds tokens <= n_positions i32s, as the buffer does; the copy is
+        // synchronous with respect to the host vector.
+        unsafe { result::memcpy_htod_async(pf.sources, &sources, s.cu_stream()) }.map_err(|e| format!("prefill: copying the prompt: {e}"))?;
+        let bias = self.vision.as_ref().map_or(0, |v| v.last_bias());
+        let (t, w) = (tokens as i32, n_embd as i32);
+        let mut params = params![&pf.sources, &self.wte, &pf.features, &bias, &pf.embeds, &t, &w];
+        let grid = ((tokens * n_embd).div_ceil(256) as u32, 1);
+        // SAFETY: the kernel's parameters in order; buffers sized for n_positions tokens.
+        unsafe { launch_kernel(&self.kernels.prefill_splice, s, grid, 256, 0, false, &mut params) }.map_err(|e| format!("prefill kernel splice: {e}"))?;
+        let embeds = pf.embeds;
+        self.run_prefill(embeds, tokens, greedy)
+    }
+
+    /// Prefills a single prompt from its input embeddings (`[tokens, n_embd]`: text and image
+    /// features spliced by burn, no positions added), filling the cache for the decode steps
+    /// that follow, and returns the last position's arg max (`greedy`) or logits. Errors when
+    /// [`Self::prefill_unsupported`] says why not.
+    pub fn prefill<B: Backend>(&mut self, inputs_embeds: Tensor<B, 2>, greedy: bool) -> Result<StepOutput, String> {
+        if let Some(why) = self.prefill_unsupported() {
+            return Err(format!("prefill: {why}"));
+        }
+        let DecoderShape { n_embd, n_positions, .. } = self.shape;
+        let [tokens, width] = inputs_embeds.dims();
+        if width != n_embd || tokens == 0 || tokens > n_positions {
+            return Err(format!("prefill: embeddings of shape [{tokens}, {width}], expected [1..={n_positions}, {n_embd}]"));
+        }
+        self.memory.context.bind_to_thread().map_err(|e| e.to_string())?;
+        if self.prefill.is_none() {
+            self.prefill = Some(Prefill::new(&mut self.memory, &self.kernels, self.shape)?);
+        }
+        let embeds = Source::of(inputs_embeds, true)?;
+        let ptr = match &embeds {
+            Source::Device { ptr, .. } => *ptr,
+            Source::Host(bytes) => {
+                let pf = self.prefill.as_ref().expect("made above");
+                // SAFETY: `embeds` holds n_positions x n_embd bf16s, `bytes` tokens x n_embd.
+                unsafe { result::memcpy_htod_sync(pf.embeds, bytes.as_ref()) }.map_err(|e| format!("copying the prompt's embeddings: {e}"))?;
+                pf.embeds
+            }
+        };
+        let output = self.run_prefill(ptr, tokens, greedy);
+        // burn's memory is held until the stream has read it (`run_prefill` waits for it).
+        drop(embeds);
+        output
+    }
+
+    /// The language model over `tokens` input embeddings at `embeds` (bf16, device), then the
+    /// last position's logits; waits for the stream.
+    fn run_prefill(&mut self, embeds_ptr: u64, tokens: usize, greedy: bool) -> Result<StepOutput, String> {
+        let DecoderShape { n_embd, n_head, inner, n_positions, .. } = self.shape;
+        let pf = self.prefill.as_mut().expect("made above");
+        let k = &self.kernels;
+        let s = &self.stream;
+        let head_dim = n_embd / n_head;
+        let (t, w, inner_i, hd, n_pos) = (tokens as i32, n_embd as i32, inner as i32, head_dim as i32, n_positions as i32);
+        let null = 0u64;
+        let rows_grid = (tokens as u32, 1);
+        let elementwise = |count: usize| ((count.div_ceil(256)) as u32, 1);
+        let run = |name: &str, r: Result<(), DriverError>| r.map_err(|e| format!("prefill kernel {name}: {e}"));
+        // SAFETY (every launch and product): the parameters are the kernels' in order, device
+        // addresses of buffers sized for n_positions tokens (`Prefill::new`, `new`), and
+        // `tokens` <= n_positions; everything runs in order on the decoder's stream.
+        let (gamma, beta) = self.layers[0].ln_1;
+        let eps = self.layers[0].eps.0;
+        let mut params = params![&pf.h, &embeds_ptr, &self.wpe, &null, &null, &gamma, &beta, &eps, &pf.xn, &w];
+        run("embeddings + ln_1", unsafe { launch_kernel(&k.prefill_residual_layernorm, s, rows_grid, 256, 0, false, &mut params) })?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            unsafe { pf.gemm.bf16_to_f32(s, pf.xn, layer.c_attn.0, pf.y, (tokens, n_embd, 3 * n_embd)) }?;
+            let mut params = params![&pf.y, &layer.c_attn.1, &pf.q, &layer.k_cache, &layer.v_cache, &t, &w, &hd, &n_pos];
+            run("split q, k, v", unsafe { launch_kernel(&k.prefill_split_qkv, s, elementwise(tokens * 3 * n_embd), 256, 0, false, &mut params) })?;
+            let cache_head = (n_positions * head_dim) as i64;
+            let flash = FlashParams {
+                batch: 1,
+                heads: n_head as i64,
+                queries: tokens as i64,
+                keys: tokens as i64,
+                q_stride: [(tokens * n_embd) as i64, head_dim as i64, n_embd as i64, 1],
+                k_stride: [n_head as i64 * cache_head, cache_head, head_dim as i64, 1],
+                v_stride: [n_head as i64 * cache_head, cache_head, head_dim as i64, 1],
+                mask_stride: [0, 0, pf.mask_ld as i64, 1],
+                do_stride: [0; 4],
+                scale_log2e: ((layer.scale as f64 * std::f64::consts::LOG2_E) as f32).to_bits() as i64,
+                scale: layer.scale.to_bits() as i64,
+                drop_below: 0,
+                keep_scale: 1f32.to_bits() as i64,
+            };
+            let mut params = params![&pf.q, &layer.k_cache, &layer.v_cache, &pf.mask, &pf.q, &pf.attn, &pf.lse, &flash];
+            let grid = (tokens.div_ceil(FLASH_QUERIES) as u32, n_head as u32);
+            run("flash attention", unsafe { launch_kernel(&pf.flash, s, grid, 128, 0, false, &mut params) })?;
+            unsafe { pf.gemm.bf16_to_f32(s, pf.attn, layer.attn_proj.0, pf.y, (tokens, n_embd, n_embd)) }?;
+            let (gamma, beta) = layer.ln_2;
+            let eps = layer.eps.1;
+            let mut params = params![&pf.h, &null, &null, &pf.y, &layer.attn_proj.1, &gamma, &beta, &eps, &pf.xn, &w];
+            run("attention residual + ln_2", unsafe { launch_kernel(&k.prefill_residual_layernorm, s, rows_grid, 256, 0, false, &mut params) })?;
+            unsafe { pf.gemm.bf16_to_f32(s, pf.xn, layer.c_fc.0, pf.y, (tokens, n_embd, inner)) }?;
+            let mut params = params![&pf.y, &layer.c_fc.1, &pf.xn, &t, &inner_i, &self.activation];
+            run("c_fc bias + activation", unsafe { launch_kernel(&k.prefill_bias_activation, s, elementwise(tokens * inner), 256, 0, false, &mut params) })?;
+            unsafe { pf.gemm.bf16_to_f32(s, pf.xn, layer.mlp_proj.0, pf.y, (tokens, inner, n_embd)) }?;
+            // The next layer's ln_1; after the last layer, the logits kernel normalises the one
+            // row it reads itself.
+            let ((gamma, beta), eps) = match self.layers.get(i + 1) {
+                Some(next) => (next.ln_1, next.eps.0),
+                None => ((0, 0), 0.0),
+            };
+            let mut params = params![&pf.h, &null, &null, &pf.y, &layer.mlp_proj.1, &gamma, &beta, &eps, &pf.xn, &w];
+            run("mlp residual + ln_1", unsafe { launch_kernel(&k.prefill_residual_layernorm, s, rows_grid, 256, 0, false, &mut params) })?;
+        }
+        let last = t - 1;
+        let mut params = params![&pf.h, &last, &self.h, &self.stats, &w];
+        let grid = (n_embd.div_ceil(GEMV_COLUMNS) as u32, 1);
+        run("last row", unsafe { launch_kernel(&k.prefill_last_row, s, grid, GEMV_COLUMNS as u32, 0, false, &mut params) })?;
+        // The logits kernel moves the state on from the last prompt position, as a step does.
+        let state = [0i32, last, 0, 0];
+        // SAFETY: as in `step`.
+        unsafe { result::memcpy_htod_async(self.state, &state, s.cu_stream()) }.map_err(|e| format!("prefill state: {e}"))?;
+        self.launch_logits(false).map_err(|e| format!("prefill kernel ln_f + logits: {e}"))?;
+        self.read_output(greedy)
+    }
+
     /// Runs one step: `token` at `position` (both must follow the cache), and returns the next
     /// token (`greedy`) or the logits.
     pub fn step(&mut self, token: i64, position: usize, greedy: bool) -> Result<StepOutput, String> {
@@ -635,6 +998,13 @@ impl GraphDecoder {
         // synchronises below, and `state` lives until then.
         unsafe { result::memcpy_htod_async(self.state, &state, stream) }.map_err(|e| format!("step state: {e}"))?;
         self.graph.as_ref().expect("captured in new").launch().map_err(|e| format!("decode graph launch: {e}"))?;
+        self.read_output(greedy)
+    }
+
+    /// Waits for the stream and reads what the logits kernel left: the arg max (`greedy`) or
+    /// the logits.
+    fn read_output(&self, greedy: bool) -> Result<StepOutput, String> {
+        let stream = self.stream.cu_stream();
         if greedy {
             let mut out = [0i32; 4];
             // SAFETY: reads the 16-byte state after the graph, on the same stream.
@@ -714,7 +1084,7 @@ impl GraphDecoder {
     /// The step's kernels in order: captured into the graph, or launched one by one between
     /// timing events (`marks`, for [`Self::profile`]).
     fn launch_step(&self, marks: Option<&std::cell::RefCell<Vec<(&'static str, cudarc::driver::CudaEvent)>>>) -> Result<(), String> {
-        let DecoderShape { n_embd, n_head, inner, vocab, n_positions, .. } = self.shape;
+        let DecoderShape { n_embd, n_head, inner, n_positions, .. } = self.shape;
         self.memory.context.bind_to_thread().map_err(|e| e.to_string())?;
         let k = &self.kernels;
         let s = &self.stream;
@@ -799,7 +1169,14 @@ impl GraphDecoder {
             gemv("mlp.c_fc", layer.c_fc, n_embd, inner, ln_2, EPILOGUE_ACTIVATE, self.fc_out)?;
             gemv("mlp.c_proj", layer.mlp_proj, inner, n_embd, Input::Vector(self.fc_out), EPILOGUE_RESIDUAL, 0)?;
         }
-        let v = vocab as i32;
+        launch("ln_f + logits + arg max", self.launch_logits(k.dependent))
+    }
+
+    /// ln_f, the logits and their arg max, from `h` and its statistics; the arg max becomes the
+    /// state's next token and the position moves on.
+    fn launch_logits(&self, dependent: bool) -> Result<(), DriverError> {
+        let DecoderShape { n_embd, vocab, .. } = self.shape;
+        let (v, d) = (vocab as i32, n_embd as i32);
         let (gamma, beta, eps) = self.ln_f;
         let mut params = params![
             &self.h,
@@ -817,7 +1194,9 @@ impl GraphDecoder {
         ];
         let grid = (self.logits_blocks as u32, 1);
         let shared = (n_embd * 4) as u32;
-        launch("ln_f + logits + arg max", unsafe { launch_kernel(&k.logits, s, grid, 256, shared, k.dependent, &mut params) })
+        // SAFETY: the parameters are the kernel's in order, device addresses of buffers sized
+        // in `new`.
+        unsafe { launch_kernel(&self.kernels.logits, &self.stream, grid, 256, shared, dependent, &mut params) }
     }
 }
 
@@ -853,7 +1232,12 @@ impl Kernels {
             options.extend(extra.split_whitespace().map(String::from));
         }
         let options = cudarc::nvrtc::CompileOptions { arch: dependent.then_some("compute_90"), options, ..Default::default() };
-        let ptx = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, options).map_err(|e| format!("NVRTC on src/graph_decode.cu: {e:?}"))?;
+        let minor = context
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
+            .map_err(|e| format!("the CUDA device's compute capability: {e}"))?;
+        let source = format!("{SOURCE}\n{PREFILL_SOURCE}");
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(source, options)
+            .map_err(|e| format!("NVRTC on src/graph_decode.cu and src/graph_prefill.cu: {e:?}"))?;
         let module = context.load_module(ptx).map_err(|e| format!("loading the decode kernels: {e}"))?;
         let suffix = if bf16 { "bf16" } else { "f32" };
         let function = |name: String| module.load_function(&name).map_err(|e| format!("decode kernel {name}: {e}"));
@@ -863,6 +1247,15 @@ impl Kernels {
             gemv: function(format!("gemv_{suffix}"))?,
             attention: function(format!("attention_{suffix}"))?,
             logits: function(format!("logits_{suffix}"))?,
+            prefill_residual_layernorm: function("prefill_residual_layernorm".into())?,
+            prefill_split_qkv: function("prefill_split_qkv".into())?,
+            prefill_bias_activation: function("prefill_bias_activation".into())?,
+            prefill_last_row: function("prefill_last_row".into())?,
+            prefill_splice: function("prefill_splice".into())?,
+            vision_patches: function("vision_patches".into())?,
+            vision_embeddings: function("vision_embeddings".into())?,
+            vision_take_rows: function("vision_take_rows".into())?,
+            capability: (major, minor),
             _module: module,
         })
     }

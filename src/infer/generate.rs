@@ -182,23 +182,10 @@ pub fn generate<B: Backend>(
     let mut done = vec![false; b];
 
     let started = Instant::now();
-    let pixels: Vec<f32> = prompts.iter().flat_map(|p| p.images.iter().flatten().copied()).collect();
     let n_images = prompts.iter().map(|p| p.images.len()).sum::<usize>();
-    let features = (n_images > 0).then(|| {
-        let px = Tensor::<B, 4>::from_data(TensorData::new(pixels, [n_images, 3, image_size, image_size]), &device);
-        model.encode_images(px)
-    });
     let samples: Vec<Sample> = prompts.iter().map(|p| Sample { input_ids: p.input_ids.clone(), labels: None }).collect();
 
     let mut cache = config.use_cache.then(|| model.new_cache());
-    let mut next: Next<B> = Next::Logits(if let Some(cache) = cache.as_mut() {
-        let batch = model.prepare_inputs_padded(&samples, features.clone(), true);
-        let hidden = model.transformer.forward(batch.inputs_embeds, batch.position_ids, batch.key_valid, Some(cache));
-        let [_, t, d] = hidden.dims();
-        model.logits(hidden.slice([0..b, t - 1..t, 0..d]))
-    } else {
-        last_logits_recomputed(model, &samples, features.clone())
-    });
     #[cfg(feature = "cuda")]
     let mut graph_decoder = match (&config.graph_decoder, b, &cache) {
         (Some(decoder), 1, Some(_)) => {
@@ -213,6 +200,49 @@ pub fn generate<B: Backend>(
     // On the graph decoder, greedy steps take the arg max on the GPU.
     #[cfg(feature = "cuda")]
     let device_greedy = config.sampling.is_greedy() && config.sampling.repetition_penalty == 1.0 && !config.keep_logits;
+    // The graph decoder prefills the prompt itself where it can (bf16 models), straight into
+    // its cache, and encodes its images too when it holds the vision tower; burn's prefill
+    // fills burn's cache otherwise, copied in before the first step.
+    #[cfg(feature = "cuda")]
+    let whole_prompt = graph_decoder.as_ref().is_some_and(|(decoder, _)| decoder.prefills_prompt(n_images));
+    #[cfg(not(feature = "cuda"))]
+    let whole_prompt = false;
+    let features = (n_images > 0 && !whole_prompt).then(|| {
+        let pixels: Vec<f32> = prompts.iter().flat_map(|p| p.images.iter().flatten().copied()).collect();
+        let px = Tensor::<B, 4>::from_data(TensorData::new(pixels, [n_images, 3, image_size, image_size]), &device);
+        model.encode_images(px)
+    });
+    #[cfg(feature = "cuda")]
+    let prefilled: Option<Next<B>> = match graph_decoder.as_mut() {
+        Some((decoder, loaded)) if decoder.prefill_unsupported().is_none() => {
+            let output = if whole_prompt {
+                decoder.prefill_prompt(&prompts[0].input_ids, &prompts[0].images, device_greedy)
+            } else {
+                let batch = model.prepare_inputs_padded(&samples, features.clone(), true);
+                let [_, t, d] = batch.inputs_embeds.dims();
+                decoder.prefill(batch.inputs_embeds.reshape([t, d]), device_greedy)
+            };
+            *loaded = true;
+            Some(match output.map_err(GenerateError::GraphDecoder)? {
+                crate::graph_decode::StepOutput::Token(token) => Next::Token(token),
+                crate::graph_decode::StepOutput::Logits(row) => Next::Row(row),
+            })
+        }
+        _ => None,
+    };
+    #[cfg(not(feature = "cuda"))]
+    let prefilled: Option<Next<B>> = None;
+    let mut next: Next<B> = match prefilled {
+        Some(next) => next,
+        None => Next::Logits(if let Some(cache) = cache.as_mut() {
+            let batch = model.prepare_inputs_padded(&samples, features.clone(), true);
+            let hidden = model.transformer.forward(batch.inputs_embeds, batch.position_ids, batch.key_valid, Some(cache));
+            let [_, t, d] = hidden.dims();
+            model.logits(hidden.slice([0..b, t - 1..t, 0..d]))
+        } else {
+            last_logits_recomputed(model, &samples, features.clone())
+        }),
+    };
     let mut stats = GenerationStats::default();
     let mut first = true;
     let mut step = 0usize;
