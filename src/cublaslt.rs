@@ -871,8 +871,9 @@ impl RawGemm {
         Ok(RawGemm { context: context.clone(), handle, workspace, plans: HashMap::new() })
     }
 
-    /// Queues `out[m, k] = a[m, k] · w[k, n]` (row-major, bf16 `a` and `w`, f32 `out`) on
-    /// `stream`.
+    /// Queues `out[m, n] = a[m, k] · w[k, n]` (row-major, bf16 `a` and `w`, f32 `out`) on
+    /// `stream`. A plan is kept per shape: a prompt of a new length costs one heuristic query
+    /// per product shape.
     ///
     /// # Safety
     /// `a`, `w` and `out` must be device addresses of at least m·k, k·n and m·n elements in

@@ -54,8 +54,10 @@ pub struct GenerationArgs {
     /// `graph`: on the cuda backend, a single question decodes through a CUDA graph of the
     /// project's own kernels (several times faster at batch 1); `eager`: burn's operations;
     /// `auto` (the default): `graph` on the cuda backend for a model it takes, `eager` otherwise.
-    /// The graph decoder holds a second copy of the language model's weights and a key/value
-    /// cache for every position on the GPU (about 3 GB at llm-jp-1.3b's size in bf16).
+    /// The graph decoder holds a second copy of the language model's weights (and, for a bf16
+    /// model, of the vision tower and projector, to encode and prefill the prompt itself) and a
+    /// key/value cache for every position on the GPU (about 4 GB at LLaVA-JP 1.3b's size in
+    /// bf16).
     #[arg(long, default_value = "auto", value_parser = ["auto", "eager", "graph"])]
     pub decode: String,
 }

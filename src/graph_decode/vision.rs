@@ -72,11 +72,13 @@ pub(super) fn unsupported<B: Backend>(model: &LlavaModel<B>, bf16: bool, capabil
     }
 }
 
+/// A PyTorch `Linear` (weight `[out, in]`) as the products take it: weight `[in, out]`, bias
+/// f32 (zeros when it has none).
 fn linear<B: Backend>(up: &mut Uploader, l: &Linear<B>, what: &str) -> Result<(u64, u64), String> {
-    let weight = up.values(l.weight.val(), true, what)?;
+    let weight = up.values(l.weight.val().transpose(), true, what)?;
     let bias = match &l.bias {
         Some(b) => b.val(),
-        None => Tensor::zeros([l.weight.dims()[1]], &l.weight.device()),
+        None => Tensor::zeros([l.weight.dims()[0]], &l.weight.device()),
     };
     Ok((weight, up.values(bias, false, what)?))
 }
@@ -92,13 +94,17 @@ impl Vision {
         let image_size = model.vision_tower.image_size();
         let layers_run = &vm.encoder.layers[..model.select_layer];
         let heads = vm.encoder.layers.first().map_or(1, |l| l.self_attn.num_heads);
-        let inner = vm.encoder.layers.first().map_or(width, |l| l.mlp.fc1.weight.dims()[1]);
+        // Linear weights are [out, in].
+        let inner = vm.encoder.layers.first().map_or(width, |l| l.mlp.fc1.weight.dims()[0]);
         let activation = activation_code(vm.encoder.layers.first().map_or(Activation::QuickGelu, |l| l.mlp.activation));
         let patch_k = (channels * patch * patch).div_ceil(8) * 8;
         let mut up = Uploader { memory, bf16: true };
         // The convolution's [width, c, p, p] as the product's [c·p·p (padded), width].
         let w = emb.patch_embedding.weight.val().reshape([width, channels * patch * patch]).transpose();
-        let w = Tensor::cat(vec![w.clone(), Tensor::zeros([patch_k - channels * patch * patch, width], &w.device())], 0);
+        let w = match patch_k - channels * patch * patch {
+            0 => w,
+            pad => Tensor::cat(vec![w.clone(), Tensor::zeros([pad, width], &w.device())], 0),
+        };
         let patch_weight = up.values(w, true, "vision_model.embeddings.patch_embedding")?;
         let class_embedding = up.values(emb.class_embedding.val(), false, "vision_model.embeddings.class_embedding")?;
         let positions = up.values(emb.position_embedding.weight.val(), false, "vision_model.embeddings.position_embedding")?;
@@ -111,7 +117,8 @@ impl Vision {
             let name = |part: &str| format!("vision_model.encoder.layers.{i}.{part}");
             let a = &layer.self_attn;
             let qkv = Linear {
-                weight: burn::module::Param::from_tensor(Tensor::cat(vec![a.q_proj.weight.val(), a.k_proj.weight.val(), a.v_proj.weight.val()], 1)),
+                // [3 width, width]: q, k and v's output rows stacked, so one product gives them side by side.
+                weight: burn::module::Param::from_tensor(Tensor::cat(vec![a.q_proj.weight.val(), a.k_proj.weight.val(), a.v_proj.weight.val()], 0)),
                 bias: Some(burn::module::Param::from_tensor(Tensor::cat(
                     [&a.q_proj, &a.k_proj, &a.v_proj]
                         .iter()
@@ -135,7 +142,7 @@ impl Vision {
         }
         let mut projector = vec![];
         for (i, l) in model.mm_projector.linears.iter().enumerate() {
-            let [d_in, d_out] = l.weight.dims();
+            let [d_out, d_in] = l.weight.dims();
             let (w, b) = linear(&mut up, l, &format!("mm_projector.{i}"))?;
             projector.push((w, b, d_in, d_out));
         }

@@ -16,7 +16,7 @@ wait
 # One test of the graph-decoder binary in a process of its own: test name, log name, timeout, [env...].
 run_test() {
   local name=$1 log=$2 t=$3; shift 3
-  env "$@" timeout $t /tmp/graph-decode-test --ignored --exact $name > "$out/$log.log" 2>&1
+  env "$@" timeout $t /tmp/graph-decode-test --ignored --exact $name --nocapture > "$out/$log.log" 2>&1
   echo "== $log: $(grep -E 'test result|panicked|differ' "$out/$log.log" | head -3) ($((SECONDS - start)) s)"
 }
 # The generation bench at full size, batch 1, graph decoder: name, binary, runs, [env...];
