@@ -352,6 +352,33 @@ struct Problem {
 }
 
 impl Plan {
+    /// Queues `D = X · Y` (beta 0) with this plan's descriptors and algorithm.
+    ///
+    /// # Safety
+    /// `x`, `y` and `d` must be device memory the plan's layouts describe, the workspace
+    /// `WORKSPACE_BYTES` long and used by nothing else meanwhile, `stream` in the same context.
+    unsafe fn run(&self, handle: sys::cublasLtHandle_t, (x, y, d): (u64, u64, u64), workspace: u64, stream: sys::cudaStream_t) -> Result<(), lt::CublasError> {
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        lt::matmul(
+            handle,
+            self.desc,
+            (&alpha as *const f32).cast(),
+            (&beta as *const f32).cast(),
+            x as *const _,
+            self.layouts.0,
+            y as *const _,
+            self.layouts.1,
+            d as *const _,
+            self.layouts.2,
+            d as *mut _,
+            self.layouts.2,
+            &self.algorithm,
+            workspace as *mut _,
+            WORKSPACE_BYTES,
+            stream,
+        )
+    }
+
     /// Descriptors for `problem` and the heuristic's algorithm for them.
     fn new(handle: sys::cublasLtHandle_t, problem: &Problem) -> Result<Plan, String> {
         let Problem { dtype, out_dtype, transposed: (tx, ty), mnk: (m, n, k), lds: (ldx, ldy, ldd), alignments } = *problem;
@@ -537,32 +564,12 @@ fn enqueue(
         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
         std::collections::hash_map::Entry::Vacant(e) => e.insert(Plan::new(dev.handle, &problem)?),
     };
-    let (alpha, beta) = (1.0f32, 0.0f32);
     // SAFETY: the plan's descriptors describe these operands (the problem is their key);
     // pointers come from live cubecl allocations, sized by their shapes, that cubecl hands on
     // only after the product is written (host-ordered: the resources are held until cuBLASLt's
     // stream has finished; device-ordered: cubecl's stream waits for the product's flag before
     // anything it queues later); the workspace is used on this stream alone.
-    let run = unsafe {
-        lt::matmul(
-            dev.handle,
-            plan.desc,
-            (&alpha as *const f32).cast(),
-            (&beta as *const f32).cast(),
-            px as *const _,
-            plan.layouts.0,
-            py as *const _,
-            plan.layouts.1,
-            pd as *const _,
-            plan.layouts.2,
-            pd as *mut _,
-            plan.layouts.2,
-            &plan.algorithm,
-            dev.workspace as *mut _,
-            WORKSPACE_BYTES,
-            dev.stream.cu_stream() as sys::cudaStream_t,
-        )
-    };
+    let run = unsafe { plan.run(dev.handle, (px, py, pd), dev.workspace, dev.stream.cu_stream() as sys::cudaStream_t) };
     if let Err(e) = run {
         // A failed launch leaves the wait kernel spinning for nothing it can miss (its ready
         // flag is launched), so cubecl's stream need not be told anything.
@@ -896,27 +903,9 @@ impl RawGemm {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => e.insert(Plan::new(self.handle, &problem)?),
         };
-        let (alpha, beta) = (1.0f32, 0.0f32);
         // SAFETY: the plan describes these operands (the problem is its key); the caller
         // vouches for the memory; the workspace is used on one stream at a time (the owner's).
-        lt::matmul(
-            self.handle,
-            plan.desc,
-            (&alpha as *const f32).cast(),
-            (&beta as *const f32).cast(),
-            w as *const _,
-            plan.layouts.0,
-            a as *const _,
-            plan.layouts.1,
-            out as *const _,
-            plan.layouts.2,
-            out as *mut _,
-            plan.layouts.2,
-            &plan.algorithm,
-            self.workspace as *mut _,
-            WORKSPACE_BYTES,
-            stream.cu_stream() as sys::cudaStream_t,
-        )
+        plan.run(self.handle, (w, a, out), self.workspace, stream.cu_stream() as sys::cudaStream_t)
         .map_err(|e| format!("cublasLtMatmul for {problem:?}: {e}"))
     }
 }
