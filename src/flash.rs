@@ -392,7 +392,7 @@ fn row_major<const N: usize>(shape: [usize; N]) -> [usize; N] {
 }
 
 /// A new contiguous tensor on `like`'s device.
-fn empty<const N: usize>(like: &Cube, shape: [usize; N], dtype: DType) -> Cube {
+pub(crate) fn empty<const N: usize>(like: &Cube, shape: [usize; N], dtype: DType) -> Cube {
     let handle = like.client.empty(shape.iter().product::<usize>() * dtype.size());
     CubeTensor::new(like.client.clone(), handle, burn_std::Metadata::new(Shape::new(shape), row_major(shape)), like.device.clone(), dtype)
 }

@@ -523,3 +523,96 @@ fn train_command_stops_on_ctrl_c_with_a_checkpoint_and_resumes() {
     let coloured = img.pixels().filter(|p| p.0 != [255, 255, 255]).count();
     assert!(coloured > 5000, "the plot has lines and labels ({coloured} coloured pixels)");
 }
+
+/// The optimizer's CUDA kernels (`src/fused_optim.rs`) against burn's operations on the same
+/// backend: three AdamW steps of f32 parameters from f32, bf16 and f16 gradients (one of them a
+/// transposed view), decayed and not, clipped; a parameter still referenced elsewhere (so not
+/// updated in place) keeps its old values; and the gradients' sum of squares.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn fused_optimizer_matches_burn_on_cuda() {
+    use burn::backend::cuda::CudaDevice;
+    use burn::tensor::{DType, Distribution};
+    use llava_jp::fused_optim;
+    use llava_jp::train::optim::{AdamWUpdate, Moments};
+    type C = burn::backend::Cuda<f32>;
+    let device = CudaDevice::new(0);
+    let data = |t: Tensor<C, 1>| t.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+    let flat = |t: Tensor<C, 2>| {
+        let n = t.shape().num_elements();
+        data(t.reshape([n]))
+    };
+    let close = |what: &str, got: &[f32], want: &[f32]| {
+        assert_eq!(got.len(), want.len(), "{what}: lengths");
+        // A few float steps of each element, and of the largest for elements near 0.
+        let scale = want.iter().fold(1e-30f32, |m, v| m.max(v.abs()));
+        for (i, (a, b)) in got.iter().zip(want).enumerate() {
+            assert!((a - b).abs() <= 1e-6 * scale + 4e-6 * b.abs(), "{what}: element {i} is {a}, burn's {b} (scale {scale})");
+        }
+    };
+    assert!(fused_optim::covers::<C>(), "the kernels are on by default on Cuda<f32>");
+    // Shapes, gradient dtype, weight decay, a transposed gradient, epsilon (0.05 makes it
+    // matter: gradients here are ~0.35), and [600, 512] takes more than one pass of the grid.
+    for (case, ([rows, cols], grad_dtype, weight_decay, transposed, epsilon)) in [
+        ([300, 7], DType::F32, 0.1, false, 1e-8),
+        ([1, 4097], DType::BF16, 0.0, false, 1e-8),
+        ([64, 130], DType::F32, 0.01, true, 0.05),
+        ([1, 1], DType::BF16, 0.1, false, 1e-8),
+        ([600, 512], DType::F16, 0.1, false, 1e-8),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let n = rows * cols;
+        let what = format!("case {case} ([{rows}, {cols}], {grad_dtype:?} gradients)");
+        let param = Tensor::<C, 2>::random([rows, cols], Distribution::Normal(0.0, 1.0), &device);
+        let (mut fused, mut reference) = (param.clone(), param);
+        let (mut fused_moments, mut reference_moments): (Option<Moments<C>>, Option<Moments<C>>) = (None, None);
+        for step in 1..=3u64 {
+            let grad = if transposed {
+                Tensor::<C, 2>::random([cols, rows], Distribution::Normal(0.0, 0.5), &device).transpose()
+            } else {
+                Tensor::<C, 2>::random([rows, cols], Distribution::Normal(0.0, 0.5), &device)
+            };
+            let grad = grad.cast(grad_dtype);
+            let update = AdamWUpdate { lr: 1e-2, weight_decay, beta1: 0.9, beta2: 0.999, epsilon, step, grad_scale: 0.7 };
+            fused_optim::set_enabled(false);
+            let (p, m) = update.apply(reference, grad.clone(), reference_moments.take());
+            (reference, reference_moments) = (p, Some(m));
+            fused_optim::set_enabled(true);
+            let m = fused_moments.take().unwrap_or_else(|| Moments {
+                exp_avg: Tensor::zeros([n], (&device, DType::F32)),
+                exp_avg_sq: Tensor::zeros([n], (&device, DType::F32)),
+            });
+            // Step 1 keeps a reference to the parameter: the kernel must not write over it.
+            let kept = (step == 1).then(|| (fused.clone(), flat(fused.clone())));
+            let (p, exp_avg, exp_avg_sq) = fused_optim::try_adamw(fused, grad, m.exp_avg, m.exp_avg_sq, &update)
+                .unwrap_or_else(|_| panic!("{what}: the kernel covers f32 parameters"));
+            if let Some((kept, before)) = kept {
+                assert_eq!(flat(kept), before, "{what}: a parameter still referenced was overwritten");
+            }
+            (fused, fused_moments) = (p, Some(Moments { exp_avg, exp_avg_sq }));
+            let (fm, rm) = (fused_moments.as_ref().unwrap(), reference_moments.as_ref().unwrap());
+            close(&format!("{what}, step {step}, exp_avg"), &data(fm.exp_avg.clone()), &data(rm.exp_avg.clone()));
+            close(&format!("{what}, step {step}, exp_avg_sq"), &data(fm.exp_avg_sq.clone()), &data(rm.exp_avg_sq.clone()));
+            close(&format!("{what}, step {step}, parameter"), &flat(fused.clone()), &flat(reference.clone()));
+            assert_eq!(fused.dims(), [rows, cols], "{what}: the parameter keeps its shape");
+        }
+    }
+    // The norm: gradients of several shapes and dtypes, one transposed.
+    let grads: Vec<Tensor<C, 2>> = vec![
+        Tensor::random([513, 9], Distribution::Normal(0.0, 1.0), &device),
+        Tensor::<C, 2>::random([70, 1000], Distribution::Normal(0.0, 0.1), &device).cast(DType::BF16),
+        Tensor::<C, 2>::random([33, 65], Distribution::Normal(0.0, 2.0), &device).transpose(),
+        Tensor::random([1, 1], Distribution::Normal(0.0, 1.0), &device),
+    ];
+    let want: f32 = grads.iter().map(|g| data(g.clone().cast(DType::F32).powf_scalar(2.0).sum())[0]).sum();
+    let prims: Vec<_> = grads.iter().map(|g| g.clone().into_primitive().tensor()).collect();
+    let got = fused_optim::try_sum_of_squares::<C>(&prims).expect("the kernels cover f32 and bf16 gradients");
+    let got = data(got);
+    assert_eq!(got.len(), 1);
+    assert!((got[0] - want).abs() <= 1e-5 * want, "sum of squares {} against burn's {want}", got[0]);
+    let again = data(fused_optim::try_sum_of_squares::<C>(&prims).unwrap());
+    assert_eq!(again[0].to_bits(), got[0].to_bits(), "the same gradients give the same bits");
+}

@@ -4,6 +4,9 @@
 #   stage 2: batch 8 x 1024 tokens (projector + LLM); stage 1: batch 32 x 608 (projector only)
 #   usage (repository root; binary at .dev/llava-jp.xz, tokenizer dir at .dev/tokenizer/):
 #   bash model-import/scripts/gpu_bench_train.sh OUT_DIR ["2 1"] [STEPS]
+#   TORCH=0 leaves PyTorch out (a second run of ours under other settings, same call).
+#   Our summary line has the host's mean seconds per steady step in each part of the step
+#   (`times` in the metrics: recording forward / backward / optimizer, waiting for reads).
 #   PROFILE=1 adds cubecl's per-kernel profile of our run (every kernel timed, so the step
 #   itself slows down) to OUT_DIR/cubecl-stageN.log, for the per-kernel breakdown.
 set -uo pipefail
@@ -37,8 +40,11 @@ tokens = sum(r["tokens"] for r in steady) / len(steady)
 llm = 1.3e9  # replaced below by the exact count when known
 print(json.dumps(dict(side="ours", steps=len(rows), step_s=step_s, tokens_per_step=tokens, tokens_per_s=tokens / step_s,
                       samples_per_s=batch / step_s, first_step_s=rows[0]["tokens"] / rows[0]["tokens_per_s"],
-                      peak_gib_nvidia_smi=peak_mib / 1024)))
+                      peak_gib_nvidia_smi=peak_mib / 1024,
+                      host_s={k: round(sum(r.get("times", {}).get(k, 0.0) for r in steady) / len(steady), 4)
+                              for k in ("data_s", "forward_s", "backward_s", "loss_read_s", "grad_norm_s", "optimizer_s")})))
 PY
+  [ "${TORCH:-1}" = 1 ] || continue
   (while true; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits; sleep 0.5; done) > "$out/mem-torch-$stage.txt" &
   sampler=$!
   python3 model-import/scripts/bench_train.py torch --stage $stage --batch $batch --seq $seq --steps 8 2>&1 | grep -v Warning | tail -1

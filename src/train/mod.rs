@@ -9,4 +9,4 @@ pub mod trainer;
 
 pub use checkpoint::TrainerState;
 pub use config::TrainConfig;
-pub use trainer::{train, NonFinite, StepMetrics, TrainControl, TrainOutcome};
+pub use trainer::{train, NonFinite, StepMetrics, StepTimes, TrainControl, TrainOutcome};

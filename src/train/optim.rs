@@ -82,10 +82,16 @@ pub fn global_grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(module: &M, gr
     struct Norm<'a, B: AutodiffBackend> {
         grads: &'a GradientsParams,
         sum: Option<Tensor<B::InnerBackend, 1>>,
+        /// The gradients, for one fused operation instead of four per gradient.
+        fused: Option<Vec<burn::tensor::ops::FloatTensor<B::InnerBackend>>>,
     }
     impl<B: AutodiffBackend> ModuleVisitor<B> for Norm<'_, B> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
             if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
+                if let Some(fused) = self.fused.as_mut() {
+                    fused.push(g.into_primitive().tensor());
+                    return;
+                }
                 let g = g.cast(burn::tensor::DType::F32);
                 let sq = (g.clone() * g).sum();
                 self.sum = Some(match self.sum.take() {
@@ -95,8 +101,22 @@ pub fn global_grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(module: &M, gr
             }
         }
     }
-    let mut norm = Norm::<B> { grads, sum: None };
+    #[cfg(feature = "cuda")]
+    let fused = crate::fused_optim::covers::<B::InnerBackend>().then(Vec::new);
+    #[cfg(not(feature = "cuda"))]
+    let fused = None;
+    let mut norm = Norm::<B> { grads, sum: None, fused };
     module.visit(&mut norm);
+    #[cfg(feature = "cuda")]
+    if let Some(fused) = norm.fused.take() {
+        if let Some(sum) = crate::fused_optim::try_sum_of_squares::<B::InnerBackend>(&fused) {
+            return f64::from(sum.into_scalar().elem::<f32>()).sqrt();
+        }
+        // Not covered after all (a gradient of another dtype): burn's operations.
+        let mut norm = Norm::<B> { grads, sum: None, fused: None };
+        module.visit(&mut norm);
+        return norm.sum.map_or(0.0, |s| f64::from(s.into_scalar().elem::<f32>()).sqrt());
+    }
     norm.sum.map_or(0.0, |s| f64::from(s.into_scalar().elem::<f32>()).sqrt())
 }
 
@@ -178,32 +198,73 @@ impl<A: AutodiffBackend> ModuleMapper<A> for Update<'_, A> {
             Some(lr) if is_projector(&path) => lr,
             _ => self.rates.lr,
         };
-        let shape = tensor.shape();
-        let n = shape.num_elements();
+        let update = AdamWUpdate {
+            lr,
+            weight_decay: if self.tracker.decays() { c.weight_decay } else { 0.0 },
+            beta1: c.beta1,
+            beta2: c.beta2,
+            epsilon: c.epsilon,
+            step: self.optim.step,
+            grad_scale: self.rates.grad_scale,
+        };
         let require_grad = tensor.is_require_grad();
-        let mut p = tensor.inner().reshape([n]);
-        let dtype = p.dtype();
-        let g = grad.reshape([n]).cast(dtype) * self.rates.grad_scale;
-        if c.weight_decay != 0.0 && self.tracker.decays() {
-            p = p * (1.0 - lr * c.weight_decay);
-        }
-        let moments = self.optim.state.remove(&path).unwrap_or_else(|| Moments {
-            exp_avg: Tensor::zeros_like(&g),
-            exp_avg_sq: Tensor::zeros_like(&g),
-        });
-        let exp_avg = moments.exp_avg * c.beta1 + g.clone() * (1.0 - c.beta1);
-        let exp_avg_sq = moments.exp_avg_sq * c.beta2 + g.clone() * g * (1.0 - c.beta2);
-        let t = self.optim.step as i32;
-        let bias_correction1 = 1.0 - c.beta1.powi(t);
-        let bias_correction2 = 1.0 - c.beta2.powi(t);
-        let denom = exp_avg_sq.clone().sqrt() / bias_correction2.sqrt() + c.epsilon;
-        p = p - exp_avg.clone() / denom * (lr / bias_correction1);
-        self.optim.state.insert(path, Moments { exp_avg, exp_avg_sq });
-        let mut tensor = Tensor::from_inner(p.reshape(shape));
+        let moments = self.optim.state.remove(&path);
+        let (p, moments) = update.apply(tensor.inner(), grad, moments);
+        self.optim.state.insert(path, moments);
+        let mut tensor = Tensor::from_inner(p);
         if require_grad {
             tensor = tensor.require_grad();
         }
         Param::from_mapped_value(id, tensor, mapper)
+    }
+}
+
+/// One parameter's AdamW update: the hyperparameters as they apply to it at one step.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWUpdate {
+    pub lr: f64,
+    /// 0 for a parameter that is not decayed.
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub epsilon: f64,
+    /// 1-based: the step being taken (the bias corrections' exponent).
+    pub step: u64,
+    /// Multiplies the gradient first (global-norm clipping).
+    pub grad_scale: f64,
+}
+
+impl AdamWUpdate {
+    /// `param` after the update from `grad` (its shape), and its moments (flattened; zeros when
+    /// `moments` is `None`, the parameter's first step). On burn's fused CUDA backend one
+    /// kernel does it ([`crate::fused_optim`]); elsewhere burn's operations below, in the same
+    /// order.
+    pub fn apply<B: Backend, const D: usize>(&self, param: Tensor<B, D>, grad: Tensor<B, D>, moments: Option<Moments<B>>) -> (Tensor<B, D>, Moments<B>) {
+        let shape = param.shape();
+        let n = shape.num_elements();
+        let moments = moments.unwrap_or_else(|| Moments {
+            exp_avg: Tensor::zeros([n], (&param.device(), param.dtype())),
+            exp_avg_sq: Tensor::zeros([n], (&param.device(), param.dtype())),
+        });
+        #[cfg(feature = "cuda")]
+        let (param, grad, moments) = match crate::fused_optim::try_adamw(param, grad, moments.exp_avg, moments.exp_avg_sq, self) {
+            Ok((param, exp_avg, exp_avg_sq)) => return (param, Moments { exp_avg, exp_avg_sq }),
+            Err((param, grad, exp_avg, exp_avg_sq)) => (param, grad, Moments { exp_avg, exp_avg_sq }),
+        };
+        let mut p = param.reshape([n]);
+        let dtype = p.dtype();
+        let g = grad.reshape([n]).cast(dtype) * self.grad_scale;
+        if self.weight_decay != 0.0 {
+            p = p * (1.0 - self.lr * self.weight_decay);
+        }
+        let exp_avg = moments.exp_avg * self.beta1 + g.clone() * (1.0 - self.beta1);
+        let exp_avg_sq = moments.exp_avg_sq * self.beta2 + g.clone() * g * (1.0 - self.beta2);
+        let t = self.step as i32;
+        let bias_correction1 = 1.0 - self.beta1.powi(t);
+        let bias_correction2 = 1.0 - self.beta2.powi(t);
+        let denom = exp_avg_sq.clone().sqrt() / bias_correction2.sqrt() + self.epsilon;
+        p = p - exp_avg.clone() / denom * (self.lr / bias_correction1);
+        (p.reshape(shape), Moments { exp_avg, exp_avg_sq })
     }
 }
 

@@ -53,6 +53,29 @@ pub struct StepMetrics {
     /// The sample ids of each micro-batch, so that another implementation can replay the run.
     #[serde(default)]
     pub batches: Vec<Vec<String>>,
+    /// Where the step's wall time went, as the host saw it.
+    #[serde(default)]
+    pub times: StepTimes,
+}
+
+/// Host seconds of a step's parts. On a GPU the work is queued, so these say where the host
+/// thread spent the step: recording operations (`forward_s`, `backward_s`, `optimizer_s`) or
+/// waiting for the device (`loss_read_s`, `grad_norm_s`, each a read of one number). When
+/// recording dominates, the step is bound by the host, not by the GPU.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StepTimes {
+    /// Gathering the micro-batches from the loader.
+    pub data_s: f64,
+    /// The forward passes and losses of every micro-batch.
+    pub forward_s: f64,
+    /// Their backward passes and the gradients' accumulation.
+    pub backward_s: f64,
+    /// Reading the losses back (waits for the device to finish the backward passes).
+    pub loss_read_s: f64,
+    /// The all-reduce (several devices) and the global gradient norm, read back.
+    pub grad_norm_s: f64,
+    /// The optimizer's update of every parameter.
+    pub optimizer_s: f64,
 }
 
 pub struct TrainOutcome {
@@ -276,6 +299,7 @@ fn local_gradients<B: AutodiffBackend>(
     size: usize,
     device: &B::Device,
     poison: bool,
+    times: &mut StepTimes,
 ) -> (GradientsParams, f64) {
     let mut accumulator = GradientsAccumulator::<LlavaModel<B>>::new();
     // Read back only once every backward is queued: a read waits for the device, and one between
@@ -288,6 +312,7 @@ fn local_gradients<B: AutodiffBackend>(
         if poison && !pixel_values.is_empty() {
             pixel_values[0] = f32::NAN;
         }
+        let started = Instant::now();
         let pixels = (batch.images > 0).then(|| Tensor::<B, 4>::from_data(TensorData::new(pixel_values, [batch.images, 3, size, size]), device));
         let out = model.forward(&batch.samples(), pixels);
         let mut loss = out.loss.expect("training samples carry labels");
@@ -295,14 +320,19 @@ fn local_gradients<B: AutodiffBackend>(
             loss = loss * f32::NAN;
         }
         losses.push(loss.clone().inner());
+        let forward_done = Instant::now();
+        times.forward_s += (forward_done - started).as_secs_f64();
         let grads = (loss / micro_batches).backward();
         accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
+        times.backward_s += forward_done.elapsed().as_secs_f64();
     }
     // One read for all of them (a replica left without micro-batches at an epoch's end has none).
+    let started = Instant::now();
     let loss_sum = match losses.is_empty() {
         true => 0.0,
         false => Tensor::cat(losses, 0).into_data().convert::<f32>().iter::<f32>().map(f64::from).sum(),
     };
+    times.loss_read_s += started.elapsed().as_secs_f64();
     (accumulator.grads(), loss_sum)
 }
 
@@ -420,7 +450,7 @@ fn replica_loop<B: AutodiffBackend>(
     let _autocast = autocast(cfg.compute_dtype());
     while let Ok(mut w) = work.recv() {
         B::seed(&device, dropout_seed(&cfg, w.step, rank));
-        let (grads, loss_sum) = local_gradients(&model, &mut w.micro, w.micro_batches, size, &device, false);
+        let (grads, loss_sum) = local_gradients(&model, &mut w.micro, w.micro_batches, size, &device, false, &mut StepTimes::default());
         let (grads, loss_sum) = all_reduce_step(Some(peer), &model, grads, loss_sum, &device)?;
         let grad_norm = global_grad_norm(&model, &grads);
         if loss_sum.is_finite() && grad_norm.is_finite() {
@@ -639,10 +669,13 @@ pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, resume: Option<&Path>, devic
                         .map_err(|_| anyhow::anyhow!("step {}: a data-parallel replica has stopped", state.step + 1))?;
                 }
                 let poison = control.poison_step == Some(state.step + 1);
-                let (grads, loss_sum) = local_gradients(&model, &mut own, micro_batches, size, device, poison);
+                let mut times = StepTimes { data_s: step_started.elapsed().as_secs_f64(), ..StepTimes::default() };
+                let (grads, loss_sum) = local_gradients(&model, &mut own, micro_batches, size, device, poison, &mut times);
+                let norm_started = Instant::now();
                 let (grads, loss_sum) = all_reduce_step(peer, &model, grads, loss_sum, device)?;
                 let loss = loss_sum / micro_batches;
                 let grad_norm = global_grad_norm(&model, &grads);
+                times.grad_norm_s = norm_started.elapsed().as_secs_f64();
                 let lr = cosine_lr(cfg.learning_rate, state.step, total_steps, cfg.warmup_ratio);
                 let finite = loss.is_finite() && grad_norm.is_finite();
                 if !finite && cfg.on_nonfinite == "stop" {
@@ -650,9 +683,12 @@ pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, resume: Option<&Path>, devic
                     let last = last_checkpoint.as_ref().map_or("none (no checkpoint was written yet)".to_string(), |p| p.display().to_string());
                     return Err(NonFinite { step: state.step + 1, what, value, last_checkpoint: last }.into());
                 }
+                let optimizer_started = Instant::now();
                 if finite {
                     model = optim.step(model, grads, step_rates(cfg, state.step, total_steps, grad_norm));
-                } else if control.progress {
+                }
+                times.optimizer_s = optimizer_started.elapsed().as_secs_f64();
+                if !finite && control.progress {
                     eprintln!("\nstep {}: non-finite loss or gradient ({loss}, {grad_norm}); step skipped (on_nonfinite = \"skip\")", state.step + 1);
                 }
                 state.step += 1;
@@ -676,6 +712,7 @@ pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, resume: Option<&Path>, devic
                     rss_mb: rss_mb(),
                     skipped: !finite,
                     batches: batch_ids,
+                    times,
                 };
                 writeln!(metrics_file, "{}", serde_json::to_string(&m)?)?;
                 if control.progress && (state.step % cfg.logging_steps.max(1) == 0 || state.step == total_steps) {

@@ -1,0 +1,98 @@
+// The optimizer's per-parameter work as three kernels (src/fused_optim.rs launches them on
+// cubecl's stream; NVRTC compiles them). With burn's operations an AdamW update is about twelve
+// recorded operations per parameter tensor and the global norm four more, which for the
+// ~300 tensors of stage 2 is some 5000 operations of host work a step; here it is one launch
+// per tensor for the update and one per gradient (plus one) for the norm.
+// `src/fused_optim.rs` prepends:
+//   GRAD_TYPE  0: the gradient is f32, 1: bf16, 2: f16
+// Parameters and moments are f32 (mixed precision's master weights).
+
+typedef unsigned short u16;
+typedef long long i64;
+
+// Kernel parameters, passed by value (cubecl's info words, as one grid-constant argument):
+// 64-bit words in the order `src/fused_optim.rs` writes them; f32 values as their bits.
+struct __align__(8) Params {
+    i64 n;              // elements of this tensor (or partial sums, for sum_partials)
+    i64 slot;           // sum_squares_partial: this gradient's first slot in `partials`
+    i64 decay;          // 1 - lr * weight_decay (1 where the parameter is not decayed)
+    i64 grad_scale;     // global-norm clipping's factor
+    i64 beta1, one_minus_beta1, beta2, one_minus_beta2;
+    i64 sqrt_bias_correction2;
+    i64 epsilon;
+    i64 step_size;      // lr / bias_correction1
+};
+
+__device__ __forceinline__ float word(i64 bits) { return __int_as_float((int)bits); }
+
+#if GRAD_TYPE == 0
+typedef float grad_t;
+__device__ __forceinline__ float load_grad(const grad_t* g, i64 i) { return g[i]; }
+#elif GRAD_TYPE == 1
+typedef u16 grad_t;
+__device__ __forceinline__ float load_grad(const grad_t* g, i64 i) { return __int_as_float(((int)g[i]) << 16); }
+#else
+typedef u16 grad_t;
+__device__ __forceinline__ float load_grad(const grad_t* g, i64 i) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(g[i]));
+    return f;
+}
+#endif
+
+// PyTorch's AdamW (decoupled decay first, bias-corrected moments, epsilon outside the root),
+// in the order src/train/optim.rs's tensor version computes it. The outputs may be the inputs
+// (updated in place): each element is read before it is written, by the same thread.
+extern "C" __global__ void __launch_bounds__(256) adamw_step(
+    const float* param, const grad_t* __restrict__ grad, const float* exp_avg, const float* exp_avg_sq,
+    float* param_out, float* exp_avg_out, float* exp_avg_sq_out, const __grid_constant__ Params p) {
+    const float decay = word(p.decay), grad_scale = word(p.grad_scale);
+    const float beta1 = word(p.beta1), one_minus_beta1 = word(p.one_minus_beta1);
+    const float beta2 = word(p.beta2), one_minus_beta2 = word(p.one_minus_beta2);
+    const float sqrt_bc2 = word(p.sqrt_bias_correction2), epsilon = word(p.epsilon), step_size = word(p.step_size);
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += (i64)gridDim.x * blockDim.x) {
+        const float g = load_grad(grad, i) * grad_scale;
+        const float m = exp_avg[i] * beta1 + g * one_minus_beta1;
+        const float v = exp_avg_sq[i] * beta2 + g * g * one_minus_beta2;
+        const float denom = sqrtf(v) / sqrt_bc2 + epsilon;
+        param_out[i] = param[i] * decay - m / denom * step_size;
+        exp_avg_out[i] = m;
+        exp_avg_sq_out[i] = v;
+    }
+}
+
+// The block's sum, in a fixed order (so the norm repeats bit for bit): lanes by shuffles, then
+// the warps' sums by the first warp. Every thread of the block must call it.
+__device__ float block_sum(float x) {
+    __shared__ float warp_sums[32];
+    for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_down_sync(0xffffffffu, x, offset);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (lane == 0) warp_sums[warp] = x;
+    __syncthreads();
+    x = (threadIdx.x < (blockDim.x >> 5)) ? warp_sums[lane] : 0.0f;
+    if (warp == 0) {
+        for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_down_sync(0xffffffffu, x, offset);
+    }
+    return x;
+}
+
+// One gradient's sum of squares, a partial sum per block into partials[slot + block].
+extern "C" __global__ void __launch_bounds__(256) sum_squares_partial(
+    const grad_t* __restrict__ grad, float* __restrict__ partials, const __grid_constant__ Params p) {
+    float acc = 0.0f;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += (i64)gridDim.x * blockDim.x) {
+        const float g = load_grad(grad, i);
+        acc += g * g;
+    }
+    acc = block_sum(acc);
+    if (threadIdx.x == 0) partials[p.slot + blockIdx.x] = acc;
+}
+
+// The n partial sums into out[0], by one block.
+extern "C" __global__ void __launch_bounds__(256) sum_partials(
+    const float* __restrict__ partials, float* __restrict__ out, const __grid_constant__ Params p) {
+    float acc = 0.0f;
+    for (i64 i = threadIdx.x; i < p.n; i += blockDim.x) acc += partials[i];
+    acc = block_sum(acc);
+    if (threadIdx.x == 0) out[0] = acc;
+}
