@@ -181,7 +181,7 @@ fn autodiff_cuda<B: Backend>() -> bool {
 
 /// Whether the device has the tensor-core instructions the kernels use (`mma.sync` m16n8k16 with
 /// bf16, compute capability 8.0 and up); older GPUs keep burn's attention. Asked once per device.
-fn tensor_cores<D: 'static>(device: &D) -> bool {
+pub(crate) fn tensor_cores<D: 'static>(device: &D) -> bool {
     use std::collections::HashMap;
     use std::sync::Mutex;
     static ANSWERS: OnceLock<Mutex<HashMap<usize, bool>>> = OnceLock::new();

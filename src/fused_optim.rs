@@ -192,7 +192,7 @@ impl AdamWUpdate {
 }
 
 /// `tensor` as a row-major tensor (a copy only where it is not one).
-fn contiguous(tensor: Cube) -> Cube {
+pub(crate) fn contiguous(tensor: Cube) -> Cube {
     let shape = tensor.meta.shape().to_vec();
     let dense = tensor.meta.strides().iter().zip(row_major_dyn(&shape)).all(|(&s, r)| s == r);
     if dense { tensor } else { into_contiguous(tensor) }

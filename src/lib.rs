@@ -11,6 +11,8 @@ pub mod demo;
 #[cfg(feature = "cuda")]
 pub mod flash;
 #[cfg(feature = "cuda")]
+pub mod fused_ops;
+#[cfg(feature = "cuda")]
 pub mod fused_optim;
 #[cfg(feature = "cuda")]
 pub mod graph_decode;

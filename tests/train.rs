@@ -616,3 +616,79 @@ fn fused_optimizer_matches_burn_on_cuda() {
     let again = data(fused_optim::try_sum_of_squares::<C>(&prims).unwrap());
     assert_eq!(again[0].to_bits(), got[0].to_bits(), "the same gradients give the same bits");
 }
+
+/// LayerNorm's CUDA kernels (`src/fused_ops.rs`) against burn's operations on the same backend:
+/// the output and the gradients of the input, weight and bias under autodiff (rows of 2048 as
+/// the LLM's, 1024 as CLIP's, odd widths, a mean far from zero, a frozen weight and bias), and
+/// the bf16 forward of inference against the f32 formula.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn fused_layer_norm_matches_burn_on_cuda() {
+    use burn::backend::cuda::CudaDevice;
+    use burn::tensor::{DType, Distribution};
+    use llava_jp::fused_ops;
+    type A = Autodiff<burn::backend::Cuda<f32>>;
+    let device = CudaDevice::new(0);
+    let eps = 1e-5;
+    let values = |t: TensorData| t.convert::<f32>().to_vec::<f32>().unwrap();
+    let close = |what: &str, got: &[f32], want: &[f32], tol: f32| {
+        assert_eq!(got.len(), want.len(), "{what}: lengths");
+        let scale = want.iter().fold(1e-30f32, |m, v| m.max(v.abs()));
+        let worst = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst <= tol * scale, "{what}: off by {worst} at a scale of {scale}");
+    };
+    let reference = |x: Tensor<A, 3>, w: Tensor<A, 1>, b: Tensor<A, 1>| {
+        let (var, mean) = x.clone().var_mean_bias(2);
+        (x - mean) / (var + eps).sqrt() * w.unsqueeze() + b.unsqueeze()
+    };
+    for (case, (shape, frozen)) in [([4usize, 33, 2048], false), ([2, 577, 1024], false), ([3, 5, 13], false), ([1, 7, 300], true)].into_iter().enumerate() {
+        let d = shape[2];
+        let what = format!("case {case} ({shape:?}{})", if frozen { ", frozen weight and bias" } else { "" });
+        let x_data = Tensor::<A, 3>::random(shape, Distribution::Normal(3.0, 2.0), &device).into_data();
+        let w_data = Tensor::<A, 1>::random([d], Distribution::Normal(1.0, 0.3), &device).into_data();
+        let b_data = Tensor::<A, 1>::random([d], Distribution::Normal(0.0, 0.5), &device).into_data();
+        let r = Tensor::<A, 3>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        let run = |fused: bool| {
+            fused_ops::set_enabled(fused);
+            let x = Tensor::<A, 3>::from_data(x_data.clone(), &device).require_grad();
+            let (mut w, mut b) = (Tensor::<A, 1>::from_data(w_data.clone(), &device), Tensor::<A, 1>::from_data(b_data.clone(), &device));
+            if !frozen {
+                (w, b) = (w.require_grad(), b.require_grad());
+            }
+            let y = match fused {
+                true => fused_ops::try_layer_norm(x.clone(), w.clone(), b.clone(), eps).unwrap_or_else(|_| panic!("{what}: the kernels cover f32")),
+                false => reference(x.clone(), w.clone(), b.clone()),
+            };
+            let grads = (y.clone() * r.clone()).sum().backward();
+            let grad = |t: &Tensor<A, 1>| t.grad(&grads).map(|g| values(g.into_data()));
+            (values(y.into_data()), values(x.grad(&grads).expect("the input is tracked").into_data()), grad(&w), grad(&b))
+        };
+        let (want, got) = (run(false), run(true));
+        close(&format!("{what}: output"), &got.0, &want.0, 1e-5);
+        close(&format!("{what}: input gradient"), &got.1, &want.1, 1e-4);
+        match (got.2, want.2, got.3, want.3) {
+            (Some(gw), Some(ww), Some(gb), Some(wb)) if !frozen => {
+                close(&format!("{what}: weight gradient"), &gw, &ww, 1e-4);
+                close(&format!("{what}: bias gradient"), &gb, &wb, 1e-4);
+            }
+            (None, None, None, None) if frozen => {}
+            other => panic!("{what}: weight and bias gradients present as {:?}", (other.0.is_some(), other.1.is_some(), other.2.is_some(), other.3.is_some())),
+        }
+    }
+    // Inference in bf16: rounded once at the end, against the f32 formula on the same inputs.
+    fused_ops::set_enabled(true);
+    type H = burn::backend::Cuda<burn::tensor::bf16>;
+    let x = Tensor::<H, 3>::random([2, 9, 2048], Distribution::Normal(-1.0, 3.0), &device);
+    let w = Tensor::<H, 1>::random([2048], Distribution::Normal(1.0, 0.3), &device);
+    let b = Tensor::<H, 1>::random([2048], Distribution::Normal(0.0, 0.5), &device);
+    let y = fused_ops::try_layer_norm(x.clone(), w.clone(), b.clone(), eps).unwrap_or_else(|_| panic!("the kernels cover bf16 on sm_80+"));
+    assert_eq!(y.dtype(), DType::BF16);
+    let f32_of = |t: TensorData, shape: Vec<usize>| TensorData::new(values(t), shape);
+    let (x, w, b) = (
+        Tensor::<A, 3>::from_data(f32_of(x.into_data(), vec![2, 9, 2048]), &device),
+        Tensor::<A, 1>::from_data(f32_of(w.into_data(), vec![2048]), &device),
+        Tensor::<A, 1>::from_data(f32_of(b.into_data(), vec![2048]), &device),
+    );
+    close("bf16 inference: output", &values(y.into_data()), &values(reference(x, w, b).into_data()), 8e-3);
+}

@@ -1,0 +1,143 @@
+// LayerNorm forward and backward as kernels of our own (src/fused_ops.rs launches them on
+// cubecl's stream; NVRTC compiles them). burn records LayerNorm as ~10 operations forward and
+// ~20 backward, and recording operations is what bounds a training step on the GPU; here it is
+// one operation each way.
+// `src/fused_ops.rs` prepends:
+//   ELEM  0: the input, weight, bias and outputs are f32, 1: bf16, 2: f16
+// Statistics and sums are f32 whatever the element type.
+
+typedef unsigned short u16;
+typedef long long i64;
+
+// Kernel parameters, passed by value (cubecl's info words, as one grid-constant argument):
+// 64-bit words in the order `src/fused_ops.rs` writes them.
+struct __align__(8) Params {
+    i64 rows;           // every dimension but the last, multiplied out
+    i64 d;              // the normalised (last) dimension
+    i64 eps;            // f32 bits
+    i64 rows_per_chunk; // weight / bias gradients: rows a block of partial sums covers
+    i64 chunks;         // and how many such blocks
+};
+
+#if ELEM == 0
+typedef float elem_t;
+__device__ __forceinline__ float load(const elem_t* p, i64 i) { return p[i]; }
+__device__ __forceinline__ void store(elem_t* p, i64 i, float x) { p[i] = x; }
+#elif ELEM == 1
+typedef u16 elem_t;
+__device__ __forceinline__ float load(const elem_t* p, i64 i) { return __int_as_float(((int)p[i]) << 16); }
+__device__ __forceinline__ void store(elem_t* p, i64 i, float x) {
+    u16 h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(x));
+    p[i] = h;
+}
+#else
+typedef u16 elem_t;
+__device__ __forceinline__ float load(const elem_t* p, i64 i) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(p[i]));
+    return f;
+}
+__device__ __forceinline__ void store(elem_t* p, i64 i, float x) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
+    p[i] = h;
+}
+#endif
+
+__device__ __forceinline__ float warp_sum(float x) {
+    for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
+    return x;
+}
+
+// One warp per row (eight rows a block): the mean, then the biased variance from the
+// deviations (two passes over a row that stays in L1), then y = (x - mean) / sqrt(var + eps) *
+// weight + bias, as src/model/nn.rs's LayerNorm computes it. Writes each row's mean and
+// 1 / sqrt(var + eps) for the backward.
+extern "C" __global__ void __launch_bounds__(256) layer_norm_forward(
+    const elem_t* __restrict__ x, const elem_t* __restrict__ weight, const elem_t* __restrict__ bias,
+    elem_t* __restrict__ y, float* __restrict__ mean_out, float* __restrict__ rstd_out, const __grid_constant__ Params p) {
+    const int lane = threadIdx.x & 31;
+    const i64 row = (i64)blockIdx.x * 8 + (threadIdx.x >> 5);
+    if (row >= p.rows) return;
+    const elem_t* xr = x + row * p.d;
+    float sum = 0.0f;
+    for (i64 i = lane; i < p.d; i += 32) sum += load(xr, i);
+    const float mean = warp_sum(sum) / (float)p.d;
+    float sq = 0.0f;
+    for (i64 i = lane; i < p.d; i += 32) {
+        const float c = load(xr, i) - mean;
+        sq += c * c;
+    }
+    const float var = warp_sum(sq) / (float)p.d;
+    const float rstd = 1.0f / sqrtf(var + __int_as_float((int)p.eps));
+    elem_t* yr = y + row * p.d;
+    for (i64 i = lane; i < p.d; i += 32) store(yr, i, (load(xr, i) - mean) * rstd * load(weight, i) + load(bias, i));
+    if (lane == 0) {
+        mean_out[row] = mean;
+        rstd_out[row] = rstd;
+    }
+}
+
+// The input's gradient, one warp per row: with xhat = (x - mean) * rstd and g = dy * weight,
+// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
+extern "C" __global__ void __launch_bounds__(256) layer_norm_backward_input(
+    const elem_t* __restrict__ x, const elem_t* __restrict__ weight, const elem_t* __restrict__ dy,
+    const float* __restrict__ mean_in, const float* __restrict__ rstd_in, elem_t* __restrict__ dx, const __grid_constant__ Params p) {
+    const int lane = threadIdx.x & 31;
+    const i64 row = (i64)blockIdx.x * 8 + (threadIdx.x >> 5);
+    if (row >= p.rows) return;
+    const float mean = mean_in[row], rstd = rstd_in[row];
+    const elem_t* xr = x + row * p.d;
+    const elem_t* dyr = dy + row * p.d;
+    float sum_g = 0.0f, sum_gx = 0.0f;
+    for (i64 i = lane; i < p.d; i += 32) {
+        const float g = load(dyr, i) * load(weight, i);
+        sum_g += g;
+        sum_gx += g * (load(xr, i) - mean) * rstd;
+    }
+    const float mean_g = warp_sum(sum_g) / (float)p.d;
+    const float mean_gx = warp_sum(sum_gx) / (float)p.d;
+    elem_t* dxr = dx + row * p.d;
+    for (i64 i = lane; i < p.d; i += 32) {
+        const float xhat = (load(xr, i) - mean) * rstd;
+        store(dxr, i, rstd * (load(dyr, i) * load(weight, i) - mean_g - xhat * mean_gx));
+    }
+}
+
+// The weight's and bias's gradients, first as partial sums: block (column block, chunk) sums
+// dy * xhat and dy over its chunk's rows for 256 adjacent columns (reads coalesced along the
+// row), into partial_weight / partial_bias [chunks, d].
+extern "C" __global__ void __launch_bounds__(256) layer_norm_backward_params_partial(
+    const elem_t* __restrict__ x, const elem_t* __restrict__ dy, const float* __restrict__ mean_in,
+    const float* __restrict__ rstd_in, float* __restrict__ partial_weight, float* __restrict__ partial_bias,
+    const __grid_constant__ Params p) {
+    const i64 col = (i64)blockIdx.x * 256 + threadIdx.x;
+    if (col >= p.d) return;
+    const i64 chunk = blockIdx.y;
+    const i64 first = chunk * p.rows_per_chunk;
+    const i64 last = min(first + p.rows_per_chunk, p.rows);
+    float dw = 0.0f, db = 0.0f;
+    for (i64 row = first; row < last; ++row) {
+        const float g = load(dy, row * p.d + col);
+        dw += g * (load(x, row * p.d + col) - mean_in[row]) * rstd_in[row];
+        db += g;
+    }
+    partial_weight[chunk * p.d + col] = dw;
+    partial_bias[chunk * p.d + col] = db;
+}
+
+// The partial sums over the chunks, in order: dweight, dbias [d] in the element type.
+extern "C" __global__ void __launch_bounds__(256) layer_norm_backward_params_sum(
+    const float* __restrict__ partial_weight, const float* __restrict__ partial_bias,
+    elem_t* __restrict__ dweight, elem_t* __restrict__ dbias, const __grid_constant__ Params p) {
+    const i64 col = (i64)blockIdx.x * 256 + threadIdx.x;
+    if (col >= p.d) return;
+    float dw = 0.0f, db = 0.0f;
+    for (i64 c = 0; c < p.chunks; ++c) {
+        dw += partial_weight[c * p.d + col];
+        db += partial_bias[c * p.d + col];
+    }
+    store(dweight, col, dw);
+    store(dbias, col, db);
+}
