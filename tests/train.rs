@@ -679,9 +679,10 @@ fn fused_layer_norm_matches_burn_on_cuda() {
     // Inference in bf16: rounded once at the end, against the f32 formula on the same inputs.
     fused_ops::set_enabled(true);
     type H = burn::backend::Cuda<burn::tensor::bf16>;
-    let x = Tensor::<H, 3>::random([2, 9, 2048], Distribution::Normal(-1.0, 3.0), &device);
-    let w = Tensor::<H, 1>::random([2048], Distribution::Normal(1.0, 0.3), &device);
-    let b = Tensor::<H, 1>::random([2048], Distribution::Normal(0.0, 0.5), &device);
+    // (burn 0.21 draws random tensors in f32 whatever the backend's float type: cast them.)
+    let x = Tensor::<H, 3>::random([2, 9, 2048], Distribution::Normal(-1.0, 3.0), &device).cast(DType::BF16);
+    let w = Tensor::<H, 1>::random([2048], Distribution::Normal(1.0, 0.3), &device).cast(DType::BF16);
+    let b = Tensor::<H, 1>::random([2048], Distribution::Normal(0.0, 0.5), &device).cast(DType::BF16);
     let y = fused_ops::try_layer_norm(x.clone(), w.clone(), b.clone(), eps).unwrap_or_else(|_| panic!("the kernels cover bf16 on sm_80+"));
     assert_eq!(y.dtype(), DType::BF16);
     let f32_of = |t: TensorData, shape: Vec<usize>| TensorData::new(values(t), shape);
