@@ -49,6 +49,7 @@ use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{FusionRuntime, FusionTensor};
 
 use crate::cublaslt::downcast;
+use crate::cuda_kernel::autodiff_cuda;
 use crate::model::nn::{AttentionDropout, SeededDropout};
 
 type Inner = CubeBackend<CudaRuntime, f32, i32, u8>;
@@ -168,16 +169,6 @@ pub fn try_attention<B: Backend>(
 
 /// Dropout as the kernels take it: the probability and the seed's two words on the device.
 type KernelDropout = Option<(f64, Primitive)>;
-
-fn autodiff_cuda<B: Backend>() -> bool {
-    use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
-    use burn::backend::{Autodiff, Cuda};
-    use burn::tensor::{bf16, f16};
-    macro_rules! any_of {
-        ($($inner:ty, $strategy:ty);*) => { false $(|| std::any::TypeId::of::<B>() == std::any::TypeId::of::<Autodiff<$inner, $strategy>>())* };
-    }
-    autodiff_cuda_backends!(any_of)
-}
 
 /// Whether the device has the tensor-core instructions the kernels use (`mma.sync` m16n8k16 with
 /// bf16, compute capability 8.0 and up); older GPUs keep burn's attention. Asked once per device.

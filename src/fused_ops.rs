@@ -9,16 +9,11 @@
 //! Launched like [`crate::flash`]'s kernels: custom operations of burn's fusion stream,
 //! compiled by NVRTC through cubecl, queued on cubecl's stream.
 
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::OnceLock;
-
 use burn::backend::ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 use burn::prelude::*;
 use burn::tensor::{DType, TensorPrimitive};
-use burn_cubecl::cubecl::cuda::{CudaCompiler, CudaRuntime};
-use burn_cubecl::cubecl::prelude::{AddressType, CompiledKernel, CubeCount, CubeDim, ExecutionMode, KernelId, KernelMetadata, StorageType};
-use burn_cubecl::cubecl::server::{KernelArguments, MetadataBindingInfo};
-use burn_cubecl::cubecl::{CompilationError, Compiler, CubeTask};
+use burn_cubecl::cubecl::cuda::CudaRuntime;
+use burn_cubecl::cubecl::prelude::CubeCount;
 use burn_cubecl::fusion::FusionCubeRuntime;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeBackend;
@@ -27,15 +22,15 @@ use burn_fusion::{FusionRuntime, FusionTensor};
 
 use crate::backend::autodiff_cuda_backends;
 use crate::cublaslt::downcast;
-use crate::flash::{compile_source, empty, fnv1a, tensor_cores};
-use crate::fused_optim::contiguous;
+use crate::cuda_kernel::{autodiff_cuda, contiguous, float_code, Cube, KernelSource, SourceKernel, Switch};
+use crate::flash::{empty, tensor_cores};
 
 type Inner = CubeBackend<CudaRuntime, f32, i32, u8>;
 type Runtime = FusionCubeRuntime<CudaRuntime>;
 type Primitive = FusionTensor<Runtime>;
-type Cube = CubeTensor<CudaRuntime>;
 
-const SOURCE: &str = include_str!("fused_ops.cu");
+/// Specialised on the element type (`ELEM`, [`float_code`]'s codes).
+static SOURCE: KernelSource = KernelSource::new("ELEM", include_str!("fused_ops.cu"));
 /// Threads per block (the launch bounds in the source); a warp per row, so eight rows a block.
 const THREADS: u32 = 256;
 const ROWS_PER_BLOCK: usize = 8;
@@ -44,48 +39,17 @@ const ROWS_PER_BLOCK: usize = 8;
 const ROWS_PER_CHUNK: usize = 64;
 const MAX_CHUNKS: usize = 512;
 
-static ENABLED: AtomicU8 = AtomicU8::new(UNSET);
-const UNSET: u8 = u8::MAX;
+static SWITCH: Switch = Switch::new("LLAVA_JP_FUSED_OPS");
 
 /// Whether the kernels take the operations they cover: yes unless `LLAVA_JP_FUSED_OPS=0` or
 /// [`set_enabled`] said otherwise.
 pub fn enabled() -> bool {
-    match ENABLED.load(Ordering::Relaxed) {
-        UNSET => {
-            let on = match std::env::var("LLAVA_JP_FUSED_OPS").as_deref() {
-                Ok("1") | Err(_) => true,
-                Ok("0") => false,
-                Ok(other) => panic!("LLAVA_JP_FUSED_OPS={other}: expected 0 or 1"),
-            };
-            set_enabled(on);
-            on
-        }
-        code => code == 1,
-    }
+    SWITCH.on()
 }
 
 /// Turns the kernels on or off for the whole process (tests and benchmarks compare the two).
 pub fn set_enabled(on: bool) {
-    ENABLED.store(on as u8, Ordering::Relaxed);
-}
-
-fn elem_code(dtype: DType) -> Option<u8> {
-    match dtype {
-        DType::F32 => Some(0),
-        DType::BF16 => Some(1),
-        DType::F16 => Some(2),
-        _ => None,
-    }
-}
-
-fn autodiff_cuda<B: Backend>() -> bool {
-    use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
-    use burn::backend::{Autodiff, Cuda};
-    use burn::tensor::{bf16, f16};
-    macro_rules! any_of {
-        ($($inner:ty, $strategy:ty);*) => { false $(|| std::any::TypeId::of::<B>() == std::any::TypeId::of::<Autodiff<$inner, $strategy>>())* };
-    }
-    autodiff_cuda_backends!(any_of)
+    SWITCH.set(on);
 }
 
 type Rejected<B, const D: usize> = (Tensor<B, D>, Tensor<B, 1>, Tensor<B, 1>);
@@ -102,7 +66,7 @@ pub fn try_layer_norm<B: Backend, const D: usize>(x: Tensor<B, D>, weight: Tenso
     let dtype = x.dtype();
     let d = x.dims()[D - 1];
     let covered = enabled()
-        && elem_code(dtype).is_some()
+        && float_code(dtype).is_some()
         && weight.dtype() == dtype
         && bias.dtype() == dtype
         && weight.dims() == [d]
@@ -191,13 +155,7 @@ fn words(rows: usize, d: usize, eps: f64, rows_per_chunk: usize, chunks: usize) 
 }
 
 fn launch(kernel: OpKernel, elem: u8, buffers: Vec<&Cube>, words: Vec<u64>, count: CubeCount) {
-    let client = buffers[0].client.clone();
-    let mut args = KernelArguments::new();
-    args.buffers = buffers.into_iter().map(|t| t.handle.clone().binding()).collect();
-    let n = words.len();
-    // All of it static: cubecl would pass a dynamic part as one more buffer argument.
-    args.info = MetadataBindingInfo::new(words, n);
-    client.launch(Box::new(OpTask { kernel, elem }), count, args);
+    SourceKernel { source: &SOURCE, entry: kernel.entry(), code: elem, threads: THREADS }.launch(buffers, words, count);
 }
 
 /// `[rows, d]` of a tensor whose last dimension is `d`.
@@ -226,7 +184,7 @@ impl Operation<Runtime> for LayerNormForward {
         let y = empty(&x, [rows, d], x.dtype);
         let mean = empty(&x, [rows], DType::F32);
         let rstd = empty(&x, [rows], DType::F32);
-        let elem = elem_code(x.dtype).expect("checked when queued");
+        let elem = float_code(x.dtype).expect("checked when queued");
         launch(OpKernel::Forward, elem, vec![&x, &weight, &bias, &y, &mean, &rstd], words(rows, d, self.eps, 0, 0), row_blocks(rows));
         let y = CubeTensor::new_contiguous(y.client.clone(), y.device, x.meta.shape().clone(), y.handle, y.dtype);
         for (output, tensor) in self.desc.outputs.iter().zip([y, mean, rstd]) {
@@ -246,7 +204,7 @@ impl Operation<Runtime> for LayerNormBackward {
         let mut get = |i: usize| contiguous(handles.get_float_tensor::<Inner>(&inputs[i]));
         let (x, weight, mean, rstd, dy) = (get(0), get(1), get(2), get(3), get(4));
         let (rows, d) = rows_and_width(&x);
-        let elem = elem_code(x.dtype).expect("checked when queued");
+        let elem = float_code(x.dtype).expect("checked when queued");
         let dx = empty(&x, [rows, d], x.dtype);
         launch(OpKernel::BackwardInput, elem, vec![&x, &weight, &dy, &mean, &rstd, &dx], words(rows, d, 0.0, 0, 0), row_blocks(rows));
         let dx = CubeTensor::new_contiguous(dx.client.clone(), dx.device, x.meta.shape().clone(), dx.handle, dx.dtype);
@@ -293,46 +251,6 @@ impl OpKernel {
             OpKernel::BackwardParamsPartial => "layer_norm_backward_params_partial",
             OpKernel::BackwardParamsSum => "layer_norm_backward_params_sum",
         }
-    }
-}
-
-/// One kernel for one element type: the source behind a `#define`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct OpTask {
-    kernel: OpKernel,
-    elem: u8,
-}
-
-impl OpTask {
-    fn source(&self) -> String {
-        format!("#define ELEM {}\n{SOURCE}", self.elem)
-    }
-}
-
-fn source_hash() -> u64 {
-    static HASH: OnceLock<u64> = OnceLock::new();
-    *HASH.get_or_init(|| fnv1a(SOURCE))
-}
-
-impl KernelMetadata for OpTask {
-    fn id(&self) -> KernelId {
-        KernelId::new::<Self>().info((*self, source_hash())).cube_dim(CubeDim::new_1d(THREADS))
-    }
-
-    fn address_type(&self) -> StorageType {
-        AddressType::U64.unsigned_type()
-    }
-}
-
-impl CubeTask<CudaCompiler> for OpTask {
-    fn compile(
-        &self,
-        compiler: &mut CudaCompiler,
-        options: &<CudaCompiler as Compiler>::CompilationOptions,
-        mode: ExecutionMode,
-        address_type: StorageType,
-    ) -> Result<CompiledKernel<CudaCompiler>, CompilationError> {
-        compile_source(compiler, options, mode, address_type, self.kernel.entry(), self.source(), THREADS)
     }
 }
 
@@ -406,19 +324,12 @@ mod autodiff {
 mod tests {
     use super::*;
 
-    /// Every kernel's task compiles without a GPU to our source with its define; the ids tell
-    /// the element types apart.
+    /// Every entry point the launches name is in the source, with the launch bounds the
+    /// launches assume.
     #[test]
-    fn tasks_compile_to_our_source() {
+    fn entry_points_are_in_the_source() {
         for kernel in [OpKernel::Forward, OpKernel::BackwardInput, OpKernel::BackwardParamsPartial, OpKernel::BackwardParamsSum] {
-            let task = OpTask { kernel, elem: 1 };
-            let compiled = task
-                .compile(&mut CudaCompiler::default(), &Default::default(), ExecutionMode::Checked, task.address_type())
-                .expect("compiles");
-            assert_eq!(compiled.entrypoint_name, kernel.entry());
-            assert!(compiled.source.starts_with("#define ELEM 1\n"));
-            assert!(compiled.source.contains(&format!("__launch_bounds__({THREADS}) {}(", kernel.entry())));
-            assert_ne!(task.id(), OpTask { elem: 0, ..task }.id());
+            assert!(SOURCE.specialised(1).contains(&format!("__launch_bounds__({THREADS}) {}(", kernel.entry())), "{}", kernel.entry());
         }
     }
 }

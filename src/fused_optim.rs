@@ -10,33 +10,28 @@
 //! Launched like [`crate::flash`]'s kernels: a custom operation of burn's fusion stream, compiled
 //! by NVRTC through cubecl (PTX kept in the kernel cache), queued on cubecl's stream.
 
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::OnceLock;
-
 use burn::backend::ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 use burn::prelude::*;
 use burn::tensor::{DType, TensorPrimitive};
-use burn_cubecl::cubecl::cuda::{CudaCompiler, CudaRuntime};
-use burn_cubecl::cubecl::prelude::{AddressType, CompiledKernel, CubeCount, CubeDim, ExecutionMode, KernelId, KernelMetadata, StorageType};
-use burn_cubecl::cubecl::server::{KernelArguments, MetadataBindingInfo};
-use burn_cubecl::cubecl::{CompilationError, Compiler, CubeTask};
+use burn_cubecl::cubecl::cuda::CudaRuntime;
+use burn_cubecl::cubecl::prelude::CubeCount;
 use burn_cubecl::fusion::FusionCubeRuntime;
-use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeBackend;
 use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{FusionRuntime, FusionTensor};
 
 use crate::cublaslt::downcast;
-use crate::flash::{compile_source, empty, fnv1a};
+use crate::cuda_kernel::{contiguous, float_code, Cube, KernelSource, SourceKernel, Switch};
+use crate::flash::empty;
 use crate::train::optim::AdamWUpdate;
 
 type Inner = CubeBackend<CudaRuntime, f32, i32, u8>;
 type Runtime = FusionCubeRuntime<CudaRuntime>;
 type Primitive = FusionTensor<Runtime>;
-type Cube = CubeTensor<CudaRuntime>;
 
-const SOURCE: &str = include_str!("fused_optim.cu");
+/// Specialised on the gradient's element type (`GRAD_TYPE`, [`float_code`]'s codes).
+static SOURCE: KernelSource = KernelSource::new("GRAD_TYPE", include_str!("fused_optim.cu"));
 /// Threads per block (the launch bounds in the source).
 const THREADS: u32 = 256;
 /// Blocks per launch at most (grid-stride loops cover the rest): about one wave on an H200.
@@ -44,43 +39,22 @@ const MAX_BLOCKS: usize = 1024;
 /// Blocks (so partial sums) per gradient for the norm.
 const NORM_BLOCKS: usize = 128;
 
-static ENABLED: AtomicU8 = AtomicU8::new(UNSET);
-const UNSET: u8 = u8::MAX;
+static SWITCH: Switch = Switch::new("LLAVA_JP_FUSED_OPTIM");
 
 /// Whether the kernels take the optimizer's work where they can: yes unless
 /// `LLAVA_JP_FUSED_OPTIM=0` or [`set_enabled`] said otherwise.
 pub fn enabled() -> bool {
-    match ENABLED.load(Ordering::Relaxed) {
-        UNSET => {
-            let on = match std::env::var("LLAVA_JP_FUSED_OPTIM").as_deref() {
-                Ok("1") | Err(_) => true,
-                Ok("0") => false,
-                Ok(other) => panic!("LLAVA_JP_FUSED_OPTIM={other}: expected 0 or 1"),
-            };
-            set_enabled(on);
-            on
-        }
-        code => code == 1,
-    }
+    SWITCH.on()
 }
 
 /// Turns the kernels on or off for the whole process (tests and benchmarks compare the two).
 pub fn set_enabled(on: bool) {
-    ENABLED.store(on as u8, Ordering::Relaxed);
+    SWITCH.set(on);
 }
 
 /// Whether `B` is the backend the kernels run on (burn's fused CUDA backend).
 pub fn covers<B: Backend>() -> bool {
     std::any::TypeId::of::<B::FloatTensorPrimitive>() == std::any::TypeId::of::<Primitive>() && enabled()
-}
-
-fn grad_type(dtype: DType) -> Option<u8> {
-    match dtype {
-        DType::F32 => Some(0),
-        DType::BF16 => Some(1),
-        DType::F16 => Some(2),
-        _ => None,
-    }
 }
 
 type Rejected<B, const D: usize> = (Tensor<B, D>, Tensor<B, D>, Tensor<B, 1>, Tensor<B, 1>);
@@ -101,7 +75,7 @@ pub fn try_adamw<B: Backend, const D: usize>(
         && param.dtype() == DType::F32
         && exp_avg.dtype() == DType::F32
         && exp_avg_sq.dtype() == DType::F32
-        && grad_type(grad.dtype()).is_some()
+        && float_code(grad.dtype()).is_some()
         && grad.dims() == param.dims()
         && exp_avg.dims() == [n]
         && exp_avg_sq.dims() == [n];
@@ -134,7 +108,7 @@ pub fn try_sum_of_squares<B: Backend>(grads: &[B::FloatTensorPrimitive]) -> Opti
         return None;
     }
     let prims: Vec<Primitive> = grads.iter().map(|g| downcast::<_, Primitive>(g.clone()).ok().unwrap()).collect();
-    if prims.iter().any(|g| grad_type(g.dtype).is_none()) {
+    if prims.iter().any(|g| float_code(g.dtype).is_none()) {
         return None;
     }
     // An empty gradient adds nothing, and a kernel cannot be launched over none.
@@ -191,35 +165,15 @@ impl AdamWUpdate {
     }
 }
 
-/// `tensor` as a row-major tensor (a copy only where it is not one).
-pub(crate) fn contiguous(tensor: Cube) -> Cube {
-    let shape = tensor.meta.shape().to_vec();
-    let dense = tensor.meta.strides().iter().zip(row_major_dyn(&shape)).all(|(&s, r)| s == r);
-    if dense { tensor } else { into_contiguous(tensor) }
-}
-
-fn row_major_dyn(shape: &[usize]) -> Vec<usize> {
-    let mut strides = vec![1; shape.len()];
-    for i in (0..shape.len().saturating_sub(1)).rev() {
-        strides[i] = strides[i + 1] * shape[i + 1];
-    }
-    strides
-}
-
 /// Blocks for `n` elements, one element a thread, at most [`MAX_BLOCKS`].
 fn blocks(n: usize) -> u32 {
     n.div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS) as u32
 }
 
-fn launch(kernel: OptimKernel, grad_type: u8, buffers: Vec<&Cube>, params: Params, blocks: u32) {
-    let client = buffers[0].client.clone();
-    let mut args = KernelArguments::new();
-    args.buffers = buffers.into_iter().map(|t| t.handle.clone().binding()).collect();
-    let words = params.words();
-    let count = words.len();
-    // All of it static: cubecl would pass a dynamic part as one more buffer argument.
-    args.info = MetadataBindingInfo::new(words, count);
-    client.launch(Box::new(OptimTask { kernel, grad_type }), CubeCount::Static(blocks, 1, 1), args);
+/// Queues `kernel` for gradients of element type `grad`.
+fn launch(kernel: OptimKernel, grad: u8, buffers: Vec<&Cube>, params: Params, blocks: u32) {
+    let task = SourceKernel { source: &SOURCE, entry: kernel.entry(), code: grad, threads: THREADS };
+    task.launch(buffers, params.words(), CubeCount::Static(blocks, 1, 1));
 }
 
 #[derive(Debug)]
@@ -238,13 +192,11 @@ impl Operation<Runtime> for AdamWOp {
         // at its last use); a new buffer otherwise.
         let output = |t: &Cube| if t.can_mut() { t.clone() } else { empty(t, [n], DType::F32) };
         let (param_out, exp_avg_out, exp_avg_sq_out) = (output(&param), output(&exp_avg), output(&exp_avg_sq));
-        let kind = grad_type(grad.dtype).expect("checked when queued");
+        let kind = float_code(grad.dtype).expect("checked when queued");
         let params = Params { n: n as u64, slot: 0, update: self.params };
         launch(OptimKernel::AdamW, kind, vec![&param, &grad, &exp_avg, &exp_avg_sq, &param_out, &exp_avg_out, &exp_avg_sq_out], params, blocks(n));
         // The parameter's own shape (a new buffer was made flat).
-        let shape = param.meta.shape().clone();
-        let strides = row_major_dyn(&shape);
-        let param_out = CubeTensor::new(param_out.client.clone(), param_out.handle, burn_std::Metadata::new(shape, strides), param_out.device, DType::F32);
+        let param_out = CubeTensor::new_contiguous(param_out.client.clone(), param_out.device, param.meta.shape().clone(), param_out.handle, DType::F32);
         for (output, tensor) in self.desc.outputs.iter().zip([param_out, exp_avg_out, exp_avg_sq_out]) {
             handles.register_float_tensor::<Inner>(&output.id, tensor);
         }
@@ -264,7 +216,7 @@ impl Operation<Runtime> for SumOfSquaresOp {
         let mut slot = 0;
         for (grad, &count) in grads.iter().zip(&slots) {
             let params = Params { n: grad.meta.num_elements() as u64, slot: slot as u64, ..Params::default() };
-            launch(OptimKernel::SumSquaresPartial, grad_type(grad.dtype).expect("checked when queued"), vec![grad, &partials], params, count as u32);
+            launch(OptimKernel::SumSquaresPartial, float_code(grad.dtype).expect("checked when queued"), vec![grad, &partials], params, count as u32);
             slot += count;
         }
         let out = empty(&grads[0], [1], DType::F32);
@@ -292,63 +244,16 @@ impl OptimKernel {
     }
 }
 
-/// One kernel for one gradient type: the source behind a `#define`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct OptimTask {
-    kernel: OptimKernel,
-    grad_type: u8,
-}
-
-impl OptimTask {
-    fn source(&self) -> String {
-        format!("#define GRAD_TYPE {}\n{SOURCE}", self.grad_type)
-    }
-}
-
-fn source_hash() -> u64 {
-    static HASH: OnceLock<u64> = OnceLock::new();
-    *HASH.get_or_init(|| fnv1a(SOURCE))
-}
-
-impl KernelMetadata for OptimTask {
-    fn id(&self) -> KernelId {
-        KernelId::new::<Self>().info((*self, source_hash())).cube_dim(CubeDim::new_1d(THREADS))
-    }
-
-    fn address_type(&self) -> StorageType {
-        AddressType::U64.unsigned_type()
-    }
-}
-
-impl CubeTask<CudaCompiler> for OptimTask {
-    fn compile(
-        &self,
-        compiler: &mut CudaCompiler,
-        options: &<CudaCompiler as Compiler>::CompilationOptions,
-        mode: ExecutionMode,
-        address_type: StorageType,
-    ) -> Result<CompiledKernel<CudaCompiler>, CompilationError> {
-        compile_source(compiler, options, mode, address_type, self.kernel.entry(), self.source(), THREADS)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Every kernel's task compiles without a GPU to our source with its define, and the ids
-    /// tell the variants apart.
+    /// Every entry point the launches name is in the source, with the launch bounds the
+    /// launches assume.
     #[test]
-    fn tasks_compile_to_our_source() {
+    fn entry_points_are_in_the_source() {
         for kernel in [OptimKernel::AdamW, OptimKernel::SumSquaresPartial, OptimKernel::SumPartials] {
-            let task = OptimTask { kernel, grad_type: 1 };
-            let compiled = task
-                .compile(&mut CudaCompiler::default(), &Default::default(), ExecutionMode::Checked, task.address_type())
-                .expect("compiles");
-            assert_eq!(compiled.entrypoint_name, kernel.entry());
-            assert!(compiled.source.starts_with("#define GRAD_TYPE 1\n"));
-            assert!(compiled.source.contains(&format!("__launch_bounds__({THREADS}) {}(", kernel.entry())));
-            assert_ne!(task.id(), OptimTask { grad_type: 0, ..task }.id());
+            assert!(SOURCE.specialised(1).contains(&format!("__launch_bounds__({THREADS}) {}(", kernel.entry())), "{}", kernel.entry());
         }
     }
 

@@ -5,6 +5,8 @@
 pub mod backend;
 #[cfg(feature = "cuda")]
 pub mod cublaslt;
+#[cfg(feature = "cuda")]
+pub mod cuda_kernel;
 pub mod config;
 pub mod data;
 pub mod demo;

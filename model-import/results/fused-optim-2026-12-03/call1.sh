@@ -8,7 +8,7 @@
 # 10 of graph-prefill-2026-12-03 ran without it, on burn's GEMM).
 # Carry .dev with train-test.xz (the `train` test binary) and llava-jp.xz.
 CALL=call1 BINARIES="train-test"
-source "$(dirname "$0")/lib.sh"
+source "$(dirname "$0")/../../scripts/gpu_call_lib.sh"
 export LLAVA_JP_GEMM=${LLAVA_JP_GEMM:-cublaslt}
 timeout 150 /tmp/train-test --ignored --exact fused_optimizer_matches_burn_on_cuda --nocapture > "$out/test.log" 2>&1
 echo "== test: $(grep -E 'test result|panicked' "$out/test.log" | head -3) ($((SECONDS - start)) s)"

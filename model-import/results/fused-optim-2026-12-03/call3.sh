@@ -4,7 +4,7 @@
 # LayerNorm (LLAVA_JP_FUSED_OPS=0), then PyTorch; cuBLASLt products in all of ours.
 # Carry .dev with train-test.xz and llava-jp.xz.
 CALL=call3 BINARIES="train-test"
-source "$(dirname "$0")/lib.sh"
+source "$(dirname "$0")/../../scripts/gpu_call_lib.sh"
 export LLAVA_JP_GEMM=${LLAVA_JP_GEMM:-cublaslt}
 for t in fused_layer_norm_matches_burn_on_cuda fused_optimizer_matches_burn_on_cuda; do
   timeout 150 /tmp/train-test --ignored --exact $t --nocapture > "$out/$t.log" 2>&1

@@ -4,7 +4,7 @@
 # eager reference now takes the LayerNorm kernel. Carry .dev with train-test.xz and
 # graph-decode-test.xz.
 CALL=call4 BINARIES="train-test graph-decode-test"
-source "$(dirname "$0")/lib.sh"
+source "$(dirname "$0")/../../scripts/gpu_call_lib.sh"
 timeout 150 /tmp/train-test --ignored --exact fused_layer_norm_matches_burn_on_cuda --nocapture > "$out/layer-norm-test.log" 2>&1
 echo "== layer norm test: $(grep -E 'test result|panicked' "$out/layer-norm-test.log" | head -3) ($((SECONDS - start)) s)"
 grep -A3 panicked "$out/layer-norm-test.log" | head -6

@@ -5,7 +5,7 @@
 # first, the bench three ways and transformers, then the CUDA-referenced cases the prefill
 # takes (bf16 cases 4 and 5) and one it does not (0), in parallel.
 CALL=call9 BINARIES="graph-decode-test bench-generate"
-source "$(dirname "$0")/lib.sh"
+source "$(dirname "$0")/../../scripts/gpu_call_lib.sh"
 run_test graph_decode_matches_flex_bf16 test-flex-bf16 120
 run_test graph_decode_matches_flex_f32 test-flex-f32 90
 bench ours bench-generate 3

@@ -1,4 +1,4 @@
-# Shared by this folder's call scripts (sourced; GPU machine, repository root, `.dev` carried).
+# Shared by the GPU call scripts of model-import/results/*/ (sourced; GPU machine, repository root, `.dev` carried).
 # Sets `out` (logs, archived into $OUT at the end by `finish`), the CUDA library path, the
 # time left (`left`, against LIMIT, default 570 s of the call's 600), and unpacks the
 # binaries named in BINARIES from .dev/<name>.xz to /tmp/<name>.

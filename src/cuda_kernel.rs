@@ -1,0 +1,192 @@
+//! What the hand-written CUDA kernels launched as burn custom operations share
+//! ([`crate::fused_ops`], [`crate::fused_optim`]): a process-wide switch read from the
+//! environment, the element-type code their sources are specialised on, row-major copies of
+//! operands, and one kernel task for a source specialised by a single `#define`, compiled by
+//! NVRTC through cubecl and launched on cubecl's stream with its parameters as static info
+//! words. [`crate::flash`]'s kernels, specialised by four defines, have a task of their own.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::OnceLock;
+
+use burn::prelude::*;
+use burn::tensor::DType;
+use burn_cubecl::cubecl::cuda::{CudaCompiler, CudaRuntime};
+use burn_cubecl::cubecl::prelude::{AddressType, CompiledKernel, CubeCount, CubeDim, ExecutionMode, KernelId, KernelMetadata, StorageType};
+use burn_cubecl::cubecl::server::{KernelArguments, MetadataBindingInfo};
+use burn_cubecl::cubecl::{CompilationError, Compiler, CubeTask};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::tensor::CubeTensor;
+
+use crate::backend::autodiff_cuda_backends;
+use crate::flash::{compile_source, fnv1a};
+
+pub(crate) type Cube = CubeTensor<CudaRuntime>;
+
+/// An on/off setting for the whole process: on unless the environment variable `var` is `0`,
+/// or [`Switch::set`] said otherwise.
+pub struct Switch {
+    var: &'static str,
+    state: AtomicU8,
+}
+
+const UNSET: u8 = u8::MAX;
+
+impl Switch {
+    pub const fn new(var: &'static str) -> Self {
+        Self { var, state: AtomicU8::new(UNSET) }
+    }
+
+    pub fn on(&self) -> bool {
+        match self.state.load(Ordering::Relaxed) {
+            UNSET => {
+                let on = match std::env::var(self.var).as_deref() {
+                    Ok("1") | Err(_) => true,
+                    Ok("0") => false,
+                    Ok(other) => panic!("{}={other}: expected 0 or 1", self.var),
+                };
+                self.set(on);
+                on
+            }
+            code => code == 1,
+        }
+    }
+
+    pub fn set(&self, on: bool) {
+        self.state.store(on as u8, Ordering::Relaxed);
+    }
+}
+
+/// The element-type code the sources are specialised on (`ELEM`): 0 f32, 1 bf16, 2 f16.
+pub(crate) fn float_code(dtype: DType) -> Option<u8> {
+    match dtype {
+        DType::F32 => Some(0),
+        DType::BF16 => Some(1),
+        DType::F16 => Some(2),
+        _ => None,
+    }
+}
+
+/// Whether `B` is one of burn's autodiff backends over its fused CUDA backend.
+pub(crate) fn autodiff_cuda<B: Backend>() -> bool {
+    use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
+    use burn::backend::{Autodiff, Cuda};
+    use burn::tensor::{bf16, f16};
+    macro_rules! any_of {
+        ($($inner:ty, $strategy:ty);*) => { false $(|| std::any::TypeId::of::<B>() == std::any::TypeId::of::<Autodiff<$inner, $strategy>>())* };
+    }
+    autodiff_cuda_backends!(any_of)
+}
+
+/// Row-major strides of `shape`.
+pub(crate) fn row_major_strides(shape: &[usize]) -> Vec<usize> {
+    let mut strides = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1];
+    }
+    strides
+}
+
+/// `tensor` as a row-major tensor (a copy only where it is not one).
+pub(crate) fn contiguous(tensor: Cube) -> Cube {
+    let shape = tensor.meta.shape().to_vec();
+    let dense = tensor.meta.strides().iter().zip(row_major_strides(&shape)).all(|(&s, r)| s == r);
+    if dense { tensor } else { into_contiguous(tensor) }
+}
+
+/// A kernel source (CUDA C++) specialised by one `#define` (`define` = a small code).
+#[derive(Debug)]
+pub(crate) struct KernelSource {
+    define: &'static str,
+    text: &'static str,
+    hash: OnceLock<u64>,
+}
+
+impl KernelSource {
+    pub(crate) const fn new(define: &'static str, text: &'static str) -> Self {
+        Self { define, text, hash: OnceLock::new() }
+    }
+
+    /// FNV-1a of the text: part of every kernel's id, so that an edited source is never served
+    /// from cubecl's on-disk PTX cache.
+    fn hash(&self) -> u64 {
+        *self.hash.get_or_init(|| fnv1a(self.text))
+    }
+
+    /// The text behind its define.
+    pub(crate) fn specialised(&self, code: u8) -> String {
+        format!("#define {} {code}\n{}", self.define, self.text)
+    }
+}
+
+/// One entry point of a [`KernelSource`] for one value of its define, `threads` a block.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SourceKernel {
+    pub source: &'static KernelSource,
+    pub entry: &'static str,
+    pub code: u8,
+    pub threads: u32,
+}
+
+impl SourceKernel {
+    /// Queues the kernel on `buffers[0]`'s stream over `count` blocks, its parameters the
+    /// 64-bit `words` (the source's `Params`, passed by value).
+    pub(crate) fn launch(self, buffers: Vec<&Cube>, words: Vec<u64>, count: CubeCount) {
+        let client = buffers[0].client.clone();
+        let mut args = KernelArguments::new();
+        args.buffers = buffers.into_iter().map(|t| t.handle.clone().binding()).collect();
+        let n = words.len();
+        // All of it static: cubecl would pass a dynamic part as one more buffer argument.
+        args.info = MetadataBindingInfo::new(words, n);
+        client.launch(Box::new(self), count, args);
+    }
+}
+
+impl KernelMetadata for SourceKernel {
+    fn id(&self) -> KernelId {
+        KernelId::new::<Self>().info((self.entry, self.code, self.threads, self.source.hash())).cube_dim(CubeDim::new_1d(self.threads))
+    }
+
+    fn address_type(&self) -> StorageType {
+        AddressType::U64.unsigned_type()
+    }
+}
+
+impl CubeTask<CudaCompiler> for SourceKernel {
+    fn compile(
+        &self,
+        compiler: &mut CudaCompiler,
+        options: &<CudaCompiler as Compiler>::CompilationOptions,
+        mode: ExecutionMode,
+        address_type: StorageType,
+    ) -> Result<CompiledKernel<CudaCompiler>, CompilationError> {
+        compile_source(compiler, options, mode, address_type, self.entry, self.source.specialised(self.code), self.threads)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    static SOURCE: KernelSource = KernelSource::new("ELEM", "extern \"C\" __global__ void __launch_bounds__(256) k() {}\n");
+
+    /// A task compiles without a GPU to its source behind its define; the ids tell the codes
+    /// and entry points apart.
+    #[test]
+    fn tasks_compile_to_their_source() {
+        let task = SourceKernel { source: &SOURCE, entry: "k", code: 2, threads: 256 };
+        let compiled = task
+            .compile(&mut CudaCompiler::default(), &Default::default(), ExecutionMode::Checked, task.address_type())
+            .expect("compiles");
+        assert_eq!(compiled.entrypoint_name, "k");
+        assert!(compiled.source.starts_with("#define ELEM 2\nextern"));
+        assert_ne!(task.id(), SourceKernel { code: 1, ..task }.id());
+        assert_ne!(task.id(), SourceKernel { entry: "j", ..task }.id());
+    }
+
+    #[test]
+    fn row_major_strides_of_shapes() {
+        assert_eq!(row_major_strides(&[2, 3, 4]), vec![12, 4, 1]);
+        assert_eq!(row_major_strides(&[5]), vec![1]);
+        assert!(row_major_strides(&[]).is_empty());
+    }
+}
