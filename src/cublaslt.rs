@@ -55,6 +55,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::backend::autodiff_cuda_backends;
+use crate::cuda_kernel::{from_primitive, fused_cuda, on_autodiff_cuda, to_primitive};
 use burn::backend::ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
 use burn::prelude::*;
 use burn::tensor::{DType, TensorPrimitive};
@@ -158,6 +159,98 @@ pub fn try_matmul<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Result<Tensor
     if checking() { checked(a, b) } else { route(a, b) }
 }
 
+/// The operands [`try_autocast_affine`] hands back when it does not take them.
+pub type AffineOperands<B, const D: usize> = (Tensor<B, D>, Tensor<B, 2>, Option<Tensor<B, 1>>);
+
+/// `x · w + bias` under autocast to `compute` (bf16 or f16) as one recorded operation, where
+/// [`try_matmul`] would take the product: f32 `x` (`[..., k]`) and `w` (`[k, n]`, perhaps a
+/// transposed view) are cast to `compute`, cuBLASLt sums their product in f32 and writes it in
+/// f32, and the f32 bias is added. Under autodiff the backward is the output gradient cast to
+/// `compute` and two more products written in f32 (`dx = dy · wᵀ`, `dw = xᵀ · dy`), and the
+/// bias's gradient `dy` summed over rows; the state keeps the cast operands, only those a
+/// gradient needs. Written with burn's operations the same layer is ~8 recorded operations
+/// forward (reshape, two casts, the product, a cast back, the bias's broadcast and add,
+/// reshape) and as many backward, and recording them is what bounds a training step
+/// (`model-import/results/fused-optim-2026-12-03/`). The operands come back untouched when
+/// the route or the fused operations (`LLAVA_JP_FUSED_OPS=0`) are off, `B` is not burn's CUDA
+/// backend (with or without autodiff), or they are
+/// not f32 of matching widths.
+pub fn try_autocast_affine<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    w: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    compute: DType,
+) -> Result<Tensor<B, D>, AffineOperands<B, D>> {
+    let dims = x.dims();
+    let [k, n] = w.dims();
+    let covered = routes::<B>()
+        && crate::fused_ops::enabled()
+        && !checking()
+        && matches!(compute, DType::BF16 | DType::F16)
+        && x.dtype() == DType::F32
+        && w.dtype() == DType::F32
+        && bias.as_ref().is_none_or(|b| b.dtype() == DType::F32 && b.dims() == [n])
+        && dims[D - 1] == k
+        && x.shape().num_elements() > 0
+        && n > 0;
+    if !covered {
+        return Err((x, w, bias));
+    }
+    let op = AutocastAffine { compute, x_dims: dims.to_vec() };
+    if fused_cuda::<B>() {
+        return Ok(from_primitive(op.forward(to_primitive(x), to_primitive(w), bias.map(to_primitive), (false, false)).0));
+    }
+    let (x, w) = (x.into_primitive().tensor(), w.into_primitive().tensor());
+    let out = match bias {
+        Some(b) => on_autodiff_cuda::<B, 3, _>(op, [x, w, b.into_primitive().tensor()]).map_err(|_| ()),
+        None => on_autodiff_cuda::<B, 2, _>(op, [x, w]).map_err(|_| ()),
+    };
+    let out = out.unwrap_or_else(|()| unreachable!("routes::<B>() names only the fused CUDA backend and its autodiff ones"));
+    Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
+}
+
+/// [`try_autocast_affine`]'s operation: the compute dtype and the input's shape.
+#[derive(Debug, Clone)]
+struct AutocastAffine {
+    compute: DType,
+    x_dims: Vec<usize>,
+}
+
+/// `Cuda<f32>`: its float primitive is [`Primitive`], whatever a tensor's dtype, so that burn's
+/// operations can be used on primitives inside an autodiff operation.
+type Fused = burn::backend::Cuda<f32>;
+
+impl AutocastAffine {
+    /// The output, and the cast input (`[rows, k]`) and weight when `keep` says a gradient
+    /// will need them: `keep.0` the input (for the weight's gradient), `keep.1` the weight
+    /// (for the input's).
+    fn forward(&self, x: Primitive, w: Primitive, bias: Option<Primitive>, keep: (bool, bool)) -> (Primitive, Option<Primitive>, Option<Primitive>) {
+        use burn::tensor::ops::FloatTensorOps;
+        let k = *self.x_dims.last().expect("a rank of at least one");
+        let rows = self.x_dims.iter().product::<usize>() / k;
+        let n = w.shape[1];
+        let xc = cast(Fused::float_reshape(x, Shape::new([rows, k])), self.compute);
+        let wc = cast(w, self.compute);
+        let y = register_as(xc.clone(), wc.clone(), DType::F32);
+        let y = match bias {
+            Some(b) => Fused::float_add(y, Fused::float_reshape(b, Shape::new([1, n]))),
+            None => y,
+        };
+        let mut out_dims = self.x_dims.clone();
+        *out_dims.last_mut().expect("a rank of at least one") = n;
+        (Fused::float_reshape(y, Shape::from(out_dims)), keep.0.then_some(xc), keep.1.then_some(wc))
+    }
+}
+
+/// `t` in `dtype` (burn's cast, on the fused backend).
+fn cast(t: Primitive, dtype: DType) -> Primitive {
+    use burn::tensor::ops::FloatTensorOps;
+    if t.dtype == dtype {
+        return t;
+    }
+    Fused::float_cast(t, dtype.into())
+}
+
 #[allow(clippy::type_complexity)]
 fn route<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Result<Tensor<B, 2>, (Tensor<B, 2>, Tensor<B, 2>)> {
     if !enabled() || !matches!(a.dtype(), DType::F32 | DType::BF16 | DType::F16) || a.dtype() != b.dtype() {
@@ -252,10 +345,17 @@ pub fn routes<B: Backend>() -> bool {
 
 /// Queues the product on the fused backend's stream as a custom operation.
 fn register(a: Primitive, b: Primitive) -> Primitive {
+    let dtype = a.dtype;
+    register_as(a, b, dtype)
+}
+
+/// [`register`] with the output in `out` (the operands' dtype, or f32: bf16 / f16 operands
+/// whose f32 sums are written unrounded).
+fn register_as(a: Primitive, b: Primitive, out: DType) -> Primitive {
     let (m, n) = (a.shape[0], b.shape[1]);
     let client = a.client.clone();
     let streams = OperationStreams::with_inputs([&a, &b]);
-    let out = TensorIr::uninit(client.create_empty_handle(), Shape::new([m, n]), a.dtype);
+    let out = TensorIr::uninit(client.create_empty_handle(), Shape::new([m, n]), out);
     let desc = CustomOpIr::new("cublaslt_matmul", &[a.into_ir(), b.into_ir()], &[out]);
     client.register(streams, OperationIr::Custom(desc.clone()), LtMatmul { desc }).output()
 }
@@ -270,7 +370,7 @@ impl Operation<Runtime> for LtMatmul {
         let ([a, b], [out]) = self.desc.as_fixed();
         let a = handles.get_float_tensor::<Inner>(a);
         let b = handles.get_float_tensor::<Inner>(b);
-        let product = gemm(a, b).unwrap_or_else(|e| panic!("cuBLASLt matmul: {e}"));
+        let product = gemm(a, b, out.dtype).unwrap_or_else(|e| panic!("cuBLASLt matmul: {e}"));
         handles.register_float_tensor::<Inner>(&out.id, product);
     }
 }
@@ -455,15 +555,20 @@ fn alignment(ptr: u64) -> u32 {
     (1u64 << ptr.trailing_zeros().min(8)) as u32
 }
 
-fn gemm(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>) -> Result<CubeTensor<CudaRuntime>, String> {
+fn gemm(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>, out_dtype: DType) -> Result<CubeTensor<CudaRuntime>, String> {
     let dtype = a.dtype;
     let (m, k, n) = (a.meta.shape()[0], a.meta.shape()[1], b.meta.shape()[1]);
-    let (data_type, elem) = match dtype {
-        DType::BF16 => (sys::cudaDataType_t::CUDA_R_16BF, 2),
-        DType::F16 => (sys::cudaDataType_t::CUDA_R_16F, 2),
-        DType::F32 => (sys::cudaDataType_t::CUDA_R_32F, 4),
-        other => return Err(format!("{other:?} operands (expected f32, bf16 or f16)")),
+    let cuda_type = |dtype: DType| match dtype {
+        DType::BF16 => Ok(sys::cudaDataType_t::CUDA_R_16BF),
+        DType::F16 => Ok(sys::cudaDataType_t::CUDA_R_16F),
+        DType::F32 => Ok(sys::cudaDataType_t::CUDA_R_32F),
+        other => Err(format!("{other:?} operands (expected f32, bf16 or f16)")),
     };
+    let data_type = cuda_type(dtype)?;
+    if out_dtype != dtype && out_dtype != DType::F32 {
+        return Err(format!("a {out_dtype:?} product of {dtype:?} operands (expected their dtype or f32)"));
+    }
+    let (out_type, elem) = (cuda_type(out_dtype)?, out_dtype.size());
     if b.dtype != dtype || b.meta.shape()[0] != k {
         return Err(format!("operands [{m}, {k}] {dtype:?} and {:?} {:?} do not chain", b.meta.shape(), b.dtype));
     }
@@ -502,7 +607,7 @@ fn gemm(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>) -> Result<CubeTe
     let (task_client, task_dev, memory) = (client.clone(), dev.clone(), out.memory.clone());
     let index = device.index;
     queue.submit(move |_: &mut OnCubeclThread| {
-        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| enqueue(&task_client, &task_dev, route, x, y, memory, ldd, (m, n, k), data_type)));
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| enqueue(&task_client, &task_dev, route, x, y, memory, ldd, (m, n, k), (data_type, out_type))));
         let why = match run {
             Ok(Ok(())) => return,
             Ok(Err(e)) => e,
@@ -511,7 +616,7 @@ fn gemm(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>) -> Result<CubeTe
         eprintln!("cuBLASLt product [{m}, {k}] x [{k}, {n}] on CUDA device {index} failed on cubecl's device thread: {why}; its output was never written, so the process stops");
         std::process::abort();
     });
-    Ok(CubeTensor::new(client, out.memory, burn_std::Metadata::new(Shape::new([m, n]), strides), device, dtype))
+    Ok(CubeTensor::new(client, out.memory, burn_std::Metadata::new(Shape::new([m, n]), strides), device, out_dtype))
 }
 
 /// Queues the product `[m, k] x [k, n]` (cuBLASLt's operands `x`, `y`: see [`gemm`]) on
@@ -526,7 +631,7 @@ fn enqueue(
     out: burn_cubecl::cubecl::server::Handle,
     ldd: i64,
     (m, n, k): (usize, usize, usize),
-    data_type: sys::cudaDataType_t,
+    (data_type, out_type): (sys::cudaDataType_t, sys::cudaDataType_t),
 ) -> Result<(), String> {
     let resource = |t: &burn_cubecl::cubecl::server::Handle| client.get_resource(t.clone()).map_err(|e| format!("{e:?}"));
     let (rx, ry, rd) = (resource(&x.tensor.handle)?, resource(&y.tensor.handle)?, resource(&out)?);
@@ -554,7 +659,7 @@ fn enqueue(
     };
     let problem = Problem {
         dtype: data_type,
-        out_dtype: data_type,
+        out_dtype: out_type,
         transposed: (x.transposed, y.transposed),
         mnk: (n as u64, m as u64, k as u64),
         lds: (x.ld, y.ld, ldd),
@@ -931,7 +1036,10 @@ impl Drop for RawGemm {
 /// Training: the product's backward is two more products (`dC · Bᵀ`, `Aᵀ · dC`), both routed to
 /// cuBLASLt, the transposes being views it reads as they lie.
 mod autodiff {
-    use super::{register, Primitive};
+    use super::{cast, register, register_as, AutocastAffine, Fused, Primitive};
+    use crate::cuda_kernel::AutodiffCudaOp;
+    use burn::prelude::Shape;
+    use burn::tensor::DType;
     use burn::backend::autodiff::checkpoint::base::Checkpointer;
     use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
     use burn::backend::autodiff::grads::Gradients;
@@ -976,6 +1084,66 @@ mod autodiff {
                 prep.finish((lhs_state, rhs_state), register(lhs.primitive, rhs.primitive))
             }
             OpsKind::UnTracked(prep) => prep.finish(register(lhs.primitive, rhs.primitive)),
+        }
+    }
+    /// What the autocast affine's backward keeps: the cast input and weight (each only when
+    /// the other's gradient needs it), the compute dtype, and the input's shape.
+    #[derive(Debug, Clone)]
+    pub(super) struct AffineState {
+        x: Option<Primitive>,
+        w: Option<Primitive>,
+        op: AutocastAffine,
+    }
+
+    #[derive(Debug)]
+    struct AutocastAffineBackward;
+
+    /// Over `[x, w]` or `[x, w, bias]`.
+    impl<B: Backend<FloatTensorPrimitive = Primitive>, const N: usize> Backward<B, N> for AutocastAffineBackward {
+        type State = AffineState;
+
+        fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+            use burn::tensor::ops::FloatTensorOps;
+            let AffineState { x, w, op } = ops.state;
+            let dy = grads.consume::<B>(&ops.node);
+            let n = dy.shape[dy.shape.num_dims() - 1];
+            let rows = dy.shape.num_elements() / n;
+            let dy = Fused::float_reshape(dy, Shape::new([rows, n]));
+            let mut parents = ops.parents.into_iter();
+            let (px, pw, pb) = (parents.next().flatten(), parents.next().flatten(), parents.next().flatten());
+            let dy_c = (px.is_some() || pw.is_some()).then(|| cast(dy.clone(), op.compute));
+            if let Some(node) = px {
+                let w = w.expect("the weight, kept for the input's gradient");
+                let dx = register_as(dy_c.clone().expect("cast above"), Fused::float_transpose(w), DType::F32);
+                grads.register::<B>(node.id, Fused::float_reshape(dx, Shape::from(op.x_dims.clone())));
+            }
+            if let Some(node) = pw {
+                let x = x.expect("the input, kept for the weight's gradient");
+                grads.register::<B>(node.id, register_as(Fused::float_transpose(x), dy_c.expect("cast above"), DType::F32));
+            }
+            if let Some(node) = pb {
+                grads.register::<B>(node.id, Fused::float_reshape(Fused::float_sum_dim(dy, 0), Shape::new([n])));
+            }
+        }
+    }
+
+    impl<const N: usize> AutodiffCudaOp<N> for AutocastAffine {
+        fn run<I, C>(self, inputs: [FloatTensor<Autodiff<I, C>>; N]) -> FloatTensor<Autodiff<I, C>>
+        where
+            I: Backend<FloatTensorPrimitive = Primitive>,
+            C: CheckpointStrategy,
+        {
+            let nodes = inputs.each_ref().map(|t| t.node.clone());
+            let (x_tracked, w_tracked) = (inputs[0].is_tracked(), inputs[1].is_tracked());
+            let [x, w, bias] = [0, 1, 2].map(|i| inputs.get(i).map(|t| t.primitive.clone()));
+            let (x, w) = (x.expect("the input"), w.expect("the weight"));
+            match AutocastAffineBackward.prepare::<C>(nodes).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => {
+                    let (y, xc, wc) = self.forward(x, w, bias, (w_tracked, x_tracked));
+                    prep.finish(AffineState { x: xc, w: wc, op: self }, y)
+                }
+                OpsKind::UnTracked(prep) => prep.finish(self.forward(x, w, bias, (false, false)).0),
+            }
         }
     }
 }

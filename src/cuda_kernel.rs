@@ -77,6 +77,60 @@ pub(crate) fn autodiff_cuda<B: Backend>() -> bool {
     autodiff_cuda_backends!(any_of)
 }
 
+/// The float primitive of burn's fused CUDA backend (`Cuda<f32>`, `Cuda<bf16>` alike: a
+/// tensor's dtype travels with it), and of the backend under autodiff's inner one.
+pub(crate) type Primitive = burn_fusion::FusionTensor<burn_cubecl::fusion::FusionCubeRuntime<CudaRuntime>>;
+
+/// Whether `B` is burn's fused CUDA backend itself (no autodiff).
+pub(crate) fn fused_cuda<B: Backend>() -> bool {
+    std::any::TypeId::of::<B::FloatTensorPrimitive>() == std::any::TypeId::of::<Primitive>()
+}
+
+/// `B`'s float primitive as the fused CUDA backend's, for callers that checked [`fused_cuda`].
+pub(crate) fn to_primitive<B: Backend, const D: usize>(t: Tensor<B, D>) -> Primitive {
+    crate::cublaslt::downcast::<_, Primitive>(t.into_primitive().tensor()).ok().expect("burn's fused CUDA backend")
+}
+
+pub(crate) fn from_primitive<B: Backend, const D: usize>(p: Primitive) -> Tensor<B, D> {
+    let p = crate::cublaslt::downcast::<Primitive, B::FloatTensorPrimitive>(p).ok().expect("burn's fused CUDA backend");
+    Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(p))
+}
+
+/// An operation with its own backward on burn's autodiff CUDA backends: `run` records it on
+/// `Autodiff<I, C>` for whichever inner backend and checkpointing strategy `B` turns out to be
+/// ([`on_autodiff_cuda`] finds them: one place that knows the list).
+pub(crate) trait AutodiffCudaOp<const N: usize> {
+    fn run<I, C>(self, inputs: [burn::tensor::ops::FloatTensor<burn::backend::Autodiff<I, C>>; N]) -> burn::tensor::ops::FloatTensor<burn::backend::Autodiff<I, C>>
+    where
+        I: Backend<FloatTensorPrimitive = Primitive>,
+        C: burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+}
+
+/// Runs `op` on `inputs` (float primitives of any rank: `Tensor::into_primitive().tensor()`)
+/// when `B` is one of the autodiff CUDA backends ([`autodiff_cuda`]); hands them back
+/// otherwise.
+pub(crate) fn on_autodiff_cuda<B: Backend, const N: usize, Op: AutodiffCudaOp<N>>(
+    op: Op,
+    inputs: [B::FloatTensorPrimitive; N],
+) -> Result<B::FloatTensorPrimitive, [B::FloatTensorPrimitive; N]> {
+    use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
+    use burn::backend::{Autodiff, Cuda};
+    use burn::tensor::{bf16, f16};
+    use crate::cublaslt::downcast;
+    macro_rules! route {
+        ($($inner:ty, $strategy:ty);*) => {$(
+            if std::any::TypeId::of::<B>() == std::any::TypeId::of::<Autodiff<$inner, $strategy>>() {
+                type P = burn::tensor::ops::FloatTensor<Autodiff<$inner, $strategy>>;
+                let prims = inputs.map(|t| downcast::<_, P>(t).ok().unwrap());
+                let out = op.run::<$inner, $strategy>(prims);
+                return Ok(downcast::<P, B::FloatTensorPrimitive>(out).ok().unwrap());
+            }
+        )*};
+    }
+    autodiff_cuda_backends!(route);
+    Err(inputs)
+}
+
 /// Row-major strides of `shape`.
 pub(crate) fn row_major_strides(shape: &[usize]) -> Vec<usize> {
     let mut strides = vec![1; shape.len()];

@@ -49,7 +49,7 @@ use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{FusionRuntime, FusionTensor};
 
 use crate::cublaslt::downcast;
-use crate::cuda_kernel::autodiff_cuda;
+use crate::cuda_kernel::{autodiff_cuda, on_autodiff_cuda};
 use crate::model::nn::{AttentionDropout, SeededDropout};
 
 type Inner = CubeBackend<CudaRuntime, f32, i32, u8>;
@@ -135,28 +135,12 @@ pub fn try_attention<B: Backend>(
         && k.dims() == [b, h, tk, d]
         && v.dims() == [b, h, tk, d]
         && masked.as_ref().is_none_or(|m| m.dims() == [b, h, tq, tk])
-        && match dropout {
-            AttentionDropout::None => true,
-            AttentionDropout::Random(prob) => route() == Route::Training && (0.0..1.0).contains(&prob),
-            AttentionDropout::Seeded(d) => (0.0..1.0).contains(&d.prob),
-        }
+        && covers_dropout(dropout)
         && tensor_cores(&q.device());
     if !covered {
         return Err((q, k, v, masked));
     }
-    // The dropout's seed as two 32-bit words on the device: drawn there from the backend's
-    // generator (seeded runs repeat, and no value comes back to the host), or as given.
-    let device = q.device();
-    let seed_words = |words: [u32; 2]| Tensor::<B, 1, Int>::from_data(TensorData::new(words.map(|w| w as i32).to_vec(), [2]), &device);
-    // A probability of 0 is no dropout (and registers no seed the kernels would not read).
-    let dropout = match dropout {
-        AttentionDropout::Random(prob) if prob > 0.0 => {
-            Some((prob, Tensor::<B, 1, Int>::random([2], burn::tensor::Distribution::Uniform(0.0, 2_147_483_647.0), &device)))
-        }
-        AttentionDropout::Seeded(d) if d.prob > 0.0 => Some((d.prob, seed_words(d.seed))),
-        _ => None,
-    };
-    let dropout = dropout.map(|(prob, seed)| (prob, downcast::<_, Primitive>(seed.into_primitive()).ok().unwrap()));
+    let dropout = kernel_dropout::<B>(dropout, &q.device());
     if fused {
         let prim = |t: Tensor<B, 4>| downcast::<_, Primitive>(t.into_primitive().tensor()).ok().unwrap();
         let mask = masked.map(|m| downcast::<_, Primitive>(m.into_primitive()).ok().unwrap());
@@ -169,6 +153,77 @@ pub fn try_attention<B: Backend>(
 
 /// Dropout as the kernels take it: the probability and the seed's two words on the device.
 type KernelDropout = Option<(f64, Primitive)>;
+
+/// Whether the kernels take `dropout` (random dropout only on the training route).
+fn covers_dropout(dropout: AttentionDropout) -> bool {
+    match dropout {
+        AttentionDropout::None => true,
+        AttentionDropout::Random(prob) => route() == Route::Training && (0.0..1.0).contains(&prob),
+        AttentionDropout::Seeded(d) => (0.0..1.0).contains(&d.prob),
+    }
+}
+
+/// `dropout` as the kernels take it. The seed is two 32-bit words on the device: drawn there
+/// from the backend's generator (seeded runs repeat, and no value comes back to the host), or
+/// as given. A probability of 0 is no dropout (and registers no seed the kernels would not
+/// read).
+fn kernel_dropout<B: Backend>(dropout: AttentionDropout, device: &B::Device) -> KernelDropout {
+    let seed_words = |words: [u32; 2]| Tensor::<B, 1, Int>::from_data(TensorData::new(words.map(|w| w as i32).to_vec(), [2]), device);
+    let dropout = match dropout {
+        AttentionDropout::Random(prob) if prob > 0.0 => {
+            Some((prob, Tensor::<B, 1, Int>::random([2], burn::tensor::Distribution::Uniform(0.0, 2_147_483_647.0), device)))
+        }
+        AttentionDropout::Seeded(d) if d.prob > 0.0 => Some((d.prob, seed_words(d.seed))),
+        _ => None,
+    };
+    dropout.map(|(prob, seed)| (prob, downcast::<_, Primitive>(seed.into_primitive()).ok().unwrap()))
+}
+
+/// GPT-2's attention from its fused projection, under autodiff on the training route, as one
+/// recorded operation: `qkv` `[batch, tokens, 3 · width]` (queries, keys and values side by
+/// side, as `c_attn` writes them) is cast to `compute` (autocast; `None` keeps `qkv`'s dtype),
+/// split into `heads` heads, attended by the flash kernels, and the heads' outputs are merged
+/// back to `[batch, tokens, width]` in `qkv`'s dtype. Written with burn's operations that is
+/// ~16 recorded operations (three slices, the head splits, four casts, the kernel, the merge),
+/// each with its backward; here the backward is the flash backward kernels between the same
+/// reshapes, done once. `qkv` and the mask come back untouched where the kernels do not cover
+/// the case (see [`try_attention`]), and when `LLAVA_JP_FUSED_OPS=0`.
+pub fn try_attention_from_qkv<B: Backend>(
+    qkv: Tensor<B, 3>,
+    heads: usize,
+    masked: Tensor<B, 4, Bool>,
+    scale: f64,
+    dropout: AttentionDropout,
+    compute: Option<DType>,
+) -> Result<Tensor<B, 3>, (Tensor<B, 3>, Tensor<B, 4, Bool>)> {
+    let [b, t, width3] = qkv.dims();
+    let kernel_dtype = compute.unwrap_or(qkv.dtype());
+    let head_dim = width3 / 3 / heads.max(1);
+    let covered = autodiff_cuda::<B>()
+        && route() == Route::Training
+        && crate::fused_ops::enabled()
+        && matches!(kernel_dtype, DType::BF16 | DType::F16)
+        && matches!(qkv.dtype(), DType::F32 | DType::BF16 | DType::F16)
+        && heads > 0
+        && width3 == 3 * heads * head_dim
+        && head_dim % 16 == 0
+        && (16..=128).contains(&head_dim)
+        && b * t > 0
+        && (1..=65535).contains(&(b * heads))
+        && masked.dims() == [b, heads, t, t]
+        && covers_dropout(dropout)
+        && tensor_cores(&qkv.device());
+    if !covered {
+        return Err((qkv, masked));
+    }
+    let dropout = kernel_dropout::<B>(dropout, &qkv.device());
+    let mask = downcast::<_, Primitive>(masked.into_primitive()).ok().unwrap();
+    let op = autodiff::QkvAttention { heads, scale, dropout, mask, compute: kernel_dtype };
+    match on_autodiff_cuda::<B, 1, _>(op, [qkv.into_primitive().tensor()]) {
+        Ok(y) => Ok(Tensor::from_primitive(TensorPrimitive::Float(y))),
+        Err(_) => unreachable!("autodiff_cuda::<B>() was checked above"),
+    }
+}
 
 /// Whether the device has the tensor-core instructions the kernels use (`mma.sync` m16n8k16 with
 /// bf16, compute capability 8.0 and up); older GPUs keep burn's attention. Asked once per device.
@@ -538,6 +593,10 @@ pub(crate) fn compile_source(
 /// kernels. The state keeps the operands, the output and the log-sum-exp (no scores).
 mod autodiff {
     use super::{register_backward, register_forward, KernelDropout, Primitive};
+    use crate::cuda_kernel::AutodiffCudaOp;
+    use crate::model::nn::{merge_heads, split_heads};
+    use burn::prelude::Tensor;
+    use burn::tensor::{DType, TensorPrimitive};
     use burn::backend::autodiff::checkpoint::base::Checkpointer;
     use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
     use burn::backend::autodiff::grads::Gradients;
@@ -596,6 +655,79 @@ mod autodiff {
                 prep.finish(state, out)
             }
             OpsKind::UnTracked(prep) => prep.finish(register_forward(q.primitive, k.primitive, v.primitive, mask, dropout, scale).0),
+        }
+    }
+
+    /// [`super::try_attention_from_qkv`]'s operation: one input, `qkv`.
+    #[derive(Debug)]
+    pub(super) struct QkvAttention {
+        pub heads: usize,
+        pub scale: f64,
+        pub dropout: KernelDropout,
+        pub mask: Primitive,
+        /// The kernels' dtype.
+        pub compute: DType,
+    }
+
+    #[derive(Debug, Clone)]
+    pub(super) struct QkvState {
+        attention: State,
+        /// `qkv`'s dtype, which its gradient takes.
+        dtype: DType,
+        heads: usize,
+    }
+
+    #[derive(Debug)]
+    struct QkvAttentionBackward;
+
+    type Fused = burn::backend::Cuda<f32>;
+
+    fn tensor<const D: usize>(p: Primitive) -> Tensor<Fused, D> {
+        Tensor::from_primitive(TensorPrimitive::Float(p))
+    }
+
+    fn primitive<const D: usize>(t: Tensor<Fused, D>) -> Primitive {
+        t.into_primitive().tensor()
+    }
+
+    impl<B: Backend<FloatTensorPrimitive = Primitive>> Backward<B, 1> for QkvAttentionBackward {
+        type State = QkvState;
+
+        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+            let dy = grads.consume::<B>(&ops.node);
+            let QkvState { attention: s, dtype, heads } = ops.state;
+            if let [Some(node)] = ops.parents {
+                let dout = primitive(split_heads(tensor::<3>(dy).cast(s.out.dtype), heads));
+                let (dq, dk, dv) = register_backward(s.q, s.k, s.v, s.mask, s.dropout, s.out, s.lse, dout, s.scale);
+                let merged = [dq, dk, dv].map(|g| merge_heads(tensor::<4>(g)));
+                grads.register::<B>(node.id, primitive(Tensor::cat(merged.to_vec(), 2).cast(dtype)));
+            }
+        }
+    }
+
+    impl AutodiffCudaOp<1> for QkvAttention {
+        fn run<I, C>(self, [qkv]: [FloatTensor<Autodiff<I, C>>; 1]) -> FloatTensor<Autodiff<I, C>>
+        where
+            I: Backend<FloatTensorPrimitive = Primitive>,
+            C: CheckpointStrategy,
+        {
+            let dtype = qkv.primitive.dtype;
+            let qkv_c = tensor::<3>(qkv.primitive.clone()).cast(self.compute);
+            let [b, t, width3] = qkv_c.dims();
+            let width = width3 / 3;
+            let part = |i: usize| primitive(split_heads(qkv_c.clone().slice([0..b, 0..t, i * width..(i + 1) * width]), self.heads));
+            let (q, k, v) = (part(0), part(1), part(2));
+            let forward = || register_forward(q.clone(), k.clone(), v.clone(), Some(self.mask.clone()), self.dropout.clone(), self.scale);
+            let merged = |out: Primitive| primitive(merge_heads(tensor::<4>(out)).cast(dtype));
+            match QkvAttentionBackward.prepare::<C>([qkv.node.clone()]).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => {
+                    let (out, lse) = forward();
+                    let y = merged(out.clone());
+                    let attention = State { q, k, v, mask: Some(self.mask), dropout: self.dropout, out, lse, scale: self.scale };
+                    prep.finish(QkvState { attention, dtype, heads: self.heads }, y)
+                }
+                OpsKind::UnTracked(prep) => prep.finish(merged(forward().0)),
+            }
         }
     }
 }

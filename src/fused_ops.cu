@@ -1,7 +1,7 @@
-// LayerNorm forward and backward as kernels of our own (src/fused_ops.rs launches them on
-// cubecl's stream; NVRTC compiles them). burn records LayerNorm as ~10 operations forward and
-// ~20 backward, and recording operations is what bounds a training step on the GPU; here it is
-// one operation each way.
+// LayerNorm, exact GELU, and the residual add with dropout, forward and backward, as kernels
+// of our own (src/fused_ops.rs launches them on cubecl's stream; NVRTC compiles them). burn
+// records each as a chain of operations, and recording operations is what bounds a training
+// step on the GPU; here each is one operation each way.
 // `src/fused_ops.rs` prepends:
 //   ELEM  0: the input, weight, bias and outputs are f32, 1: bf16, 2: f16
 // Statistics and sums are f32 whatever the element type.
@@ -12,10 +12,10 @@ typedef long long i64;
 // Kernel parameters, passed by value (cubecl's info words, as one grid-constant argument):
 // 64-bit words in the order `src/fused_ops.rs` writes them.
 struct __align__(8) Params {
-    i64 rows;           // every dimension but the last, multiplied out
+    i64 rows;           // every dimension but the last, multiplied out (element-wise kernels: elements)
     i64 d;              // the normalised (last) dimension
-    i64 eps;            // f32 bits
-    i64 rows_per_chunk; // weight / bias gradients: rows a block of partial sums covers
+    i64 eps;            // f32 bits (LayerNorm's epsilon; dropout's 1 / (1 - prob))
+    i64 rows_per_chunk; // weight / bias gradients: rows a block of partial sums covers (dropout: its hash threshold)
     i64 chunks;         // and how many such blocks
 };
 
@@ -140,4 +140,65 @@ extern "C" __global__ void __launch_bounds__(256) layer_norm_backward_params_sum
     }
     store(dweight, col, dw);
     store(dbias, col, db);
+}
+
+// ---- Element-wise kernels over `p.rows` elements (grid-stride), for GELU and the residual add
+// with dropout. Each replaces a chain of burn operations recorded one by one.
+
+#define GRID_STRIDE(i) for (i64 i = (i64)blockIdx.x * 256 + threadIdx.x; i < p.rows; i += (i64)gridDim.x * 256)
+
+// Exact GELU, x * (1 + erf(x / sqrt 2)) / 2 (PyTorch's `nn.GELU()`, llm-jp's activation).
+extern "C" __global__ void __launch_bounds__(256) gelu_forward(
+    const elem_t* __restrict__ x, elem_t* __restrict__ y, const __grid_constant__ Params p) {
+    GRID_STRIDE(i) {
+        const float v = load(x, i);
+        store(y, i, v * ((erff(v * 0.70710678118654752f) + 1.0f) * 0.5f));
+    }
+}
+
+// dx = dy * (Phi(x) + x * phi(x)), phi the standard normal density.
+extern "C" __global__ void __launch_bounds__(256) gelu_backward(
+    const elem_t* __restrict__ x, const elem_t* __restrict__ dy, elem_t* __restrict__ dx, const __grid_constant__ Params p) {
+    GRID_STRIDE(i) {
+        const float v = load(x, i);
+        const float cdf = (erff(v * 0.70710678118654752f) + 1.0f) * 0.5f;
+        const float pdf = expf(-0.5f * v * v) * 0.39894228040143268f;
+        store(dx, i, load(dy, i) * (cdf + v * pdf));
+    }
+}
+
+// lowbias32, as src/model/nn.rs's `mix32`.
+__device__ __forceinline__ unsigned mix32(unsigned x) {
+    x ^= x >> 16; x *= 0x7feb352du; x ^= x >> 15; x *= 0x846ca68bu; x ^= x >> 16;
+    return x;
+}
+
+// Whether element i survives dropout: `SeededDropout::keeps_element` in src/model/nn.rs.
+__device__ __forceinline__ bool kept(const int* seed, i64 i, unsigned drop_below) {
+    const unsigned lo = (unsigned)i, hi = (unsigned)(i >> 32);
+    const unsigned h = mix32(mix32((unsigned)seed[0] ^ lo) ^ mix32((unsigned)seed[1] + hi * 0x9e3779b9u));
+    return h >= drop_below;
+}
+
+// y = x + dropout(h): h's elements kept with probability 1 - prob and scaled by 1 / (1 - prob).
+// p.eps holds the f32 bits of 1 / (1 - prob), p.rows_per_chunk the hash threshold (prob * 2^32).
+extern "C" __global__ void __launch_bounds__(256) residual_dropout_forward(
+    const elem_t* __restrict__ x, const elem_t* __restrict__ h, const int* __restrict__ seed,
+    elem_t* __restrict__ y, const __grid_constant__ Params p) {
+    const float scale = __int_as_float((int)p.eps);
+    const unsigned drop_below = (unsigned)p.rows_per_chunk;
+    GRID_STRIDE(i) {
+        const float kept_h = kept(seed, i, drop_below) ? load(h, i) * scale : 0.0f;
+        store(y, i, load(x, i) + kept_h);
+    }
+}
+
+// dh = dy where kept, scaled; 0 where dropped (x's gradient is dy itself).
+extern "C" __global__ void __launch_bounds__(256) residual_dropout_backward(
+    const elem_t* __restrict__ dy, const int* __restrict__ seed, elem_t* __restrict__ dh, const __grid_constant__ Params p) {
+    const float scale = __int_as_float((int)p.eps);
+    const unsigned drop_below = (unsigned)p.rows_per_chunk;
+    GRID_STRIDE(i) {
+        store(dh, i, kept(seed, i, drop_below) ? load(dy, i) * scale : 0.0f);
+    }
 }

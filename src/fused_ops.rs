@@ -1,15 +1,18 @@
 //! Model operations as kernels of our own on burn's fused CUDA backend (`src/fused_ops.cu`),
-//! forward and, under autodiff, backward: LayerNorm so far. burn records LayerNorm as ~10
-//! operations forward and ~20 backward; a full-size stage-2 step has 49 of them, and recording
-//! operations is what bounds that step (`model-import/results/fused-optim-2026-12-03/`: the
-//! host spends 0.14 s recording the forward and 0.22 s the backward of a 0.39 s step). Here
-//! each is one operation each way. [`crate::model::nn::LayerNorm`] calls here first and keeps
-//! burn's operations for every other backend, dtype, and when `LLAVA_JP_FUSED_OPS=0`.
+//! forward and, under autodiff, backward: LayerNorm, exact GELU, and the residual add with
+//! dropout that ends each GPT-2 sub-block. burn records LayerNorm as ~10 operations forward and
+//! ~20 backward, GELU as 5 and ~12, dropout and its residual add as 4 and ~3; recording
+//! operations is what bounds a training step (`model-import/results/fused-optim-2026-12-03/`:
+//! the host spent 0.14 s recording the forward and 0.22 s the backward of a 0.39 s full-size
+//! stage-2 step). Here each is one operation each way. The model ([`crate::model::nn`]'s
+//! `LayerNorm`, `Activation::Gelu`, `Dropout::add_to`) calls here first and keeps burn's
+//! operations for every other backend and dtype, and when `LLAVA_JP_FUSED_OPS=0` (which also
+//! turns off [`crate::cublaslt::try_autocast_affine`], the linear layers' fused operation).
 //!
 //! Launched like [`crate::flash`]'s kernels: custom operations of burn's fusion stream,
 //! compiled by NVRTC through cubecl, queued on cubecl's stream.
 
-use burn::backend::ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
+use burn::backend::ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
 use burn::prelude::*;
 use burn::tensor::{DType, TensorPrimitive};
 use burn_cubecl::cubecl::cuda::CudaRuntime;
@@ -18,16 +21,15 @@ use burn_cubecl::fusion::FusionCubeRuntime;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeBackend;
 use burn_fusion::stream::{Operation, OperationStreams};
-use burn_fusion::{FusionRuntime, FusionTensor};
+use burn_fusion::FusionRuntime;
 
-use crate::backend::autodiff_cuda_backends;
 use crate::cublaslt::downcast;
-use crate::cuda_kernel::{autodiff_cuda, contiguous, float_code, Cube, KernelSource, SourceKernel, Switch};
+use crate::cuda_kernel::{autodiff_cuda, contiguous, float_code, from_primitive, fused_cuda, on_autodiff_cuda, to_primitive, Cube, KernelSource, Primitive, SourceKernel, Switch};
 use crate::flash::{empty, tensor_cores};
+use crate::model::nn::SeededDropout;
 
 type Inner = CubeBackend<CudaRuntime, f32, i32, u8>;
 type Runtime = FusionCubeRuntime<CudaRuntime>;
-type Primitive = FusionTensor<Runtime>;
 
 /// Specialised on the element type (`ELEM`, [`float_code`]'s codes).
 static SOURCE: KernelSource = KernelSource::new("ELEM", include_str!("fused_ops.cu"));
@@ -38,6 +40,8 @@ const ROWS_PER_BLOCK: usize = 8;
 /// be more than [`MAX_CHUNKS`] blocks).
 const ROWS_PER_CHUNK: usize = 64;
 const MAX_CHUNKS: usize = 512;
+/// The element-wise kernels' grid (they stride over what it does not cover).
+const MAX_ELEMENTWISE_BLOCKS: usize = 1 << 16;
 
 static SWITCH: Switch = Switch::new("LLAVA_JP_FUSED_OPS");
 
@@ -59,7 +63,7 @@ type Rejected<B, const D: usize> = (Tensor<B, D>, Tensor<B, 1>, Tensor<B, 1>);
 /// autodiff or not; f32, or bf16 / f16 on compute capability 8.0 and up; weight and bias of
 /// the input's dtype and width); the operands come back untouched otherwise.
 pub fn try_layer_norm<B: Backend, const D: usize>(x: Tensor<B, D>, weight: Tensor<B, 1>, bias: Tensor<B, 1>, eps: f64) -> Result<Tensor<B, D>, Rejected<B, D>> {
-    let fused = std::any::TypeId::of::<B::FloatTensorPrimitive>() == std::any::TypeId::of::<Primitive>();
+    let fused = fused_cuda::<B>();
     if !fused && !autodiff_cuda::<B>() {
         return Err((x, weight, bias));
     }
@@ -82,28 +86,127 @@ pub fn try_layer_norm<B: Backend, const D: usize>(x: Tensor<B, D>, weight: Tenso
         let y = downcast::<Primitive, B::FloatTensorPrimitive>(y).ok().unwrap();
         return Ok(Tensor::from_primitive(TensorPrimitive::Float(y)));
     }
-    Ok(autodiff_layer_norm(x, weight, bias, eps))
+    let inputs = [x.into_primitive().tensor(), weight.into_primitive().tensor(), bias.into_primitive().tensor()];
+    match on_autodiff_cuda::<B, 3, _>(autodiff::LayerNorm { eps }, inputs) {
+        Ok(y) => Ok(Tensor::from_primitive(TensorPrimitive::Float(y))),
+        Err(_) => unreachable!("autodiff_cuda::<B>() was checked above"),
+    }
 }
 
-/// On the autodiff CUDA backends: the forward kernel, and the backward kernels when an operand
-/// is tracked.
-fn autodiff_layer_norm<B: Backend, const D: usize>(x: Tensor<B, D>, weight: Tensor<B, 1>, bias: Tensor<B, 1>, eps: f64) -> Tensor<B, D> {
-    use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
-    use burn::backend::{Autodiff, Cuda};
-    use burn::tensor::{bf16, f16};
-    macro_rules! route {
-        ($($inner:ty, $strategy:ty);*) => {$(
-            if std::any::TypeId::of::<B>() == std::any::TypeId::of::<Autodiff<$inner, $strategy>>() {
-                type P = burn::tensor::ops::FloatTensor<Autodiff<$inner, $strategy>>;
-                let prim = |t: TensorPrimitive<B>| downcast::<_, P>(t.tensor()).ok().unwrap();
-                let y = autodiff::layer_norm::<$inner, $strategy>(prim(x.into_primitive()), prim(weight.into_primitive()), prim(bias.into_primitive()), eps);
-                let y = downcast::<P, B::FloatTensorPrimitive>(y).ok().unwrap();
-                return Tensor::from_primitive(TensorPrimitive::Float(y));
-            }
-        )*};
+/// Whether the element-wise kernels cover `x` on `B` (as [`try_layer_norm`]'s do).
+fn covers_elementwise<B: Backend, const D: usize>(x: &Tensor<B, D>) -> bool {
+    (fused_cuda::<B>() || autodiff_cuda::<B>())
+        && enabled()
+        && float_code(x.dtype()).is_some()
+        && x.shape().num_elements() > 0
+        && (x.dtype() == DType::F32 || tensor_cores(&x.device()))
+}
+
+/// Exact GELU (`x · Φ(x)`, [`crate::model::nn::gelu_erf`]) by a kernel each way, where the
+/// kernels cover `x` (burn's CUDA backend, under autodiff or not; f32, or bf16 / f16 on
+/// compute capability 8.0 and up); `x` comes back untouched otherwise.
+pub fn try_gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    if !covers_elementwise(&x) {
+        return Err(x);
     }
-    autodiff_cuda_backends!(route);
-    unreachable!("autodiff_cuda::<B>() was checked by the caller")
+    if fused_cuda::<B>() {
+        return Ok(from_primitive(elementwise(Kernel::GeluForward, vec![to_primitive(x)], None, 0.0)));
+    }
+    match on_autodiff_cuda::<B, 1, _>(autodiff::Gelu, [x.into_primitive().tensor()]) {
+        Ok(y) => Ok(Tensor::from_primitive(TensorPrimitive::Float(y))),
+        Err(_) => unreachable!("covers_elementwise checked the backend"),
+    }
+}
+
+/// `x + dropout(h)` while training, in one kernel each way: `h`'s elements dropped with
+/// probability `dropout.prob` (the rest scaled by `1 / (1 - prob)`), which ones decided by a
+/// hash of the seed and the element's index ([`SeededDropout::keeps_element`]), so that the
+/// backward needs no stored mask. `seed` `None` draws it on the device from the backend's
+/// generator (seeded runs repeat). Only on the autodiff CUDA backends (dropout is off without
+/// gradients), for `x` and `h` of one shape and dtype and `0 < prob < 1`; the operands come
+/// back untouched otherwise.
+pub fn try_residual_dropout<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    h: Tensor<B, D>,
+    prob: f64,
+    seed: Option<[u32; 2]>,
+) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, D>)> {
+    if !autodiff_cuda::<B>() || !covers_elementwise(&x) || h.dtype() != x.dtype() || h.dims() != x.dims() || !(prob > 0.0 && prob < 1.0) {
+        return Err((x, h));
+    }
+    let device = x.device();
+    let seed = match seed {
+        Some(words) => Tensor::<B, 1, Int>::from_data(TensorData::new(words.map(|w| w as i32).to_vec(), [2]), &device),
+        None => Tensor::<B, 1, Int>::random([2], burn::tensor::Distribution::Uniform(0.0, 2_147_483_647.0), &device),
+    };
+    let seed = downcast::<_, Primitive>(seed.into_primitive()).ok().unwrap();
+    match on_autodiff_cuda::<B, 2, _>(autodiff::ResidualDropout { prob, seed }, [x.into_primitive().tensor(), h.into_primitive().tensor()]) {
+        Ok(y) => Ok(Tensor::from_primitive(TensorPrimitive::Float(y))),
+        Err(_) => unreachable!("autodiff_cuda::<B>() was checked above"),
+    }
+}
+
+/// Queues an element-wise kernel over `floats` (one shape and dtype; a later one of another
+/// dtype is cast to the first's), with the dropout seed after them when given. The output has
+/// the first operand's shape and dtype.
+fn elementwise(kernel: Kernel, floats: Vec<Primitive>, seed: Option<Primitive>, prob: f64) -> Primitive {
+    let dtype = floats[0].dtype;
+    let floats: Vec<Primitive> = floats
+        .into_iter()
+        .map(|t| {
+            if t.dtype == dtype {
+                return t;
+            }
+            type Fused = burn::backend::Cuda<f32>;
+            Tensor::<Fused, 1>::from_primitive(TensorPrimitive::Float(t)).cast(dtype).into_primitive().tensor()
+        })
+        .collect();
+    let client = floats[0].client.clone();
+    let shape = floats[0].shape.clone();
+    let mut inputs: Vec<&Primitive> = floats.iter().collect();
+    inputs.extend(seed.as_ref());
+    let streams = OperationStreams::with_inputs(inputs);
+    let output = TensorIr::uninit(client.create_empty_handle(), shape, dtype);
+    let irs: Vec<TensorIr> = floats.iter().chain(seed.as_ref()).map(|t| t.clone().into_ir()).collect();
+    let desc = CustomOpIr::new(kernel.entry(), &irs, &[output]);
+    // 1 / (1 - prob) as f32 bits, and the hash threshold below which an element is dropped.
+    let scale = (1.0 / (1.0 - prob)) as f32;
+    let words = vec![0, 0, scale.to_bits() as u64, SeededDropout::drop_below(prob) as u64, 0];
+    let op = Elementwise { desc: desc.clone(), kernel, seeded: seed.is_some(), words };
+    client.register(streams, OperationIr::Custom(desc), op).output()
+}
+
+#[derive(Debug)]
+struct Elementwise {
+    desc: CustomOpIr,
+    kernel: Kernel,
+    /// Whether the last input is the dropout seed (an int tensor).
+    seeded: bool,
+    /// `Params`, the element count filled in at launch.
+    words: Vec<u64>,
+}
+
+impl Operation<Runtime> for Elementwise {
+    fn execute(&self, handles: &mut HandleContainer<<Runtime as FusionRuntime>::FusionHandle>) {
+        let inputs = &self.desc.inputs;
+        let floats = inputs.len() - self.seeded as usize;
+        let mut tensors: Vec<Cube> = inputs[..floats].iter().map(|ir| contiguous(handles.get_float_tensor::<Inner>(ir))).collect();
+        if self.seeded {
+            tensors.push(contiguous(handles.get_int_tensor::<Inner>(&inputs[floats])));
+        }
+        let first = &tensors[0];
+        let n = first.meta.num_elements();
+        let out = empty(first, [n], first.dtype);
+        let elem = float_code(first.dtype).expect("checked when queued");
+        let mut words = self.words.clone();
+        words[0] = n as u64;
+        let mut buffers: Vec<&Cube> = tensors.iter().collect();
+        buffers.push(&out);
+        let blocks = n.div_ceil(THREADS as usize).min(MAX_ELEMENTWISE_BLOCKS) as u32;
+        launch(self.kernel, elem, buffers, words, CubeCount::Static(blocks, 1, 1));
+        let out = CubeTensor::new_contiguous(out.client.clone(), out.device, first.meta.shape().clone(), out.handle, out.dtype);
+        handles.register_float_tensor::<Inner>(&self.desc.outputs[0].id, out);
+    }
 }
 
 /// Queues the forward: the output and each row's mean and 1 / sqrt(var + eps) (f32, for the
@@ -154,7 +257,7 @@ fn words(rows: usize, d: usize, eps: f64, rows_per_chunk: usize, chunks: usize) 
     vec![rows as u64, d as u64, (eps as f32).to_bits() as u64, rows_per_chunk as u64, chunks as u64]
 }
 
-fn launch(kernel: OpKernel, elem: u8, buffers: Vec<&Cube>, words: Vec<u64>, count: CubeCount) {
+fn launch(kernel: Kernel, elem: u8, buffers: Vec<&Cube>, words: Vec<u64>, count: CubeCount) {
     SourceKernel { source: &SOURCE, entry: kernel.entry(), code: elem, threads: THREADS }.launch(buffers, words, count);
 }
 
@@ -185,7 +288,7 @@ impl Operation<Runtime> for LayerNormForward {
         let mean = empty(&x, [rows], DType::F32);
         let rstd = empty(&x, [rows], DType::F32);
         let elem = float_code(x.dtype).expect("checked when queued");
-        launch(OpKernel::Forward, elem, vec![&x, &weight, &bias, &y, &mean, &rstd], words(rows, d, self.eps, 0, 0), row_blocks(rows));
+        launch(Kernel::Forward, elem, vec![&x, &weight, &bias, &y, &mean, &rstd], words(rows, d, self.eps, 0, 0), row_blocks(rows));
         let y = CubeTensor::new_contiguous(y.client.clone(), y.device, x.meta.shape().clone(), y.handle, y.dtype);
         for (output, tensor) in self.desc.outputs.iter().zip([y, mean, rstd]) {
             handles.register_float_tensor::<Inner>(&output.id, tensor);
@@ -206,7 +309,7 @@ impl Operation<Runtime> for LayerNormBackward {
         let (rows, d) = rows_and_width(&x);
         let elem = float_code(x.dtype).expect("checked when queued");
         let dx = empty(&x, [rows, d], x.dtype);
-        launch(OpKernel::BackwardInput, elem, vec![&x, &weight, &dy, &mean, &rstd, &dx], words(rows, d, 0.0, 0, 0), row_blocks(rows));
+        launch(Kernel::BackwardInput, elem, vec![&x, &weight, &dy, &mean, &rstd, &dx], words(rows, d, 0.0, 0, 0), row_blocks(rows));
         let dx = CubeTensor::new_contiguous(dx.client.clone(), dx.device, x.meta.shape().clone(), dx.handle, dx.dtype);
         let mut grads = vec![dx];
         if self.desc.outputs.len() == 3 {
@@ -217,7 +320,7 @@ impl Operation<Runtime> for LayerNormBackward {
             let params = words(rows, d, 0.0, rows_per_chunk, chunks);
             let columns = d.div_ceil(THREADS as usize) as u32;
             launch(
-                OpKernel::BackwardParamsPartial,
+                Kernel::BackwardParamsPartial,
                 elem,
                 vec![&x, &dy, &mean, &rstd, &partial_weight, &partial_bias],
                 params.clone(),
@@ -225,7 +328,7 @@ impl Operation<Runtime> for LayerNormBackward {
             );
             let dweight = empty(&x, [d], weight.dtype);
             let dbias = empty(&x, [d], weight.dtype);
-            launch(OpKernel::BackwardParamsSum, elem, vec![&partial_weight, &partial_bias, &dweight, &dbias], params, CubeCount::Static(columns, 1, 1));
+            launch(Kernel::BackwardParamsSum, elem, vec![&partial_weight, &partial_bias, &dweight, &dbias], params, CubeCount::Static(columns, 1, 1));
             grads.extend([dweight, dbias]);
         }
         for (output, tensor) in self.desc.outputs.iter().zip(grads) {
@@ -236,28 +339,49 @@ impl Operation<Runtime> for LayerNormBackward {
 
 /// Which kernel of `SOURCE` a launch runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum OpKernel {
+enum Kernel {
     Forward,
     BackwardInput,
     BackwardParamsPartial,
     BackwardParamsSum,
+    GeluForward,
+    GeluBackward,
+    ResidualDropoutForward,
+    ResidualDropoutBackward,
 }
 
-impl OpKernel {
+impl Kernel {
     fn entry(self) -> &'static str {
         match self {
-            OpKernel::Forward => "layer_norm_forward",
-            OpKernel::BackwardInput => "layer_norm_backward_input",
-            OpKernel::BackwardParamsPartial => "layer_norm_backward_params_partial",
-            OpKernel::BackwardParamsSum => "layer_norm_backward_params_sum",
+            Kernel::Forward => "layer_norm_forward",
+            Kernel::BackwardInput => "layer_norm_backward_input",
+            Kernel::BackwardParamsPartial => "layer_norm_backward_params_partial",
+            Kernel::BackwardParamsSum => "layer_norm_backward_params_sum",
+            Kernel::GeluForward => "gelu_forward",
+            Kernel::GeluBackward => "gelu_backward",
+            Kernel::ResidualDropoutForward => "residual_dropout_forward",
+            Kernel::ResidualDropoutBackward => "residual_dropout_backward",
         }
     }
+
+    #[cfg(test)]
+    const ALL: [Kernel; 8] = [
+        Kernel::Forward,
+        Kernel::BackwardInput,
+        Kernel::BackwardParamsPartial,
+        Kernel::BackwardParamsSum,
+        Kernel::GeluForward,
+        Kernel::GeluBackward,
+        Kernel::ResidualDropoutForward,
+        Kernel::ResidualDropoutBackward,
+    ];
 }
 
-/// LayerNorm as an autodiff operation whose backward is the kernels'. The state keeps the
-/// input, the weight and the rows' statistics.
+/// The operations under autodiff, each with the kernels as its backward. LayerNorm's state keeps
+/// the input, the weight and the rows' statistics.
 mod autodiff {
-    use super::{register_backward, register_forward, Primitive};
+    use super::{elementwise, register_backward, register_forward, Kernel, Primitive};
+    use crate::cuda_kernel::AutodiffCudaOp;
     use burn::backend::autodiff::checkpoint::base::Checkpointer;
     use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
     use burn::backend::autodiff::grads::Gradients;
@@ -299,23 +423,103 @@ mod autodiff {
         }
     }
 
-    /// LayerNorm on `Autodiff<B, C>`.
-    pub(super) fn layer_norm<B, C>(
-        x: FloatTensor<Autodiff<B, C>>,
-        weight: FloatTensor<Autodiff<B, C>>,
-        bias: FloatTensor<Autodiff<B, C>>,
-        eps: f64,
-    ) -> FloatTensor<Autodiff<B, C>>
-    where
-        B: Backend<FloatTensorPrimitive = Primitive>,
-        C: CheckpointStrategy,
-    {
-        match LayerNormBackward.prepare::<C>([x.node.clone(), weight.node.clone(), bias.node.clone()]).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => {
-                let (y, mean, rstd) = register_forward(x.primitive.clone(), weight.primitive.clone(), bias.primitive, eps);
-                prep.finish(State { x: x.primitive, weight: weight.primitive, mean, rstd }, y)
+    /// LayerNorm over `[x, weight, bias]`.
+    #[derive(Debug)]
+    pub(super) struct LayerNorm {
+        pub eps: f64,
+    }
+
+    impl AutodiffCudaOp<3> for LayerNorm {
+        fn run<I, C>(self, [x, weight, bias]: [FloatTensor<Autodiff<I, C>>; 3]) -> FloatTensor<Autodiff<I, C>>
+        where
+            I: Backend<FloatTensorPrimitive = Primitive>,
+            C: CheckpointStrategy,
+        {
+            match LayerNormBackward.prepare::<C>([x.node.clone(), weight.node.clone(), bias.node.clone()]).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => {
+                    let (y, mean, rstd) = register_forward(x.primitive.clone(), weight.primitive.clone(), bias.primitive, self.eps);
+                    prep.finish(State { x: x.primitive, weight: weight.primitive, mean, rstd }, y)
+                }
+                OpsKind::UnTracked(prep) => prep.finish(register_forward(x.primitive, weight.primitive, bias.primitive, self.eps).0),
             }
-            OpsKind::UnTracked(prep) => prep.finish(register_forward(x.primitive, weight.primitive, bias.primitive, eps).0),
+        }
+    }
+
+    /// Exact GELU; the state keeps the input.
+    #[derive(Debug)]
+    pub(super) struct Gelu;
+
+    #[derive(Debug)]
+    struct GeluBackward;
+
+    impl<B: Backend<FloatTensorPrimitive = Primitive>> Backward<B, 1> for GeluBackward {
+        type State = Primitive;
+
+        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+            let dy = grads.consume::<B>(&ops.node);
+            if let [Some(node)] = ops.parents {
+                grads.register::<B>(node.id, elementwise(Kernel::GeluBackward, vec![ops.state, dy], None, 0.0));
+            }
+        }
+    }
+
+    impl AutodiffCudaOp<1> for Gelu {
+        fn run<I, C>(self, [x]: [FloatTensor<Autodiff<I, C>>; 1]) -> FloatTensor<Autodiff<I, C>>
+        where
+            I: Backend<FloatTensorPrimitive = Primitive>,
+            C: CheckpointStrategy,
+        {
+            match GeluBackward.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => {
+                    let y = elementwise(Kernel::GeluForward, vec![x.primitive.clone()], None, 0.0);
+                    prep.finish(x.primitive, y)
+                }
+                OpsKind::UnTracked(prep) => prep.finish(elementwise(Kernel::GeluForward, vec![x.primitive], None, 0.0)),
+            }
+        }
+    }
+
+    /// `x + dropout(h)` over `[x, h]`, the seed's two words on the device; the state keeps the
+    /// seed (the backward draws the same mask from it).
+    #[derive(Debug)]
+    pub(super) struct ResidualDropout {
+        pub prob: f64,
+        pub seed: Primitive,
+    }
+
+    #[derive(Debug)]
+    struct ResidualDropoutBackward;
+
+    impl<B: Backend<FloatTensorPrimitive = Primitive>> Backward<B, 2> for ResidualDropoutBackward {
+        type State = (Primitive, f64);
+
+        fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+            let dy = grads.consume::<B>(&ops.node);
+            let (seed, prob) = ops.state;
+            let [x, h] = ops.parents;
+            if let Some(node) = h {
+                grads.register::<B>(node.id, elementwise(Kernel::ResidualDropoutBackward, vec![dy.clone()], Some(seed), prob));
+            }
+            if let Some(node) = x {
+                grads.register::<B>(node.id, dy);
+            }
+        }
+    }
+
+    impl AutodiffCudaOp<2> for ResidualDropout {
+        fn run<I, C>(self, [x, h]: [FloatTensor<Autodiff<I, C>>; 2]) -> FloatTensor<Autodiff<I, C>>
+        where
+            I: Backend<FloatTensorPrimitive = Primitive>,
+            C: CheckpointStrategy,
+        {
+            let forward = |x: Primitive, h: Primitive| elementwise(Kernel::ResidualDropoutForward, vec![x, h], Some(self.seed.clone()), self.prob);
+            match ResidualDropoutBackward.prepare::<C>([x.node.clone(), h.node.clone()]).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => {
+                    let y = forward(x.primitive, h.primitive);
+                    prep.finish((self.seed.clone(), self.prob), y)
+                }
+                OpsKind::UnTracked(prep) => prep.finish(forward(x.primitive, h.primitive)),
+            }
         }
     }
 }
@@ -328,7 +532,7 @@ mod tests {
     /// launches assume.
     #[test]
     fn entry_points_are_in_the_source() {
-        for kernel in [OpKernel::Forward, OpKernel::BackwardInput, OpKernel::BackwardParamsPartial, OpKernel::BackwardParamsSum] {
+        for kernel in Kernel::ALL {
             assert!(SOURCE.specialised(1).contains(&format!("__launch_bounds__({THREADS}) {}(", kernel.entry())), "{}", kernel.entry());
         }
     }

@@ -693,3 +693,219 @@ fn fused_layer_norm_matches_burn_on_cuda() {
     );
     close("bf16 inference: output", &values(y.into_data()), &values(reference(x, w, b).into_data()), 8e-3);
 }
+
+/// Largest difference between `got` and `want`, as a share of `want`'s largest magnitude, must
+/// be at most `tol` (the kernel tests below).
+#[cfg(feature = "cuda")]
+fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let scale = want.iter().fold(1e-30f32, |m, v| m.max(v.abs()));
+    let worst = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(worst <= tol * scale, "{what}: off by {worst} at a scale of {scale}");
+}
+
+#[cfg(feature = "cuda")]
+fn f32s(t: TensorData) -> Vec<f32> {
+    t.convert::<f32>().to_vec::<f32>().unwrap()
+}
+
+/// The GELU kernels (src/fused_ops.cu) against `nn::gelu_erf` written in burn's operations, on
+/// `Autodiff<Cuda<f32>>`: output and input gradient, a large tensor and an odd one, values far
+/// into both tails; and the bf16 forward of inference against the f32 formula.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn fused_gelu_matches_burn_on_cuda() {
+    use burn::backend::cuda::CudaDevice;
+    use burn::tensor::{DType, Distribution};
+    use llava_jp::fused_ops;
+    use llava_jp::model::nn::gelu_erf;
+    type A = Autodiff<burn::backend::Cuda<f32>>;
+    let device = CudaDevice::new(0);
+    for shape in [[4usize, 33, 8192], [3, 5, 13]] {
+        let x_data = Tensor::<A, 3>::random(shape, Distribution::Normal(0.0, 3.0), &device).into_data();
+        let r = Tensor::<A, 3>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        let run = |fused: bool| {
+            let x = Tensor::<A, 3>::from_data(x_data.clone(), &device).require_grad();
+            let y = match fused {
+                true => fused_ops::try_gelu(x.clone()).unwrap_or_else(|_| panic!("{shape:?}: the kernels cover f32")),
+                false => gelu_erf(x.clone()),
+            };
+            let grads = (y.clone() * r.clone()).sum().backward();
+            (f32s(y.into_data()), f32s(x.grad(&grads).expect("the input is tracked").into_data()))
+        };
+        let (want, got) = (run(false), run(true));
+        assert_close(&format!("{shape:?}: output"), &got.0, &want.0, 1e-5);
+        assert_close(&format!("{shape:?}: input gradient"), &got.1, &want.1, 1e-5);
+    }
+    type H = burn::backend::Cuda<burn::tensor::bf16>;
+    let x = Tensor::<H, 2>::random([7, 2048], Distribution::Normal(0.0, 3.0), &device).cast(DType::BF16);
+    let y = fused_ops::try_gelu(x.clone()).unwrap_or_else(|_| panic!("the kernels cover bf16 on sm_80+"));
+    assert_eq!(y.dtype(), DType::BF16);
+    let x = Tensor::<A, 2>::from_data(TensorData::new(f32s(x.into_data()), [7, 2048]), &device);
+    assert_close("bf16 inference: output", &f32s(y.into_data()), &f32s(gelu_erf(x).into_data()), 8e-3);
+}
+
+/// The residual-dropout kernels against the rule they implement, on `Autodiff<Cuda<f32>>`: with
+/// a given seed, `y = x + h · keep / (1 - p)` and the gradients `dy` and `dy · keep / (1 - p)`,
+/// `keep` from `SeededDropout::keeps_element` on the host; with a seed drawn on the device,
+/// about `p` of the elements dropped, and another draw dropping others.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn fused_residual_dropout_follows_its_mask_on_cuda() {
+    use burn::backend::cuda::CudaDevice;
+    use burn::tensor::Distribution;
+    use llava_jp::fused_ops;
+    use llava_jp::model::nn::SeededDropout;
+    type A = Autodiff<burn::backend::Cuda<f32>>;
+    let device = CudaDevice::new(0);
+    let shape = [2usize, 300, 2048];
+    let n = shape.iter().product::<usize>();
+    let x = Tensor::<A, 3>::random(shape, Distribution::Normal(0.0, 1.0), &device).require_grad();
+    let h = Tensor::<A, 3>::random(shape, Distribution::Normal(0.0, 1.0), &device).require_grad();
+    let r = Tensor::<A, 3>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+    let (xs, hs, rs) = (f32s(x.clone().into_data()), f32s(h.clone().into_data()), f32s(r.clone().into_data()));
+    for prob in [0.1, 0.5] {
+        let drop = SeededDropout { prob, seed: [12345, 678] };
+        let y = fused_ops::try_residual_dropout(x.clone(), h.clone(), prob, Some(drop.seed)).unwrap_or_else(|_| panic!("the kernels cover f32 under autodiff"));
+        let grads = (y.clone() * r.clone()).sum().backward();
+        let scale = (1.0 / (1.0 - prob)) as f32;
+        let keep: Vec<f32> = (0..n as u64).map(|i| if drop.keeps_element(i) { scale } else { 0.0 }).collect();
+        let want_y: Vec<f32> = (0..n).map(|i| xs[i] + hs[i] * keep[i]).collect();
+        let want_dh: Vec<f32> = (0..n).map(|i| rs[i] * keep[i]).collect();
+        assert_close(&format!("p {prob}: output"), &f32s(y.into_data()), &want_y, 1e-6);
+        assert_close(&format!("p {prob}: residual gradient"), &f32s(x.grad(&grads).unwrap().into_data()), &rs, 0.0);
+        assert_close(&format!("p {prob}: branch gradient"), &f32s(h.grad(&grads).unwrap().into_data()), &want_dh, 1e-6);
+        let kept = keep.iter().filter(|&&k| k > 0.0).count() as f64 / n as f64;
+        assert!((kept - (1.0 - prob)).abs() < 0.01, "p {prob}: kept {kept} of the elements");
+    }
+    // Drawn on the device: the dropped share is right, and two draws differ.
+    let zero = Tensor::<A, 3>::zeros(shape, &device);
+    let ones = Tensor::<A, 3>::ones(shape, &device).require_grad();
+    let draw = || f32s(fused_ops::try_residual_dropout(zero.clone(), ones.clone(), 0.1, None).unwrap_or_else(|_| panic!("covered")).into_data());
+    let (a, b) = (draw(), draw());
+    let kept = a.iter().filter(|&&v| v > 0.0).count() as f64 / n as f64;
+    assert!((kept - 0.9).abs() < 0.01, "a drawn seed kept {kept} of the elements");
+    let differ = a.iter().zip(&b).filter(|(p, q)| p != q).count();
+    assert!(differ > n / 20, "two drawn seeds differ in only {differ} of {n} elements");
+}
+
+/// The autocast affine (one recorded operation: casts, a cuBLASLt product written in f32, the
+/// bias) against the same layer written in burn's operations under autocast with cuBLASLt's
+/// bf16 products (the path it replaces), on `Autodiff<Cuda<f32>>`: outputs and the input's,
+/// weight's and bias's gradients, for a `[in, out]` weight (GPT-2's Conv1D) and a transposed
+/// `[out, in]` one (nn.Linear), with and without bias, a frozen weight (stage 1's LLM), and an
+/// untracked input.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn autocast_affine_matches_burn_on_cuda() {
+    use burn::backend::cuda::CudaDevice;
+    use burn::tensor::{DType, Distribution};
+    use llava_jp::cublaslt::{set_route, GemmRoute};
+    use llava_jp::fused_ops;
+    use llava_jp::model::nn::{affine, autocast};
+    type A = Autodiff<burn::backend::Cuda<f32>>;
+    let device = CudaDevice::new(0);
+    set_route(GemmRoute::CublasLt);
+    let (rows, k, n) = ([3usize, 100], 512usize, 1536usize);
+    let x_data = Tensor::<A, 3>::random([rows[0], rows[1], k], Distribution::Normal(0.0, 1.0), &device).into_data();
+    let w_data = Tensor::<A, 2>::random([k, n], Distribution::Normal(0.0, 0.05), &device).into_data();
+    let b_data = Tensor::<A, 1>::random([n], Distribution::Normal(0.0, 0.5), &device).into_data();
+    let r = Tensor::<A, 3>::random([rows[0], rows[1], n], Distribution::Normal(0.0, 1.0), &device);
+    // (transposed weight, bias, weight tracked, input tracked)
+    for (transposed, with_bias, w_tracked, x_tracked) in [(false, true, true, true), (true, true, true, true), (false, false, true, true), (true, true, false, true), (false, true, true, false)] {
+        let what = format!("transposed {transposed}, bias {with_bias}, weight tracked {w_tracked}, input tracked {x_tracked}");
+        let run = |fused: bool| {
+            fused_ops::set_enabled(fused);
+            let _bf16 = autocast(Some(DType::BF16));
+            let mut x = Tensor::<A, 3>::from_data(x_data.clone(), &device);
+            if x_tracked {
+                x = x.require_grad();
+            }
+            // The weight as a parameter is stored `[out, in]` when transposed, and used as its view.
+            let stored = match transposed {
+                true => Tensor::<A, 2>::from_data(w_data.clone(), &device).transpose().into_data(),
+                false => w_data.clone(),
+            };
+            let mut w = Tensor::<A, 2>::from_data(stored, &device);
+            if w_tracked {
+                w = w.require_grad();
+            }
+            let b = Tensor::<A, 1>::from_data(b_data.clone(), &device).require_grad();
+            let w_in_out = if transposed { w.clone().transpose() } else { w.clone() };
+            let y = affine(x.clone(), w_in_out, with_bias.then(|| b.clone()));
+            let grads = (y.clone() * r.clone()).sum().backward();
+            // (Both runs keep the weight in the same layout, so its gradients compare as they are.)
+            (f32s(y.into_data()), x.grad(&grads).map(|g| f32s(g.into_data())), w.grad(&grads).map(|g| f32s(g.into_data())), b.grad(&grads).map(|g| f32s(g.into_data())))
+        };
+        let (want, got) = (run(false), run(true));
+        fused_ops::set_enabled(true);
+        assert_close(&format!("{what}: output"), &got.0, &want.0, 1e-2);
+        let pairs = [("input", got.1, want.1, x_tracked), ("weight", got.2, want.2, w_tracked), ("bias", got.3, want.3, with_bias)];
+        for (name, got, want, expected) in pairs {
+            match (got, want) {
+                (Some(g), Some(w)) if expected => assert_close(&format!("{what}: {name} gradient"), &g, &w, 1e-2),
+                (None, None) if !expected => {}
+                (g, w) => panic!("{what}: {name} gradient present as {} (fused) and {} (burn), expected {expected}", g.is_some(), w.is_some()),
+            }
+        }
+    }
+}
+
+/// GPT-2's attention from its fused projection as one operation
+/// (`flash::try_attention_from_qkv`) against the split, per-head route it replaces (three
+/// slices and head splits, `nn::attention` with the flash kernels, the merge), on
+/// `Autodiff<Cuda<f32>>` under bf16 autocast and in plain bf16: outputs and `qkv`'s gradient,
+/// causal with padding, a sequence not a multiple of the kernels' tile, with and without
+/// (seeded) dropout.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn qkv_attention_matches_the_split_route_on_cuda() {
+    use burn::backend::cuda::CudaDevice;
+    use burn::tensor::{DType, Distribution};
+    use llava_jp::flash::try_attention_from_qkv;
+    use llava_jp::model::gpt2::attention_mask;
+    use llava_jp::model::nn::{attention_with_seeded_dropout, autocast, merge_heads, split_heads, AttentionDropout, SeededDropout};
+    type A = Autodiff<burn::backend::Cuda<f32>>;
+    let device = CudaDevice::new(0);
+    let (b, t, heads, head_dim) = (2usize, 77usize, 4usize, 64usize);
+    let width = heads * head_dim;
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let qkv_data = Tensor::<A, 3>::random([b, t, 3 * width], Distribution::Normal(0.0, 1.0), &device).into_data();
+    let r = Tensor::<A, 3>::random([b, t, width], Distribution::Normal(0.0, 1.0), &device);
+    // The second sequence has its last 20 tokens padded.
+    let valid: Vec<bool> = (0..b * t).map(|i| i < t || i % t < t - 20).collect();
+    let key_valid = Tensor::<A, 2, Bool>::from_data(TensorData::new(valid, [b, t]), &device);
+    let masked = attention_mask(key_valid, t, heads);
+    for (autocast_bf16, prob) in [(true, 0.0), (true, 0.1), (false, 0.1)] {
+        let what = format!("{}, dropout {prob}", if autocast_bf16 { "f32 under bf16 autocast" } else { "bf16" });
+        let drop = SeededDropout { prob, seed: [4242, 77] };
+        let run = |fused: bool| {
+            let _guard = autocast(autocast_bf16.then_some(DType::BF16));
+            let mut qkv = Tensor::<A, 3>::from_data(qkv_data.clone(), &device);
+            if !autocast_bf16 {
+                qkv = qkv.cast(DType::BF16);
+            }
+            let qkv = qkv.require_grad();
+            let y = match fused {
+                true => {
+                    let compute = autocast_bf16.then_some(DType::BF16);
+                    try_attention_from_qkv(qkv.clone(), heads, masked.clone(), scale, AttentionDropout::Seeded(drop), compute)
+                        .unwrap_or_else(|_| panic!("{what}: the kernels cover it"))
+                }
+                false => {
+                    let part = |i: usize| split_heads(qkv.clone().slice([0..b, 0..t, i * width..(i + 1) * width]), heads);
+                    merge_heads(attention_with_seeded_dropout(part(0), part(1), part(2), Some(masked.clone()), scale, drop))
+                }
+            };
+            let grads = (y.clone().cast(DType::F32) * r.clone()).sum().backward();
+            (f32s(y.into_data()), f32s(qkv.grad(&grads).expect("qkv is tracked").into_data()))
+        };
+        let (want, got) = (run(false), run(true));
+        assert_close(&format!("{what}: output"), &got.0, &want.0, 1e-2);
+        assert_close(&format!("{what}: qkv gradient"), &got.1, &want.1, 1e-2);
+    }
+}

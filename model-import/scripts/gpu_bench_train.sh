@@ -7,6 +7,7 @@
 #   TORCH=0 leaves PyTorch out (a second run of ours under other settings, same call).
 #   Our summary line has the host's mean seconds per steady step in each part of the step
 #   (`times` in the metrics: recording forward / backward / optimizer, waiting for reads).
+#   util-ours-N.txt has the GPU's busy share every 100 ms (nvidia-smi), timestamped.
 #   PROFILE=1 adds cubecl's per-kernel profile of our run (every kernel timed, so the step
 #   itself slows down) to OUT_DIR/cubecl-stageN.log, for the per-kernel breakdown.
 set -uo pipefail
@@ -23,12 +24,15 @@ for stage in $stages; do
   echo "== stage $stage: batch $batch x $seq tokens"
   (while true; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits; sleep 0.5; done) > "$out/mem-ours-$stage.txt" &
   sampler=$!
+  # The GPU's busy share (a kernel running), every 100 ms, stamped, to set against the steps.
+  nvidia-smi --query-gpu=timestamp,utilization.gpu --format=csv,noheader,nounits -lms 100 > "$out/util-ours-$stage.txt" &
+  util=$!
   start=$(date +%s)
   profile=()
   [ "${PROFILE:-0}" = 1 ] && profile=(env CUBECL_DEBUG_LOG="$out/cubecl-stage$stage.log" CUBECL_DEBUG_OPTION=profile-medium)
   timeout ${OURS_TIMEOUT:-420} "${profile[@]}" $bin train --config $b/stage$stage.toml --backend cuda > "$out/ours-stage$stage.log" 2>&1
   echo "ours exit $? after $(( $(date +%s) - start )) s"
-  kill $sampler
+  kill $sampler $util
   cp $b/run-stage$stage/metrics.jsonl "$out/ours-stage$stage.metrics.jsonl" 2>/dev/null
   python3 - "$out/ours-stage$stage.metrics.jsonl" $batch $seq "$(peak "$out/mem-ours-$stage.txt")" <<'PY'
 import json, sys

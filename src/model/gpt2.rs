@@ -4,7 +4,7 @@
 use burn::module::Param;
 use burn::prelude::*;
 
-use super::nn::{attention, merge_heads, split_heads, Activation, Conv1D, Dropout, Embedding, LayerNorm};
+use super::nn::{attention, attention_from_qkv, merge_heads, split_heads, Activation, Conv1D, Dropout, Embedding, LayerNorm};
 use crate::config::Gpt2Config;
 
 /// Keys and values of every layer for the tokens seen so far, and which of those tokens are
@@ -63,6 +63,8 @@ pub struct Gpt2Attention<B: Backend> {
 }
 
 impl<B: Backend> Gpt2Attention<B> {
+    /// The attention's output before `resid_dropout`, which [`Gpt2Block`] applies together
+    /// with its residual add ([`Dropout::add_to`]: one kernel on CUDA).
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
@@ -71,18 +73,19 @@ impl<B: Backend> Gpt2Attention<B> {
     ) -> Tensor<B, 3> {
         let [b, t, d] = x.dims();
         let qkv = self.c_attn.forward(x);
+        let Some(slot) = cache else {
+            return self.c_proj.forward(attention_from_qkv(qkv, self.n_head, masked, self.scale, &self.attn_dropout));
+        };
         let q = split_heads(qkv.clone().slice([0..b, 0..t, 0..d]), self.n_head);
         let mut k = split_heads(qkv.clone().slice([0..b, 0..t, d..2 * d]), self.n_head);
         let mut v = split_heads(qkv.slice([0..b, 0..t, 2 * d..3 * d]), self.n_head);
-        if let Some(slot) = cache {
-            if let Some((k_past, v_past)) = slot.take() {
-                k = Tensor::cat(vec![k_past, k], 2);
-                v = Tensor::cat(vec![v_past, v], 2);
-            }
-            *slot = Some((k.clone(), v.clone()));
+        if let Some((k_past, v_past)) = slot.take() {
+            k = Tensor::cat(vec![k_past, k], 2);
+            v = Tensor::cat(vec![v_past, v], 2);
         }
+        *slot = Some((k.clone(), v.clone()));
         let out = attention(q, k, v, Some(masked), self.scale, &self.attn_dropout);
-        self.resid_dropout.forward(self.c_proj.forward(merge_heads(out)))
+        self.c_proj.forward(merge_heads(out))
     }
 }
 
@@ -110,9 +113,10 @@ impl<B: Backend> Gpt2Block<B> {
         masked: Tensor<B, 4, Bool>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
     ) -> Tensor<B, 3> {
-        let x = x.clone() + self.attn.forward(self.ln_1.forward(x), masked, cache);
+        let attended = self.attn.forward(self.ln_1.forward(x.clone()), masked, cache);
+        let x = self.attn.resid_dropout.add_to(x, attended);
         let h = self.mlp.c_fc.forward(self.ln_2.forward(x.clone()));
-        x + self.mlp.dropout.forward(self.mlp.c_proj.forward(self.mlp.activation.forward(h)))
+        self.mlp.dropout.add_to(x, self.mlp.c_proj.forward(self.mlp.activation.forward(h)))
     }
 }
 

@@ -97,6 +97,14 @@ pub fn affine<B: Backend, const D: usize>(
     let dims = x.dims();
     let [k, n] = w_in_out.dims();
     assert_eq!(dims[D - 1], k, "input width {} does not match weight [in {k}, out {n}]", dims[D - 1]);
+    #[cfg(feature = "cuda")]
+    let (x, w_in_out, bias) = match compute_dtype(x.dtype()) {
+        Some(compute) => match crate::cublaslt::try_autocast_affine(x, w_in_out, bias, compute) {
+            Ok(y) => return y,
+            Err(operands) => operands,
+        },
+        None => (x, w_in_out, bias),
+    };
     let rows = dims[..D - 1].iter().product::<usize>();
     let y = matmul(x.reshape([rows, k]), w_in_out);
     let y = match bias {
@@ -127,6 +135,29 @@ pub fn attention<B: Backend>(
         false => AttentionDropout::None,
     };
     attention_with(q, k, v, masked, scale, drop)
+}
+
+/// [`attention`] of GPT-2's fused projection `qkv` (`[batch, tokens, 3 · width]`: queries, keys
+/// and values side by side) split into `heads` heads, the heads' outputs merged back to
+/// `[batch, tokens, width]`. While training on CUDA one recorded operation
+/// (`crate::flash::try_attention_from_qkv`); otherwise the split, [`attention`] and the merge.
+pub fn attention_from_qkv<B: Backend>(qkv: Tensor<B, 3>, heads: usize, masked: Tensor<B, 4, Bool>, scale: f64, dropout: &Dropout) -> Tensor<B, 3> {
+    #[cfg(feature = "cuda")]
+    let (qkv, masked) = {
+        let drop = match dropout.is_active::<B>(&qkv.device()) {
+            true => AttentionDropout::Random(dropout.prob),
+            false => AttentionDropout::None,
+        };
+        let compute = compute_dtype(qkv.dtype());
+        match crate::flash::try_attention_from_qkv(qkv, heads, masked, scale, drop, compute) {
+            Ok(y) => return y,
+            Err(operands) => operands,
+        }
+    };
+    let [b, t, width3] = qkv.dims();
+    let width = width3 / 3;
+    let part = |i: usize| split_heads(qkv.clone().slice([0..b, 0..t, i * width..(i + 1) * width]), heads);
+    merge_heads(attention(part(0), part(1), part(2), Some(masked), scale, dropout))
 }
 
 /// [`attention`] with exactly the probabilities `dropout` names dropped, whatever the backend
@@ -237,6 +268,14 @@ impl SeededDropout {
         mix32(row ^ key.wrapping_mul(0x9e37_79b9)) >= Self::drop_below(self.prob)
     }
 
+    /// Whether element `index` (row-major) of a tensor survives: the residual dropout kernel's
+    /// rule (`crate::fused_ops::try_residual_dropout`, `src/fused_ops.cu`'s `kept`).
+    pub fn keeps_element(&self, index: u64) -> bool {
+        let (lo, hi) = (index as u32, (index >> 32) as u32);
+        let h = mix32(mix32(self.seed[0] ^ lo) ^ mix32(self.seed[1].wrapping_add(hi.wrapping_mul(0x9e37_79b9))));
+        h >= Self::drop_below(self.prob)
+    }
+
     /// Which of `[batch, heads, queries, keys]` probabilities are kept.
     pub fn kept<B: Backend>(&self, [b, h, tq, tk]: [usize; 4], device: &B::Device) -> Tensor<B, 4, Bool> {
         let mut keep = Vec::with_capacity(b * h * tq * tk);
@@ -292,7 +331,14 @@ impl Activation {
     pub fn forward<B: Backend, const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         match self {
             Self::QuickGelu => x.clone() * activation::sigmoid(x * 1.702),
-            Self::Gelu => gelu_erf(x),
+            Self::Gelu => {
+                #[cfg(feature = "cuda")]
+                let x = match crate::fused_ops::try_gelu(x) {
+                    Ok(y) => return y,
+                    Err(x) => x,
+                };
+                gelu_erf(x)
+            }
             Self::GeluTanh => activation::gelu_approximate(x),
             Self::Relu => activation::relu(x),
             Self::Silu => activation::silu(x),
@@ -468,6 +514,21 @@ impl Dropout {
         let keep = x.random_like(burn::tensor::Distribution::Bernoulli(1.0 - self.prob));
         x * keep / (1.0 - self.prob)
     }
+
+    /// `residual + self.forward(h)`: a residual connection whose branch is dropped out, as
+    /// GPT-2's blocks end. On the autodiff CUDA backends one kernel each way (the mask drawn
+    /// from a hash, not stored; `crate::fused_ops::try_residual_dropout`).
+    pub fn add_to<B: Backend, const D: usize>(&self, residual: Tensor<B, D>, h: Tensor<B, D>) -> Tensor<B, D> {
+        if !self.is_active::<B>(&h.device()) {
+            return residual + h;
+        }
+        #[cfg(feature = "cuda")]
+        let (residual, h) = match crate::fused_ops::try_residual_dropout(residual, h, self.prob, None) {
+            Ok(y) => return y,
+            Err(operands) => operands,
+        };
+        residual + self.forward(h)
+    }
 }
 
 /// Splits `[batch, tokens, heads * head_dim]` into `[batch, heads, tokens, head_dim]`.
@@ -516,5 +577,19 @@ mod tests {
         }
         let none = SeededDropout { prob: 0.0, seed: [1, 2] };
         assert!((0..1000).all(|k| none.keeps(0, 1, k)));
+        // The residual dropout's per-element rule: its share over a run of indices, also past
+        // 2^32 (the high word enters the hash), and another seed drops other elements.
+        for prob in [0.1, 0.5] {
+            let drop = SeededDropout { prob, seed: [12345, 678] };
+            for start in [0u64, 1 << 32] {
+                let kept = (start..start + 100_000).filter(|&i| drop.keeps_element(i)).count() as f64 / 100_000.0;
+                assert!((kept - (1.0 - prob)).abs() < 0.01, "prob {prob}: kept {kept} of elements from {start}");
+            }
+            let differ = (0..1000u64).filter(|&i| drop.keeps_element(i) != drop.keeps_element(i + (1 << 32))).count();
+            assert!(differ > 50, "prob {prob}: elements 2^32 apart agree in all but {differ} of 1000");
+            let other = SeededDropout { seed: [12345, 679], ..drop };
+            let differ = (0..1000u64).filter(|&i| drop.keeps_element(i) != other.keeps_element(i)).count();
+            assert!(differ > 50, "prob {prob}: seeds differing in the second word differ in only {differ} of 1000");
+        }
     }
 }
