@@ -231,11 +231,7 @@ impl AutocastAffine {
         let n = w.shape[1];
         let xc = cast(Fused::float_reshape(x, Shape::new([rows, k])), self.compute);
         let wc = cast(w, self.compute);
-        let y = register_as(xc.clone(), wc.clone(), DType::F32);
-        let y = match bias {
-            Some(b) => Fused::float_add(y, Fused::float_reshape(b, Shape::new([1, n]))),
-            None => y,
-        };
+        let y = register_as(xc.clone(), wc.clone(), DType::F32, bias);
         let mut out_dims = self.x_dims.clone();
         *out_dims.last_mut().expect("a rank of at least one") = n;
         (Fused::float_reshape(y, Shape::from(out_dims)), keep.0.then_some(xc), keep.1.then_some(wc))
@@ -346,17 +342,22 @@ pub fn routes<B: Backend>() -> bool {
 /// Queues the product on the fused backend's stream as a custom operation.
 fn register(a: Primitive, b: Primitive) -> Primitive {
     let dtype = a.dtype;
-    register_as(a, b, dtype)
+    register_as(a, b, dtype, None)
 }
 
 /// [`register`] with the output in `out` (the operands' dtype, or f32: bf16 / f16 operands
-/// whose f32 sums are written unrounded).
-fn register_as(a: Primitive, b: Primitive, out: DType) -> Primitive {
+/// whose f32 sums are written unrounded), and `bias` (f32 `[n]`, f32 output only) added to
+/// every row by cuBLASLt's epilogue instead of a pass of its own over the output.
+fn register_as(a: Primitive, b: Primitive, out: DType, bias: Option<Primitive>) -> Primitive {
     let (m, n) = (a.shape[0], b.shape[1]);
     let client = a.client.clone();
-    let streams = OperationStreams::with_inputs([&a, &b]);
+    let mut inputs = vec![&a, &b];
+    inputs.extend(bias.as_ref());
+    let streams = OperationStreams::with_inputs(inputs);
     let out = TensorIr::uninit(client.create_empty_handle(), Shape::new([m, n]), out);
-    let desc = CustomOpIr::new("cublaslt_matmul", &[a.into_ir(), b.into_ir()], &[out]);
+    let mut irs = vec![a.into_ir(), b.into_ir()];
+    irs.extend(bias.map(|b| b.into_ir()));
+    let desc = CustomOpIr::new("cublaslt_matmul", &irs, &[out]);
     client.register(streams, OperationIr::Custom(desc.clone()), LtMatmul { desc }).output()
 }
 
@@ -367,10 +368,11 @@ struct LtMatmul {
 
 impl Operation<Runtime> for LtMatmul {
     fn execute(&self, handles: &mut HandleContainer<<Runtime as FusionRuntime>::FusionHandle>) {
-        let ([a, b], [out]) = self.desc.as_fixed();
-        let a = handles.get_float_tensor::<Inner>(a);
-        let b = handles.get_float_tensor::<Inner>(b);
-        let product = gemm(a, b, out.dtype).unwrap_or_else(|e| panic!("cuBLASLt matmul: {e}"));
+        let (inputs, out) = (&self.desc.inputs, &self.desc.outputs[0]);
+        let a = handles.get_float_tensor::<Inner>(&inputs[0]);
+        let b = handles.get_float_tensor::<Inner>(&inputs[1]);
+        let bias = inputs.get(2).map(|ir| into_contiguous(handles.get_float_tensor::<Inner>(ir)));
+        let product = gemm(a, b, out.dtype, bias).unwrap_or_else(|e| panic!("cuBLASLt matmul: {e}"));
         handles.register_float_tensor::<Inner>(&out.id, product);
     }
 }
@@ -449,6 +451,9 @@ struct Problem {
     mnk: (u64, u64, u64),
     lds: (i64, i64, i64),
     alignments: (u32, u32, u32),
+    /// Whether an f32 bias is added to each output row (cuBLASLt's `BIAS` epilogue, its vector
+    /// one per row of the column-major output: per column of ours).
+    bias: bool,
 }
 
 impl Plan {
@@ -457,8 +462,13 @@ impl Plan {
     /// # Safety
     /// `x`, `y` and `d` must be device memory the plan's layouts describe, the workspace
     /// `WORKSPACE_BYTES` long and used by nothing else meanwhile, `stream` in the same context.
-    unsafe fn run(&self, handle: sys::cublasLtHandle_t, (x, y, d): (u64, u64, u64), workspace: u64, stream: sys::cudaStream_t) -> Result<(), lt::CublasError> {
+    unsafe fn run(&self, handle: sys::cublasLtHandle_t, (x, y, d): (u64, u64, u64), bias: Option<u64>, workspace: u64, stream: sys::cudaStream_t) -> Result<(), lt::CublasError> {
         let (alpha, beta) = (1.0f32, 0.0f32);
+        if let Some(bias) = bias {
+            // The pointer is the call's, the descriptor the plan's: set under the device's lock,
+            // which serialises this plan's runs.
+            lt::set_matmul_desc_attribute(self.desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, (&bias as *const u64).cast(), 8)?;
+        }
         lt::matmul(
             handle,
             self.desc,
@@ -481,7 +491,7 @@ impl Plan {
 
     /// Descriptors for `problem` and the heuristic's algorithm for them.
     fn new(handle: sys::cublasLtHandle_t, problem: &Problem) -> Result<Plan, String> {
-        let Problem { dtype, out_dtype, transposed: (tx, ty), mnk: (m, n, k), lds: (ldx, ldy, ldd), alignments } = *problem;
+        let Problem { dtype, out_dtype, transposed: (tx, ty), mnk: (m, n, k), lds: (ldx, ldy, ldd), alignments, bias } = *problem;
         // Row counts and column counts of the operands as they lie in memory.
         let (x_dims, y_dims) = (if tx { (k, m) } else { (m, k) }, if ty { (n, k) } else { (k, n) });
         // SAFETY: descriptors made here are destroyed here on failure, or kept in the plan.
@@ -496,6 +506,12 @@ impl Plan {
                 ] {
                     let op: i32 = t as i32; // CUBLAS_OP_N = 0, CUBLAS_OP_T = 1
                     lt::set_matmul_desc_attribute(desc, attr, (&op as *const i32).cast(), 4)?;
+                }
+                if bias {
+                    let epilogue = sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS as u32;
+                    lt::set_matmul_desc_attribute(desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE, (&epilogue as *const u32).cast(), 4)?;
+                    let bias_type = sys::cudaDataType_t::CUDA_R_32F as u32;
+                    lt::set_matmul_desc_attribute(desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, (&bias_type as *const u32).cast(), 4)?;
                 }
                 for (t, rows, cols, ld) in [(dtype, x_dims.0, x_dims.1, ldx), (dtype, y_dims.0, y_dims.1, ldy), (out_dtype, m, n, ldd)] {
                     made.push(lt::create_matrix_layout(t, rows, cols, ld)?);
@@ -555,7 +571,7 @@ fn alignment(ptr: u64) -> u32 {
     (1u64 << ptr.trailing_zeros().min(8)) as u32
 }
 
-fn gemm(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>, out_dtype: DType) -> Result<CubeTensor<CudaRuntime>, String> {
+fn gemm(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>, out_dtype: DType, bias: Option<CubeTensor<CudaRuntime>>) -> Result<CubeTensor<CudaRuntime>, String> {
     let dtype = a.dtype;
     let (m, k, n) = (a.meta.shape()[0], a.meta.shape()[1], b.meta.shape()[1]);
     let cuda_type = |dtype: DType| match dtype {
@@ -569,6 +585,11 @@ fn gemm(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>, out_dtype: DType
         return Err(format!("a {out_dtype:?} product of {dtype:?} operands (expected their dtype or f32)"));
     }
     let (out_type, elem) = (cuda_type(out_dtype)?, out_dtype.size());
+    if let Some(bias) = &bias {
+        if out_dtype != DType::F32 || bias.dtype != DType::F32 || bias.meta.shape().to_vec() != [n] {
+            return Err(format!("a bias {:?} {:?} for a [{m}, {n}] {out_dtype:?} product (expected f32 [{n}] and an f32 output)", bias.meta.shape(), bias.dtype));
+        }
+    }
     if b.dtype != dtype || b.meta.shape()[0] != k {
         return Err(format!("operands [{m}, {k}] {dtype:?} and {:?} {:?} do not chain", b.meta.shape(), b.dtype));
     }
@@ -607,7 +628,7 @@ fn gemm(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>, out_dtype: DType
     let (task_client, task_dev, memory) = (client.clone(), dev.clone(), out.memory.clone());
     let index = device.index;
     queue.submit(move |_: &mut OnCubeclThread| {
-        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| enqueue(&task_client, &task_dev, route, x, y, memory, ldd, (m, n, k), (data_type, out_type))));
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| enqueue(&task_client, &task_dev, route, (x, y, bias.as_ref()), memory, ldd, (m, n, k), (data_type, out_type))));
         let why = match run {
             Ok(Ok(())) => return,
             Ok(Err(e)) => e,
@@ -626,8 +647,7 @@ fn enqueue(
     client: &Client,
     dev: &Mutex<Device>,
     route: GemmRoute,
-    x: Operand,
-    y: Operand,
+    (x, y, bias): (Operand, Operand, Option<&CubeTensor<CudaRuntime>>),
     out: burn_cubecl::cubecl::server::Handle,
     ldd: i64,
     (m, n, k): (usize, usize, usize),
@@ -635,12 +655,14 @@ fn enqueue(
 ) -> Result<(), String> {
     let resource = |t: &burn_cubecl::cubecl::server::Handle| client.get_resource(t.clone()).map_err(|e| format!("{e:?}"));
     let (rx, ry, rd) = (resource(&x.tensor.handle)?, resource(&y.tensor.handle)?, resource(&out)?);
+    let rb = bias.map(|b| resource(&b.handle)).transpose()?;
     if route == GemmRoute::CublasLtHostOrdered {
         // After the resources: fetching one made on another cubecl stream (another thread)
         // queues a wait for that stream on ours, which this drains too.
         block_on(client.sync()).map_err(|e| format!("waiting for cubecl's queue: {e:?}"))?;
     }
     let (px, py, pd) = (rx.resource().ptr, ry.resource().ptr, rd.resource().ptr);
+    let pb = rb.as_ref().map(|r| r.resource().ptr);
     let mut guard = dev.lock().unwrap_or_else(|p| p.into_inner());
     let dev = &mut *guard;
     dev.context.bind_to_thread().map_err(|e| format!("CUDA device: {e}"))?;
@@ -664,6 +686,7 @@ fn enqueue(
         mnk: (n as u64, m as u64, k as u64),
         lds: (x.ld, y.ld, ldd),
         alignments: (alignment(px), alignment(py), alignment(pd)),
+        bias: pb.is_some(),
     };
     let plan = match dev.plans.entry(problem) {
         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
@@ -674,7 +697,7 @@ fn enqueue(
     // only after the product is written (host-ordered: the resources are held until cuBLASLt's
     // stream has finished; device-ordered: cubecl's stream waits for the product's flag before
     // anything it queues later); the workspace is used on this stream alone.
-    let run = unsafe { plan.run(dev.handle, (px, py, pd), dev.workspace, dev.stream.cu_stream() as sys::cudaStream_t) };
+    let run = unsafe { plan.run(dev.handle, (px, py, pd), pb, dev.workspace, dev.stream.cu_stream() as sys::cudaStream_t) };
     if let Err(e) = run {
         // A failed launch leaves the wait kernel spinning for nothing it can miss (its ready
         // flag is launched), so cubecl's stream need not be told anything.
@@ -696,7 +719,7 @@ fn enqueue(
     }
     // Ordered on the device, cubecl may hand this memory on as soon as it is released: whatever
     // it queues next runs after `cublaslt_product_done`.
-    drop((rx, ry, rd));
+    drop((rx, ry, rd, rb));
     Ok(())
 }
 
@@ -1003,6 +1026,7 @@ impl RawGemm {
             mnk: (n as u64, m as u64, k as u64),
             lds: (n as i64, k as i64, n as i64),
             alignments: (alignment(w), alignment(a), alignment(out)),
+            bias: false,
         };
         let plan = match self.plans.entry(problem) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
@@ -1010,7 +1034,7 @@ impl RawGemm {
         };
         // SAFETY: the plan describes these operands (the problem is its key); the caller
         // vouches for the memory; the workspace is used on one stream at a time (the owner's).
-        plan.run(self.handle, (w, a, out), self.workspace, stream.cu_stream() as sys::cudaStream_t)
+        plan.run(self.handle, (w, a, out), None, self.workspace, stream.cu_stream() as sys::cudaStream_t)
         .map_err(|e| format!("cublasLtMatmul for {problem:?}: {e}"))
     }
 }
@@ -1114,15 +1138,15 @@ mod autodiff {
             let dy_c = (px.is_some() || pw.is_some()).then(|| cast(dy.clone(), op.compute));
             if let Some(node) = px {
                 let w = w.expect("the weight, kept for the input's gradient");
-                let dx = register_as(dy_c.clone().expect("cast above"), Fused::float_transpose(w), DType::F32);
+                let dx = register_as(dy_c.clone().expect("cast above"), Fused::float_transpose(w), DType::F32, None);
                 grads.register::<B>(node.id, Fused::float_reshape(dx, Shape::from(op.x_dims.clone())));
             }
             if let Some(node) = pw {
                 let x = x.expect("the input, kept for the weight's gradient");
-                grads.register::<B>(node.id, register_as(Fused::float_transpose(x), dy_c.expect("cast above"), DType::F32));
+                grads.register::<B>(node.id, register_as(Fused::float_transpose(x), dy_c.expect("cast above"), DType::F32, None));
             }
             if let Some(node) = pb {
-                grads.register::<B>(node.id, Fused::float_reshape(Fused::float_sum_dim(dy, 0), Shape::new([n])));
+                grads.register::<B>(node.id, crate::fused_ops::column_sum(dy));
             }
         }
     }

@@ -202,3 +202,27 @@ extern "C" __global__ void __launch_bounds__(256) residual_dropout_backward(
         store(dh, i, kept(seed, i, drop_below) ? load(dy, i) * scale : 0.0f);
     }
 }
+
+// ---- Column sums of a [rows, d] matrix (a linear layer's bias gradient: the output gradient
+// summed over rows), as partial sums per chunk of rows, then the chunks added in order (the
+// same sums give the same bits).
+extern "C" __global__ void __launch_bounds__(256) column_sum_partial(
+    const elem_t* __restrict__ x, float* __restrict__ partial, const __grid_constant__ Params p) {
+    const i64 col = (i64)blockIdx.x * 256 + threadIdx.x;
+    if (col >= p.d) return;
+    const i64 chunk = blockIdx.y;
+    const i64 first = chunk * p.rows_per_chunk;
+    const i64 last = min(first + p.rows_per_chunk, p.rows);
+    float sum = 0.0f;
+    for (i64 row = first; row < last; ++row) sum += load(x, row * p.d + col);
+    partial[chunk * p.d + col] = sum;
+}
+
+extern "C" __global__ void __launch_bounds__(256) column_sum_total(
+    const float* __restrict__ partial, elem_t* __restrict__ out, const __grid_constant__ Params p) {
+    const i64 col = (i64)blockIdx.x * 256 + threadIdx.x;
+    if (col >= p.d) return;
+    float sum = 0.0f;
+    for (i64 c = 0; c < p.chunks; ++c) sum += partial[c * p.d + col];
+    store(out, col, sum);
+}
