@@ -4,6 +4,7 @@
 #   stage 2: batch 8 x 1024 tokens (projector + LLM); stage 1: batch 32 x 608 (projector only)
 #   usage (repository root; binary at .dev/llava-jp.xz, tokenizer dir at .dev/tokenizer/):
 #   bash model-import/scripts/gpu_bench_train.sh OUT_DIR ["2 1"] [STEPS]
+#   TRAIN_SET="key=value ..." overrides settings of our run (batch size, checkpointing, dropout).
 #   TORCH=0 leaves PyTorch out (a second run of ours under other settings, same call).
 #   Our summary line has the host's mean seconds per steady step in each part of the step
 #   (`times` in the metrics: recording forward / backward / optimizer, waiting for reads).
@@ -21,6 +22,8 @@ python3 model-import/scripts/bench_train.py data $b --tokenizer "$PWD/.dev/token
 peak() { sort -n "$1" | tail -1; }
 for stage in $stages; do
   if [ $stage = 2 ]; then batch=8; seq=1024; else batch=32; seq=608; fi
+  # TRAIN_SET: overrides for our run (`--set` of the train command, space-separated KEY=VALUE).
+  sets=(); for kv in ${TRAIN_SET:-}; do sets+=(--set "$kv"); [[ $kv == per_device_train_batch_size=* ]] && batch=${kv#*=}; done
   echo "== stage $stage: batch $batch x $seq tokens"
   (while true; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits; sleep 0.5; done) > "$out/mem-ours-$stage.txt" &
   sampler=$!
@@ -30,7 +33,7 @@ for stage in $stages; do
   start=$(date +%s)
   profile=()
   [ "${PROFILE:-0}" = 1 ] && profile=(env CUBECL_DEBUG_LOG="$out/cubecl-stage$stage.log" CUBECL_DEBUG_OPTION=profile-medium)
-  timeout ${OURS_TIMEOUT:-420} "${profile[@]}" $bin train --config $b/stage$stage.toml --backend cuda > "$out/ours-stage$stage.log" 2>&1
+  timeout ${OURS_TIMEOUT:-420} "${profile[@]}" $bin train --config $b/stage$stage.toml --backend cuda "${sets[@]}" > "$out/ours-stage$stage.log" 2>&1
   echo "ours exit $? after $(( $(date +%s) - start )) s"
   kill $sampler $util
   cp $b/run-stage$stage/metrics.jsonl "$out/ours-stage$stage.metrics.jsonl" 2>/dev/null
