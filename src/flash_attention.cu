@@ -350,7 +350,10 @@ __device__ __forceinline__ void store_rows(u16* out, i64 bh, i64 count, const i6
 #define OUT_TOKEN_MAJOR 0
 #endif
 
-extern "C" __global__ void __launch_bounds__(128) flash_attention_forward(
+// At least three blocks per SM: at 171 registers a thread the forward fitted two (12.5%
+// occupancy, stalled on its global loads: Nsight Compute, model-import/results/
+// fused-linear-2026-12-04/); 168 let a third in.
+extern "C" __global__ void __launch_bounds__(128, 3) flash_attention_forward(
     const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
     const u8* __restrict__ mask, const u32* __restrict__ seed, u16* __restrict__ out, float* __restrict__ lse,
     const __grid_constant__ Params p) {
