@@ -55,7 +55,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::backend::autodiff_cuda_backends;
-use crate::cuda_kernel::{from_primitive, fused_cuda, on_autodiff_cuda, to_primitive};
+use crate::cuda_kernel::{cast, from_primitive, fused_cuda, on_autodiff_cuda, to_primitive, Fused};
 use burn::backend::ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
 use burn::prelude::*;
 use burn::tensor::{DType, TensorPrimitive};
@@ -216,9 +216,6 @@ struct AutocastAffine {
     x_dims: Vec<usize>,
 }
 
-/// `Cuda<f32>`: its float primitive is [`Primitive`], whatever a tensor's dtype, so that burn's
-/// operations can be used on primitives inside an autodiff operation.
-type Fused = burn::backend::Cuda<f32>;
 
 impl AutocastAffine {
     /// The output, and the cast input (`[rows, k]`) and weight when `keep` says a gradient
@@ -236,15 +233,6 @@ impl AutocastAffine {
         *out_dims.last_mut().expect("a rank of at least one") = n;
         (Fused::float_reshape(y, Shape::from(out_dims)), keep.0.then_some(xc), keep.1.then_some(wc))
     }
-}
-
-/// `t` in `dtype` (burn's cast, on the fused backend).
-fn cast(t: Primitive, dtype: DType) -> Primitive {
-    use burn::tensor::ops::FloatTensorOps;
-    if t.dtype == dtype {
-        return t;
-    }
-    Fused::float_cast(t, dtype.into())
 }
 
 #[allow(clippy::type_complexity)]

@@ -81,6 +81,19 @@ pub(crate) fn autodiff_cuda<B: Backend>() -> bool {
 /// tensor's dtype travels with it), and of the backend under autodiff's inner one.
 pub(crate) type Primitive = burn_fusion::FusionTensor<burn_cubecl::fusion::FusionCubeRuntime<CudaRuntime>>;
 
+/// `Cuda<f32>`: its float primitive is [`Primitive`] whatever a tensor's dtype, so burn's
+/// operations can run on primitives (inside custom and autodiff operations).
+pub(crate) type Fused = burn::backend::Cuda<f32>;
+
+/// `t` in `dtype` (burn's cast on the fused backend; `t` itself when already so).
+pub(crate) fn cast(t: Primitive, dtype: DType) -> Primitive {
+    use burn::tensor::ops::FloatTensorOps;
+    if t.dtype == dtype {
+        return t;
+    }
+    Fused::float_cast(t, dtype.into())
+}
+
 /// Whether `B` is burn's fused CUDA backend itself (no autodiff).
 pub(crate) fn fused_cuda<B: Backend>() -> bool {
     std::any::TypeId::of::<B::FloatTensorPrimitive>() == std::any::TypeId::of::<Primitive>()

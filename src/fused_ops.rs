@@ -24,7 +24,7 @@ use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::FusionRuntime;
 
 use crate::cublaslt::downcast;
-use crate::cuda_kernel::{autodiff_cuda, contiguous, float_code, from_primitive, fused_cuda, on_autodiff_cuda, to_primitive, Cube, KernelSource, Primitive, SourceKernel, Switch};
+use crate::cuda_kernel::{autodiff_cuda, cast, contiguous, float_code, from_primitive, fused_cuda, on_autodiff_cuda, to_primitive, Cube, KernelSource, Primitive, SourceKernel, Switch};
 use crate::flash::{empty, tensor_cores};
 use crate::model::nn::SeededDropout;
 
@@ -81,10 +81,7 @@ pub fn try_layer_norm<B: Backend, const D: usize>(x: Tensor<B, D>, weight: Tenso
         return Err((x, weight, bias));
     }
     if fused {
-        let prim = |t: TensorPrimitive<B>| downcast::<_, Primitive>(t.tensor()).ok().unwrap();
-        let y = register_forward(prim(x.into_primitive()), prim(weight.into_primitive()), prim(bias.into_primitive()), eps).0;
-        let y = downcast::<Primitive, B::FloatTensorPrimitive>(y).ok().unwrap();
-        return Ok(Tensor::from_primitive(TensorPrimitive::Float(y)));
+        return Ok(from_primitive(register_forward(to_primitive(x), to_primitive(weight), to_primitive(bias), eps).0));
     }
     let inputs = [x.into_primitive().tensor(), weight.into_primitive().tensor(), bias.into_primitive().tensor()];
     match on_autodiff_cuda::<B, 3, _>(autodiff::LayerNorm { eps }, inputs) {
@@ -153,13 +150,7 @@ fn elementwise(kernel: Kernel, floats: Vec<Primitive>, seed: Option<Primitive>, 
     let dtype = floats[0].dtype;
     let floats: Vec<Primitive> = floats
         .into_iter()
-        .map(|t| {
-            if t.dtype == dtype {
-                return t;
-            }
-            type Fused = burn::backend::Cuda<f32>;
-            Tensor::<Fused, 1>::from_primitive(TensorPrimitive::Float(t)).cast(dtype).into_primitive().tensor()
-        })
+        .map(|t| cast(t, dtype))
         .collect();
     let client = floats[0].client.clone();
     let shape = floats[0].shape.clone();
@@ -264,12 +255,7 @@ fn register_forward(x: Primitive, weight: Primitive, bias: Primitive, eps: f64) 
 
 /// Queues the backward: the input's gradient, and the weight's and bias's when `params`.
 fn register_backward(x: Primitive, weight: Primitive, mean: Primitive, rstd: Primitive, dy: Primitive, params: bool) -> (Primitive, Option<(Primitive, Primitive)>) {
-    let dy = if dy.dtype == x.dtype {
-        dy
-    } else {
-        type Fused = burn::backend::Cuda<f32>;
-        Tensor::<Fused, 1>::from_primitive(TensorPrimitive::Float(dy)).cast(x.dtype).into_primitive().tensor()
-    };
+    let dy = cast(dy, x.dtype);
     let client = x.client.clone();
     let (shape, d) = (x.shape.clone(), weight.shape[0]);
     let streams = OperationStreams::with_inputs([&x, &weight, &mean, &rstd, &dy]);

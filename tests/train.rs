@@ -631,13 +631,7 @@ fn fused_layer_norm_matches_burn_on_cuda() {
     type A = Autodiff<burn::backend::Cuda<f32>>;
     let device = CudaDevice::new(0);
     let eps = 1e-5;
-    let values = |t: TensorData| t.convert::<f32>().to_vec::<f32>().unwrap();
-    let close = |what: &str, got: &[f32], want: &[f32], tol: f32| {
-        assert_eq!(got.len(), want.len(), "{what}: lengths");
-        let scale = want.iter().fold(1e-30f32, |m, v| m.max(v.abs()));
-        let worst = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert!(worst <= tol * scale, "{what}: off by {worst} at a scale of {scale}");
-    };
+    let (values, close) = (f32s, assert_close);
     let reference = |x: Tensor<A, 3>, w: Tensor<A, 1>, b: Tensor<A, 1>| {
         let (var, mean) = x.clone().var_mean_bias(2);
         (x - mean) / (var + eps).sqrt() * w.unsqueeze() + b.unsqueeze()

@@ -9,17 +9,7 @@ CALL=call2 BINARIES="train-test"
 source "$(dirname "$0")/../../scripts/gpu_call_lib.sh"
 export LLAVA_JP_GEMM=${LLAVA_JP_GEMM:-cublaslt}
 for tool in nsys ncu perf gdb py-spy; do echo "$tool: $(command -v $tool || ls /usr/local/cuda*/bin/$tool 2>/dev/null || echo none)"; done
-for t in ${TESTS:-qkv_attention_matches_the_split_route_on_cuda}; do
-  timeout 150 /tmp/train-test --ignored --exact $t --nocapture > "$out/$t.log" 2>&1
-  echo "== $t: $(grep -E 'test result|panicked' "$out/$t.log" | head -3) ($((SECONDS - start)) s)"
-  grep -A3 panicked "$out/$t.log" | head -6
-done
-run() {  # name, stages, steps, extra env...
-  local name=$1 stages=$2 steps=$3; shift 3
-  local t=$(( $(left) - 20 )); [ $t -lt 60 ] && { echo "== $name: skipped, $(left) s left"; return; }
-  echo "== $name ($((SECONDS - start)) s, $t s allowed)"
-  env "$@" OURS_TIMEOUT=$(( t - 100 )) timeout $t bash model-import/scripts/gpu_bench_train.sh "$out/$name" "$stages" $steps
-}
-run fused 2 ${STEPS:-40} TORCH=${TORCH:-1}
-run profile 2 6 TORCH=0 PROFILE=1
+train_tests ${TESTS:-qkv_attention_matches_the_split_route_on_cuda}
+train_run fused 2 ${STEPS:-40} TORCH=${TORCH:-1}
+train_run profile 2 6 TORCH=0 PROFILE=1
 finish

@@ -8,11 +8,7 @@ source "$(dirname "$0")/../../scripts/gpu_call_lib.sh"
 export LLAVA_JP_GEMM=${LLAVA_JP_GEMM:-cublaslt}
 timeout 150 /tmp/attention-bench --shapes train,clip --flash-train-only --iters 20 > "$out/bench.jsonl" 2> "$out/bench.err"
 echo "== bench ($((SECONDS - start)) s)"; cat "$out/bench.jsonl"; tail -3 "$out/bench.err"
-for t in qkv_attention_matches_the_split_route_on_cuda; do
-  timeout 150 /tmp/train-test --ignored --exact $t --nocapture > "$out/$t.log" 2>&1
-  echo "== $t: $(grep -E 'test result|panicked' "$out/$t.log" | head -3) ($((SECONDS - start)) s)"
-  grep -A3 panicked "$out/$t.log" | head -6
-done
+train_tests qkv_attention_matches_the_split_route_on_cuda
 t=$(( $(left) - 20 ))
 [ $t -gt 100 ] && OURS_TIMEOUT=$(( t - 100 )) timeout $t bash model-import/scripts/gpu_bench_train.sh "$out/stage2" 2 ${STEPS:-40}
 finish
