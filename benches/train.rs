@@ -191,7 +191,6 @@ fn main() -> anyhow::Result<()> {
         let gpu = GpuMemory::watch();
         let outcome = dispatch_autodiff(
             backend,
-            cfg.gradient_checkpointing,
             cfg.num_devices,
             Job {
                 config: cfg.clone(),

@@ -174,6 +174,28 @@ pub trait AutodiffJob {
     fn run<B: burn::tensor::backend::AutodiffBackend>(self, devices: Vec<B::Device>) -> Self::Output;
 }
 
+/// Device memory held by a GPU backend's allocator, in MB (2^20 bytes).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DeviceMemory {
+    /// Reserved from the driver (pages and persistent allocations, used or not).
+    pub reserved: f64,
+    /// Taken by live tensors.
+    pub in_use: f64,
+}
+
+/// What cubecl's allocator holds on `device` when it is a CUDA device; `None` elsewhere.
+pub fn device_memory<D: 'static>(device: &D) -> Option<DeviceMemory> {
+    #[cfg(feature = "cuda")]
+    if let Some(cuda) = (device as &dyn std::any::Any).downcast_ref::<burn::backend::cuda::CudaDevice>() {
+        use burn_cubecl::cubecl::{cuda::CudaRuntime, Runtime};
+        let usage = CudaRuntime::client(cuda).memory_usage().ok()?;
+        let mb = |bytes: u64| bytes as f64 / 1048576.0;
+        return Some(DeviceMemory { reserved: mb(usage.bytes_reserved), in_use: mb(usage.bytes_in_use) });
+    }
+    let _ = device;
+    None
+}
+
 /// Where compiled CUDA kernels are kept between runs: `LLAVA_JP_KERNEL_CACHE`, else
 /// `$XDG_CACHE_HOME/llava-jp/cubecl` or `~/.cache/llava-jp/cubecl`.
 #[cfg(feature = "cuda")]
@@ -211,10 +233,9 @@ pub fn cache_cuda_kernels() {
 }
 
 /// Runs `job` on the autodiff backend over `backend`, on its first `num_devices` devices (the
-/// GPUs 0.. on CUDA and wgpu; the one CPU device, shared, on flex); with `checkpointing`,
-/// burn's balanced activation checkpointing (memory-bound operations recomputed in the
-/// backward pass).
-pub fn dispatch_autodiff<J: AutodiffJob>(backend: BackendKind, checkpointing: bool, num_devices: usize, job: J) -> Result<J::Output, String> {
+/// GPUs 0.. on CUDA and wgpu; the one CPU device, shared, on flex). Gradient checkpointing
+/// is the trainer's own (`crate::train::micro_batch`), on any of them.
+pub fn dispatch_autodiff<J: AutodiffJob>(backend: BackendKind, num_devices: usize, job: J) -> Result<J::Output, String> {
     #[allow(unused_variables)]
     let not_built = |feature: &str| -> Result<J::Output, String> {
         Err(format!("this binary was built without the `{feature}` feature, so the {backend} backend is unavailable"))
@@ -222,8 +243,6 @@ pub fn dispatch_autodiff<J: AutodiffJob>(backend: BackendKind, checkpointing: bo
     if num_devices == 0 {
         return Err("num_devices = 0: at least one device is needed".into());
     }
-    #[allow(unused_imports)]
-    use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
     use burn::backend::Autodiff;
     #[cfg(feature = "flex")]
     let flex = || vec![burn::backend::flex::FlexDevice; num_devices];
@@ -241,21 +260,15 @@ pub fn dispatch_autodiff<J: AutodiffJob>(backend: BackendKind, checkpointing: bo
         cache_cuda_kernels();
         (0..num_devices).map(burn::backend::cuda::CudaDevice::new).collect::<Vec<_>>()
     };
-    match (backend, checkpointing) {
+    match backend {
         #[cfg(feature = "flex")]
-        (BackendKind::Flex, false) => Ok(job.run::<Autodiff<burn::backend::Flex>>(flex())),
-        #[cfg(feature = "flex")]
-        (BackendKind::Flex, true) => Ok(job.run::<Autodiff<burn::backend::Flex, BalancedCheckpointing>>(flex())),
+        BackendKind::Flex => Ok(job.run::<Autodiff<burn::backend::Flex>>(flex())),
         #[cfg(feature = "wgpu")]
-        (BackendKind::Wgpu, false) => Ok(job.run::<Autodiff<burn::backend::Wgpu<f32>>>(wgpu())),
-        #[cfg(feature = "wgpu")]
-        (BackendKind::Wgpu, true) => Err("gradient_checkpointing is available on flex and cuda, not on wgpu".into()),
+        BackendKind::Wgpu => Ok(job.run::<Autodiff<burn::backend::Wgpu<f32>>>(wgpu())),
         #[cfg(feature = "cuda")]
-        (BackendKind::Cuda, false) => Ok(job.run::<Autodiff<burn::backend::Cuda<f32>>>(cuda())),
-        #[cfg(feature = "cuda")]
-        (BackendKind::Cuda, true) => Ok(job.run::<Autodiff<burn::backend::Cuda<f32>, BalancedCheckpointing>>(cuda())),
+        BackendKind::Cuda => Ok(job.run::<Autodiff<burn::backend::Cuda<f32>>>(cuda())),
         #[allow(unreachable_patterns)]
-        (other, _) => {
+        other => {
             let _ = job;
             not_built(&other.to_string())
         }

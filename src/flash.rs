@@ -191,11 +191,11 @@ fn kernel_dropout<B: Backend>(dropout: AttentionDropout, device: &B::Device) -> 
 pub fn try_attention_from_qkv<B: Backend>(
     qkv: Tensor<B, 3>,
     heads: usize,
-    masked: Tensor<B, 4, Bool>,
+    masked: Option<Tensor<B, 4, Bool>>,
     scale: f64,
     dropout: AttentionDropout,
     compute: Option<DType>,
-) -> Result<Tensor<B, 3>, (Tensor<B, 3>, Tensor<B, 4, Bool>)> {
+) -> Result<Tensor<B, 3>, (Tensor<B, 3>, Option<Tensor<B, 4, Bool>>)> {
     let [b, t, width3] = qkv.dims();
     let kernel_dtype = compute.unwrap_or(qkv.dtype());
     let head_dim = width3 / 3 / heads.max(1);
@@ -210,14 +210,14 @@ pub fn try_attention_from_qkv<B: Backend>(
         && (16..=128).contains(&head_dim)
         && b * t > 0
         && (1..=65535).contains(&(b * heads))
-        && masked.dims() == [b, heads, t, t]
+        && masked.as_ref().is_none_or(|m| m.dims() == [b, heads, t, t])
         && covers_dropout(dropout)
         && tensor_cores(&qkv.device());
     if !covered {
         return Err((qkv, masked));
     }
     let dropout = kernel_dropout::<B>(dropout, &qkv.device());
-    let mask = downcast::<_, Primitive>(masked.into_primitive()).ok().unwrap();
+    let mask = masked.map(|m| downcast::<_, Primitive>(m.into_primitive()).ok().unwrap());
     let op = autodiff::QkvAttention { heads, scale, dropout, mask, compute: kernel_dtype };
     match on_autodiff_cuda::<B, 1, _>(op, [qkv.into_primitive().tensor()]) {
         Ok(y) => Ok(Tensor::from_primitive(TensorPrimitive::Float(y))),
@@ -664,7 +664,7 @@ mod autodiff {
         pub heads: usize,
         pub scale: f64,
         pub dropout: KernelDropout,
-        pub mask: Primitive,
+        pub mask: Option<Primitive>,
         /// The kernels' dtype.
         pub compute: DType,
     }
@@ -717,13 +717,13 @@ mod autodiff {
             let width = width3 / 3;
             let part = |i: usize| primitive(split_heads(qkv_c.clone().slice([0..b, 0..t, i * width..(i + 1) * width]), self.heads));
             let (q, k, v) = (part(0), part(1), part(2));
-            let forward = || register_forward(q.clone(), k.clone(), v.clone(), Some(self.mask.clone()), self.dropout.clone(), self.scale);
+            let forward = || register_forward(q.clone(), k.clone(), v.clone(), self.mask.clone(), self.dropout.clone(), self.scale);
             let merged = |out: Primitive| primitive(merge_heads(tensor::<4>(out)).cast(dtype));
             match QkvAttentionBackward.prepare::<C>([qkv.node.clone()]).compute_bound().stateful() {
                 OpsKind::Tracked(prep) => {
                     let (out, lse) = forward();
                     let y = merged(out.clone());
-                    let attention = State { q, k, v, mask: Some(self.mask), dropout: self.dropout, out, lse, scale: self.scale };
+                    let attention = State { q, k, v, mask: self.mask, dropout: self.dropout, out, lse, scale: self.scale };
                     prep.finish(QkvState { attention, dtype, heads: self.heads }, y)
                 }
                 OpsKind::UnTracked(prep) => prep.finish(merged(forward().0)),

@@ -90,6 +90,10 @@ def bench(args):
     for p in trained:
         p.requires_grad_(True)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
+    if args.gradient_checkpointing:
+        # transformers' per-block recomputation, as the reference's `--gradient_checkpointing`.
+        lm.config.use_cache = False
+        lm.gradient_checkpointing_enable()
     text_len = args.seq - 576 + 1
     gen = torch.Generator().manual_seed(1)
     samples = [torch.randint(8, 50000, (text_len,), generator=gen).tolist() for _ in range(args.batch)]
@@ -117,7 +121,9 @@ def bench(args):
     print(json.dumps(dict(side="pytorch", stage=args.stage, batch=args.batch, seq=args.seq, step_s=step_s,
                           tokens_per_s=tokens / step_s, samples_per_s=args.batch / step_s,
                           mfu=6 * llm_params * tokens / step_s / 989e12,
-                          peak_gib=torch.cuda.max_memory_allocated() / 2**30, first_step_s=times[0])))
+                          peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+                          peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30,
+                          gradient_checkpointing=args.gradient_checkpointing, first_step_s=times[0])))
 
 
 def main():
@@ -132,6 +138,7 @@ def main():
     b.add_argument("--batch", type=int, default=8)
     b.add_argument("--seq", type=int, default=1024)
     b.add_argument("--steps", type=int, default=8)
+    b.add_argument("--gradient-checkpointing", action="store_true")
     args = ap.parse_args()
     data(args) if args.cmd == "data" else bench(args)
 

@@ -4,7 +4,8 @@
 #   stage 2: batch 8 x 1024 tokens (projector + LLM); stage 1: batch 32 x 608 (projector only)
 #   usage (repository root; binary at .dev/llava-jp.xz, tokenizer dir at .dev/tokenizer/):
 #   bash model-import/scripts/gpu_bench_train.sh OUT_DIR ["2 1"] [STEPS]
-#   TRAIN_SET="key=value ..." overrides settings of our run (batch size, checkpointing, dropout).
+#   TRAIN_SET="key=value ..." overrides settings of our run (batch size, checkpointing, dropout);
+#   PyTorch's run takes the same batch size and gradient checkpointing.
 #   TORCH=0 leaves PyTorch out (a second run of ours under other settings, same call).
 #   Our summary line has the host's mean seconds per steady step in each part of the step
 #   (`times` in the metrics: recording forward / backward / optimizer, waiting for reads).
@@ -23,7 +24,12 @@ peak() { sort -n "$1" | tail -1; }
 for stage in $stages; do
   if [ $stage = 2 ]; then batch=8; seq=1024; else batch=32; seq=608; fi
   # TRAIN_SET: overrides for our run (`--set` of the train command, space-separated KEY=VALUE).
-  sets=(); for kv in ${TRAIN_SET:-}; do sets+=(--set "$kv"); [[ $kv == per_device_train_batch_size=* ]] && batch=${kv#*=}; done
+  sets=(); torch_args=()
+  for kv in ${TRAIN_SET:-}; do
+    sets+=(--set "$kv")
+    [[ $kv == per_device_train_batch_size=* ]] && batch=${kv#*=}
+    [[ $kv == gradient_checkpointing=true ]] && torch_args+=(--gradient-checkpointing)
+  done
   echo "== stage $stage: batch $batch x $seq tokens"
   (while true; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits; sleep 0.5; done) > "$out/mem-ours-$stage.txt" &
   sampler=$!
@@ -54,7 +60,7 @@ PY
   [ "${TORCH:-1}" = 1 ] || continue
   (while true; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits; sleep 0.5; done) > "$out/mem-torch-$stage.txt" &
   sampler=$!
-  python3 model-import/scripts/bench_train.py torch --stage $stage --batch $batch --seq $seq --steps 8 2>&1 | grep -v Warning | tail -1
+  python3 model-import/scripts/bench_train.py torch --stage $stage --batch $batch --seq $seq --steps 8 "${torch_args[@]}" 2>&1 | grep -v Warning | tail -1
   kill $sampler
   echo "pytorch peak (nvidia-smi): $(peak "$out/mem-torch-$stage.txt") MiB"
 done

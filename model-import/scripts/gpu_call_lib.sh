@@ -35,21 +35,24 @@ transformers() {
   [ $t -gt 30 ] && timeout $t python3 model-import/scripts/bench_generate.py --batches 1 --text-tokens 48 --new-tokens ${NEW:-128} --runs 3 2>&1 \
     | grep -v Warning > "$out/pytorch.jsonl"; echo "== transformers ($((SECONDS - start)) s)"; cat "$out/pytorch.jsonl"
 }
-# The train-test binary's CUDA tests, each in a process of its own (150 s each): names...
+# The train-test binary's CUDA tests, each in a process of its own (TEST_TIMEOUT s each, default 150): names...
 train_tests() {
   for t in "$@"; do
-    timeout 150 /tmp/train-test --ignored --exact $t --nocapture > "$out/$t.log" 2>&1
+    timeout ${TEST_TIMEOUT:-150} /tmp/train-test --ignored --exact $t --nocapture > "$out/$t.log" 2>&1
     echo "== $t: $(grep -E 'test result|panicked' "$out/$t.log" | head -3) ($((SECONDS - start)) s)"
     grep -A3 panicked "$out/$t.log" | head -6
   done
 }
-# Full-size training through gpu_bench_train.sh in what time is left: name, stages, steps,
-# [env...] (TORCH=0 leaves PyTorch out; TRAIN_SET overrides ours).
+# Full-size training through gpu_bench_train.sh in what time is left (at most CAP seconds when
+# set): name, stages, steps, [env...] (TORCH=0 leaves PyTorch out; TRAIN_SET overrides ours).
 train_run() {
   local name=$1 stages=$2 steps=$3; shift 3
-  local t=$(( $(left) - 20 )); [ $t -lt 60 ] && { echo "== $name: skipped, $(left) s left"; return; }
+  local t=$(( $(left) - 20 )); [ -n "${CAP:-}" ] && [ $t -gt $CAP ] && t=$CAP
+  [ $t -lt 60 ] && { echo "== $name: skipped, $(left) s left"; return; }
   echo "== $name ($((SECONDS - start)) s, $t s allowed)"
-  env "$@" OURS_TIMEOUT=$(( t - 100 )) timeout $t bash model-import/scripts/gpu_bench_train.sh "$out/$name" "$stages" $steps
+  # PyTorch's run gets the last 100 s, unless it is left out.
+  local torch=100; [[ " $* " == *" TORCH=0 "* ]] && torch=5
+  env "$@" OURS_TIMEOUT=$(( t - torch )) timeout $t bash model-import/scripts/gpu_bench_train.sh "$out/$name" "$stages" $steps
 }
 finish() {
   echo "total $((SECONDS - start)) s"

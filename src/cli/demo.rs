@@ -168,7 +168,7 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
         let cfg = stage_config(out, stage, data, &ds.image_folder, &tokenizer, init.as_deref(), &plan)?;
         let run = cfg.output_dir.clone();
         let job = TrainJob { config: cfg, resume: None, control: TrainControl { progress: true, ..Default::default() } };
-        let outcome = dispatch_autodiff(args.backend, false, 1, job).map_err(anyhow::Error::msg)??;
+        let outcome = dispatch_autodiff(args.backend, 1, job).map_err(anyhow::Error::msg)??;
         let plot = run.join("loss.png");
         llava_jp::train::plot::plot_metrics(&outcome.metrics, &plot)?;
         let first = outcome.metrics.first().map_or(f64::NAN, |m| m.loss);

@@ -58,8 +58,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         config.precision,
         output_dir.display()
     );
-    let (checkpointing, num_devices) = (config.gradient_checkpointing, config.num_devices);
-    let outcome = dispatch_autodiff(args.backend, checkpointing, num_devices, TrainJob { config, resume, control }).map_err(anyhow::Error::msg)??;
+    let num_devices = config.num_devices;
+    let outcome = dispatch_autodiff(args.backend, num_devices, TrainJob { config, resume, control }).map_err(anyhow::Error::msg)??;
     let plot = output_dir.join("loss.png");
     llava_jp::train::plot::plot_metrics(&outcome.metrics, &plot)?;
     let last = outcome.metrics.last();

@@ -74,7 +74,7 @@ impl<B: Backend> Gpt2Attention<B> {
         let [b, t, d] = x.dims();
         let qkv = self.c_attn.forward(x);
         let Some(slot) = cache else {
-            return self.c_proj.forward(attention_from_qkv(qkv, self.n_head, masked, self.scale, &self.attn_dropout));
+            return self.c_proj.forward(attention_from_qkv(qkv, self.n_head, Some(masked), self.scale, &self.attn_dropout));
         };
         let q = split_heads(qkv.clone().slice([0..b, 0..t, 0..d]), self.n_head);
         let mut k = split_heads(qkv.clone().slice([0..b, 0..t, d..2 * d]), self.n_head);
@@ -172,6 +172,12 @@ impl<B: Backend> Gpt2Model<B> {
         self.h.first().map_or(1, |b| b.attn.n_head)
     }
 
+    /// The first block's input: the position embeddings added to `inputs_embeds`, then the
+    /// embedding dropout.
+    pub fn embed(&self, inputs_embeds: Tensor<B, 3>, position_ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.drop.forward(inputs_embeds + self.wpe.forward(position_ids))
+    }
+
     /// Runs the blocks over `inputs_embeds` `[batch, tokens, n_embd]` at `position_ids`
     /// `[batch, tokens]`; `key_valid` `[batch, tokens]` is false for padding. With a cache, the
     /// tokens continue the cached ones and the cache is extended. Returns `ln_f`'s output.
@@ -199,7 +205,7 @@ impl<B: Backend> Gpt2Model<B> {
             None => key_valid,
         };
         let masked = attention_mask(all_valid, t, self.n_head());
-        let mut x = self.drop.forward(inputs_embeds + self.wpe.forward(position_ids));
+        let mut x = self.embed(inputs_embeds, position_ids);
         for (i, block) in self.h.iter().enumerate() {
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);
             x = block.forward(x, masked.clone(), slot);

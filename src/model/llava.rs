@@ -6,7 +6,8 @@ use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
 
 use super::clip::ClipVisionModel;
-use super::gpt2::{lm_logits, new_lm_head, Gpt2Model, KvCache, LmHead};
+use super::gpt2::{attention_mask, lm_logits, new_lm_head, Gpt2Model, KvCache, LmHead};
+use super::nn::has_trainable;
 use super::projector::{Projector, ProjectorKind};
 use crate::config::{LlavaConfig, PaddingSide, SelectFeature};
 
@@ -33,6 +34,15 @@ pub struct MultimodalBatch<B: Backend> {
     pub lengths: Vec<usize>,
     /// Spliced labels, `[batch, tokens]` (-100 on images and padding), when the samples had labels.
     pub labels: Option<Vec<Vec<i64>>>,
+}
+
+/// The first GPT-2 block's input of a training batch ([`LlavaModel::training_inputs`]).
+pub struct TrainingInputs<B: Backend> {
+    pub hidden: Tensor<B, 3>,
+    /// The attention mask (`attention_mask`): true where a query may not see a key.
+    pub masked: Tensor<B, 4, Bool>,
+    /// Spliced labels, `[batch, tokens]`.
+    pub labels: Vec<Vec<i64>>,
 }
 
 pub struct LlavaOutput<B: Backend> {
@@ -74,8 +84,7 @@ impl<B: Backend> LlavaModel<B> {
 
     /// Tower then projector: `[images, 3, H, W]` -> `[images, image_tokens, n_embd]`.
     pub fn encode_images(&self, pixel_values: Tensor<B, 4>) -> Tensor<B, 3> {
-        let out = self.vision_tower.forward(pixel_values, self.select_layer);
-        let features = out.hidden_states.into_iter().nth(self.select_layer).expect("hidden state computed");
+        let features = self.vision_tower.hidden_state(pixel_values, self.select_layer);
         let [n, t, d] = features.dims();
         let features = if self.keep_cls { features } else { features.slice([0..n, 1..t, 0..d]) };
         self.mm_projector.forward(features)
@@ -237,6 +246,42 @@ impl<B: Backend> LlavaModel<B> {
         let logits = self.forward_embeds(batch.inputs_embeds, batch.position_ids, batch.key_valid, None);
         let loss = batch.labels.as_ref().map(|labels| shifted_cross_entropy(logits.clone(), labels));
         LlavaOutput { logits, loss }
+    }
+
+    /// The training forward up to the first GPT-2 block, for a caller that runs the blocks
+    /// itself (`crate::train::micro_batch`): images encoded and spliced, position embeddings
+    /// and embedding dropout applied.
+    pub fn training_inputs(&self, samples: &[Sample], pixel_values: Option<Tensor<B, 4>>) -> TrainingInputs<B> {
+        let features = pixel_values.map(|p| self.encode_images(p));
+        let batch = self.prepare_inputs(samples, features);
+        let t = batch.inputs_embeds.dims()[1];
+        TrainingInputs {
+            hidden: self.transformer.embed(batch.inputs_embeds, batch.position_ids),
+            masked: attention_mask(batch.key_valid, t, self.transformer.n_head()),
+            labels: batch.labels.expect("training samples carry labels"),
+        }
+    }
+
+    /// The training forward after the last block: `ln_f`, logits, the loss.
+    pub fn loss_from_hidden(&self, hidden: Tensor<B, 3>, labels: &[Vec<i64>]) -> Tensor<B, 1> {
+        shifted_cross_entropy(self.logits(self.transformer.ln_f.forward(hidden)), labels)
+    }
+
+    /// Whether [`Self::training_inputs`]'s output depends on a trainable parameter: the tower
+    /// or projector (when the batch has images), or the embeddings.
+    pub fn trains_before_blocks(&self, with_images: bool) -> bool {
+        let images = with_images && (has_trainable(&self.vision_tower) || has_trainable(&self.mm_projector));
+        images || has_trainable(&self.transformer.wte) || has_trainable(&self.transformer.wpe)
+    }
+
+    /// Whether [`Self::loss_from_hidden`] uses a trainable parameter: `ln_f` or the output
+    /// projection.
+    pub fn trains_after_blocks(&self) -> bool {
+        let head = match &self.lm_head {
+            Some(head) => has_trainable(head),
+            None => has_trainable(&self.transformer.wte),
+        };
+        head || has_trainable(&self.transformer.ln_f)
     }
 
     /// Logits of the hidden states the language model returned (`ln_f`'s output).

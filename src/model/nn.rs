@@ -137,11 +137,12 @@ pub fn attention<B: Backend>(
     attention_with(q, k, v, masked, scale, drop)
 }
 
-/// [`attention`] of GPT-2's fused projection `qkv` (`[batch, tokens, 3 · width]`: queries, keys
-/// and values side by side) split into `heads` heads, the heads' outputs merged back to
-/// `[batch, tokens, width]`. While training on CUDA one recorded operation
-/// (`crate::flash::try_attention_from_qkv`); otherwise the split, [`attention`] and the merge.
-pub fn attention_from_qkv<B: Backend>(qkv: Tensor<B, 3>, heads: usize, masked: Tensor<B, 4, Bool>, scale: f64, dropout: &Dropout) -> Tensor<B, 3> {
+/// [`attention`] of a fused projection `qkv` (`[batch, tokens, 3 · width]`: queries, keys and
+/// values side by side, as GPT-2's `c_attn` makes them) split into `heads` heads, the heads'
+/// outputs merged back to `[batch, tokens, width]`. While training on CUDA one recorded
+/// operation (`crate::flash::try_attention_from_qkv`); otherwise the split, [`attention`] and
+/// the merge.
+pub fn attention_from_qkv<B: Backend>(qkv: Tensor<B, 3>, heads: usize, masked: Option<Tensor<B, 4, Bool>>, scale: f64, dropout: &Dropout) -> Tensor<B, 3> {
     #[cfg(feature = "cuda")]
     let (qkv, masked) = {
         let drop = match dropout.is_active::<B>(&qkv.device()) {
@@ -157,7 +158,7 @@ pub fn attention_from_qkv<B: Backend>(qkv: Tensor<B, 3>, heads: usize, masked: T
     let [b, t, width3] = qkv.dims();
     let width = width3 / 3;
     let part = |i: usize| split_heads(qkv.clone().slice([0..b, 0..t, i * width..(i + 1) * width]), heads);
-    merge_heads(attention(part(0), part(1), part(2), Some(masked), scale, dropout))
+    merge_heads(attention(part(0), part(1), part(2), masked, scale, dropout))
 }
 
 /// [`attention`] with exactly the probabilities `dropout` names dropped, whatever the backend
@@ -376,6 +377,16 @@ impl<B: Backend> Linear<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         affine(x, self.weight.val().transpose(), self.bias.as_ref().map(|b| b.val()))
     }
+
+    /// `layers` applied to the same input as one product: their outputs side by side.
+    pub fn forward_stacked<const D: usize>(layers: &[&Self], x: Tensor<B, D>) -> Tensor<B, D> {
+        let weight = Tensor::cat(layers.iter().map(|l| l.weight.val()).collect(), 0);
+        let bias = layers.iter().any(|l| l.bias.is_some()).then(|| {
+            let part = |l: &Self| l.bias.as_ref().map_or_else(|| Tensor::zeros([l.weight.dims()[0]], &x.device()), |b| b.val());
+            Tensor::cat(layers.iter().map(|l| part(l)).collect(), 0)
+        });
+        affine(x, weight.transpose(), bias)
+    }
 }
 
 /// GPT-2's `Conv1D`: a linear layer whose weight is stored `[in, out]`, optionally with a LoRA
@@ -529,6 +540,19 @@ impl Dropout {
         };
         residual + self.forward(h)
     }
+}
+
+/// Whether any parameter of `module` is trained (requires a gradient).
+pub fn has_trainable<B: Backend, M: burn::module::Module<B>>(module: &M) -> bool {
+    struct AnyTrainable(bool);
+    impl<B: Backend> burn::module::ModuleVisitor<B> for AnyTrainable {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            self.0 |= param.is_require_grad();
+        }
+    }
+    let mut any = AnyTrainable(false);
+    module.visit(&mut any);
+    any.0
 }
 
 /// Splits `[batch, tokens, heads * head_dim]` into `[batch, heads, tokens, head_dim]`.

@@ -94,8 +94,9 @@ pub struct TrainConfig {
     /// `f32`, or `bf16` for mixed precision (f32 weights and optimizer state, bf16 matrix work).
     #[serde(default = "f32")]
     pub precision: String,
-    /// Recompute cheap (memory-bound) activations in the backward pass instead of keeping them
-    /// (burn's balanced checkpointing), for memory; flex and CUDA.
+    /// Keep only each GPT-2 block's input in the forward pass and recompute the block's
+    /// activations in the backward pass (transformers' gradient checkpointing): memory for one
+    /// block's activations instead of all of them, for one more forward pass of the blocks.
     #[serde(default)]
     pub gradient_checkpointing: bool,
     /// Dropout probabilities of the config stay on while training unless this is false.

@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod lora;
+pub mod micro_batch;
 pub mod optim;
 pub mod plot;
 pub mod trainer;

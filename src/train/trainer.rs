@@ -13,6 +13,9 @@ use anyhow::Context;
 use burn::collective::{all_reduce, finish_collective, register, reset_collective, CollectiveConfig, PeerId, ReduceOperation};
 use burn::module::{ModuleMapper, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams};
+
+use super::micro_batch::{accumulate_gradients, derive_seed, MicroBatchRun};
+use crate::backend::DeviceMemory;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 
@@ -48,6 +51,10 @@ pub struct StepMetrics {
     pub tokens_per_s: f64,
     pub elapsed_s: f64,
     pub rss_mb: f64,
+    /// Device memory the backend holds after the step (reserved, and in use by live tensors),
+    /// on GPUs; the reserved figure only grows, so it is the run's peak so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_mb: Option<DeviceMemory>,
     #[serde(default)]
     pub skipped: bool,
     /// The sample ids of each micro-batch, so that another implementation can replay the run.
@@ -66,7 +73,8 @@ pub struct StepMetrics {
 pub struct StepTimes {
     /// Gathering the micro-batches from the loader.
     pub data_s: f64,
-    /// The forward passes and losses of every micro-batch.
+    /// The forward passes and losses of every micro-batch (with gradient checkpointing, the
+    /// first pass; the blocks' reruns count as backward).
     pub forward_s: f64,
     /// Their backward passes and the gradients' accumulation.
     pub backward_s: f64,
@@ -254,7 +262,7 @@ fn progress_line(m: &StepMetrics, total: u64, eta_s: f64) -> String {
     let width = 24;
     let done = ((m.step as f64 / total.max(1) as f64) * width as f64).round() as usize;
     format!(
-        "[{}{}] step {}/{} | loss {:.4} | lr {:.2e} | {:.0} tok/s | {:.0} MB | ETA {}",
+        "[{}{}] step {}/{} | loss {:.4} | lr {:.2e} | {:.0} tok/s | {:.0} MB{} | ETA {}",
         "#".repeat(done.min(width)),
         ".".repeat(width - done.min(width)),
         m.step,
@@ -263,6 +271,7 @@ fn progress_line(m: &StepMetrics, total: u64, eta_s: f64) -> String {
         m.lr,
         m.tokens_per_s,
         m.rss_mb,
+        m.device_mb.map_or(String::new(), |d| format!(" (device {:.0} MB)", d.reserved)),
         format_duration(eta_s)
     )
 }
@@ -291,13 +300,16 @@ struct ReplicaWork {
 }
 
 /// Forward and backward over one replica's micro-batches: the gradients (each micro-batch's
-/// mean loss divided by `micro_batches`) and the sum of the micro-batch losses.
+/// mean loss divided by `micro_batches`) and the sum of the micro-batch losses. Micro-batch k
+/// draws its dropout from `derive_seed(seed, k)`.
+#[allow(clippy::too_many_arguments)]
 fn local_gradients<B: AutodiffBackend>(
     model: &LlavaModel<B>,
     micro: &mut [Batch],
     micro_batches: f64,
     size: usize,
     device: &B::Device,
+    (seed, recompute): (u64, bool),
     poison: bool,
     times: &mut StepTimes,
 ) -> (GradientsParams, f64) {
@@ -314,17 +326,16 @@ fn local_gradients<B: AutodiffBackend>(
         }
         let started = Instant::now();
         let pixels = (batch.images > 0).then(|| Tensor::<B, 4>::from_data(TensorData::new(pixel_values, [batch.images, 3, size, size]), device));
-        let out = model.forward(&batch.samples(), pixels);
-        let mut loss = out.loss.expect("training samples carry labels");
-        if poison && batch.images == 0 {
-            loss = loss * f32::NAN;
-        }
-        losses.push(loss.clone().inner());
-        let forward_done = Instant::now();
-        times.forward_s += (forward_done - started).as_secs_f64();
-        let grads = (loss / micro_batches).backward();
-        accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
-        times.backward_s += forward_done.elapsed().as_secs_f64();
+        let run = MicroBatchRun {
+            seed: derive_seed(seed, k as u64),
+            loss_scale: 1.0 / micro_batches,
+            loss_factor: if poison && batch.images == 0 { f32::NAN } else { 1.0 },
+            recompute,
+        };
+        let (loss, forward_s) = accumulate_gradients(model, &batch.samples(), pixels, run, &mut accumulator);
+        losses.push(loss);
+        times.forward_s += forward_s;
+        times.backward_s += started.elapsed().as_secs_f64() - forward_s;
     }
     // One read for all of them (a replica left without micro-batches at an epoch's end has none).
     let started = Instant::now();
@@ -449,8 +460,8 @@ fn replica_loop<B: AutodiffBackend>(
     // The autocast guard is per thread.
     let _autocast = autocast(cfg.compute_dtype());
     while let Ok(mut w) = work.recv() {
-        B::seed(&device, dropout_seed(&cfg, w.step, rank));
-        let (grads, loss_sum) = local_gradients(&model, &mut w.micro, w.micro_batches, size, &device, false, &mut StepTimes::default());
+        let seed = (dropout_seed(&cfg, w.step, rank), cfg.gradient_checkpointing);
+        let (grads, loss_sum) = local_gradients(&model, &mut w.micro, w.micro_batches, size, &device, seed, false, &mut StepTimes::default());
         let (grads, loss_sum) = all_reduce_step(Some(peer), &model, grads, loss_sum, &device)?;
         let grad_norm = global_grad_norm(&model, &grads);
         if loss_sum.is_finite() && grad_norm.is_finite() {
@@ -508,17 +519,25 @@ pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, resume: Option<&Path>, devic
     };
     // Fresh weights (whatever no checkpoint provides) are drawn from the run's seed.
     B::seed(device, cfg.seed);
-    let mut model: LlavaModel<B> = match &resume_dir {
-        Some(_) => LlavaModel::new(&config, device),
-        None => initial_model(cfg, &config, device)?,
+    // The weights go in allocations of their own size (cubecl's persistent memory on GPUs), and
+    // so then does every later tensor of a weight's size: gradients and AdamW moments. In
+    // cubecl's sliced pools they would share pages of up to a quarter of the GPU's memory.
+    let build = |()| -> anyhow::Result<LlavaModel<B>> {
+        let mut model: LlavaModel<B> = match &resume_dir {
+            Some(_) => LlavaModel::new(&config, device),
+            None => initial_model(cfg, &config, device)?,
+        };
+        if let Some(lora) = cfg.lora() {
+            model.transformer = super::lora::add_lora(model.transformer, &lora, device).map_err(anyhow::Error::msg)?;
+        }
+        if let Some(dir) = &resume_dir {
+            checkpoint::load_model(&mut model, &dir.join("model.safetensors"), None)?;
+        }
+        // Queued operations run (and allocate) now, while allocations are persistent.
+        B::sync(device).map_err(|e| anyhow::anyhow!("building the model on {device:?}: {e:?}"))?;
+        Ok(model)
     };
-    if let Some(lora) = cfg.lora() {
-        model.transformer = super::lora::add_lora(model.transformer, &lora, device).map_err(anyhow::Error::msg)?;
-    }
-    if let Some(dir) = &resume_dir {
-        checkpoint::load_model(&mut model, &dir.join("model.safetensors"), None)?;
-    }
-    let mut model = apply_stage(model, cfg);
+    let mut model = apply_stage(B::memory_persistent_allocations(device, (), build)?, cfg);
 
     let builder = Arc::new(sample_builder(cfg, &config)?);
     let dataset = Arc::new(LlavaDataset::open(&cfg.data, cfg.policy())?);
@@ -651,8 +670,6 @@ pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, resume: Option<&Path>, devic
                 if micro.is_empty() {
                     break;
                 }
-                // Dropout masks depend on the step only, so a resumed run draws the same ones.
-                B::seed(device, dropout_seed(cfg, state.step, 0));
                 let micro_batches = micro.len() as f64;
                 let samples: usize = micro.iter().map(|b| b.len()).sum();
                 let tokens: usize = micro.iter().map(|b| spliced_tokens(b, builder.image_tokens, builder.max_length)).sum();
@@ -670,7 +687,9 @@ pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, resume: Option<&Path>, devic
                 }
                 let poison = control.poison_step == Some(state.step + 1);
                 let mut times = StepTimes { data_s: step_started.elapsed().as_secs_f64(), ..StepTimes::default() };
-                let (grads, loss_sum) = local_gradients(&model, &mut own, micro_batches, size, device, poison, &mut times);
+                // Dropout masks depend on the step only, so a resumed run draws the same ones.
+                let seed = (dropout_seed(cfg, state.step, 0), cfg.gradient_checkpointing);
+                let (grads, loss_sum) = local_gradients(&model, &mut own, micro_batches, size, device, seed, poison, &mut times);
                 let norm_started = Instant::now();
                 let (grads, loss_sum) = all_reduce_step(peer, &model, grads, loss_sum, device)?;
                 let loss = loss_sum / micro_batches;
@@ -710,6 +729,7 @@ pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, resume: Option<&Path>, devic
                     tokens_per_s: tokens as f64 / step_s.max(1e-9),
                     elapsed_s: state.elapsed_s,
                     rss_mb: rss_mb(),
+                    device_mb: crate::backend::device_memory(device),
                     skipped: !finite,
                     batches: batch_ids,
                     times,
