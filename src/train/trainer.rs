@@ -51,8 +51,9 @@ pub struct StepMetrics {
     pub tokens_per_s: f64,
     pub elapsed_s: f64,
     pub rss_mb: f64,
-    /// Device memory the backend holds after the step (reserved, and in use by live tensors),
-    /// on GPUs; the reserved figure only grows, so it is the run's peak so far.
+    /// Device memory cubecl's allocator holds on a CUDA device after the step: reserved from
+    /// the driver, and in use by live tensors. Pages are rarely handed back, so the reserved
+    /// figure is close to the run's peak so far.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device_mb: Option<DeviceMemory>,
     #[serde(default)]
@@ -434,9 +435,10 @@ fn new_optimizer<B: Backend>(cfg: &TrainConfig) -> AdamW<B> {
 }
 
 /// The dropout seed of a step on a replica: it depends on the step (so a resumed run draws the
-/// same masks) and the replica (so replicas do not share masks).
+/// same masks) and the replica (so replicas do not share masks). Hashed, so that no replica's
+/// micro-batch seed (`derive_seed` of this and the micro-batch's index) is another's.
 fn dropout_seed(cfg: &TrainConfig, step: u64, rank: usize) -> u64 {
-    cfg.seed.wrapping_mul(1_000_003).wrapping_add(step).wrapping_add((rank as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15))
+    derive_seed(cfg.seed.wrapping_mul(1_000_003).wrapping_add(step), rank as u64)
 }
 
 /// A data-parallel replica other than the first: it receives its share of each step, joins the
@@ -512,6 +514,15 @@ pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, resume: Option<&Path>, devic
     let device = &devices[0];
     let world = devices.len();
     let config = training_model_config(cfg)?;
+    // Replicas share burn's one random generator (seeding it is process-wide), so a block rerun
+    // for gradient checkpointing could draw other dropout masks than its first run drew.
+    let block_dropout = config.text.resid_pdrop > 0.0 || config.text.attn_pdrop > 0.0 || cfg.lora().is_some_and(|l| l.dropout > 0.0);
+    anyhow::ensure!(
+        !(world > 1 && cfg.gradient_checkpointing && block_dropout),
+        "gradient_checkpointing with dropout in the GPT-2 blocks works on one device only (num_devices = {world}): the replicas share one \
+         random generator, so a block's rerun could draw other dropout masks than its first run; set dropout = false (and lora_dropout = 0) \
+         or gradient_checkpointing = false"
+    );
     let resume_dir = match resume {
         None => None,
         Some(p) if p.join("trainer_state.json").is_file() => Some(p.to_path_buf()),
@@ -595,7 +606,14 @@ pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, resume: Option<&Path>, devic
             let dtype = model.transformer.wte.weight.val().dtype();
             checkpoint::load_optimizer(&mut replica_optim, &dir.join("optimizer.safetensors"), dtype, replica_device)?;
         }
-        prepared.push((rank, model.clone().fork(replica_device), replica_optim, replica_device.clone()));
+        // In persistent memory on its device too (see `build` above).
+        let fork = |()| -> anyhow::Result<LlavaModel<B>> {
+            let replica = model.clone().fork(replica_device);
+            B::sync(replica_device).map_err(|e| anyhow::anyhow!("copying the model to {replica_device:?}: {e:?}"))?;
+            Ok(replica)
+        };
+        let replica = B::memory_persistent_allocations(replica_device, (), fork)?;
+        prepared.push((rank, replica, replica_optim, replica_device.clone()));
     }
     if world > 1 && cfg.dropout {
         eprintln!(
