@@ -13,15 +13,14 @@ use anyhow::Context;
 use burn::collective::{all_reduce, finish_collective, register, reset_collective, CollectiveConfig, PeerId, ReduceOperation};
 use burn::module::{ModuleMapper, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams};
-
-use super::micro_batch::{accumulate_gradients, derive_seed, MicroBatchRun};
-use crate::backend::DeviceMemory;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 
 use super::checkpoint::{self, latest, save_atomically, TrainerState};
 use super::config::TrainConfig;
+use super::micro_batch::{accumulate_gradients, derive_seed, MicroBatchRun};
 use super::optim::{clip_scale, cosine_lr, global_grad_norm, AdamW, AdamWConfig, StepRates};
+use crate::backend::DeviceMemory;
 use crate::config::LlavaConfig;
 use crate::data::{AspectMode, Batch, DataLoader, DataReport, ImageProcessor, LlavaDataset, LoaderConfig, SampleBuilder, Template, TextTokenizer};
 use crate::model::nn::autocast;
@@ -310,7 +309,8 @@ fn local_gradients<B: AutodiffBackend>(
     micro_batches: f64,
     size: usize,
     device: &B::Device,
-    (seed, recompute): (u64, bool),
+    seed: u64,
+    recompute: bool,
     poison: bool,
     times: &mut StepTimes,
 ) -> (GradientsParams, f64) {
@@ -462,8 +462,9 @@ fn replica_loop<B: AutodiffBackend>(
     // The autocast guard is per thread.
     let _autocast = autocast(cfg.compute_dtype());
     while let Ok(mut w) = work.recv() {
-        let seed = (dropout_seed(&cfg, w.step, rank), cfg.gradient_checkpointing);
-        let (grads, loss_sum) = local_gradients(&model, &mut w.micro, w.micro_batches, size, &device, seed, false, &mut StepTimes::default());
+        let seed = dropout_seed(&cfg, w.step, rank);
+        let (grads, loss_sum) =
+            local_gradients(&model, &mut w.micro, w.micro_batches, size, &device, seed, cfg.gradient_checkpointing, false, &mut StepTimes::default());
         let (grads, loss_sum) = all_reduce_step(Some(peer), &model, grads, loss_sum, &device)?;
         let grad_norm = global_grad_norm(&model, &grads);
         if loss_sum.is_finite() && grad_norm.is_finite() {
@@ -706,8 +707,9 @@ pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, resume: Option<&Path>, devic
                 let poison = control.poison_step == Some(state.step + 1);
                 let mut times = StepTimes { data_s: step_started.elapsed().as_secs_f64(), ..StepTimes::default() };
                 // Dropout masks depend on the step only, so a resumed run draws the same ones.
-                let seed = (dropout_seed(cfg, state.step, 0), cfg.gradient_checkpointing);
-                let (grads, loss_sum) = local_gradients(&model, &mut own, micro_batches, size, device, seed, poison, &mut times);
+                let seed = dropout_seed(cfg, state.step, 0);
+                let (grads, loss_sum) =
+                    local_gradients(&model, &mut own, micro_batches, size, device, seed, cfg.gradient_checkpointing, poison, &mut times);
                 let norm_started = Instant::now();
                 let (grads, loss_sum) = all_reduce_step(peer, &model, grads, loss_sum, device)?;
                 let loss = loss_sum / micro_batches;
