@@ -294,7 +294,7 @@ fn checked<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Result<Tensor<B, 2>,
 /// The autodiff CUDA backends this crate trains on (`crate::backend::dispatch_autodiff`, and
 /// the tests' bf16 one): each gets cuBLASLt's product and backward ([`autodiff::matmul`]).
 fn try_autodiff_matmul<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Result<Tensor<B, 2>, (Tensor<B, 2>, Tensor<B, 2>)> {
-    use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
+    use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
     use burn::backend::{Autodiff, Cuda};
     use burn::tensor::{bf16, f16};
     macro_rules! route {
@@ -317,7 +317,7 @@ fn try_autodiff_matmul<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Result<T
 
 /// Whether [`try_matmul`] takes `B`'s products (for callers that work around burn's own).
 pub fn routes<B: Backend>() -> bool {
-    use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
+    use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
     use burn::backend::{Autodiff, Cuda};
     use burn::tensor::{bf16, f16};
     use std::any::TypeId;
@@ -336,7 +336,7 @@ fn register(a: Primitive, b: Primitive) -> Primitive {
 /// [`register`] with the output in `out` (the operands' dtype, or f32: bf16 / f16 operands
 /// whose f32 sums are written unrounded), and `bias` (f32 `[n]`, f32 output only) added to
 /// every row by cuBLASLt's epilogue instead of a pass of its own over the output.
-fn register_as(a: Primitive, b: Primitive, out: DType, bias: Option<Primitive>) -> Primitive {
+pub(crate) fn register_as(a: Primitive, b: Primitive, out: DType, bias: Option<Primitive>) -> Primitive {
     let (m, n) = (a.shape[0], b.shape[1]);
     let client = a.client.clone();
     let mut inputs = vec![&a, &b];

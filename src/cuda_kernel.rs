@@ -68,7 +68,7 @@ pub(crate) fn float_code(dtype: DType) -> Option<u8> {
 
 /// Whether `B` is one of burn's autodiff backends over its fused CUDA backend.
 pub(crate) fn autodiff_cuda<B: Backend>() -> bool {
-    use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
+    use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
     use burn::backend::{Autodiff, Cuda};
     use burn::tensor::{bf16, f16};
     macro_rules! any_of {
@@ -126,7 +126,7 @@ pub(crate) fn on_autodiff_cuda<B: Backend, const N: usize, Op: AutodiffCudaOp<N>
     op: Op,
     inputs: [B::FloatTensorPrimitive; N],
 ) -> Result<B::FloatTensorPrimitive, [B::FloatTensorPrimitive; N]> {
-    use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
+    use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
     use burn::backend::{Autodiff, Cuda};
     use burn::tensor::{bf16, f16};
     use crate::cublaslt::downcast;

@@ -10,8 +10,8 @@
 //!
 //! Covered: queries, keys and values of one dtype (bf16 or f16) with a head width that is a
 //! multiple of 16 up to 128, any strides, and any boolean mask (broadcast views included), on
-//! `Cuda<bf16>` / `Cuda<f16>` / autocast `Cuda<f32>` and on their autodiff backends (with and
-//! without balanced checkpointing) of GPUs with compute capability 8.0 or more, where the
+//! `Cuda<bf16>` / `Cuda<f16>` / autocast `Cuda<f32>` and on their autodiff backends, on GPUs
+//! with compute capability 8.0 or more, where the
 //! backward is two more kernels (dQ; dK and dV) that recompute the scores from the forward's
 //! log-sum-exp. Attention dropout is in the kernels, as [`SeededDropout`] describes it (a hash
 //! of a seed drawn on the device and each probability's place decides), so the backward drops
@@ -250,7 +250,7 @@ fn autodiff_attention<B: Backend>(
     dropout: KernelDropout,
     scale: f64,
 ) -> Result<Tensor<B, 4>, Rejected<B>> {
-    use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
+    use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
     use burn::backend::{Autodiff, Cuda};
     use burn::tensor::{bf16, f16};
     macro_rules! route {
@@ -519,15 +519,33 @@ struct FlashTask {
 impl FlashTask {
     fn source(&self) -> String {
         let (d, bf16, mask, dropout) = (self.head_dim, self.bf16 as u8, self.mask_bytes, self.dropout as u8);
-        format!("#define HEAD_DIM {d}\n#define IS_BF16 {bf16}\n#define MASK_BYTES {mask}\n#define DROPOUT {dropout}\n{SOURCE}")
+        let tuning = tuning_defines();
+        format!("#define HEAD_DIM {d}\n#define IS_BF16 {bf16}\n#define MASK_BYTES {mask}\n#define DROPOUT {dropout}\n{tuning}{SOURCE}")
     }
 }
 
-/// FNV-1a of the kernel source: part of the kernel's id, so that an edited source is never
-/// served from cubecl's on-disk PTX cache.
+/// `LLAVA_JP_FLASH_DEFINES="NAME=VALUE ..."`: the tuning knobs of `src/flash_attention.cu`
+/// (`DQ_KEYS`, `DKDV_QUERIES`, `BACKWARD_MIN_BLOCKS`) set for the process, as `#define` lines,
+/// so that variants are timed on the GPU machine without another build.
+fn tuning_defines() -> &'static str {
+    static DEFINES: OnceLock<String> = OnceLock::new();
+    DEFINES.get_or_init(|| {
+        let value = std::env::var("LLAVA_JP_FLASH_DEFINES").unwrap_or_default();
+        value
+            .split_whitespace()
+            .map(|pair| match pair.split_once('=') {
+                Some((name, v)) if !name.is_empty() && name.chars().all(|c| c.is_ascii_uppercase() || c == '_') && v.parse::<u32>().is_ok() => format!("#define {name} {v}\n"),
+                _ => panic!("LLAVA_JP_FLASH_DEFINES: {pair:?} is not NAME=NUMBER"),
+            })
+            .collect()
+    })
+}
+
+/// FNV-1a of the kernel source and its tuning: part of the kernel's id, so that an edited
+/// source is never served from cubecl's on-disk PTX cache.
 fn source_hash() -> u64 {
     static HASH: OnceLock<u64> = OnceLock::new();
-    *HASH.get_or_init(|| fnv1a(SOURCE))
+    *HASH.get_or_init(|| fnv1a(&format!("{}{SOURCE}", tuning_defines())))
 }
 
 /// FNV-1a, 64 bits: what a hand-written kernel's id carries of its source.

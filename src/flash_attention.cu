@@ -349,6 +349,21 @@ __device__ __forceinline__ void store_rows(u16* out, i64 bh, i64 count, const i6
 #ifndef OUT_TOKEN_MAJOR
 #define OUT_TOKEN_MAJOR 0
 #endif
+// The backward kernels' register budget (tuning; `LLAVA_JP_FLASH_DEFINES` in src/flash.rs
+// sets them for a run): dQ takes its tile's keys DQ_KEYS at a time and dK dV its queries
+// DKDV_QUERIES at a time (fewer score fragments live at once), and each asks for at least
+// BACKWARD_MIN_BLOCKS blocks per SM. These values took forward + backward at 8 x 16 x 1024 x
+// 128 (causal, bf16, H200) from 2.75-2.77 ms (64, 32, 1) to 2.63 ms
+// (model-import/results/linear-cross-entropy-2026-12-04/, call 2).
+#ifndef DQ_KEYS
+#define DQ_KEYS 32
+#endif
+#ifndef DKDV_QUERIES
+#define DKDV_QUERIES 16
+#endif
+#ifndef BACKWARD_MIN_BLOCKS
+#define BACKWARD_MIN_BLOCKS 2
+#endif
 
 // At least three blocks per SM: at 171 registers a thread the forward fitted two (12.5%
 // occupancy, stalled on its global loads: Nsight Compute, model-import/results/
@@ -500,7 +515,7 @@ extern "C" __global__ void __launch_bounds__(128, 3) flash_attention_forward(
 
 // dQ: one block per 64 queries, walking the keys. `lse` and `delta` (rowsum(dO * O)) are f32
 // [batch * heads, queries]; `dq` is a contiguous [batch, heads, queries, D].
-extern "C" __global__ void __launch_bounds__(128) flash_attention_backward_dq(
+extern "C" __global__ void __launch_bounds__(128, BACKWARD_MIN_BLOCKS) flash_attention_backward_dq(
     const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
     const u8* __restrict__ mask, const u32* __restrict__ seed, const u16* __restrict__ dout, const float* __restrict__ lse,
     const float* __restrict__ delta, u16* __restrict__ dq, const __grid_constant__ Params p) {
@@ -543,12 +558,15 @@ extern "C" __global__ void __launch_bounds__(128) flash_attention_backward_dq(
         load_tile(v_tile, vb, p.v_stride, k0, p.keys);
         __syncthreads();
 
-        float s[TILE / 8][4], dp[TILE / 8][4];
-        times_tile_transposed<TILE / 8>(s, qa, k_tile);
-        times_tile_transposed<TILE / 8>(dp, da, v_tile);
-        PROBABILITIES_AND_GRADIENTS(TILE / 8, warp * 16 + g + (e >> 1) * 8, n * 8 + 2 * t + (e & 1), row_lse[e >> 1], row_delta[e >> 1],
-                                    drop_rows[e >> 1], k0 + n * 8 + 2 * t + (e & 1))
-        times_tile_rows<TILE / 16>(acc, dp, k_tile);  // dQ += dS k
+#pragma unroll
+        for (int c0 = 0; c0 < TILE; c0 += DQ_KEYS) {
+            float s[DQ_KEYS / 8][4], dp[DQ_KEYS / 8][4];
+            times_tile_transposed<DQ_KEYS / 8>(s, qa, k_tile + c0 * ROW);
+            times_tile_transposed<DQ_KEYS / 8>(dp, da, v_tile + c0 * ROW);
+            PROBABILITIES_AND_GRADIENTS(DQ_KEYS / 8, warp * 16 + g + (e >> 1) * 8, c0 + n * 8 + 2 * t + (e & 1), row_lse[e >> 1], row_delta[e >> 1],
+                                        drop_rows[e >> 1], k0 + c0 + n * 8 + 2 * t + (e & 1))
+            times_tile_rows<DQ_KEYS / 16>(acc, dp, k_tile + c0 * ROW);  // dQ += dS k
+        }
     }
     store_rows(dq, bh, p.queries, rows, acc, f32_of(p.scale));
 }
@@ -556,7 +574,7 @@ extern "C" __global__ void __launch_bounds__(128) flash_attention_backward_dq(
 // dK and dV: one block per 64 keys, walking the queries. Each warp keeps 16 keys (and their
 // values) as A fragments and computes the transposed tiles: sᵀ = k qᵀ, dPᵀ = v dOᵀ, then
 // dV += Pᵀ dO and dK += dSᵀ q. `dk` and `dv` are contiguous [batch, heads, keys, D].
-extern "C" __global__ void __launch_bounds__(128) flash_attention_backward_dkdv(
+extern "C" __global__ void __launch_bounds__(128, BACKWARD_MIN_BLOCKS) flash_attention_backward_dkdv(
     const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
     const u8* __restrict__ mask, const u32* __restrict__ seed, const u16* __restrict__ dout, const float* __restrict__ lse,
     const float* __restrict__ delta, u16* __restrict__ dk, u16* __restrict__ dv,
@@ -604,18 +622,17 @@ extern "C" __global__ void __launch_bounds__(128) flash_attention_backward_dkdv(
         }
         __syncthreads();
 
-        // Transposed tiles (rows: this warp's keys, columns: queries), 32 queries at a time so
-        // that two such tiles fit in registers beside the four 16 x D operands and sums.
+        // Transposed tiles (rows: this warp's keys, columns: queries), DKDV_QUERIES queries at
+        // a time so that two such tiles fit in registers beside the four 16 x D operands and sums.
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            const int c0 = half * 32;
-            float s[4][4], dp[4][4];
-            times_tile_transposed<4>(s, ka, q_tile + c0 * ROW);
-            times_tile_transposed<4>(dp, va, do_tile + c0 * ROW);
-            PROBABILITIES_AND_GRADIENTS(4, c0 + n * 8 + 2 * t + (e & 1), warp * 16 + g + (e >> 1) * 8, lse_tile[c0 + n * 8 + 2 * t + (e & 1)],
+        for (int c0 = 0; c0 < TILE; c0 += DKDV_QUERIES) {
+            float s[DKDV_QUERIES / 8][4], dp[DKDV_QUERIES / 8][4];
+            times_tile_transposed<DKDV_QUERIES / 8>(s, ka, q_tile + c0 * ROW);
+            times_tile_transposed<DKDV_QUERIES / 8>(dp, va, do_tile + c0 * ROW);
+            PROBABILITIES_AND_GRADIENTS(DKDV_QUERIES / 8, c0 + n * 8 + 2 * t + (e & 1), warp * 16 + g + (e >> 1) * 8, lse_tile[c0 + n * 8 + 2 * t + (e & 1)],
                                         delta_tile[c0 + n * 8 + 2 * t + (e & 1)], drop_row_tile[c0 + n * 8 + 2 * t + (e & 1)], keys[e >> 1])
-            times_tile_rows<2>(dv_acc, s, do_tile + c0 * ROW);  // dV += Pᵀ dO
-            times_tile_rows<2>(dk_acc, dp, q_tile + c0 * ROW);  // dK += dSᵀ q
+            times_tile_rows<DKDV_QUERIES / 16>(dv_acc, s, do_tile + c0 * ROW);  // dV += Pᵀ dO
+            times_tile_rows<DKDV_QUERIES / 16>(dk_acc, dp, q_tile + c0 * ROW);  // dK += dSᵀ q
         }
     }
     store_rows(dv, bh, p.keys, keys, dv_acc, 1.f);

@@ -19,6 +19,8 @@ pub mod fused_optim;
 #[cfg(feature = "cuda")]
 pub mod graph_decode;
 pub mod infer;
+#[cfg(feature = "cuda")]
+pub mod linear_cross_entropy;
 pub mod model;
 pub mod parity;
 pub mod serve;

@@ -903,6 +903,68 @@ fn autocast_affine_matches_burn_on_cuda() {
     }
 }
 
+/// The head and its cross-entropy by chunks of the vocabulary (`linear_cross_entropy`, never
+/// the whole logits) against burn's operations (the logits by the autocast product, then
+/// log-softmax and gather), on `Autodiff<Cuda<f32>>` under bf16 autocast: the loss and the
+/// gradients of the hidden states and the weight, through an upstream factor. One chunk and
+/// seven (the last one shorter); a frozen weight (stage 1); targets at both ends of the
+/// vocabulary and ignored tokens; and a batch with no target at all (a loss and gradients of 0).
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn linear_cross_entropy_matches_burn_on_cuda() {
+    use burn::backend::cuda::CudaDevice;
+    use burn::tensor::{DType, Distribution};
+    use llava_jp::cublaslt::{set_route, GemmRoute};
+    use llava_jp::fused_ops;
+    use llava_jp::linear_cross_entropy::{chunk_entries, try_linear_cross_entropy};
+    use llava_jp::model::nn::{affine, autocast, cross_entropy};
+    type A = Autodiff<burn::backend::Cuda<f32>>;
+    let device = CudaDevice::new(0);
+    set_route(GemmRoute::CublasLt);
+    let (rows, width, vocab) = (300usize, 256usize, 1000usize);
+    let h_data = Tensor::<A, 2>::random([rows, width], Distribution::Normal(0.0, 1.0), &device).into_data();
+    let w_data = Tensor::<A, 2>::random([vocab, width], Distribution::Normal(0.0, 0.1), &device).into_data();
+    // Every third token has no target; the others cycle through the vocabulary's both ends.
+    let targets: Vec<i64> = (0..rows).map(|i| if i % 3 == 2 { -100 } else { [0, vocab as i64 - 1, (i * 37 % vocab) as i64][i % 3] }).collect();
+    let none = vec![-100i64; rows];
+    // 300 x 192 logits a chunk: 192-entry chunks, the seventh 40 entries.
+    let several = rows * 192;
+    assert_eq!(chunk_entries(rows, width, vocab, several), 192);
+    for (max_chunk, weight_tracked, targets) in [(usize::MAX, true, &targets), (several, true, &targets), (several, false, &targets), (several, true, &none)] {
+        let what = format!("chunk bound {max_chunk}, weight tracked {weight_tracked}, {} targets", targets.iter().filter(|&&t| t >= 0).count());
+        let run = |fused: bool| {
+            fused_ops::set_enabled(fused);
+            let _bf16 = autocast(Some(DType::BF16));
+            let h = Tensor::<A, 2>::from_data(h_data.clone(), &device).require_grad();
+            let mut w = Tensor::<A, 2>::from_data(w_data.clone(), &device);
+            if weight_tracked {
+                w = w.require_grad();
+            }
+            let loss = match fused {
+                true => try_linear_cross_entropy(h.clone(), w.clone(), targets, DType::BF16, max_chunk).ok().expect("the fused route takes f32 operands under bf16 autocast"),
+                false => cross_entropy(affine(h.clone(), w.clone().transpose(), None), targets),
+            };
+            let grads = (loss.clone() * 0.37).backward();
+            (f32s(loss.into_data()), f32s(h.grad(&grads).expect("the hidden states' gradient").into_data()), w.grad(&grads).map(|g| f32s(g.into_data())))
+        };
+        let (want, got) = (run(false), run(true));
+        fused_ops::set_enabled(true);
+        if targets.iter().all(|&t| t < 0) {
+            assert_eq!(got.0, vec![0.0], "{what}: loss");
+            assert!(got.1.iter().all(|&g| g == 0.0), "{what}: the hidden states' gradient is not 0");
+            assert!(got.2.iter().flatten().all(|&g| g == 0.0), "{what}: the weight's gradient is not 0");
+        }
+        assert!((got.0[0] - want.0[0]).abs() <= 1e-3 * want.0[0].abs().max(1.0), "{what}: loss {} against {}", got.0[0], want.0[0]);
+        assert_close(&format!("{what}: hidden gradient"), &got.1, &want.1, 1e-2);
+        match (got.2, want.2) {
+            (Some(g), Some(w)) if weight_tracked => assert_close(&format!("{what}: weight gradient"), &g, &w, 1e-2),
+            (None, None) if !weight_tracked => {}
+            (g, w) => panic!("{what}: weight gradient present as {} (fused) and {} (burn)", g.is_some(), w.is_some()),
+        }
+    }
+}
+
 /// GPT-2's attention from its fused projection as one operation
 /// (`flash::try_attention_from_qkv`) against the split, per-head route it replaces (three
 /// slices and head splits, `nn::attention` with the flash kernels, the merge), on

@@ -7,6 +7,9 @@
 #   TRAIN_SET="key=value ..." overrides settings of our run (batch size, checkpointing, dropout);
 #   PyTorch's run takes the same batch size and gradient checkpointing.
 #   TORCH=0 leaves PyTorch out (a second run of ours under other settings, same call).
+#   LEAVE_GIB=24 runs ours beside gpu_ballast.py, which holds all but 24 GiB of the GPU's free
+#   memory: the run fits a card of that size when it finishes (memory figures then include the
+#   ballast; `device_mb` in the metrics is ours alone).
 #   Our summary line has the host's mean seconds per steady step in each part of the step
 #   (`times` in the metrics: recording forward / backward / optimizer, waiting for reads).
 #   util-ours-N.txt has the GPU's busy share every 100 ms (nvidia-smi), timestamped.
@@ -39,8 +42,17 @@ for stage in $stages; do
   start=$(date +%s)
   profile=()
   [ "${PROFILE:-0}" = 1 ] && profile=(env CUBECL_DEBUG_LOG="$out/cubecl-stage$stage.log" CUBECL_DEBUG_OPTION=profile-medium)
+  ballast=
+  if [ -n "${LEAVE_GIB:-}" ]; then
+    rm -f /tmp/ballast-ready
+    python3 model-import/scripts/gpu_ballast.py $LEAVE_GIB /tmp/ballast-ready > "$out/ballast-$stage.txt" 2>&1 &
+    ballast=$!
+    for i in $(seq 120); do [ -e /tmp/ballast-ready ] || ! kill -0 $ballast 2>/dev/null && break; sleep 0.5; done
+    cat "$out/ballast-$stage.txt"
+  fi
   timeout ${OURS_TIMEOUT:-420} "${profile[@]}" $bin train --config $b/stage$stage.toml --backend cuda "${sets[@]}" > "$out/ours-stage$stage.log" 2>&1
   echo "ours exit $? after $(( $(date +%s) - start )) s"
+  [ -n "$ballast" ] && { kill $ballast; wait $ballast 2>/dev/null; }
   kill $sampler $util
   cp $b/run-stage$stage/metrics.jsonl "$out/ours-stage$stage.metrics.jsonl" 2>/dev/null
   python3 - "$out/ours-stage$stage.metrics.jsonl" $batch $seq "$(peak "$out/mem-ours-$stage.txt")" <<'PY'

@@ -259,15 +259,19 @@ pub(crate) fn new_lm_head<B: Backend>(config: &Gpt2Config, device: &B::Device) -
     })
 }
 
-/// `hidden · Wᵀ` with the head's weight, or `wte`'s when tied.
+/// The output projection's weight `[vocabulary, width]`: the head's, or `wte`'s when tied.
+pub(crate) fn lm_head_weight<B: Backend>(transformer: &Gpt2Model<B>, lm_head: Option<&LmHead<B>>) -> Tensor<B, 2> {
+    match lm_head {
+        Some(head) => head.weight.val(),
+        None => transformer.wte.weight.val(),
+    }
+}
+
+/// `hidden · Wᵀ` with [`lm_head_weight`].
 pub(crate) fn lm_logits<B: Backend>(
     transformer: &Gpt2Model<B>,
     lm_head: Option<&LmHead<B>>,
     hidden: Tensor<B, 3>,
 ) -> Tensor<B, 3> {
-    let weight = match lm_head {
-        Some(head) => head.weight.val(),
-        None => transformer.wte.weight.val(),
-    };
-    super::nn::affine(hidden, weight.transpose(), None)
+    super::nn::affine(hidden, lm_head_weight(transformer, lm_head).transpose(), None)
 }

@@ -3,11 +3,10 @@
 //! `prepare_inputs_labels_for_multimodal` does it.
 
 use burn::prelude::*;
-use burn::tensor::activation::log_softmax;
 
 use super::clip::ClipVisionModel;
-use super::gpt2::{attention_mask, lm_logits, new_lm_head, Gpt2Model, KvCache, LmHead};
-use super::nn::has_trainable;
+use super::gpt2::{attention_mask, lm_head_weight, lm_logits, new_lm_head, Gpt2Model, KvCache, LmHead};
+use super::nn::{cross_entropy, has_trainable, linear_cross_entropy};
 use super::projector::{Projector, ProjectorKind};
 use crate::config::{LlavaConfig, PaddingSide, SelectFeature};
 
@@ -262,9 +261,14 @@ impl<B: Backend> LlavaModel<B> {
         }
     }
 
-    /// The training forward after the last block: `ln_f`, logits, the loss.
+    /// The training forward after the last block: `ln_f`, the output projection and the loss
+    /// ([`linear_cross_entropy`]: on CUDA under autocast, without the whole logits).
     pub fn loss_from_hidden(&self, hidden: Tensor<B, 3>, labels: &[Vec<i64>]) -> Tensor<B, 1> {
-        shifted_cross_entropy(self.logits(self.transformer.ln_f.forward(hidden)), labels)
+        let [b, t, width] = hidden.dims();
+        let hidden = self.transformer.ln_f.forward(hidden).reshape([b * t, width]);
+        let weight = lm_head_weight(&self.transformer, self.lm_head.as_ref());
+        let targets = shifted_targets(labels, t, weight.dims()[0]);
+        linear_cross_entropy(hidden, weight, &targets)
     }
 
     /// Whether [`Self::training_inputs`]'s output depends on a trainable parameter: the tower
@@ -304,22 +308,23 @@ impl<B: Backend> LlavaModel<B> {
 /// A batch with no trained position gives 0 (transformers gives NaN).
 pub fn shifted_cross_entropy<B: Backend>(logits: Tensor<B, 3>, labels: &[Vec<i64>]) -> Tensor<B, 1> {
     let [b, t, v] = logits.dims();
-    let device = logits.device();
-    let mut targets = Vec::with_capacity(b * t);
-    let mut weights = Vec::with_capacity(b * t);
+    cross_entropy(logits.reshape([b * t, v]), &shifted_targets(labels, t, v))
+}
+
+/// Each position's target in transformers' causal-LM loss: the next position's label, or -100
+/// (none) for the last position and where the label is -100.
+///
+/// # Panics
+/// When a row of `labels` is not `t` long, or a label is neither -100 nor below `vocab`.
+pub fn shifted_targets(labels: &[Vec<i64>], t: usize, vocab: usize) -> Vec<i64> {
+    let mut targets = Vec::with_capacity(labels.len() * t);
     for row in labels {
         assert_eq!(row.len(), t, "labels have {} positions, logits {t}", row.len());
         for pos in 0..t {
             let next = if pos + 1 < t { row[pos + 1] } else { IGNORE_INDEX };
-            assert!(next == IGNORE_INDEX || (0..v as i64).contains(&next), "label {next} is outside the vocabulary of {v}");
-            weights.push(if next == IGNORE_INDEX { 0.0f32 } else { 1.0 });
-            targets.push(if next == IGNORE_INDEX { 0 } else { next });
+            assert!(next == IGNORE_INDEX || (0..vocab as i64).contains(&next), "label {next} is outside the vocabulary of {vocab}");
+            targets.push(next);
         }
     }
-    let count: f32 = weights.iter().sum();
-    let logits = logits.cast(burn::tensor::DType::F32).reshape([b * t, v]);
-    let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [b * t, 1]), &device);
-    let weights = Tensor::<B, 1>::from_data(TensorData::new(weights, [b * t]), (&device, burn::tensor::DType::F32));
-    let picked = log_softmax(logits, 1).gather(1, targets).reshape([b * t]);
-    -(picked * weights).sum() / count.max(1.0)
+    targets
 }

@@ -116,6 +116,42 @@ pub fn affine<B: Backend, const D: usize>(
     y.reshape(out)
 }
 
+/// Mean cross-entropy of the rows of `logits` (`[rows, vocabulary]`) against `targets` (one
+/// per row; a negative one leaves its row out), computed in f32 whatever the logits' dtype. No
+/// row with a target gives 0.
+pub fn cross_entropy<B: Backend>(logits: Tensor<B, 2>, targets: &[i64]) -> Tensor<B, 1> {
+    let [rows, _] = logits.dims();
+    assert_eq!(targets.len(), rows, "{} targets for {rows} rows of logits", targets.len());
+    let device = logits.device();
+    let picks: Vec<i64> = targets.iter().map(|&t| t.max(0)).collect();
+    let weights: Vec<f32> = targets.iter().map(|&t| if t < 0 { 0.0 } else { 1.0 }).collect();
+    let count: f32 = weights.iter().sum();
+    let logits = logits.cast(DType::F32);
+    let picks = Tensor::<B, 2, Int>::from_data(TensorData::new(picks, [rows, 1]), &device);
+    let weights = Tensor::<B, 1>::from_data(TensorData::new(weights, [rows]), (&device, DType::F32));
+    let picked = activation::log_softmax(logits, 1).gather(1, picks).reshape([rows]);
+    -(picked * weights).sum() / count.max(1.0)
+}
+
+/// The one route for the language model's loss: [`cross_entropy`] of the logits
+/// `hidden · weightᵀ` (`hidden` `[rows, width]`, `weight` `[vocabulary, width]`). On CUDA under
+/// autocast the logits never exist whole (`crate::linear_cross_entropy`: by chunks of the
+/// vocabulary, so that no buffer of the vocabulary's size per token is made).
+pub fn linear_cross_entropy<B: Backend>(hidden: Tensor<B, 2>, weight: Tensor<B, 2>, targets: &[i64]) -> Tensor<B, 1> {
+    #[cfg(feature = "cuda")]
+    let (hidden, weight) = match compute_dtype(hidden.dtype()) {
+        Some(compute) => {
+            let max = crate::linear_cross_entropy::MAX_CHUNK_ELEMENTS;
+            match crate::linear_cross_entropy::try_linear_cross_entropy(hidden, weight, targets, compute, max) {
+                Ok(loss) => return loss,
+                Err(operands) => operands,
+            }
+        }
+        None => (hidden, weight),
+    };
+    cross_entropy(affine(hidden, weight.transpose(), None), targets)
+}
+
 /// The one route for attention: `softmax(q kᵀ · scale + mask) v` over
 /// `[batch, heads, tokens, head_dim]`. `masked` is true where a query must not see a key.
 /// `dropout` drops attention probabilities while training (as GPT-2's `attn_dropout` does).
