@@ -255,7 +255,7 @@ fn route<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Result<Tensor<B, 2>, (
 /// `LLAVA_JP_GEMM_CHECK=1`: every routed product is compared with the same product done in f64
 /// on the host, and a wrong one panics naming its shapes (a debugging aid; it reads every
 /// operand back, so it is slow).
-fn checking() -> bool {
+pub(crate) fn checking() -> bool {
     static CHECK: OnceLock<bool> = OnceLock::new();
     *CHECK.get_or_init(|| std::env::var_os("LLAVA_JP_GEMM_CHECK").is_some())
 }

@@ -528,14 +528,16 @@ impl FlashTask {
 /// (`DQ_KEYS`, `DKDV_QUERIES`, `BACKWARD_MIN_BLOCKS`) set for the process, as `#define` lines,
 /// so that variants are timed on the GPU machine without another build.
 fn tuning_defines() -> &'static str {
+    // Only these: the source's other defines describe the operands' layout.
+    const TUNING_KNOBS: [&str; 3] = ["DQ_KEYS", "DKDV_QUERIES", "BACKWARD_MIN_BLOCKS"];
     static DEFINES: OnceLock<String> = OnceLock::new();
     DEFINES.get_or_init(|| {
         let value = std::env::var("LLAVA_JP_FLASH_DEFINES").unwrap_or_default();
         value
             .split_whitespace()
             .map(|pair| match pair.split_once('=') {
-                Some((name, v)) if !name.is_empty() && name.chars().all(|c| c.is_ascii_uppercase() || c == '_') && v.parse::<u32>().is_ok() => format!("#define {name} {v}\n"),
-                _ => panic!("LLAVA_JP_FLASH_DEFINES: {pair:?} is not NAME=NUMBER"),
+                Some((name, v)) if TUNING_KNOBS.contains(&name) && v.parse::<u32>().is_ok() => format!("#define {name} {v}\n"),
+                _ => panic!("LLAVA_JP_FLASH_DEFINES: {pair:?} is not NAME=NUMBER with NAME one of {TUNING_KNOBS:?}"),
             })
             .collect()
     })

@@ -352,9 +352,10 @@ __device__ __forceinline__ void store_rows(u16* out, i64 bh, i64 count, const i6
 // The backward kernels' register budget (tuning; `LLAVA_JP_FLASH_DEFINES` in src/flash.rs
 // sets them for a run): dQ takes its tile's keys DQ_KEYS at a time and dK dV its queries
 // DKDV_QUERIES at a time (fewer score fragments live at once), and each asks for at least
-// BACKWARD_MIN_BLOCKS blocks per SM. These values took forward + backward at 8 x 16 x 1024 x
-// 128 (causal, bf16, H200) from 2.75-2.77 ms (64, 32, 1) to 2.63 ms
-// (model-import/results/linear-cross-entropy-2026-12-04/, call 2).
+// BACKWARD_MIN_BLOCKS blocks per SM (at 128 threads only 3 or more limits the registers).
+// Keys 32 and queries 16 at a time took forward + backward at 8 x 16 x 1024 x 128 (causal,
+// bf16, H200) from 2.75-2.77 ms (64 and 32) to 2.62-2.63 ms
+// (model-import/results/linear-cross-entropy-2026-12-04/, calls 1 and 2).
 #ifndef DQ_KEYS
 #define DQ_KEYS 32
 #endif
@@ -362,8 +363,10 @@ __device__ __forceinline__ void store_rows(u16* out, i64 bh, i64 count, const i6
 #define DKDV_QUERIES 16
 #endif
 #ifndef BACKWARD_MIN_BLOCKS
-#define BACKWARD_MIN_BLOCKS 2
+#define BACKWARD_MIN_BLOCKS 1
 #endif
+static_assert(DQ_KEYS % 16 == 0 && TILE % DQ_KEYS == 0, "DQ_KEYS: 16, 32 or 64");
+static_assert(DKDV_QUERIES % 16 == 0 && TILE % DKDV_QUERIES == 0, "DKDV_QUERIES: 16, 32 or 64");
 
 // At least three blocks per SM: at 171 registers a thread the forward fitted two (12.5%
 // occupancy, stalled on its global loads: Nsight Compute, model-import/results/

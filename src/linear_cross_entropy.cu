@@ -114,7 +114,8 @@ extern "C" __global__ void __launch_bounds__(256) cross_entropy_finish(
 
 // The chunk's score gradients, d loss / d logit = (softmax - one-hot(target)) * upstream /
 // count for tokens with a target and 0 for the others, written contiguous [rows, cols] in the
-// products' type. Blocks walk rows (y) and 1024-entry stretches of a row (x).
+// products' type. Blocks walk rows (grid y) and, within a row, entries strided by the grid's
+// width (grid x).
 extern "C" __global__ void __launch_bounds__(256) cross_entropy_chunk_grad(
     const float* __restrict__ logits, const int* __restrict__ targets, const float* __restrict__ lse,
     const float* __restrict__ upstream, elem_t* __restrict__ dlogits, const __grid_constant__ Params p) {

@@ -19,10 +19,12 @@
 //!   chunk's rows of the weight's gradient.
 //!
 //! The state between them is the hidden states in the compute dtype and one f32 per token.
-//! Numbers are those of [`crate::model::llava::shifted_cross_entropy`] over
+//! Numbers are those of [`crate::model::nn::cross_entropy`] over
 //! [`crate::model::nn::affine`]'s logits under autocast (f32 sums of bf16 products, the
-//! softmax in f32); the one difference is that the score gradients reach the products rounded
-//! to the compute dtype, as the logits' gradient does under PyTorch's autocast.
+//! softmax in f32, the score gradients rounded to bf16 for the backward's products); what
+//! differs is the order of sums: the hidden states' gradient is added up over chunks in f32.
+//! The weight's gradient is made in f32 chunks and then joined, so it is held twice for a
+//! moment (415 MB each at llm-jp-1.3b's size).
 
 use burn::backend::ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
 use burn::prelude::*;
@@ -93,6 +95,7 @@ pub fn try_linear_cross_entropy<B: Backend>(
     let covered = (fused_cuda::<B>() || autodiff_cuda::<B>())
         && crate::cublaslt::routes::<B>()
         && crate::fused_ops::enabled()
+        && !crate::cublaslt::checking()
         && matches!(compute, DType::BF16 | DType::F16)
         && of_compute(hidden.dtype())
         && of_compute(weight.dtype())

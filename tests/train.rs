@@ -9,6 +9,7 @@ use burn::backend::Autodiff;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::prelude::*;
 use llava_jp::model::LlavaModel;
+use llava_jp::train::micro_batch::block_reruns;
 use llava_jp::train::optim::{clip_scale, cosine_lr};
 use llava_jp::train::trainer::{initial_model, training_model_config};
 use llava_jp::train::{train, NonFinite, TrainConfig, TrainControl};
@@ -452,10 +453,21 @@ fn checkpointing_follows_the_plain_run<A: burn::tensor::backend::AutodiffBackend
     for stage in [1, 2] {
         let common: Vec<&str> = ["max_steps=3", "gradient_accumulation_steps=2", "dropout=true"].into_iter().chain(extra.iter().copied()).collect();
         let plain_cfg = config(&dir, stage, &format!("plain{stage}"), &common);
+        let reruns = block_reruns();
         let plain = train::<A>(&plain_cfg, None, devices, &TrainControl::default()).unwrap();
+        assert_eq!(block_reruns(), reruns, "stage {stage}: the plain run reran blocks");
         let ckpt: Vec<&str> = common.iter().copied().chain(["gradient_checkpointing=true"]).collect();
         let cfg = config(&dir, stage, &format!("ckpt{stage}"), &ckpt);
         let recomputed = train::<A>(&cfg, None, devices, &TrainControl::default()).unwrap();
+        // Each micro-batch whose loss reaches a trained parameter reruns every block (the
+        // projector trains in both stages, below the first block): in stage 2 all six of the
+        // three steps' micro-batches; in stage 1 those with a picture.
+        let layers = llava_jp::config::LlavaConfig::from_file(dir.join("config.json")).unwrap().text.n_layer as u64;
+        let rerun = block_reruns() - reruns;
+        match stage {
+            2 => assert_eq!(rerun, 6 * layers, "stage 2: blocks rerun by gradient checkpointing"),
+            _ => assert!(rerun > 0 && rerun % layers == 0 && rerun <= 6 * layers, "stage 1: {rerun} blocks rerun of {layers} a micro-batch"),
+        }
         let a: Vec<f64> = plain.metrics.iter().map(|m| m.loss).collect();
         let b: Vec<f64> = recomputed.metrics.iter().map(|m| m.loss).collect();
         println!("stage {stage}: plain {a:?}\nrecomputed {b:?}");
@@ -904,11 +916,12 @@ fn autocast_affine_matches_burn_on_cuda() {
 }
 
 /// The head and its cross-entropy by chunks of the vocabulary (`linear_cross_entropy`, never
-/// the whole logits) against burn's operations (the logits by the autocast product, then
-/// log-softmax and gather), on `Autodiff<Cuda<f32>>` under bf16 autocast: the loss and the
-/// gradients of the hidden states and the weight, through an upstream factor. One chunk and
-/// seven (the last one shorter); a frozen weight (stage 1); targets at both ends of the
-/// vocabulary and ignored tokens; and a batch with no target at all (a loss and gradients of 0).
+/// the whole logits) against the route it replaces (the logits by the autocast product, then
+/// burn's log-softmax and gather), on `Autodiff<Cuda<f32>>` under bf16 autocast: the loss and
+/// the gradients of the hidden states and the weight, through an upstream factor. One chunk
+/// and six (the last one shorter); a frozen weight (stage 1); targets at both ends of the
+/// vocabulary and inside a middle chunk, and ignored tokens; and a batch with no target at all
+/// (a loss and gradients of exactly 0).
 #[cfg(feature = "cuda")]
 #[test]
 #[ignore = "needs a CUDA GPU"]
@@ -916,51 +929,50 @@ fn linear_cross_entropy_matches_burn_on_cuda() {
     use burn::backend::cuda::CudaDevice;
     use burn::tensor::{DType, Distribution};
     use llava_jp::cublaslt::{set_route, GemmRoute};
-    use llava_jp::fused_ops;
     use llava_jp::linear_cross_entropy::{chunk_entries, try_linear_cross_entropy};
     use llava_jp::model::nn::{affine, autocast, cross_entropy};
     type A = Autodiff<burn::backend::Cuda<f32>>;
+    let _serial = serial();
     let device = CudaDevice::new(0);
     set_route(GemmRoute::CublasLt);
     let (rows, width, vocab) = (300usize, 256usize, 1000usize);
     let h_data = Tensor::<A, 2>::random([rows, width], Distribution::Normal(0.0, 1.0), &device).into_data();
     let w_data = Tensor::<A, 2>::random([vocab, width], Distribution::Normal(0.0, 0.1), &device).into_data();
-    // Every third token has no target; the others cycle through the vocabulary's both ends.
-    let targets: Vec<i64> = (0..rows).map(|i| if i % 3 == 2 { -100 } else { [0, vocab as i64 - 1, (i * 37 % vocab) as i64][i % 3] }).collect();
+    // Every fourth token has no target; the others take the vocabulary's first and last
+    // entries and ones spread over it.
+    let targets: Vec<i64> = (0..rows).map(|i| [0, vocab as i64 - 1, (i * 37 % vocab) as i64, -100][i % 4]).collect();
     let none = vec![-100i64; rows];
-    // 300 x 192 logits a chunk: 192-entry chunks, the seventh 40 entries.
+    // 300 x 192 logits a chunk: five chunks of 192 entries and a sixth of 40.
     let several = rows * 192;
     assert_eq!(chunk_entries(rows, width, vocab, several), 192);
     for (max_chunk, weight_tracked, targets) in [(usize::MAX, true, &targets), (several, true, &targets), (several, false, &targets), (several, true, &none)] {
         let what = format!("chunk bound {max_chunk}, weight tracked {weight_tracked}, {} targets", targets.iter().filter(|&&t| t >= 0).count());
-        let run = |fused: bool| {
-            fused_ops::set_enabled(fused);
+        let run = |chunked: bool| {
             let _bf16 = autocast(Some(DType::BF16));
             let h = Tensor::<A, 2>::from_data(h_data.clone(), &device).require_grad();
             let mut w = Tensor::<A, 2>::from_data(w_data.clone(), &device);
             if weight_tracked {
                 w = w.require_grad();
             }
-            let loss = match fused {
-                true => try_linear_cross_entropy(h.clone(), w.clone(), targets, DType::BF16, max_chunk).ok().expect("the fused route takes f32 operands under bf16 autocast"),
+            let loss = match chunked {
+                true => try_linear_cross_entropy(h.clone(), w.clone(), targets, DType::BF16, max_chunk).ok().expect("the chunked route takes f32 operands under bf16 autocast"),
                 false => cross_entropy(affine(h.clone(), w.clone().transpose(), None), targets),
             };
             let grads = (loss.clone() * 0.37).backward();
             (f32s(loss.into_data()), f32s(h.grad(&grads).expect("the hidden states' gradient").into_data()), w.grad(&grads).map(|g| f32s(g.into_data())))
         };
         let (want, got) = (run(false), run(true));
-        fused_ops::set_enabled(true);
         if targets.iter().all(|&t| t < 0) {
             assert_eq!(got.0, vec![0.0], "{what}: loss");
             assert!(got.1.iter().all(|&g| g == 0.0), "{what}: the hidden states' gradient is not 0");
             assert!(got.2.iter().flatten().all(|&g| g == 0.0), "{what}: the weight's gradient is not 0");
         }
-        assert!((got.0[0] - want.0[0]).abs() <= 1e-3 * want.0[0].abs().max(1.0), "{what}: loss {} against {}", got.0[0], want.0[0]);
-        assert_close(&format!("{what}: hidden gradient"), &got.1, &want.1, 1e-2);
+        assert!((got.0[0] - want.0[0]).abs() <= 1e-4 * want.0[0].abs().max(1.0), "{what}: loss {} against {}", got.0[0], want.0[0]);
+        assert_close(&format!("{what}: hidden gradient"), &got.1, &want.1, 5e-3);
         match (got.2, want.2) {
-            (Some(g), Some(w)) if weight_tracked => assert_close(&format!("{what}: weight gradient"), &g, &w, 1e-2),
+            (Some(g), Some(w)) if weight_tracked => assert_close(&format!("{what}: weight gradient"), &g, &w, 5e-3),
             (None, None) if !weight_tracked => {}
-            (g, w) => panic!("{what}: weight gradient present as {} (fused) and {} (burn)", g.is_some(), w.is_some()),
+            (g, w) => panic!("{what}: weight gradient present as {} (chunked) and {} (burn)", g.is_some(), w.is_some()),
         }
     }
 }

@@ -120,8 +120,11 @@ pub fn affine<B: Backend, const D: usize>(
 /// per row; a negative one leaves its row out), computed in f32 whatever the logits' dtype. No
 /// row with a target gives 0.
 pub fn cross_entropy<B: Backend>(logits: Tensor<B, 2>, targets: &[i64]) -> Tensor<B, 1> {
-    let [rows, _] = logits.dims();
+    let [rows, vocab] = logits.dims();
     assert_eq!(targets.len(), rows, "{} targets for {rows} rows of logits", targets.len());
+    if let Some(bad) = targets.iter().find(|&&t| t >= vocab as i64) {
+        panic!("target {bad} is outside the vocabulary of {vocab}");
+    }
     let device = logits.device();
     let picks: Vec<i64> = targets.iter().map(|&t| t.max(0)).collect();
     let weights: Vec<f32> = targets.iter().map(|&t| if t < 0 { 0.0 } else { 1.0 }).collect();

@@ -18,6 +18,17 @@ use burn::tensor::backend::AutodiffBackend;
 use crate::model::llava::{LlavaModel, Sample};
 use crate::model::nn::has_trainable;
 
+thread_local! {
+    static BLOCK_RERUNS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// How many GPT-2 blocks this thread has rerun under autodiff in recomputing backward passes:
+/// what shows a test that recomputation ran (a run that skipped it would equal the plain run
+/// too). Training on one device runs on the caller's thread.
+pub fn block_reruns() -> u64 {
+    BLOCK_RERUNS.get()
+}
+
 /// The seed of part `index` of a run seeded `seed` (splitmix64 of the two), so that parts draw
 /// unrelated masks.
 pub fn derive_seed(seed: u64, index: u64) -> u64 {
@@ -115,6 +126,7 @@ pub fn accumulate_gradients<B: AutodiffBackend>(
         B::seed(&device, derive_seed(run.seed, l as u64 + 1));
         let input = leaf(l);
         let output = block.forward(input.clone(), inputs.masked.clone(), None);
+        BLOCK_RERUNS.set(BLOCK_RERUNS.get() + 1);
         // d/d(output) of sum(output · grad) is grad itself: the rerun block's backward starts
         // from the gradient that reached its output.
         let backward = (output * Tensor::from_inner(grad)).sum().backward();
