@@ -163,18 +163,18 @@ pub fn try_matmul<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Result<Tensor
 pub type AffineOperands<B, const D: usize> = (Tensor<B, D>, Tensor<B, 2>, Option<Tensor<B, 1>>);
 
 /// `x · w + bias` under autocast to `compute` (bf16 or f16) as one recorded operation, where
-/// [`try_matmul`] would take the product: f32 `x` (`[..., k]`) and `w` (`[k, n]`, perhaps a
-/// transposed view) are cast to `compute`, cuBLASLt sums their product in f32 and writes it in
-/// f32, and the f32 bias is added. Under autodiff the backward is the output gradient cast to
-/// `compute` and two more products written in f32 (`dx = dy · wᵀ`, `dw = xᵀ · dy`), and the
-/// bias's gradient `dy` summed over rows; the state keeps the cast operands, only those a
-/// gradient needs. Written with burn's operations the same layer is ~8 recorded operations
+/// [`try_matmul`] would take the product: `x` (`[..., k]`, f32 or already in `compute`), the
+/// f32 `w` (`[k, n]`, perhaps a transposed view) and the f32 bias are cast to `compute`,
+/// cuBLASLt sums the product in f32, adds the bias, and writes the output in `compute`, as
+/// PyTorch's autocast does. Under autodiff the backward is two more products of the output
+/// gradient (`dx = dy · wᵀ` in `x`'s dtype, `dw = xᵀ · dy` in f32) and the bias's gradient `dy`
+/// summed over rows (in f32); the state keeps the cast operands, only those a gradient needs. Written with burn's operations the same layer is ~8 recorded operations
 /// forward (reshape, two casts, the product, a cast back, the bias's broadcast and add,
 /// reshape) and as many backward, and recording them is what bounds a training step
 /// (`model-import/results/fused-optim-2026-12-03/`). The operands come back untouched when
 /// the route or the fused operations (`LLAVA_JP_FUSED_OPS=0`) are off, `B` is not burn's CUDA
 /// backend (with or without autodiff), or they are
-/// not f32 of matching widths.
+/// not of those dtypes and matching widths.
 pub fn try_autocast_affine<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     w: Tensor<B, 2>,
@@ -187,7 +187,7 @@ pub fn try_autocast_affine<B: Backend, const D: usize>(
         && crate::fused_ops::enabled()
         && !checking()
         && matches!(compute, DType::BF16 | DType::F16)
-        && x.dtype() == DType::F32
+        && (x.dtype() == DType::F32 || x.dtype() == compute)
         && w.dtype() == DType::F32
         && bias.as_ref().is_none_or(|b| b.dtype() == DType::F32 && b.dims() == [n])
         && dims[D - 1] == k
@@ -196,7 +196,7 @@ pub fn try_autocast_affine<B: Backend, const D: usize>(
     if !covered {
         return Err((x, w, bias));
     }
-    let op = AutocastAffine { compute, x_dims: dims.to_vec() };
+    let op = AutocastAffine { compute, x_dtype: x.dtype(), x_dims: dims.to_vec() };
     if fused_cuda::<B>() {
         return Ok(from_primitive(op.forward(to_primitive(x), to_primitive(w), bias.map(to_primitive), (false, false)).0));
     }
@@ -209,10 +209,12 @@ pub fn try_autocast_affine<B: Backend, const D: usize>(
     Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
 }
 
-/// [`try_autocast_affine`]'s operation: the compute dtype and the input's shape.
+/// [`try_autocast_affine`]'s operation: the compute dtype, and the input's dtype (its
+/// gradient's) and shape.
 #[derive(Debug, Clone)]
 struct AutocastAffine {
     compute: DType,
+    x_dtype: DType,
     x_dims: Vec<usize>,
 }
 
@@ -228,7 +230,7 @@ impl AutocastAffine {
         let n = w.shape[1];
         let xc = cast(Fused::float_reshape(x, Shape::new([rows, k])), self.compute);
         let wc = cast(w, self.compute);
-        let y = register_as(xc.clone(), wc.clone(), DType::F32, bias);
+        let y = register_as(xc.clone(), wc.clone(), self.compute, bias.map(|b| cast(b, self.compute)));
         let mut out_dims = self.x_dims.clone();
         *out_dims.last_mut().expect("a rank of at least one") = n;
         (Fused::float_reshape(y, Shape::from(out_dims)), keep.0.then_some(xc), keep.1.then_some(wc))
@@ -334,8 +336,8 @@ fn register(a: Primitive, b: Primitive) -> Primitive {
 }
 
 /// [`register`] with the output in `out` (the operands' dtype, or f32: bf16 / f16 operands
-/// whose f32 sums are written unrounded), and `bias` (f32 `[n]`, f32 output only) added to
-/// every row by cuBLASLt's epilogue instead of a pass of its own over the output.
+/// whose f32 sums are written unrounded), and `bias` (`[n]` in `out`) added to every row of
+/// the f32 sums by cuBLASLt's epilogue instead of a pass of its own over the output.
 pub(crate) fn register_as(a: Primitive, b: Primitive, out: DType, bias: Option<Primitive>) -> Primitive {
     let (m, n) = (a.shape[0], b.shape[1]);
     let client = a.client.clone();
@@ -439,8 +441,8 @@ struct Problem {
     mnk: (u64, u64, u64),
     lds: (i64, i64, i64),
     alignments: (u32, u32, u32),
-    /// Whether an f32 bias is added to each output row (cuBLASLt's `BIAS` epilogue, its vector
-    /// one per row of the column-major output: per column of ours).
+    /// Whether a bias (in the output's type) is added to each output row (cuBLASLt's `BIAS`
+    /// epilogue, its vector one per row of the column-major output: per column of ours).
     bias: bool,
 }
 
@@ -498,7 +500,7 @@ impl Plan {
                 if bias {
                     let epilogue = sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS as u32;
                     lt::set_matmul_desc_attribute(desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE, (&epilogue as *const u32).cast(), 4)?;
-                    let bias_type = sys::cudaDataType_t::CUDA_R_32F as u32;
+                    let bias_type = out_dtype as u32;
                     lt::set_matmul_desc_attribute(desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, (&bias_type as *const u32).cast(), 4)?;
                 }
                 for (t, rows, cols, ld) in [(dtype, x_dims.0, x_dims.1, ldx), (dtype, y_dims.0, y_dims.1, ldy), (out_dtype, m, n, ldd)] {
@@ -574,8 +576,8 @@ fn gemm(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>, out_dtype: DType
     }
     let (out_type, elem) = (cuda_type(out_dtype)?, out_dtype.size());
     if let Some(bias) = &bias {
-        if out_dtype != DType::F32 || bias.dtype != DType::F32 || bias.meta.shape().to_vec() != [n] {
-            return Err(format!("a bias {:?} {:?} for a [{m}, {n}] {out_dtype:?} product (expected f32 [{n}] and an f32 output)", bias.meta.shape(), bias.dtype));
+        if bias.dtype != out_dtype || bias.meta.shape().to_vec() != [n] {
+            return Err(format!("a bias {:?} {:?} for a [{m}, {n}] {out_dtype:?} product (expected [{n}] in the output's dtype)", bias.meta.shape(), bias.dtype));
         }
     }
     if b.dtype != dtype || b.meta.shape()[0] != k {
@@ -1123,18 +1125,20 @@ mod autodiff {
             let dy = Fused::float_reshape(dy, Shape::new([rows, n]));
             let mut parents = ops.parents.into_iter();
             let (px, pw, pb) = (parents.next().flatten(), parents.next().flatten(), parents.next().flatten());
-            let dy_c = (px.is_some() || pw.is_some()).then(|| cast(dy.clone(), op.compute));
+            // The output's gradient is in the compute dtype (a cast only if a consumer gave
+            // another).
+            let dy = cast(dy, op.compute);
             if let Some(node) = px {
                 let w = w.expect("the weight, kept for the input's gradient");
-                let dx = register_as(dy_c.clone().expect("cast above"), Fused::float_transpose(w), DType::F32, None);
+                let dx = register_as(dy.clone(), Fused::float_transpose(w), op.x_dtype, None);
                 grads.register::<B>(node.id, Fused::float_reshape(dx, Shape::from(op.x_dims.clone())));
             }
             if let Some(node) = pw {
                 let x = x.expect("the input, kept for the weight's gradient");
-                grads.register::<B>(node.id, register_as(Fused::float_transpose(x), dy_c.expect("cast above"), DType::F32, None));
+                grads.register::<B>(node.id, register_as(Fused::float_transpose(x), dy.clone(), DType::F32, None));
             }
             if let Some(node) = pb {
-                grads.register::<B>(node.id, crate::fused_ops::column_sum(dy));
+                grads.register::<B>(node.id, crate::fused_ops::column_sum(dy, DType::F32));
             }
         }
     }

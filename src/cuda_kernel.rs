@@ -209,6 +209,12 @@ impl SourceKernel {
 }
 
 impl KernelMetadata for SourceKernel {
+    /// The entry point, so that cubecl's profile (`CUBECL_DEBUG_OPTION=profile`) tells our
+    /// kernels apart.
+    fn name(&self) -> &'static str {
+        self.entry
+    }
+
     fn id(&self) -> KernelId {
         KernelId::new::<Self>().info((self.entry, self.code, self.threads, self.source.hash())).cube_dim(CubeDim::new_1d(self.threads))
     }

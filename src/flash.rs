@@ -144,7 +144,7 @@ pub fn try_attention<B: Backend>(
     if fused {
         let prim = |t: Tensor<B, 4>| downcast::<_, Primitive>(t.into_primitive().tensor()).ok().unwrap();
         let mask = masked.map(|m| downcast::<_, Primitive>(m.into_primitive()).ok().unwrap());
-        let out = register_forward(prim(q), prim(k), prim(v), mask, dropout, scale).0;
+        let out = register_forward(prim(q), prim(k), prim(v), mask, dropout, scale, Layout::HeadMajor).0;
         let out = downcast::<Primitive, B::FloatTensorPrimitive>(out).ok().unwrap();
         return Ok(Tensor::from_primitive(TensorPrimitive::Float(out)));
     }
@@ -185,8 +185,10 @@ fn kernel_dropout<B: Backend>(dropout: AttentionDropout, device: &B::Device) -> 
 /// split into `heads` heads, attended by the flash kernels, and the heads' outputs are merged
 /// back to `[batch, tokens, width]` in `qkv`'s dtype. Written with burn's operations that is
 /// ~16 recorded operations (three slices, the head splits, four casts, the kernel, the merge),
-/// each with its backward; here the backward is the flash backward kernels between the same
-/// reshapes, done once. `qkv` and the mask come back untouched where the kernels do not cover
+/// each with its backward; here the backward is the flash backward kernels, done once. The
+/// kernels write the output with a query's heads side by side and the gradients of q, k and v
+/// side by side in one `[batch, tokens, 3 · width]` buffer (`Layout::TokenMajor`), so no copy
+/// merges them. `qkv` and the mask come back untouched where the kernels do not cover
 /// the case (see [`try_attention`]), and when `LLAVA_JP_FUSED_OPS=0`.
 pub fn try_attention_from_qkv<B: Backend>(
     qkv: Tensor<B, 3>,
@@ -292,12 +294,39 @@ impl Kernel {
     }
 }
 
-/// Queues the forward on the fused backend's stream as a custom operation: the output and the
-/// rows' log-sum-exp (f32 `[batch, heads, queries]`, for the backward).
-fn register_forward(q: Primitive, k: Primitive, v: Primitive, mask: Option<Primitive>, dropout: KernelDropout, scale: f64) -> (Primitive, Primitive) {
+/// How the kernels lay out what they write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// The forward's output `[batch, heads, queries, D]`; the backward's dq, dk, dv apart, each
+    /// `[batch, heads, tokens, D]`.
+    HeadMajor,
+    /// What a fused `qkv` projection makes and its output projection reads: the forward's
+    /// output `[batch, queries, heads, D]` (a query's heads side by side), the backward's one
+    /// `[batch, tokens, 3, heads, D]` (dq, dk, dv side by side: `qkv`'s gradient; queries and
+    /// keys the same tokens). No copy merges heads or gradients.
+    TokenMajor,
+}
+
+/// The strides over `[batch, head, position]` of an output laid out as `[batch, heads,
+/// tokens, d]` (head-major) or `[batch, tokens, parts, heads, d]` (token-major, `parts`
+/// outputs side by side).
+fn out_strides(layout: Layout, [heads, tokens, d]: [usize; 3], parts: usize) -> [usize; 3] {
+    match layout {
+        Layout::HeadMajor => [heads * tokens * d, tokens * d, d],
+        Layout::TokenMajor => [tokens * parts * heads * d, d, parts * heads * d],
+    }
+}
+
+/// Queues the forward on the fused backend's stream as a custom operation: the output (shaped
+/// as `layout` says) and the rows' log-sum-exp (f32 `[batch, heads, queries]`, for the
+/// backward).
+fn register_forward(q: Primitive, k: Primitive, v: Primitive, mask: Option<Primitive>, dropout: KernelDropout, scale: f64, layout: Layout) -> (Primitive, Primitive) {
     let client = q.client.clone();
-    let shape = q.shape.clone();
-    let [b, h, tq, _]: [usize; 4] = shape.to_vec().try_into().expect("4-d queries");
+    let [b, h, tq, d]: [usize; 4] = q.shape.to_vec().try_into().expect("4-d queries");
+    let shape = match layout {
+        Layout::HeadMajor => Shape::new([b, h, tq, d]),
+        Layout::TokenMajor => Shape::new([b, tq, h, d]),
+    };
     let dtype = q.dtype;
     let (drop_prob, seed) = split(dropout);
     let mut inputs = vec![&q, &k, &v];
@@ -311,14 +340,22 @@ fn register_forward(q: Primitive, k: Primitive, v: Primitive, mask: Option<Primi
     irs.extend(mask.map(|m| m.into_ir()));
     irs.extend(seed.map(|s| s.into_ir()));
     let desc = CustomOpIr::new("flash_attention_forward", &irs, &[out, lse]);
-    let op = FlashForward { desc: desc.clone(), with_mask, drop_prob, scale };
+    let op = FlashForward { desc: desc.clone(), with_mask, drop_prob, scale, layout };
     let mut outputs = client.register(streams, OperationIr::Custom(desc), op);
     let lse = outputs.pop().expect("two outputs");
     (outputs.pop().expect("two outputs"), lse)
 }
 
-/// Queues the backward: `(dq, dk, dv)` from the forward's operands, output and log-sum-exp and
-/// the output's gradient.
+/// What the backward gives, as [`Layout`] says.
+enum Grads {
+    HeadMajor(Primitive, Primitive, Primitive),
+    /// `[batch, tokens, 3 · heads · d]`.
+    TokenMajor(Primitive),
+}
+
+/// Queues the backward: the gradients of q, k and v (laid out as `layout` says) from the
+/// forward's operands, output (`[batch, heads, queries, d]`, perhaps a view) and log-sum-exp
+/// and the output's gradient.
 #[allow(clippy::too_many_arguments)]
 fn register_backward(
     q: Primitive,
@@ -330,7 +367,8 @@ fn register_backward(
     lse: Primitive,
     grad: Primitive,
     scale: f64,
-) -> (Primitive, Primitive, Primitive) {
+    layout: Layout,
+) -> Grads {
     // delta = rowsum(dO * O), which every score gradient subtracts: one fused burn reduction.
     type Fused = burn::backend::Cuda<f32>;
     let tensor = |p: Primitive| Tensor::<Fused, 4>::from_primitive(TensorPrimitive::Float(p));
@@ -347,19 +385,26 @@ fn register_backward(
     inputs.extend(mask.as_ref());
     inputs.extend(seed.as_ref());
     let streams = OperationStreams::with_inputs(inputs);
-    let dq = TensorIr::uninit(client.create_empty_handle(), q_shape, dtype);
-    let dk = TensorIr::uninit(client.create_empty_handle(), k_shape.clone(), dtype);
-    let dv = TensorIr::uninit(client.create_empty_handle(), k_shape, dtype);
+    let outputs = match layout {
+        Layout::HeadMajor => vec![q_shape, k_shape.clone(), k_shape],
+        Layout::TokenMajor => {
+            assert_eq!(q_shape, k_shape, "a qkv projection's queries and keys are the same tokens");
+            vec![Shape::new([b, tq, 3 * h * q_shape[3]])]
+        }
+    };
+    let outputs: Vec<TensorIr> = outputs.into_iter().map(|shape| TensorIr::uninit(client.create_empty_handle(), shape, dtype)).collect();
     let with_mask = mask.is_some();
     let mut irs = vec![q.into_ir(), k.into_ir(), v.into_ir(), grad.into_ir(), lse.into_ir(), delta.into_ir()];
     irs.extend(mask.map(|m| m.into_ir()));
     irs.extend(seed.map(|s| s.into_ir()));
-    let desc = CustomOpIr::new("flash_attention_backward", &irs, &[dq, dk, dv]);
-    let op = FlashBackward { desc: desc.clone(), with_mask, drop_prob, scale };
-    let mut outputs = client.register(streams, OperationIr::Custom(desc), op);
-    let dv = outputs.pop().expect("three outputs");
-    let dk = outputs.pop().expect("three outputs");
-    (outputs.pop().expect("three outputs"), dk, dv)
+    let desc = CustomOpIr::new("flash_attention_backward", &irs, &outputs);
+    let op = FlashBackward { desc: desc.clone(), with_mask, drop_prob, scale, layout };
+    let mut outputs = client.register(streams, OperationIr::Custom(desc), op).into_iter();
+    let mut next = || outputs.next().expect("the backward's outputs");
+    match layout {
+        Layout::HeadMajor => Grads::HeadMajor(next(), next(), next()),
+        Layout::TokenMajor => Grads::TokenMajor(next()),
+    }
 }
 
 /// The dropout probability (0 without) and the seed, apart.
@@ -374,6 +419,7 @@ struct FlashForward {
     /// With dropout (more than 0), the seed is the input after the mask.
     drop_prob: f64,
     scale: f64,
+    layout: Layout,
 }
 
 impl Operation<Runtime> for FlashForward {
@@ -385,11 +431,14 @@ impl Operation<Runtime> for FlashForward {
         let mask = self.with_mask.then(|| handles.get_bool_tensor::<Inner>(&inputs[3]));
         let seed = (self.drop_prob > 0.0).then(|| handles.get_int_tensor::<Inner>(&inputs[3 + self.with_mask as usize]));
         let [b, h, tq, d]: [usize; 4] = q.meta.shape().to_vec().try_into().expect("4-d queries");
-        let out = empty(&q, [b, h, tq, d], q.dtype);
+        let out = match self.layout {
+            Layout::HeadMajor => empty(&q, [b, h, tq, d], q.dtype),
+            Layout::TokenMajor => empty(&q, [b, tq, h, d], q.dtype),
+        };
         let lse = empty(&q, [b, h, tq], DType::F32);
         let dropout = seed.as_ref().map(|s| (self.drop_prob, s));
         let operands = Operands { q: &q, k: &k, v: &v, mask: mask.as_ref(), dropout, grad: None, scale: self.scale };
-        launch(Kernel::Forward, &operands, vec![&out, &lse], tq);
+        launch(Kernel::Forward, &operands, vec![&out, &lse], tq, out_strides(self.layout, [h, tq, d], 1));
         handles.register_float_tensor::<Inner>(&self.desc.outputs[0].id, out);
         handles.register_float_tensor::<Inner>(&self.desc.outputs[1].id, lse);
     }
@@ -401,6 +450,7 @@ struct FlashBackward {
     with_mask: bool,
     drop_prob: f64,
     scale: f64,
+    layout: Layout,
 }
 
 impl Operation<Runtime> for FlashBackward {
@@ -413,15 +463,32 @@ impl Operation<Runtime> for FlashBackward {
         let seed = (self.drop_prob > 0.0).then(|| handles.get_int_tensor::<Inner>(&inputs[6 + self.with_mask as usize]));
         let [b, h, tq, d]: [usize; 4] = q.meta.shape().to_vec().try_into().expect("4-d queries");
         let tk = k.meta.shape()[2];
-        let dq = empty(&q, [b, h, tq, d], q.dtype);
-        let dk = empty(&q, [b, h, tk, d], q.dtype);
-        let dv = empty(&q, [b, h, tk, d], q.dtype);
         let dropout = seed.as_ref().map(|s| (self.drop_prob, s));
         let operands = Operands { q: &q, k: &k, v: &v, mask: mask.as_ref(), dropout, grad: Some(&grad), scale: self.scale };
-        launch(Kernel::BackwardDq, &operands, vec![&lse, &delta, &dq], tq);
-        launch(Kernel::BackwardDkDv, &operands, vec![&lse, &delta, &dk, &dv], tk);
-        for (output, tensor) in self.desc.outputs.iter().zip([dq, dk, dv]) {
-            handles.register_float_tensor::<Inner>(&output.id, tensor);
+        match self.layout {
+            Layout::HeadMajor => {
+                let dq = empty(&q, [b, h, tq, d], q.dtype);
+                let dk = empty(&q, [b, h, tk, d], q.dtype);
+                let dv = empty(&q, [b, h, tk, d], q.dtype);
+                launch(Kernel::BackwardDq, &operands, vec![&lse, &delta, &dq], tq, out_strides(self.layout, [h, tq, d], 1));
+                launch(Kernel::BackwardDkDv, &operands, vec![&lse, &delta, &dk, &dv], tk, out_strides(self.layout, [h, tk, d], 1));
+                for (output, tensor) in self.desc.outputs.iter().zip([dq, dk, dv]) {
+                    handles.register_float_tensor::<Inner>(&output.id, tensor);
+                }
+            }
+            Layout::TokenMajor => {
+                // One buffer; dk and dv start one and two widths into each token's row.
+                let dqkv = empty(&q, [b, tq, 3 * h * d], q.dtype);
+                let part = |i: usize| {
+                    let mut view = dqkv.clone();
+                    view.handle = view.handle.offset_start((i * h * d * q.dtype.size()) as u64);
+                    view
+                };
+                let strides = out_strides(self.layout, [h, tq, d], 3);
+                launch(Kernel::BackwardDq, &operands, vec![&lse, &delta, &part(0)], tq, strides);
+                launch(Kernel::BackwardDkDv, &operands, vec![&lse, &delta, &part(1), &part(2)], tk, strides);
+                handles.register_float_tensor::<Inner>(&self.desc.outputs[0].id, dqkv);
+            }
         }
     }
 }
@@ -462,8 +529,9 @@ struct Operands<'a> {
 }
 
 /// Launches `kernel` with the operands' buffers followed by `outputs` (the kernel's own
-/// argument order), one block per 64 of `rows` per (batch, head).
-fn launch(kernel: Kernel, ops: &Operands, outputs: Vec<&Cube>, rows: usize) {
+/// argument order; those of `q`'s shape laid out by `out_strides` over [batch, head,
+/// position]), one block per 64 of `rows` per (batch, head).
+fn launch(kernel: Kernel, ops: &Operands, outputs: Vec<&Cube>, rows: usize, out_strides: [usize; 3]) {
     let shape = ops.q.meta.shape();
     let (b, h, tq, d, tk) = (shape[0], shape[1], shape[2], shape[3], ops.k.meta.shape()[2]);
     let strides = |t: Option<&Cube>| -> [u64; 4] {
@@ -484,6 +552,7 @@ fn launch(kernel: Kernel, ops: &Operands, outputs: Vec<&Cube>, rows: usize) {
     });
     info.push(SeededDropout::drop_below(drop_prob) as u64);
     info.push(((1.0 / (1.0 - drop_prob)) as f32).to_bits() as u64);
+    info.extend(out_strides.map(|s| s as u64));
     // Without a mask (or dropout) the kernel never reads that argument; any live buffer fills
     // the slot.
     let mut buffers = vec![ops.q, ops.k, ops.v, ops.mask.unwrap_or(ops.q), ops.dropout.map_or(ops.q, |(_, seed)| seed)];
@@ -556,6 +625,11 @@ pub(crate) fn fnv1a(text: &str) -> u64 {
 }
 
 impl KernelMetadata for FlashTask {
+    /// The entry point, for cubecl's profile.
+    fn name(&self) -> &'static str {
+        self.kernel.entry()
+    }
+
     fn id(&self) -> KernelId {
         KernelId::new::<Self>().info((*self, source_hash())).cube_dim(CubeDim::new_1d(THREADS))
     }
@@ -612,9 +686,9 @@ pub(crate) fn compile_source(
 /// Training: the attention as an autodiff operation whose backward is the two flash backward
 /// kernels. The state keeps the operands, the output and the log-sum-exp (no scores).
 mod autodiff {
-    use super::{register_backward, register_forward, KernelDropout, Primitive};
+    use super::{register_backward, register_forward, Grads, KernelDropout, Layout, Primitive};
     use crate::cuda_kernel::AutodiffCudaOp;
-    use crate::model::nn::{merge_heads, split_heads};
+    use crate::model::nn::split_heads;
     use burn::prelude::Tensor;
     use burn::tensor::{DType, TensorPrimitive};
     use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -646,7 +720,9 @@ mod autodiff {
         fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
             let grad = grads.consume::<B>(&ops.node);
             let s = ops.state;
-            let (dq, dk, dv) = register_backward(s.q, s.k, s.v, s.mask, s.dropout, s.out, s.lse, grad, s.scale);
+            let Grads::HeadMajor(dq, dk, dv) = register_backward(s.q, s.k, s.v, s.mask, s.dropout, s.out, s.lse, grad, s.scale, Layout::HeadMajor) else {
+                unreachable!("asked for head-major gradients")
+            };
             for (parent, grad) in ops.parents.into_iter().zip([dq, dk, dv]) {
                 if let Some(node) = parent {
                     grads.register::<B>(node.id, grad);
@@ -670,11 +746,11 @@ mod autodiff {
     {
         match FlashAttentionBackward.prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
-                let (out, lse) = register_forward(q.primitive.clone(), k.primitive.clone(), v.primitive.clone(), mask.clone(), dropout.clone(), scale);
+                let (out, lse) = register_forward(q.primitive.clone(), k.primitive.clone(), v.primitive.clone(), mask.clone(), dropout.clone(), scale, Layout::HeadMajor);
                 let state = State { q: q.primitive, k: k.primitive, v: v.primitive, mask, dropout, out: out.clone(), lse, scale };
                 prep.finish(state, out)
             }
-            OpsKind::UnTracked(prep) => prep.finish(register_forward(q.primitive, k.primitive, v.primitive, mask, dropout, scale).0),
+            OpsKind::UnTracked(prep) => prep.finish(register_forward(q.primitive, k.primitive, v.primitive, mask, dropout, scale, Layout::HeadMajor).0),
         }
     }
 
@@ -718,9 +794,10 @@ mod autodiff {
             let QkvState { attention: s, dtype, heads } = ops.state;
             if let [Some(node)] = ops.parents {
                 let dout = primitive(split_heads(tensor::<3>(dy).cast(s.out.dtype), heads));
-                let (dq, dk, dv) = register_backward(s.q, s.k, s.v, s.mask, s.dropout, s.out, s.lse, dout, s.scale);
-                let merged = [dq, dk, dv].map(|g| merge_heads(tensor::<4>(g)));
-                grads.register::<B>(node.id, primitive(Tensor::cat(merged.to_vec(), 2).cast(dtype)));
+                let Grads::TokenMajor(dqkv) = register_backward(s.q, s.k, s.v, s.mask, s.dropout, s.out, s.lse, dout, s.scale, Layout::TokenMajor) else {
+                    unreachable!("asked for token-major gradients")
+                };
+                grads.register::<B>(node.id, primitive(tensor::<3>(dqkv).cast(dtype)));
             }
         }
     }
@@ -737,12 +814,15 @@ mod autodiff {
             let width = width3 / 3;
             let part = |i: usize| primitive(split_heads(qkv_c.clone().slice([0..b, 0..t, i * width..(i + 1) * width]), self.heads));
             let (q, k, v) = (part(0), part(1), part(2));
-            let forward = || register_forward(q.clone(), k.clone(), v.clone(), self.mask.clone(), self.dropout.clone(), self.scale);
-            let merged = |out: Primitive| primitive(merge_heads(tensor::<4>(out)).cast(dtype));
+            // Token-major: the output `[b, t, heads, d]` is `[b, t, width]` as it lies.
+            let forward = || register_forward(q.clone(), k.clone(), v.clone(), self.mask.clone(), self.dropout.clone(), self.scale, Layout::TokenMajor);
+            let merged = |out: Primitive| primitive(tensor::<4>(out).reshape([b, t, width]).cast(dtype));
             match QkvAttentionBackward.prepare::<C>([qkv.node.clone()]).compute_bound().stateful() {
                 OpsKind::Tracked(prep) => {
                     let (out, lse) = forward();
                     let y = merged(out.clone());
+                    // The backward reads the output head-major (a view).
+                    let out = primitive(tensor::<4>(out).swap_dims(1, 2));
                     let attention = State { q, k, v, mask: self.mask, dropout: self.dropout, out, lse, scale: self.scale };
                     prep.finish(QkvState { attention, dtype, heads: self.heads }, y)
                 }
@@ -770,6 +850,7 @@ mod tests {
             assert!(compiled.source.starts_with("#define HEAD_DIM 64\n#define IS_BF16 1\n#define MASK_BYTES 1\n#define DROPOUT 1\n"));
             // (The forward asks for a minimum of blocks per SM too: `__launch_bounds__(128, 3)`.)
             assert!(compiled.source.contains(&format!("__launch_bounds__({THREADS}")));
+            assert!(compiled.source.contains(&format!("#define BLOCK_THREADS {THREADS}\n")));
             assert!(compiled.source.contains(&format!(") {}(", kernel.entry())));
             assert_ne!(task.id(), FlashTask { head_dim: 128, ..task }.id());
             assert_ne!(task.id(), FlashTask { dropout: false, ..task }.id());

@@ -52,6 +52,9 @@ struct __align__(8) Params {
     i64 scale;           // f32 bits: the softmax scale
     i64 drop_below;      // dropout: a score whose hash is below this (p * 2^32) is dropped
     i64 keep_scale;      // f32 bits: 1 / (1 - p), the kept scores' factor
+    i64 out_stride[3];   // elements, over [batch, head, position] of what the kernel writes
+                         // (out; dq; dk and dv), its dimensions contiguous; the token-major
+                         // forward (OUT_TOKEN_MAJOR) does not read them
 };
 
 #define D HEAD_DIM
@@ -150,19 +153,44 @@ struct __align__(16) Vec16 {
     u32 word[4];
 };
 
-// Rows `first + 0..TILE` of one (batch, head) slice into a padded shared tile; rows past `count`
-// are zero (a zero row adds nothing to any product, and a zero V row keeps NaN garbage out).
-// Rows whose dimensions lie contiguous and 16-byte aligned move 8 elements per load.
+// Every kernel runs in blocks of 128 threads (`THREADS` in src/flash.rs).
+#define BLOCK_THREADS 128
+
+// Sixteen bytes from global to shared memory without a stop in registers (sm_80+'s cp.async),
+// so that a thread has all its copies of a tile in flight at once; `bytes` 0 writes zeros.
+// A group of copies completes at `copies_wait`.
+__device__ __forceinline__ void copy_async16(void* to, const void* from, int bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(shared_address(to)), "l"(from), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void copies_commit() {
+    asm volatile("cp.async.commit_group;" ::: "memory");
+}
+
+// Until at most N of this thread's committed groups are pending (then a barrier, for the
+// block's copies).
+template <int N>
+__device__ __forceinline__ void copies_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+// Rows `first + 0..TILE` (`first` < `count`) of one (batch, head) slice into a padded shared
+// tile; rows past `count` are zero (a zero row adds nothing to any product, and a zero V row
+// keeps NaN garbage out), then the copies committed as one group. Rows whose dimensions lie
+// contiguous and 16-byte aligned move 8 elements per asynchronous copy: the caller waits
+// (`copies_wait`) and syncs before reading the tile. Other layouts load synchronously.
 __device__ __forceinline__ void load_tile(u16* tile, const u16* base, const i64* stride, i64 first, i64 count) {
     const bool vector = stride[3] == 1 && (stride[2] & 7) == 0 && (((unsigned long long)base) & 15) == 0;
     if (vector) {
-        for (int i = threadIdx.x; i < TILE * D / 8; i += blockDim.x) {
+#pragma unroll
+        for (int j = 0; j < TILE * D / 8 / BLOCK_THREADS; ++j) {
+            const int i = threadIdx.x + j * BLOCK_THREADS;
             const int r = i / (D / 8), c = (i % (D / 8)) * 8;
             const i64 row = first + r;
-            Vec16 value = {{0, 0, 0, 0}};
-            if (row < count) value = *(const Vec16*)(base + row * stride[2] + c);
-            *(Vec16*)(tile + r * ROW + c) = value;
+            const bool inside = row < count;
+            copy_async16(tile + r * ROW + c, base + (inside ? row : first) * stride[2] + c, inside ? 16 : 0);
         }
+        copies_commit();
         return;
     }
     for (int i = threadIdx.x; i < TILE * D; i += blockDim.x) {
@@ -170,6 +198,7 @@ __device__ __forceinline__ void load_tile(u16* tile, const u16* base, const i64*
         const i64 row = first + r;
         tile[r * ROW + c] = row < count ? base[row * stride[2] + c * stride[3]] : (u16)0;
     }
+    copies_commit();  // an empty group, so that every tile counts one in `copies_wait`
 }
 
 // Rows `rows[0]`, `rows[1]` (g and g+8 of a warp's 16) of a slice as A fragments, one per 16
@@ -233,9 +262,19 @@ struct __align__(W) Words {
 // whether this thread's bytes were all / any true.
 template <int W>
 __device__ __forceinline__ void stage_mask_rows(u8* tile, const u8* first, i64 row_stride, int& all, int& any) {
-    for (int i = threadIdx.x; i < TILE * TILE / W; i += blockDim.x) {
+    // Every load first, so that they are in flight together.
+    constexpr int PER_THREAD = TILE * TILE / W / BLOCK_THREADS;
+    Words<W> loaded[PER_THREAD];
+#pragma unroll
+    for (int l = 0; l < PER_THREAD; ++l) {
+        const int i = threadIdx.x + l * BLOCK_THREADS;
+        loaded[l] = *(const Words<W>*)(first + (i / (TILE / W)) * row_stride + (i % (TILE / W)) * W);
+    }
+#pragma unroll
+    for (int l = 0; l < PER_THREAD; ++l) {
+        const int i = threadIdx.x + l * BLOCK_THREADS;
         const int r = i / (TILE / W), c = (i % (TILE / W)) * W;
-        Words<W> w = *(const Words<W>*)(first + r * row_stride + c);
+        Words<W> w = loaded[l];
 #pragma unroll
         for (int j = 0; j < W / 4; ++j) {
             // The high bit of (byte & 0x7f) + 0x7f, or of the byte itself, is set exactly when
@@ -329,14 +368,14 @@ __device__ __forceinline__ void times_tile_transposed(float (*s)[4], u32 (*a)[4]
     }
 }
 
-// Writes 16 rows (`rows`) x D of f32 C fragments, times `factor`, into a contiguous
-// [batch * heads, count, D] output.
-__device__ __forceinline__ void store_rows(u16* out, i64 bh, i64 count, const i64* rows, float (*acc)[4], float factor) {
+// Writes 16 rows (`rows`, of `count`) x D of f32 C fragments, times `factor`, into the output
+// of (batch b, head h) laid out as `p.out_stride` says.
+__device__ __forceinline__ void store_rows(u16* out, const Params& p, i64 b, i64 h, i64 count, const i64* rows, float (*acc)[4], float factor) {
     const int t = (threadIdx.x & 31) & 3;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         if (rows[r] >= count) continue;
-        u16* at = out + (bh * count + rows[r]) * D;
+        u16* at = out + b * p.out_stride[0] + h * p.out_stride[1] + rows[r] * p.out_stride[2];
 #pragma unroll
         for (int n = 0; n < D / 8; ++n) {
             const int col = n * 8 + 2 * t;
@@ -407,6 +446,7 @@ extern "C" __global__ void __launch_bounds__(128, 3) flash_attention_forward(
         if (sees == SEES_NONE) continue;
         load_tile(k_tile, kb, p.k_stride, k0, p.keys);
         load_tile(v_tile, vb, p.v_stride, k0, p.keys);
+        copies_wait<1>();  // K; V's copies go on under the scores
         __syncthreads();
 
         float s[TILE / 8][4];
@@ -454,6 +494,8 @@ extern "C" __global__ void __launch_bounds__(128, 3) flash_attention_forward(
                 s[n][e] = (!DROPOUT || dropout_keeps(drop_rows[e >> 1], k0 + n * 8 + 2 * t + (e & 1), p)) ? pe : 0.f;
             }
         }
+        copies_wait<0>();
+        __syncthreads();
         times_tile_rows<TILE / 16>(o, s, v_tile);
     }
 
@@ -493,7 +535,7 @@ extern "C" __global__ void __launch_bounds__(128, 3) flash_attention_forward(
         }
     }
 #else
-    store_rows(out, bh, p.queries, rows, o, 1.f);
+    store_rows(out, p, b, h, p.queries, rows, o, 1.f);
 #endif
 }
 
@@ -517,7 +559,7 @@ extern "C" __global__ void __launch_bounds__(128, 3) flash_attention_forward(
     }
 
 // dQ: one block per 64 queries, walking the keys. `lse` and `delta` (rowsum(dO * O)) are f32
-// [batch * heads, queries]; `dq` is a contiguous [batch, heads, queries, D].
+// [batch * heads, queries]; `dq` is laid out as `p.out_stride` says.
 extern "C" __global__ void __launch_bounds__(128, BACKWARD_MIN_BLOCKS) flash_attention_backward_dq(
     const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
     const u8* __restrict__ mask, const u32* __restrict__ seed, const u16* __restrict__ dout, const float* __restrict__ lse,
@@ -559,6 +601,7 @@ extern "C" __global__ void __launch_bounds__(128, BACKWARD_MIN_BLOCKS) flash_att
         if (sees == SEES_NONE) continue;
         load_tile(k_tile, kb, p.k_stride, k0, p.keys);
         load_tile(v_tile, vb, p.v_stride, k0, p.keys);
+        copies_wait<0>();
         __syncthreads();
 
 #pragma unroll
@@ -571,12 +614,12 @@ extern "C" __global__ void __launch_bounds__(128, BACKWARD_MIN_BLOCKS) flash_att
             times_tile_rows<DQ_KEYS / 16>(acc, dp, k_tile + c0 * ROW);  // dQ += dS k
         }
     }
-    store_rows(dq, bh, p.queries, rows, acc, f32_of(p.scale));
+    store_rows(dq, p, b, h, p.queries, rows, acc, f32_of(p.scale));
 }
 
 // dK and dV: one block per 64 keys, walking the queries. Each warp keeps 16 keys (and their
 // values) as A fragments and computes the transposed tiles: sᵀ = k qᵀ, dPᵀ = v dOᵀ, then
-// dV += Pᵀ dO and dK += dSᵀ q. `dk` and `dv` are contiguous [batch, heads, keys, D].
+// dV += Pᵀ dO and dK += dSᵀ q. `dk` and `dv` are laid out as `p.out_stride` says.
 extern "C" __global__ void __launch_bounds__(128, BACKWARD_MIN_BLOCKS) flash_attention_backward_dkdv(
     const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
     const u8* __restrict__ mask, const u32* __restrict__ seed, const u16* __restrict__ dout, const float* __restrict__ lse,
@@ -623,6 +666,7 @@ extern "C" __global__ void __launch_bounds__(128, BACKWARD_MIN_BLOCKS) flash_att
             delta_tile[i] = row < p.queries ? delta[bh * p.queries + row] : 0.f;
             if (DROPOUT) drop_row_tile[i] = dropout_row(seed, bh, row);
         }
+        copies_wait<0>();
         __syncthreads();
 
         // Transposed tiles (rows: this warp's keys, columns: queries), DKDV_QUERIES queries at
@@ -638,6 +682,6 @@ extern "C" __global__ void __launch_bounds__(128, BACKWARD_MIN_BLOCKS) flash_att
             times_tile_rows<DKDV_QUERIES / 16>(dk_acc, dp, q_tile + c0 * ROW);  // dK += dSᵀ q
         }
     }
-    store_rows(dv, bh, p.keys, keys, dv_acc, 1.f);
-    store_rows(dk, bh, p.keys, keys, dk_acc, f32_of(p.scale));
+    store_rows(dv, p, b, h, p.keys, keys, dv_acc, 1.f);
+    store_rows(dk, p, b, h, p.keys, keys, dk_acc, f32_of(p.scale));
 }

@@ -2,9 +2,14 @@
 // of our own (src/fused_ops.rs launches them on cubecl's stream; NVRTC compiles them). burn
 // records each as a chain of operations, and recording operations is what bounds a training
 // step on the GPU; here each is one operation each way.
-// `src/fused_ops.rs` prepends:
-//   ELEM  0: the input, weight, bias and outputs are f32, 1: bf16, 2: f16
+// `src/fused_ops.rs` prepends `#define CODE n`, n = ELEM + 3 * OTHER, each of them
+//   0: f32, 1: bf16, 2: f16
+// ELEM is the type of the input, weight, bias and outputs; OTHER that of the residual add's
+// branch `h` and its gradient (a linear layer's output: the compute dtype under autocast), and
+// of the column sums.
 // Statistics and sums are f32 whatever the element type.
+#define ELEM ((CODE) % 3)
+#define OTHER ((CODE) / 3)
 
 typedef unsigned short u16;
 typedef long long i64;
@@ -19,30 +24,42 @@ struct __align__(8) Params {
     i64 chunks;         // and how many such blocks
 };
 
-#if ELEM == 0
-typedef float elem_t;
-__device__ __forceinline__ float load(const elem_t* p, i64 i) { return p[i]; }
-__device__ __forceinline__ void store(elem_t* p, i64 i, float x) { p[i] = x; }
-#elif ELEM == 1
-typedef u16 elem_t;
-__device__ __forceinline__ float load(const elem_t* p, i64 i) { return __int_as_float(((int)p[i]) << 16); }
-__device__ __forceinline__ void store(elem_t* p, i64 i, float x) {
+// The two 16-bit formats as distinct types, so that loads and stores overload on them.
+struct bf16_t { u16 bits; };
+struct f16_t { u16 bits; };
+
+__device__ __forceinline__ float load(const float* p, i64 i) { return p[i]; }
+__device__ __forceinline__ void store(float* p, i64 i, float x) { p[i] = x; }
+__device__ __forceinline__ float load(const bf16_t* p, i64 i) { return __int_as_float(((int)p[i].bits) << 16); }
+__device__ __forceinline__ void store(bf16_t* p, i64 i, float x) {
     u16 h;
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(x));
-    p[i] = h;
+    p[i].bits = h;
 }
-#else
-typedef u16 elem_t;
-__device__ __forceinline__ float load(const elem_t* p, i64 i) {
+__device__ __forceinline__ float load(const f16_t* p, i64 i) {
     float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(p[i]));
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(p[i].bits));
     return f;
 }
-__device__ __forceinline__ void store(elem_t* p, i64 i, float x) {
+__device__ __forceinline__ void store(f16_t* p, i64 i, float x) {
     u16 h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
-    p[i] = h;
+    p[i].bits = h;
 }
+
+#if ELEM == 0
+typedef float elem_t;
+#elif ELEM == 1
+typedef bf16_t elem_t;
+#else
+typedef f16_t elem_t;
+#endif
+#if OTHER == 0
+typedef float other_t;
+#elif OTHER == 1
+typedef bf16_t other_t;
+#else
+typedef f16_t other_t;
 #endif
 
 __device__ __forceinline__ float warp_sum(float x) {
@@ -118,6 +135,7 @@ extern "C" __global__ void __launch_bounds__(256) layer_norm_backward_params_par
     const i64 first = chunk * p.rows_per_chunk;
     const i64 last = min(first + p.rows_per_chunk, p.rows);
     float dw = 0.0f, db = 0.0f;
+#pragma unroll 8
     for (i64 row = first; row < last; ++row) {
         const float g = load(dy, row * p.d + col);
         dw += g * (load(x, row * p.d + col) - mean_in[row]) * rstd_in[row];
@@ -142,28 +160,48 @@ extern "C" __global__ void __launch_bounds__(256) layer_norm_backward_params_sum
     store(dbias, col, db);
 }
 
-// ---- Element-wise kernels over `p.rows` elements (grid-stride), for GELU and the residual add
-// with dropout. Each replaces a chain of burn operations recorded one by one.
+// ---- Element-wise kernels over `p.rows` elements, for GELU and the residual add with dropout.
+// Each replaces a chain of burn operations recorded one by one. A thread takes UNROLL elements
+// 256 apart (each load coalesced over the warp) and loads them all before using any, so that
+// it has UNROLL loads in flight (one at a time left the 16-bit kernels waiting on memory);
+// the grid strides over what it does not cover.
 
-#define GRID_STRIDE(i) for (i64 i = (i64)blockIdx.x * 256 + threadIdx.x; i < p.rows; i += (i64)gridDim.x * 256)
+#define UNROLL 8
+#define GROUPS(g) for (i64 g = (i64)blockIdx.x * 256 * UNROLL + threadIdx.x; g < p.rows; g += (i64)gridDim.x * 256 * UNROLL)
+// Element j of group g, and whether it is inside.
+#define AT(g, j) ((g) + (i64)(j) * 256)
+#define INSIDE(g, j) (AT(g, j) < p.rows)
 
 // Exact GELU, x * (1 + erf(x / sqrt 2)) / 2 (PyTorch's `nn.GELU()`, llm-jp's activation).
 extern "C" __global__ void __launch_bounds__(256) gelu_forward(
     const elem_t* __restrict__ x, elem_t* __restrict__ y, const __grid_constant__ Params p) {
-    GRID_STRIDE(i) {
-        const float v = load(x, i);
-        store(y, i, v * ((erff(v * 0.70710678118654752f) + 1.0f) * 0.5f));
+    GROUPS(g) {
+        float v[UNROLL];
+#pragma unroll
+        for (int j = 0; j < UNROLL; ++j) v[j] = INSIDE(g, j) ? load(x, AT(g, j)) : 0.0f;
+#pragma unroll
+        for (int j = 0; j < UNROLL; ++j) {
+            if (INSIDE(g, j)) store(y, AT(g, j), v[j] * ((erff(v[j] * 0.70710678118654752f) + 1.0f) * 0.5f));
+        }
     }
 }
 
 // dx = dy * (Phi(x) + x * phi(x)), phi the standard normal density.
 extern "C" __global__ void __launch_bounds__(256) gelu_backward(
     const elem_t* __restrict__ x, const elem_t* __restrict__ dy, elem_t* __restrict__ dx, const __grid_constant__ Params p) {
-    GRID_STRIDE(i) {
-        const float v = load(x, i);
-        const float cdf = (erff(v * 0.70710678118654752f) + 1.0f) * 0.5f;
-        const float pdf = expf(-0.5f * v * v) * 0.39894228040143268f;
-        store(dx, i, load(dy, i) * (cdf + v * pdf));
+    GROUPS(g) {
+        float v[UNROLL], d[UNROLL];
+#pragma unroll
+        for (int j = 0; j < UNROLL; ++j) {
+            v[j] = INSIDE(g, j) ? load(x, AT(g, j)) : 0.0f;
+            d[j] = INSIDE(g, j) ? load(dy, AT(g, j)) : 0.0f;
+        }
+#pragma unroll
+        for (int j = 0; j < UNROLL; ++j) {
+            const float cdf = (erff(v[j] * 0.70710678118654752f) + 1.0f) * 0.5f;
+            const float pdf = expf(-0.5f * v[j] * v[j]) * 0.39894228040143268f;
+            if (INSIDE(g, j)) store(dx, AT(g, j), d[j] * (cdf + v[j] * pdf));
+        }
     }
 }
 
@@ -183,23 +221,37 @@ __device__ __forceinline__ bool kept(const int* seed, i64 i, unsigned drop_below
 // y = x + dropout(h): h's elements kept with probability 1 - prob and scaled by 1 / (1 - prob).
 // p.eps holds the f32 bits of 1 / (1 - prob), p.rows_per_chunk the hash threshold (prob * 2^32).
 extern "C" __global__ void __launch_bounds__(256) residual_dropout_forward(
-    const elem_t* __restrict__ x, const elem_t* __restrict__ h, const int* __restrict__ seed,
+    const elem_t* __restrict__ x, const other_t* __restrict__ h, const int* __restrict__ seed,
     elem_t* __restrict__ y, const __grid_constant__ Params p) {
     const float scale = __int_as_float((int)p.eps);
     const unsigned drop_below = (unsigned)p.rows_per_chunk;
-    GRID_STRIDE(i) {
-        const float kept_h = kept(seed, i, drop_below) ? load(h, i) * scale : 0.0f;
-        store(y, i, load(x, i) + kept_h);
+    GROUPS(g) {
+        float xs[UNROLL], hs[UNROLL];
+#pragma unroll
+        for (int j = 0; j < UNROLL; ++j) {
+            xs[j] = INSIDE(g, j) ? load(x, AT(g, j)) : 0.0f;
+            hs[j] = INSIDE(g, j) ? load(h, AT(g, j)) : 0.0f;
+        }
+#pragma unroll
+        for (int j = 0; j < UNROLL; ++j) {
+            if (INSIDE(g, j)) store(y, AT(g, j), xs[j] + (kept(seed, AT(g, j), drop_below) ? hs[j] * scale : 0.0f));
+        }
     }
 }
 
 // dh = dy where kept, scaled; 0 where dropped (x's gradient is dy itself).
 extern "C" __global__ void __launch_bounds__(256) residual_dropout_backward(
-    const elem_t* __restrict__ dy, const int* __restrict__ seed, elem_t* __restrict__ dh, const __grid_constant__ Params p) {
+    const elem_t* __restrict__ dy, const int* __restrict__ seed, other_t* __restrict__ dh, const __grid_constant__ Params p) {
     const float scale = __int_as_float((int)p.eps);
     const unsigned drop_below = (unsigned)p.rows_per_chunk;
-    GRID_STRIDE(i) {
-        store(dh, i, kept(seed, i, drop_below) ? load(dy, i) * scale : 0.0f);
+    GROUPS(g) {
+        float d[UNROLL];
+#pragma unroll
+        for (int j = 0; j < UNROLL; ++j) d[j] = INSIDE(g, j) ? load(dy, AT(g, j)) : 0.0f;
+#pragma unroll
+        for (int j = 0; j < UNROLL; ++j) {
+            if (INSIDE(g, j)) store(dh, AT(g, j), kept(seed, AT(g, j), drop_below) ? d[j] * scale : 0.0f);
+        }
     }
 }
 
@@ -214,12 +266,14 @@ extern "C" __global__ void __launch_bounds__(256) column_sum_partial(
     const i64 first = chunk * p.rows_per_chunk;
     const i64 last = min(first + p.rows_per_chunk, p.rows);
     float sum = 0.0f;
+    // Unrolled so that eight rows' loads are in flight at once (the sum's order is kept).
+#pragma unroll 8
     for (i64 row = first; row < last; ++row) sum += load(x, row * p.d + col);
     partial[chunk * p.d + col] = sum;
 }
 
 extern "C" __global__ void __launch_bounds__(256) column_sum_total(
-    const float* __restrict__ partial, elem_t* __restrict__ out, const __grid_constant__ Params p) {
+    const float* __restrict__ partial, other_t* __restrict__ out, const __grid_constant__ Params p) {
     const i64 col = (i64)blockIdx.x * 256 + threadIdx.x;
     if (col >= p.d) return;
     float sum = 0.0f;

@@ -31,8 +31,8 @@ use crate::model::nn::SeededDropout;
 type Inner = CubeBackend<CudaRuntime, f32, i32, u8>;
 type Runtime = FusionCubeRuntime<CudaRuntime>;
 
-/// Specialised on the element type (`ELEM`, [`float_code`]'s codes).
-static SOURCE: KernelSource = KernelSource::new("ELEM", include_str!("fused_ops.cu"));
+/// Specialised on two element types (`CODE`, [`code`]).
+static SOURCE: KernelSource = KernelSource::new("CODE", include_str!("fused_ops.cu"));
 /// Threads per block (the launch bounds in the source); a warp per row, so eight rows a block.
 const THREADS: u32 = 256;
 const ROWS_PER_BLOCK: usize = 8;
@@ -40,8 +40,10 @@ const ROWS_PER_BLOCK: usize = 8;
 /// be more than [`MAX_CHUNKS`] blocks).
 const ROWS_PER_CHUNK: usize = 64;
 const MAX_CHUNKS: usize = 512;
-/// The element-wise kernels' grid (they stride over what it does not cover).
+/// The element-wise kernels' grid (they stride over what it does not cover), and the elements
+/// a thread takes at once (`UNROLL` in the source).
 const MAX_ELEMENTWISE_BLOCKS: usize = 1 << 16;
+const ELEMENTS_PER_THREAD: usize = 8;
 
 static SWITCH: Switch = Switch::new("LLAVA_JP_FUSED_OPS");
 
@@ -107,7 +109,7 @@ pub fn try_gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<Tensor<B,
         return Err(x);
     }
     if fused_cuda::<B>() {
-        return Ok(from_primitive(elementwise(Kernel::GeluForward, vec![to_primitive(x)], None, 0.0)));
+        return Ok(from_primitive(gelu_forward(to_primitive(x))));
     }
     match on_autodiff_cuda::<B, 1, _>(autodiff::Gelu, [x.into_primitive().tensor()]) {
         Ok(y) => Ok(Tensor::from_primitive(TensorPrimitive::Float(y))),
@@ -120,15 +122,16 @@ pub fn try_gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<Tensor<B,
 /// hash of the seed and the element's index ([`SeededDropout::keeps_element`]), so that the
 /// backward needs no stored mask. `seed` `None` draws it on the device from the backend's
 /// generator (seeded runs repeat). Only on the autodiff CUDA backends (dropout is off without
-/// gradients), for `x` and `h` of one shape and dtype and `0 < prob < 1`; the operands come
-/// back untouched otherwise.
+/// gradients), for `x` and `h` of one shape and `0 < prob < 1`; the output and `x`'s gradient
+/// in `x`'s dtype, `h`'s gradient in `h`'s (under autocast a linear layer's output is in the
+/// compute dtype, the residual stream in f32). The operands come back untouched otherwise.
 pub fn try_residual_dropout<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     h: Tensor<B, D>,
     prob: f64,
     seed: Option<[u32; 2]>,
 ) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, D>)> {
-    if !autodiff_cuda::<B>() || !covers_elementwise(&x) || h.dtype() != x.dtype() || h.dims() != x.dims() || !(prob > 0.0 && prob < 1.0) {
+    if !autodiff_cuda::<B>() || !covers_elementwise(&x) || !covers_elementwise(&h) || h.dims() != x.dims() || !(prob > 0.0 && prob < 1.0) {
         return Err((x, h));
     }
     let device = x.device();
@@ -143,27 +146,28 @@ pub fn try_residual_dropout<B: Backend, const D: usize>(
     }
 }
 
-/// Queues an element-wise kernel over `floats` (one shape and dtype; a later one of another
-/// dtype is cast to the first's), with the dropout seed after them when given. The output has
-/// the first operand's shape and dtype.
-fn elementwise(kernel: Kernel, floats: Vec<Primitive>, seed: Option<Primitive>, prob: f64) -> Primitive {
-    let dtype = floats[0].dtype;
-    let floats: Vec<Primitive> = floats
-        .into_iter()
-        .map(|t| cast(t, dtype))
-        .collect();
+fn gelu_forward(x: Primitive) -> Primitive {
+    let dtype = x.dtype;
+    elementwise(Kernel::GeluForward, vec![x], dtype, dtype, None, 0.0)
+}
+
+/// Queues an element-wise kernel over `floats` (one shape; the first in the kernel's element
+/// type, a residual add's branch in `other`), with the dropout seed after them when given. The
+/// output has the first operand's shape and dtype `out`.
+fn elementwise(kernel: Kernel, floats: Vec<Primitive>, other: DType, out: DType, seed: Option<Primitive>, prob: f64) -> Primitive {
+    let code = code(floats[0].dtype, other);
     let client = floats[0].client.clone();
     let shape = floats[0].shape.clone();
     let mut inputs: Vec<&Primitive> = floats.iter().collect();
     inputs.extend(seed.as_ref());
     let streams = OperationStreams::with_inputs(inputs);
-    let output = TensorIr::uninit(client.create_empty_handle(), shape, dtype);
+    let output = TensorIr::uninit(client.create_empty_handle(), shape, out);
     let irs: Vec<TensorIr> = floats.iter().chain(seed.as_ref()).map(|t| t.clone().into_ir()).collect();
     let desc = CustomOpIr::new(kernel.entry(), &irs, &[output]);
     // 1 / (1 - prob) as f32 bits, and the hash threshold below which an element is dropped.
     let scale = (1.0 / (1.0 - prob)) as f32;
     let words = vec![0, 0, scale.to_bits() as u64, SeededDropout::drop_below(prob) as u64, 0];
-    let op = Elementwise { desc: desc.clone(), kernel, seeded: seed.is_some(), words };
+    let op = Elementwise { desc: desc.clone(), kernel, code, seeded: seed.is_some(), words };
     client.register(streams, OperationIr::Custom(desc), op).output()
 }
 
@@ -171,6 +175,8 @@ fn elementwise(kernel: Kernel, floats: Vec<Primitive>, seed: Option<Primitive>, 
 struct Elementwise {
     desc: CustomOpIr,
     kernel: Kernel,
+    /// The element types ([`code`]).
+    code: u8,
     /// Whether the last input is the dropout seed (an int tensor).
     seeded: bool,
     /// `Params`, the element count filled in at launch.
@@ -187,27 +193,27 @@ impl Operation<Runtime> for Elementwise {
         }
         let first = &tensors[0];
         let n = first.meta.num_elements();
-        let out = empty(first, [n], first.dtype);
-        let elem = float_code(first.dtype).expect("checked when queued");
+        let out = empty(first, [n], self.desc.outputs[0].dtype);
         let mut words = self.words.clone();
         words[0] = n as u64;
         let mut buffers: Vec<&Cube> = tensors.iter().collect();
         buffers.push(&out);
-        let blocks = n.div_ceil(THREADS as usize).min(MAX_ELEMENTWISE_BLOCKS) as u32;
-        launch(self.kernel, elem, buffers, words, CubeCount::Static(blocks, 1, 1));
+        let blocks = n.div_ceil(THREADS as usize * ELEMENTS_PER_THREAD).min(MAX_ELEMENTWISE_BLOCKS) as u32;
+        launch(self.kernel, self.code, buffers, words, CubeCount::Static(blocks, 1, 1));
         let out = CubeTensor::new_contiguous(out.client.clone(), out.device, first.meta.shape().clone(), out.handle, out.dtype);
         handles.register_float_tensor::<Inner>(&self.desc.outputs[0].id, out);
     }
 }
 
 /// The column sums of `t` (`[rows, d]`, f32 / bf16 / f16 on the fused CUDA backend) as `[d]` in
-/// its dtype, by two kernels in a fixed order: a linear layer's bias gradient. burn's reduction
-/// over rows ran at about half the memory's speed at the LLM's widths.
-pub(crate) fn column_sum(t: Primitive) -> Primitive {
+/// `out` (summed in f32 whatever the dtypes), by two kernels in a fixed order: a linear layer's
+/// bias gradient. burn's reduction over rows ran at about half the memory's speed at the LLM's
+/// widths.
+pub(crate) fn column_sum(t: Primitive, out: DType) -> Primitive {
     let client = t.client.clone();
-    let (dtype, d) = (t.dtype, t.shape[1]);
+    let d = t.shape[1];
     let streams = OperationStreams::with_inputs([&t]);
-    let output = TensorIr::uninit(client.create_empty_handle(), Shape::new([d]), dtype);
+    let output = TensorIr::uninit(client.create_empty_handle(), Shape::new([d]), out);
     let desc = CustomOpIr::new("column_sum", &[t.into_ir()], &[output]);
     client.register(streams, OperationIr::Custom(desc.clone()), ColumnSum { desc }).output()
 }
@@ -221,15 +227,16 @@ impl Operation<Runtime> for ColumnSum {
     fn execute(&self, handles: &mut HandleContainer<<Runtime as FusionRuntime>::FusionHandle>) {
         let t = contiguous(handles.get_float_tensor::<Inner>(&self.desc.inputs[0]));
         let (rows, d) = rows_and_width(&t);
-        let elem = float_code(t.dtype).expect("f32, bf16 or f16");
+        let out_dtype = self.desc.outputs[0].dtype;
+        let code = code(t.dtype, out_dtype);
         let rows_per_chunk = ROWS_PER_CHUNK.max(rows.div_ceil(MAX_CHUNKS));
         let chunks = rows.div_ceil(rows_per_chunk).max(1);
         let partial = empty(&t, [chunks, d], DType::F32);
         let params = words(rows, d, 0.0, rows_per_chunk, chunks);
         let columns = d.div_ceil(THREADS as usize) as u32;
-        launch(Kernel::ColumnSumPartial, elem, vec![&t, &partial], params.clone(), CubeCount::Static(columns, chunks as u32, 1));
-        let out = empty(&t, [d], t.dtype);
-        launch(Kernel::ColumnSumTotal, elem, vec![&partial, &out], params, CubeCount::Static(columns, 1, 1));
+        launch(Kernel::ColumnSumPartial, code, vec![&t, &partial], params.clone(), CubeCount::Static(columns, chunks as u32, 1));
+        let out = empty(&t, [d], out_dtype);
+        launch(Kernel::ColumnSumTotal, code, vec![&partial, &out], params, CubeCount::Static(columns, 1, 1));
         handles.register_float_tensor::<Inner>(&self.desc.outputs[0].id, out);
     }
 }
@@ -277,8 +284,15 @@ fn words(rows: usize, d: usize, eps: f64, rows_per_chunk: usize, chunks: usize) 
     vec![rows as u64, d as u64, (eps as f32).to_bits() as u64, rows_per_chunk as u64, chunks as u64]
 }
 
-fn launch(kernel: Kernel, elem: u8, buffers: Vec<&Cube>, words: Vec<u64>, count: CubeCount) {
-    SourceKernel { source: &SOURCE, entry: kernel.entry(), code: elem, threads: THREADS }.launch(buffers, words, count);
+fn launch(kernel: Kernel, code: u8, buffers: Vec<&Cube>, words: Vec<u64>, count: CubeCount) {
+    SourceKernel { source: &SOURCE, entry: kernel.entry(), code, threads: THREADS }.launch(buffers, words, count);
+}
+
+/// The source's `CODE` for element type `elem` and the other operand's type `other` (both
+/// among [`float_code`]'s, which every caller checked).
+fn code(elem: DType, other: DType) -> u8 {
+    let of = |dtype| float_code(dtype).unwrap_or_else(|| panic!("the kernels take f32, bf16 or f16, not {dtype:?}"));
+    of(elem) + 3 * of(other)
 }
 
 /// `[rows, d]` of a tensor whose last dimension is `d`.
@@ -307,7 +321,7 @@ impl Operation<Runtime> for LayerNormForward {
         let y = empty(&x, [rows, d], x.dtype);
         let mean = empty(&x, [rows], DType::F32);
         let rstd = empty(&x, [rows], DType::F32);
-        let elem = float_code(x.dtype).expect("checked when queued");
+        let elem = code(x.dtype, x.dtype);
         launch(Kernel::Forward, elem, vec![&x, &weight, &bias, &y, &mean, &rstd], words(rows, d, self.eps, 0, 0), row_blocks(rows));
         let y = CubeTensor::new_contiguous(y.client.clone(), y.device, x.meta.shape().clone(), y.handle, y.dtype);
         for (output, tensor) in self.desc.outputs.iter().zip([y, mean, rstd]) {
@@ -327,7 +341,7 @@ impl Operation<Runtime> for LayerNormBackward {
         let mut get = |i: usize| contiguous(handles.get_float_tensor::<Inner>(&inputs[i]));
         let (x, weight, mean, rstd, dy) = (get(0), get(1), get(2), get(3), get(4));
         let (rows, d) = rows_and_width(&x);
-        let elem = float_code(x.dtype).expect("checked when queued");
+        let elem = code(x.dtype, x.dtype);
         let dx = empty(&x, [rows, d], x.dtype);
         launch(Kernel::BackwardInput, elem, vec![&x, &weight, &dy, &mean, &rstd, &dx], words(rows, d, 0.0, 0, 0), row_blocks(rows));
         let dx = CubeTensor::new_contiguous(dx.client.clone(), dx.device, x.meta.shape().clone(), dx.handle, dx.dtype);
@@ -406,7 +420,8 @@ impl Kernel {
 /// The operations under autodiff, each with the kernels as its backward. LayerNorm's state keeps
 /// the input, the weight and the rows' statistics.
 mod autodiff {
-    use super::{elementwise, register_backward, register_forward, Kernel, Primitive};
+    use super::{cast, elementwise, gelu_forward, register_backward, register_forward, Kernel, Primitive};
+    use burn::tensor::DType;
     use crate::cuda_kernel::AutodiffCudaOp;
     use burn::backend::autodiff::checkpoint::base::Checkpointer;
     use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -484,7 +499,8 @@ mod autodiff {
         fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
             let dy = grads.consume::<B>(&ops.node);
             if let [Some(node)] = ops.parents {
-                grads.register::<B>(node.id, elementwise(Kernel::GeluBackward, vec![ops.state, dy], None, 0.0));
+                let dtype = ops.state.dtype;
+                grads.register::<B>(node.id, elementwise(Kernel::GeluBackward, vec![ops.state, cast(dy, dtype)], dtype, dtype, None, 0.0));
             }
         }
     }
@@ -497,16 +513,17 @@ mod autodiff {
         {
             match GeluBackward.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
                 OpsKind::Tracked(prep) => {
-                    let y = elementwise(Kernel::GeluForward, vec![x.primitive.clone()], None, 0.0);
+                    let y = gelu_forward(x.primitive.clone());
                     prep.finish(x.primitive, y)
                 }
-                OpsKind::UnTracked(prep) => prep.finish(elementwise(Kernel::GeluForward, vec![x.primitive], None, 0.0)),
+                OpsKind::UnTracked(prep) => prep.finish(gelu_forward(x.primitive)),
             }
         }
     }
 
-    /// `x + dropout(h)` over `[x, h]`, the seed's two words on the device; the state keeps the
-    /// seed (the backward draws the same mask from it).
+    /// `x + dropout(h)` over `[x, h]` (`h` may be in another dtype: a linear layer's output
+    /// under autocast), the seed's two words on the device; the state keeps the seed (the
+    /// backward draws the same mask from it) and the two dtypes.
     #[derive(Debug)]
     pub(super) struct ResidualDropout {
         pub prob: f64,
@@ -517,14 +534,15 @@ mod autodiff {
     struct ResidualDropoutBackward;
 
     impl<B: Backend<FloatTensorPrimitive = Primitive>> Backward<B, 2> for ResidualDropoutBackward {
-        type State = (Primitive, f64);
+        type State = (Primitive, f64, DType, DType);
 
         fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
-            let dy = grads.consume::<B>(&ops.node);
-            let (seed, prob) = ops.state;
+            let (seed, prob, x_dtype, h_dtype) = ops.state;
+            let dy = cast(grads.consume::<B>(&ops.node), x_dtype);
             let [x, h] = ops.parents;
             if let Some(node) = h {
-                grads.register::<B>(node.id, elementwise(Kernel::ResidualDropoutBackward, vec![dy.clone()], Some(seed), prob));
+                let dh = elementwise(Kernel::ResidualDropoutBackward, vec![dy.clone()], h_dtype, h_dtype, Some(seed), prob);
+                grads.register::<B>(node.id, dh);
             }
             if let Some(node) = x {
                 grads.register::<B>(node.id, dy);
@@ -538,11 +556,12 @@ mod autodiff {
             I: Backend<FloatTensorPrimitive = Primitive>,
             C: CheckpointStrategy,
         {
-            let forward = |x: Primitive, h: Primitive| elementwise(Kernel::ResidualDropoutForward, vec![x, h], Some(self.seed.clone()), self.prob);
+            let dtypes = (x.primitive.dtype, h.primitive.dtype);
+            let forward = |x: Primitive, h: Primitive| elementwise(Kernel::ResidualDropoutForward, vec![x, h], dtypes.1, dtypes.0, Some(self.seed.clone()), self.prob);
             match ResidualDropoutBackward.prepare::<C>([x.node.clone(), h.node.clone()]).compute_bound().stateful() {
                 OpsKind::Tracked(prep) => {
                     let y = forward(x.primitive, h.primitive);
-                    prep.finish((self.seed.clone(), self.prob), y)
+                    prep.finish((self.seed.clone(), self.prob, dtypes.0, dtypes.1), y)
                 }
                 OpsKind::UnTracked(prep) => prep.finish(forward(x.primitive, h.primitive)),
             }
@@ -561,5 +580,6 @@ mod tests {
         for kernel in Kernel::ALL {
             assert!(SOURCE.specialised(1).contains(&format!("__launch_bounds__({THREADS}) {}(", kernel.entry())), "{}", kernel.entry());
         }
+        assert!(SOURCE.specialised(1).contains(&format!("#define UNROLL {ELEMENTS_PER_THREAD}\n")));
     }
 }

@@ -449,6 +449,8 @@ struct FlashParams {
     scale: i64,
     drop_below: i64,
     keep_scale: i64,
+    /// Unread by the token-major forward the decoder compiles.
+    out_stride: [i64; 3],
 }
 
 /// The flash kernel's queries per block.
@@ -949,6 +951,7 @@ impl GraphDecoder {
                 scale: layer.scale.to_bits() as i64,
                 drop_below: 0,
                 keep_scale: 1f32.to_bits() as i64,
+                out_stride: [0; 3],
             };
             let mut params = params![&pf.q, &layer.k_cache, &layer.v_cache, &pf.mask, &pf.q, &pf.attn, &pf.lse, &flash];
             let grid = (tokens.div_ceil(FLASH_QUERIES) as u32, n_head as u32);

@@ -841,6 +841,20 @@ fn fused_residual_dropout_follows_its_mask_on_cuda() {
         let kept = keep.iter().filter(|&&k| k > 0.0).count() as f64 / n as f64;
         assert!((kept - (1.0 - prob)).abs() < 0.01, "p {prob}: kept {kept} of the elements");
     }
+    // The branch in bf16 (a linear layer's output under autocast): the output and the
+    // residual's gradient in f32, the branch's gradient in bf16 (then back through the cast).
+    let drop = SeededDropout { prob: 0.1, seed: [9, 10] };
+    let hb = h.clone().cast(burn::tensor::DType::BF16);
+    let hbs = f32s(hb.clone().into_data());
+    let y = fused_ops::try_residual_dropout(x.clone(), hb, drop.prob, Some(drop.seed)).unwrap_or_else(|_| panic!("the kernels cover a bf16 branch"));
+    assert_eq!(y.dtype(), burn::tensor::DType::F32, "the output takes the residual's dtype");
+    let grads = (y.clone() * r.clone()).sum().backward();
+    let keep: Vec<f32> = (0..n as u64).map(|i| if drop.keeps_element(i) { 1.0 / 0.9 } else { 0.0 }).collect();
+    let want_y: Vec<f32> = (0..n).map(|i| xs[i] + hbs[i] * keep[i]).collect();
+    let want_dh: Vec<f32> = (0..n).map(|i| rs[i] * keep[i]).collect();
+    assert_close("bf16 branch: output", &f32s(y.into_data()), &want_y, 1e-6);
+    assert_close("bf16 branch: residual gradient", &f32s(x.grad(&grads).unwrap().into_data()), &rs, 0.0);
+    assert_close("bf16 branch: branch gradient", &f32s(h.grad(&grads).unwrap().into_data()), &want_dh, 4e-3);
     // Drawn on the device: the dropped share is right, and two draws differ.
     let zero = Tensor::<A, 3>::zeros(shape, &device);
     let ones = Tensor::<A, 3>::ones(shape, &device).require_grad();
@@ -852,12 +866,13 @@ fn fused_residual_dropout_follows_its_mask_on_cuda() {
     assert!(differ > n / 20, "two drawn seeds differ in only {differ} of {n} elements");
 }
 
-/// The autocast affine (one recorded operation: casts, a cuBLASLt product written in f32, the
-/// bias) against the same layer written in burn's operations under autocast with cuBLASLt's
-/// bf16 products (the path it replaces), on `Autodiff<Cuda<f32>>`: outputs and the input's,
-/// weight's and bias's gradients, for a `[in, out]` weight (GPT-2's Conv1D) and a transposed
-/// `[out, in]` one (nn.Linear), with and without bias, a frozen weight (stage 1's LLM), and an
-/// untracked input.
+/// The autocast affine (one recorded operation: casts, a cuBLASLt product with the bias added to
+/// its f32 sums, written in bf16) against the same layer written in burn's operations under
+/// autocast with cuBLASLt's bf16 products (the path it replaces), on `Autodiff<Cuda<f32>>`:
+/// outputs (bf16 both) and the input's, weight's and bias's gradients, for a `[in, out]` weight
+/// (GPT-2's Conv1D) and a transposed `[out, in]` one (nn.Linear), with and without bias, a
+/// frozen weight (stage 1's LLM), an untracked input, and an input already in bf16 (another
+/// layer's output).
 #[cfg(feature = "cuda")]
 #[test]
 #[ignore = "needs a CUDA GPU"]
@@ -875,9 +890,17 @@ fn autocast_affine_matches_burn_on_cuda() {
     let w_data = Tensor::<A, 2>::random([k, n], Distribution::Normal(0.0, 0.05), &device).into_data();
     let b_data = Tensor::<A, 1>::random([n], Distribution::Normal(0.0, 0.5), &device).into_data();
     let r = Tensor::<A, 3>::random([rows[0], rows[1], n], Distribution::Normal(0.0, 1.0), &device);
-    // (transposed weight, bias, weight tracked, input tracked)
-    for (transposed, with_bias, w_tracked, x_tracked) in [(false, true, true, true), (true, true, true, true), (false, false, true, true), (true, true, false, true), (false, true, true, false)] {
-        let what = format!("transposed {transposed}, bias {with_bias}, weight tracked {w_tracked}, input tracked {x_tracked}");
+    // (transposed weight, bias, weight tracked, input tracked, input in bf16)
+    let cases = [
+        (false, true, true, true, false),
+        (true, true, true, true, false),
+        (false, false, true, true, false),
+        (true, true, false, true, false),
+        (false, true, true, false, false),
+        (false, true, true, true, true),
+    ];
+    for (transposed, with_bias, w_tracked, x_tracked, x_bf16) in cases {
+        let what = format!("transposed {transposed}, bias {with_bias}, weight tracked {w_tracked}, input tracked {x_tracked}, input in bf16 {x_bf16}");
         let run = |fused: bool| {
             fused_ops::set_enabled(fused);
             let _bf16 = autocast(Some(DType::BF16));
@@ -896,8 +919,10 @@ fn autocast_affine_matches_burn_on_cuda() {
             }
             let b = Tensor::<A, 1>::from_data(b_data.clone(), &device).require_grad();
             let w_in_out = if transposed { w.clone().transpose() } else { w.clone() };
-            let y = affine(x.clone(), w_in_out, with_bias.then(|| b.clone()));
-            let grads = (y.clone() * r.clone()).sum().backward();
+            let x_in = if x_bf16 { x.clone().cast(DType::BF16) } else { x.clone() };
+            let y = affine(x_in, w_in_out, with_bias.then(|| b.clone()));
+            assert_eq!(y.dtype(), DType::BF16, "{what}: the output is in the compute dtype");
+            let grads = (y.clone().cast(DType::F32) * r.clone()).sum().backward();
             // (Both runs keep the weight in the same layout, so its gradients compare as they are.)
             (f32s(y.into_data()), x.grad(&grads).map(|g| f32s(g.into_data())), w.grad(&grads).map(|g| f32s(g.into_data())), b.grad(&grads).map(|g| f32s(g.into_data())))
         };
@@ -916,8 +941,9 @@ fn autocast_affine_matches_burn_on_cuda() {
 }
 
 /// The head and its cross-entropy by chunks of the vocabulary (`linear_cross_entropy`, never
-/// the whole logits) against the route it replaces (the logits by the autocast product, then
-/// burn's log-softmax and gather), on `Autodiff<Cuda<f32>>` under bf16 autocast: the loss and
+/// the whole logits) against the same sums written with burn's operations (f32 logits of the
+/// operands rounded to bf16, then burn's log-softmax and gather), on `Autodiff<Cuda<f32>>`
+/// under bf16 autocast: the loss and
 /// the gradients of the hidden states and the weight, through an upstream factor. One chunk
 /// and six (the last one shorter); a frozen weight (stage 1); targets at both ends of the
 /// vocabulary and inside a middle chunk, and ignored tokens; and a batch with no target at all
@@ -956,7 +982,12 @@ fn linear_cross_entropy_matches_burn_on_cuda() {
             }
             let loss = match chunked {
                 true => try_linear_cross_entropy(h.clone(), w.clone(), targets, DType::BF16, max_chunk).ok().expect("the chunked route takes f32 operands under bf16 autocast"),
-                false => cross_entropy(affine(h.clone(), w.clone().transpose(), None), targets),
+                false => {
+                    // f32 products of the rounded operands: the chunked route's f32 sums.
+                    let _full = autocast(None);
+                    let round = |t: Tensor<A, 2>| t.cast(DType::BF16).cast(DType::F32);
+                    cross_entropy(affine(round(h.clone()), round(w.clone()).transpose(), None), targets)
+                }
             };
             let grads = (loss.clone() * 0.37).backward();
             (f32s(loss.into_data()), f32s(h.grad(&grads).expect("the hidden states' gradient").into_data()), w.grad(&grads).map(|g| f32s(g.into_data())))

@@ -4,7 +4,7 @@
 use burn::module::Param;
 use burn::prelude::*;
 
-use super::nn::{affine, attention_from_qkv, Activation, Dropout, Embedding, LayerNorm, Linear};
+use super::nn::{add_residual, affine, attention_from_qkv, Activation, Dropout, Embedding, LayerNorm, Linear};
 use crate::config::ClipVisionConfig;
 
 /// The patch embedding: a `patch x patch` convolution with stride `patch` and no bias. Stored as
@@ -37,8 +37,10 @@ impl<B: Backend> ClipVisionEmbeddings<B> {
             .reshape([b, c, gh, p, gw, p])
             .permute([0, 2, 4, 1, 3, 5])
             .reshape([b, gh * gw, c * p * p]);
-        let patch_embeds = affine(patches, weight.reshape([hidden, c * p * p]).transpose(), None);
         let cls = self.class_embedding.val().reshape([1, 1, hidden]).expand([b, 1, hidden]);
+        // In the class embedding's dtype: under autocast the product's output is in the
+        // compute dtype (PyTorch's `torch.cat` promotes it back).
+        let patch_embeds = affine(patches, weight.reshape([hidden, c * p * p]).transpose(), None).cast(cls.dtype());
         let embeddings = Tensor::cat(vec![cls, patch_embeds], 1);
         let positions_count = self.position_embedding.weight.dims()[0];
         assert_eq!(
@@ -90,9 +92,9 @@ pub struct ClipEncoderLayer<B: Backend> {
 
 impl<B: Backend> ClipEncoderLayer<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let x = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x));
+        let x = add_residual(x.clone(), self.self_attn.forward(self.layer_norm1.forward(x)));
         let h = self.layer_norm2.forward(x.clone());
-        x + self.mlp.fc2.forward(self.mlp.activation.forward(self.mlp.fc1.forward(h)))
+        add_residual(x, self.mlp.fc2.forward(self.mlp.activation.forward(self.mlp.fc1.forward(h))))
     }
 }
 

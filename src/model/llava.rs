@@ -86,7 +86,10 @@ impl<B: Backend> LlavaModel<B> {
         let features = self.vision_tower.hidden_state(pixel_values, self.select_layer);
         let [n, t, d] = features.dims();
         let features = if self.keep_cls { features } else { features.slice([0..n, 1..t, 0..d]) };
-        self.mm_projector.forward(features)
+        // Back in the tower's dtype: under autocast the projector's output is in the compute
+        // dtype, and it joins the f32 token embeddings (PyTorch's `torch.cat` promotes it).
+        let dtype = features.dtype();
+        self.mm_projector.forward(features).cast(dtype)
     }
 
     /// Splices `image_features` (`[images, image_tokens, n_embd]`, consumed in order, one per

@@ -16,8 +16,10 @@ thread_local! {
 
 /// Mixed precision as PyTorch's autocast does it: while the guard lives, matrix products and
 /// attention on this thread compute in `dtype` (bf16) from weights and activations kept in
-/// their own dtype (f32 master weights); everything else (LayerNorm, softmax of the loss,
-/// residuals) stays in f32. The casts are differentiable, so gradients reach the f32 weights.
+/// their own dtype (f32 master weights), and a linear layer's output stays in `dtype` (what
+/// follows it, attention, GELU, the next product, reads it so); LayerNorm, the loss's softmax
+/// and the residual stream stay in f32. The casts are differentiable, so gradients reach the
+/// f32 weights.
 pub fn autocast(dtype: Option<DType>) -> AutocastGuard {
     AutocastGuard(AUTOCAST.replace(dtype))
 }
@@ -89,6 +91,9 @@ fn gemm<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
 
 /// `x · w + bias` over the last dimension of `x`, with `w` given as `[in, out]` (it may be a
 /// transposed view of an `[out, in]` weight). Leading dimensions are flattened into one GEMM.
+/// Under autocast the output is in the compute dtype, as PyTorch's autocast leaves a linear
+/// layer's: what follows (attention, GELU, the next product) reads half the bytes, and a
+/// residual add takes it back into the f32 stream ([`Dropout::add_to`]).
 pub fn affine<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     w_in_out: Tensor<B, 2>,
@@ -97,12 +102,17 @@ pub fn affine<B: Backend, const D: usize>(
     let dims = x.dims();
     let [k, n] = w_in_out.dims();
     assert_eq!(dims[D - 1], k, "input width {} does not match weight [in {k}, out {n}]", dims[D - 1]);
-    #[cfg(feature = "cuda")]
-    let (x, w_in_out, bias) = match compute_dtype(x.dtype()) {
-        Some(compute) => match crate::cublaslt::try_autocast_affine(x, w_in_out, bias, compute) {
-            Ok(y) => return y,
-            Err(operands) => operands,
-        },
+    // The weight's dtype says whether autocast applies: the input may already be in the
+    // compute dtype (another linear layer's output).
+    let (x, w_in_out, bias) = match compute_dtype(w_in_out.dtype()) {
+        Some(compute) => {
+            #[cfg(feature = "cuda")]
+            let (x, w_in_out, bias) = match crate::cublaslt::try_autocast_affine(x, w_in_out, bias, compute) {
+                Ok(y) => return y,
+                Err(operands) => operands,
+            };
+            (x.cast(compute), w_in_out.cast(compute), bias.map(|b| b.cast(compute)))
+        }
         None => (x, w_in_out, bias),
     };
     let rows = dims[..D - 1].iter().product::<usize>();
@@ -568,17 +578,27 @@ impl Dropout {
     /// `residual + self.forward(h)`: a residual connection whose branch is dropped out, as
     /// GPT-2's blocks end. On the autodiff CUDA backends one kernel each way (the mask drawn
     /// from a hash, not stored; `crate::fused_ops::try_residual_dropout`).
+    /// The output is in the residual's dtype (`h` may be a linear layer's output in autocast's
+    /// compute dtype).
     pub fn add_to<B: Backend, const D: usize>(&self, residual: Tensor<B, D>, h: Tensor<B, D>) -> Tensor<B, D> {
         if !self.is_active::<B>(&h.device()) {
-            return residual + h;
+            return add_residual(residual, h);
         }
         #[cfg(feature = "cuda")]
         let (residual, h) = match crate::fused_ops::try_residual_dropout(residual, h, self.prob, None) {
             Ok(y) => return y,
             Err(operands) => operands,
         };
-        residual + self.forward(h)
+        add_residual(residual, self.forward(h))
     }
+}
+
+/// `residual + h` in the residual's dtype: `h` may be a linear layer's output in autocast's
+/// compute dtype, the residual stream stays in its own (f32), as PyTorch's type promotion
+/// keeps it.
+pub fn add_residual<B: Backend, const D: usize>(residual: Tensor<B, D>, h: Tensor<B, D>) -> Tensor<B, D> {
+    let dtype = residual.dtype();
+    residual + h.cast(dtype)
 }
 
 /// Whether any parameter of `module` is trained (requires a gradient).
