@@ -168,10 +168,10 @@ pub type AffineOperands<B, const D: usize> = (Tensor<B, D>, Tensor<B, 2>, Option
 /// cuBLASLt sums the product in f32, adds the bias, and writes the output in `compute`, as
 /// PyTorch's autocast does. Under autodiff the backward is two more products of the output
 /// gradient (`dx = dy · wᵀ` in `x`'s dtype, `dw = xᵀ · dy` in f32) and the bias's gradient `dy`
-/// summed over rows (in f32); the state keeps the cast operands, only those a gradient needs. Written with burn's operations the same layer is ~8 recorded operations
-/// forward (reshape, two casts, the product, a cast back, the bias's broadcast and add,
-/// reshape) and as many backward, and recording them is what bounds a training step
-/// (`model-import/results/fused-optim-2026-12-03/`). The operands come back untouched when
+/// summed over rows (in f32); the state keeps the cast operands, only those a gradient needs.
+/// Written with burn's operations the same layer is ~8 recorded operations forward (reshape,
+/// three casts, the product, the bias's broadcast and add, reshape) and as many backward, and
+/// recording them is what bounds a training step (`model-import/results/fused-optim-2026-12-03/`). The operands come back untouched when
 /// the route or the fused operations (`LLAVA_JP_FUSED_OPS=0`) are off, `B` is not burn's CUDA
 /// backend (with or without autodiff), or they are
 /// not of those dtypes and matching widths.
@@ -1101,7 +1101,7 @@ mod autodiff {
         }
     }
     /// What the autocast affine's backward keeps: the cast input and weight (each only when
-    /// the other's gradient needs it), the compute dtype, and the input's shape.
+    /// the other's gradient needs it), the compute dtype, and the input's dtype and shape.
     #[derive(Debug, Clone)]
     pub(super) struct AffineState {
         x: Option<Primitive>,

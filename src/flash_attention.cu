@@ -6,8 +6,8 @@
 //   MASK_BYTES  0 (no mask), 1 (burn's u8 bools) or 4 (u32 bools)
 //   DROPOUT     1 to drop probabilities (training's attention dropout), else 0
 //   OUT_TOKEN_MAJOR  optional, 1: the forward writes its output as [batch, query, head, D]
-//               (what the output projection reads) instead of [batch, head, query, D]
-//               (the graph decoder's prefill, `src/graph_decode.rs`)
+//               whatever `out_stride` says (the graph decoders' prefill, which pass no
+//               strides); otherwise every kernel writes through `out_stride`
 // No CUDA headers: operands are raw 16-bit words, conversions are PTX.
 //
 // Forward: one block of four warps takes 64 queries of one (batch, head); each warp keeps 16
@@ -147,11 +147,6 @@ __device__ __forceinline__ u32 dropout_row(const u32* seed, i64 bh, i64 query) {
 __device__ __forceinline__ bool dropout_keeps(u32 row, i64 key, const Params& p) {
     return mix32(row ^ ((u32)key * 0x9e3779b9u)) >= (u32)p.drop_below;
 }
-
-// Sixteen bytes, for vector loads and stores.
-struct __align__(16) Vec16 {
-    u32 word[4];
-};
 
 // Every kernel runs in blocks of 128 threads (`THREADS` in src/flash.rs).
 #define BLOCK_THREADS 128

@@ -19,10 +19,12 @@
 //!   chunk's rows of the weight's gradient.
 //!
 //! The state between them is the hidden states in the compute dtype and one f32 per token.
-//! Numbers are those of [`crate::model::nn::cross_entropy`] over
-//! [`crate::model::nn::affine`]'s logits under autocast (f32 sums of bf16 products, the
-//! softmax in f32, the score gradients rounded to bf16 for the backward's products); what
-//! differs is the order of sums: the hidden states' gradient is added up over chunks in f32.
+//! Numbers are those of [`crate::model::nn::cross_entropy`] over f32 logits of the operands
+//! rounded to bf16 (f32 sums of bf16 products, the softmax in f32, the score gradients rounded
+//! to bf16 for the backward's products); what differs is the order of sums: the hidden
+//! states' gradient is added up over chunks in f32. The other route, [`crate::model::nn::affine`]
+//! under autocast, writes the logits in bf16 (as PyTorch's autocast does before its loss casts
+//! them to f32), so it rounds them once more.
 //! The weight's gradient is made in f32 chunks and then joined, so it is held twice for a
 //! moment (415 MB each at llm-jp-1.3b's size).
 
