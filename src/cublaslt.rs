@@ -171,10 +171,10 @@ pub type AffineOperands<B, const D: usize> = (Tensor<B, D>, Tensor<B, 2>, Option
 /// summed over rows (in f32); the state keeps the cast operands, only those a gradient needs.
 /// Written with burn's operations the same layer is ~8 recorded operations forward (reshape,
 /// three casts, the product, the bias's broadcast and add, reshape) and as many backward, and
-/// recording them is what bounds a training step (`model-import/results/fused-optim-2026-12-03/`). The operands come back untouched when
-/// the route or the fused operations (`LLAVA_JP_FUSED_OPS=0`) are off, `B` is not burn's CUDA
-/// backend (with or without autodiff), or they are
-/// not of those dtypes and matching widths.
+/// recording them is what bounds a training step (`model-import/results/fused-optim-2026-12-03/`).
+/// The operands come back untouched when the route or the fused operations
+/// (`LLAVA_JP_FUSED_OPS=0`) are off, `B` is not burn's CUDA backend (with or without autodiff),
+/// or they are not of those dtypes and matching widths.
 pub fn try_autocast_affine<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     w: Tensor<B, 2>,

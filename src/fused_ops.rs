@@ -321,8 +321,8 @@ impl Operation<Runtime> for LayerNormForward {
         let y = empty(&x, [rows, d], x.dtype);
         let mean = empty(&x, [rows], DType::F32);
         let rstd = empty(&x, [rows], DType::F32);
-        let elem = code(x.dtype, x.dtype);
-        launch(Kernel::Forward, elem, vec![&x, &weight, &bias, &y, &mean, &rstd], words(rows, d, self.eps, 0, 0), row_blocks(rows));
+        let code = code(x.dtype, x.dtype);
+        launch(Kernel::Forward, code, vec![&x, &weight, &bias, &y, &mean, &rstd], words(rows, d, self.eps, 0, 0), row_blocks(rows));
         let y = CubeTensor::new_contiguous(y.client.clone(), y.device, x.meta.shape().clone(), y.handle, y.dtype);
         for (output, tensor) in self.desc.outputs.iter().zip([y, mean, rstd]) {
             handles.register_float_tensor::<Inner>(&output.id, tensor);
@@ -341,9 +341,9 @@ impl Operation<Runtime> for LayerNormBackward {
         let mut get = |i: usize| contiguous(handles.get_float_tensor::<Inner>(&inputs[i]));
         let (x, weight, mean, rstd, dy) = (get(0), get(1), get(2), get(3), get(4));
         let (rows, d) = rows_and_width(&x);
-        let elem = code(x.dtype, x.dtype);
+        let code = code(x.dtype, x.dtype);
         let dx = empty(&x, [rows, d], x.dtype);
-        launch(Kernel::BackwardInput, elem, vec![&x, &weight, &dy, &mean, &rstd, &dx], words(rows, d, 0.0, 0, 0), row_blocks(rows));
+        launch(Kernel::BackwardInput, code, vec![&x, &weight, &dy, &mean, &rstd, &dx], words(rows, d, 0.0, 0, 0), row_blocks(rows));
         let dx = CubeTensor::new_contiguous(dx.client.clone(), dx.device, x.meta.shape().clone(), dx.handle, dx.dtype);
         let mut grads = vec![dx];
         if self.desc.outputs.len() == 3 {
@@ -355,14 +355,14 @@ impl Operation<Runtime> for LayerNormBackward {
             let columns = d.div_ceil(THREADS as usize) as u32;
             launch(
                 Kernel::BackwardParamsPartial,
-                elem,
+                code,
                 vec![&x, &dy, &mean, &rstd, &partial_weight, &partial_bias],
                 params.clone(),
                 CubeCount::Static(columns, chunks as u32, 1),
             );
             let dweight = empty(&x, [d], weight.dtype);
             let dbias = empty(&x, [d], weight.dtype);
-            launch(Kernel::BackwardParamsSum, elem, vec![&partial_weight, &partial_bias, &dweight, &dbias], params, CubeCount::Static(columns, 1, 1));
+            launch(Kernel::BackwardParamsSum, code, vec![&partial_weight, &partial_bias, &dweight, &dbias], params, CubeCount::Static(columns, 1, 1));
             grads.extend([dweight, dbias]);
         }
         for (output, tensor) in self.desc.outputs.iter().zip(grads) {
