@@ -138,6 +138,11 @@ fn assert_left_out(name: &str, bad_line: &str, kind: &str, reason: &str) {
     assert!(message.contains("bad-one") || message.contains("data.jsonl:2"), "{name}: the sample is named: {message}");
     assert!(message.contains(reason), "{name}: `{reason}` in `{message}`");
     assert!(report.to_string().contains(&format!("{kind}: 1")), "{name}: summary {report}");
+    // Gathered ahead on a thread but not taken: neither used nor left out.
+    let ahead = loader.epoch(0, 0).prefetched(1);
+    std::thread::sleep(std::time::Duration::from_millis(50)); // let the thread gather the batch
+    let untaken = ahead.finish();
+    assert_eq!((untaken.accepted, untaken.rejected(), untaken.rejections.len()), (0, 0, 0), "{name}: {untaken}");
 
     // Fail policy: the run stops at the bad sample, naming it.
     let failed = match LlavaDataset::open(&[path], BadSamplePolicy::Fail) {
@@ -285,6 +290,20 @@ fn order_is_fixed_by_the_seed_and_resuming_sees_the_same_batches() {
     let mut it = many.epoch(0, 0);
     assert!(it.next().unwrap().is_ok());
     drop(it);
+
+    // Gathered ahead on a thread: the same batches; the report counts only those taken.
+    let mut ahead = many.epoch(0, 0).prefetched(2);
+    let prefetched: Vec<Batch> = ahead.by_ref().map(|b| b.unwrap()).collect();
+    assert_eq!(ids(&prefetched), ids(&a));
+    assert_eq!(ahead.finish().accepted, 23);
+    let mut ahead = many.epoch(0, 0).prefetched(2);
+    let taken: Vec<Batch> = ahead.by_ref().take(2).map(|b| b.unwrap()).collect();
+    assert_eq!(ids(&taken), ids(&a[..2]));
+    std::thread::sleep(std::time::Duration::from_millis(50)); // let the thread run ahead
+    assert_eq!(ahead.finish().accepted, 8, "batches gathered ahead but not taken are not counted");
+    let mut ahead = many.epoch(0, 0).prefetched(1);
+    assert!(ahead.next().unwrap().is_ok());
+    drop(ahead); // stops the thread and the workers (the test would hang otherwise)
 }
 
 #[test]

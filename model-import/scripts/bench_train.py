@@ -2,12 +2,14 @@
 """Full-size training-step benchmark, PyTorch side and data for ours (run by bench_train.sh).
 
     python3 bench_train.py data OUT --tokenizer TOKENIZER_JSON   # images, JSONL, our run configs
-    python3 bench_train.py torch --stage 2 --batch 8 --seq 1024 --steps 8
+    python3 bench_train.py torch --stage 2 --batch 8 --seq 1024 --steps 8 [--profile TABLE.txt]
 
 `torch` is the reference's step at LLaVA-JP v1.0's sizes (CLIP ViT-L/14-336 tower, mlp2x_gelu,
 llm-jp-1.3b's GPT-2) with random weights: bf16 autocast over f32 weights, SDPA attention, fused
 AdamW, stage 1 training the projector only, stage 2 projector + LLM; each sample is one image's
 576 features spliced into text so that it is exactly `seq` tokens long. Prints one JSON line.
+`--profile` also times two more steps under torch.profiler and writes the CUDA kernels' totals
+per step to TABLE.txt, to set beside cubecl's per-kernel profile of ours.
 """
 import argparse
 import json
@@ -101,19 +103,38 @@ def bench(args):
         s[1] = -200
     labels = [[-100 if t == -200 or i < 2 else t for i, t in enumerate(s)] for s in samples]
     pixels = torch.randn(args.batch, 3, 336, 336, device=dev)
-    times = []
-    torch.cuda.reset_peak_memory_stats()
-    for step in range(args.steps):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
+    def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             _, loss, _ = model(samples, labels, pixels, "right")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    times = []
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(args.steps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        step()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        profiled = 2
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(profiled):
+                step()
+            torch.cuda.synchronize()
+        # Device time per kernel name, per step, the largest first.
+        device_us = lambda e: getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        rows = sorted(((e.key, device_us(e) / profiled, e.count // profiled) for e in prof.key_averages()
+                       if device_us(e) > 0), key=lambda r: -r[1])
+        total = sum(r[1] for r in rows)
+        with open(args.profile, "w") as f:
+            f.write(f"# PyTorch stage {args.stage}, batch {args.batch} x {args.seq}: CUDA time per step {total / 1e3:.1f} ms\n")
+            for name, us, count in rows:
+                f.write(f"{us / 1e3:9.3f} ms {count:6d}x  {name[:160]}\n")
     steady = times[2:] if len(times) > 3 else times
     step_s = sum(steady) / len(steady)
     llm_params = sum(p.numel() for p in lm.parameters())
@@ -139,6 +160,7 @@ def main():
     b.add_argument("--seq", type=int, default=1024)
     b.add_argument("--steps", type=int, default=8)
     b.add_argument("--gradient-checkpointing", action="store_true")
+    b.add_argument("--profile", help="write torch.profiler's per-kernel CUDA time of two more steps here")
     args = ap.parse_args()
     data(args) if args.cmd == "data" else bench(args)
 

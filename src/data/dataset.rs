@@ -167,6 +167,19 @@ impl DataReport {
         self.counts.values().sum()
     }
 
+    /// Takes back `rejections`, the last ones [`Self::reject`] was given (kept in full while
+    /// there was room, so the kept ones stay the first [`Self::KEPT`] of the rest).
+    pub fn forget_last(&mut self, rejections: &[Rejection]) {
+        for rejection in rejections {
+            let count = self.counts.get_mut(rejection.problem.kind()).expect("a rejection counted before");
+            *count -= 1;
+            if *count == 0 {
+                self.counts.remove(rejection.problem.kind());
+            }
+        }
+        self.rejections.truncate(self.rejected().min(Self::KEPT));
+    }
+
     pub fn merge(&mut self, other: &DataReport) {
         self.accepted += other.accepted;
         for (kind, n) in &other.counts {

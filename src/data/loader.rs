@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{channel, Receiver};
+use std::sync::mpsc::{channel, sync_channel, Receiver};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
@@ -271,6 +271,28 @@ impl EpochIter {
         self.order.len()
     }
 
+    /// These batches gathered `ahead` batches in advance on a thread of their own.
+    pub fn prefetched(self, ahead: usize) -> Prefetched {
+        let order_len = self.order_len();
+        let (tx, rx) = sync_channel(ahead.max(1));
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("batches".into())
+            .spawn(move || {
+                let mut batches = self;
+                while !stopped.load(Ordering::SeqCst) {
+                    let Some(batch) = batches.next() else { break };
+                    if tx.send(batch).is_err() {
+                        break;
+                    }
+                }
+                batches
+            })
+            .expect("spawning the batch thread");
+        Prefetched { rx: Some(rx), stop, handle: Some(handle), order_len }
+    }
+
     fn take(&mut self, seq: usize) -> Built {
         loop {
             if let Some(built) = self.pending.remove(&seq) {
@@ -319,6 +341,55 @@ impl Iterator for EpochIter {
             return None;
         }
         Some(Ok(Batch::collate(examples, self.epoch, self.expect, rejections)))
+    }
+}
+
+/// An epoch's batches gathered ahead on a thread of their own ([`EpochIter::prefetched`]), so
+/// that waiting for samples and collating them (a batch's pixels copied into one buffer, ~40 MB
+/// at stage 1's 32 images) overlap the device's work on the step before instead of keeping it
+/// idle. The same batches in the same order; [`Self::finish`] reports only the batches taken.
+pub struct Prefetched {
+    rx: Option<Receiver<Result<Batch, Rejection>>>,
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<EpochIter>>,
+    order_len: usize,
+}
+
+impl Prefetched {
+    /// Samples in this epoch's order (accepted or not).
+    pub fn order_len(&self) -> usize {
+        self.order_len
+    }
+
+    /// Stops gathering and returns what the batches taken used and left out: a batch gathered
+    /// ahead but not taken counts as never read.
+    pub fn finish(mut self) -> DataReport {
+        self.stop.store(true, Ordering::SeqCst);
+        // Until the thread has stopped and dropped its end: whatever it still sends is untaken.
+        let untaken: Vec<_> = self.rx.take().expect("open").iter().collect();
+        let batches = self.handle.take().expect("running").join().expect("the batch thread panicked");
+        let mut report = batches.report.clone();
+        for batch in untaken.into_iter().flatten() {
+            report.accepted -= batch.len();
+            report.forget_last(&batch.rejections);
+        }
+        report
+    }
+}
+
+impl Iterator for Prefetched {
+    type Item = Result<Batch, Rejection>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.rx.as_ref()?.recv().ok()
+    }
+}
+
+impl Drop for Prefetched {
+    fn drop(&mut self) {
+        // The thread stops at its next send (the receiver gone) or its next batch.
+        self.stop.store(true, Ordering::SeqCst);
+        self.rx.take();
     }
 }
 

@@ -669,7 +669,8 @@ pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, resume: Option<&Path>, devic
     let result = (|| -> anyhow::Result<()> {
         while state.step < total_steps && !done {
             let epoch = state.epoch;
-            let mut batches = loader.epoch(epoch, state.position);
+            // A whole step's micro-batches gathered ahead, while the device runs this one.
+            let mut batches = loader.epoch(epoch, state.position).prefetched(accum * world);
             let order_len = batches.order_len().max(1);
             loop {
                 let step_started = Instant::now();
@@ -773,7 +774,7 @@ pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, resume: Option<&Path>, devic
                     break;
                 }
             }
-            data_report.merge(&batches.report);
+            data_report.merge(&batches.finish());
             if !done {
                 state.epoch = epoch + 1;
                 state.position = 0;
