@@ -176,12 +176,16 @@ impl Property for GemmProperty {
     }
 }
 
-/// `masked`: none, GPT-2's causal mask over random left padding, or random (a query always
-/// sees its own position, so no row is empty).
+/// `masked`: none, GPT-2's causal mask over random left or right padding, or random (a query
+/// always sees its own position, so no row is empty).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 enum MaskKind {
     None,
     CausalPadded,
+    /// Causal, the keys valid up to a length drawn per batch row, as the training collator pads
+    /// on the right: queries past the length see the valid keys and themselves only, so a
+    /// flash kernel's block of them meets hidden tiles between seen ones.
+    CausalRightPadded,
     Random,
 }
 
@@ -219,7 +223,7 @@ impl Property for AttentionProperty {
     type Case = AttentionCase;
 
     fn strategy() -> BoxedStrategy<AttentionCase> {
-        let mask = prop_oneof![Just(MaskKind::None), Just(MaskKind::CausalPadded), Just(MaskKind::Random)];
+        let mask = prop_oneof![Just(MaskKind::None), Just(MaskKind::CausalPadded), Just(MaskKind::CausalRightPadded), Just(MaskKind::Random)];
         // Head widths that are multiples of 16 and lengths past one 64-wide tile reach CUDA's
         // flash kernel (`src/flash.rs`) on the bf16 legs; the rest stay on burn's attention.
         let head_dim = prop_oneof![1..=64usize, prop::sample::select(vec![16usize, 32, 64, 128])];
@@ -272,10 +276,12 @@ impl AttentionCase {
         };
         let masked = match c.mask {
             MaskKind::None => None,
-            MaskKind::CausalPadded => {
+            MaskKind::CausalPadded | MaskKind::CausalRightPadded => {
+                let right = matches!(c.mask, MaskKind::CausalRightPadded);
                 let valid: Vec<bool> = (0..c.batch).flat_map(|_| {
                     let pad = rng.below(keys);
-                    (0..keys).map(move |j| j >= pad)
+                    // Left: the first `pad` keys are padding; right: all but the first `pad + 1`.
+                    (0..keys).map(move |j| if right { j <= pad } else { j >= pad })
                 }).collect();
                 Some(attention_mask(Tensor::<B, 2, Bool>::from_data(TensorData::new(valid, [c.batch, keys]), device), c.queries, c.heads))
             }

@@ -111,7 +111,19 @@ pub fn affine<B: Backend, const D: usize>(
                 Ok(y) => return y,
                 Err(operands) => operands,
             };
-            (x.cast(compute), w_in_out.cast(compute), bias.map(|b| b.cast(compute)))
+            let (x, w_in_out) = (x.cast(compute), w_in_out.cast(compute));
+            match bias {
+                // The product rounds once to the compute dtype, as PyTorch's does.
+                None => (x, w_in_out, None),
+                // PyTorch's GEMM adds the bias (cast to the compute dtype) to its f32 sums and
+                // rounds once; a product in the compute dtype and then a bias add would round
+                // twice. So: the operands rounded, multiplied and the bias added in f32.
+                Some(b) => {
+                    let (x, w_in_out, b) = (x.cast(DType::F32), w_in_out.cast(DType::F32), b.cast(compute).cast(DType::F32));
+                    let _f32 = autocast(None);
+                    return affine(x, w_in_out, Some(b)).cast(compute);
+                }
+            }
         }
         None => (x, w_in_out, bias),
     };
@@ -630,6 +642,42 @@ pub fn merge_heads<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 3> {
 #[cfg(test)]
 mod tests {
     use super::SeededDropout;
+
+    /// A linear layer under autocast on a backend without the fused route (flex): the operands
+    /// rounded to bf16, their products summed and the bf16 bias added in f32, the sum rounded
+    /// once, as PyTorch's bf16 GEMM with its bias epilogue does. Rounding the product and then
+    /// the sum with the bias (what this route did before) changes about a quarter of them here.
+    #[cfg(feature = "flex")]
+    #[test]
+    fn autocast_affine_rounds_once() {
+        use super::{affine, autocast};
+        use burn::backend::Flex;
+        use burn::tensor::{bf16, DType, Distribution, Tensor};
+        let device = Default::default();
+        let (rows, k, n) = (64, 96, 80);
+        let x = Tensor::<Flex, 2>::random([rows, k], Distribution::Normal(0.0, 1.0), &device);
+        let w = Tensor::<Flex, 2>::random([k, n], Distribution::Normal(0.0, 0.1), &device);
+        let b = Tensor::<Flex, 1>::random([n], Distribution::Normal(0.0, 1.0), &device);
+        let y = {
+            let _bf16 = autocast(Some(DType::BF16));
+            affine(x.clone(), w.clone(), Some(b.clone()))
+        };
+        assert_eq!(y.dtype(), DType::BF16, "a linear layer's output under autocast");
+        let values = |t: burn::tensor::TensorData| t.convert::<f32>().to_vec::<f32>().unwrap();
+        let round = |v: f32| bf16::from_f32(v).to_f32();
+        let (xs, ws, bs, ys) = (values(x.into_data()), values(w.into_data()), values(b.into_data()), values(y.into_data()));
+        let mut exact = 0;
+        for i in 0..rows {
+            for j in 0..n {
+                let sum: f64 = (0..k).map(|l| round(xs[i * k + l]) as f64 * round(ws[l * n + j]) as f64).sum();
+                let want = round((sum + round(bs[j]) as f64) as f32);
+                let got = ys[i * n + j];
+                assert!((got - want).abs() <= want.abs() / 128.0 + 1e-6, "[{i}, {j}]: {got}, rounded once {want}");
+                exact += (got == want) as usize;
+            }
+        }
+        assert!(exact as f64 >= 0.99 * (rows * n) as f64, "only {exact} of {} outputs are the once-rounded value", rows * n);
+    }
 
     /// The hash drops about `prob` of the probabilities, independently of where they are: the
     /// kept share over a whole slice, and along one row and one column, is near 1 - prob; another
