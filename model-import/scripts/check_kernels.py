@@ -83,11 +83,11 @@ def ptxas_report(ptxas, ptx, sm):
     os.unlink(f.name)
     if out.returncode != 0:
         return None, out.stderr
-    rows, name = [], None
+    rows, name, spills = [], None, (0, 0)
     for line in out.stderr.splitlines():
         m = re.search(r"Compiling entry function '(\w+)'", line)
         if m:
-            name = m.group(1)
+            name, spills = m.group(1), (0, 0)
         m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
         if m and name:
             spills = (int(m.group(1)), int(m.group(2)))
