@@ -5,11 +5,20 @@
 //!     cargo bench --bench train                         # tiny model, both stages, CPU (flex)
 //!     cargo bench --bench train -- --config RUN.toml... [--backend cuda] [--steps N]
 //!                                  [--peak-tflops 989] [--torch]
+//!     cargo bench --bench train -- --backend cuda --layers 24   # queuing a full-depth step
 //!
 //! With `--config`, each run config is benchmarked as it is (the GPU script writes full-size
 //! ones: `model-import/scripts/bench_train.py data`); without, a tiny LLaVA on coloured squares
 //! with the llm-jp tokenizer (`../shared/reference/`, or `LLAVA_JP_TOKENIZER`). The first two
 //! steps (kernel compilation, autotuning, allocator warm-up) are left out of the averages.
+//! `--layers N` gives the tiny model N blocks in the tower and the LLM: as many operations a
+//! step as the full-size model's 24 and 24 on tensors so small that, on a GPU, a step costs
+//! about what queuing its operations costs. The `host` column is the share of a step the
+//! training thread spent queuing it (forward, backward, optimizer); that includes waiting for
+//! cubecl's device thread when it falls behind, so near 100% says the device thread or the
+//! device bounds the step, and a per-thread profile (`perf record -g -p PID`) tells which: on
+//! lavapipe (`--backend wgpu` on a CPU) the device thread runs the shaders itself, ~70% of the
+//! samples, and the training thread waits in cubecl's channel.
 //! MFU counts 6 x LLM parameters x tokens per step, the PyTorch script's formula. Tokens are
 //! those after splicing, padding excluded; the PyTorch script's samples are all exactly
 //! `max_length` long, so compare runs whose samples fill it (the GPU script's data do), on one
@@ -91,7 +100,7 @@ fn llm_parameters(cfg: &TrainConfig) -> f64 {
 
 /// A tiny run workspace: configs/tiny.json's model with the llm-jp vocabulary, 16 coloured squares with captions (stage 1)
 /// and questions (stage 2).
-fn tiny_workspace(steps: u64) -> Vec<TrainConfig> {
+fn tiny_workspace(steps: u64, layers: Option<u64>) -> Vec<TrainConfig> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = std::env::temp_dir().join(format!("llava-jp-bench-train-{}", std::process::id()));
     std::fs::create_dir_all(dir.join("images")).unwrap();
@@ -117,6 +126,10 @@ fn tiny_workspace(steps: u64) -> Vec<TrainConfig> {
     model["vocab_size"] = 50570.into();
     model["tokenizer_model_max_length"] = 96.into();
     model["n_positions"] = 128.into();
+    if let Some(layers) = layers {
+        model["n_layer"] = layers.into();
+        model["vision_config"]["num_hidden_layers"] = layers.into();
+    }
     std::fs::write(dir.join("model.json"), model.to_string()).unwrap();
     std::fs::write(dir.join("stage1.jsonl"), captions.join("\n")).unwrap();
     std::fs::write(dir.join("stage2.jsonl"), questions.join("\n")).unwrap();
@@ -138,12 +151,13 @@ fn tiny_workspace(steps: u64) -> Vec<TrainConfig> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let (mut configs, mut backend, mut steps, mut peak_tflops, mut torch) = (
+    let (mut configs, mut backend, mut steps, mut peak_tflops, mut torch, mut layers) = (
         Vec::<PathBuf>::new(),
         BackendKind::Flex,
         8u64,
         None::<f64>,
         false,
+        None::<u64>,
     );
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -153,8 +167,9 @@ fn main() -> anyhow::Result<()> {
             "--steps" => steps = args.next().and_then(|s| s.parse().ok()).expect("--steps N"),
             "--peak-tflops" => peak_tflops = Some(args.next().and_then(|s| s.parse().ok()).expect("--peak-tflops T")),
             "--torch" => torch = true,
+            "--layers" => layers = Some(args.next().and_then(|s| s.parse().ok()).filter(|&n| n >= 2).expect("--layers N (at least 2: the tower's output is its second-to-last layer)")),
             "--bench" => {}
-            other => anyhow::bail!("unknown argument {other:?}: expected --config, --backend, --steps, --peak-tflops, --torch"),
+            other => anyhow::bail!("unknown argument {other:?}: expected --config, --backend, --steps, --peak-tflops, --torch, --layers"),
         }
     }
     anyhow::ensure!(
@@ -162,8 +177,9 @@ fn main() -> anyhow::Result<()> {
         "--steps {steps}: at least 3 (the first two are warm-up)"
     );
     let overrides = [format!("max_steps={steps}")];
+    anyhow::ensure!(layers.is_none() || configs.is_empty(), "--layers deepens the tiny model; a --config run is benchmarked as it is");
     let runs: Vec<TrainConfig> = if configs.is_empty() {
-        tiny_workspace(steps)
+        tiny_workspace(steps, layers)
     } else {
         configs
             .iter()
@@ -171,10 +187,11 @@ fn main() -> anyhow::Result<()> {
             .collect::<Result<_, _>>()?
     };
     println!(
-        "{:<6} {:>5} {:>9} {:>10} {:>10} {:>9} {:>6} {:>9} {:>9}",
+        "{:<6} {:>5} {:>9} {:>6} {:>10} {:>10} {:>9} {:>6} {:>9} {:>9}",
         "stage",
         "batch",
         "step (s)",
+        "host",
         "tokens/s",
         "samples/s",
         "first (s)",
@@ -205,6 +222,8 @@ fn main() -> anyhow::Result<()> {
         let tokens = steady.iter().map(|r| r.tokens as f64).sum::<f64>() / steady.len() as f64;
         let samples = steady.iter().map(|r| r.samples as f64).sum::<f64>() / steady.len() as f64;
         let rss = m.iter().map(|r| r.rss_mb).fold(0.0, f64::max) / 1024.0;
+        let recording = |r: &llava_jp::train::trainer::StepMetrics| r.times.forward_s + r.times.backward_s + r.times.optimizer_s;
+        let host = steady.iter().map(recording).sum::<f64>() / steady.len() as f64 / mean_s;
         let mfu = peak_tflops.map_or("-".to_string(), |p| {
             format!(
                 "{:.1}%",
@@ -212,7 +231,8 @@ fn main() -> anyhow::Result<()> {
             )
         });
         println!(
-            "{stage:<6} {batch:>5} {mean_s:>9.3} {:>10.0} {:>10.2} {:>9.1} {mfu:>6} {rss:>9.2} {:>9}",
+            "{stage:<6} {batch:>5} {mean_s:>9.3} {:>5.0}% {:>10.0} {:>10.2} {:>9.1} {mfu:>6} {rss:>9.2} {:>9}",
+            100.0 * host,
             tokens / mean_s,
             samples / mean_s,
             step_s(&m[0]),
