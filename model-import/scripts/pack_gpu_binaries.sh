@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Builds the binaries the GPU calls run (model-import/results/*/call*.sh) from the checked-out
+# tree and packs them, stripped and xz-compressed, into .dev/ (git-ignored; the device tool's
+# `carry` takes it, 64 MiB in all): llava-jp.xz, train-test.xz (tests/train.rs),
+# backend-fuzz.xz, attention-bench.xz, bench-train.xz. NAMES="llava-jp train-test" packs only
+# those. One cargo build at a time: run it alone.
+#   usage (repository root): bash model-import/scripts/pack_gpu_binaries.sh
+set -euo pipefail
+names=${NAMES:-llava-jp train-test backend-fuzz attention-bench bench-train}
+mkdir -p .dev
+# The path of the executable cargo reports for a build (`--message-format json`).
+executable() { grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4; }
+for name in $names; do
+  case $name in
+    llava-jp) bin=$(cargo build --release --bin llava-jp --message-format json | executable) ;;
+    train-test) bin=$(cargo test --release --test train --no-run --message-format json | executable) ;;
+    backend-fuzz) bin=$(cargo test --release --test backend_fuzz --no-run --message-format json | executable) ;;
+    attention-bench) bin=$(cargo bench --bench attention --no-run --message-format json | executable) ;;
+    bench-train) bin=$(cargo bench --bench train --no-run --message-format json | executable) ;;
+    *) echo "unknown binary $name: expected llava-jp, train-test, backend-fuzz, attention-bench or bench-train" >&2; exit 1 ;;
+  esac
+  [ -x "$bin" ] || { echo "$name: cargo reported no executable" >&2; exit 1; }
+  strip -o "/tmp/pack-$name" "$bin"
+  xz -T2 -6 -c "/tmp/pack-$name" > ".dev/$name.xz"
+  rm -f "/tmp/pack-$name"
+  echo "$name: $bin -> .dev/$name.xz ($(du -h ".dev/$name.xz" | cut -f1))"
+done
+# Which tree the binaries are of, for the next session to check before it calls.
+{ echo "$(date -u +%FT%TZ) $names"; git log -1 --format='%H %s' | cut -c1-120; git status --porcelain --untracked-files=no; } > .dev/packed.txt
+total=$(du -cb .dev | tail -1 | cut -f1)
+echo ".dev: $((total / 1024 / 1024)) MiB$([ $total -gt $((64 * 1024 * 1024)) ] && echo ', over the 64 MiB carry limit: pack fewer (NAMES=...)')"
