@@ -2,8 +2,10 @@
 """Compiles every variant of the project's CUDA sources (src/*.cu) as the binary specialises
 them at run time, with NVRTC, on a machine without a GPU: a kernel edit that does not compile is
 found here instead of in a GPU session. With `--ptxas`, also assembles each variant for the
-target and prints every kernel's registers, spills and static shared memory (ptxas -v), which
-is what decides occupancy.
+target and prints every kernel's registers, spills and static shared memory (ptxas -v), and
+the blocks an SM can hold with them (and the dynamic shared memory the Rust side launches a
+kernel with), naming the resource that limits it, for kernels whose block size the source
+states (`__launch_bounds__`).
 
     pip download nvidia-cuda-nvrtc-cu12 nvidia-cuda-nvcc-cu12 --no-deps -d /tmp/whl
     (cd /tmp/cuda && for w in /tmp/whl/*.whl; do python3 -m zipfile -e $w .; done)
@@ -97,6 +99,35 @@ def ptxas_report(ptxas, ptx, sm):
     return rows, None
 
 
+# Per SM (sm_80: A100; sm_90: H100 / H200): registers, shared memory bytes, warps, blocks.
+SM_LIMITS = {"sm_80": (65536, 167936, 64, 32), "sm_90": (65536, 233472, 64, 32)}
+
+
+def dynamic_shared(kernel, source):
+    """The dynamic shared memory `src/flash.rs` launches a kernel with (Kernel::dynamic_shared_bytes)."""
+    if kernel != "flash_attention_backward":
+        return 0
+    d = int(re.search(r"#define HEAD_DIM (\d+)", source).group(1))
+    tile, mask_row = 64, 64 + 16
+    return 4 * tile * (d + 8) * 2 + tile * (tile + 8) * 2 + tile * mask_row + 3 * tile * 4
+
+
+def occupancy(sm, threads, regs, shared):
+    """Blocks an SM holds, and what limits it: registers are allotted per warp in 256s, each
+    block's shared memory takes 1 KiB more for the driver."""
+    max_regs, max_shared, max_warps, max_blocks = SM_LIMITS.get(sm, SM_LIMITS["sm_90"])
+    warps = -(-threads // 32)
+    per_warp = -(-regs * 32 // 256) * 256
+    limits = {
+        "registers": (max_regs // per_warp) // warps,
+        "shared memory": max_shared // (shared + 1024) if shared else max_blocks,
+        "warps": max_warps // warps,
+        "blocks": max_blocks,
+    }
+    limit = min(limits, key=limits.get)
+    return limits[limit], limit
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--nvrtc", default=os.environ.get("NVRTC", "libnvrtc.so.12"))
@@ -122,9 +153,17 @@ def main():
                 failed += 1
                 print(f"FAILED ptxas {label}\n{err}")
                 continue
+            bounds = dict((k, int(t)) for t, k in re.findall(r"__launch_bounds__\((\d+)[^)]*\)\s+(\w+)\(", source))
+            sm = args.arch.replace("compute", "sm")
             for name, regs, spill_st, spill_ld, smem in rows:
                 flag = "  SPILLS" if spill_st or spill_ld else ""
-                print(f"         {name:44s} {regs:4d} regs  {spill_st:5d}/{spill_ld:<5d} B spilled  {smem:6d} B smem{flag}")
+                dynamic = dynamic_shared(name, source)
+                fit = ""
+                if name in bounds:
+                    blocks, limit = occupancy(sm, bounds[name], regs, smem + dynamic)
+                    fit = f"  {blocks:2d} blocks/SM of {bounds[name]} ({limit})"
+                shared = f"{smem:6d}" + (f"+{dynamic}" if dynamic else "")
+                print(f"         {name:44s} {regs:4d} regs  {spill_st:5d}/{spill_ld:<5d} B spilled  {shared:>12s} B smem{fit}{flag}")
     sys.exit(1 if failed else 0)
 
 
