@@ -103,13 +103,11 @@ def ptxas_report(ptxas, ptx, sm):
 SM_LIMITS = {"sm_80": (65536, 167936, 64, 32), "sm_90": (65536, 233472, 64, 32)}
 
 
-def dynamic_shared(kernel, source):
-    """The dynamic shared memory `src/flash.rs` launches a kernel with (Kernel::dynamic_shared_bytes)."""
-    if kernel != "flash_attention_backward":
-        return 0
-    d = int(re.search(r"#define HEAD_DIM (\d+)", source).group(1))
-    tile, mask_row = 64, 64 + 16
-    return 4 * tile * (d + 8) * 2 + tile * (tile + 8) * 2 + tile * mask_row + 3 * tile * 4
+def dynamic_shared(ptx):
+    """Per kernel, the dynamic shared memory it is launched with, as its source states it: a
+    kernel that takes some exports `extern "C" __device__ unsigned int <entry>_dynamic_shared_bytes`
+    (a global the PTX keeps with its value)."""
+    return {k: int(v) for k, v in re.findall(r"\.u32 (\w+)_dynamic_shared_bytes = (\d+);", ptx)}
 
 
 def occupancy(sm, threads, regs, shared):
@@ -155,9 +153,10 @@ def main():
                 continue
             bounds = dict((k, int(t)) for t, k in re.findall(r"__launch_bounds__\((\d+)[^)]*\)\s+(\w+)\(", source))
             sm = args.arch.replace("compute", "sm")
+            dynamic_of = dynamic_shared(ptx)
             for name, regs, spill_st, spill_ld, smem in rows:
                 flag = "  SPILLS" if spill_st or spill_ld else ""
-                dynamic = dynamic_shared(name, source)
+                dynamic = dynamic_of.get(name, 0)
                 fit = ""
                 if name in bounds:
                     blocks, limit = occupancy(sm, bounds[name], regs, smem + dynamic)

@@ -6,8 +6,7 @@
 # compiling kernels for new shapes, which is CPU work). Failures print their minimal case and the
 # command that replays it; the summary lists cases run and the worst error per pair.
 #   on the development machine:
-#     cargo test --release --test backend_fuzz --no-run   # prints the test binary's path
-#     strip -o /tmp/backend-fuzz <that path> && xz -c /tmp/backend-fuzz > .dev/backend-fuzz.xz
+#     NAMES=backend-fuzz bash model-import/scripts/pack_gpu_binaries.sh   # .dev/backend-fuzz.xz
 #     (for the wgpu leg: apt-get download libvulkan1 into .gl/)
 #   on the GPU machine (repository root, carry .dev and .gl):
 #     bash model-import/scripts/gpu_backend_fuzz.sh OUT_DIR
