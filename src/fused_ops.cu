@@ -1,12 +1,13 @@
-// LayerNorm, exact GELU, and the residual add with dropout, forward and backward, as kernels
-// of our own (src/fused_ops.rs launches them on cubecl's stream; NVRTC compiles them). burn
+// LayerNorm, exact and quick GELU, and the residual add with or without dropout, forward and
+// backward, as kernels of our own (src/fused_ops.rs launches them on cubecl's stream; NVRTC compiles them). burn
 // records each as a chain of operations, and recording operations is what bounds a training
 // step on the GPU; here each is one operation each way.
 // `src/fused_ops.rs` prepends `#define CODE n`, n = ELEM + 3 * OTHER, each of them
 //   0: f32, 1: bf16, 2: f16
 // ELEM is the type of the input, weight, bias and outputs; OTHER that of the residual add's
-// branch `h` and its gradient (a linear layer's output: the compute dtype under autocast), and
-// of the column sums.
+// branch `h` and its gradient (a linear layer's output: the compute dtype under autocast), of
+// LayerNorm's output and its gradient (a linear layer's input: the compute dtype under
+// autocast), and of the column sums.
 // Statistics and sums are f32 whatever the element type.
 #define ELEM ((CODE) % 3)
 #define OTHER ((CODE) / 3)
@@ -69,11 +70,11 @@ __device__ __forceinline__ float warp_sum(float x) {
 
 // One warp per row (eight rows a block): the mean, then the biased variance from the
 // deviations (two passes over a row that stays in L1), then y = (x - mean) / sqrt(var + eps) *
-// weight + bias, as src/model/nn.rs's LayerNorm computes it. Writes each row's mean and
-// 1 / sqrt(var + eps) for the backward.
+// weight + bias, as src/model/nn.rs's LayerNorm computes it, rounded once to the output's type.
+// Writes each row's mean and 1 / sqrt(var + eps) for the backward.
 extern "C" __global__ void __launch_bounds__(256) layer_norm_forward(
     const elem_t* __restrict__ x, const elem_t* __restrict__ weight, const elem_t* __restrict__ bias,
-    elem_t* __restrict__ y, float* __restrict__ mean_out, float* __restrict__ rstd_out, const __grid_constant__ Params p) {
+    other_t* __restrict__ y, float* __restrict__ mean_out, float* __restrict__ rstd_out, const __grid_constant__ Params p) {
     const int lane = threadIdx.x & 31;
     const i64 row = (i64)blockIdx.x * 8 + (threadIdx.x >> 5);
     if (row >= p.rows) return;
@@ -88,7 +89,7 @@ extern "C" __global__ void __launch_bounds__(256) layer_norm_forward(
     }
     const float var = warp_sum(sq) / (float)p.d;
     const float rstd = 1.0f / sqrtf(var + __int_as_float((int)p.eps));
-    elem_t* yr = y + row * p.d;
+    other_t* yr = y + row * p.d;
     for (i64 i = lane; i < p.d; i += 32) store(yr, i, (load(xr, i) - mean) * rstd * load(weight, i) + load(bias, i));
     if (lane == 0) {
         mean_out[row] = mean;
@@ -97,16 +98,16 @@ extern "C" __global__ void __launch_bounds__(256) layer_norm_forward(
 }
 
 // The input's gradient, one warp per row: with xhat = (x - mean) * rstd and g = dy * weight,
-// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
+// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)). dy is in the output's type.
 extern "C" __global__ void __launch_bounds__(256) layer_norm_backward_input(
-    const elem_t* __restrict__ x, const elem_t* __restrict__ weight, const elem_t* __restrict__ dy,
+    const elem_t* __restrict__ x, const elem_t* __restrict__ weight, const other_t* __restrict__ dy,
     const float* __restrict__ mean_in, const float* __restrict__ rstd_in, elem_t* __restrict__ dx, const __grid_constant__ Params p) {
     const int lane = threadIdx.x & 31;
     const i64 row = (i64)blockIdx.x * 8 + (threadIdx.x >> 5);
     if (row >= p.rows) return;
     const float mean = mean_in[row], rstd = rstd_in[row];
     const elem_t* xr = x + row * p.d;
-    const elem_t* dyr = dy + row * p.d;
+    const other_t* dyr = dy + row * p.d;
     float sum_g = 0.0f, sum_gx = 0.0f;
     for (i64 i = lane; i < p.d; i += 32) {
         const float g = load(dyr, i) * load(weight, i);
@@ -126,7 +127,7 @@ extern "C" __global__ void __launch_bounds__(256) layer_norm_backward_input(
 // dy * xhat and dy over its chunk's rows for 256 adjacent columns (reads coalesced along the
 // row), into partial_weight / partial_bias [chunks, d].
 extern "C" __global__ void __launch_bounds__(256) layer_norm_backward_params_partial(
-    const elem_t* __restrict__ x, const elem_t* __restrict__ dy, const float* __restrict__ mean_in,
+    const elem_t* __restrict__ x, const other_t* __restrict__ dy, const float* __restrict__ mean_in,
     const float* __restrict__ rstd_in, float* __restrict__ partial_weight, float* __restrict__ partial_bias,
     const __grid_constant__ Params p) {
     const i64 col = (i64)blockIdx.x * 256 + threadIdx.x;
@@ -160,7 +161,7 @@ extern "C" __global__ void __launch_bounds__(256) layer_norm_backward_params_sum
     store(dbias, col, db);
 }
 
-// ---- Element-wise kernels over `p.rows` elements, for GELU and the residual add with dropout.
+// ---- Element-wise kernels over `p.rows` elements, for the GELUs and the residual adds.
 // Each replaces a chain of burn operations recorded one by one. A thread takes UNROLL elements
 // 256 apart (each load coalesced over the warp) and loads them all before using any, so that
 // it has UNROLL loads in flight (one at a time left the 16-bit kernels waiting on memory);
@@ -201,6 +202,70 @@ extern "C" __global__ void __launch_bounds__(256) gelu_backward(
             const float cdf = (erff(v[j] * 0.70710678118654752f) + 1.0f) * 0.5f;
             const float pdf = expf(-0.5f * v[j] * v[j]) * 0.39894228040143268f;
             if (INSIDE(g, j)) store(dx, AT(g, j), d[j] * (cdf + v[j] * pdf));
+        }
+    }
+}
+
+// x rounded to the element type, as PyTorch rounds each operation's result in it.
+__device__ __forceinline__ float round_elem(float x) {
+    elem_t r[1];
+    store(r, 0, x);
+    return load(r, 0);
+}
+
+// CLIP's quick GELU, x * sigmoid(1.702 x), with PyTorch's roundings: transformers computes it as
+// three operations (a scale, a sigmoid, a product), each rounded to the element type.
+__device__ __forceinline__ float quick_gelu_sigmoid(float x) {
+    return round_elem(1.0f / (1.0f + expf(-round_elem(x * 1.702f))));
+}
+
+extern "C" __global__ void __launch_bounds__(256) quick_gelu_forward(
+    const elem_t* __restrict__ x, elem_t* __restrict__ y, const __grid_constant__ Params p) {
+    GROUPS(g) {
+        float v[UNROLL];
+#pragma unroll
+        for (int j = 0; j < UNROLL; ++j) v[j] = INSIDE(g, j) ? load(x, AT(g, j)) : 0.0f;
+#pragma unroll
+        for (int j = 0; j < UNROLL; ++j) {
+            if (INSIDE(g, j)) store(y, AT(g, j), v[j] * quick_gelu_sigmoid(v[j]));
+        }
+    }
+}
+
+// The backward of those three operations as PyTorch's autograd runs them, each result rounded:
+// dx = dy * s + 1.702 * (dy * x) * s * (1 - s), s the rounded sigmoid.
+extern "C" __global__ void __launch_bounds__(256) quick_gelu_backward(
+    const elem_t* __restrict__ x, const elem_t* __restrict__ dy, elem_t* __restrict__ dx, const __grid_constant__ Params p) {
+    GROUPS(g) {
+        float v[UNROLL], d[UNROLL];
+#pragma unroll
+        for (int j = 0; j < UNROLL; ++j) {
+            v[j] = INSIDE(g, j) ? load(x, AT(g, j)) : 0.0f;
+            d[j] = INSIDE(g, j) ? load(dy, AT(g, j)) : 0.0f;
+        }
+#pragma unroll
+        for (int j = 0; j < UNROLL; ++j) {
+            const float s = quick_gelu_sigmoid(v[j]);
+            const float through_x = round_elem(d[j] * s);
+            const float through_s = round_elem(round_elem(round_elem(d[j] * v[j]) * (1.0f - s) * s) * 1.702f);
+            if (INSIDE(g, j)) store(dx, AT(g, j), through_x + through_s);
+        }
+    }
+}
+
+// y = x + h, h in its own type (a linear layer's output under autocast), y in x's.
+extern "C" __global__ void __launch_bounds__(256) residual_add(
+    const elem_t* __restrict__ x, const other_t* __restrict__ h, elem_t* __restrict__ y, const __grid_constant__ Params p) {
+    GROUPS(g) {
+        float xs[UNROLL], hs[UNROLL];
+#pragma unroll
+        for (int j = 0; j < UNROLL; ++j) {
+            xs[j] = INSIDE(g, j) ? load(x, AT(g, j)) : 0.0f;
+            hs[j] = INSIDE(g, j) ? load(h, AT(g, j)) : 0.0f;
+        }
+#pragma unroll
+        for (int j = 0; j < UNROLL; ++j) {
+            if (INSIDE(g, j)) store(y, AT(g, j), xs[j] + hs[j]);
         }
     }
 }

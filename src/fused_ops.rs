@@ -1,13 +1,16 @@
 //! Model operations as kernels of our own on burn's fused CUDA backend (`src/fused_ops.cu`),
-//! forward and, under autodiff, backward: LayerNorm, exact GELU, and the residual add with
-//! dropout that ends each GPT-2 sub-block. burn records LayerNorm as ~10 operations forward and
-//! ~20 backward, GELU as 5 and ~12, dropout and its residual add as 4 and ~3; recording
-//! operations is what bounds a training step (`model-import/results/fused-optim-2026-12-03/`:
-//! the host spent 0.14 s recording the forward and 0.22 s the backward of a 0.39 s full-size
-//! stage-2 step). Here each is one operation each way. The model ([`crate::model::nn`]'s
-//! `LayerNorm`, `Activation::Gelu`, `Dropout::add_to`) calls here first and keeps burn's
-//! operations for every other backend and dtype, and when `LLAVA_JP_FUSED_OPS=0` (which also
-//! turns off [`crate::cublaslt::try_autocast_affine`], the linear layers' fused operation).
+//! forward and, under autodiff, backward: LayerNorm, exact GELU, CLIP's quick GELU, and the
+//! residual add, with dropout or without, that ends each block's halves. burn records LayerNorm
+//! as ~10 operations forward and ~20 backward, GELU as 5 and ~12, dropout and its residual add
+//! as 4 and ~3; recording operations is what bounds a training step
+//! (`model-import/results/fused-optim-2026-12-03/`: the host spent 0.14 s recording the forward
+//! and 0.22 s the backward of a 0.39 s full-size stage-2 step). Here each is one operation each
+//! way. The quick GELU and the plain residual add are one fused kernel of burn's too, but one
+//! that ran at a sixth of the memory's speed (~70 µs for the tower's ~10 µs of bytes). The model
+//! ([`crate::model::nn`]'s `LayerNorm`, `Activation`, `Dropout::add_to`, `add_residual`) calls
+//! here first and keeps burn's operations for every other backend and dtype, and when
+//! `LLAVA_JP_FUSED_OPS=0` (which also turns off [`crate::cublaslt::try_autocast_affine`], the
+//! linear layers' fused operation).
 //!
 //! Launched like [`crate::flash`]'s kernels: custom operations of burn's fusion stream,
 //! compiled by NVRTC through cubecl, queued on cubecl's stream.
@@ -61,10 +64,17 @@ pub fn set_enabled(on: bool) {
 type Rejected<B, const D: usize> = (Tensor<B, D>, Tensor<B, 1>, Tensor<B, 1>);
 
 /// PyTorch's `layer_norm` over the last dimension (biased variance, `eps` inside the root) by
-/// the kernels, where `B` and the operands are ones they cover (burn's CUDA backend, under
+/// the kernels, written in `out` (rounded once: what autocast's cast of an f32 output before a
+/// product gives), where `B` and the operands are ones they cover (burn's CUDA backend, under
 /// autodiff or not; f32, or bf16 / f16 on compute capability 8.0 and up; weight and bias of
 /// the input's dtype and width); the operands come back untouched otherwise.
-pub fn try_layer_norm<B: Backend, const D: usize>(x: Tensor<B, D>, weight: Tensor<B, 1>, bias: Tensor<B, 1>, eps: f64) -> Result<Tensor<B, D>, Rejected<B, D>> {
+pub fn try_layer_norm<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 1>,
+    bias: Tensor<B, 1>,
+    eps: f64,
+    out: DType,
+) -> Result<Tensor<B, D>, Rejected<B, D>> {
     let fused = fused_cuda::<B>();
     if !fused && !autodiff_cuda::<B>() {
         return Err((x, weight, bias));
@@ -73,20 +83,21 @@ pub fn try_layer_norm<B: Backend, const D: usize>(x: Tensor<B, D>, weight: Tenso
     let d = x.dims()[D - 1];
     let covered = enabled()
         && float_code(dtype).is_some()
+        && float_code(out).is_some()
         && weight.dtype() == dtype
         && bias.dtype() == dtype
         && weight.dims() == [d]
         && bias.dims() == [d]
         && x.shape().num_elements() > 0
-        && (dtype == DType::F32 || tensor_cores(&x.device()));
+        && ((dtype == DType::F32 && out == DType::F32) || tensor_cores(&x.device()));
     if !covered {
         return Err((x, weight, bias));
     }
     if fused {
-        return Ok(from_primitive(register_forward(to_primitive(x), to_primitive(weight), to_primitive(bias), eps).0));
+        return Ok(from_primitive(register_forward(to_primitive(x), to_primitive(weight), to_primitive(bias), eps, out).0));
     }
     let inputs = [x.into_primitive().tensor(), weight.into_primitive().tensor(), bias.into_primitive().tensor()];
-    match on_autodiff_cuda::<B, 3, _>(autodiff::LayerNorm { eps }, inputs) {
+    match on_autodiff_cuda::<B, 3, _>(autodiff::LayerNorm { eps, out }, inputs) {
         Ok(y) => Ok(Tensor::from_primitive(TensorPrimitive::Float(y))),
         Err(_) => unreachable!("autodiff_cuda::<B>() was checked above"),
     }
@@ -101,17 +112,54 @@ fn covers_elementwise<B: Backend, const D: usize>(x: &Tensor<B, D>) -> bool {
         && (x.dtype() == DType::F32 || tensor_cores(&x.device()))
 }
 
-/// Exact GELU (`x · Φ(x)`, [`crate::model::nn::gelu_erf`]) by a kernel each way, where the
-/// kernels cover `x` (burn's CUDA backend, under autodiff or not; f32, or bf16 / f16 on
-/// compute capability 8.0 and up); `x` comes back untouched otherwise.
-pub fn try_gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<Tensor<B, D>, Tensor<B, D>> {
+/// The activations with kernels of their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gelu {
+    /// Exact GELU, `x · Φ(x)` ([`crate::model::nn::gelu_erf`]): llm-jp's and the projector's.
+    Erf,
+    /// CLIP's `x · sigmoid(1.702 x)`, rounded after each of its three operations as PyTorch's
+    /// are in a 16-bit type.
+    Quick,
+}
+
+impl Gelu {
+    /// The kernels forward and backward.
+    fn kernels(self) -> (Kernel, Kernel) {
+        match self {
+            Gelu::Erf => (Kernel::GeluForward, Kernel::GeluBackward),
+            Gelu::Quick => (Kernel::QuickGeluForward, Kernel::QuickGeluBackward),
+        }
+    }
+}
+
+/// `gelu` of `x` by a kernel each way, where the kernels cover `x` (burn's CUDA backend, under
+/// autodiff or not; f32, or bf16 / f16 on compute capability 8.0 and up); `x` comes back
+/// untouched otherwise.
+pub fn try_gelu<B: Backend, const D: usize>(x: Tensor<B, D>, gelu: Gelu) -> Result<Tensor<B, D>, Tensor<B, D>> {
     if !covers_elementwise(&x) {
         return Err(x);
     }
     if fused_cuda::<B>() {
-        return Ok(from_primitive(gelu_forward(to_primitive(x))));
+        return Ok(from_primitive(gelu_forward(to_primitive(x), gelu)));
     }
-    match on_autodiff_cuda::<B, 1, _>(autodiff::Gelu, [x.into_primitive().tensor()]) {
+    match on_autodiff_cuda::<B, 1, _>(autodiff::Activation { gelu }, [x.into_primitive().tensor()]) {
+        Ok(y) => Ok(Tensor::from_primitive(TensorPrimitive::Float(y))),
+        Err(_) => unreachable!("covers_elementwise checked the backend"),
+    }
+}
+
+/// `x + h` in `x`'s dtype (`h` may be in another: under autocast a linear layer's output is in
+/// the compute dtype, the residual stream in f32) by one kernel, where the kernels cover both
+/// (as [`try_gelu`]'s do) and they have one shape; the backward hands each its gradient in its
+/// dtype. The operands come back untouched otherwise.
+pub fn try_residual_add<B: Backend, const D: usize>(x: Tensor<B, D>, h: Tensor<B, D>) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, D>)> {
+    if !covers_elementwise(&x) || !covers_elementwise(&h) || h.dims() != x.dims() {
+        return Err((x, h));
+    }
+    if fused_cuda::<B>() {
+        return Ok(from_primitive(residual_add(to_primitive(x), to_primitive(h))));
+    }
+    match on_autodiff_cuda::<B, 2, _>(autodiff::ResidualAdd, [x.into_primitive().tensor(), h.into_primitive().tensor()]) {
         Ok(y) => Ok(Tensor::from_primitive(TensorPrimitive::Float(y))),
         Err(_) => unreachable!("covers_elementwise checked the backend"),
     }
@@ -146,9 +194,14 @@ pub fn try_residual_dropout<B: Backend, const D: usize>(
     }
 }
 
-fn gelu_forward(x: Primitive) -> Primitive {
+fn gelu_forward(x: Primitive, gelu: Gelu) -> Primitive {
     let dtype = x.dtype;
-    elementwise(Kernel::GeluForward, vec![x], dtype, dtype, None, 0.0)
+    elementwise(gelu.kernels().0, vec![x], dtype, dtype, None, 0.0)
+}
+
+fn residual_add(x: Primitive, h: Primitive) -> Primitive {
+    let (out, other) = (x.dtype, h.dtype);
+    elementwise(Kernel::ResidualAdd, vec![x, h], other, out, None, 0.0)
 }
 
 /// Queues an element-wise kernel over `floats` (one shape; the first in the kernel's element
@@ -241,15 +294,15 @@ impl Operation<Runtime> for ColumnSum {
     }
 }
 
-/// Queues the forward: the output and each row's mean and 1 / sqrt(var + eps) (f32, for the
-/// backward).
-fn register_forward(x: Primitive, weight: Primitive, bias: Primitive, eps: f64) -> (Primitive, Primitive, Primitive) {
+/// Queues the forward: the output (in `out`) and each row's mean and 1 / sqrt(var + eps) (f32,
+/// for the backward).
+fn register_forward(x: Primitive, weight: Primitive, bias: Primitive, eps: f64, out: DType) -> (Primitive, Primitive, Primitive) {
     let client = x.client.clone();
     let shape = x.shape.clone();
     let rows = shape.num_elements() / shape[shape.num_dims() - 1];
     let streams = OperationStreams::with_inputs([&x, &weight, &bias]);
     let outputs = [
-        TensorIr::uninit(client.create_empty_handle(), shape, x.dtype),
+        TensorIr::uninit(client.create_empty_handle(), shape, out),
         TensorIr::uninit(client.create_empty_handle(), Shape::new([rows]), DType::F32),
         TensorIr::uninit(client.create_empty_handle(), Shape::new([rows]), DType::F32),
     ];
@@ -260,9 +313,9 @@ fn register_forward(x: Primitive, weight: Primitive, bias: Primitive, eps: f64) 
     (next(), next(), next())
 }
 
-/// Queues the backward: the input's gradient, and the weight's and bias's when `params`.
+/// Queues the backward: the input's gradient, and the weight's and bias's when `params` (`dy`
+/// in any of the kernels' dtypes: the output's, or f32).
 fn register_backward(x: Primitive, weight: Primitive, mean: Primitive, rstd: Primitive, dy: Primitive, params: bool) -> (Primitive, Option<(Primitive, Primitive)>) {
-    let dy = cast(dy, x.dtype);
     let client = x.client.clone();
     let (shape, d) = (x.shape.clone(), weight.shape[0]);
     let streams = OperationStreams::with_inputs([&x, &weight, &mean, &rstd, &dy]);
@@ -318,10 +371,11 @@ impl Operation<Runtime> for LayerNormForward {
         let mut get = |i: usize| contiguous(handles.get_float_tensor::<Inner>(&inputs[i]));
         let (x, weight, bias) = (get(0), get(1), get(2));
         let (rows, d) = rows_and_width(&x);
-        let y = empty(&x, [rows, d], x.dtype);
+        let out = self.desc.outputs[0].dtype;
+        let y = empty(&x, [rows, d], out);
         let mean = empty(&x, [rows], DType::F32);
         let rstd = empty(&x, [rows], DType::F32);
-        let code = code(x.dtype, x.dtype);
+        let code = code(x.dtype, out);
         launch(Kernel::Forward, code, vec![&x, &weight, &bias, &y, &mean, &rstd], words(rows, d, self.eps, 0, 0), row_blocks(rows));
         let y = CubeTensor::new_contiguous(y.client.clone(), y.device, x.meta.shape().clone(), y.handle, y.dtype);
         for (output, tensor) in self.desc.outputs.iter().zip([y, mean, rstd]) {
@@ -341,7 +395,7 @@ impl Operation<Runtime> for LayerNormBackward {
         let mut get = |i: usize| contiguous(handles.get_float_tensor::<Inner>(&inputs[i]));
         let (x, weight, mean, rstd, dy) = (get(0), get(1), get(2), get(3), get(4));
         let (rows, d) = rows_and_width(&x);
-        let code = code(x.dtype, x.dtype);
+        let code = code(x.dtype, dy.dtype);
         let dx = empty(&x, [rows, d], x.dtype);
         launch(Kernel::BackwardInput, code, vec![&x, &weight, &dy, &mean, &rstd, &dx], words(rows, d, 0.0, 0, 0), row_blocks(rows));
         let dx = CubeTensor::new_contiguous(dx.client.clone(), dx.device, x.meta.shape().clone(), dx.handle, dx.dtype);
@@ -380,6 +434,9 @@ enum Kernel {
     BackwardParamsSum,
     GeluForward,
     GeluBackward,
+    QuickGeluForward,
+    QuickGeluBackward,
+    ResidualAdd,
     ResidualDropoutForward,
     ResidualDropoutBackward,
     ColumnSumPartial,
@@ -395,6 +452,9 @@ impl Kernel {
             Kernel::BackwardParamsSum => "layer_norm_backward_params_sum",
             Kernel::GeluForward => "gelu_forward",
             Kernel::GeluBackward => "gelu_backward",
+            Kernel::QuickGeluForward => "quick_gelu_forward",
+            Kernel::QuickGeluBackward => "quick_gelu_backward",
+            Kernel::ResidualAdd => "residual_add",
             Kernel::ResidualDropoutForward => "residual_dropout_forward",
             Kernel::ResidualDropoutBackward => "residual_dropout_backward",
             Kernel::ColumnSumPartial => "column_sum_partial",
@@ -403,13 +463,16 @@ impl Kernel {
     }
 
     #[cfg(test)]
-    const ALL: [Kernel; 10] = [
+    const ALL: [Kernel; 13] = [
         Kernel::Forward,
         Kernel::BackwardInput,
         Kernel::BackwardParamsPartial,
         Kernel::BackwardParamsSum,
         Kernel::GeluForward,
         Kernel::GeluBackward,
+        Kernel::QuickGeluForward,
+        Kernel::QuickGeluBackward,
+        Kernel::ResidualAdd,
         Kernel::ResidualDropoutForward,
         Kernel::ResidualDropoutBackward,
         Kernel::ColumnSumPartial,
@@ -420,7 +483,7 @@ impl Kernel {
 /// The operations under autodiff, each with the kernels as its backward. LayerNorm's state keeps
 /// the input, the weight and the rows' statistics.
 mod autodiff {
-    use super::{cast, elementwise, gelu_forward, register_backward, register_forward, Kernel, Primitive};
+    use super::{cast, elementwise, gelu_forward, register_backward, register_forward, residual_add, Gelu, Kernel, Primitive};
     use burn::tensor::DType;
     use crate::cuda_kernel::AutodiffCudaOp;
     use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -464,10 +527,11 @@ mod autodiff {
         }
     }
 
-    /// LayerNorm over `[x, weight, bias]`.
+    /// LayerNorm over `[x, weight, bias]`, its output in `out`.
     #[derive(Debug)]
     pub(super) struct LayerNorm {
         pub eps: f64,
+        pub out: DType,
     }
 
     impl AutodiffCudaOp<3> for LayerNorm {
@@ -478,45 +542,85 @@ mod autodiff {
         {
             match LayerNormBackward.prepare::<C>([x.node.clone(), weight.node.clone(), bias.node.clone()]).compute_bound().stateful() {
                 OpsKind::Tracked(prep) => {
-                    let (y, mean, rstd) = register_forward(x.primitive.clone(), weight.primitive.clone(), bias.primitive, self.eps);
+                    let (y, mean, rstd) = register_forward(x.primitive.clone(), weight.primitive.clone(), bias.primitive, self.eps, self.out);
                     prep.finish(State { x: x.primitive, weight: weight.primitive, mean, rstd }, y)
                 }
-                OpsKind::UnTracked(prep) => prep.finish(register_forward(x.primitive, weight.primitive, bias.primitive, self.eps).0),
+                OpsKind::UnTracked(prep) => prep.finish(register_forward(x.primitive, weight.primitive, bias.primitive, self.eps, self.out).0),
             }
         }
     }
 
-    /// Exact GELU; the state keeps the input.
+    /// One of the GELUs; the state keeps the input.
     #[derive(Debug)]
-    pub(super) struct Gelu;
+    pub(super) struct Activation {
+        pub gelu: Gelu,
+    }
 
     #[derive(Debug)]
-    struct GeluBackward;
+    struct ActivationBackward(Gelu);
 
-    impl<B: Backend<FloatTensorPrimitive = Primitive>> Backward<B, 1> for GeluBackward {
+    impl<B: Backend<FloatTensorPrimitive = Primitive>> Backward<B, 1> for ActivationBackward {
         type State = Primitive;
 
         fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
             let dy = grads.consume::<B>(&ops.node);
             if let [Some(node)] = ops.parents {
                 let dtype = ops.state.dtype;
-                grads.register::<B>(node.id, elementwise(Kernel::GeluBackward, vec![ops.state, cast(dy, dtype)], dtype, dtype, None, 0.0));
+                let dx = elementwise(self.0.kernels().1, vec![ops.state, cast(dy, dtype)], dtype, dtype, None, 0.0);
+                grads.register::<B>(node.id, dx);
             }
         }
     }
 
-    impl AutodiffCudaOp<1> for Gelu {
+    impl AutodiffCudaOp<1> for Activation {
         fn run<I, C>(self, [x]: [FloatTensor<Autodiff<I, C>>; 1]) -> FloatTensor<Autodiff<I, C>>
         where
             I: Backend<FloatTensorPrimitive = Primitive>,
             C: CheckpointStrategy,
         {
-            match GeluBackward.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
+            match ActivationBackward(self.gelu).prepare::<C>([x.node.clone()]).compute_bound().stateful() {
                 OpsKind::Tracked(prep) => {
-                    let y = gelu_forward(x.primitive.clone());
+                    let y = gelu_forward(x.primitive.clone(), self.gelu);
                     prep.finish(x.primitive, y)
                 }
-                OpsKind::UnTracked(prep) => prep.finish(gelu_forward(x.primitive)),
+                OpsKind::UnTracked(prep) => prep.finish(gelu_forward(x.primitive, self.gelu)),
+            }
+        }
+    }
+
+    /// `x + h` over `[x, h]`; the state keeps the two dtypes, each gradient's.
+    #[derive(Debug)]
+    pub(super) struct ResidualAdd;
+
+    #[derive(Debug)]
+    struct ResidualAddBackward;
+
+    impl<B: Backend<FloatTensorPrimitive = Primitive>> Backward<B, 2> for ResidualAddBackward {
+        type State = (DType, DType);
+
+        fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+            let (x_dtype, h_dtype) = ops.state;
+            let dy = grads.consume::<B>(&ops.node);
+            let [x, h] = ops.parents;
+            if let Some(node) = h {
+                grads.register::<B>(node.id, cast(dy.clone(), h_dtype));
+            }
+            if let Some(node) = x {
+                grads.register::<B>(node.id, cast(dy, x_dtype));
+            }
+        }
+    }
+
+    impl AutodiffCudaOp<2> for ResidualAdd {
+        fn run<I, C>(self, [x, h]: [FloatTensor<Autodiff<I, C>>; 2]) -> FloatTensor<Autodiff<I, C>>
+        where
+            I: Backend<FloatTensorPrimitive = Primitive>,
+            C: CheckpointStrategy,
+        {
+            let dtypes = (x.primitive.dtype, h.primitive.dtype);
+            match ResidualAddBackward.prepare::<C>([x.node.clone(), h.node.clone()]).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => prep.finish(dtypes, residual_add(x.primitive, h.primitive)),
+                OpsKind::UnTracked(prep) => prep.finish(residual_add(x.primitive, h.primitive)),
             }
         }
     }

@@ -718,7 +718,7 @@ fn fused_layer_norm_matches_burn_on_cuda() {
                 (w, b) = (w.require_grad(), b.require_grad());
             }
             let y = match fused {
-                true => fused_ops::try_layer_norm(x.clone(), w.clone(), b.clone(), eps).unwrap_or_else(|_| panic!("{what}: the kernels cover f32")),
+                true => fused_ops::try_layer_norm(x.clone(), w.clone(), b.clone(), eps, DType::F32).unwrap_or_else(|_| panic!("{what}: the kernels cover f32")),
                 false => reference(x.clone(), w.clone(), b.clone()),
             };
             let grads = (y.clone() * r.clone()).sum().backward();
@@ -737,14 +737,33 @@ fn fused_layer_norm_matches_burn_on_cuda() {
             other => panic!("{what}: weight and bias gradients present as {:?}", (other.0.is_some(), other.1.is_some(), other.2.is_some(), other.3.is_some())),
         }
     }
-    // Inference in bf16: rounded once at the end, against the f32 formula on the same inputs.
+    // An f32 input written in bf16 for a product (autocast): the f32 formula rounded once,
+    // and the gradients of a bf16 output gradient as burn's casts hand it back.
     fused_ops::set_enabled(true);
+    let shape = [3usize, 41, 1024];
+    let x = Tensor::<A, 3>::random(shape, Distribution::Normal(1.0, 2.0), &device).require_grad();
+    let w = Tensor::<A, 1>::random([1024], Distribution::Normal(1.0, 0.3), &device).require_grad();
+    let b = Tensor::<A, 1>::random([1024], Distribution::Normal(0.0, 0.5), &device).require_grad();
+    let r = Tensor::<A, 3>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+    let run = |y: Tensor<A, 3>| {
+        assert_eq!(y.dtype(), DType::BF16, "LayerNorm for a product writes bf16");
+        let grads = (y.clone().cast(DType::F32) * r.clone()).sum().backward();
+        let grad = |t: &Tensor<A, 1>| values(t.grad(&grads).expect("tracked").into_data());
+        (values(y.into_data()), values(x.grad(&grads).expect("tracked").into_data()), grad(&w), grad(&b))
+    };
+    let got = run(fused_ops::try_layer_norm(x.clone(), w.clone(), b.clone(), eps, DType::BF16).unwrap_or_else(|_| panic!("the kernels cover an f32 input written in bf16")));
+    let want = run(reference(x.clone(), w.clone(), b.clone()).cast(DType::BF16));
+    close("bf16 output of an f32 input: output", &got.0, &want.0, 8e-3);
+    close("bf16 output of an f32 input: input gradient", &got.1, &want.1, 1e-4);
+    close("bf16 output of an f32 input: weight gradient", &got.2, &want.2, 1e-4);
+    close("bf16 output of an f32 input: bias gradient", &got.3, &want.3, 1e-4);
+    // Inference in bf16: rounded once at the end, against the f32 formula on the same inputs.
     type H = burn::backend::Cuda<burn::tensor::bf16>;
     // (burn 0.21 draws random tensors in f32 whatever the backend's float type: cast them.)
     let x = Tensor::<H, 3>::random([2, 9, 2048], Distribution::Normal(-1.0, 3.0), &device).cast(DType::BF16);
     let w = Tensor::<H, 1>::random([2048], Distribution::Normal(1.0, 0.3), &device).cast(DType::BF16);
     let b = Tensor::<H, 1>::random([2048], Distribution::Normal(0.0, 0.5), &device).cast(DType::BF16);
-    let y = fused_ops::try_layer_norm(x.clone(), w.clone(), b.clone(), eps).unwrap_or_else(|_| panic!("the kernels cover bf16 on sm_80+"));
+    let y = fused_ops::try_layer_norm(x.clone(), w.clone(), b.clone(), eps, DType::BF16).unwrap_or_else(|_| panic!("the kernels cover bf16 on sm_80+"));
     assert_eq!(y.dtype(), DType::BF16);
     let f32_of = |t: TensorData, shape: Vec<usize>| TensorData::new(values(t), shape);
     let (x, w, b) = (
@@ -789,7 +808,7 @@ fn fused_gelu_matches_burn_on_cuda() {
         let run = |fused: bool| {
             let x = Tensor::<A, 3>::from_data(x_data.clone(), &device).require_grad();
             let y = match fused {
-                true => fused_ops::try_gelu(x.clone()).unwrap_or_else(|_| panic!("{shape:?}: the kernels cover f32")),
+                true => fused_ops::try_gelu(x.clone(), fused_ops::Gelu::Erf).unwrap_or_else(|_| panic!("{shape:?}: the kernels cover f32")),
                 false => gelu_erf(x.clone()),
             };
             let grads = (y.clone() * r.clone()).sum().backward();
@@ -801,10 +820,107 @@ fn fused_gelu_matches_burn_on_cuda() {
     }
     type H = burn::backend::Cuda<burn::tensor::bf16>;
     let x = Tensor::<H, 2>::random([7, 2048], Distribution::Normal(0.0, 3.0), &device).cast(DType::BF16);
-    let y = fused_ops::try_gelu(x.clone()).unwrap_or_else(|_| panic!("the kernels cover bf16 on sm_80+"));
+    let y = fused_ops::try_gelu(x.clone(), fused_ops::Gelu::Erf).unwrap_or_else(|_| panic!("the kernels cover bf16 on sm_80+"));
     assert_eq!(y.dtype(), DType::BF16);
     let x = Tensor::<A, 2>::from_data(TensorData::new(f32s(x.into_data()), [7, 2048]), &device);
     assert_close("bf16 inference: output", &f32s(y.into_data()), &f32s(gelu_erf(x).into_data()), 8e-3);
+}
+
+/// CLIP's quick GELU kernels (src/fused_ops.cu) on `Autodiff<Cuda<f32>>`: in f32 against
+/// `x · sigmoid(1.702 x)` in burn's operations; in bf16 (the tower's fc1 output under
+/// autocast) against PyTorch's roundings emulated on the host, each of its three operations
+/// forward and five backward rounded to bf16: nearly all bit-equal, the rest within two bf16
+/// units of the terms summed (the device's and the host's `exp` may differ in the last f32
+/// bit, which can flip a rounding).
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn fused_quick_gelu_matches_pytorch_roundings_on_cuda() {
+    use burn::backend::cuda::CudaDevice;
+    use burn::tensor::{activation::sigmoid, bf16, DType, Distribution};
+    use llava_jp::fused_ops::{self, Gelu};
+    type A = Autodiff<burn::backend::Cuda<f32>>;
+    let device = CudaDevice::new(0);
+    for shape in [[2usize, 577, 4096], [3, 5, 13]] {
+        let x_data = Tensor::<A, 3>::random(shape, Distribution::Normal(0.0, 3.0), &device).into_data();
+        let r = Tensor::<A, 3>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        let run = |fused: bool| {
+            let x = Tensor::<A, 3>::from_data(x_data.clone(), &device).require_grad();
+            let y = match fused {
+                true => fused_ops::try_gelu(x.clone(), Gelu::Quick).unwrap_or_else(|_| panic!("{shape:?}: the kernels cover f32")),
+                false => x.clone() * sigmoid(x.clone() * 1.702),
+            };
+            let grads = (y.clone() * r.clone()).sum().backward();
+            (f32s(y.into_data()), f32s(x.grad(&grads).expect("the input is tracked").into_data()))
+        };
+        let (want, got) = (run(false), run(true));
+        assert_close(&format!("{shape:?}: output"), &got.0, &want.0, 1e-5);
+        assert_close(&format!("{shape:?}: input gradient"), &got.1, &want.1, 1e-5);
+    }
+    let shape = [4usize, 577, 1024];
+    let x = Tensor::<A, 3>::random(shape, Distribution::Normal(0.0, 3.0), &device).cast(DType::BF16).require_grad();
+    let r = Tensor::<A, 3>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+    let y = fused_ops::try_gelu(x.clone(), Gelu::Quick).unwrap_or_else(|_| panic!("the kernels cover bf16 on sm_80+"));
+    assert_eq!(y.dtype(), DType::BF16);
+    let grads = (y.clone().cast(DType::F32) * r.clone()).sum().backward();
+    let round = |v: f32| bf16::from_f32(v).to_f32();
+    let (xs, rs) = (f32s(x.clone().into_data()), f32s(r.into_data()));
+    let sig = |v: f32| round(1.0 / (1.0 + (-round(v * 1.702)).exp()));
+    // (value, the magnitude of what was summed for it)
+    let want_y: Vec<(f32, f32)> = xs.iter().map(|&v| (round(v * sig(v)), (v * sig(v)).abs())).collect();
+    let want_dx: Vec<(f32, f32)> = xs
+        .iter()
+        .zip(&rs)
+        .map(|(&v, &d)| {
+            let (s, d) = (sig(v), round(d));
+            let (through_x, through_s) = (round(d * s), round(round(round(d * v) * (1.0 - s) * s) * 1.702));
+            (round(through_x + through_s), through_x.abs() + through_s.abs())
+        })
+        .collect();
+    let matches = |what: &str, got: &[f32], want: &[(f32, f32)]| {
+        let mut exact = 0;
+        for (i, (g, (w, magnitude))) in got.iter().zip(want).enumerate() {
+            assert!((g - w).abs() <= magnitude / 64.0 + 1e-30, "{what}: element {i} is {g}, PyTorch's roundings give {w}");
+            exact += (g == w) as usize;
+        }
+        assert!(exact as f64 >= 0.99 * want.len() as f64, "{what}: only {exact} of {} bit-equal", want.len());
+    };
+    matches("bf16 output", &f32s(y.into_data()), &want_y);
+    matches("bf16 input gradient", &f32s(x.grad(&grads).expect("tracked").into_data()), &want_dx);
+}
+
+/// The plain residual add's kernel (`nn::add_residual` on CUDA): f32 + bf16 and f32 + f32 under
+/// autodiff, exact against the host's sums, the gradients `dy` for the residual and `dy` in the
+/// branch's dtype for the branch; and untracked (the frozen tower), the same sums.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn fused_residual_add_is_exact_on_cuda() {
+    use burn::backend::cuda::CudaDevice;
+    use burn::tensor::{bf16, DType, Distribution};
+    use llava_jp::fused_ops;
+    type A = Autodiff<burn::backend::Cuda<f32>>;
+    let device = CudaDevice::new(0);
+    let shape = [3usize, 577, 1024];
+    let r = Tensor::<A, 3>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+    let rs = f32s(r.clone().into_data());
+    for branch in [DType::BF16, DType::F32] {
+        let x = Tensor::<A, 3>::random(shape, Distribution::Normal(0.0, 1.0), &device).require_grad();
+        let h = Tensor::<A, 3>::random(shape, Distribution::Normal(0.0, 1.0), &device).cast(branch).require_grad();
+        let (xs, hs) = (f32s(x.clone().into_data()), f32s(h.clone().into_data()));
+        let want: Vec<f32> = xs.iter().zip(&hs).map(|(a, b)| a + b).collect();
+        let y = fused_ops::try_residual_add(x.clone(), h.clone()).unwrap_or_else(|_| panic!("{branch:?} branch: covered"));
+        assert_eq!(y.dtype(), DType::F32, "{branch:?} branch: the output takes the residual's dtype");
+        let grads = (y.clone() * r.clone()).sum().backward();
+        assert_close(&format!("{branch:?} branch: output"), &f32s(y.into_data()), &want, 0.0);
+        assert_close(&format!("{branch:?} branch: residual gradient"), &f32s(x.grad(&grads).unwrap().into_data()), &rs, 0.0);
+        let dh = h.grad(&grads).unwrap();
+        assert_eq!(dh.dtype(), branch, "the branch's gradient in its dtype");
+        let want_dh: Vec<f32> = rs.iter().map(|&v| if branch == DType::BF16 { bf16::from_f32(v).to_f32() } else { v }).collect();
+        assert_close(&format!("{branch:?} branch: branch gradient"), &f32s(dh.into_data()), &want_dh, 0.0);
+        let untracked = fused_ops::try_residual_add(x.detach(), h.detach()).unwrap_or_else(|_| panic!("untracked: covered"));
+        assert_close(&format!("{branch:?} branch, untracked: output"), &f32s(untracked.into_data()), &want, 0.0);
+    }
 }
 
 /// The residual-dropout kernels against the rule they implement, on `Autodiff<Cuda<f32>>`: with

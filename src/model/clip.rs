@@ -92,8 +92,8 @@ pub struct ClipEncoderLayer<B: Backend> {
 
 impl<B: Backend> ClipEncoderLayer<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let x = add_residual(x.clone(), self.self_attn.forward(self.layer_norm1.forward(x)));
-        let h = self.layer_norm2.forward(x.clone());
+        let x = add_residual(x.clone(), self.self_attn.forward(self.layer_norm1.forward_to_product(x)));
+        let h = self.layer_norm2.forward_to_product(x.clone());
         add_residual(x, self.mlp.fc2.forward(self.mlp.activation.forward(self.mlp.fc1.forward(h))))
     }
 }

@@ -113,10 +113,19 @@ impl<B: Backend> Gpt2Block<B> {
         masked: Tensor<B, 4, Bool>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
     ) -> Tensor<B, 3> {
-        let attended = self.attn.forward(self.ln_1.forward(x.clone()), masked, cache);
+        let attended = self.attn.forward(normed_for(&self.ln_1, &self.attn.c_attn, x.clone()), masked, cache);
         let x = self.attn.resid_dropout.add_to(x, attended);
-        let h = self.mlp.c_fc.forward(self.ln_2.forward(x.clone()));
+        let h = self.mlp.c_fc.forward(normed_for(&self.ln_2, &self.mlp.c_fc, x.clone()));
         self.mlp.dropout.add_to(x, self.mlp.c_proj.forward(self.mlp.activation.forward(h)))
+    }
+}
+
+/// `ln(x)` as `layer` reads it: in autocast's compute dtype ([`LayerNorm::forward_to_product`]),
+/// unless a LoRA adapter's dropout reads it first, which PyTorch applies to the f32 values.
+fn normed_for<B: Backend>(ln: &LayerNorm<B>, layer: &Conv1D<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    match &layer.lora {
+        Some(lora) if lora.dropout.is_active::<B>(&x.device()) => ln.forward(x),
+        _ => ln.forward_to_product(x),
     }
 }
 

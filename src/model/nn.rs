@@ -391,16 +391,20 @@ impl Activation {
     }
 
     pub fn forward<B: Backend, const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        match self {
-            Self::QuickGelu => x.clone() * activation::sigmoid(x * 1.702),
-            Self::Gelu => {
-                #[cfg(feature = "cuda")]
-                let x = match crate::fused_ops::try_gelu(x) {
+        #[cfg(feature = "cuda")]
+        let x = match self {
+            Self::QuickGelu | Self::Gelu => {
+                let gelu = if *self == Self::Gelu { crate::fused_ops::Gelu::Erf } else { crate::fused_ops::Gelu::Quick };
+                match crate::fused_ops::try_gelu(x, gelu) {
                     Ok(y) => return y,
                     Err(x) => x,
-                };
-                gelu_erf(x)
+                }
             }
+            _ => x,
+        };
+        match self {
+            Self::QuickGelu => x.clone() * activation::sigmoid(x * 1.702),
+            Self::Gelu => gelu_erf(x),
             Self::GeluTanh => activation::gelu_approximate(x),
             Self::Relu => activation::relu(x),
             Self::Silu => activation::silu(x),
@@ -539,14 +543,28 @@ impl<B: Backend> LayerNorm<B> {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dtype = x.dtype();
+        self.forward_in(x, dtype)
+    }
+
+    /// The output as a linear layer reads it: under autocast in the compute dtype, the value
+    /// autocast's cast on the way into the product gives (on CUDA the kernel writes it so, with
+    /// no f32 copy and no cast pass); as [`Self::forward`] otherwise.
+    pub fn forward_to_product<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dtype = compute_dtype(self.weight.val().dtype()).unwrap_or(x.dtype());
+        self.forward_in(x, dtype)
+    }
+
+    fn forward_in<const D: usize>(&self, x: Tensor<B, D>, out: DType) -> Tensor<B, D> {
         #[cfg(feature = "cuda")]
-        let x = match crate::fused_ops::try_layer_norm(x, self.weight.val(), self.bias.val(), self.eps) {
+        let x = match crate::fused_ops::try_layer_norm(x, self.weight.val(), self.bias.val(), self.eps, out) {
             Ok(y) => return y,
             Err((x, _, _)) => x,
         };
         let (var, mean) = x.clone().var_mean_bias(D - 1);
         let x = (x - mean) / (var + self.eps).sqrt();
-        x * self.weight.val().unsqueeze() + self.bias.val().unsqueeze()
+        let y = x * self.weight.val().unsqueeze() + self.bias.val().unsqueeze();
+        if y.dtype() == out { y } else { y.cast(out) }
     }
 }
 
@@ -609,6 +627,11 @@ impl Dropout {
 /// compute dtype, the residual stream stays in its own (f32), as PyTorch's type promotion
 /// keeps it.
 pub fn add_residual<B: Backend, const D: usize>(residual: Tensor<B, D>, h: Tensor<B, D>) -> Tensor<B, D> {
+    #[cfg(feature = "cuda")]
+    let (residual, h) = match crate::fused_ops::try_residual_add(residual, h) {
+        Ok(y) => return y,
+        Err(operands) => operands,
+    };
     let dtype = residual.dtype();
     residual + h.cast(dtype)
 }
