@@ -597,11 +597,12 @@ impl FlashTask {
 }
 
 /// `LLAVA_JP_FLASH_DEFINES="NAME=VALUE ..."`: the tuning knobs of `src/flash_attention.cu`
-/// (`DQ_KEYS`, `DKDV_QUERIES`, `BACKWARD_MIN_BLOCKS`) set for the process, as `#define` lines,
-/// so that variants are timed on the GPU machine without another build.
+/// (`DQ_KEYS`, `DKDV_QUERIES`, `BACKWARD_MIN_BLOCKS`, `FORWARD_MIN_BLOCKS`) set for the
+/// process, as `#define` lines, so that variants are timed on the GPU machine without another
+/// build.
 fn tuning_defines() -> &'static str {
     // Only these: the source's other defines describe the operands' layout.
-    const TUNING_KNOBS: [&str; 3] = ["DQ_KEYS", "DKDV_QUERIES", "BACKWARD_MIN_BLOCKS"];
+    const TUNING_KNOBS: [&str; 4] = ["DQ_KEYS", "DKDV_QUERIES", "BACKWARD_MIN_BLOCKS", "FORWARD_MIN_BLOCKS"];
     static DEFINES: OnceLock<String> = OnceLock::new();
     DEFINES.get_or_init(|| {
         let value = std::env::var("LLAVA_JP_FLASH_DEFINES").unwrap_or_default();

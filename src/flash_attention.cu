@@ -13,7 +13,9 @@
 // Forward: one block of four warps takes 64 queries of one (batch, head); each warp keeps 16
 // query rows in registers and walks the keys 64 at a time through shared memory, keeping a
 // running row maximum and sum (online softmax) so the [queries, keys] scores never reach global
-// memory; it also writes each row's log-sum-exp for the backward pass.
+// memory; it also writes each row's log-sum-exp for the backward pass. The next tile's keys
+// load while this tile's probabilities are formed and multiply its values, and its values
+// while its scores are computed (FlashAttention-2's order, one shared buffer each).
 // Each (64 queries, 64 keys) tile's mask is staged in shared memory first and classified: a
 // tile no query of which sees any key is skipped (its keys and values are not even loaded), so
 // a causal mask costs half the work without the kernel being told it is causal; a tile every
@@ -177,7 +179,9 @@ __device__ __forceinline__ void copies_wait() {
 __device__ __forceinline__ void load_tile(u16* tile, const u16* base, const i64* stride, i64 first, i64 count) {
     const bool vector = stride[3] == 1 && (stride[2] & 7) == 0 && (((unsigned long long)base) & 15) == 0;
     if (vector) {
-#pragma unroll
+        // Not unrolled: the copies go out one after another all the same (none waits for the
+        // one before), and the unrolled loop's addresses cost the kernels registers they spill.
+#pragma unroll 1
         for (int j = 0; j < TILE * D / 8 / BLOCK_THREADS; ++j) {
             const int i = threadIdx.x + j * BLOCK_THREADS;
             const int r = i / (D / 8), c = (i % (D / 8)) * 8;
@@ -319,6 +323,17 @@ __device__ __forceinline__ int stage_mask(u8* tile, const u8* mask_bh, const Par
     return all ? SEES_NONE : any ? SEES_SOME : SEES_ALL;
 }
 
+// The first tile of keys from `k_first` on (a multiple of TILE) that some query of the block
+// (queries `q_block + 0..TILE`) sees, its mask staged in `tile` and what it sees in `sees`;
+// `p.keys` when none is left. The whole block calls it (`stage_mask`'s barriers).
+__device__ __forceinline__ i64 next_key_tile(u8* tile, const u8* mask_bh, const Params& p, i64 q_block, i64 k_first, int& sees) {
+    for (i64 k0 = k_first; k0 < p.keys; k0 += TILE) {
+        sees = stage_mask(tile, mask_bh, p, q_block, k0);
+        if (sees != SEES_NONE) return k0;
+    }
+    return p.keys;
+}
+
 // acc[n] (16 rows x 8 columns each) += a (16 x 16 * CHUNKS) · tile (16 * CHUNKS rows x D of a
 // shared tile, read down its rows): the `p v` shape, `a` given as C fragments of 2 * CHUNKS
 // 8-wide tiles. The tile's B fragments come transposed by ldmatrix, two 8-wide tiles per load.
@@ -383,13 +398,21 @@ __device__ __forceinline__ void store_rows(u16* out, const Params& p, i64 b, i64
 #ifndef OUT_TOKEN_MAJOR
 #define OUT_TOKEN_MAJOR 0
 #endif
-// The backward kernels' register budget (tuning; `LLAVA_JP_FLASH_DEFINES` in src/flash.rs
-// sets them for a run): dQ takes its tile's keys DQ_KEYS at a time and dK dV its queries
+// The kernels' register budget (tuning; `LLAVA_JP_FLASH_DEFINES` in src/flash.rs sets these
+// for a run): dQ takes its tile's keys DQ_KEYS at a time and dK dV its queries
 // DKDV_QUERIES at a time (fewer score fragments live at once), and each asks for at least
 // BACKWARD_MIN_BLOCKS blocks per SM (at 128 threads only 3 or more limits the registers).
 // Keys 32 and queries 16 at a time took forward + backward at 8 x 16 x 1024 x 128 (causal,
 // bf16, H200) from 2.75-2.77 ms (64 and 32) to 2.62-2.63 ms
 // (model-import/results/linear-cross-entropy-2026-12-04/, calls 1 and 2).
+// The forward asks for FORWARD_MIN_BLOCKS blocks per SM. With its tiles loaded one at a time,
+// three (168 registers a thread) beat two (12.5% occupancy, stalled on its global loads: Nsight
+// Compute, model-import/results/fused-linear-2026-12-04/). Loading the next tile while this
+// one is used needs more registers: at three blocks ptxas spills ~0.8 KB a thread in GPT-2's
+// masked case (model-import/scripts/check_kernels.py --ptxas), at two none. Two until timed.
+#ifndef FORWARD_MIN_BLOCKS
+#define FORWARD_MIN_BLOCKS 2
+#endif
 #ifndef DQ_KEYS
 #define DQ_KEYS 32
 #endif
@@ -402,10 +425,7 @@ __device__ __forceinline__ void store_rows(u16* out, const Params& p, i64 b, i64
 static_assert(DQ_KEYS % 16 == 0 && TILE % DQ_KEYS == 0, "DQ_KEYS: 16, 32 or 64");
 static_assert(DKDV_QUERIES % 16 == 0 && TILE % DKDV_QUERIES == 0, "DKDV_QUERIES: 16, 32 or 64");
 
-// At least three blocks per SM: at 171 registers a thread the forward fitted two (12.5%
-// occupancy, stalled on its global loads: Nsight Compute, model-import/results/
-// fused-linear-2026-12-04/); 168 let a third in.
-extern "C" __global__ void __launch_bounds__(128, 3) flash_attention_forward(
+extern "C" __global__ void __launch_bounds__(128, FORWARD_MIN_BLOCKS) flash_attention_forward(
     const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
     const u8* __restrict__ mask, const u32* __restrict__ seed, u16* __restrict__ out, float* __restrict__ lse,
     const __grid_constant__ Params p) {
@@ -435,17 +455,24 @@ extern "C" __global__ void __launch_bounds__(128, 3) flash_attention_forward(
     float row_sum[2] = {0.f, 0.f};  // this lane's share; the quad's shares are added at the end
     const u32 drop_rows[2] = {DROPOUT ? dropout_row(seed, bh, rows[0]) : 0u, DROPOUT ? dropout_row(seed, bh, rows[1]) : 0u};
 
-    for (i64 k0 = 0; k0 < p.keys; k0 += TILE) {
-        __syncthreads();  // the previous tiles are no longer read
-        const int sees = stage_mask(mask_tile, mask_bh, p, q_block, k0);
-        if (sees == SEES_NONE) continue;
+    int sees;
+    i64 k0 = next_key_tile(mask_tile, mask_bh, p, q_block, 0, sees);
+    if (k0 < p.keys) {
         load_tile(k_tile, kb, p.k_stride, k0, p.keys);
         load_tile(v_tile, vb, p.v_stride, k0, p.keys);
-        copies_wait<1>();  // K; V's copies go on under the scores
+    }
+    while (k0 < p.keys) {
+        copies_wait<1>();  // this tile's keys; its values may still be on the way
         __syncthreads();
-
         float s[TILE / 8][4];
         times_tile_transposed<TILE / 8>(s, qa, k_tile);
+        __syncthreads();  // every warp is done with the keys
+        // The next tile's keys, before it is known whether any query sees it (the mask is
+        // staged after the values' product, when the scores' registers are free): a guess
+        // wrong only past a causal mask's diagonal, and then loaded again below.
+        const i64 guess = k0 + TILE;
+        if (guess < p.keys) load_tile(k_tile, kb, p.k_stride, guess, p.keys);
+        else copies_commit();  // an empty group, so that the wait below counts alike
 
         // Scale, mask, and the running maximum of each of this lane's two rows.
         float tile_max[2] = {NEG_INF, NEG_INF};
@@ -489,10 +516,21 @@ extern "C" __global__ void __launch_bounds__(128, 3) flash_attention_forward(
                 s[n][e] = (!DROPOUT || dropout_keeps(drop_rows[e >> 1], k0 + n * 8 + 2 * t + (e & 1), p)) ? pe : 0.f;
             }
         }
-        copies_wait<0>();
+        copies_wait<1>();  // this tile's values; the next one's keys may still be on the way
         __syncthreads();
         times_tile_rows<TILE / 16>(o, s, v_tile);
+        __syncthreads();  // every warp is done with the values and the mask
+        const i64 k1 = next_key_tile(mask_tile, mask_bh, p, q_block, guess, sees);
+        if (k1 < p.keys) {
+            if (k1 != guess) {
+                copies_wait<0>();  // the guessed keys landed (each thread rewrites only its own)
+                load_tile(k_tile, kb, p.k_stride, k1, p.keys);
+            }
+            load_tile(v_tile, vb, p.v_stride, k1, p.keys);
+        }
+        k0 = k1;
     }
+    copies_wait<0>();  // no copy may land in shared memory after the block has left it
 
     float inv[2];
 #pragma unroll

@@ -39,6 +39,9 @@ static SOURCE: KernelSource = KernelSource::new("CODE", include_str!("fused_ops.
 /// Threads per block (the launch bounds in the source); a warp per row, so eight rows a block.
 const THREADS: u32 = 256;
 const ROWS_PER_BLOCK: usize = 8;
+/// Rows up to this wide take the block-per-row LayerNorm kernels (`WIDE_PER` elements a
+/// thread in the source).
+const WIDE_ROWS: usize = THREADS as usize * 8;
 /// Rows a block of the weight / bias gradients' partial sums covers (more when there would
 /// be more than [`MAX_CHUNKS`] blocks).
 const ROWS_PER_CHUNK: usize = 64;
@@ -359,6 +362,11 @@ fn row_blocks(rows: usize) -> CubeCount {
     CubeCount::Static(rows.div_ceil(ROWS_PER_BLOCK) as u32, 1, 1)
 }
 
+/// A block per row.
+fn wide_blocks(rows: usize) -> CubeCount {
+    CubeCount::Static(rows as u32, 1, 1)
+}
+
 #[derive(Debug)]
 struct LayerNormForward {
     desc: CustomOpIr,
@@ -376,7 +384,8 @@ impl Operation<Runtime> for LayerNormForward {
         let mean = empty(&x, [rows], DType::F32);
         let rstd = empty(&x, [rows], DType::F32);
         let code = code(x.dtype, out);
-        launch(Kernel::Forward, code, vec![&x, &weight, &bias, &y, &mean, &rstd], words(rows, d, self.eps, 0, 0), row_blocks(rows));
+        let (kernel, blocks) = if d <= WIDE_ROWS { (Kernel::ForwardWide, wide_blocks(rows)) } else { (Kernel::Forward, row_blocks(rows)) };
+        launch(kernel, code, vec![&x, &weight, &bias, &y, &mean, &rstd], words(rows, d, self.eps, 0, 0), blocks);
         let y = CubeTensor::new_contiguous(y.client.clone(), y.device, x.meta.shape().clone(), y.handle, y.dtype);
         for (output, tensor) in self.desc.outputs.iter().zip([y, mean, rstd]) {
             handles.register_float_tensor::<Inner>(&output.id, tensor);
@@ -397,7 +406,8 @@ impl Operation<Runtime> for LayerNormBackward {
         let (rows, d) = rows_and_width(&x);
         let code = code(x.dtype, dy.dtype);
         let dx = empty(&x, [rows, d], x.dtype);
-        launch(Kernel::BackwardInput, code, vec![&x, &weight, &dy, &mean, &rstd, &dx], words(rows, d, 0.0, 0, 0), row_blocks(rows));
+        let (kernel, blocks) = if d <= WIDE_ROWS { (Kernel::BackwardInputWide, wide_blocks(rows)) } else { (Kernel::BackwardInput, row_blocks(rows)) };
+        launch(kernel, code, vec![&x, &weight, &dy, &mean, &rstd, &dx], words(rows, d, 0.0, 0, 0), blocks);
         let dx = CubeTensor::new_contiguous(dx.client.clone(), dx.device, x.meta.shape().clone(), dx.handle, dx.dtype);
         let mut grads = vec![dx];
         if self.desc.outputs.len() == 3 {
@@ -430,6 +440,8 @@ impl Operation<Runtime> for LayerNormBackward {
 enum Kernel {
     Forward,
     BackwardInput,
+    ForwardWide,
+    BackwardInputWide,
     BackwardParamsPartial,
     BackwardParamsSum,
     GeluForward,
@@ -448,6 +460,8 @@ impl Kernel {
         match self {
             Kernel::Forward => "layer_norm_forward",
             Kernel::BackwardInput => "layer_norm_backward_input",
+            Kernel::ForwardWide => "layer_norm_forward_wide",
+            Kernel::BackwardInputWide => "layer_norm_backward_input_wide",
             Kernel::BackwardParamsPartial => "layer_norm_backward_params_partial",
             Kernel::BackwardParamsSum => "layer_norm_backward_params_sum",
             Kernel::GeluForward => "gelu_forward",
@@ -463,9 +477,11 @@ impl Kernel {
     }
 
     #[cfg(test)]
-    const ALL: [Kernel; 13] = [
+    const ALL: [Kernel; 15] = [
         Kernel::Forward,
         Kernel::BackwardInput,
+        Kernel::ForwardWide,
+        Kernel::BackwardInputWide,
         Kernel::BackwardParamsPartial,
         Kernel::BackwardParamsSum,
         Kernel::GeluForward,
@@ -685,5 +701,6 @@ mod tests {
             assert!(SOURCE.specialised(1).contains(&format!("__launch_bounds__({THREADS}) {}(", kernel.entry())), "{}", kernel.entry());
         }
         assert!(SOURCE.specialised(1).contains(&format!("#define UNROLL {ELEMENTS_PER_THREAD}\n")));
+        assert!(SOURCE.specialised(1).contains(&format!("#define WIDE_PER {}\n", WIDE_ROWS / THREADS as usize)));
     }
 }

@@ -703,7 +703,9 @@ fn fused_layer_norm_matches_burn_on_cuda() {
         let (var, mean) = x.clone().var_mean_bias(2);
         (x - mean) / (var + eps).sqrt() * w.unsqueeze() + b.unsqueeze()
     };
-    for (case, (shape, frozen)) in [([4usize, 33, 2048], false), ([2, 577, 1024], false), ([3, 5, 13], false), ([1, 7, 300], true)].into_iter().enumerate() {
+    // Rows up to 2048 wide take the block-per-row kernels, wider ones the warp-per-row ones.
+    let cases = [([4usize, 33, 2048], false), ([2, 577, 1024], false), ([3, 5, 13], false), ([1, 7, 300], true), ([2, 3, 2500], false)];
+    for (case, (shape, frozen)) in cases.into_iter().enumerate() {
         let d = shape[2];
         let what = format!("case {case} ({shape:?}{})", if frozen { ", frozen weight and bias" } else { "" });
         let x_data = Tensor::<A, 3>::random(shape, Distribution::Normal(3.0, 2.0), &device).into_data();
