@@ -889,6 +889,12 @@ fn fused_quick_gelu_matches_pytorch_roundings_on_cuda() {
     };
     matches("bf16 output", &f32s(y.into_data()), &want_y);
     matches("bf16 input gradient", &f32s(x.grad(&grads).expect("tracked").into_data()), &want_dx);
+    // Inference (burn's CUDA backend without autodiff): the same kernel.
+    type H = burn::backend::Cuda<bf16>;
+    let n = 7 * 1024;
+    let xh = Tensor::<H, 2>::from_data(TensorData::new(xs[..n].to_vec(), [7, 1024]), &device).cast(DType::BF16);
+    let yh = fused_ops::try_gelu(xh, Gelu::Quick).unwrap_or_else(|_| panic!("the kernels cover bf16 inference"));
+    matches("bf16 inference output", &f32s(yh.into_data()), &want_y[..n]);
 }
 
 /// The plain residual add's kernel (`nn::add_residual` on CUDA): f32 + bf16 and f32 + f32 under
@@ -922,6 +928,12 @@ fn fused_residual_add_is_exact_on_cuda() {
         assert_close(&format!("{branch:?} branch: branch gradient"), &f32s(dh.into_data()), &want_dh, 0.0);
         let untracked = fused_ops::try_residual_add(x.detach(), h.detach()).unwrap_or_else(|_| panic!("untracked: covered"));
         assert_close(&format!("{branch:?} branch, untracked: output"), &f32s(untracked.into_data()), &want, 0.0);
+        // Inference (burn's CUDA backend without autodiff): the same kernel.
+        type F = burn::backend::Cuda<f32>;
+        let xf = Tensor::<F, 3>::from_data(TensorData::new(xs.clone(), shape), &device);
+        let hf = Tensor::<F, 3>::from_data(TensorData::new(hs.clone(), shape), &device).cast(branch);
+        let yf = fused_ops::try_residual_add(xf, hf).unwrap_or_else(|_| panic!("inference: covered"));
+        assert_close(&format!("{branch:?} branch, inference: output"), &f32s(yf.into_data()), &want, 0.0);
     }
 }
 

@@ -120,12 +120,14 @@ impl<B: Backend> Gpt2Block<B> {
     }
 }
 
-/// `ln(x)` as `layer` reads it: in autocast's compute dtype ([`LayerNorm::forward_to_product`]),
-/// unless a LoRA adapter's dropout reads it first, which PyTorch applies to the f32 values.
+/// `ln(x)` as `layer` reads it: in autocast's compute dtype ([`LayerNorm::forward_to_product`])
+/// when the product is its only reader. With a LoRA adapter it stays in f32, as in PyTorch:
+/// the adapter's dropout reads the f32 values, and the two products' input gradients are added
+/// in f32 (two readers of one bf16 tensor would have burn add them in bf16).
 fn normed_for<B: Backend>(ln: &LayerNorm<B>, layer: &Conv1D<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
-    match &layer.lora {
-        Some(lora) if lora.dropout.is_active::<B>(&x.device()) => ln.forward(x),
-        _ => ln.forward_to_product(x),
+    match layer.lora {
+        Some(_) => ln.forward(x),
+        None => ln.forward_to_product(x),
     }
 }
 
