@@ -14,7 +14,7 @@ use burn::backend::{Autodiff, Cuda};
 use burn::prelude::*;
 use burn::tensor::{DType, Distribution};
 use llava_jp::model::gpt2::attention_mask;
-use llava_jp::flash::Route;
+use llava_jp::flash::{Backward, Route};
 use llava_jp::model::nn::{attention, Dropout};
 
 type B = Cuda<f32>;
@@ -42,6 +42,7 @@ fn main() {
     // 577 tokens, and one decode query against a 600-token cache.
     let shapes = [
         ("llm train 8x1024", 8, 16, 1024, 1024, 128, true),
+        ("llm train stage1 32x608", 32, 16, 608, 608, 128, true),
         ("llm prefill 1x600", 1, 16, 600, 600, 128, true),
         ("clip 8 images", 8, 16, 577, 577, 64, false),
         ("llm decode 1 vs 600", 1, 16, 1, 600, 128, true),
@@ -75,8 +76,9 @@ fn main() {
             ms[route] = start.elapsed().as_secs_f64() * 1e3 / iters as f64;
             outputs.push(run().cast(DType::F32));
         }
-        // Forward and backward, the gradient of the output's sum reaching q, k and v.
-        let mut train_ms = [f64::NAN; 2];
+        // Forward and backward, the gradient of the output's sum reaching q, k and v: burn's
+        // route, the flash kernels with the fused backward, with the split pair.
+        let mut train_ms = [f64::NAN; 3];
         if tq > 1 && !forward_only {
             let lift = |t: &Tensor<B, 4>| Tensor::<AD, 4>::from_inner(t.clone()).require_grad();
             let mask = mask.clone().map(Tensor::<AD, 4, Bool>::from_inner);
@@ -85,11 +87,12 @@ fn main() {
                 let grads = attention(q.clone(), k.clone(), v.clone(), mask.clone(), scale, &train_dropout).sum().backward();
                 (q.grad(&grads), k.grad(&grads), v.grad(&grads))
             };
-            for (route, flash) in [(0, false), (1, true)] {
+            for (route, flash) in [(0, false), (1, true), (2, true)] {
                 if flash_train_only && !flash {
                     continue;
                 }
                 llava_jp::flash::set_route(if flash { Route::Training } else { Route::Burn });
+                llava_jp::flash::set_backward(if route == 2 { Backward::Split } else { Backward::Fused });
                 for _ in 0..3 {
                     let _ = step();
                 }
@@ -110,6 +113,7 @@ fn main() {
                 "shape": name, "batch": b, "heads": h, "queries": tq, "keys": tk, "head_dim": d, "causal": causal,
                 "dtype": format!("{dtype:?}"), "train_dropout": train_dropout.prob, "burn_ms": ms[0], "flash_ms": ms[1], "speedup": ms[0] / ms[1],
                 "train_burn_ms": train_ms[0], "train_flash_ms": train_ms[1], "train_speedup": train_ms[0] / train_ms[1],
+                "train_flash_split_backward_ms": train_ms[2],
                 "max_abs_diff": diff, "max_abs_burn": scale_out,
             })
         );

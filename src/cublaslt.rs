@@ -931,7 +931,7 @@ impl burn_cubecl::cubecl::CubeTask<burn_cubecl::cubecl::cuda::CudaCompiler> for 
         address_type: burn_cubecl::cubecl::prelude::StorageType,
     ) -> Result<burn_cubecl::cubecl::prelude::CompiledKernel<burn_cubecl::cubecl::cuda::CudaCompiler>, burn_cubecl::cubecl::CompilationError> {
         let source = format!("#define FLAG_SLOTS {FLAG_SLOTS}\n{FLAG_SOURCE}");
-        crate::flash::compile_source(compiler, options, mode, address_type, self.entry(), source, 32)
+        crate::flash::compile_source(compiler, options, mode, address_type, self.entry(), source, 32, 0)
     }
 }
 

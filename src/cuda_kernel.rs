@@ -232,7 +232,7 @@ impl CubeTask<CudaCompiler> for SourceKernel {
         mode: ExecutionMode,
         address_type: StorageType,
     ) -> Result<CompiledKernel<CudaCompiler>, CompilationError> {
-        compile_source(compiler, options, mode, address_type, self.entry, self.source.specialised(self.code), self.threads)
+        compile_source(compiler, options, mode, address_type, self.entry, self.source.specialised(self.code), self.threads, 0)
     }
 }
 

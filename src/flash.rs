@@ -12,8 +12,9 @@
 //! multiple of 16 up to 128, any strides, and any boolean mask (broadcast views included), on
 //! `Cuda<bf16>` / `Cuda<f16>` / autocast `Cuda<f32>` and on their autodiff backends, on GPUs
 //! with compute capability 8.0 or more, where the
-//! backward is two more kernels (dQ; dK and dV) that recompute the scores from the forward's
-//! log-sum-exp. Attention dropout is in the kernels, as [`SeededDropout`] describes it (a hash
+//! backward recomputes the scores from the forward's log-sum-exp: one kernel per block of keys
+//! forms dK and dV and adds each tile's dQ share into an f32 accumulator (FlashAttention-2's
+//! scheme), or (`LLAVA_JP_FLASH_BACKWARD=split`) two kernels, dQ apart, recompute them twice. Attention dropout is in the kernels, as [`SeededDropout`] describes it (a hash
 //! of a seed drawn on the device and each probability's place decides), so the backward drops
 //! the same probabilities without a stored mask.
 //!
@@ -279,12 +280,18 @@ fn autodiff_attention<B: Backend>(
     Err((q, k, v, masked))
 }
 
-/// Which of the three kernels in `SOURCE` a launch runs.
+/// Which kernel of `SOURCE` a launch runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Kernel {
     Forward,
+    /// The split backward: dQ, then dK and dV, each recomputing the scores.
     BackwardDq,
     BackwardDkDv,
+    /// The fused backward: dK and dV, and dQ added into an f32 accumulator that `DqZero`
+    /// clears before and `DqStore` rounds into dQ after.
+    Backward,
+    DqZero,
+    DqStore,
 }
 
 impl Kernel {
@@ -293,8 +300,56 @@ impl Kernel {
             Kernel::Forward => "flash_attention_forward",
             Kernel::BackwardDq => "flash_attention_backward_dq",
             Kernel::BackwardDkDv => "flash_attention_backward_dkdv",
+            Kernel::Backward => "flash_attention_backward",
+            Kernel::DqZero => "flash_attention_dq_zero",
+            Kernel::DqStore => "flash_attention_dq_store",
         }
     }
+
+    /// The dynamic shared memory a block takes, in bytes (`FUSED_SHARED_BYTES` in the source:
+    /// the key, value, query and dO tiles, dSᵀ, the mask tile, and three per-query vectors);
+    /// the other kernels' is static.
+    fn dynamic_shared_bytes(self, head_dim: usize) -> usize {
+        const MASK_ROW: usize = BLOCK + 16;
+        match self {
+            Kernel::Backward => 4 * BLOCK * (head_dim + 8) * 2 + BLOCK * (BLOCK + 8) * 2 + BLOCK * MASK_ROW + 3 * BLOCK * 4,
+            _ => 0,
+        }
+    }
+}
+
+/// The kernels of the attention's backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backward {
+    /// One kernel per block of keys: dK, dV, and dQ by atomics (the default).
+    Fused,
+    /// dQ and dK dV apart, each recomputing the scores.
+    Split,
+}
+
+static BACKWARD: AtomicU8 = AtomicU8::new(UNSET);
+
+/// The backward's kernels: `LLAVA_JP_FLASH_BACKWARD` = `fused` (the default) or `split`,
+/// unless [`set_backward`] said otherwise.
+pub fn backward() -> Backward {
+    match BACKWARD.load(Ordering::Relaxed) {
+        UNSET => {
+            let chosen = match std::env::var("LLAVA_JP_FLASH_BACKWARD").as_deref() {
+                Err(_) | Ok("fused") => Backward::Fused,
+                Ok("split") => Backward::Split,
+                Ok(other) => panic!("LLAVA_JP_FLASH_BACKWARD={other:?}: expected fused or split"),
+            };
+            set_backward(chosen);
+            chosen
+        }
+        code if code == Backward::Split as u8 => Backward::Split,
+        _ => Backward::Fused,
+    }
+}
+
+/// Sets the backward's kernels for the whole process (tests and benchmarks compare them).
+pub fn set_backward(kernels: Backward) {
+    BACKWARD.store(kernels as u8, Ordering::Relaxed);
 }
 
 /// How the kernels lay out what they write.
@@ -401,7 +456,8 @@ fn register_backward(
     irs.extend(mask.map(|m| m.into_ir()));
     irs.extend(seed.map(|s| s.into_ir()));
     let desc = CustomOpIr::new("flash_attention_backward", &irs, &outputs);
-    let op = FlashBackward { desc: desc.clone(), with_mask, drop_prob, scale, layout };
+    // Chosen now, not when the fused stream runs the operation.
+    let op = FlashBackward { desc: desc.clone(), with_mask, drop_prob, scale, layout, kernels: backward() };
     let mut outputs = client.register(streams, OperationIr::Custom(desc), op).into_iter();
     let mut next = || outputs.next().expect("the backward's outputs");
     match layout {
@@ -454,6 +510,7 @@ struct FlashBackward {
     drop_prob: f64,
     scale: f64,
     layout: Layout,
+    kernels: Backward,
 }
 
 impl Operation<Runtime> for FlashBackward {
@@ -468,16 +525,12 @@ impl Operation<Runtime> for FlashBackward {
         let tk = k.meta.shape()[2];
         let dropout = seed.as_ref().map(|s| (self.drop_prob, s));
         let operands = Operands { q: &q, k: &k, v: &v, mask: mask.as_ref(), dropout, grad: Some(&grad), scale: self.scale };
-        match self.layout {
+        // dq, dk, dv (token-major: views of one buffer, `whole`) and the strides of each over
+        // [batch, head, position].
+        let (grads, whole, dq_strides, dkdv_strides) = match self.layout {
             Layout::HeadMajor => {
-                let dq = empty(&q, [b, h, tq, d], q.dtype);
-                let dk = empty(&q, [b, h, tk, d], q.dtype);
-                let dv = empty(&q, [b, h, tk, d], q.dtype);
-                launch(Kernel::BackwardDq, &operands, vec![&lse, &delta, &dq], tq, out_strides(self.layout, [h, tq, d], 1));
-                launch(Kernel::BackwardDkDv, &operands, vec![&lse, &delta, &dk, &dv], tk, out_strides(self.layout, [h, tk, d], 1));
-                for (output, tensor) in self.desc.outputs.iter().zip([dq, dk, dv]) {
-                    handles.register_float_tensor::<Inner>(&output.id, tensor);
-                }
+                let grads = vec![empty(&q, [b, h, tq, d], q.dtype), empty(&q, [b, h, tk, d], q.dtype), empty(&q, [b, h, tk, d], q.dtype)];
+                (grads, None, out_strides(self.layout, [h, tq, d], 1), out_strides(self.layout, [h, tk, d], 1))
             }
             Layout::TokenMajor => {
                 // One buffer; dk and dv start one and two widths into each token's row.
@@ -488,10 +541,26 @@ impl Operation<Runtime> for FlashBackward {
                     view
                 };
                 let strides = out_strides(self.layout, [h, tq, d], 3);
-                launch(Kernel::BackwardDq, &operands, vec![&lse, &delta, &part(0)], tq, strides);
-                launch(Kernel::BackwardDkDv, &operands, vec![&lse, &delta, &part(1), &part(2)], tk, strides);
-                handles.register_float_tensor::<Inner>(&self.desc.outputs[0].id, dqkv);
+                (vec![part(0), part(1), part(2)], Some(dqkv.clone()), strides, strides)
             }
+        };
+        let [dq, dk, dv] = [&grads[0], &grads[1], &grads[2]];
+        if self.kernels == Backward::Fused {
+            let dq_acc = empty(&q, [b, h, tq, d], DType::F32);
+            launch(Kernel::DqZero, &operands, vec![&dq_acc], tq, dq_strides);
+            launch(Kernel::Backward, &operands, vec![&lse, &delta, &dq_acc, dk, dv], tk, dkdv_strides);
+            launch(Kernel::DqStore, &operands, vec![&dq_acc, dq], tq, dq_strides);
+        } else {
+            launch(Kernel::BackwardDq, &operands, vec![&lse, &delta, dq], tq, dq_strides);
+            launch(Kernel::BackwardDkDv, &operands, vec![&lse, &delta, dk, dv], tk, dkdv_strides);
+        }
+        match whole {
+            None => {
+                for (output, tensor) in self.desc.outputs.iter().zip(grads) {
+                    handles.register_float_tensor::<Inner>(&output.id, tensor);
+                }
+            }
+            Some(dqkv) => handles.register_float_tensor::<Inner>(&self.desc.outputs[0].id, dqkv),
         }
     }
 }
@@ -651,14 +720,16 @@ impl CubeTask<CudaCompiler> for FlashTask {
         mode: ExecutionMode,
         address_type: StorageType,
     ) -> Result<CompiledKernel<CudaCompiler>, CompilationError> {
-        compile_source(compiler, options, mode, address_type, self.kernel.entry(), self.source(), THREADS)
+        let shared = self.kernel.dynamic_shared_bytes(self.head_dim);
+        compile_source(compiler, options, mode, address_type, self.kernel.entry(), self.source(), THREADS, shared)
     }
 }
 
-/// A kernel of our own CUDA C++ `source` (entry point `entry`, `threads` per block, static
-/// shared memory only) as cubecl's compiler hands kernels on: NVRTC compiles the source, and
-/// cubecl wants its own representation beside it (it reads the dynamic shared memory size
-/// from it), which is an empty kernel's.
+/// A kernel of our own CUDA C++ `source` (entry point `entry`, `threads` per block,
+/// `dynamic_shared` bytes of dynamic shared memory) as cubecl's compiler hands kernels on:
+/// NVRTC compiles the source, and cubecl wants its own representation beside it, an empty
+/// kernel's, from which it reads the dynamic shared memory to launch with (and to allow past
+/// 48 KiB).
 pub(crate) fn compile_source(
     compiler: &mut CudaCompiler,
     options: &<CudaCompiler as Compiler>::CompilationOptions,
@@ -667,6 +738,7 @@ pub(crate) fn compile_source(
     entry: &str,
     source: String,
     threads: u32,
+    dynamic_shared: usize,
 ) -> Result<CompiledKernel<CudaCompiler>, CompilationError> {
     let empty = KernelDefinition {
         buffers: vec![],
@@ -676,7 +748,12 @@ pub(crate) fn compile_source(
         body: Scope::root(false),
         options: KernelOptions { kernel_name: entry.into(), debug_symbols: false, cluster_dim: None },
     };
-    let repr = compiler.compile(empty, options, mode, address_type)?;
+    let mut repr = compiler.compile(empty, options, mode, address_type)?;
+    if dynamic_shared > 0 {
+        // One byte array: cubecl launches with the end of the last shared memory it lists.
+        let bytes = cubecl_cpp::shared::Item::new(cubecl_cpp::shared::Elem::U8, 1, false);
+        repr.body.shared_memories.push(cubecl_cpp::shared::SharedMemory::new_array(0, bytes, dynamic_shared, 16));
+    }
     Ok(CompiledKernel {
         entrypoint_name: entry.into(),
         debug_name: Some("llava_jp custom CUDA kernel"),
@@ -844,13 +921,14 @@ mod tests {
     /// no dynamic shared memory, and the source carries the variant's defines and the entry point.
     #[test]
     fn tasks_compile_to_our_source() {
-        for kernel in [Kernel::Forward, Kernel::BackwardDq, Kernel::BackwardDkDv] {
+        let all = [Kernel::Forward, Kernel::BackwardDq, Kernel::BackwardDkDv, Kernel::Backward, Kernel::DqZero, Kernel::DqStore];
+        for kernel in all {
             let task = FlashTask { kernel, head_dim: 64, bf16: true, mask_bytes: 1, dropout: true };
             let compiled = task
                 .compile(&mut CudaCompiler::default(), &Default::default(), ExecutionMode::Checked, task.address_type())
                 .expect("compiles");
             assert_eq!(compiled.entrypoint_name, kernel.entry());
-            assert_eq!(compiled.repr.expect("a representation").shared_memory_size(), 0);
+            assert_eq!(compiled.repr.expect("a representation").shared_memory_size(), kernel.dynamic_shared_bytes(64));
             assert!(compiled.source.starts_with("#define HEAD_DIM 64\n#define IS_BF16 1\n#define MASK_BYTES 1\n#define DROPOUT 1\n"));
             // (The forward asks for a minimum of blocks per SM too: `__launch_bounds__(128, 3)`.)
             assert!(compiled.source.contains(&format!("__launch_bounds__({THREADS}")));

@@ -20,9 +20,11 @@
 // tile no query of which sees any key is skipped (its keys and values are not even loaded), so
 // a causal mask costs half the work without the kernel being told it is causal; a tile every
 // query of which sees every key takes no per-score test.
-// Backward: the scores are recomputed from that log-sum-exp, twice: once per block of 64 keys
-// (dK, dV, walking the queries) and once per block of 64 queries (dQ, walking the keys), so
-// that no gradient needs atomics or a zeroed accumulator.
+// Backward: the scores are recomputed from that log-sum-exp once per block of 64 keys, walking
+// the queries, for dK and dV in registers and each tile's dQ share added into an f32
+// accumulator by atomics (`flash_attention_backward`, the default). The split pair recomputes
+// them twice instead, once per block of keys (dK, dV) and once per block of queries (dQ), so
+// that no gradient needs atomics or a zeroed accumulator (`LLAVA_JP_FLASH_BACKWARD=split`).
 // Dropout drops a probability after the softmax (its sum and log-sum-exp are the undropped
 // ones) and scales the kept ones by 1 / (1 - p); which are dropped is a hash of a seed and the
 // score's place, so the backward kernels drop the same ones without a stored mask, and a
@@ -717,4 +719,213 @@ extern "C" __global__ void __launch_bounds__(128, BACKWARD_MIN_BLOCKS) flash_att
     }
     store_rows(dv, p, b, h, p.keys, keys, dv_acc, 1.f);
     store_rows(dk, p, b, h, p.keys, keys, dk_acc, f32_of(p.scale));
+}
+
+// The whole backward in one pass (FlashAttention-2's): one block per 64 keys, walking the
+// queries, as `flash_attention_backward_dkdv` does, and each tile's dQ share as well, added
+// into an f32 accumulator (`dq_acc`, [batch * heads, queries, D], zeroed before) by atomics:
+// the scores and their gradients are formed once, not again by a dQ kernel of their own.
+// The keys and values stay in shared memory (not registers, which hold dK and dV), beside the
+// queries, dO and the tile's score gradients (dSᵀ, [key][query], rounded as the products read
+// them): dynamic shared memory, `Kernel::dynamic_shared_bytes` in src/flash.rs.
+// The next tile's queries and dO load while this tile's dQ share is formed (they are read
+// before it), so the copies overlap the dQ products and atomics.
+#define DS_ROW (TILE + 8)
+// dQ's sums are formed DQ_PARTS column ranges at a time (fewer live registers beside dK and
+// dV): halves where a half is a whole number of 16-wide fragment pairs.
+#define DQ_PARTS ((D / 16) % 2 == 0 ? 2 : 1)
+
+// The first tile of queries from `q_first` on (a multiple of TILE) that sees some key of the
+// block (keys `k_block + 0..TILE`), its mask staged in `tile` and what it sees in `sees`;
+// `p.queries` when none is left. The whole block calls it (`stage_mask`'s barriers).
+__device__ __forceinline__ i64 next_query_tile(u8* tile, const u8* mask_bh, const Params& p, i64 k_block, i64 q_first, int& sees) {
+    for (i64 r0 = q_first; r0 < p.queries; r0 += TILE) {
+        sees = stage_mask(tile, mask_bh, p, r0, k_block);
+        if (sees != SEES_NONE) return r0;
+    }
+    return p.queries;
+}
+
+// s[n] (16 x 8 each, COLS of them, COLS even) = rows `a_tile + 0..16` (a shared tile, 16 x D,
+// read by ldmatrix) · tileᵀ over the tile's first 8 * COLS rows.
+template <int COLS>
+__device__ __forceinline__ void shared_times_tile_transposed(float (*s)[4], const u16* a_tile, const u16* tile) {
+    const int lane = threadIdx.x & 31, m = lane >> 3, r = lane & 7;
+    // A matrices: rows 0..7 then 8..15, at columns c*16 + 0..7, then + 8..15.
+    const u16* a_at = a_tile + ((m & 1) * 8 + r) * ROW + (m >> 1) * 8;
+    const u16* at = tile + ((m >> 1) * 8 + r) * ROW + (m & 1) * 8;
+#pragma unroll
+    for (int n = 0; n < COLS; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+    for (int c = 0; c < D / 16; ++c) {
+        u32 af[4];
+        ldmatrix_x4(af, a_at + c * 16);
+#pragma unroll
+        for (int n = 0; n < COLS; n += 2) {
+            u32 bf[4];
+            ldmatrix_x4(bf, at + n * 8 * ROW + c * 16);
+            mma(s[n], af, bf);
+            mma(s[n + 1], af, bf + 2);
+        }
+    }
+}
+
+// at[0] += a, at[1] += b (`at` 8-byte aligned), atomically: one vector reduction on sm_90.
+__device__ __forceinline__ void add_pair(float* at, float a, float b) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(at), "f"(a), "f"(b) : "memory");
+#else
+    atomicAdd(at, a);
+    atomicAdd(at + 1, b);
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(128, BACKWARD_MIN_BLOCKS) flash_attention_backward(
+    const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
+    const u8* __restrict__ mask, const u32* __restrict__ seed, const u16* __restrict__ dout, const float* __restrict__ lse,
+    const float* __restrict__ delta, float* __restrict__ dq_acc, u16* __restrict__ dk, u16* __restrict__ dv,
+    const __grid_constant__ Params p) {
+    extern __shared__ __align__(16) u8 shared[];
+    u16* k_tile = (u16*)shared;
+    u16* v_tile = k_tile + TILE * ROW;
+    u16* q_tile = v_tile + TILE * ROW;
+    u16* do_tile = q_tile + TILE * ROW;
+    u16* ds_tile = do_tile + TILE * ROW;  // dSᵀ: rows keys, columns queries
+    u8* mask_tile = (u8*)(ds_tile + TILE * DS_ROW);
+    float* lse_tile = (float*)(mask_tile + TILE * MASK_ROW);
+    float* delta_tile = lse_tile + TILE;
+    u32* drop_row_tile = (u32*)(delta_tile + TILE);  // the queries' dropout codes
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const i64 bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
+    const u8* mask_bh = mask_of(mask, p, b, h);
+    const i64 k_block = (i64)blockIdx.x * TILE;
+    const i64 k0 = k_block + warp * 16;
+    const i64 keys[2] = {k0 + g, k0 + g + 8};
+    const float scale_log2e = f32_of(p.scale_log2e), keep_scale = f32_of(p.keep_scale);
+    const u16* qb = q + b * p.q_stride[0] + h * p.q_stride[1];
+    const u16* db = dout + b * p.do_stride[0] + h * p.do_stride[1];
+    const u16* warp_keys = k_tile + warp * 16 * ROW;
+    const u16* warp_values = v_tile + warp * 16 * ROW;
+    float* dq_bh = dq_acc + bh * p.queries * D;
+
+    load_tile(k_tile, k + b * p.k_stride[0] + h * p.k_stride[1], p.k_stride, k_block, p.keys);
+    load_tile(v_tile, v + b * p.v_stride[0] + h * p.v_stride[1], p.v_stride, k_block, p.keys);
+
+    float dk_acc[D / 8][4], dv_acc[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+        dk_acc[n][0] = dk_acc[n][1] = dk_acc[n][2] = dk_acc[n][3] = 0.f;
+        dv_acc[n][0] = dv_acc[n][1] = dv_acc[n][2] = dv_acc[n][3] = 0.f;
+    }
+
+    // A tile's queries, dO and per-query values into shared memory (the first two by
+    // asynchronous copies).
+    auto load_queries = [&](i64 r0) {
+        load_tile(q_tile, qb, p.q_stride, r0, p.queries);
+        load_tile(do_tile, db, p.do_stride, r0, p.queries);
+        for (int i = threadIdx.x; i < TILE; i += blockDim.x) {
+            const i64 row = r0 + i;
+            lse_tile[i] = row < p.queries ? lse[bh * p.queries + row] : NEG_INF;
+            delta_tile[i] = row < p.queries ? delta[bh * p.queries + row] : 0.f;
+            if (DROPOUT) drop_row_tile[i] = dropout_row(seed, bh, row);
+        }
+    };
+    int sees;
+    i64 r0 = next_query_tile(mask_tile, mask_bh, p, k_block, 0, sees);
+    if (r0 < p.queries) load_queries(r0);
+    while (r0 < p.queries) {
+        copies_wait<0>();  // (the keys and values too, on the first tile)
+        __syncthreads();
+
+        // Transposed tiles (rows: this warp's keys, columns: queries), DKDV_QUERIES at a time.
+#pragma unroll
+        for (int c0 = 0; c0 < TILE; c0 += DKDV_QUERIES) {
+            float s[DKDV_QUERIES / 8][4], dp[DKDV_QUERIES / 8][4];
+            shared_times_tile_transposed<DKDV_QUERIES / 8>(s, warp_keys, q_tile + c0 * ROW);
+            shared_times_tile_transposed<DKDV_QUERIES / 8>(dp, warp_values, do_tile + c0 * ROW);
+            PROBABILITIES_AND_GRADIENTS(DKDV_QUERIES / 8, c0 + n * 8 + 2 * t + (e & 1), warp * 16 + g + (e >> 1) * 8, lse_tile[c0 + n * 8 + 2 * t + (e & 1)],
+                                        delta_tile[c0 + n * 8 + 2 * t + (e & 1)], drop_row_tile[c0 + n * 8 + 2 * t + (e & 1)], keys[e >> 1])
+            times_tile_rows<DKDV_QUERIES / 16>(dv_acc, s, do_tile + c0 * ROW);  // dV += Pᵀ dO
+            times_tile_rows<DKDV_QUERIES / 16>(dk_acc, dp, q_tile + c0 * ROW);  // dK += dSᵀ q
+            // dSᵀ as the products round it, for dQ below.
+#pragma unroll
+            for (int n = 0; n < DKDV_QUERIES / 8; ++n) {
+                u32* row = (u32*)(ds_tile + (warp * 16 + g) * DS_ROW + c0 + n * 8 + 2 * t);
+                row[0] = pack(dp[n][0], dp[n][1]);
+                row[8 * DS_ROW / 2] = pack(dp[n][2], dp[n][3]);
+            }
+        }
+        __syncthreads();  // dSᵀ whole; this tile's queries, dO, mask and per-query values read
+
+        // The next tile's mask, then its queries and dO on their way during the dQ products.
+        const i64 r1 = next_query_tile(mask_tile, mask_bh, p, k_block, r0 + TILE, sees);
+        if (r1 < p.queries) load_queries(r1);
+
+        // dQ += dS k over this block's keys: each warp 16 queries, DQ_PARTS column ranges at a
+        // time, added into dq_acc.
+        const i64 query = r0 + warp * 16 + g;
+        const int lm = lane >> 3, lr = lane & 7;
+        constexpr int COLS = D / DQ_PARTS;
+#pragma unroll
+        for (int part = 0; part < DQ_PARTS; ++part) {
+            float acc[COLS / 8][4];
+#pragma unroll
+            for (int n = 0; n < COLS / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < TILE / 16; ++kk) {
+                // A (16 queries x 16 keys) from dSᵀ transposed: matrix m holds keys
+                // kk*16 + (m >> 1)*8 + 0..7 at queries warp*16 + (m & 1)*8 + 0..7.
+                u32 af[4];
+                ldmatrix_x4_trans(af, ds_tile + (kk * 16 + (lm >> 1) * 8 + lr) * DS_ROW + warp * 16 + (lm & 1) * 8);
+                // B (16 keys x 8 dimensions) from the keys' rows, two 8-wide tiles per load.
+                const u16* at = k_tile + (kk * 16 + (lm & 1) * 8 + lr) * ROW + part * COLS + (lm >> 1) * 8;
+#pragma unroll
+                for (int n = 0; n < COLS / 8; n += 2) {
+                    u32 bf[4];
+                    ldmatrix_x4_trans(bf, at + n * 8);
+                    mma(acc[n], af, bf);
+                    mma(acc[n + 1], af, bf + 2);
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                if (query + r * 8 >= p.queries) continue;
+                float* at = dq_bh + (query + r * 8) * D + part * COLS + 2 * t;
+#pragma unroll
+                for (int n = 0; n < COLS / 8; ++n) add_pair(at + n * 8, acc[n][2 * r], acc[n][2 * r + 1]);
+            }
+        }
+        r0 = r1;
+    }
+    copies_wait<0>();  // no copy may land in shared memory after the block has left it (no tile seen)
+    store_rows(dv, p, b, h, p.keys, keys, dv_acc, 1.f);
+    store_rows(dk, p, b, h, p.keys, keys, dk_acc, f32_of(p.scale));
+}
+
+// The fused backward's accumulator kernels take the backward's operands first, as every kernel
+// here is launched (src/flash.rs), and read none of them.
+#define BACKWARD_OPERANDS const u16* q, const u16* k, const u16* v, const u8* mask, const u32* seed, const u16* dout
+
+// dq_acc (f32 [batch * heads, queries, D]) zeroed, before the backward adds into it: one
+// block per 64 queries of one (batch, head).
+extern "C" __global__ void __launch_bounds__(128) flash_attention_dq_zero(BACKWARD_OPERANDS, float* __restrict__ dq_acc, const __grid_constant__ Params p) {
+    const i64 bh = blockIdx.y, first = (i64)blockIdx.x * TILE;
+    const i64 rows = (p.queries - first < TILE ? p.queries - first : TILE);
+    float4* at = (float4*)(dq_acc + (bh * p.queries + first) * D);
+    for (i64 i = threadIdx.x; i < rows * D / 4; i += BLOCK_THREADS) at[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+}
+
+// dq (the operand type, laid out as `p.out_stride` says) = dq_acc times the softmax scale.
+extern "C" __global__ void __launch_bounds__(128) flash_attention_dq_store(BACKWARD_OPERANDS, const float* __restrict__ dq_acc, u16* __restrict__ dq, const __grid_constant__ Params p) {
+    const i64 bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads, first = (i64)blockIdx.x * TILE;
+    const i64 rows = (p.queries - first < TILE ? p.queries - first : TILE);
+    const float scale = f32_of(p.scale);
+    const float2* from = (const float2*)(dq_acc + (bh * p.queries + first) * D);
+    for (i64 i = threadIdx.x; i < rows * D / 2; i += BLOCK_THREADS) {
+        const i64 row = first + i / (D / 2), col = (i % (D / 2)) * 2;
+        const float2 x = from[i];
+        *(u32*)(dq + b * p.out_stride[0] + h * p.out_stride[1] + row * p.out_stride[2] + col) = pack(x.x * scale, x.y * scale);
+    }
 }

@@ -1138,6 +1138,54 @@ fn linear_cross_entropy_matches_burn_on_cuda() {
     }
 }
 
+/// The fused flash backward (one kernel per block of keys, dQ added by atomics) against the
+/// split pair (dQ and dK dV apart), on `Autodiff<Cuda<f32>>` with bf16 operands: the gradients
+/// of q, k and v. dK and dV come from the same products in the same order (equal but for
+/// nothing); dQ's sums meet in another order (f32, then one rounding). Head widths 64 and 128,
+/// causal with padding, no mask, fewer queries than keys, a length not a multiple of the tile,
+/// with and without dropout.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn fused_flash_backward_matches_the_split_pair_on_cuda() {
+    use burn::backend::cuda::CudaDevice;
+    use burn::tensor::{DType, Distribution};
+    use llava_jp::flash::{set_backward, set_route, Backward, Route};
+    use llava_jp::model::gpt2::attention_mask;
+    use llava_jp::model::nn::{attention_with_seeded_dropout, SeededDropout};
+    type A = Autodiff<burn::backend::Cuda<f32>>;
+    let device = CudaDevice::new(0);
+    set_route(Route::Training);
+    let (b, heads) = (2usize, 3usize);
+    for (head_dim, tq, tk, with_mask, prob) in [(128, 150, 150, true, 0.0), (128, 150, 150, true, 0.1), (64, 150, 150, false, 0.0), (128, 70, 150, false, 0.0), (64, 64, 64, true, 0.1)] {
+        let what = format!("head width {head_dim}, {tq} queries x {tk} keys, mask {with_mask}, dropout {prob}");
+        let data = |t: usize| Tensor::<A, 4>::random([b, heads, t, head_dim], Distribution::Normal(0.0, 1.0), &device).into_data();
+        let (q_data, k_data, v_data) = (data(tq), data(tk), data(tk));
+        let r = Tensor::<A, 4>::random([b, heads, tq, head_dim], Distribution::Normal(0.0, 1.0), &device);
+        // The second sequence has its last 30 keys padded.
+        let valid: Vec<bool> = (0..b * tk).map(|i| i < tk || i % tk < tk - 30).collect();
+        let mask = with_mask.then(|| attention_mask(Tensor::<A, 2, Bool>::from_data(TensorData::new(valid, [b, tk]), &device), tq, heads));
+        let drop = SeededDropout { prob, seed: [91, 7] };
+        let run = |kernels: Backward| {
+            set_backward(kernels);
+            let lift = |d: &TensorData| Tensor::<A, 4>::from_data(d.clone(), &device).cast(DType::BF16).require_grad();
+            let (q, k, v) = (lift(&q_data), lift(&k_data), lift(&v_data));
+            let y = attention_with_seeded_dropout(q.clone(), k.clone(), v.clone(), mask.clone(), 1.0 / (head_dim as f64).sqrt(), drop);
+            let grads = (y.cast(DType::F32) * r.clone()).sum().backward();
+            let grad = |t: &Tensor<A, 4>| f32s(t.grad(&grads).expect("tracked").into_data());
+            (grad(&q), grad(&k), grad(&v))
+        };
+        let (want, got) = (run(Backward::Split), run(Backward::Fused));
+        set_backward(Backward::Fused);
+        assert!(want.0.iter().chain(&want.1).chain(&want.2).all(|g| g.is_finite()), "{what}: the split pair's gradients are not finite");
+        assert_close(&format!("{what}: dk"), &got.1, &want.1, 1e-6);
+        assert_close(&format!("{what}: dv"), &got.2, &want.2, 1e-6);
+        // One bf16 rounding of sums met in another order: a unit of the last place, 2^-8 of
+        // the value, at most.
+        assert_close(&format!("{what}: dq"), &got.0, &want.0, 1e-2);
+    }
+}
+
 /// GPT-2's attention from its fused projection as one operation
 /// (`flash::try_attention_from_qkv`) against the split, per-head route it replaces (three
 /// slices and head splits, `nn::attention` with the flash kernels, the merge), on

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 SHAPES = [
     ("llm train 8x1024", 8, 16, 1024, 1024, 128, True),
+    ("llm train stage1 32x608", 32, 16, 608, 608, 128, True),
     ("llm prefill 1x600", 1, 16, 600, 600, 128, True),
     ("clip 8 images", 8, 16, 577, 577, 64, False),
     ("llm decode 1 vs 600", 1, 16, 1, 600, 128, False),
