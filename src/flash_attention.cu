@@ -832,7 +832,7 @@ extern "C" __global__ void __launch_bounds__(128, BACKWARD_MIN_BLOCKS) flash_att
             if (DROPOUT) drop_row_tile[i] = dropout_row(seed, bh, row);
         }
     };
-    int sees;
+    int sees = SEES_NONE;
     i64 r0 = next_query_tile(mask_tile, mask_bh, p, k_block, 0, sees);
     if (r0 < p.queries) load_queries(r0);
     while (r0 < p.queries) {
