@@ -731,6 +731,11 @@ extern "C" __global__ void __launch_bounds__(128, BACKWARD_MIN_BLOCKS) flash_att
 // The next tile's queries and dO load while this tile's dQ share is formed (they are read
 // before it), so the copies overlap the dQ products and atomics.
 #define DS_ROW (TILE + 8)
+// The dynamic shared memory the fused backward carves up below; src/flash.rs launches it with
+// as much (`Kernel::dynamic_shared_bytes`), and model-import/scripts/check_kernels.py reads it
+// from this global in the PTX.
+#define FUSED_SHARED_BYTES (4 * TILE * ROW * 2 + TILE * DS_ROW * 2 + TILE * MASK_ROW + 3 * TILE * 4)
+extern "C" __device__ unsigned int flash_attention_backward_dynamic_shared_bytes = FUSED_SHARED_BYTES;
 // dQ's sums are formed DQ_PARTS column ranges at a time (fewer live registers beside dK and
 // dV): halves where a half is a whole number of 16-wide fragment pairs.
 #define DQ_PARTS ((D / 16) % 2 == 0 ? 2 : 1)
