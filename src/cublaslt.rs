@@ -55,7 +55,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::backend::autodiff_cuda_backends;
-use crate::cuda_kernel::{cast, from_primitive, fused_cuda, on_autodiff_cuda, to_primitive, Fused};
+use crate::cuda_kernel::{cast, from_primitive, fused_cuda, on_autodiff_cuda, to_primitive, Fused, Setting};
 use burn::backend::ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
 use burn::prelude::*;
 use burn::tensor::{DType, TensorPrimitive};
@@ -95,22 +95,22 @@ pub enum GemmRoute {
 }
 
 impl GemmRoute {
+    /// The routes in [`ROUTE`]'s order: the first is the default.
     const ALL: [GemmRoute; 3] = [GemmRoute::Burn, GemmRoute::CublasLt, GemmRoute::CublasLtHostOrdered];
+    /// `LLAVA_JP_GEMM`'s spellings, in `ALL`'s order.
+    const NAMES: [&'static str; 3] = ["burn", "cublaslt", "cublaslt-sync"];
+
+    fn index(self) -> usize {
+        Self::ALL.iter().position(|r| *r == self).expect("a listed route")
+    }
 
     /// `LLAVA_JP_GEMM`'s spelling.
     pub fn name(self) -> &'static str {
-        match self {
-            GemmRoute::Burn => "burn",
-            GemmRoute::CublasLt => "cublaslt",
-            GemmRoute::CublasLtHostOrdered => "cublaslt-sync",
-        }
+        Self::NAMES[self.index()]
     }
 }
 
-/// The route as `GemmRoute::ALL`'s index, or `UNSET` before the first product reads
-/// `LLAVA_JP_GEMM`.
-static ROUTE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(UNSET);
-const UNSET: u8 = u8::MAX;
+static ROUTE: Setting = Setting::new("LLAVA_JP_GEMM", &GemmRoute::NAMES);
 
 /// Whether matrix products go through cuBLASLt: `LLAVA_JP_GEMM=cublaslt` (or `cublaslt-sync`;
 /// opt-in while the route is young) or `burn` (the default), unless [`set_route`] said
@@ -121,26 +121,12 @@ pub fn enabled() -> bool {
 
 /// The route products take now.
 pub fn route_now() -> GemmRoute {
-    use std::sync::atomic::Ordering;
-    match ROUTE.load(Ordering::Relaxed) {
-        UNSET => {
-            let route = match std::env::var("LLAVA_JP_GEMM") {
-                Err(_) => GemmRoute::Burn,
-                Ok(name) => *GemmRoute::ALL.iter().find(|r| r.name() == name).unwrap_or_else(|| {
-                    panic!("LLAVA_JP_GEMM={name}: expected `burn`, `cublaslt` or `cublaslt-sync`")
-                }),
-            };
-            set_route(route);
-            route
-        }
-        index => GemmRoute::ALL[index as usize],
-    }
+    GemmRoute::ALL[ROUTE.index()]
 }
 
 /// Sets the route for the whole process (benchmarks compare them), over `LLAVA_JP_GEMM`.
 pub fn set_route(route: GemmRoute) {
-    let index = GemmRoute::ALL.iter().position(|r| *r == route).expect("a listed route") as u8;
-    ROUTE.store(index, std::sync::atomic::Ordering::Relaxed);
+    ROUTE.set(route.index());
 }
 
 /// `value` as a `U` when `T` is `U` (for backend-generic code that takes a CUDA-only path).

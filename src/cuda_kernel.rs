@@ -22,37 +22,60 @@ use crate::flash::{compile_source, fnv1a};
 
 pub(crate) type Cube = CubeTensor<CudaRuntime>;
 
-/// An on/off setting for the whole process: on unless the environment variable `var` is `0`,
-/// or [`Switch::set`] said otherwise.
-pub struct Switch {
+/// A choice among named options for the whole process: read from the environment variable
+/// `var` when first asked (unset: the first option), unless [`Setting::set`] chose before. An
+/// option may have several spellings, `|`-separated (an old name kept working).
+pub struct Setting {
     var: &'static str,
+    options: &'static [&'static str],
     state: AtomicU8,
 }
 
 const UNSET: u8 = u8::MAX;
 
-impl Switch {
-    pub const fn new(var: &'static str) -> Self {
-        Self { var, state: AtomicU8::new(UNSET) }
+impl Setting {
+    pub const fn new(var: &'static str, options: &'static [&'static str]) -> Self {
+        Self { var, options, state: AtomicU8::new(UNSET) }
     }
 
-    pub fn on(&self) -> bool {
+    /// The chosen option's index in `options`.
+    pub fn index(&self) -> usize {
         match self.state.load(Ordering::Relaxed) {
             UNSET => {
-                let on = match std::env::var(self.var).as_deref() {
-                    Ok("1") | Err(_) => true,
-                    Ok("0") => false,
-                    Ok(other) => panic!("{}={other}: expected 0 or 1", self.var),
+                let index = match std::env::var(self.var) {
+                    Err(_) => 0,
+                    Ok(value) => self.options.iter().position(|o| o.split('|').any(|name| name == value)).unwrap_or_else(|| {
+                        let expected: Vec<&str> = self.options.iter().map(|o| o.split('|').next().unwrap_or(o)).collect();
+                        panic!("{}={value}: expected one of {}", self.var, expected.join(", "))
+                    }),
                 };
-                self.set(on);
-                on
+                self.set(index);
+                index
             }
-            code => code == 1,
+            code => code as usize,
         }
     }
 
+    pub fn set(&self, index: usize) {
+        assert!(index < self.options.len(), "{}: option {index} of {}", self.var, self.options.len());
+        self.state.store(index as u8, Ordering::Relaxed);
+    }
+}
+
+/// An on/off [`Setting`]: on unless the environment variable is `0`.
+pub struct Switch(Setting);
+
+impl Switch {
+    pub const fn new(var: &'static str) -> Self {
+        Self(Setting::new(var, &["1", "0"]))
+    }
+
+    pub fn on(&self) -> bool {
+        self.0.index() == 0
+    }
+
     pub fn set(&self, on: bool) {
-        self.state.store(on as u8, Ordering::Relaxed);
+        self.0.set(if on { 0 } else { 1 })
     }
 }
 
@@ -261,5 +284,31 @@ mod tests {
         assert_eq!(row_major_strides(&[2, 3, 4]), vec![12, 4, 1]);
         assert_eq!(row_major_strides(&[5]), vec![1]);
         assert!(row_major_strides(&[]).is_empty());
+    }
+
+    #[test]
+    fn a_setting_reads_its_variable_once_takes_every_spelling_and_names_the_bad_value() {
+        use super::{Setting, Switch};
+        // Variables of this test alone, so no other test's reads race with these writes.
+        static UNSET: Setting = Setting::new("LLAVA_JP_TEST_SETTING_UNSET", &["first", "second"]);
+        static OLD: Setting = Setting::new("LLAVA_JP_TEST_SETTING_OLD", &["new|old", "other"]);
+        static BAD: Setting = Setting::new("LLAVA_JP_TEST_SETTING_BAD", &["new|old", "other"]);
+        static OFF: Switch = Switch::new("LLAVA_JP_TEST_SWITCH_OFF");
+        std::env::set_var("LLAVA_JP_TEST_SETTING_OLD", "old");
+        std::env::set_var("LLAVA_JP_TEST_SETTING_BAD", "nwe");
+        std::env::set_var("LLAVA_JP_TEST_SWITCH_OFF", "0");
+        assert_eq!(UNSET.index(), 0);
+        assert_eq!(OLD.index(), 0);
+        assert!(!OFF.on());
+        // Read once: a later change of the variable does not move it, `set` does.
+        std::env::set_var("LLAVA_JP_TEST_SETTING_OLD", "other");
+        assert_eq!(OLD.index(), 0);
+        OLD.set(1);
+        assert_eq!(OLD.index(), 1);
+        OFF.set(true);
+        assert!(OFF.on());
+        let message = std::panic::catch_unwind(|| BAD.index()).expect_err("an unknown spelling panics");
+        let message = message.downcast_ref::<String>().expect("a formatted message");
+        assert_eq!(message, "LLAVA_JP_TEST_SETTING_BAD=nwe: expected one of new, other");
     }
 }

@@ -33,7 +33,6 @@
 //! not spill.
 
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU8, Ordering};
 
 use crate::backend::autodiff_cuda_backends;
 use burn::backend::ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
@@ -54,7 +53,7 @@ use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{FusionRuntime, FusionTensor};
 
 use crate::cublaslt::downcast;
-use crate::cuda_kernel::{autodiff_cuda, on_autodiff_cuda};
+use crate::cuda_kernel::{autodiff_cuda, on_autodiff_cuda, Setting};
 use crate::model::nn::{AttentionDropout, SeededDropout};
 
 type Inner = CubeBackend<CudaRuntime, f32, i32, u8>;
@@ -79,34 +78,21 @@ pub enum Route {
     Training,
 }
 
-static ROUTE: AtomicU8 = AtomicU8::new(UNSET);
-const UNSET: u8 = u8::MAX;
+/// `LLAVA_JP_ATTENTION`'s spellings, in [`ROUTES`]' order (`flash-train`: the training route's
+/// name before it became the default).
+static ROUTE: Setting = Setting::new("LLAVA_JP_ATTENTION", &["flash|flash-train", "flash-inference", "burn"]);
+const ROUTES: [Route; 3] = [Route::Training, Route::Inference, Route::Burn];
 
 /// The route: `LLAVA_JP_ATTENTION` = `flash` (the default: [`Route::Training`]),
 /// `flash-inference` ([`Route::Inference`]) or `burn`, unless [`set_route`] said otherwise.
 pub fn route() -> Route {
-    let code = match ROUTE.load(Ordering::Relaxed) {
-        UNSET => {
-            let route = match std::env::var("LLAVA_JP_ATTENTION").as_deref() {
-                // `flash-train`: this route's name before it became the default.
-                Ok("flash") | Ok("flash-train") | Err(_) => Route::Training,
-                Ok("flash-inference") => Route::Inference,
-                Ok("burn") => Route::Burn,
-                Ok(other) => panic!("LLAVA_JP_ATTENTION={other}: expected `flash`, `flash-inference` or `burn`"),
-            };
-            set_route(route);
-            return route;
-        }
-        code => code,
-    };
-    [Route::Burn, Route::Inference, Route::Training][code as usize]
+    ROUTES[ROUTE.index()]
 }
 
 /// Sets the route for the whole process (benchmarks compare them).
 pub fn set_route(route: Route) {
-    ROUTE.store(route as u8, Ordering::Relaxed);
+    ROUTE.set(ROUTES.iter().position(|r| *r == route).expect("a listed route"));
 }
-
 
 type Rejected<B> = (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>, Option<Tensor<B, 4, Bool>>);
 
@@ -328,29 +314,18 @@ pub enum Backward {
     Split,
 }
 
-static BACKWARD: AtomicU8 = AtomicU8::new(UNSET);
+static BACKWARD: Setting = Setting::new("LLAVA_JP_FLASH_BACKWARD", &["fused", "split"]);
+const BACKWARDS: [Backward; 2] = [Backward::Fused, Backward::Split];
 
 /// The backward's kernels: `LLAVA_JP_FLASH_BACKWARD` = `fused` (the default) or `split`,
 /// unless [`set_backward`] said otherwise.
 pub fn backward() -> Backward {
-    match BACKWARD.load(Ordering::Relaxed) {
-        UNSET => {
-            let chosen = match std::env::var("LLAVA_JP_FLASH_BACKWARD").as_deref() {
-                Err(_) | Ok("fused") => Backward::Fused,
-                Ok("split") => Backward::Split,
-                Ok(other) => panic!("LLAVA_JP_FLASH_BACKWARD={other:?}: expected fused or split"),
-            };
-            set_backward(chosen);
-            chosen
-        }
-        code if code == Backward::Split as u8 => Backward::Split,
-        _ => Backward::Fused,
-    }
+    BACKWARDS[BACKWARD.index()]
 }
 
 /// Sets the backward's kernels for the whole process (tests and benchmarks compare them).
 pub fn set_backward(kernels: Backward) {
-    BACKWARD.store(kernels as u8, Ordering::Relaxed);
+    BACKWARD.set(BACKWARDS.iter().position(|k| *k == kernels).expect("a listed backward"));
 }
 
 /// How the kernels lay out what they write.
