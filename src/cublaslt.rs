@@ -1,8 +1,8 @@
 //! Matrix products on CUDA through cuBLASLt, loaded at run time, as a custom operation of burn's
 //! fused CUDA backend (`burn::backend::Cuda`). burn 0.21's own bf16 GEMM runs at about a quarter
-//! of cuBLAS's speed on an H200; this is the faster path [`crate::model::nn::matmul`] takes when
-//! `LLAVA_JP_GEMM=cublaslt` is set and the backend is burn's CUDA backend, for inference and for
-//! training alike. Every other backend keeps burn's path.
+//! of cuBLAS's speed on an H200; this is the faster path [`crate::model::nn::matmul`] takes on
+//! burn's CUDA backend, for inference and for training alike, unless `LLAVA_JP_GEMM=burn` is
+//! set or libcublasLt cannot be loaded ([`enabled`]). Every other backend keeps burn's path.
 //!
 //! cubecl 0.10 does not hand out the CUDA stream it runs on, so the product runs on a stream of
 //! its own, ordered against cubecl's on the device, the host never waiting: a one-thread kernel
@@ -41,10 +41,11 @@
 //! backend fuzzer's matmul, projector, GPT-2, KV-cached decode, LLaVA and training-gradient
 //! properties pass on the f32, bf16 and autocast CUDA legs (ordered on the device: bf16 and
 //! autocast legs run so far), except one LLaVA case on f32 (GPT-2 width 2 with one-wide heads),
-//! whose logits miss by 1.9e-2 whether burn's attention gets its operands as they are or
+//! whose logits missed by 1.9e-2 whether burn's attention got its operands as they are or
 //! row-major; the KV-cached decode failure that was also blamed on this route was burn's attention reading
-//! one-head views wrongly (mended in `nn::attention`). Until the LLaVA case is understood and
-//! the route is fuzzed on f32 again, it stays opt-in. Queued from cubecl's device thread, a
+//! one-head views wrongly (mended in `nn::attention`). That LLaVA case passes on 2026-12-05
+//! (H100, replayed from `model-import/scripts/fuzz_regressions.txt`), so the route became the
+//! default. Queued from cubecl's device thread, a
 //! full-size stage-2 training step (flash attention on) takes 0.40 s against PyTorch's 0.19 s in
 //! the same call (0.77 s with host waits), and greedy decode at batch 1 runs at 51.9 tokens/s
 //! against transformers' 69.1 (burn's products: 46.2 in another call;
@@ -110,11 +111,26 @@ impl GemmRoute {
     }
 }
 
-static ROUTE: Setting = Setting::new("LLAVA_JP_GEMM", &GemmRoute::NAMES);
+static ROUTE: Setting = Setting::new("LLAVA_JP_GEMM", &GemmRoute::NAMES).defaulting_to(default_route);
 
-/// Whether matrix products go through cuBLASLt: `LLAVA_JP_GEMM=cublaslt` (or `cublaslt-sync`;
-/// opt-in while the route is young) or `burn` (the default), unless [`set_route`] said
-/// otherwise.
+/// cuBLASLt where the library loads; burn's GEMM, said once on stderr, where it does not (a
+/// CUDA driver without the toolkit's libraries), rather than a panic at the first product.
+fn default_route() -> usize {
+    // SAFETY: only asks the loader whether the library can be opened.
+    if unsafe { sys::is_culib_present() } {
+        return GemmRoute::CublasLt.index();
+    }
+    eprintln!(
+        "note: libcublasLt.so could not be loaded, so CUDA matrix products take burn's GEMM (about a quarter of \
+         cuBLASLt's speed); put the CUDA toolkit's lib64 on LD_LIBRARY_PATH, or set LLAVA_JP_GEMM=burn to say so"
+    );
+    GemmRoute::Burn.index()
+}
+
+/// Whether matrix products on burn's CUDA backend go through cuBLASLt: `LLAVA_JP_GEMM` =
+/// `cublaslt` (the default where libcublasLt loads), `cublaslt-sync` or `burn`, unless
+/// [`set_route`] said otherwise. Asked only once a CUDA backend's product is at hand, so that
+/// other backends never look for the library.
 pub fn enabled() -> bool {
     route_now() != GemmRoute::Burn
 }
@@ -225,7 +241,7 @@ impl AutocastAffine {
 
 #[allow(clippy::type_complexity)]
 fn route<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Result<Tensor<B, 2>, (Tensor<B, 2>, Tensor<B, 2>)> {
-    if !enabled() || !matches!(a.dtype(), DType::F32 | DType::BF16 | DType::F16) || a.dtype() != b.dtype() {
+    if !matches!(a.dtype(), DType::F32 | DType::BF16 | DType::F16) || a.dtype() != b.dtype() || !routes::<B>() {
         return Err((a, b));
     }
     if std::any::TypeId::of::<B::FloatTensorPrimitive>() != std::any::TypeId::of::<Primitive>() {
@@ -312,7 +328,7 @@ pub fn routes<B: Backend>() -> bool {
     macro_rules! any_of {
         ($($inner:ty, $strategy:ty);*) => { false $(|| TypeId::of::<B>() == TypeId::of::<Autodiff<$inner, $strategy>>())* };
     }
-    enabled() && (TypeId::of::<B::FloatTensorPrimitive>() == TypeId::of::<Primitive>() || autodiff_cuda_backends!(any_of))
+    (TypeId::of::<B::FloatTensorPrimitive>() == TypeId::of::<Primitive>() || autodiff_cuda_backends!(any_of)) && enabled()
 }
 
 /// Queues the product on the fused backend's stream as a custom operation.

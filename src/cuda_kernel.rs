@@ -23,11 +23,13 @@ use crate::flash::{compile_source, fnv1a};
 pub(crate) type Cube = CubeTensor<CudaRuntime>;
 
 /// A choice among named options for the whole process: read from the environment variable
-/// `var` when first asked (unset: the first option), unless [`Setting::set`] chose before. An
-/// option may have several spellings, `|`-separated (an old name kept working).
+/// `var` when first asked (unset: the first option, or what [`Setting::defaulting_to`] picks),
+/// unless [`Setting::set`] chose before. An option may have several spellings, `|`-separated
+/// (an old name kept working).
 pub struct Setting {
     var: &'static str,
     options: &'static [&'static str],
+    default: fn() -> usize,
     state: AtomicU8,
 }
 
@@ -35,7 +37,12 @@ const UNSET: u8 = u8::MAX;
 
 impl Setting {
     pub const fn new(var: &'static str, options: &'static [&'static str]) -> Self {
-        Self { var, options, state: AtomicU8::new(UNSET) }
+        Self { var, options, default: || 0, state: AtomicU8::new(UNSET) }
+    }
+
+    /// The option taken when `var` is unset, decided when first asked (what this machine has).
+    pub const fn defaulting_to(self, default: fn() -> usize) -> Self {
+        Self { default, ..self }
     }
 
     /// The chosen option's index in `options`.
@@ -43,7 +50,7 @@ impl Setting {
         match self.state.load(Ordering::Relaxed) {
             UNSET => {
                 let index = match std::env::var(self.var) {
-                    Err(_) => 0,
+                    Err(_) => (self.default)(),
                     Ok(value) => self.options.iter().position(|o| o.split('|').any(|name| name == value)).unwrap_or_else(|| {
                         let expected: Vec<&str> = self.options.iter().map(|o| o.split('|').next().unwrap_or(o)).collect();
                         panic!("{}={value}: expected one of {}", self.var, expected.join(", "))
@@ -291,6 +298,7 @@ mod tests {
         use super::{Setting, Switch};
         // Variables of this test alone, so no other test's reads race with these writes.
         static UNSET: Setting = Setting::new("LLAVA_JP_TEST_SETTING_UNSET", &["first", "second"]);
+        static PICKED: Setting = Setting::new("LLAVA_JP_TEST_SETTING_PICKED", &["first", "second"]).defaulting_to(|| 1);
         static OLD: Setting = Setting::new("LLAVA_JP_TEST_SETTING_OLD", &["new|old", "other"]);
         static BAD: Setting = Setting::new("LLAVA_JP_TEST_SETTING_BAD", &["new|old", "other"]);
         static OFF: Switch = Switch::new("LLAVA_JP_TEST_SWITCH_OFF");
@@ -298,6 +306,7 @@ mod tests {
         std::env::set_var("LLAVA_JP_TEST_SETTING_BAD", "nwe");
         std::env::set_var("LLAVA_JP_TEST_SWITCH_OFF", "0");
         assert_eq!(UNSET.index(), 0);
+        assert_eq!(PICKED.index(), 1);
         assert_eq!(OLD.index(), 0);
         assert!(!OFF.on());
         // Read once: a later change of the variable does not move it, `set` does.
