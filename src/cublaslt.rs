@@ -96,7 +96,7 @@ pub enum GemmRoute {
 }
 
 impl GemmRoute {
-    /// The routes in [`ROUTE`]'s order: the first is the default.
+    /// The routes, in `NAMES`' order (the default is `default_route`'s pick).
     const ALL: [GemmRoute; 3] = [GemmRoute::Burn, GemmRoute::CublasLt, GemmRoute::CublasLtHostOrdered];
     /// `LLAVA_JP_GEMM`'s spellings, in `ALL`'s order.
     const NAMES: [&'static str; 3] = ["burn", "cublaslt", "cublaslt-sync"];

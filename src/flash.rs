@@ -909,7 +909,7 @@ mod tests {
             let dynamic = if kernel == Kernel::Backward { 51968 } else { 0 };
             assert_eq!(compiled.repr.expect("a representation").shared_memory_size(), dynamic, "{kernel:?}");
             assert!(compiled.source.starts_with("#define HEAD_DIM 64\n#define IS_BF16 1\n#define MASK_BYTES 1\n#define DROPOUT 1\n"));
-            // (The forward asks for a minimum of blocks per SM too: `__launch_bounds__(128, 3)`.)
+            // (The forward asks for a minimum of blocks per SM too: `__launch_bounds__(128, FORWARD_MIN_BLOCKS)`.)
             assert!(compiled.source.contains(&format!("__launch_bounds__({THREADS}")));
             assert!(compiled.source.contains(&format!("#define BLOCK_THREADS {THREADS}\n")));
             assert!(compiled.source.contains(&format!(") {}(", kernel.entry())));
