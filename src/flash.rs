@@ -279,6 +279,8 @@ enum Kernel {
     Backward,
     DqZero,
     DqStore,
+    /// What each 64 x 64 tile of the mask sees, once per launch, for the kernels above.
+    TileMap,
 }
 
 impl Kernel {
@@ -290,6 +292,7 @@ impl Kernel {
             Kernel::Backward => "flash_attention_backward",
             Kernel::DqZero => "flash_attention_dq_zero",
             Kernel::DqStore => "flash_attention_dq_store",
+            Kernel::TileMap => "flash_attention_tile_map",
         }
     }
 
@@ -472,7 +475,9 @@ impl Operation<Runtime> for FlashForward {
         };
         let lse = empty(&q, [b, h, tq], DType::F32);
         let dropout = seed.as_ref().map(|s| (self.drop_prob, s));
-        let operands = Operands { q: &q, k: &k, v: &v, mask: mask.as_ref(), dropout, grad: None, scale: self.scale };
+        let mut operands = Operands { q: &q, k: &k, v: &v, mask: mask.as_ref(), map: None, dropout, grad: None, scale: self.scale };
+        let map = tile_map(&operands);
+        operands.map = map.as_ref();
         launch(Kernel::Forward, &operands, vec![&out, &lse], tq, out_strides(self.layout, [h, tq, d], 1));
         handles.register_float_tensor::<Inner>(&self.desc.outputs[0].id, out);
         handles.register_float_tensor::<Inner>(&self.desc.outputs[1].id, lse);
@@ -500,7 +505,9 @@ impl Operation<Runtime> for FlashBackward {
         let [b, h, tq, d]: [usize; 4] = q.meta.shape().to_vec().try_into().expect("4-d queries");
         let tk = k.meta.shape()[2];
         let dropout = seed.as_ref().map(|s| (self.drop_prob, s));
-        let operands = Operands { q: &q, k: &k, v: &v, mask: mask.as_ref(), dropout, grad: Some(&grad), scale: self.scale };
+        let mut operands = Operands { q: &q, k: &k, v: &v, mask: mask.as_ref(), map: None, dropout, grad: Some(&grad), scale: self.scale };
+        let map = tile_map(&operands);
+        operands.map = map.as_ref();
         // dq, dk, dv (token-major: views of one buffer, `whole`) and the strides of each over
         // [batch, head, position].
         let (grads, whole, dq_strides, dkdv_strides) = match self.layout {
@@ -571,15 +578,38 @@ struct Operands<'a> {
     k: &'a Cube,
     v: &'a Cube,
     mask: Option<&'a Cube>,
+    /// The mask's tile map (`tile_map`), where there is a mask.
+    map: Option<&'a Cube>,
     dropout: Option<(f64, &'a Cube)>,
     grad: Option<&'a Cube>,
     scale: f64,
+}
+
+/// What each 64 x 64 tile of `ops`' mask sees (none, some or all of its keys: one byte each,
+/// per batch, and per head unless the mask is the same for every head), so that the kernels
+/// stage and test only the tiles that see some keys and not others (`flash_attention_tile_map`).
+fn tile_map(ops: &Operands) -> Option<Cube> {
+    let mask = ops.mask?;
+    let shape = ops.q.meta.shape();
+    let (b, h, tq, tk) = (shape[0], shape[1], shape[2], ops.k.meta.shape()[2]);
+    let heads = if mask.meta.strides()[1] == 0 { 1 } else { h };
+    let tiles = tq.div_ceil(BLOCK) * tk.div_ceil(BLOCK);
+    let map = empty(ops.q, [b * heads * tiles], DType::U8);
+    launch_grid(Kernel::TileMap, ops, vec![&map], CubeCount::Static(tiles as u32, (b * heads) as u32, 1), [0; 3]);
+    Some(map)
 }
 
 /// Launches `kernel` with the operands' buffers followed by `outputs` (the kernel's own
 /// argument order; those of `q`'s shape laid out by `out_strides` over [batch, head,
 /// position]), one block per 64 of `rows` per (batch, head).
 fn launch(kernel: Kernel, ops: &Operands, outputs: Vec<&Cube>, rows: usize, out_strides: [usize; 3]) {
+    let shape = ops.q.meta.shape();
+    let count = CubeCount::Static(rows.div_ceil(BLOCK) as u32, (shape[0] * shape[1]) as u32, 1);
+    launch_grid(kernel, ops, outputs, count, out_strides)
+}
+
+/// [`launch`] on a grid of the caller's.
+fn launch_grid(kernel: Kernel, ops: &Operands, outputs: Vec<&Cube>, count: CubeCount, out_strides: [usize; 3]) {
     let shape = ops.q.meta.shape();
     let (b, h, tq, d, tk) = (shape[0], shape[1], shape[2], shape[3], ops.k.meta.shape()[2]);
     let strides = |t: Option<&Cube>| -> [u64; 4] {
@@ -601,9 +631,10 @@ fn launch(kernel: Kernel, ops: &Operands, outputs: Vec<&Cube>, rows: usize, out_
     info.push(SeededDropout::drop_below(drop_prob) as u64);
     info.push(((1.0 / (1.0 - drop_prob)) as f32).to_bits() as u64);
     info.extend(out_strides.map(|s| s as u64));
-    // Without a mask (or dropout) the kernel never reads that argument; any live buffer fills
-    // the slot.
-    let mut buffers = vec![ops.q, ops.k, ops.v, ops.mask.unwrap_or(ops.q), ops.dropout.map_or(ops.q, |(_, seed)| seed)];
+    info.push(ops.map.is_some() as u64);
+    // Without a mask, tile map or dropout the kernel never reads that argument; any live buffer
+    // fills the slot.
+    let mut buffers = vec![ops.q, ops.k, ops.v, ops.mask.unwrap_or(ops.q), ops.dropout.map_or(ops.q, |(_, seed)| seed), ops.map.unwrap_or(ops.q)];
     buffers.extend(ops.grad);
     buffers.extend(outputs);
     let mut args = KernelArguments::new();
@@ -618,7 +649,6 @@ fn launch(kernel: Kernel, ops: &Operands, outputs: Vec<&Cube>, rows: usize, out_
         mask_bytes: ops.mask.map_or(0, |m| m.dtype.size()),
         dropout: ops.dropout.is_some(),
     };
-    let count = CubeCount::Static(rows.div_ceil(BLOCK) as u32, (b * h) as u32, 1);
     ops.q.client.launch(Box::new(task), count, args);
 }
 

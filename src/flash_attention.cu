@@ -19,7 +19,11 @@
 // Each (64 queries, 64 keys) tile's mask is staged in shared memory first and classified: a
 // tile no query of which sees any key is skipped (its keys and values are not even loaded), so
 // a causal mask costs half the work without the kernel being told it is causal; a tile every
-// query of which sees every key takes no per-score test.
+// query of which sees every key takes no per-score test. So that the kernels need not stage
+// and classify every tile of the mask themselves (a load and two block reductions a tile, in
+// the loop's critical path, hidden tiles included), `flash_attention_tile_map` classifies
+// every tile once per launch into a byte map (`tile_map` set); the kernels then stage only the
+// tiles that see some keys and not others (TILE_MAP=0 turns the map's use off).
 // Backward: the scores are recomputed from that log-sum-exp once per block of 64 keys, walking
 // the queries, for dK and dV in registers and each tile's dQ share added into an f32
 // accumulator by atomics (`flash_attention_backward`, the default). The split pair recomputes
@@ -59,6 +63,7 @@ struct __align__(8) Params {
     i64 out_stride[3];   // elements, over [batch, head, position] of what the kernel writes
                          // (out; dq; dk and dv), its dimensions contiguous; the token-major
                          // forward (OUT_TOKEN_MAJOR) does not read them
+    i64 tile_map;        // 1: `map` holds what each tile of the mask sees (`flash_attention_tile_map`)
 };
 
 #define D HEAD_DIM
@@ -252,6 +257,28 @@ __device__ __forceinline__ const u8* mask_of(const u8* mask, const Params& p, i6
 #define SEES_SOME 1  // the staged mask tile says which
 #define SEES_ALL 2   // no score hidden: no test per score
 
+#ifndef TILE_MAP
+#define TILE_MAP 1
+#endif
+
+__device__ __forceinline__ i64 query_tiles(const Params& p) { return (p.queries + TILE - 1) / TILE; }
+__device__ __forceinline__ i64 key_tiles(const Params& p) { return (p.keys + TILE - 1) / TILE; }
+
+// The tile map's rows are per (batch, head), or per batch where the mask is the same for every
+// head (broadcast: head stride 0), `query_tiles` x `key_tiles` bytes each.
+__device__ __forceinline__ i64 map_heads(const Params& p) { return p.mask_stride[1] == 0 ? 1 : p.heads; }
+
+// This (batch, head)'s tile map, or null where the launch gave none (or TILE_MAP=0).
+__device__ __forceinline__ const u8* tile_map_of(const u8* map, const Params& p, i64 b, i64 h) {
+#if MASK_BYTES && TILE_MAP
+    if (p.tile_map == 0) return nullptr;
+    const i64 heads = map_heads(p);
+    return map + (b * heads + (heads == 1 ? 0 : h)) * query_tiles(p) * key_tiles(p);
+#else
+    return nullptr;
+#endif
+}
+
 // W bytes (16, 8 or 4) as words, for vector loads and stores of the mask.
 template <int W>
 struct __align__(W) Words {
@@ -293,8 +320,18 @@ __device__ __forceinline__ void stage_mask_rows(u8* tile, const u8* first, i64 r
 // Stages which scores of the tile (queries `q_first + 0..TILE`, keys `k_first + 0..TILE`) are
 // hidden into `tile` (one byte each, 1 = hidden, rows of MASK_ROW bytes, by query) and says what
 // the tile sees; the whole block calls it and it ends on a barrier, except where it can answer
-// from the bounds alone (no mask, tile inside them), which every thread does alike.
-__device__ __forceinline__ int stage_mask(u8* tile, const u8* mask_bh, const Params& p, i64 q_first, i64 k_first) {
+// from the bounds alone (no mask, tile inside them) or from the tile map (`map_bh`, null for
+// none: a tile that sees all or none is not staged), which every thread does alike. Callers
+// order their own shared memory with barriers of their own: without a mask no barrier is here.
+__device__ __forceinline__ int stage_mask(u8* tile, const u8* mask_bh, const u8* map_bh, const Params& p, i64 q_first, i64 k_first) {
+#if MASK_BYTES && TILE_MAP
+    if (map_bh) {
+        // 32-bit tile indices (positions fit): fewer registers in the kernels' loops.
+        const u32 row = (u32)q_first / TILE, col = (u32)k_first / TILE, cols = (u32)(p.keys + TILE - 1) / TILE;
+        const int sees = map_bh[row * cols + col];
+        if (sees != SEES_SOME) return sees;
+    }
+#endif
     const bool edge = q_first + TILE > p.queries || k_first + TILE > p.keys;
 #if !MASK_BYTES
     if (!edge) return SEES_ALL;
@@ -328,9 +365,9 @@ __device__ __forceinline__ int stage_mask(u8* tile, const u8* mask_bh, const Par
 // The first tile of keys from `k_first` on (a multiple of TILE) that some query of the block
 // (queries `q_block + 0..TILE`) sees, its mask staged in `tile` and what it sees in `sees`;
 // `p.keys` when none is left. The whole block calls it (`stage_mask`'s barriers).
-__device__ __forceinline__ i64 next_key_tile(u8* tile, const u8* mask_bh, const Params& p, i64 q_block, i64 k_first, int& sees) {
+__device__ __forceinline__ i64 next_key_tile(u8* tile, const u8* mask_bh, const u8* map_bh, const Params& p, i64 q_block, i64 k_first, int& sees) {
     for (i64 k0 = k_first; k0 < p.keys; k0 += TILE) {
-        sees = stage_mask(tile, mask_bh, p, q_block, k0);
+        sees = stage_mask(tile, mask_bh, map_bh, p, q_block, k0);
         if (sees != SEES_NONE) return k0;
     }
     return p.keys;
@@ -429,7 +466,7 @@ static_assert(DKDV_QUERIES % 16 == 0 && TILE % DKDV_QUERIES == 0, "DKDV_QUERIES:
 
 extern "C" __global__ void __launch_bounds__(128, FORWARD_MIN_BLOCKS) flash_attention_forward(
     const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
-    const u8* __restrict__ mask, const u32* __restrict__ seed, u16* __restrict__ out, float* __restrict__ lse,
+    const u8* __restrict__ mask, const u32* __restrict__ seed, const u8* __restrict__ map, u16* __restrict__ out, float* __restrict__ lse,
     const __grid_constant__ Params p) {
     __shared__ __align__(16) u16 k_tile[TILE * ROW];
     __shared__ __align__(16) u16 v_tile[TILE * ROW];
@@ -439,6 +476,7 @@ extern "C" __global__ void __launch_bounds__(128, FORWARD_MIN_BLOCKS) flash_atte
     const int g = lane >> 2, t = lane & 3;
     const i64 bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
     const u8* mask_bh = mask_of(mask, p, b, h);
+    const u8* map_bh = tile_map_of(map, p, b, h);
     const i64 q_block = (i64)blockIdx.x * TILE;
     const i64 q0 = q_block + warp * 16;  // this warp's first query
     const i64 rows[2] = {q0 + g, q0 + g + 8};
@@ -458,7 +496,7 @@ extern "C" __global__ void __launch_bounds__(128, FORWARD_MIN_BLOCKS) flash_atte
     const u32 drop_rows[2] = {DROPOUT ? dropout_row(seed, bh, rows[0]) : 0u, DROPOUT ? dropout_row(seed, bh, rows[1]) : 0u};
 
     int sees;
-    i64 k0 = next_key_tile(mask_tile, mask_bh, p, q_block, 0, sees);
+    i64 k0 = next_key_tile(mask_tile, mask_bh, map_bh, p, q_block, 0, sees);
     if (k0 < p.keys) {
         load_tile(k_tile, kb, p.k_stride, k0, p.keys);
         load_tile(v_tile, vb, p.v_stride, k0, p.keys);
@@ -522,7 +560,7 @@ extern "C" __global__ void __launch_bounds__(128, FORWARD_MIN_BLOCKS) flash_atte
         __syncthreads();
         times_tile_rows<TILE / 16>(o, s, v_tile);
         __syncthreads();  // every warp is done with the values and the mask
-        const i64 k1 = next_key_tile(mask_tile, mask_bh, p, q_block, guess, sees);
+        const i64 k1 = next_key_tile(mask_tile, mask_bh, map_bh, p, q_block, guess, sees);
         if (k1 < p.keys) {
             if (k1 != guess) {
                 copies_wait<0>();  // the guessed keys landed (each thread rewrites only its own)
@@ -597,7 +635,7 @@ extern "C" __global__ void __launch_bounds__(128, FORWARD_MIN_BLOCKS) flash_atte
 // [batch * heads, queries]; `dq` is laid out as `p.out_stride` says.
 extern "C" __global__ void __launch_bounds__(128, BACKWARD_MIN_BLOCKS) flash_attention_backward_dq(
     const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
-    const u8* __restrict__ mask, const u32* __restrict__ seed, const u16* __restrict__ dout, const float* __restrict__ lse,
+    const u8* __restrict__ mask, const u32* __restrict__ seed, const u8* __restrict__ map, const u16* __restrict__ dout, const float* __restrict__ lse,
     const float* __restrict__ delta, u16* __restrict__ dq, const __grid_constant__ Params p) {
     __shared__ __align__(16) u16 k_tile[TILE * ROW];
     __shared__ __align__(16) u16 v_tile[TILE * ROW];
@@ -607,6 +645,7 @@ extern "C" __global__ void __launch_bounds__(128, BACKWARD_MIN_BLOCKS) flash_att
     const int g = lane >> 2, t = lane & 3;
     const i64 bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
     const u8* mask_bh = mask_of(mask, p, b, h);
+    const u8* map_bh = tile_map_of(map, p, b, h);
     const i64 q_block = (i64)blockIdx.x * TILE;
     const i64 q0 = q_block + warp * 16;
     const i64 rows[2] = {q0 + g, q0 + g + 8};
@@ -632,7 +671,7 @@ extern "C" __global__ void __launch_bounds__(128, BACKWARD_MIN_BLOCKS) flash_att
 
     for (i64 k0 = 0; k0 < p.keys; k0 += TILE) {
         __syncthreads();
-        const int sees = stage_mask(mask_tile, mask_bh, p, q_block, k0);
+        const int sees = stage_mask(mask_tile, mask_bh, map_bh, p, q_block, k0);
         if (sees == SEES_NONE) continue;
         load_tile(k_tile, kb, p.k_stride, k0, p.keys);
         load_tile(v_tile, vb, p.v_stride, k0, p.keys);
@@ -657,7 +696,7 @@ extern "C" __global__ void __launch_bounds__(128, BACKWARD_MIN_BLOCKS) flash_att
 // dV += Pᵀ dO and dK += dSᵀ q. `dk` and `dv` are laid out as `p.out_stride` says.
 extern "C" __global__ void __launch_bounds__(128, BACKWARD_MIN_BLOCKS) flash_attention_backward_dkdv(
     const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
-    const u8* __restrict__ mask, const u32* __restrict__ seed, const u16* __restrict__ dout, const float* __restrict__ lse,
+    const u8* __restrict__ mask, const u32* __restrict__ seed, const u8* __restrict__ map, const u16* __restrict__ dout, const float* __restrict__ lse,
     const float* __restrict__ delta, u16* __restrict__ dk, u16* __restrict__ dv,
     const __grid_constant__ Params p) {
     __shared__ __align__(16) u16 q_tile[TILE * ROW];
@@ -671,6 +710,7 @@ extern "C" __global__ void __launch_bounds__(128, BACKWARD_MIN_BLOCKS) flash_att
     const int g = lane >> 2, t = lane & 3;
     const i64 bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
     const u8* mask_bh = mask_of(mask, p, b, h);
+    const u8* map_bh = tile_map_of(map, p, b, h);
     const i64 k_block = (i64)blockIdx.x * TILE;
     const i64 k0 = k_block + warp * 16;
     const i64 keys[2] = {k0 + g, k0 + g + 8};
@@ -691,7 +731,7 @@ extern "C" __global__ void __launch_bounds__(128, BACKWARD_MIN_BLOCKS) flash_att
 
     for (i64 r0 = 0; r0 < p.queries; r0 += TILE) {
         __syncthreads();
-        const int sees = stage_mask(mask_tile, mask_bh, p, r0, k_block);
+        const int sees = stage_mask(mask_tile, mask_bh, map_bh, p, r0, k_block);
         if (sees == SEES_NONE) continue;
         load_tile(q_tile, qb, p.q_stride, r0, p.queries);
         load_tile(do_tile, db, p.do_stride, r0, p.queries);
@@ -743,9 +783,9 @@ extern "C" __device__ unsigned int flash_attention_backward_dynamic_shared_bytes
 // The first tile of queries from `q_first` on (a multiple of TILE) that sees some key of the
 // block (keys `k_block + 0..TILE`), its mask staged in `tile` and what it sees in `sees`;
 // `p.queries` when none is left. The whole block calls it (`stage_mask`'s barriers).
-__device__ __forceinline__ i64 next_query_tile(u8* tile, const u8* mask_bh, const Params& p, i64 k_block, i64 q_first, int& sees) {
+__device__ __forceinline__ i64 next_query_tile(u8* tile, const u8* mask_bh, const u8* map_bh, const Params& p, i64 k_block, i64 q_first, int& sees) {
     for (i64 r0 = q_first; r0 < p.queries; r0 += TILE) {
-        sees = stage_mask(tile, mask_bh, p, r0, k_block);
+        sees = stage_mask(tile, mask_bh, map_bh, p, r0, k_block);
         if (sees != SEES_NONE) return r0;
     }
     return p.queries;
@@ -787,7 +827,7 @@ __device__ __forceinline__ void add_pair(float* at, float a, float b) {
 
 extern "C" __global__ void __launch_bounds__(128, BACKWARD_MIN_BLOCKS) flash_attention_backward(
     const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
-    const u8* __restrict__ mask, const u32* __restrict__ seed, const u16* __restrict__ dout, const float* __restrict__ lse,
+    const u8* __restrict__ mask, const u32* __restrict__ seed, const u8* __restrict__ map, const u16* __restrict__ dout, const float* __restrict__ lse,
     const float* __restrict__ delta, float* __restrict__ dq_acc, u16* __restrict__ dk, u16* __restrict__ dv,
     const __grid_constant__ Params p) {
     extern __shared__ __align__(16) u8 shared[];
@@ -805,6 +845,7 @@ extern "C" __global__ void __launch_bounds__(128, BACKWARD_MIN_BLOCKS) flash_att
     const int g = lane >> 2, t = lane & 3;
     const i64 bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
     const u8* mask_bh = mask_of(mask, p, b, h);
+    const u8* map_bh = tile_map_of(map, p, b, h);
     const i64 k_block = (i64)blockIdx.x * TILE;
     const i64 k0 = k_block + warp * 16;
     const i64 keys[2] = {k0 + g, k0 + g + 8};
@@ -838,7 +879,7 @@ extern "C" __global__ void __launch_bounds__(128, BACKWARD_MIN_BLOCKS) flash_att
         }
     };
     int sees = SEES_NONE;
-    i64 r0 = next_query_tile(mask_tile, mask_bh, p, k_block, 0, sees);
+    i64 r0 = next_query_tile(mask_tile, mask_bh, map_bh, p, k_block, 0, sees);
     if (r0 < p.queries) load_queries(r0);
     while (r0 < p.queries) {
         copies_wait<0>();  // (the keys and values too, on the first tile)
@@ -865,7 +906,7 @@ extern "C" __global__ void __launch_bounds__(128, BACKWARD_MIN_BLOCKS) flash_att
         __syncthreads();  // dSᵀ whole; this tile's queries, dO, mask and per-query values read
 
         // The next tile's mask, then its queries and dO on their way during the dQ products.
-        const i64 r1 = next_query_tile(mask_tile, mask_bh, p, k_block, r0 + TILE, sees);
+        const i64 r1 = next_query_tile(mask_tile, mask_bh, map_bh, p, k_block, r0 + TILE, sees);
         if (r1 < p.queries) load_queries(r1);
 
         // dQ += dS k over this block's keys: each warp 16 queries, DQ_PARTS column ranges at a
@@ -911,7 +952,7 @@ extern "C" __global__ void __launch_bounds__(128, BACKWARD_MIN_BLOCKS) flash_att
 
 // The fused backward's accumulator kernels take the backward's operands first, as every kernel
 // here is launched (src/flash.rs), and read none of them.
-#define BACKWARD_OPERANDS const u16* q, const u16* k, const u16* v, const u8* mask, const u32* seed, const u16* dout
+#define BACKWARD_OPERANDS const u16* q, const u16* k, const u16* v, const u8* mask, const u32* seed, const u8* map, const u16* dout
 
 // dq_acc (f32 [batch * heads, queries, D]) zeroed, before the backward adds into it: one
 // block per 64 queries of one (batch, head).
@@ -933,4 +974,16 @@ extern "C" __global__ void __launch_bounds__(128) flash_attention_dq_store(BACKW
         const float2 x = from[i];
         *(u32*)(dq + b * p.out_stride[0] + h * p.out_stride[1] + row * p.out_stride[2] + col) = pack(x.x * scale, x.y * scale);
     }
+}
+
+// The tile map (`Params::tile_map`): what each (64 queries, 64 keys) tile of the mask sees
+// (SEES_NONE, SEES_SOME or SEES_ALL, as `stage_mask` classifies it), one block per tile: grid x
+// over `query_tiles` x `key_tiles`, grid y over batch x `map_heads`. It reads the backward's
+// operands' places, as every kernel here is launched, and only the mask of them.
+extern "C" __global__ void __launch_bounds__(128) flash_attention_tile_map(BACKWARD_OPERANDS, u8* __restrict__ map_out, const __grid_constant__ Params p) {
+    __shared__ __align__(16) u8 mask_tile[TILE * MASK_ROW];
+    const i64 heads = map_heads(p), b = blockIdx.y / heads, h = blockIdx.y % heads;
+    const i64 tile = blockIdx.x, q_first = tile / key_tiles(p) * TILE, k_first = tile % key_tiles(p) * TILE;
+    const int sees = stage_mask(mask_tile, mask_of(mask, p, b, h), nullptr, p, q_first, k_first);
+    if (threadIdx.x == 0) map_out[blockIdx.y * query_tiles(p) * key_tiles(p) + tile] = (u8)sees;
 }

@@ -451,6 +451,8 @@ struct FlashParams {
     keep_scale: i64,
     /// Unread by the token-major forward the decoder compiles.
     out_stride: [i64; 3],
+    /// 0: no tile map (the kernel stages every tile of the mask itself).
+    tile_map: i64,
 }
 
 /// The flash kernel's queries per block.
@@ -952,8 +954,10 @@ impl GraphDecoder {
                 drop_below: 0,
                 keep_scale: 1f32.to_bits() as i64,
                 out_stride: [0; 3],
+                tile_map: 0,
             };
-            let mut params = params![&pf.q, &layer.k_cache, &layer.v_cache, &pf.mask, &pf.q, &pf.attn, &pf.lse, &flash];
+            // The seed's and the tile map's places, unread, filled by `q`.
+            let mut params = params![&pf.q, &layer.k_cache, &layer.v_cache, &pf.mask, &pf.q, &pf.q, &pf.attn, &pf.lse, &flash];
             let grid = (tokens.div_ceil(FLASH_QUERIES) as u32, n_head as u32);
             run("flash attention", unsafe { launch_kernel(&pf.flash, s, grid, 128, 0, false, &mut params) })?;
             unsafe { pf.gemm.bf16_to_f32(s, pf.attn, layer.attn_proj.0, pf.y, (tokens, n_embd, n_embd)) }?;

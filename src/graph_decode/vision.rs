@@ -248,7 +248,8 @@ impl Vision {
                 keep_scale: 1f32.to_bits() as i64,
                 ..FlashParams::default()
             };
-            let mut params = params![&self.q, &self.k, &self.v, &self.q, &self.q, &self.attn, &self.lse, &flash];
+            // The mask's, the seed's and the tile map's places, unread, filled by `q`.
+            let mut params = params![&self.q, &self.k, &self.v, &self.q, &self.q, &self.q, &self.attn, &self.lse, &flash];
             let grid = (tokens.div_ceil(FLASH_QUERIES) as u32, self.heads as u32);
             run("flash attention", unsafe { launch_kernel(&self.flash, s, grid, 128, 0, false, &mut params) })?;
             unsafe { gemm.bf16_to_f32(s, self.attn, layer.out_proj.0, self.y, (tokens, width, width)) }?;
