@@ -595,7 +595,9 @@ fn tile_map(ops: &Operands) -> Option<Cube> {
     let heads = if mask.meta.strides()[1] == 0 { 1 } else { h };
     let tiles = tq.div_ceil(BLOCK) * tk.div_ceil(BLOCK);
     let map = empty(ops.q, [b * heads * tiles], DType::U8);
-    launch_grid(Kernel::TileMap, ops, vec![&map], CubeCount::Static(tiles as u32, (b * heads) as u32, 1), [0; 3]);
+    // The forward's operands (the kernel takes no output gradient), no map yet.
+    let forward = Operands { q: ops.q, k: ops.k, v: ops.v, mask: ops.mask, map: None, dropout: ops.dropout, grad: None, scale: ops.scale };
+    launch_grid(Kernel::TileMap, &forward, vec![&map], CubeCount::Static(tiles as u32, (b * heads) as u32, 1), [0; 3]);
     Some(map)
 }
 
@@ -929,7 +931,7 @@ mod tests {
     /// carries the variant's defines and the entry point.
     #[test]
     fn tasks_compile_to_our_source() {
-        let all = [Kernel::Forward, Kernel::BackwardDq, Kernel::BackwardDkDv, Kernel::Backward, Kernel::DqZero, Kernel::DqStore];
+        let all = [Kernel::Forward, Kernel::BackwardDq, Kernel::BackwardDkDv, Kernel::Backward, Kernel::DqZero, Kernel::DqStore, Kernel::TileMap];
         for kernel in all {
             let task = FlashTask { kernel, head_dim: 64, bf16: true, mask_bytes: 1, dropout: true };
             let compiled = task

@@ -978,9 +978,10 @@ extern "C" __global__ void __launch_bounds__(128) flash_attention_dq_store(BACKW
 
 // The tile map (`Params::tile_map`): what each (64 queries, 64 keys) tile of the mask sees
 // (SEES_NONE, SEES_SOME or SEES_ALL, as `stage_mask` classifies it), one block per tile: grid x
-// over `query_tiles` x `key_tiles`, grid y over batch x `map_heads`. It reads the backward's
-// operands' places, as every kernel here is launched, and only the mask of them.
-extern "C" __global__ void __launch_bounds__(128) flash_attention_tile_map(BACKWARD_OPERANDS, u8* __restrict__ map_out, const __grid_constant__ Params p) {
+// over `query_tiles` x `key_tiles`, grid y over batch x `map_heads`. It takes the forward's
+// operands' places, as every kernel here is launched, and reads only the mask of them.
+extern "C" __global__ void __launch_bounds__(128) flash_attention_tile_map(const u16* q, const u16* k, const u16* v, const u8* mask, const u32* seed, const u8* map,
+                                                                            u8* __restrict__ map_out, const __grid_constant__ Params p) {
     __shared__ __align__(16) u8 mask_tile[TILE * MASK_ROW];
     const i64 heads = map_heads(p), b = blockIdx.y / heads, h = blockIdx.y % heads;
     const i64 tile = blockIdx.x, q_first = tile / key_tiles(p) * TILE, k_first = tile % key_tiles(p) * TILE;
