@@ -279,6 +279,50 @@ __device__ __forceinline__ const u8* tile_map_of(const u8* map, const Params& p,
 #endif
 }
 
+// The map's line a block walks: its row (a block of queries walking the keys) or its column (a
+// block of keys walking the queries), the first MAP_LINE bytes staged in shared memory once at
+// the block's start. Each tile's lookup then waits on no global load in the loop's critical
+// path, and walking the hidden tiles (past a causal mask's diagonal, or before it) costs a
+// shared load each; positions past 64 * MAP_LINE read the map in global memory.
+#define MAP_LINE 256
+struct MapLine {
+    const u8* global;  // the line's first byte in the map; null: no map
+    const u8* staged;  // its first MAP_LINE bytes, in shared memory
+    u32 step;          // bytes between neighbours along the line in the map
+    bool along_keys;   // a row of the map, else a column
+};
+
+__device__ __forceinline__ MapLine no_map_line() {
+    return MapLine{nullptr, nullptr, 0, true};
+}
+
+// The line of `map_bh` (null for none) through the tile at `fixed_first` (a query position
+// when `along_keys`, else a key position) into `staged`. The whole block calls it: it ends on a
+// barrier where there is a map. (Only `global` depends on whether there is one: the other
+// fields stay constants the compiler folds, not registers held through the kernels' loops.)
+__device__ __forceinline__ MapLine stage_map_line(u8* staged, const u8* map_bh, const Params& p, i64 fixed_first, bool along_keys) {
+#if MASK_BYTES && TILE_MAP
+    const u32 cols = (u32)key_tiles(p), fixed = (u32)(fixed_first / TILE);
+    MapLine line = {nullptr, staged, along_keys ? 1u : cols, along_keys};
+    if (map_bh) {
+        line.global = along_keys ? map_bh + fixed * cols : map_bh + fixed;
+        const u32 n = along_keys ? cols : (u32)query_tiles(p);
+        for (u32 i = threadIdx.x; i < n && i < MAP_LINE; i += BLOCK_THREADS) staged[i] = line.global[i * line.step];
+        __syncthreads();
+    }
+    return line;
+#else
+    return no_map_line();
+#endif
+}
+
+// What the tile at (`q_first`, `k_first`) on the line sees.
+__device__ __forceinline__ int map_sees(const MapLine& line, i64 q_first, i64 k_first) {
+    // 32-bit tile indices (positions fit): fewer registers in the kernels' loops.
+    const u32 i = (u32)(line.along_keys ? k_first : q_first) / TILE;
+    return i < MAP_LINE ? line.staged[i] : line.global[i * line.step];
+}
+
 // W bytes (16, 8 or 4) as words, for vector loads and stores of the mask.
 template <int W>
 struct __align__(W) Words {
@@ -320,15 +364,14 @@ __device__ __forceinline__ void stage_mask_rows(u8* tile, const u8* first, i64 r
 // Stages which scores of the tile (queries `q_first + 0..TILE`, keys `k_first + 0..TILE`) are
 // hidden into `tile` (one byte each, 1 = hidden, rows of MASK_ROW bytes, by query) and says what
 // the tile sees; the whole block calls it and it ends on a barrier, except where it can answer
-// from the bounds alone (no mask, tile inside them) or from the tile map (`map_bh`, null for
-// none: a tile that sees all or none is not staged), which every thread does alike. Callers
+// from the bounds alone (no mask, tile inside them) or from the tile map (`line`, on which the
+// tile lies; its `global` null for none: a tile that sees all or none is not staged), which
+// every thread does alike. Callers
 // order their own shared memory with barriers of their own: without a mask no barrier is here.
-__device__ __forceinline__ int stage_mask(u8* tile, const u8* mask_bh, const u8* map_bh, const Params& p, i64 q_first, i64 k_first) {
+__device__ __forceinline__ int stage_mask(u8* tile, const u8* mask_bh, const MapLine& line, const Params& p, i64 q_first, i64 k_first) {
 #if MASK_BYTES && TILE_MAP
-    if (map_bh) {
-        // 32-bit tile indices (positions fit): fewer registers in the kernels' loops.
-        const u32 row = (u32)q_first / TILE, col = (u32)k_first / TILE, cols = (u32)(p.keys + TILE - 1) / TILE;
-        const int sees = map_bh[row * cols + col];
+    if (line.global) {
+        const int sees = map_sees(line, q_first, k_first);
         if (sees != SEES_SOME) return sees;
     }
 #endif
@@ -365,9 +408,9 @@ __device__ __forceinline__ int stage_mask(u8* tile, const u8* mask_bh, const u8*
 // The first tile of keys from `k_first` on (a multiple of TILE) that some query of the block
 // (queries `q_block + 0..TILE`) sees, its mask staged in `tile` and what it sees in `sees`;
 // `p.keys` when none is left. The whole block calls it (`stage_mask`'s barriers).
-__device__ __forceinline__ i64 next_key_tile(u8* tile, const u8* mask_bh, const u8* map_bh, const Params& p, i64 q_block, i64 k_first, int& sees) {
+__device__ __forceinline__ i64 next_key_tile(u8* tile, const u8* mask_bh, const MapLine& line, const Params& p, i64 q_block, i64 k_first, int& sees) {
     for (i64 k0 = k_first; k0 < p.keys; k0 += TILE) {
-        sees = stage_mask(tile, mask_bh, map_bh, p, q_block, k0);
+        sees = stage_mask(tile, mask_bh, line, p, q_block, k0);
         if (sees != SEES_NONE) return k0;
     }
     return p.keys;
@@ -476,8 +519,9 @@ extern "C" __global__ void __launch_bounds__(128, FORWARD_MIN_BLOCKS) flash_atte
     const int g = lane >> 2, t = lane & 3;
     const i64 bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
     const u8* mask_bh = mask_of(mask, p, b, h);
-    const u8* map_bh = tile_map_of(map, p, b, h);
     const i64 q_block = (i64)blockIdx.x * TILE;
+    __shared__ u8 map_line[MAP_LINE];
+    const MapLine line = stage_map_line(map_line, tile_map_of(map, p, b, h), p, q_block, true);
     const i64 q0 = q_block + warp * 16;  // this warp's first query
     const i64 rows[2] = {q0 + g, q0 + g + 8};
     const u8* mask_rows = mask_tile + (warp * 16 + g) * MASK_ROW;  // row g; row g + 8 is 8 rows on
@@ -496,7 +540,7 @@ extern "C" __global__ void __launch_bounds__(128, FORWARD_MIN_BLOCKS) flash_atte
     const u32 drop_rows[2] = {DROPOUT ? dropout_row(seed, bh, rows[0]) : 0u, DROPOUT ? dropout_row(seed, bh, rows[1]) : 0u};
 
     int sees;
-    i64 k0 = next_key_tile(mask_tile, mask_bh, map_bh, p, q_block, 0, sees);
+    i64 k0 = next_key_tile(mask_tile, mask_bh, line, p, q_block, 0, sees);
     if (k0 < p.keys) {
         load_tile(k_tile, kb, p.k_stride, k0, p.keys);
         load_tile(v_tile, vb, p.v_stride, k0, p.keys);
@@ -560,7 +604,7 @@ extern "C" __global__ void __launch_bounds__(128, FORWARD_MIN_BLOCKS) flash_atte
         __syncthreads();
         times_tile_rows<TILE / 16>(o, s, v_tile);
         __syncthreads();  // every warp is done with the values and the mask
-        const i64 k1 = next_key_tile(mask_tile, mask_bh, map_bh, p, q_block, guess, sees);
+        const i64 k1 = next_key_tile(mask_tile, mask_bh, line, p, q_block, guess, sees);
         if (k1 < p.keys) {
             if (k1 != guess) {
                 copies_wait<0>();  // the guessed keys landed (each thread rewrites only its own)
@@ -645,8 +689,9 @@ extern "C" __global__ void __launch_bounds__(128, BACKWARD_MIN_BLOCKS) flash_att
     const int g = lane >> 2, t = lane & 3;
     const i64 bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
     const u8* mask_bh = mask_of(mask, p, b, h);
-    const u8* map_bh = tile_map_of(map, p, b, h);
     const i64 q_block = (i64)blockIdx.x * TILE;
+    __shared__ u8 map_line[MAP_LINE];
+    const MapLine line = stage_map_line(map_line, tile_map_of(map, p, b, h), p, q_block, true);
     const i64 q0 = q_block + warp * 16;
     const i64 rows[2] = {q0 + g, q0 + g + 8};
     const float scale_log2e = f32_of(p.scale_log2e), keep_scale = f32_of(p.keep_scale);
@@ -671,7 +716,7 @@ extern "C" __global__ void __launch_bounds__(128, BACKWARD_MIN_BLOCKS) flash_att
 
     for (i64 k0 = 0; k0 < p.keys; k0 += TILE) {
         __syncthreads();
-        const int sees = stage_mask(mask_tile, mask_bh, map_bh, p, q_block, k0);
+        const int sees = stage_mask(mask_tile, mask_bh, line, p, q_block, k0);
         if (sees == SEES_NONE) continue;
         load_tile(k_tile, kb, p.k_stride, k0, p.keys);
         load_tile(v_tile, vb, p.v_stride, k0, p.keys);
@@ -710,8 +755,9 @@ extern "C" __global__ void __launch_bounds__(128, BACKWARD_MIN_BLOCKS) flash_att
     const int g = lane >> 2, t = lane & 3;
     const i64 bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
     const u8* mask_bh = mask_of(mask, p, b, h);
-    const u8* map_bh = tile_map_of(map, p, b, h);
     const i64 k_block = (i64)blockIdx.x * TILE;
+    __shared__ u8 map_line[MAP_LINE];
+    const MapLine line = stage_map_line(map_line, tile_map_of(map, p, b, h), p, k_block, false);
     const i64 k0 = k_block + warp * 16;
     const i64 keys[2] = {k0 + g, k0 + g + 8};
     const float scale_log2e = f32_of(p.scale_log2e), keep_scale = f32_of(p.keep_scale);
@@ -731,7 +777,7 @@ extern "C" __global__ void __launch_bounds__(128, BACKWARD_MIN_BLOCKS) flash_att
 
     for (i64 r0 = 0; r0 < p.queries; r0 += TILE) {
         __syncthreads();
-        const int sees = stage_mask(mask_tile, mask_bh, map_bh, p, r0, k_block);
+        const int sees = stage_mask(mask_tile, mask_bh, line, p, r0, k_block);
         if (sees == SEES_NONE) continue;
         load_tile(q_tile, qb, p.q_stride, r0, p.queries);
         load_tile(do_tile, db, p.do_stride, r0, p.queries);
@@ -783,9 +829,9 @@ extern "C" __device__ unsigned int flash_attention_backward_dynamic_shared_bytes
 // The first tile of queries from `q_first` on (a multiple of TILE) that sees some key of the
 // block (keys `k_block + 0..TILE`), its mask staged in `tile` and what it sees in `sees`;
 // `p.queries` when none is left. The whole block calls it (`stage_mask`'s barriers).
-__device__ __forceinline__ i64 next_query_tile(u8* tile, const u8* mask_bh, const u8* map_bh, const Params& p, i64 k_block, i64 q_first, int& sees) {
+__device__ __forceinline__ i64 next_query_tile(u8* tile, const u8* mask_bh, const MapLine& line, const Params& p, i64 k_block, i64 q_first, int& sees) {
     for (i64 r0 = q_first; r0 < p.queries; r0 += TILE) {
-        sees = stage_mask(tile, mask_bh, map_bh, p, r0, k_block);
+        sees = stage_mask(tile, mask_bh, line, p, r0, k_block);
         if (sees != SEES_NONE) return r0;
     }
     return p.queries;
@@ -845,8 +891,9 @@ extern "C" __global__ void __launch_bounds__(128, BACKWARD_MIN_BLOCKS) flash_att
     const int g = lane >> 2, t = lane & 3;
     const i64 bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
     const u8* mask_bh = mask_of(mask, p, b, h);
-    const u8* map_bh = tile_map_of(map, p, b, h);
     const i64 k_block = (i64)blockIdx.x * TILE;
+    __shared__ u8 map_line[MAP_LINE];
+    const MapLine line = stage_map_line(map_line, tile_map_of(map, p, b, h), p, k_block, false);
     const i64 k0 = k_block + warp * 16;
     const i64 keys[2] = {k0 + g, k0 + g + 8};
     const float scale_log2e = f32_of(p.scale_log2e), keep_scale = f32_of(p.keep_scale);
@@ -879,7 +926,7 @@ extern "C" __global__ void __launch_bounds__(128, BACKWARD_MIN_BLOCKS) flash_att
         }
     };
     int sees = SEES_NONE;
-    i64 r0 = next_query_tile(mask_tile, mask_bh, map_bh, p, k_block, 0, sees);
+    i64 r0 = next_query_tile(mask_tile, mask_bh, line, p, k_block, 0, sees);
     if (r0 < p.queries) load_queries(r0);
     while (r0 < p.queries) {
         copies_wait<0>();  // (the keys and values too, on the first tile)
@@ -906,7 +953,7 @@ extern "C" __global__ void __launch_bounds__(128, BACKWARD_MIN_BLOCKS) flash_att
         __syncthreads();  // dSᵀ whole; this tile's queries, dO, mask and per-query values read
 
         // The next tile's mask, then its queries and dO on their way during the dQ products.
-        const i64 r1 = next_query_tile(mask_tile, mask_bh, map_bh, p, k_block, r0 + TILE, sees);
+        const i64 r1 = next_query_tile(mask_tile, mask_bh, line, p, k_block, r0 + TILE, sees);
         if (r1 < p.queries) load_queries(r1);
 
         // dQ += dS k over this block's keys: each warp 16 queries, DQ_PARTS column ranges at a
@@ -985,6 +1032,6 @@ extern "C" __global__ void __launch_bounds__(128) flash_attention_tile_map(const
     __shared__ __align__(16) u8 mask_tile[TILE * MASK_ROW];
     const i64 heads = map_heads(p), b = blockIdx.y / heads, h = blockIdx.y % heads;
     const i64 tile = blockIdx.x, q_first = tile / key_tiles(p) * TILE, k_first = tile % key_tiles(p) * TILE;
-    const int sees = stage_mask(mask_tile, mask_of(mask, p, b, h), nullptr, p, q_first, k_first);
+    const int sees = stage_mask(mask_tile, mask_of(mask, p, b, h), no_map_line(), p, q_first, k_first);
     if (threadIdx.x == 0) map_out[blockIdx.y * query_tiles(p) * key_tiles(p) + tile] = (u8)sees;
 }
