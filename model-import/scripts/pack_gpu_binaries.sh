@@ -3,11 +3,13 @@
 # tree and packs them, stripped and xz-compressed, into .dev/ (git-ignored; the device tool's
 # `carry` takes it, 64 MiB in all): llava-jp.xz, train-test.xz (tests/train.rs),
 # backend-fuzz.xz, attention-bench.xz, bench-train.xz. NAMES="llava-jp train-test" packs only
-# those. One cargo build at a time: run it alone.
+# those; PACK_DIR=dir packs into dir instead of .dev (while a GPU call may be carrying .dev).
+# One cargo build at a time: run it alone.
 #   usage (repository root): bash model-import/scripts/pack_gpu_binaries.sh
 set -euo pipefail
 names=${NAMES:-llava-jp train-test backend-fuzz attention-bench bench-train}
-mkdir -p .dev
+dir=${PACK_DIR:-.dev}
+mkdir -p "$dir"
 # The path of the executable cargo reports for a build (`--message-format json`).
 executable() { grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4; }
 for name in $names; do
@@ -21,11 +23,11 @@ for name in $names; do
   esac
   [ -x "$bin" ] || { echo "$name: cargo reported no executable" >&2; exit 1; }
   strip -o "/tmp/pack-$name" "$bin"
-  xz -T2 -6 -c "/tmp/pack-$name" > ".dev/$name.xz"
+  xz -T2 -6 -c "/tmp/pack-$name" > "$dir/$name.xz"
   rm -f "/tmp/pack-$name"
-  echo "$name: $bin -> .dev/$name.xz ($(du -h ".dev/$name.xz" | cut -f1))"
+  echo "$name: $bin -> $dir/$name.xz ($(du -h "$dir/$name.xz" | cut -f1))"
 done
 # Which tree the binaries are of, for the next session to check before it calls.
-{ echo "$(date -u +%FT%TZ) $names"; git log -1 --format='%H %s' | cut -c1-120; git status --porcelain --untracked-files=no; } > .dev/packed.txt
-total=$(du -cb .dev | tail -1 | cut -f1)
-echo ".dev: $((total / 1024 / 1024)) MiB$([ $total -gt $((64 * 1024 * 1024)) ] && echo ', over the 64 MiB carry limit: pack fewer (NAMES=...)')"
+{ echo "$(date -u +%FT%TZ) $names"; git log -1 --format='%H %s' | cut -c1-120; git status --porcelain --untracked-files=no; } > "$dir/packed.txt"
+total=$(du -cb "$dir" | tail -1 | cut -f1)
+echo "$dir: $((total / 1024 / 1024)) MiB$([ $total -gt $((64 * 1024 * 1024)) ] && echo ', over the 64 MiB carry limit: pack fewer (NAMES=...)')"
