@@ -673,24 +673,30 @@ impl FlashTask {
     }
 }
 
-/// `LLAVA_JP_FLASH_DEFINES="NAME=VALUE ..."`: the tuning knobs of `src/flash_attention.cu`
-/// (`DQ_KEYS`, `DKDV_QUERIES`, `BACKWARD_MIN_BLOCKS`, `FORWARD_MIN_BLOCKS`) set for the
+/// The knobs of `src/flash_attention.cu` that `LLAVA_JP_FLASH_DEFINES` may set (each an
+/// `#ifndef` there with its default); the source's other defines describe the operands' layout.
+/// `TILE_MAP=0` turns the kernels' use of the tile map off (the map is still built).
+const TUNING_KNOBS: [&str; 5] = ["DQ_KEYS", "DKDV_QUERIES", "BACKWARD_MIN_BLOCKS", "FORWARD_MIN_BLOCKS", "TILE_MAP"];
+
+/// `LLAVA_JP_FLASH_DEFINES="NAME=VALUE ..."`: tuning knobs ([`TUNING_KNOBS`]) set for the
 /// process, as `#define` lines, so that variants are timed on the GPU machine without another
 /// build.
 fn tuning_defines() -> &'static str {
-    // Only these: the source's other defines describe the operands' layout.
-    const TUNING_KNOBS: [&str; 4] = ["DQ_KEYS", "DKDV_QUERIES", "BACKWARD_MIN_BLOCKS", "FORWARD_MIN_BLOCKS"];
     static DEFINES: OnceLock<String> = OnceLock::new();
     DEFINES.get_or_init(|| {
-        let value = std::env::var("LLAVA_JP_FLASH_DEFINES").unwrap_or_default();
-        value
-            .split_whitespace()
-            .map(|pair| match pair.split_once('=') {
-                Some((name, v)) if TUNING_KNOBS.contains(&name) && v.parse::<u32>().is_ok() => format!("#define {name} {v}\n"),
-                _ => panic!("LLAVA_JP_FLASH_DEFINES: {pair:?} is not NAME=NUMBER with NAME one of {TUNING_KNOBS:?}"),
-            })
-            .collect()
+        parse_tuning_defines(&std::env::var("LLAVA_JP_FLASH_DEFINES").unwrap_or_default()).unwrap_or_else(|e| panic!("LLAVA_JP_FLASH_DEFINES: {e}"))
     })
+}
+
+/// `#define` lines of space-separated `NAME=NUMBER` pairs, each name a tuning knob.
+fn parse_tuning_defines(value: &str) -> Result<String, String> {
+    value
+        .split_whitespace()
+        .map(|pair| match pair.split_once('=') {
+            Some((name, v)) if TUNING_KNOBS.contains(&name) && v.parse::<u32>().is_ok() => Ok(format!("#define {name} {v}\n")),
+            _ => Err(format!("{pair:?} is not NAME=NUMBER with NAME one of {TUNING_KNOBS:?}")),
+        })
+        .collect()
 }
 
 /// FNV-1a of the kernel source and its tuning: part of the kernel's id, so that an edited
@@ -947,6 +953,21 @@ mod tests {
             assert!(compiled.source.contains(&format!(") {}(", kernel.entry())));
             assert_ne!(task.id(), FlashTask { head_dim: 128, ..task }.id());
             assert_ne!(task.id(), FlashTask { dropout: false, ..task }.id());
+        }
+    }
+
+    /// Every knob the variable may set is one the source defaults (`#ifndef`), so that none is
+    /// refused or ignored (`TILE_MAP` was once missing from the list); layout defines are refused.
+    #[test]
+    fn tuning_knobs_are_the_sources() {
+        for knob in TUNING_KNOBS {
+            assert!(SOURCE.contains(&format!("#ifndef {knob}\n")), "{knob} has no default in flash_attention.cu");
+        }
+        assert_eq!(parse_tuning_defines(" TILE_MAP=0  DQ_KEYS=64").as_deref(), Ok("#define TILE_MAP 0\n#define DQ_KEYS 64\n"));
+        assert_eq!(parse_tuning_defines("").as_deref(), Ok(""));
+        for bad in ["HEAD_DIM=64", "TILE_MAP", "TILE_MAP=off", "DQ_KEYS=-1"] {
+            let e = parse_tuning_defines(bad).expect_err(bad);
+            assert!(e.contains(&format!("{bad:?}")) && e.contains("TILE_MAP"), "{e}");
         }
     }
 }
