@@ -10,15 +10,23 @@ set -euo pipefail
 names=${NAMES:-llava-jp train-test backend-fuzz attention-bench bench-train}
 dir=${PACK_DIR:-.dev}
 mkdir -p "$dir"
-# The path of the executable cargo reports for a build (`--message-format json`).
-executable() { grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4; }
+# The path of the executable cargo reports for a build (`--message-format json`) of the target
+# named $1 (a test or bench builds the package's binaries too, reported in no fixed order).
+executable() {
+  python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1]:
+        print(m["executable"])' "$1" | tail -1
+}
 for name in $names; do
   case $name in
-    llava-jp) bin=$(cargo build --release --bin llava-jp --message-format json | executable) ;;
-    train-test) bin=$(cargo test --release --test train --no-run --message-format json | executable) ;;
-    backend-fuzz) bin=$(cargo test --release --test backend_fuzz --no-run --message-format json | executable) ;;
-    attention-bench) bin=$(cargo bench --bench attention --no-run --message-format json | executable) ;;
-    bench-train) bin=$(cargo bench --bench train --no-run --message-format json | executable) ;;
+    llava-jp) bin=$(cargo build --release --bin llava-jp --message-format json | executable llava-jp) ;;
+    train-test) bin=$(cargo test --release --test train --no-run --message-format json | executable train) ;;
+    backend-fuzz) bin=$(cargo test --release --test backend_fuzz --no-run --message-format json | executable backend_fuzz) ;;
+    attention-bench) bin=$(cargo bench --bench attention --no-run --message-format json | executable attention) ;;
+    bench-train) bin=$(cargo bench --bench train --no-run --message-format json | executable train) ;;
     *) echo "unknown binary $name: expected llava-jp, train-test, backend-fuzz, attention-bench or bench-train" >&2; exit 1 ;;
   esac
   [ -x "$bin" ] || { echo "$name: cargo reported no executable" >&2; exit 1; }
