@@ -150,3 +150,129 @@ fn erf(x: f32) -> f32 {
     let poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))));
     ((1.0 - poly * (-x64 * x64).exp()).copysign(x64)) as f32
 }
+
+/// The batch the language model gets: each sample's text embeddings with its images' feature
+/// rows where its -200 ids stand, cut to `max_length` (through an image too), padded with zero
+/// rows on either side; labels, positions and the padding mask beside it. Checked against the
+/// same splice done here row by row, and so are the gradients that reach the image features
+/// and the token embeddings from a weighted sum of the batch.
+#[test]
+fn images_splice_into_the_batch_and_gradients_reach_them() {
+    use burn::backend::Autodiff;
+    use burn::prelude::*;
+    use burn::tensor::Distribution;
+    use llava_jp::model::{LlavaModel, Sample, IGNORE_INDEX, IMAGE_TOKEN_INDEX as IMG};
+    type AD = Autodiff<B>;
+    let device = FlexDevice;
+    let dir = std::env::temp_dir().join(format!("llava-jp-splice-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = serde_json::json!({
+        "model_type": "llava", "vocab_size": 16, "n_positions": 32, "n_embd": 8, "n_layer": 1, "n_head": 2,
+        "mm_vision_tower": "tiny-clip", "mm_projector_type": "linear", "tokenizer_model_max_length": 11,
+        "vision_config": {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                          "image_size": 14, "patch_size": 7}
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let config = llava_jp::config::LlavaConfig::from_file(dir.join("config.json")).unwrap();
+    let model = LlavaModel::<AD>::new(&config, &device);
+    assert_eq!(model.max_length, 11);
+    let (d, image_tokens, images) = (8, 3, 4);
+    let samples = vec![
+        Sample { input_ids: vec![5, IMG, 6, 7], labels: Some(vec![IGNORE_INDEX, IGNORE_INDEX, 6, 7]) },
+        Sample { input_ids: vec![IMG, 8, IMG, 9], labels: None },
+        // 9 + 3 + 1 rows: cut to 11, two rows into its image.
+        Sample { input_ids: vec![1, 2, 3, 4, 5, 6, 7, 8, 9, IMG, 10], labels: Some(vec![1, 2, 3, 4, 5, 6, 7, 8, 9, IGNORE_INDEX, 10]) },
+    ];
+    let wte: Vec<f32> = model.transformer.wte.weight.val().into_data().to_vec().unwrap();
+    for pad_left in [false, true] {
+        let features = Tensor::<AD, 3>::random([images, image_tokens, d], Distribution::Normal(0.0, 1.0), &device).require_grad();
+        let feature_rows: Vec<f32> = features.clone().into_data().to_vec().unwrap();
+        let batch = model.prepare_inputs_padded(&samples, Some(features.clone()), pad_left);
+
+        // The splice by hand: per sample, (where each row comes from, its label).
+        #[derive(Clone, Copy, PartialEq, Debug)]
+        enum Row {
+            Token(usize),
+            Image(usize, usize),
+            Pad,
+        }
+        let mut next_image = 0;
+        let mut expected: Vec<(Vec<Row>, Vec<i64>)> = samples
+            .iter()
+            .map(|s| {
+                let mut rows = Vec::new();
+                let mut labels = Vec::new();
+                for (i, &id) in s.input_ids.iter().enumerate() {
+                    if id == IMG {
+                        rows.extend((0..image_tokens).map(|r| Row::Image(next_image, r)));
+                        labels.extend([IGNORE_INDEX; 3]);
+                        next_image += 1;
+                    } else {
+                        rows.push(Row::Token(id as usize));
+                        labels.push(s.labels.as_ref().map_or(IGNORE_INDEX, |l| l[i]));
+                    }
+                }
+                rows.truncate(11);
+                labels.truncate(11);
+                (rows, labels)
+            })
+            .collect();
+        assert_eq!(batch.lengths, vec![6, 8, 11]);
+        let mut valid = Vec::new();
+        let mut positions = Vec::new();
+        for (rows, labels) in &mut expected {
+            let (len, pad) = (rows.len(), 11 - rows.len());
+            if pad_left {
+                rows.splice(0..0, [Row::Pad].repeat(pad));
+                labels[0] = IGNORE_INDEX;
+                labels.splice(0..0, [IGNORE_INDEX].repeat(pad));
+                valid.extend([false].repeat(pad).into_iter().chain([true].repeat(len)));
+                positions.extend([0].repeat(pad).into_iter().chain(0..len as i64));
+            } else {
+                rows.extend([Row::Pad].repeat(pad));
+                labels.extend([IGNORE_INDEX].repeat(pad));
+                valid.extend([true].repeat(len).into_iter().chain([false].repeat(pad)));
+                positions.extend((0..len as i64).chain([0].repeat(pad)));
+            }
+        }
+        let side = if pad_left { "left" } else { "right" };
+        let labels: Vec<Vec<i64>> = expected.iter().map(|(_, l)| l.clone()).collect();
+        assert_eq!(batch.labels.as_ref(), Some(&labels), "{side} padding: labels");
+        assert_eq!(batch.key_valid.clone().into_data().to_vec::<bool>().unwrap(), valid, "{side} padding: padding mask");
+        assert_eq!(batch.position_ids.clone().into_data().convert::<i64>().to_vec::<i64>().unwrap(), positions, "{side} padding: positions");
+        let row_of = |row: Row| -> Vec<f32> {
+            match row {
+                Row::Token(id) => wte[id * d..(id + 1) * d].to_vec(),
+                Row::Image(i, r) => feature_rows[(i * image_tokens + r) * d..(i * image_tokens + r + 1) * d].to_vec(),
+                Row::Pad => vec![0.0; d],
+            }
+        };
+        let want: Vec<f32> = expected.iter().flat_map(|(rows, _)| rows.iter().flat_map(|&r| row_of(r))).collect();
+        assert_eq!(batch.inputs_embeds.dims(), [3, 11, d]);
+        assert_eq!(batch.inputs_embeds.clone().into_data().to_vec::<f32>().unwrap(), want, "{side} padding: embeddings");
+
+        // d(sum(embeds * w)) reaches each image row and each token's embedding as the w of the
+        // places it was put (a token's summed over its places); nothing from the cut image row.
+        let w = Tensor::<AD, 3>::random([3, 11, d], Distribution::Uniform(-1.0, 1.0), &device);
+        let w_rows: Vec<f32> = w.clone().into_data().to_vec().unwrap();
+        let grads = (batch.inputs_embeds * w).sum().backward();
+        let mut want_features = vec![0f32; images * image_tokens * d];
+        let mut want_wte = vec![0f32; wte.len()];
+        for (place, &row) in expected.iter().flat_map(|(rows, _)| rows).enumerate() {
+            let (to, at) = match row {
+                Row::Token(id) => (&mut want_wte, id * d),
+                Row::Image(i, r) => (&mut want_features, (i * image_tokens + r) * d),
+                Row::Pad => continue,
+            };
+            for k in 0..d {
+                to[at + k] += w_rows[place * d + k];
+            }
+        }
+        let got: Vec<f32> = features.grad(&grads).expect("the features' gradient").into_data().to_vec().unwrap();
+        assert_eq!(got, want_features, "{side} padding: image feature gradients");
+        let got: Vec<f32> = model.transformer.wte.weight.grad(&grads).expect("the embeddings' gradient").into_data().to_vec().unwrap();
+        let worst = got.iter().zip(&want_wte).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-5, "{side} padding: token embedding gradients differ by {worst}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

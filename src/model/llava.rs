@@ -118,111 +118,88 @@ impl<B: Backend> LlavaModel<B> {
         );
 
         // Embed every text token of the batch in one lookup.
-        let text_ids: Vec<Vec<i64>> = samples
-            .iter()
-            .map(|s| s.input_ids.iter().copied().filter(|&id| id != IMAGE_TOKEN_INDEX).collect())
-            .collect();
-        let all_ids: Vec<i64> = text_ids.iter().flatten().copied().collect();
-        let text_embeds = (!all_ids.is_empty()).then(|| {
-            let n = all_ids.len();
-            let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(all_ids, [1, n]), &device);
-            self.transformer.wte.forward(ids).reshape([n, d])
+        let all_ids: Vec<i64> = samples.iter().flat_map(|s| s.input_ids.iter().copied().filter(|&id| id != IMAGE_TOKEN_INDEX)).collect();
+        let text_rows = all_ids.len();
+        let text_embeds = (text_rows > 0).then(|| {
+            let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(all_ids, [1, text_rows]), &device);
+            self.transformer.wte.forward(ids).reshape([text_rows, d])
         });
 
+        // The batch is gathered in one `select` from the rows [text embeddings; image features;
+        // a zero row for padding]: each sample is a list of row numbers. (Slicing each sample's
+        // pieces out and concatenating them cost, in the backward, a zeroed copy of the whole
+        // feature tensor per image slice: 32 of them a stage-1 step.)
+        let first_image_row = text_rows;
+        let zero_row = (text_rows + images_given * image_tokens) as i64;
         let mut next_image = 0;
         let mut next_text = 0;
-        let mut pieces_per_sample: Vec<Vec<Tensor<B, 2>>> = Vec::new();
-        let mut labels_per_sample: Vec<Vec<i64>> = Vec::new();
-        let mut lengths = Vec::new();
+        let mut rows_per_sample: Vec<Vec<i64>> = Vec::with_capacity(samples.len());
+        let mut labels_per_sample: Vec<Vec<i64>> = Vec::with_capacity(samples.len());
         for sample in samples {
             let ids = &sample.input_ids[..];
             let labels = sample.labels.as_ref().map(|l| {
                 assert_eq!(l.len(), ids.len(), "labels and input_ids differ in length");
                 &l[..]
             });
-            let mut pieces = Vec::new();
-            let mut spliced_labels = Vec::new();
-            let mut run_start = 0;
-            let flush = |from: usize, to: usize, next_text: &mut usize, pieces: &mut Vec<Tensor<B, 2>>| {
-                if to > from {
-                    let embeds = text_embeds.as_ref().expect("text tokens were embedded");
-                    pieces.push(embeds.clone().slice([*next_text..*next_text + (to - from), 0..d]));
-                    *next_text += to - from;
-                }
-            };
+            let mut rows = Vec::with_capacity(ids.len() + image_tokens);
+            let mut spliced_labels = Vec::with_capacity(ids.len() + image_tokens);
             for (i, &id) in ids.iter().enumerate() {
                 if id == IMAGE_TOKEN_INDEX {
-                    flush(run_start, i, &mut next_text, &mut pieces);
-                    spliced_labels.extend(labels.map_or(vec![IGNORE_INDEX; i - run_start], |l| l[run_start..i].to_vec()));
-                    let features = image_features.as_ref().expect("checked above");
-                    pieces.push(features.clone().slice([next_image..next_image + 1]).reshape([image_tokens, d]));
+                    let first = first_image_row + next_image * image_tokens;
+                    rows.extend((first..first + image_tokens).map(|r| r as i64));
                     spliced_labels.extend(std::iter::repeat_n(IGNORE_INDEX, image_tokens));
                     next_image += 1;
-                    run_start = i + 1;
-                }
-            }
-            flush(run_start, ids.len(), &mut next_text, &mut pieces);
-            spliced_labels.extend(labels.map_or(vec![IGNORE_INDEX; ids.len() - run_start], |l| l[run_start..].to_vec()));
-            // Truncate again after splicing (an image can push the text past the limit).
-            let mut kept = Vec::new();
-            let mut len = 0;
-            for piece in pieces {
-                let rows = piece.dims()[0];
-                if len + rows <= self.max_length {
-                    len += rows;
-                    kept.push(piece);
                 } else {
-                    let take = self.max_length - len;
-                    if take > 0 {
-                        kept.push(piece.slice([0..take, 0..d]));
-                        len += take;
-                    }
-                    break;
+                    rows.push(next_text as i64);
+                    spliced_labels.push(labels.map_or(IGNORE_INDEX, |l| l[i]));
+                    next_text += 1;
                 }
             }
-            assert!(len > 0, "sample {} of the batch is empty", lengths.len());
-            spliced_labels.truncate(len);
-            lengths.push(len);
-            pieces_per_sample.push(kept);
+            // Truncate again after splicing (an image can push the text past the limit).
+            rows.truncate(self.max_length);
+            spliced_labels.truncate(self.max_length);
+            assert!(!rows.is_empty(), "sample {} of the batch is empty", rows_per_sample.len());
+            rows_per_sample.push(rows);
             labels_per_sample.push(spliced_labels);
         }
+        let lengths: Vec<usize> = rows_per_sample.iter().map(Vec::len).collect();
         let longest = lengths.iter().copied().max().unwrap_or(0).max(1);
-        let mut rows = Vec::new();
-        let mut positions = Vec::new();
-        let mut valid = Vec::new();
-        let mut padded_labels = Vec::new();
-        for ((mut pieces, labels), &len) in pieces_per_sample.into_iter().zip(labels_per_sample).zip(&lengths) {
+        let b = samples.len();
+        let mut index = Vec::with_capacity(b * longest);
+        let mut positions = Vec::with_capacity(b * longest);
+        let mut valid = Vec::with_capacity(b * longest);
+        let mut padded_labels = Vec::with_capacity(b);
+        for ((rows, mut labels), &len) in rows_per_sample.into_iter().zip(labels_per_sample).zip(&lengths) {
             let pad = longest - len;
-            let pad_rows = (pad > 0).then(|| Tensor::<B, 2>::zeros([pad, d], &device));
-            let mut label_row = vec![IGNORE_INDEX; pad];
+            let padding = std::iter::repeat_n(zero_row, pad);
             if pad_left {
-                if let Some(z) = pad_rows {
-                    pieces.insert(0, z);
-                }
+                index.extend(padding.chain(rows));
                 // Nothing real precedes a sample's first token, so it is never a target; with
                 // left padding the shifted loss would otherwise predict it from a padding row.
-                let mut labels = labels;
                 if let Some(first) = labels.first_mut() {
                     *first = IGNORE_INDEX;
                 }
                 positions.extend(std::iter::repeat_n(0i64, pad).chain(0..len as i64));
                 valid.extend(std::iter::repeat_n(false, pad).chain(std::iter::repeat_n(true, len)));
-                label_row.extend(labels);
+                padded_labels.push(std::iter::repeat_n(IGNORE_INDEX, pad).chain(labels).collect());
             } else {
-                if let Some(z) = pad_rows {
-                    pieces.push(z);
-                }
+                index.extend(rows.into_iter().chain(padding));
                 positions.extend((0..len as i64).chain(std::iter::repeat_n(0, pad)));
                 valid.extend(std::iter::repeat_n(true, len).chain(std::iter::repeat_n(false, pad)));
-                label_row = labels.into_iter().chain(label_row).collect();
+                padded_labels.push(labels.into_iter().chain(std::iter::repeat_n(IGNORE_INDEX, pad)).collect());
             }
-            rows.push(Tensor::cat(pieces, 0));
-            padded_labels.push(label_row);
         }
-        let b = samples.len();
+        let mut sources: Vec<Tensor<B, 2>> = Vec::with_capacity(3);
+        sources.extend(text_embeds);
+        sources.extend(image_features.map(|f| f.reshape([images_given * image_tokens, d])));
+        if lengths.iter().any(|&len| len < longest) {
+            sources.push(Tensor::zeros([1, d], &device));
+        }
+        let source = if sources.len() == 1 { sources.pop().expect("one source") } else { Tensor::cat(sources, 0) };
+        let index = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [b * longest]), &device);
         let has_labels = samples.iter().any(|s| s.labels.is_some());
         MultimodalBatch {
-            inputs_embeds: Tensor::stack(rows, 0),
+            inputs_embeds: source.select(0, index).reshape([b, longest, d]),
             position_ids: Tensor::from_data(TensorData::new(positions, [b, longest]), &device),
             key_valid: Tensor::from_data(TensorData::new(valid, [b, longest]), &device),
             lengths,
