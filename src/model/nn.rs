@@ -393,14 +393,14 @@ impl Activation {
     pub fn forward<B: Backend, const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         #[cfg(feature = "cuda")]
         let x = match self {
-            Self::QuickGelu | Self::Gelu => {
-                let gelu = if *self == Self::Gelu { crate::fused_ops::Gelu::Erf } else { crate::fused_ops::Gelu::Quick };
-                match crate::fused_ops::try_gelu(x, gelu) {
-                    Ok(y) => return y,
-                    Err(x) => x,
-                }
-            }
-            _ => x,
+            Self::Gelu => crate::fused_ops::try_gelu(x, crate::fused_ops::Gelu::Erf),
+            Self::QuickGelu => crate::fused_ops::try_gelu(x, crate::fused_ops::Gelu::Quick),
+            _ => Err(x),
+        };
+        #[cfg(feature = "cuda")]
+        let x = match x {
+            Ok(y) => return y,
+            Err(x) => x,
         };
         match self {
             Self::QuickGelu => x.clone() * activation::sigmoid(x * 1.702),
