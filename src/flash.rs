@@ -62,6 +62,18 @@ type Runtime = FusionCubeRuntime<CudaRuntime>;
 type Primitive = FusionTensor<Runtime>;
 
 pub(crate) const SOURCE: &str = include_str!("flash_attention.cu");
+
+/// The kernels' CUDA source: [`SOURCE`], or the file `LLAVA_JP_FLASH_SOURCE` names, so that a
+/// variant of `src/flash_attention.cu` (same entry points and arguments) is tested and timed on
+/// the GPU machine without another build. Read once per process.
+pub(crate) fn source() -> &'static str {
+    static TEXT: OnceLock<String> = OnceLock::new();
+    TEXT.get_or_init(|| match std::env::var_os("LLAVA_JP_FLASH_SOURCE") {
+        Some(path) => std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("LLAVA_JP_FLASH_SOURCE: cannot read {}: {e}", std::path::Path::new(&path).display())),
+        None => SOURCE.to_owned(),
+    })
+}
 /// Rows (queries or keys) per block and threads per block: `TILE` and the launch bounds in the
 /// source.
 const BLOCK: usize = 64;
@@ -669,7 +681,7 @@ impl FlashTask {
     fn source(&self) -> String {
         let (d, bf16, mask, dropout) = (self.head_dim, self.bf16 as u8, self.mask_bytes, self.dropout as u8);
         let tuning = tuning_defines();
-        format!("#define HEAD_DIM {d}\n#define IS_BF16 {bf16}\n#define MASK_BYTES {mask}\n#define DROPOUT {dropout}\n{tuning}{SOURCE}")
+        format!("#define HEAD_DIM {d}\n#define IS_BF16 {bf16}\n#define MASK_BYTES {mask}\n#define DROPOUT {dropout}\n{tuning}{}", source())
     }
 }
 
@@ -703,7 +715,7 @@ fn parse_tuning_defines(value: &str) -> Result<String, String> {
 /// source is never served from cubecl's on-disk PTX cache.
 fn source_hash() -> u64 {
     static HASH: OnceLock<u64> = OnceLock::new();
-    *HASH.get_or_init(|| fnv1a(&format!("{}{SOURCE}", tuning_defines())))
+    *HASH.get_or_init(|| fnv1a(&format!("{}{}", tuning_defines(), source())))
 }
 
 /// FNV-1a, 64 bits: what a hand-written kernel's id carries of its source.

@@ -496,7 +496,7 @@ impl Prefill {
         let (major, minor) = kernels.capability;
         let source = format!(
             "#define HEAD_DIM {head_dim}\n#define IS_BF16 1\n#define MASK_BYTES 1\n#define DROPOUT 0\n#define OUT_TOKEN_MAJOR 1\n{}",
-            crate::flash::SOURCE
+            crate::flash::source()
         );
         let options = cudarc::nvrtc::CompileOptions { arch: Some(compute_arch(major, minor)), ..Default::default() };
         let ptx = cudarc::nvrtc::compile_ptx_with_opts(source, options).map_err(|e| format!("NVRTC on src/flash_attention.cu (head_dim {head_dim}): {e:?}"))?;

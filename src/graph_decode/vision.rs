@@ -149,7 +149,7 @@ impl Vision {
         drop(up);
         let head_dim = width / heads;
         let (major, minor) = capability;
-        let source = format!("#define HEAD_DIM {head_dim}\n#define IS_BF16 1\n#define MASK_BYTES 0\n#define DROPOUT 0\n#define OUT_TOKEN_MAJOR 1\n{}", crate::flash::SOURCE);
+        let source = format!("#define HEAD_DIM {head_dim}\n#define IS_BF16 1\n#define MASK_BYTES 0\n#define DROPOUT 0\n#define OUT_TOKEN_MAJOR 1\n{}", crate::flash::source());
         let options = cudarc::nvrtc::CompileOptions { arch: Some(compute_arch(major, minor)), ..Default::default() };
         let ptx = cudarc::nvrtc::compile_ptx_with_opts(source, options).map_err(|e| format!("NVRTC on src/flash_attention.cu (head_dim {head_dim}): {e:?}"))?;
         let module = memory.context.load_module(ptx).map_err(|e| format!("loading the tower's flash kernel: {e}"))?;
