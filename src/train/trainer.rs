@@ -15,6 +15,7 @@ use burn::module::{ModuleMapper, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::DType;
 
 use super::checkpoint::{self, latest, save_atomically, TrainerState};
 use super::config::TrainConfig;
@@ -326,9 +327,14 @@ fn local_gradients<B: AutodiffBackend>(
             pixel_values[0] = f32::NAN;
         }
         // Handing the pixels to the device counts as the batch's time, not the backward's (32
-        // images are 43 MB at stage 1's batch).
+        // images are 43 MB at stage 1's batch). They go up as f32 and are cast there: burn
+        // converts a host buffer to a bf16 backend's dtype element by element on this thread,
+        // while the device waits for the step's first kernels.
         let uploading = Instant::now();
-        let pixels = (batch.images > 0).then(|| Tensor::<B, 4>::from_data(TensorData::new(pixel_values, [batch.images, 3, size, size]), device));
+        let float_dtype = burn::tensor::get_device_settings::<B>(device).float_dtype;
+        let pixels = (batch.images > 0).then(|| {
+            Tensor::<B, 4>::from_data(TensorData::new(pixel_values, [batch.images, 3, size, size]), (device, DType::F32)).cast(float_dtype)
+        });
         times.data_s += uploading.elapsed().as_secs_f64();
         let started = Instant::now();
         let run = MicroBatchRun {
