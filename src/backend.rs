@@ -197,6 +197,37 @@ pub fn device_memory<D: 'static>(device: &D) -> Option<DeviceMemory> {
     None
 }
 
+/// `LLAVA_JP_CUDA_PROFILE_STEPS=A-B`: CUDA's profiler API records training steps A to B
+/// (1-based) only, so that Nsight Compute or Systems started with `--profile-from-start off`
+/// sees steady steps, not the first ones' compilation and autotuning. Called at the start of
+/// each step with its number; a step's kernels are those queued from its start to the next's.
+pub fn cuda_profile_step<D: 'static>(device: &D, step: u64) {
+    #[cfg(feature = "cuda")]
+    if let Some(cuda) = (device as &dyn std::any::Any).downcast_ref::<burn::backend::cuda::CudaDevice>() {
+        static RANGE: std::sync::OnceLock<Option<(u64, u64)>> = std::sync::OnceLock::new();
+        let range = RANGE.get_or_init(|| {
+            let value = std::env::var("LLAVA_JP_CUDA_PROFILE_STEPS").ok()?;
+            let parsed = value.split_once('-').and_then(|(a, b)| Some((a.trim().parse::<u64>().ok()?, b.trim().parse::<u64>().ok()?)));
+            match parsed {
+                Some((first, last)) if first >= 1 && first <= last => Some((first, last)),
+                _ => panic!("LLAVA_JP_CUDA_PROFILE_STEPS={value:?}: expected FIRST-LAST, training steps counted from 1 (e.g. 3-4)"),
+            }
+        });
+        let Some((first, last)) = *range else { return };
+        if step != first && step != last + 1 {
+            return;
+        }
+        let result = cudarc::driver::CudaContext::new(cuda.index).and_then(|context| {
+            context.bind_to_thread()?;
+            if step == first { cudarc::driver::profiler_start() } else { cudarc::driver::profiler_stop() }
+        });
+        if let Err(e) = result {
+            eprintln!("warning: LLAVA_JP_CUDA_PROFILE_STEPS: the CUDA profiler API failed at step {step}: {e}");
+        }
+    }
+    let _ = (device, step);
+}
+
 /// Where compiled CUDA kernels are kept between runs: `LLAVA_JP_KERNEL_CACHE`, else
 /// `$XDG_CACHE_HOME/llava-jp/cubecl` or `~/.cache/llava-jp/cubecl`.
 #[cfg(feature = "cuda")]

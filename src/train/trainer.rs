@@ -683,6 +683,7 @@ pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, resume: Option<&Path>, devic
             let mut batches = loader.epoch(epoch, state.position).prefetched(accum * world);
             let order_len = batches.order_len().max(1);
             loop {
+                crate::backend::cuda_profile_step(device, state.step + 1);
                 let step_started = Instant::now();
                 let mut micro: Vec<Batch> = Vec::with_capacity(accum * world);
                 for batch in batches.by_ref() {
