@@ -197,6 +197,25 @@ pub fn device_memory<D: 'static>(device: &D) -> Option<DeviceMemory> {
     None
 }
 
+/// `bytes` as a buffer to copy to `device` from: on CUDA, moved into cubecl's pool of pinned
+/// (page-locked) host memory, so that the copy to the device is one asynchronous transfer. From
+/// pageable memory the driver stages the copy through a small pinned buffer while the calling
+/// thread waits (stage 1's 43 MB of pixels a step: ~50 ms on an H100, with the device idle).
+/// Other devices take `bytes` as they are.
+pub fn pinned_for_upload<D: 'static>(device: &D, bytes: burn::tensor::Bytes) -> burn::tensor::Bytes {
+    #[cfg(feature = "cuda")]
+    if let Some(cuda) = (device as &dyn std::any::Any).downcast_ref::<burn::backend::cuda::CudaDevice>() {
+        use burn_cubecl::cubecl::{cuda::CudaRuntime, Runtime};
+        let mut bytes = bytes;
+        // Copies into a pinned buffer reserved by the device's server (left as it is when none
+        // can be had); the buffer returns to the pool once the transfer is done.
+        CudaRuntime::client(cuda).staging(std::iter::once(&mut bytes), false);
+        return bytes;
+    }
+    let _ = device;
+    bytes
+}
+
 /// `LLAVA_JP_CUDA_PROFILE_STEPS=A-B`: CUDA's profiler API records training steps A to B
 /// (1-based) only, so that Nsight Compute or Systems started with `--profile-from-start off`
 /// sees steady steps, not the first ones' compilation and autotuning. Called at the start of

@@ -67,7 +67,7 @@ print(json.dumps(dict(side="ours", steps=len(rows), step_s=step_s, tokens_per_st
                       samples_per_s=batch / step_s, first_step_s=rows[0]["tokens"] / rows[0]["tokens_per_s"],
                       peak_gib_nvidia_smi=peak_mib / 1024,
                       host_s={k: round(sum(r.get("times", {}).get(k, 0.0) for r in steady) / len(steady), 4)
-                              for k in ("data_s", "forward_s", "backward_s", "loss_read_s", "grad_norm_s", "optimizer_s")})))
+                              for k in ("data_s", "upload_s", "forward_s", "backward_s", "loss_read_s", "grad_norm_s", "optimizer_s")})))
 PY
   [ "${TORCH:-1}" = 1 ] || continue
   (while true; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits; sleep 0.5; done) > "$out/mem-torch-$stage.txt" &

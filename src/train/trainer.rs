@@ -74,6 +74,9 @@ pub struct StepMetrics {
 pub struct StepTimes {
     /// Gathering the micro-batches from the loader and handing their pixels to the device.
     pub data_s: f64,
+    /// Of `data_s`, handing the pixels to the device.
+    #[serde(default)]
+    pub upload_s: f64,
     /// The forward passes and losses of every micro-batch (with gradient checkpointing, the
     /// first pass; the blocks' reruns count as backward).
     pub forward_s: f64,
@@ -327,15 +330,19 @@ fn local_gradients<B: AutodiffBackend>(
             pixel_values[0] = f32::NAN;
         }
         // Handing the pixels to the device counts as the batch's time, not the backward's (32
-        // images are 43 MB at stage 1's batch). They go up as f32 and are cast there: burn
-        // converts a host buffer to a bf16 backend's dtype element by element on this thread,
-        // while the device waits for the step's first kernels.
+        // images are 43 MB at stage 1's batch), while the device waits for the step's first
+        // kernels. So they go from pinned memory, and as f32, cast on the device: burn converts
+        // a host buffer to a bf16 backend's dtype element by element on this thread.
         let uploading = Instant::now();
         let float_dtype = burn::tensor::get_device_settings::<B>(device).float_dtype;
         let pixels = (batch.images > 0).then(|| {
-            Tensor::<B, 4>::from_data(TensorData::new(pixel_values, [batch.images, 3, size, size]), (device, DType::F32)).cast(float_dtype)
+            let bytes = crate::backend::pinned_for_upload(device, burn::tensor::Bytes::from_elems(pixel_values));
+            let data = TensorData::from_bytes(bytes, [batch.images, 3, size, size], DType::F32);
+            Tensor::<B, 4>::from_data(data, (device, DType::F32)).cast(float_dtype)
         });
-        times.data_s += uploading.elapsed().as_secs_f64();
+        let upload_s = uploading.elapsed().as_secs_f64();
+        times.data_s += upload_s;
+        times.upload_s += upload_s;
         let started = Instant::now();
         let run = MicroBatchRun {
             seed: derive_seed(seed, k as u64),
