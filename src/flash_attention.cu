@@ -539,6 +539,25 @@ __device__ __forceinline__ void store_rows(u16* out, const Params& p, i64 b, i64
 static_assert(DQ_KEYS % 16 == 0 && TILE % DQ_KEYS == 0, "DQ_KEYS: 16, 32 or 64");
 static_assert(DKDV_QUERIES % 16 == 0 && TILE % DKDV_QUERIES == 0, "DKDV_QUERIES: 16, 32 or 64");
 
+// The forward's scores (16 x TILE, C fragments) times `scale`, hidden (-inf) where the staged
+// mask rows (`mask_rows`: this lane's row g; row g + 8 is 8 rows on) say so when MASKED, and
+// each of the lane's two rows' maximum gathered into `tile_max`. A template, so that a tile
+// every query of which sees every key takes no per-score test: the test inside the loop
+// compiled to a branch per score (BSSY/BSYNC pairs), ~250 instructions a tile in SASS.
+template <bool MASKED>
+__device__ __forceinline__ void scale_scores(float (*s)[4], const u8* mask_rows, float scale, float* tile_max) {
+    const int t = (threadIdx.x & 31) & 3;
+#pragma unroll
+    for (int n = 0; n < TILE / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const float x = MASKED && mask_rows[(e >> 1) * 8 * MASK_ROW + n * 8 + 2 * t + (e & 1)] ? NEG_INF : s[n][e] * scale;
+            s[n][e] = x;
+            tile_max[e >> 1] = fmaxf(tile_max[e >> 1], x);
+        }
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(128, FORWARD_MIN_BLOCKS) flash_attention_forward(
     const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
     const u8* __restrict__ mask, const u32* __restrict__ seed, const u8* __restrict__ map, u16* __restrict__ out, float* __restrict__ lse,
@@ -596,16 +615,8 @@ extern "C" __global__ void __launch_bounds__(128, FORWARD_MIN_BLOCKS) flash_atte
 
         // Scale, mask, and the running maximum of each of this lane's two rows.
         float tile_max[2] = {NEG_INF, NEG_INF};
-#pragma unroll
-        for (int n = 0; n < TILE / 8; ++n) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const bool masked = sees == SEES_SOME && mask_rows[(e >> 1) * 8 * MASK_ROW + n * 8 + 2 * t + (e & 1)];
-                const float x = masked ? NEG_INF : s[n][e] * scale;
-                s[n][e] = x;
-                tile_max[e >> 1] = fmaxf(tile_max[e >> 1], x);
-            }
-        }
+        if (sees == SEES_SOME) scale_scores<true>(s, mask_rows, scale, tile_max);
+        else scale_scores<false>(s, mask_rows, scale, tile_max);
         float alpha[2], shift[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
