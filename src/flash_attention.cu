@@ -709,12 +709,19 @@ extern "C" __global__ void __launch_bounds__(128, FORWARD_MIN_BLOCKS) flash_atte
 // the query and key of entry e of tile n within the staged mask tile (`sees`, `mask_tile`),
 // LSE2_OF and DELTA_OF that query's values, DROP_ROW_OF its dropout code and KEY_AT the key's
 // index. With dropout, `s` holds the kept probabilities scaled (Z P, what multiplied V) and
-// dP = Z (dO vᵀ).
-#define PROBABILITIES_AND_GRADIENTS(COLS, QUERY_OF, KEY_OF, LSE2_OF, DELTA_OF, DROP_ROW_OF, KEY_AT) \
+// dP = Z (dO vᵀ). Written twice, with the mask test and without (MASKED a constant in
+// PROBABILITIES_AND_GRADIENTS_OF), so that a tile that sees every key takes no per-score branch.
+#define PROBABILITIES_AND_GRADIENTS(COLS, QUERY_OF, KEY_OF, LSE2_OF, DELTA_OF, DROP_ROW_OF, KEY_AT)                     \
+    if (sees == SEES_SOME) {                                                                                            \
+        PROBABILITIES_AND_GRADIENTS_OF(true, COLS, QUERY_OF, KEY_OF, LSE2_OF, DELTA_OF, DROP_ROW_OF, KEY_AT)           \
+    } else {                                                                                                            \
+        PROBABILITIES_AND_GRADIENTS_OF(false, COLS, QUERY_OF, KEY_OF, LSE2_OF, DELTA_OF, DROP_ROW_OF, KEY_AT)          \
+    }
+#define PROBABILITIES_AND_GRADIENTS_OF(MASKED, COLS, QUERY_OF, KEY_OF, LSE2_OF, DELTA_OF, DROP_ROW_OF, KEY_AT) \
     _Pragma("unroll") for (int n = 0; n < COLS; ++n) {                                         \
         _Pragma("unroll") for (int e = 0; e < 4; ++e) {                                        \
             const float l2 = LSE2_OF;                                                           \
-            const bool masked = sees == SEES_SOME && mask_tile[(QUERY_OF) * MASK_ROW + (KEY_OF)]; \
+            const bool masked = MASKED && mask_tile[(QUERY_OF) * MASK_ROW + (KEY_OF)];         \
             const float pe = (masked || l2 == NEG_INF) ? 0.f : exp2_approx(s[n][e] * scale_log2e - l2); \
             const float z = !DROPOUT ? 1.f : dropout_keeps(DROP_ROW_OF, KEY_AT, p) ? keep_scale : 0.f; \
             s[n][e] = pe * z;                                                                   \
