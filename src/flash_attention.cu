@@ -127,6 +127,15 @@ __device__ __forceinline__ void ldmatrix_x4_trans(u32* r, const u16* at) {
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(at)));
 }
 
+// 2^x by the special-function unit alone (ex2.approx.ftz: ~2 ulp, subnormal results 0).
+// exp2f without fast math adds a range test and two multiplies around it for subnormals, which
+// a probability that small (below 2^-126) does not need; forward and backward share this one.
+__device__ __forceinline__ float exp2_approx(float x) {
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+}
+
 __device__ __forceinline__ u32 pair(u16 lo, u16 hi) {
     return (u32)lo | ((u32)hi << 16);
 }
@@ -185,9 +194,32 @@ __device__ __forceinline__ void copies_wait() {
 // (`copies_wait`) and syncs before reading the tile. Other layouts load synchronously.
 __device__ __forceinline__ void load_tile(u16* tile, const u16* base, const i64* stride, i64 first, i64 count) {
     const bool vector = stride[3] == 1 && (stride[2] & 7) == 0 && (((unsigned long long)base) & 15) == 0;
+    if (vector && BLOCK_THREADS % (D / 8) == 0) {
+        // A thread copies the same 8 columns of every ROWS_PER_PASS-th row, so its addresses
+        // step by a constant: a few instructions a copy, where recomputing each from a flat
+        // index took ~35. Not unrolled: the copies go out one after another all the same
+        // (none waits for the one before), and unrolled addresses cost the kernels registers
+        // they spill.
+        constexpr int ROWS_PER_PASS = BLOCK_THREADS / (D / 8 > 0 ? D / 8 : 1);
+        const int r0 = threadIdx.x / (D / 8), c = (threadIdx.x % (D / 8)) * 8;
+        const u16* from = base + (first + r0) * stride[2] + c;
+        const i64 from_step = ROWS_PER_PASS * stride[2];
+        u16* to = tile + r0 * ROW + c;
+        i64 row = first + r0;
+#pragma unroll 1
+        for (int j = 0; j < TILE / ROWS_PER_PASS; ++j) {
+            // A row past the end copies 0 bytes from one inside (the tile's first): zeros.
+            const bool inside = row < count;
+            copy_async16(to, inside ? from : base + first * stride[2] + c, inside ? 16 : 0);
+            from += from_step;
+            to += ROWS_PER_PASS * ROW;
+            row += ROWS_PER_PASS;
+        }
+        copies_commit();
+        return;
+    }
     if (vector) {
-        // Not unrolled: the copies go out one after another all the same (none waits for the
-        // one before), and the unrolled loop's addresses cost the kernels registers they spill.
+        // Head widths whose rows of 8-column copies do not divide the block (48, 80, 96, 112).
 #pragma unroll 1
         for (int j = 0; j < TILE * D / 8 / BLOCK_THREADS; ++j) {
             const int i = threadIdx.x + j * BLOCK_THREADS;
@@ -507,6 +539,25 @@ __device__ __forceinline__ void store_rows(u16* out, const Params& p, i64 b, i64
 static_assert(DQ_KEYS % 16 == 0 && TILE % DQ_KEYS == 0, "DQ_KEYS: 16, 32 or 64");
 static_assert(DKDV_QUERIES % 16 == 0 && TILE % DKDV_QUERIES == 0, "DKDV_QUERIES: 16, 32 or 64");
 
+// The forward's scores (16 x TILE, C fragments) times `scale`, hidden (-inf) where the staged
+// mask rows (`mask_rows`: this lane's row g; row g + 8 is 8 rows on) say so when MASKED, and
+// each of the lane's two rows' maximum gathered into `tile_max`. A template, so that a tile
+// every query of which sees every key takes no per-score test: the test inside the loop
+// compiled to a branch per score (BSSY/BSYNC pairs), ~250 instructions a tile in SASS.
+template <bool MASKED>
+__device__ __forceinline__ void scale_scores(float (*s)[4], const u8* mask_rows, float scale, float* tile_max) {
+    const int t = (threadIdx.x & 31) & 3;
+#pragma unroll
+    for (int n = 0; n < TILE / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const float x = MASKED && mask_rows[(e >> 1) * 8 * MASK_ROW + n * 8 + 2 * t + (e & 1)] ? NEG_INF : s[n][e] * scale;
+            s[n][e] = x;
+            tile_max[e >> 1] = fmaxf(tile_max[e >> 1], x);
+        }
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(128, FORWARD_MIN_BLOCKS) flash_attention_forward(
     const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
     const u8* __restrict__ mask, const u32* __restrict__ seed, const u8* __restrict__ map, u16* __restrict__ out, float* __restrict__ lse,
@@ -551,25 +602,21 @@ extern "C" __global__ void __launch_bounds__(128, FORWARD_MIN_BLOCKS) flash_atte
         float s[TILE / 8][4];
         times_tile_transposed<TILE / 8>(s, qa, k_tile);
         __syncthreads();  // every warp is done with the keys
-        // The next tile's keys, before it is known whether any query sees it (the mask is
-        // staged after the values' product, when the scores' registers are free): a guess
-        // wrong only past a causal mask's diagonal, and then loaded again below.
-        const i64 guess = k0 + TILE;
+        // The next tile's keys, before its mask is staged (after the values' product, when the
+        // scores' registers are free). With a map, the next tile it does not say is hidden
+        // (shared loads, no barrier), so the guess is right and past a causal mask's diagonal
+        // nothing is loaded; without one, the tile after this, a guess wrong only past a causal
+        // mask's diagonal, and then loaded again below.
+        i64 guess = k0 + TILE;
+        if (line.global)
+            while (guess < p.keys && map_sees(line, q_block, guess) == SEES_NONE) guess += TILE;
         if (guess < p.keys) load_tile(k_tile, kb, p.k_stride, guess, p.keys);
         else copies_commit();  // an empty group, so that the wait below counts alike
 
         // Scale, mask, and the running maximum of each of this lane's two rows.
         float tile_max[2] = {NEG_INF, NEG_INF};
-#pragma unroll
-        for (int n = 0; n < TILE / 8; ++n) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const bool masked = sees == SEES_SOME && mask_rows[(e >> 1) * 8 * MASK_ROW + n * 8 + 2 * t + (e & 1)];
-                const float x = masked ? NEG_INF : s[n][e] * scale;
-                s[n][e] = x;
-                tile_max[e >> 1] = fmaxf(tile_max[e >> 1], x);
-            }
-        }
+        if (sees == SEES_SOME) scale_scores<true>(s, mask_rows, scale, tile_max);
+        else scale_scores<false>(s, mask_rows, scale, tile_max);
         float alpha[2], shift[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
@@ -580,7 +627,7 @@ extern "C" __global__ void __launch_bounds__(128, FORWARD_MIN_BLOCKS) flash_atte
             // A row with every key hidden so far has max -inf: shift by 0 so that exp2 gives
             // 0 here, not NaN.
             shift[r] = next == NEG_INF ? 0.f : next;
-            alpha[r] = exp2f(row_max[r] - shift[r]);
+            alpha[r] = exp2_approx(row_max[r] - shift[r]);
             row_max[r] = next;
             row_sum[r] *= alpha[r];
         }
@@ -595,7 +642,7 @@ extern "C" __global__ void __launch_bounds__(128, FORWARD_MIN_BLOCKS) flash_atte
         for (int n = 0; n < TILE / 8; ++n) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const float pe = exp2f(s[n][e] - shift[e >> 1]);
+                const float pe = exp2_approx(s[n][e] - shift[e >> 1]);
                 row_sum[e >> 1] += pe;  // the softmax's sum is of every probability, dropped or not
                 s[n][e] = (!DROPOUT || dropout_keeps(drop_rows[e >> 1], k0 + n * 8 + 2 * t + (e & 1), p)) ? pe : 0.f;
             }
@@ -662,13 +709,20 @@ extern "C" __global__ void __launch_bounds__(128, FORWARD_MIN_BLOCKS) flash_atte
 // the query and key of entry e of tile n within the staged mask tile (`sees`, `mask_tile`),
 // LSE2_OF and DELTA_OF that query's values, DROP_ROW_OF its dropout code and KEY_AT the key's
 // index. With dropout, `s` holds the kept probabilities scaled (Z P, what multiplied V) and
-// dP = Z (dO vᵀ).
-#define PROBABILITIES_AND_GRADIENTS(COLS, QUERY_OF, KEY_OF, LSE2_OF, DELTA_OF, DROP_ROW_OF, KEY_AT) \
+// dP = Z (dO vᵀ). Written twice, with the mask test and without (MASKED a constant in
+// PROBABILITIES_AND_GRADIENTS_OF), so that a tile that sees every key takes no per-score branch.
+#define PROBABILITIES_AND_GRADIENTS(COLS, QUERY_OF, KEY_OF, LSE2_OF, DELTA_OF, DROP_ROW_OF, KEY_AT)                     \
+    if (sees == SEES_SOME) {                                                                                            \
+        PROBABILITIES_AND_GRADIENTS_OF(true, COLS, QUERY_OF, KEY_OF, LSE2_OF, DELTA_OF, DROP_ROW_OF, KEY_AT)           \
+    } else {                                                                                                            \
+        PROBABILITIES_AND_GRADIENTS_OF(false, COLS, QUERY_OF, KEY_OF, LSE2_OF, DELTA_OF, DROP_ROW_OF, KEY_AT)          \
+    }
+#define PROBABILITIES_AND_GRADIENTS_OF(MASKED, COLS, QUERY_OF, KEY_OF, LSE2_OF, DELTA_OF, DROP_ROW_OF, KEY_AT) \
     _Pragma("unroll") for (int n = 0; n < COLS; ++n) {                                         \
         _Pragma("unroll") for (int e = 0; e < 4; ++e) {                                        \
             const float l2 = LSE2_OF;                                                           \
-            const bool masked = sees == SEES_SOME && mask_tile[(QUERY_OF) * MASK_ROW + (KEY_OF)]; \
-            const float pe = (masked || l2 == NEG_INF) ? 0.f : exp2f(s[n][e] * scale_log2e - l2); \
+            const bool masked = MASKED && mask_tile[(QUERY_OF) * MASK_ROW + (KEY_OF)];         \
+            const float pe = (masked || l2 == NEG_INF) ? 0.f : exp2_approx(s[n][e] * scale_log2e - l2); \
             const float z = !DROPOUT ? 1.f : dropout_keeps(DROP_ROW_OF, KEY_AT, p) ? keep_scale : 0.f; \
             s[n][e] = pe * z;                                                                   \
             dp[n][e] = pe * (dp[n][e] * z - (DELTA_OF));                                       \
