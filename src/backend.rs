@@ -4,7 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use burn::prelude::Backend;
+use burn::prelude::{Backend, Tensor, TensorData};
 
 /// Calls `$m!` with the autodiff CUDA backends this crate trains on, as `inner, strategy` pairs
 /// (`Cuda<f32>` etc. and `NoCheckpointing` must be in scope where it expands): the ones
@@ -197,23 +197,27 @@ pub fn device_memory<D: 'static>(device: &D) -> Option<DeviceMemory> {
     None
 }
 
-/// `bytes` as a buffer to copy to `device` from: on CUDA, moved into cubecl's pool of pinned
-/// (page-locked) host memory, so that the copy to the device is one asynchronous transfer. From
-/// pageable memory the driver stages the copy through a small pinned buffer while the calling
-/// thread waits (stage 1's 43 MB of pixels a step: ~50 ms on an H100, with the device idle).
-/// Other devices take `bytes` as they are.
-pub fn pinned_for_upload<D: 'static>(device: &D, bytes: burn::tensor::Bytes) -> burn::tensor::Bytes {
+/// `[images, 3, size, size]` pixels (`images * 3 * size * size` values) on `device`, in its
+/// float dtype. They go up as one flat f32 buffer and are shaped and cast there: cubecl pads a
+/// 4-d tensor's rows (336 f32) to its pitch and copies it row by row (stage 1's 32 images, 43 MB:
+/// ~50-70 ms a step on an H100 / H200, with the device idle), and burn converts a host buffer
+/// to a bf16 backend's dtype element by element. On CUDA the buffer is first moved into
+/// cubecl's pool of pinned host memory, so that the copy is one asynchronous transfer.
+pub fn upload_pixels<B: Backend>(pixels: Vec<f32>, images: usize, size: usize, device: &B::Device) -> Tensor<B, 4> {
+    let len = pixels.len();
+    assert_eq!(len, images * 3 * size * size, "pixels: {len} values for {images} images of 3 x {size} x {size}");
+    #[allow(unused_mut)]
+    let mut bytes = burn::tensor::Bytes::from_elems(pixels);
     #[cfg(feature = "cuda")]
     if let Some(cuda) = (device as &dyn std::any::Any).downcast_ref::<burn::backend::cuda::CudaDevice>() {
         use burn_cubecl::cubecl::{cuda::CudaRuntime, Runtime};
-        let mut bytes = bytes;
-        // Copies into a pinned buffer reserved by the device's server (left as it is when none
+        // Copied into a pinned buffer the device's server reserves (left as it is when none
         // can be had); the buffer returns to the pool once the transfer is done.
         CudaRuntime::client(cuda).staging(std::iter::once(&mut bytes), false);
-        return bytes;
     }
-    let _ = device;
-    bytes
+    let float_dtype = burn::tensor::get_device_settings::<B>(device).float_dtype;
+    let flat = Tensor::<B, 1>::from_data(TensorData::from_bytes(bytes, [len], burn::tensor::DType::F32), (device, burn::tensor::DType::F32));
+    flat.reshape([images, 3, size, size]).cast(float_dtype)
 }
 
 /// `LLAVA_JP_CUDA_PROFILE_STEPS=A-B`: CUDA's profiler API records training steps A to B
@@ -323,5 +327,29 @@ pub fn dispatch_autodiff<J: AutodiffJob>(backend: BackendKind, num_devices: usiz
             let _ = job;
             not_built(&other.to_string())
         }
+    }
+}
+
+#[cfg(all(test, feature = "flex"))]
+mod tests {
+    use super::*;
+
+    /// The flat upload shaped on the device keeps every value in its place (image, channel,
+    /// row, column), and a count that does not fit the shape is refused with the shape named.
+    #[test]
+    fn pixels_upload_flat_and_keep_their_places() {
+        let device = burn::backend::flex::FlexDevice;
+        let (images, size) = (2, 3);
+        let pixels: Vec<f32> = (0..images * 3 * size * size).map(|i| i as f32 * 0.5 - 3.0).collect();
+        let tensor = upload_pixels::<burn::backend::Flex>(pixels.clone(), images, size, &device);
+        assert_eq!(tensor.dims(), [images, 3, size, size]);
+        // Image 1, channel 2, row 1, column 0.
+        let one: f32 = tensor.clone().slice([1..2, 2..3, 1..2, 0..1]).into_scalar();
+        assert_eq!(one, pixels[((1 * 3 + 2) * size + 1) * size]);
+        assert_eq!(tensor.into_data().to_vec::<f32>().unwrap(), pixels);
+        let short = std::panic::catch_unwind(|| upload_pixels::<burn::backend::Flex>(vec![0.0; 5], 1, size, &device));
+        let message = short.expect_err("5 values are not one 3 x 3 x 3 image");
+        let message = message.downcast_ref::<String>().expect("a formatted message");
+        assert!(message.contains("5 values for 1 images of 3 x 3 x 3"), "{message}");
     }
 }

@@ -29,7 +29,7 @@ if len(rows) < 3:
     sys.exit(f"{path}: no kernels recorded (did the run reach step {first}?)")
 header, units, data = rows[0], rows[1], rows[2:]
 name, col = header.index("Kernel Name"), header.index("gpu__time_duration.sum")
-scale = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "second": 1e3}[units[col]]
+scale = {"nsecond": 1e-6, "ns": 1e-6, "usecond": 1e-3, "us": 1e-3, "msecond": 1.0, "ms": 1.0, "second": 1e3, "s": 1e3}[units[col]]
 total, count = collections.Counter(), collections.Counter()
 for r in data:
     # Templates and arguments cut off, so that launches of one kernel add up.

@@ -209,7 +209,7 @@ pub fn generate<B: Backend>(
     let whole_prompt = false;
     let features = (n_images > 0 && !whole_prompt).then(|| {
         let pixels: Vec<f32> = prompts.iter().flat_map(|p| p.images.iter().flatten().copied()).collect();
-        let px = Tensor::<B, 4>::from_data(TensorData::new(pixels, [n_images, 3, image_size, image_size]), &device);
+        let px = crate::backend::upload_pixels::<B>(pixels, n_images, image_size, &device);
         model.encode_images(px)
     });
     #[cfg(feature = "cuda")]

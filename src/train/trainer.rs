@@ -15,7 +15,6 @@ use burn::module::{ModuleMapper, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::DType;
 
 use super::checkpoint::{self, latest, save_atomically, TrainerState};
 use super::config::TrainConfig;
@@ -330,16 +329,9 @@ fn local_gradients<B: AutodiffBackend>(
             pixel_values[0] = f32::NAN;
         }
         // Handing the pixels to the device counts as the batch's time, not the backward's (32
-        // images are 43 MB at stage 1's batch), while the device waits for the step's first
-        // kernels. So they go from pinned memory, and as f32, cast on the device: burn converts
-        // a host buffer to a bf16 backend's dtype element by element on this thread.
+        // images are 43 MB at stage 1's batch): the device waits for the step's first kernels.
         let uploading = Instant::now();
-        let float_dtype = burn::tensor::get_device_settings::<B>(device).float_dtype;
-        let pixels = (batch.images > 0).then(|| {
-            let bytes = crate::backend::pinned_for_upload(device, burn::tensor::Bytes::from_elems(pixel_values));
-            let data = TensorData::from_bytes(bytes, [batch.images, 3, size, size], DType::F32);
-            Tensor::<B, 4>::from_data(data, (device, DType::F32)).cast(float_dtype)
-        });
+        let pixels = (batch.images > 0).then(|| crate::backend::upload_pixels::<B>(pixel_values, batch.images, size, device));
         let upload_s = uploading.elapsed().as_secs_f64();
         times.data_s += upload_s;
         times.upload_s += upload_s;
