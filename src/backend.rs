@@ -198,25 +198,20 @@ pub fn device_memory<D: 'static>(device: &D) -> Option<DeviceMemory> {
 }
 
 /// `[images, 3, size, size]` pixels (`images * 3 * size * size` values) on `device`, in its
-/// float dtype. They go up as one flat f32 buffer and are shaped and cast there: cubecl pads a
-/// 4-d tensor's rows (336 f32) to its pitch and copies it row by row (stage 1's 32 images, 43 MB:
-/// ~50-70 ms a step on an H100 / H200, with the device idle), and burn converts a host buffer
-/// to a bf16 backend's dtype element by element. On CUDA the buffer is first moved into
-/// cubecl's pool of pinned host memory, so that the copy is one asynchronous transfer.
+/// float dtype: uploaded as one flat f32 buffer, shaped and cast there (burn converts a host
+/// buffer to a bf16 backend's dtype element by element, and cubecl copies a 4-d tensor's
+/// 336-wide rows one by one into pitched rows).
+///
+/// On CUDA this still costs stage 1 ~50 ms a step (32 images, 43 MB) with the device idle:
+/// cubecl's `create` copies the bytes into a fresh pageable vector and writes from it on its
+/// device thread, so pinned host memory is copied out again before the transfer
+/// (`model-import/results/kernel-variants-2026-12-05/`). Making it asynchronous needs an
+/// empty device tensor and a transfer of our own from a pinned buffer.
 pub fn upload_pixels<B: Backend>(pixels: Vec<f32>, images: usize, size: usize, device: &B::Device) -> Tensor<B, 4> {
     let len = pixels.len();
     assert_eq!(len, images * 3 * size * size, "pixels: {len} values for {images} images of 3 x {size} x {size}");
-    #[allow(unused_mut)]
-    let mut bytes = burn::tensor::Bytes::from_elems(pixels);
-    #[cfg(feature = "cuda")]
-    if let Some(cuda) = (device as &dyn std::any::Any).downcast_ref::<burn::backend::cuda::CudaDevice>() {
-        use burn_cubecl::cubecl::{cuda::CudaRuntime, Runtime};
-        // Copied into a pinned buffer the device's server reserves (left as it is when none
-        // can be had); the buffer returns to the pool once the transfer is done.
-        CudaRuntime::client(cuda).staging(std::iter::once(&mut bytes), false);
-    }
     let float_dtype = burn::tensor::get_device_settings::<B>(device).float_dtype;
-    let flat = Tensor::<B, 1>::from_data(TensorData::from_bytes(bytes, [len], burn::tensor::DType::F32), (device, burn::tensor::DType::F32));
+    let flat = Tensor::<B, 1>::from_data(TensorData::new(pixels, [len]), (device, burn::tensor::DType::F32));
     flat.reshape([images, 3, size, size]).cast(float_dtype)
 }
 

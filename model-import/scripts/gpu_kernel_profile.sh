@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Every kernel of steady training steps, timed by Nsight Compute (one metric, one pass a kernel,
-# the card's own clocks), and summed by name: where a step's device time goes, cuBLASLt's and
-# our own kernels included (cubecl's profile lists only its own). Our binary records only the
-# steps LLAVA_JP_CUDA_PROFILE_STEPS names (ncu --profile-from-start off), so the first steps'
+# Every kernel of steady training steps, timed by Nsight Compute (one metric, one pass a kernel)
+# and summed by name: where a step's device time goes, cuBLASLt's and our own kernels included
+# (cubecl's profile lists only its own). At the card's own clocks (`--clock-control none`): ncu
+# locks them to base by default, which made one call's cuBLAS kernels ~20% slower than the same
+# kernels of PyTorch's under torch.profiler. Our binary records only the steps
+# LLAVA_JP_CUDA_PROFILE_STEPS names (ncu --profile-from-start off), so the first steps'
 # compilation and autotuning are left out.
 #   usage (GPU machine, repository root, .dev carried as for gpu_bench_train.sh):
 #   bash model-import/scripts/gpu_kernel_profile.sh OUT_DIR STAGE [FIRST-LAST (default 3-3)]
@@ -15,7 +17,7 @@ ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
 last=${steps#*-}
 xz -dc .dev/llava-jp.xz > /tmp/llava-jp-real && chmod +x /tmp/llava-jp-real
 # gpu_bench_train.sh runs /tmp/llava-jp: this wrapper runs it under ncu.
-printf '#!/bin/sh\nexec %s --profile-from-start off --metrics gpu__time_duration.sum --csv --page raw --log-file %s /tmp/llava-jp-real "$@"\n' \
+printf '#!/bin/sh\nexec %s --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv --page raw --log-file %s /tmp/llava-jp-real "$@"\n' \
   "$ncu" "$out/ncu-stage$stage.csv" > /tmp/llava-jp
 chmod +x /tmp/llava-jp
 LLAVA_JP_CUDA_PROFILE_STEPS=$steps TORCH=0 bash model-import/scripts/gpu_bench_train.sh "$out" "$stage" $((last + 1))
