@@ -89,6 +89,7 @@ enum Command {
 }
 
 fn main() {
+    llava_jp::backend::keep_large_host_buffers();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
