@@ -77,6 +77,7 @@ pub(crate) fn source() -> &'static str {
         None => SOURCE.to_owned(),
     })
 }
+
 /// Rows (queries or keys) per block and threads per block: `TILE` and the launch bounds in the
 /// source.
 const BLOCK: usize = 64;
