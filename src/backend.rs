@@ -222,21 +222,30 @@ pub fn keep_large_host_buffers() {
 }
 
 /// `[images, 3, size, size]` pixels (`images * 3 * size * size` values) on `device`, in its
-/// float dtype: uploaded as f32 and cast there, since burn converts a host buffer to a bf16
-/// backend's dtype element by element on the calling thread. The buffer goes up flat (one
-/// contiguous copy; cubecl pads a 4-d tensor's rows to its pitch and copies it as a 2-d
-/// transfer), then is shaped on the device; the flat copy was not measured to be faster.
-///
-/// On CUDA this still costs stage 1 ~50 ms a step (32 images, 43 MB) with the device idle:
-/// cubecl's `create` copies the bytes into a fresh pageable vector and writes from it on its
-/// device thread, so pinned host memory is copied out again before the transfer
-/// (`model-import/results/kernel-variants-2026-12-05/`). Making it asynchronous needs an
-/// empty device tensor and a transfer of our own from a pinned buffer.
+/// float dtype: [`upload_pixels_flat`], then [`shape_pixels`].
 pub fn upload_pixels<B: Backend>(pixels: Vec<f32>, images: usize, size: usize, device: &B::Device) -> Tensor<B, 4> {
+    shape_pixels(upload_pixels_flat::<B>(pixels, images, size, device), images, size)
+}
+
+/// The first half of [`upload_pixels`]: the values sent to `device` as they are, flat and in
+/// f32 (burn would convert a host buffer to a bf16 backend's dtype element by element on the
+/// calling thread; the cast is done on the device instead).
+///
+/// On CUDA this costs stage 1 ~50 ms a batch (32 images, 43 MB): cubecl's `create` copies the
+/// bytes into a fresh pageable vector on the calling thread and writes from it on its device
+/// thread (`model-import/results/kernel-variants-2026-12-05/`). The trainer therefore calls it
+/// from a thread of its own, a step ahead (`crate::train::device_batches`), where the transfer
+/// runs on that thread's stream while the device works through the current step.
+pub fn upload_pixels_flat<B: Backend>(pixels: Vec<f32>, images: usize, size: usize, device: &B::Device) -> Tensor<B, 1> {
     let len = pixels.len();
     assert_eq!(len, images * 3 * size * size, "pixels: {len} values for {images} images of 3 x {size} x {size}");
-    let float_dtype = burn::tensor::get_device_settings::<B>(device).float_dtype;
-    let flat = Tensor::<B, 1>::from_data(TensorData::new(pixels, [len]), (device, burn::tensor::DType::F32));
+    Tensor::<B, 1>::from_data(TensorData::new(pixels, [len]), (device, burn::tensor::DType::F32))
+}
+
+/// The second half of [`upload_pixels`]: flat f32 pixels as `[images, 3, size, size]` in the
+/// device's float dtype.
+pub fn shape_pixels<B: Backend>(flat: Tensor<B, 1>, images: usize, size: usize) -> Tensor<B, 4> {
+    let float_dtype = burn::tensor::get_device_settings::<B>(&flat.device()).float_dtype;
     flat.reshape([images, 3, size, size]).cast(float_dtype)
 }
 

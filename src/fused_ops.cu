@@ -257,23 +257,98 @@ extern "C" __global__ void __launch_bounds__(256) layer_norm_backward_params_sum
 #define AT(g, j) ((g) + (i64)(j) * 256)
 #define INSIDE(g, j) (AT(g, j) < p.rows)
 
+// Element-wise kernels over whole 16-byte vectors of elements (8 of a 16-bit type, 4 of f32),
+// VECTORS of them in flight per thread: one load or store instruction moves 16 bytes where the
+// element-at-a-time loop above moves 2, which left the 16-bit GELUs at ~60% of PyTorch's
+// bandwidth. Used where every pointer is 16-byte aligned (`ALIGNED`); the elements past the last
+// whole vector, and misaligned tensors, take the element-at-a-time loop.
+#define PER_VECTOR (16 / (int)sizeof(elem_t))
+#define VECTORS 2
+union elem_vector {
+    uint4 bits;
+    elem_t e[PER_VECTOR];
+};
+#define ALIGNED(ptr) ((((unsigned long long)(ptr)) & 15) == 0)
+// Vector group g (VECTORS vectors 256 apart) over the elements' whole vectors.
+#define VECTOR_GROUPS(g) for (i64 g = (i64)blockIdx.x * 256 * VECTORS + threadIdx.x; g < p.rows / PER_VECTOR; g += (i64)gridDim.x * 256 * VECTORS)
+#define VECTOR_AT(g, k) ((g) + (i64)(k) * 256)
+#define VECTOR_INSIDE(g, k) (VECTOR_AT(g, k) < p.rows / PER_VECTOR)
+// The elements past the whole vectors, one per thread of the grid.
+#define TAIL(i) for (i64 i = p.rows / PER_VECTOR * PER_VECTOR + (i64)blockIdx.x * 256 + threadIdx.x; i < p.rows; i += (i64)gridDim.x * 256)
+
+__device__ __forceinline__ float gelu_erf(float x) {
+    return x * ((erff(x * 0.70710678118654752f) + 1.0f) * 0.5f);
+}
+
+// dGELU/dx = Phi(x) + x * phi(x), phi the standard normal density.
+__device__ __forceinline__ float gelu_erf_slope(float x) {
+    const float cdf = (erff(x * 0.70710678118654752f) + 1.0f) * 0.5f;
+    const float pdf = expf(-0.5f * x * x) * 0.39894228040143268f;
+    return cdf + x * pdf;
+}
+
 // Exact GELU, x * (1 + erf(x / sqrt 2)) / 2 (PyTorch's `nn.GELU()`, llm-jp's activation).
 extern "C" __global__ void __launch_bounds__(256) gelu_forward(
     const elem_t* __restrict__ x, elem_t* __restrict__ y, const __grid_constant__ Params p) {
+    if (ALIGNED(x) && ALIGNED(y)) {
+        const uint4* xv = (const uint4*)x;
+        uint4* yv = (uint4*)y;
+        VECTOR_GROUPS(g) {
+            elem_vector v[VECTORS];
+#pragma unroll
+            for (int k = 0; k < VECTORS; ++k)
+                if (VECTOR_INSIDE(g, k)) v[k].bits = xv[VECTOR_AT(g, k)];
+#pragma unroll
+            for (int k = 0; k < VECTORS; ++k) {
+                if (!VECTOR_INSIDE(g, k)) continue;
+                elem_vector out;
+#pragma unroll
+                for (int j = 0; j < PER_VECTOR; ++j) store(out.e, j, gelu_erf(load(v[k].e, j)));
+                yv[VECTOR_AT(g, k)] = out.bits;
+            }
+        }
+        TAIL(i) store(y, i, gelu_erf(load(x, i)));
+        return;
+    }
     GROUPS(g) {
         float v[UNROLL];
 #pragma unroll
         for (int j = 0; j < UNROLL; ++j) v[j] = INSIDE(g, j) ? load(x, AT(g, j)) : 0.0f;
 #pragma unroll
         for (int j = 0; j < UNROLL; ++j) {
-            if (INSIDE(g, j)) store(y, AT(g, j), v[j] * ((erff(v[j] * 0.70710678118654752f) + 1.0f) * 0.5f));
+            if (INSIDE(g, j)) store(y, AT(g, j), gelu_erf(v[j]));
         }
     }
 }
 
-// dx = dy * (Phi(x) + x * phi(x)), phi the standard normal density.
+// dx = dy * (Phi(x) + x * phi(x)).
 extern "C" __global__ void __launch_bounds__(256) gelu_backward(
     const elem_t* __restrict__ x, const elem_t* __restrict__ dy, elem_t* __restrict__ dx, const __grid_constant__ Params p) {
+    if (ALIGNED(x) && ALIGNED(dy) && ALIGNED(dx)) {
+        const uint4* xv = (const uint4*)x;
+        const uint4* dyv = (const uint4*)dy;
+        uint4* dxv = (uint4*)dx;
+        VECTOR_GROUPS(g) {
+            elem_vector v[VECTORS], d[VECTORS];
+#pragma unroll
+            for (int k = 0; k < VECTORS; ++k) {
+                if (VECTOR_INSIDE(g, k)) {
+                    v[k].bits = xv[VECTOR_AT(g, k)];
+                    d[k].bits = dyv[VECTOR_AT(g, k)];
+                }
+            }
+#pragma unroll
+            for (int k = 0; k < VECTORS; ++k) {
+                if (!VECTOR_INSIDE(g, k)) continue;
+                elem_vector out;
+#pragma unroll
+                for (int j = 0; j < PER_VECTOR; ++j) store(out.e, j, load(d[k].e, j) * gelu_erf_slope(load(v[k].e, j)));
+                dxv[VECTOR_AT(g, k)] = out.bits;
+            }
+        }
+        TAIL(i) store(dx, i, load(dy, i) * gelu_erf_slope(load(x, i)));
+        return;
+    }
     GROUPS(g) {
         float v[UNROLL], d[UNROLL];
 #pragma unroll
@@ -283,9 +358,7 @@ extern "C" __global__ void __launch_bounds__(256) gelu_backward(
         }
 #pragma unroll
         for (int j = 0; j < UNROLL; ++j) {
-            const float cdf = (erff(v[j] * 0.70710678118654752f) + 1.0f) * 0.5f;
-            const float pdf = expf(-0.5f * v[j] * v[j]) * 0.39894228040143268f;
-            if (INSIDE(g, j)) store(dx, AT(g, j), d[j] * (cdf + v[j] * pdf));
+            if (INSIDE(g, j)) store(dx, AT(g, j), d[j] * gelu_erf_slope(v[j]));
         }
     }
 }

@@ -793,7 +793,8 @@ fn f32s(t: TensorData) -> Vec<f32> {
 
 /// The GELU kernels (src/fused_ops.cu) against `nn::gelu_erf` written in burn's operations, on
 /// `Autodiff<Cuda<f32>>`: output and input gradient, a large tensor and an odd one, values far
-/// into both tails; and the bf16 forward of inference against the f32 formula.
+/// into both tails, and a slice that starts off the kernels' 16-byte vectors; and in bf16,
+/// forward and backward, past the last whole vector, against the f32 formula.
 #[cfg(feature = "cuda")]
 #[test]
 #[ignore = "needs a CUDA GPU"]
@@ -820,12 +821,30 @@ fn fused_gelu_matches_burn_on_cuda() {
         assert_close(&format!("{shape:?}: output"), &got.0, &want.0, 1e-5);
         assert_close(&format!("{shape:?}: input gradient"), &got.1, &want.1, 1e-5);
     }
+    // Rows 1.. of a 13-wide f32 matrix start 52 bytes in: the kernels' unaligned loop, if the
+    // backend hands the slice over in place.
+    let wide = Tensor::<A, 2>::random([4, 13], Distribution::Normal(0.0, 3.0), &device);
+    let rows = wide.slice([1..4, 0..13]);
+    let y = fused_ops::try_gelu(rows.clone(), fused_ops::Gelu::Erf).unwrap_or_else(|_| panic!("the kernels cover f32"));
+    assert_close("a slice 52 bytes in: output", &f32s(y.into_data()), &f32s(gelu_erf(rows).into_data()), 1e-5);
     type H = burn::backend::Cuda<burn::tensor::bf16>;
-    let x = Tensor::<H, 2>::random([7, 2048], Distribution::Normal(0.0, 3.0), &device).cast(DType::BF16);
+    // 2047 wide: 14 329 elements, whole 8-element vectors and one past them.
+    let x = Tensor::<H, 2>::random([7, 2047], Distribution::Normal(0.0, 3.0), &device).cast(DType::BF16);
     let y = fused_ops::try_gelu(x.clone(), fused_ops::Gelu::Erf).unwrap_or_else(|_| panic!("the kernels cover bf16 on sm_80+"));
     assert_eq!(y.dtype(), DType::BF16);
-    let x = Tensor::<A, 2>::from_data(TensorData::new(f32s(x.into_data()), [7, 2048]), &device);
-    assert_close("bf16 inference: output", &f32s(y.into_data()), &f32s(gelu_erf(x).into_data()), 8e-3);
+    let x32 = Tensor::<A, 2>::from_data(TensorData::new(f32s(x.clone().into_data()), [7, 2047]), &device);
+    assert_close("bf16 inference: output", &f32s(y.into_data()), &f32s(gelu_erf(x32.clone()).into_data()), 8e-3);
+    // The bf16 backward on the same values, against the f32 formula's gradient.
+    type AH = Autodiff<H>;
+    let r = Tensor::<A, 2>::random([7, 2047], Distribution::Normal(0.0, 1.0), &device);
+    let r16 = Tensor::<AH, 2>::from_data(TensorData::new(f32s(r.clone().into_data()), [7, 2047]), &device).cast(DType::BF16);
+    let xh = Tensor::<AH, 2>::from_data(x.into_data(), &device).require_grad();
+    let yh = fused_ops::try_gelu(xh.clone(), fused_ops::Gelu::Erf).unwrap_or_else(|_| panic!("the kernels cover bf16 on sm_80+"));
+    let grads = (yh * r16).sum().backward();
+    let got = f32s(xh.grad(&grads).expect("the input is tracked").into_data());
+    let x32 = x32.require_grad();
+    let grads = (gelu_erf(x32.clone()) * r).sum().backward();
+    assert_close("bf16 input gradient", &got, &f32s(x32.grad(&grads).unwrap().into_data()), 1.6e-2);
 }
 
 /// CLIP's quick GELU kernels (src/fused_ops.cu) on `Autodiff<Cuda<f32>>`: in f32 against

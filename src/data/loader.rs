@@ -363,13 +363,19 @@ impl Prefetched {
 
     /// Stops gathering and returns what the batches taken used and left out: a batch gathered
     /// ahead but not taken counts as never read.
-    pub fn finish(mut self) -> DataReport {
+    pub fn finish(self) -> DataReport {
+        self.finish_with_untaken(&[])
+    }
+
+    /// [`Self::finish`], where `untaken` are batches this iterator handed out that were not
+    /// trained on after all (a consumer that reads ahead in turn).
+    pub fn finish_with_untaken(mut self, untaken: &[Batch]) -> DataReport {
         self.stop.store(true, Ordering::SeqCst);
         // Until the thread has stopped and dropped its end: whatever it still sends is untaken.
-        let untaken: Vec<_> = self.rx.take().expect("open").iter().collect();
+        let unsent: Vec<_> = self.rx.take().expect("open").iter().collect();
         let batches = self.handle.take().expect("running").join().expect("the batch thread panicked");
         let mut report = batches.report.clone();
-        for batch in untaken.into_iter().flatten() {
+        for batch in unsent.iter().flatten().chain(untaken) {
             report.accepted -= batch.len();
             report.forget_last(&batch.rejections);
         }

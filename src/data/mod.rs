@@ -14,6 +14,6 @@ pub mod tokenizer_train;
 pub use conversation::{SeparatorStyle, Template};
 pub use dataset::{BadSamplePolicy, DataReport, Example, LlavaDataset, Problem, Record, Rejection, SampleBuilder};
 pub use image::{AspectMode, ImageProcessor};
-pub use loader::{epoch_order, Batch, DataLoader, EpochIter, LoaderConfig, PaddedBatch};
+pub use loader::{epoch_order, Batch, DataLoader, EpochIter, LoaderConfig, PaddedBatch, Prefetched};
 pub use preprocess::{generation_prompt, preprocess, Encoded, PreprocessError, Turn};
 pub use tokenizer::TextTokenizer;

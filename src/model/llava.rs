@@ -8,6 +8,7 @@ use super::clip::ClipVisionModel;
 use super::gpt2::{attention_mask, lm_head_weight, lm_logits, new_lm_head, Gpt2Model, KvCache, LmHead};
 use super::nn::{cross_entropy, has_trainable, linear_cross_entropy};
 use super::projector::{Projector, ProjectorKind};
+use super::rows::pick_rows;
 use crate::config::{LlavaConfig, PaddingSide, SelectFeature};
 
 /// The id standing for an image in a token sequence.
@@ -125,15 +126,14 @@ impl<B: Backend> LlavaModel<B> {
             self.transformer.wte.forward(ids).reshape([text_rows, d])
         });
 
-        // The batch is gathered in one `select` from the rows [text embeddings; image features;
-        // a zero row for padding]: each sample is a list of row numbers. (Slicing each sample's
+        // The batch is gathered in one pick from the rows [text embeddings; image features]:
+        // each sample is a list of row numbers, padding a zero row. (Slicing each sample's
         // pieces out and concatenating them cost, in the backward, a zeroed copy of the whole
         // feature tensor per image slice: 32 of them a stage-1 step.)
         let first_image_row = text_rows;
-        let zero_row = (text_rows + images_given * image_tokens) as i64;
         let mut next_image = 0;
         let mut next_text = 0;
-        let mut rows_per_sample: Vec<Vec<i64>> = Vec::with_capacity(samples.len());
+        let mut rows_per_sample: Vec<Vec<Option<usize>>> = Vec::with_capacity(samples.len());
         let mut labels_per_sample: Vec<Vec<i64>> = Vec::with_capacity(samples.len());
         for sample in samples {
             let ids = &sample.input_ids[..];
@@ -146,11 +146,11 @@ impl<B: Backend> LlavaModel<B> {
             for (i, &id) in ids.iter().enumerate() {
                 if id == IMAGE_TOKEN_INDEX {
                     let first = first_image_row + next_image * image_tokens;
-                    rows.extend((first..first + image_tokens).map(|r| r as i64));
+                    rows.extend((first..first + image_tokens).map(Some));
                     spliced_labels.extend(std::iter::repeat_n(IGNORE_INDEX, image_tokens));
                     next_image += 1;
                 } else {
-                    rows.push(next_text as i64);
+                    rows.push(Some(next_text));
                     spliced_labels.push(labels.map_or(IGNORE_INDEX, |l| l[i]));
                     next_text += 1;
                 }
@@ -171,7 +171,7 @@ impl<B: Backend> LlavaModel<B> {
         let mut padded_labels = Vec::with_capacity(b);
         for ((rows, mut labels), &len) in rows_per_sample.into_iter().zip(labels_per_sample).zip(&lengths) {
             let pad = longest - len;
-            let padding = std::iter::repeat_n(zero_row, pad);
+            let padding = std::iter::repeat_n(None, pad);
             if pad_left {
                 index.extend(padding.chain(rows));
                 // Nothing real precedes a sample's first token, so it is never a target; with
@@ -189,17 +189,13 @@ impl<B: Backend> LlavaModel<B> {
                 padded_labels.push(labels.into_iter().chain(std::iter::repeat_n(IGNORE_INDEX, pad)).collect());
             }
         }
-        let mut sources: Vec<Tensor<B, 2>> = Vec::with_capacity(3);
+        let mut sources: Vec<Tensor<B, 2>> = Vec::with_capacity(2);
         sources.extend(text_embeds);
         sources.extend(image_features.map(|f| f.reshape([images_given * image_tokens, d])));
-        if lengths.iter().any(|&len| len < longest) {
-            sources.push(Tensor::zeros([1, d], &device));
-        }
         let source = if sources.len() == 1 { sources.pop().expect("one source") } else { Tensor::cat(sources, 0) };
-        let index = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [b * longest]), &device);
         let has_labels = samples.iter().any(|s| s.labels.is_some());
         MultimodalBatch {
-            inputs_embeds: source.select(0, index).reshape([b, longest, d]),
+            inputs_embeds: pick_rows(source, &index).reshape([b, longest, d]),
             position_ids: Tensor::from_data(TensorData::new(positions, [b, longest]), &device),
             key_valid: Tensor::from_data(TensorData::new(valid, [b, longest]), &device),
             lengths,

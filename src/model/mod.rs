@@ -3,6 +3,7 @@ pub mod gpt2;
 pub mod llava;
 pub mod nn;
 pub mod projector;
+pub mod rows;
 
 pub use clip::ClipVisionModel;
 pub use gpt2::{Gpt2LmHeadModel, Gpt2Model, KvCache};

@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod device_batches;
 pub mod lora;
 pub mod micro_batch;
 pub mod optim;

@@ -18,6 +18,7 @@ use burn::tensor::backend::AutodiffBackend;
 
 use super::checkpoint::{self, latest, save_atomically, TrainerState};
 use super::config::TrainConfig;
+use super::device_batches::{DeviceBatch, DeviceBatches};
 use super::micro_batch::{accumulate_gradients, derive_seed, MicroBatchRun};
 use super::optim::{clip_scale, cosine_lr, global_grad_norm, AdamW, AdamWConfig, StepRates};
 use crate::backend::DeviceMemory;
@@ -71,9 +72,10 @@ pub struct StepMetrics {
 /// recording dominates, the step is bound by the host, not by the GPU.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct StepTimes {
-    /// Gathering the micro-batches from the loader and handing their pixels to the device.
+    /// Waiting for the micro-batches (gathered, their pixels sent to the device, ahead).
     pub data_s: f64,
-    /// Of `data_s`, handing the pixels to the device.
+    /// Seconds the upload thread spent sending the step's pixels to the device, a step ahead
+    /// and overlapping the previous step (not part of this thread's time).
     #[serde(default)]
     pub upload_s: f64,
     /// The forward passes and losses of every micro-batch (with gradient checkpointing, the
@@ -291,9 +293,9 @@ pub fn format_duration(s: f64) -> String {
 /// Runs (or resumes, from `resume`: a checkpoint directory or an output directory's latest) the
 /// training `cfg` describes, on `device`.
 /// Work for one data-parallel replica in one optimizer step.
-struct ReplicaWork {
+struct ReplicaWork<B: Backend> {
     /// This replica's micro-batches (the step's `k`-th goes to replica `k % num_devices`).
-    micro: Vec<Batch>,
+    micro: Vec<DeviceBatch<B>>,
     /// The step's micro-batch count over all replicas: each loss is divided by it, so that the
     /// summed gradients are the mean over the step's micro-batches, as accumulation on one
     /// device makes them.
@@ -308,10 +310,9 @@ struct ReplicaWork {
 #[allow(clippy::too_many_arguments)]
 fn local_gradients<B: AutodiffBackend>(
     model: &LlavaModel<B>,
-    micro: &mut [Batch],
+    micro: &mut [DeviceBatch<B>],
     micro_batches: f64,
     size: usize,
-    device: &B::Device,
     seed: u64,
     recompute: bool,
     poison: bool,
@@ -321,21 +322,21 @@ fn local_gradients<B: AutodiffBackend>(
     // Read back only once every backward is queued: a read waits for the device, and one between
     // a forward and its backward would leave the device idle while the backward is recorded.
     let mut losses = Vec::with_capacity(micro.len());
-    for (k, batch) in micro.iter_mut().enumerate() {
+    for (k, item) in micro.iter_mut().enumerate() {
         let poison = poison && k == 0;
-        // The pixels go to the device once; the batch keeps its ids for the metrics.
-        let mut pixel_values = std::mem::take(&mut batch.pixel_values);
-        if poison && !pixel_values.is_empty() {
-            pixel_values[0] = f32::NAN;
-        }
-        // Handing the pixels to the device counts as the batch's time, not the backward's (32
-        // images are 43 MB at stage 1's batch): the device waits for the step's first kernels.
-        let uploading = Instant::now();
-        let pixels = (batch.images > 0).then(|| crate::backend::upload_pixels::<B>(pixel_values, batch.images, size, device));
-        let upload_s = uploading.elapsed().as_secs_f64();
-        times.data_s += upload_s;
-        times.upload_s += upload_s;
+        let batch = &item.batch;
+        times.upload_s += item.upload_s;
         let started = Instant::now();
+        let pixels = item.pixels.take().map(|flat| {
+            let flat = match poison {
+                true => {
+                    let nan = Tensor::<B, 1>::from_data(TensorData::new(vec![f32::NAN], [1]), (&flat.device(), burn::tensor::DType::F32));
+                    flat.slice_assign([0..1], nan)
+                }
+                false => flat,
+            };
+            crate::backend::shape_pixels(flat, batch.images, size)
+        });
         let run = MicroBatchRun {
             seed: derive_seed(seed, k as u64),
             loss_scale: 1.0 / micro_batches,
@@ -463,7 +464,7 @@ fn replica_loop<B: AutodiffBackend>(
     total_steps: u64,
     size: usize,
     collective: CollectiveConfig,
-    work: std::sync::mpsc::Receiver<ReplicaWork>,
+    work: std::sync::mpsc::Receiver<ReplicaWork<B>>,
 ) -> anyhow::Result<()> {
     let peer = PeerId::from(rank);
     let _release = ReleaseOnFailure::<B::InnerBackend>::new();
@@ -473,7 +474,7 @@ fn replica_loop<B: AutodiffBackend>(
     while let Ok(mut w) = work.recv() {
         let seed = dropout_seed(&cfg, w.step, rank);
         let (grads, loss_sum) =
-            local_gradients(&model, &mut w.micro, w.micro_batches, size, &device, seed, cfg.gradient_checkpointing, false, &mut StepTimes::default());
+            local_gradients(&model, &mut w.micro, w.micro_batches, size, seed, cfg.gradient_checkpointing, false, &mut StepTimes::default());
         let (grads, loss_sum) = all_reduce_step(Some(peer), &model, grads, loss_sum, &device)?;
         let grad_norm = global_grad_norm(&model, &grads);
         if loss_sum.is_finite() && grad_norm.is_finite() {
@@ -635,7 +636,7 @@ pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, resume: Option<&Path>, devic
     let release = (world > 1).then(ReleaseOnFailure::<B::InnerBackend>::new);
     let mut replicas = Vec::new();
     for (rank, replica, replica_optim, replica_device) in prepared {
-        let (tx, rx) = std::sync::mpsc::channel::<ReplicaWork>();
+        let (tx, rx) = std::sync::mpsc::channel::<ReplicaWork<B>>();
         let (cfg, collective) = (cfg.clone(), collective.clone());
         let handle = std::thread::Builder::new()
             .name(format!("replica-{rank}"))
@@ -678,16 +679,18 @@ pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, resume: Option<&Path>, devic
     let result = (|| -> anyhow::Result<()> {
         while state.step < total_steps && !done {
             let epoch = state.epoch;
-            // A whole step's micro-batches gathered ahead, while the device runs this one.
-            let mut batches = loader.epoch(epoch, state.position).prefetched(accum * world);
+            // A whole step's micro-batches gathered ahead, and their pixels sent to the
+            // devices, while the devices run this one.
+            let prefetched = loader.epoch(epoch, state.position).prefetched(accum * world);
+            let mut batches = DeviceBatches::<B>::new(prefetched, devices.to_vec(), accum * world, size);
             let order_len = batches.order_len().max(1);
             loop {
                 crate::backend::cuda_profile_step(device, state.step + 1);
                 let step_started = Instant::now();
-                let mut micro: Vec<Batch> = Vec::with_capacity(accum * world);
+                let mut micro: Vec<DeviceBatch<B>> = Vec::with_capacity(accum * world);
                 for batch in batches.by_ref() {
                     let batch = batch.map_err(|r| anyhow::anyhow!("{r} (bad_samples = \"fail\")"))?;
-                    for r in &batch.rejections {
+                    for r in &batch.batch.rejections {
                         if control.progress {
                             eprintln!("\nleft out: {r}");
                         }
@@ -701,12 +704,12 @@ pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, resume: Option<&Path>, devic
                     break;
                 }
                 let micro_batches = micro.len() as f64;
-                let samples: usize = micro.iter().map(|b| b.len()).sum();
-                let tokens: usize = micro.iter().map(|b| spliced_tokens(b, builder.image_tokens, builder.max_length)).sum();
-                let batch_ids: Vec<Vec<String>> = micro.iter().map(|b| b.examples.iter().map(|e| e.id.clone()).collect()).collect();
-                let position = micro.last().expect("non-empty").next_position;
-                // Micro-batch k goes to replica k % world.
-                let mut shares: Vec<Vec<Batch>> = (0..world).map(|_| Vec::new()).collect();
+                let samples: usize = micro.iter().map(|b| b.batch.len()).sum();
+                let tokens: usize = micro.iter().map(|b| spliced_tokens(&b.batch, builder.image_tokens, builder.max_length)).sum();
+                let batch_ids: Vec<Vec<String>> = micro.iter().map(|b| b.batch.examples.iter().map(|e| e.id.clone()).collect()).collect();
+                let position = micro.last().expect("non-empty").batch.next_position;
+                // Micro-batch k goes to replica k % world (as `DeviceBatches` sent its pixels).
+                let mut shares: Vec<Vec<DeviceBatch<B>>> = (0..world).map(|_| Vec::new()).collect();
                 for (k, batch) in micro.into_iter().enumerate() {
                     shares[k % world].push(batch);
                 }
@@ -720,7 +723,7 @@ pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, resume: Option<&Path>, devic
                 // Dropout masks depend on the step only, so a resumed run draws the same ones.
                 let seed = dropout_seed(cfg, state.step, 0);
                 let (grads, loss_sum) =
-                    local_gradients(&model, &mut own, micro_batches, size, device, seed, cfg.gradient_checkpointing, poison, &mut times);
+                    local_gradients(&model, &mut own, micro_batches, size, seed, cfg.gradient_checkpointing, poison, &mut times);
                 let norm_started = Instant::now();
                 let (grads, loss_sum) = all_reduce_step(peer, &model, grads, loss_sum, device)?;
                 let loss = loss_sum / micro_batches;
