@@ -836,9 +836,9 @@ fn fused_gelu_matches_burn_on_cuda() {
     assert_close("bf16 inference: output", &f32s(y.into_data()), &f32s(gelu_erf(x32.clone()).into_data()), 8e-3);
     // The bf16 backward on the same values, against the f32 formula's gradient.
     type AH = Autodiff<H>;
-    let r = Tensor::<A, 2>::random([7, 2047], Distribution::Normal(0.0, 1.0), &device);
-    let r16 = Tensor::<AH, 2>::from_data(TensorData::new(f32s(r.clone().into_data()), [7, 2047]), &device).cast(DType::BF16);
-    let xh = Tensor::<AH, 2>::from_data(x.into_data(), &device).require_grad();
+    let r16 = Tensor::<AH, 2>::random([7, 2047], Distribution::Normal(0.0, 1.0), &device).cast(DType::BF16);
+    let r = Tensor::<A, 2>::from_data(TensorData::new(f32s(r16.clone().into_data()), [7, 2047]), &device);
+    let xh = Tensor::<AH, 2>::from_data(x.into_data(), &device).cast(DType::BF16).require_grad();
     let yh = fused_ops::try_gelu(xh.clone(), fused_ops::Gelu::Erf).unwrap_or_else(|_| panic!("the kernels cover bf16 on sm_80+"));
     let grads = (yh * r16).sum().backward();
     let got = f32s(xh.grad(&grads).expect("the input is tracked").into_data());
