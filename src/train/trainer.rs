@@ -322,12 +322,18 @@ fn local_gradients<B: AutodiffBackend>(
     // Read back only once every backward is queued: a read waits for the device, and one between
     // a forward and its backward would leave the device idle while the backward is recorded.
     let mut losses = Vec::with_capacity(micro.len());
+    // The pixels' buffers came from the upload thread's stream, whose next upload may reuse a
+    // buffer as soon as it is freed: each is held until the loss read has seen this thread's
+    // stream past its last use (freed on release, it was overwritten before the cast read it
+    // when the stream still had the previous step's optimizer queued).
+    let mut uploaded = Vec::with_capacity(micro.len());
     for (k, item) in micro.iter_mut().enumerate() {
         let poison = poison && k == 0;
         let batch = &item.batch;
         times.upload_s += item.upload_s;
         let started = Instant::now();
         let pixels = item.pixels.take().map(|flat| {
+            uploaded.push(flat.clone());
             let flat = match poison {
                 true => {
                     let nan = Tensor::<B, 1>::from_data(TensorData::new(vec![f32::NAN], [1]), (&flat.device(), burn::tensor::DType::F32));
@@ -355,6 +361,7 @@ fn local_gradients<B: AutodiffBackend>(
         false => Tensor::cat(losses, 0).into_data().convert::<f32>().iter::<f32>().map(f64::from).sum(),
     };
     times.loss_read_s += started.elapsed().as_secs_f64();
+    drop(uploaded);
     (accumulator.grads(), loss_sum)
 }
 
