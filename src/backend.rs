@@ -231,11 +231,11 @@ pub fn upload_pixels<B: Backend>(pixels: Vec<f32>, images: usize, size: usize, d
 /// f32 (burn would convert a host buffer to a bf16 backend's dtype element by element on the
 /// calling thread; the cast is done on the device instead).
 ///
-/// On CUDA this costs stage 1 ~50 ms a batch (32 images, 43 MB): cubecl's `create` copies the
-/// bytes into a fresh pageable vector on the calling thread and writes from it on its device
-/// thread (`model-import/results/kernel-variants-2026-12-05/`). The trainer therefore calls it
-/// from a thread of its own, a step ahead (`crate::train::device_batches`), where the transfer
-/// runs on that thread's stream while the device works through the current step.
+/// On CUDA this costs stage 1 30-50 ms a batch (32 images, 43 MB): cubecl's `create` copies
+/// the bytes into a fresh pageable vector on the calling thread and writes from it on its
+/// device thread (`model-import/results/kernel-variants-2026-12-05/`). The trainer therefore
+/// calls it from a thread of its own, a step ahead (`crate::train::device_batches`), where the
+/// transfer runs on that thread's stream while the device works through the current step.
 pub fn upload_pixels_flat<B: Backend>(pixels: Vec<f32>, images: usize, size: usize, device: &B::Device) -> Tensor<B, 1> {
     let len = pixels.len();
     assert_eq!(len, images * 3 * size * size, "pixels: {len} values for {images} images of 3 x {size} x {size}");

@@ -5,6 +5,10 @@
 //! step, the device sat idle for all of it. Here a thread of its own does it while the
 //! device works through the previous step; on CUDA the transfer goes on that thread's stream,
 //! and cubecl makes the training thread's stream wait for it where the pixels are first used.
+//! The other way round nothing waits: that stream reuses a buffer once it is freed, so the
+//! trainer holds each step's buffers until its loss read (`trainer::local_gradients`).
+//! Stage 1 at 32 x 608 went from 0.82x PyTorch's step to 0.99x on an H100
+//! (`model-import/results/upload-ahead-2026-12-05/`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
