@@ -304,6 +304,37 @@ fn order_is_fixed_by_the_seed_and_resuming_sees_the_same_batches() {
     let mut ahead = many.epoch(0, 0).prefetched(1);
     assert!(ahead.next().unwrap().is_ok());
     drop(ahead); // stops the thread and the workers (the test would hang otherwise)
+
+    // With the pixels sent to the device a step ahead (the trainer's upload thread): the same
+    // batches, each one's pixels on the device as they were gathered; the report counts only
+    // the batches taken, not those gathered or uploaded ahead.
+    #[cfg(feature = "flex")]
+    {
+        use llava_jp::train::device_batches::DeviceBatches;
+        type F = burn::backend::Flex;
+        use burn::backend::flex::FlexDevice;
+        let mut uploaded = DeviceBatches::<F>::new(many.epoch(0, 0).prefetched(2), vec![FlexDevice, FlexDevice], 2, 16);
+        let taken: Vec<_> = uploaded.by_ref().map(|b| b.unwrap()).collect();
+        assert_eq!(taken.iter().map(|b| b.batch.examples.iter().map(|e| e.id.clone()).collect::<Vec<_>>()).collect::<Vec<_>>(), ids_per_batch(&a));
+        for (got, want) in taken.iter().zip(&a) {
+            assert!(got.batch.pixel_values.is_empty(), "the pixels left the batch");
+            let on_device = got.pixels.as_ref().map(|p| p.clone().into_data().to_vec::<f32>().unwrap()).unwrap_or_default();
+            assert_eq!(on_device, want.pixel_values);
+        }
+        assert_eq!(uploaded.finish().accepted, 23);
+        let mut uploaded = DeviceBatches::<F>::new(many.epoch(0, 0).prefetched(2), vec![FlexDevice], 2, 16);
+        assert!(uploaded.next().unwrap().is_ok());
+        std::thread::sleep(std::time::Duration::from_millis(100)); // let both threads run ahead
+        assert_eq!(uploaded.finish().accepted, 4, "batches uploaded ahead but not taken are not counted");
+        let mut uploaded = DeviceBatches::<F>::new(many.epoch(0, 0).prefetched(1), vec![FlexDevice], 1, 16);
+        assert!(uploaded.next().unwrap().is_ok());
+        drop(uploaded); // stops both threads and the workers (the test would hang otherwise)
+    }
+}
+
+#[cfg(feature = "flex")]
+fn ids_per_batch(batches: &[Batch]) -> Vec<Vec<String>> {
+    batches.iter().map(|b| b.examples.iter().map(|e| e.id.clone()).collect()).collect()
 }
 
 #[test]
