@@ -20,6 +20,16 @@ macro_rules! autodiff_cuda_backends {
 #[cfg(feature = "cuda")]
 pub(crate) use autodiff_cuda_backends;
 
+/// `value` as a `U` when `T` is `U` (for backend-generic code that takes a path of one
+/// backend's own).
+pub(crate) fn downcast<T: 'static, U: 'static>(value: T) -> Result<U, T> {
+    let boxed: Box<dyn std::any::Any> = Box::new(value);
+    match boxed.downcast::<U>() {
+        Ok(u) => Ok(*u),
+        Err(back) => Err(*back.downcast::<T>().expect("a value downcast to its own type")),
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendKind {
     /// burn-flex: the CPU backend (SIMD, threads).

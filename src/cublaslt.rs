@@ -51,7 +51,6 @@
 //! against transformers' 69.1 (burn's products: 46.2 in another call;
 //! `model-import/results/bf16-attention-layout-2026-12-02/`).
 
-use std::any::Any;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -145,14 +144,7 @@ pub fn set_route(route: GemmRoute) {
     ROUTE.set(route.index());
 }
 
-/// `value` as a `U` when `T` is `U` (for backend-generic code that takes a CUDA-only path).
-pub(crate) fn downcast<T: 'static, U: 'static>(value: T) -> Result<U, T> {
-    let boxed: Box<dyn Any> = Box::new(value);
-    match boxed.downcast::<U>() {
-        Ok(u) => Ok(*u),
-        Err(back) => Err(*back.downcast::<T>().expect("a value downcast to its own type")),
-    }
-}
+pub(crate) use crate::backend::downcast;
 
 /// `a · b` (`[m, k] x [k, n]`) through cuBLASLt when `B` is burn's fused CUDA backend (with or
 /// without autodiff) and the route is enabled; the operands come back untouched otherwise.

@@ -35,9 +35,8 @@ pub fn pick_rows<B: Backend>(source: Tensor<B, 2>, index: &[Option<usize>]) -> T
         }
     }
     let forward = Tensor::<B, 1, Int>::from_data(TensorData::new(forward, [picked]), &device);
-    let backward = Tensor::<B, 1, Int>::from_data(TensorData::new(backward, [n]), &device);
     let primitive = source.into_primitive().tensor();
-    let out = match autodiff::pick_rows::<B>(primitive, forward.into_primitive(), backward.into_primitive(), d) {
+    let out = match autodiff::pick_rows::<B>(primitive, forward.into_primitive(), &backward, d) {
         Ok(out) => out,
         // Not under autodiff (or under one this module does not know): the plain pick.
         Err((source, forward)) => pick_with_zero_row::<B>(source, forward, d),
@@ -55,22 +54,16 @@ fn pick_with_zero_row<B: Backend>(x: FloatTensor<B>, index: IntTensor<B>, d: usi
 
 mod autodiff {
     use super::pick_with_zero_row;
+    use crate::backend::downcast;
     use burn::backend::autodiff::checkpoint::base::Checkpointer;
     use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
     use burn::backend::autodiff::grads::Gradients;
     use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
     use burn::backend::Autodiff;
-    use burn::prelude::Backend;
+    use burn::prelude::{Backend, Int, Tensor};
     use burn::tensor::ops::{FloatTensor, IntTensor};
-    use std::any::{Any, TypeId};
-
-    fn downcast<T: 'static, U: 'static>(value: T) -> Result<U, T> {
-        let boxed: Box<dyn Any> = Box::new(value);
-        match boxed.downcast::<U>() {
-            Ok(u) => Ok(*u),
-            Err(back) => Err(*back.downcast::<T>().expect("a value downcast to its own type")),
-        }
-    }
+    use burn::tensor::TensorData;
+    use std::any::TypeId;
 
     #[derive(Debug)]
     struct PickRowsBackward;
@@ -88,70 +81,65 @@ mod autodiff {
         }
     }
 
-    /// The pick recorded on `Autodiff<I>` with [`PickRowsBackward`] when `B` is that backend.
+    /// The pick recorded on `Autodiff<I>` with [`PickRowsBackward`] when `B` is that backend
+    /// (`backward` goes to the device only then: inference has no use for it).
     fn on<B: Backend, I: Backend>(
         source: FloatTensor<B>,
         forward: IntTensor<B>,
-        backward: IntTensor<B>,
+        backward: &[i64],
         d: usize,
-    ) -> Result<FloatTensor<B>, (FloatTensor<B>, IntTensor<B>, IntTensor<B>)> {
+    ) -> Result<FloatTensor<B>, (FloatTensor<B>, IntTensor<B>)> {
         type Ad<I> = Autodiff<I, NoCheckpointing>;
         if TypeId::of::<B>() != TypeId::of::<Ad<I>>() {
-            return Err((source, forward, backward));
+            return Err((source, forward));
         }
+        let device = B::float_device(&source);
         // Autodiff keeps its inner backend's integer tensors as they are.
+        let int_on_inner = |t: IntTensor<B>| downcast::<_, IntTensor<I>>(t).ok().expect("B is Autodiff<I>");
         let source = downcast::<_, FloatTensor<Ad<I>>>(source).ok().expect("B is Autodiff<I>");
-        let forward = downcast::<_, IntTensor<I>>(forward).ok().expect("B is Autodiff<I>");
-        let backward = downcast::<_, IntTensor<I>>(backward).ok().expect("B is Autodiff<I>");
+        let forward = int_on_inner(forward);
         let out = match PickRowsBackward.prepare::<NoCheckpointing>([source.node.clone()]).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish((backward, d), pick_with_zero_row::<I>(source.primitive, forward, d)),
+            OpsKind::Tracked(prep) => {
+                let backward = Tensor::<B, 1, Int>::from_data(TensorData::new(backward.to_vec(), [backward.len()]), &device);
+                prep.finish((int_on_inner(backward.into_primitive()), d), pick_with_zero_row::<I>(source.primitive, forward, d))
+            }
             OpsKind::UnTracked(prep) => prep.finish(pick_with_zero_row::<I>(source.primitive, forward, d)),
         };
         Ok(downcast::<FloatTensor<Ad<I>>, FloatTensor<B>>(out).ok().expect("B is Autodiff<I>"))
     }
 
-    /// [`on`] for each autodiff backend the trainer runs on; the operands back otherwise.
-    pub(super) fn pick_rows<B: Backend>(
-        source: FloatTensor<B>,
-        forward: IntTensor<B>,
-        backward: IntTensor<B>,
-        d: usize,
-    ) -> Result<FloatTensor<B>, (FloatTensor<B>, IntTensor<B>)> {
-        let operands = (source, forward, backward);
+    /// [`on`] for each autodiff backend the trainer runs on (the CUDA ones as
+    /// `crate::backend::autodiff_cuda_backends` lists them); the operands back otherwise.
+    pub(super) fn pick_rows<B: Backend>(source: FloatTensor<B>, forward: IntTensor<B>, backward: &[i64], d: usize) -> Result<FloatTensor<B>, (FloatTensor<B>, IntTensor<B>)> {
+        let operands = (source, forward);
+        // `$ops` named at the call: a macro's own `let` would not shadow the caller's binding.
+        macro_rules! try_on {
+            ($ops:ident: $($inner:ty),*) => {$(
+                let $ops = match on::<B, $inner>($ops.0, $ops.1, backward, d) {
+                    Ok(out) => return Ok(out),
+                    Err(operands) => operands,
+                };
+            )*};
+        }
         #[cfg(feature = "flex")]
-        let operands = match on::<B, burn::backend::Flex>(operands.0, operands.1, operands.2, d) {
-            Ok(out) => return Ok(out),
-            Err(operands) => operands,
-        };
+        try_on!(operands: burn::backend::Flex);
         #[cfg(feature = "ndarray")]
-        let operands = match on::<B, burn::backend::NdArray>(operands.0, operands.1, operands.2, d) {
-            Ok(out) => return Ok(out),
-            Err(operands) => operands,
-        };
+        try_on!(operands: burn::backend::NdArray);
         #[cfg(feature = "wgpu")]
-        let operands = match on::<B, burn::backend::Wgpu<f32>>(operands.0, operands.1, operands.2, d) {
-            Ok(out) => return Ok(out),
-            Err(operands) => operands,
-        };
+        try_on!(operands: burn::backend::Wgpu<f32>);
         #[cfg(feature = "cuda")]
         let operands = {
             use burn::backend::Cuda;
             use burn::tensor::{bf16, f16};
-            let operands = match on::<B, Cuda<f32>>(operands.0, operands.1, operands.2, d) {
-                Ok(out) => return Ok(out),
-                Err(operands) => operands,
-            };
-            let operands = match on::<B, Cuda<bf16>>(operands.0, operands.1, operands.2, d) {
-                Ok(out) => return Ok(out),
-                Err(operands) => operands,
-            };
-            match on::<B, Cuda<f16>>(operands.0, operands.1, operands.2, d) {
-                Ok(out) => return Ok(out),
-                Err(operands) => operands,
+            macro_rules! try_on_cuda {
+                ($($inner:ty, $strategy:ty);*) => {{
+                    try_on!(operands: $($inner),*);
+                    operands
+                }};
             }
+            crate::backend::autodiff_cuda_backends!(try_on_cuda)
         };
-        let _ = d;
-        Err((operands.0, operands.1))
+        Err(operands)
     }
 }
 
@@ -197,8 +185,7 @@ mod tests {
         // The autodiff backend takes the custom backward, not burn's select.
         let source = Tensor::<Ad, 2>::from_data(TensorData::new(values, [n, d]), &device).into_primitive().tensor();
         let forward = Tensor::<Ad, 1, Int>::from_data(TensorData::new(vec![0i64], [1]), &device).into_primitive();
-        let backward = Tensor::<Ad, 1, Int>::from_data(TensorData::new(vec![0i64, 1, 1, 1, 1], [n]), &device).into_primitive();
-        assert!(autodiff::pick_rows::<Ad>(source, forward, backward, d).is_ok());
+        assert!(autodiff::pick_rows::<Ad>(source, forward, &[0, 1, 1, 1, 1], d).is_ok());
     }
 
     /// A row named twice, or past the end, is refused with the row named.
