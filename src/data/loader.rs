@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{channel, sync_channel, Receiver};
+use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
@@ -14,6 +14,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use super::ahead::ReadAhead;
 use super::dataset::{BadSamplePolicy, DataReport, Example, LlavaDataset, Rejection, SampleBuilder};
 use crate::model::{Sample, IGNORE_INDEX};
 
@@ -274,23 +275,7 @@ impl EpochIter {
     /// These batches gathered `ahead` batches in advance on a thread of their own.
     pub fn prefetched(self, ahead: usize) -> Prefetched {
         let order_len = self.order_len();
-        let (tx, rx) = sync_channel(ahead.max(1));
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopped = stop.clone();
-        let handle = std::thread::Builder::new()
-            .name("batches".into())
-            .spawn(move || {
-                let mut batches = self;
-                while !stopped.load(Ordering::SeqCst) {
-                    let Some(batch) = batches.next() else { break };
-                    if tx.send(batch).is_err() {
-                        break;
-                    }
-                }
-                batches
-            })
-            .expect("spawning the batch thread");
-        Prefetched { rx: Some(rx), stop, handle: Some(handle), order_len }
+        Prefetched { batches: ReadAhead::new(self, ahead.max(1), "batches"), order_len }
     }
 
     fn take(&mut self, seq: usize) -> Built {
@@ -349,9 +334,7 @@ impl Iterator for EpochIter {
 /// at stage 1's 32 images) overlap the device's work on the step before instead of keeping it
 /// idle. The same batches in the same order; [`Self::finish`] reports only the batches taken.
 pub struct Prefetched {
-    rx: Option<Receiver<Result<Batch, Rejection>>>,
-    stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<EpochIter>>,
+    batches: ReadAhead<EpochIter>,
     order_len: usize,
 }
 
@@ -369,11 +352,8 @@ impl Prefetched {
 
     /// [`Self::finish`], where `untaken` are batches this iterator handed out that were not
     /// trained on after all (a consumer that reads ahead in turn).
-    pub fn finish_with_untaken(mut self, untaken: &[Batch]) -> DataReport {
-        self.stop.store(true, Ordering::SeqCst);
-        // Until the thread has stopped and dropped its end: whatever it still sends is untaken.
-        let unsent: Vec<_> = self.rx.take().expect("open").iter().collect();
-        let batches = self.handle.take().expect("running").join().expect("the batch thread panicked");
+    pub fn finish_with_untaken(self, untaken: &[Batch]) -> DataReport {
+        let (batches, unsent) = self.batches.stop();
         let mut report = batches.report.clone();
         for batch in unsent.iter().flatten().chain(untaken) {
             report.accepted -= batch.len();
@@ -387,15 +367,7 @@ impl Iterator for Prefetched {
     type Item = Result<Batch, Rejection>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        self.rx.as_ref()?.recv().ok()
-    }
-}
-
-impl Drop for Prefetched {
-    fn drop(&mut self) {
-        // The thread stops at its next send (the receiver gone) or its next batch.
-        self.stop.store(true, Ordering::SeqCst);
-        self.rx.take();
+        self.batches.next()
     }
 }
 

@@ -2,6 +2,7 @@
 //! the tokenizer with image placeholders, conversation templates, label masking, image
 //! preprocessing, data files, and the loader that batches them on worker threads.
 
+pub mod ahead;
 pub mod convert;
 pub mod conversation;
 pub mod dataset;
@@ -14,6 +15,7 @@ pub mod tokenizer_train;
 pub use conversation::{SeparatorStyle, Template};
 pub use dataset::{BadSamplePolicy, DataReport, Example, LlavaDataset, Problem, Record, Rejection, SampleBuilder};
 pub use image::{AspectMode, ImageProcessor};
+pub use ahead::ReadAhead;
 pub use loader::{epoch_order, Batch, DataLoader, EpochIter, LoaderConfig, PaddedBatch, Prefetched};
 pub use preprocess::{generation_prompt, preprocess, Encoded, PreprocessError, Turn};
 pub use tokenizer::TextTokenizer;

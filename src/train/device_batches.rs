@@ -10,15 +10,11 @@
 //! Stage 1 at 32 x 608 went from 0.82x PyTorch's step to 0.99x on an H100
 //! (`model-import/results/upload-ahead-2026-12-05/`).
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Instant;
 
 use burn::prelude::*;
 
-use crate::data::{Batch, DataReport, Prefetched, Rejection};
+use crate::data::{Batch, DataReport, Prefetched, ReadAhead, Rejection};
 
 /// A batch whose pixels are on their device (or on their way there).
 pub struct DeviceBatch<B: Backend> {
@@ -35,10 +31,36 @@ pub struct DeviceBatch<B: Backend> {
 /// replica `k % devices.len()` (the trainer's split). At most `per_step` batches wait
 /// uploaded (one step's pixels in device memory) besides the step being trained.
 pub struct DeviceBatches<B: Backend> {
-    rx: Option<Receiver<Result<DeviceBatch<B>, Rejection>>>,
-    stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<(Prefetched, Vec<Batch>)>>,
+    uploads: ReadAhead<Uploads<B>>,
     order_len: usize,
+}
+
+/// What the upload thread runs: the batches, each uploaded as it comes.
+struct Uploads<B: Backend> {
+    batches: Prefetched,
+    devices: Vec<B::Device>,
+    per_step: usize,
+    image_size: usize,
+    /// Batches handed out so far.
+    n: usize,
+}
+
+impl<B: Backend> Iterator for Uploads<B> {
+    type Item = Result<DeviceBatch<B>, Rejection>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let item = self.batches.next()?;
+        let device = &self.devices[(self.n % self.per_step) % self.devices.len()];
+        self.n += 1;
+        Some(item.map(|mut batch| {
+            let started = Instant::now();
+            let pixels = (batch.images > 0).then(|| {
+                let values = std::mem::take(&mut batch.pixel_values);
+                crate::backend::upload_pixels_flat::<B>(values, batch.images, self.image_size, device)
+            });
+            DeviceBatch { batch, pixels, upload_s: started.elapsed().as_secs_f64() }
+        }))
+    }
 }
 
 impl<B: Backend> DeviceBatches<B> {
@@ -47,36 +69,8 @@ impl<B: Backend> DeviceBatches<B> {
         let order_len = batches.order_len();
         // One batch is held uploaded by the thread while it waits to send, so `per_step - 1`
         // in the channel makes a whole step ahead.
-        let (tx, rx) = sync_channel(per_step - 1);
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopped = stop.clone();
-        let handle = std::thread::Builder::new()
-            .name("uploads".into())
-            .spawn(move || {
-                let mut batches = batches;
-                let mut untaken = Vec::new();
-                let mut n = 0usize;
-                while !stopped.load(Ordering::SeqCst) {
-                    let Some(item) = batches.next() else { break };
-                    let device = &devices[(n % per_step) % devices.len()];
-                    n += 1;
-                    let item = item.map(|mut batch| {
-                        let started = Instant::now();
-                        let pixels = (batch.images > 0).then(|| {
-                            let values = std::mem::take(&mut batch.pixel_values);
-                            crate::backend::upload_pixels_flat::<B>(values, batch.images, image_size, device)
-                        });
-                        DeviceBatch { batch, pixels, upload_s: started.elapsed().as_secs_f64() }
-                    });
-                    if let Err(refused) = tx.send(item) {
-                        untaken.extend(refused.0.ok().map(|b| b.batch));
-                        break;
-                    }
-                }
-                (batches, untaken)
-            })
-            .expect("spawning the upload thread");
-        Self { rx: Some(rx), stop, handle: Some(handle), order_len }
+        let uploads = Uploads { batches, devices, per_step, image_size, n: 0 };
+        Self { uploads: ReadAhead::new(uploads, per_step - 1, "uploads"), order_len }
     }
 
     /// Samples in this epoch's order (accepted or not).
@@ -86,13 +80,10 @@ impl<B: Backend> DeviceBatches<B> {
 
     /// Stops uploading and returns what the batches taken used and left out ([`Prefetched::finish`]):
     /// a batch uploaded but not taken counts as never read.
-    pub fn finish(mut self) -> DataReport {
-        self.stop.store(true, Ordering::SeqCst);
-        // Until the thread has stopped and dropped its end: whatever it still sends is untaken.
-        let mut untaken: Vec<Batch> = self.rx.take().expect("open").iter().filter_map(|item| item.ok().map(|b| b.batch)).collect();
-        let (batches, refused) = self.handle.take().expect("running").join().expect("the upload thread panicked");
-        untaken.extend(refused);
-        batches.finish_with_untaken(&untaken)
+    pub fn finish(self) -> DataReport {
+        let (uploads, unsent) = self.uploads.stop();
+        let untaken: Vec<Batch> = unsent.into_iter().filter_map(|item| item.ok().map(|b| b.batch)).collect();
+        uploads.batches.finish_with_untaken(&untaken)
     }
 }
 
@@ -100,14 +91,6 @@ impl<B: Backend> Iterator for DeviceBatches<B> {
     type Item = Result<DeviceBatch<B>, Rejection>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        self.rx.as_ref()?.recv().ok()
-    }
-}
-
-impl<B: Backend> Drop for DeviceBatches<B> {
-    fn drop(&mut self) {
-        // The thread stops at its next send (the receiver gone) or its next batch.
-        self.stop.store(true, Ordering::SeqCst);
-        self.rx.take();
+        self.uploads.next()
     }
 }
