@@ -12,10 +12,10 @@ pub mod preprocess;
 pub mod tokenizer;
 pub mod tokenizer_train;
 
+pub use ahead::ReadAhead;
 pub use conversation::{SeparatorStyle, Template};
 pub use dataset::{BadSamplePolicy, DataReport, Example, LlavaDataset, Problem, Record, Rejection, SampleBuilder};
 pub use image::{AspectMode, ImageProcessor};
-pub use ahead::ReadAhead;
 pub use loader::{epoch_order, Batch, DataLoader, EpochIter, LoaderConfig, PaddedBatch, Prefetched};
 pub use preprocess::{generation_prompt, preprocess, Encoded, PreprocessError, Turn};
 pub use tokenizer::TextTokenizer;
