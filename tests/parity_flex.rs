@@ -276,3 +276,57 @@ fn images_splice_into_the_batch_and_gradients_reach_them() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The training loss takes `ln_f` and the head over the labelled positions only: its loss and
+/// its gradients (the hidden states' and the head's, `ln_f`'s) are the whole logits' loss's,
+/// for a batch with a few labelled positions, one with all of them, and one with none.
+#[test]
+fn the_loss_over_labelled_rows_is_the_whole_logits_loss() {
+    use burn::backend::Autodiff;
+    use burn::prelude::*;
+    use burn::tensor::Distribution;
+    use llava_jp::model::llava::shifted_cross_entropy;
+    use llava_jp::model::{LlavaModel, IGNORE_INDEX as NO};
+    type AD = Autodiff<B>;
+    let device = FlexDevice;
+    let dir = std::env::temp_dir().join(format!("llava-jp-labelled-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = serde_json::json!({
+        "model_type": "llava", "vocab_size": 16, "n_positions": 32, "n_embd": 8, "n_layer": 1, "n_head": 2,
+        "mm_vision_tower": "tiny-clip", "mm_projector_type": "linear", "tie_word_embeddings": false,
+        "vision_config": {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                          "image_size": 14, "patch_size": 7}
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let config = llava_jp::config::LlavaConfig::from_file(dir.join("config.json")).unwrap();
+    let model = LlavaModel::<AD>::new(&config, &device);
+    let (b, t, d) = (2, 6, 8);
+    let few = vec![vec![NO, NO, 3, 4, NO, 9], vec![NO, NO, NO, 15, 0, NO]];
+    let all = vec![(0..t as i64).collect::<Vec<_>>(), (5..5 + t as i64).collect()];
+    let none = vec![vec![NO; t]; b];
+    for (case, labels) in [("few", few), ("all", all), ("none", none)] {
+        let values = Tensor::<B, 3>::random([b, t, d], Distribution::Normal(0.0, 1.0), &device);
+        let run = |labelled_only: bool| {
+            let hidden = Tensor::<AD, 3>::from_inner(values.clone()).require_grad();
+            let loss = match labelled_only {
+                true => model.loss_from_hidden(hidden.clone(), &labels),
+                false => shifted_cross_entropy(model.logits(model.transformer.ln_f.forward(hidden.clone())), &labels),
+            };
+            let grads = loss.backward();
+            let flat = |t: Option<Tensor<B, 2>>| t.expect("a gradient").into_data().to_vec::<f32>().unwrap();
+            let head = model.lm_head.as_ref().expect("an untied head").weight.grad(&grads);
+            let gamma = model.transformer.ln_f.weight.grad(&grads).map(|g| g.unsqueeze::<2>());
+            let dx = hidden.grad(&grads).map(|g| g.reshape([b * t, d]));
+            (loss.into_scalar(), flat(dx), flat(head), flat(gamma))
+        };
+        let (picked, whole) = (run(true), run(false));
+        assert!((picked.0 - whole.0).abs() <= 1e-6 * whole.0.abs().max(1.0), "{case}: loss {} against {}", picked.0, whole.0);
+        for (what, got, want) in [("hidden", &picked.1, &whole.1), ("head", &picked.2, &whole.2), ("ln_f", &picked.3, &whole.3)] {
+            let worst = got.iter().zip(want).map(|(g, w)| (g - w).abs()).fold(0.0f32, f32::max);
+            assert!(worst <= 1e-6, "{case}: the {what} gradient differs by {worst}");
+        }
+        if case == "none" {
+            assert_eq!(picked.0, 0.0, "no target: a loss of 0");
+        }
+    }
+}

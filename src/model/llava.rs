@@ -239,12 +239,26 @@ impl<B: Backend> LlavaModel<B> {
 
     /// The training forward after the last block: `ln_f`, the output projection and the loss
     /// ([`linear_cross_entropy`]: on CUDA under autocast, without the whole logits).
+    ///
+    /// Only the positions with a target go through `ln_f` and the head: the others add nothing
+    /// to the loss nor to any gradient, and in LLaVA's batches they are most of them (the image's
+    /// 576 positions, the prompts, the padding). The reference computes every position's logits.
     pub fn loss_from_hidden(&self, hidden: Tensor<B, 3>, labels: &[Vec<i64>]) -> Tensor<B, 1> {
         let [b, t, width] = hidden.dims();
-        let hidden = self.transformer.ln_f.forward(hidden).reshape([b * t, width]);
         let weight = lm_head_weight(&self.transformer, self.lm_head.as_ref());
         let targets = shifted_targets(labels, t, weight.dims()[0]);
-        linear_cross_entropy(hidden, weight, &targets)
+        let hidden = hidden.reshape([b * t, width]);
+        let labelled: Vec<Option<usize>> = (0..targets.len()).filter(|&i| targets[i] >= 0).map(Some).collect();
+        // With no target at all the loss is 0 over the whole batch (no empty tensors made).
+        let (hidden, targets) = match labelled.len() {
+            0 => (hidden, targets),
+            n if n == targets.len() => (hidden, targets),
+            _ => {
+                let picked: Vec<i64> = labelled.iter().map(|&i| targets[i.expect("picked rows")]).collect();
+                (pick_rows(hidden, &labelled), picked)
+            }
+        };
+        linear_cross_entropy(self.transformer.ln_f.forward(hidden), weight, &targets)
     }
 
     /// Whether [`Self::training_inputs`]'s output depends on a trainable parameter: the tower

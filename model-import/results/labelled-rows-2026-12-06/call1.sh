@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Call 1: the embedding backward's test with its f32 reference (train-test.xz of branch
+# issue8-attention at 5d0a269), then stage 2 and stage 1 beside PyTorch with main's binary:
+# the flash mends and ln_f + head over the labelled rows only. Losses to compare with
+# upload-ahead-2026-12-05/call3 (same data, same seeds).
+# Carry .dev (llava-jp.xz, train-test.xz, tokenizer/).
+CALL=${CALL:-call1} BINARIES="train-test"
+source "$(dirname "$0")/../../scripts/gpu_call_lib.sh"
+limit=${LIMIT:-575}
+nvidia-smi --query-gpu=name --format=csv,noheader
+TEST_TIMEOUT=80 train_tests fused_embedding_matches_burn_on_cuda
+rm -f /tmp/llava-jp
+CAP=230 train_run stage2 2 10
+CAP=230 train_run stage1 1 8
+for f in $out/stage*/ours-stage*.metrics.jsonl; do
+  python3 -c "import json,sys; print(sys.argv[1].split('/')[-1], [round(json.loads(l)['loss'], 4) for l in open(sys.argv[1])])" $f
+done
+finish
