@@ -502,3 +502,26 @@ extern "C" __global__ void __launch_bounds__(256) column_sum_total(
     for (i64 c = 0; c < p.chunks; ++c) sum += partial[c * p.d + col];
     store(out, col, sum);
 }
+
+// ---- Embedding backward: out[ids[r]] += dy[r] for each of the p.rows rows of dy ([rows, p.d],
+// the element type), in f32, into out ([p.chunks, p.d], the table's rows). burn's `select_add`
+// gives each column one thread that walks every row in turn (2048 threads over 8192 rows at
+// stage 2, ~3 ms an embedding); here each row is a block's and each element a thread's, added
+// by f32 atomics, so rows sharing an id add in whatever order they land (the last bits of such
+// a sum vary between runs, as the flash backward's dQ does). An id outside the table adds
+// nothing.
+extern "C" __global__ void __launch_bounds__(256) embedding_backward_zero(float* __restrict__ out, const __grid_constant__ Params p) {
+    const i64 n = p.chunks * p.d;
+    for (i64 i = (i64)blockIdx.x * 256 + threadIdx.x; i < n; i += (i64)gridDim.x * 256) out[i] = 0.0f;
+}
+
+extern "C" __global__ void __launch_bounds__(256) embedding_backward(
+    const elem_t* __restrict__ dy, const int* __restrict__ ids, float* __restrict__ out, const __grid_constant__ Params p) {
+    for (i64 row = blockIdx.x; row < p.rows; row += gridDim.x) {
+        const int id = ids[row];
+        if (id < 0 || (i64)id >= p.chunks) continue;
+        float* to = out + (i64)id * p.d;
+        const elem_t* from = dy + row * p.d;
+        for (i64 col = threadIdx.x; col < p.d; col += 256) atomicAdd(to + col, load(from, col));
+    }
+}

@@ -27,7 +27,7 @@ use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::FusionRuntime;
 
 use crate::cublaslt::downcast;
-use crate::cuda_kernel::{autodiff_cuda, cast, contiguous, float_code, from_primitive, fused_cuda, on_autodiff_cuda, to_primitive, Cube, KernelSource, Primitive, SourceKernel, Switch};
+use crate::cuda_kernel::{autodiff_cuda, cast, contiguous, float_code, from_primitive, fused_cuda, on_autodiff_cuda, to_primitive, Cube, Fused, KernelSource, Primitive, SourceKernel, Switch};
 use crate::flash::{empty, tensor_cores};
 use crate::model::nn::SeededDropout;
 
@@ -194,6 +194,65 @@ pub fn try_residual_dropout<B: Backend, const D: usize>(
     match on_autodiff_cuda::<B, 2, _>(autodiff::ResidualDropout { prob, seed }, [x.into_primitive().tensor(), h.into_primitive().tensor()]) {
         Ok(y) => Ok(Tensor::from_primitive(TensorPrimitive::Float(y))),
         Err(_) => unreachable!("autodiff_cuda::<B>() was checked above"),
+    }
+}
+
+/// PyTorch's `nn.Embedding` lookup (`weight` `[rows, d]` picked by `ids` `[batch, seq]`: burn's
+/// `embedding`) with a backward of its own on the autodiff CUDA backends, where `weight` is
+/// f32, bf16 or f16 and the ids i32 or i64 (read as i32): the rows' gradients added by one kernel each way instead
+/// of burn's `select_add` (see `embedding_backward` in the source). The operands come back
+/// untouched otherwise.
+pub fn try_embedding<B: Backend>(weight: Tensor<B, 2>, ids: Tensor<B, 2, Int>) -> Result<Tensor<B, 3>, (Tensor<B, 2>, Tensor<B, 2, Int>)> {
+    let int_ids = matches!(ids.dtype(), DType::I32 | DType::I64);
+    if !autodiff_cuda::<B>() || !enabled() || float_code(weight.dtype()).is_none() || !int_ids || weight.dims()[0] > i32::MAX as usize || weight.dims()[1] == 0 {
+        return Err((weight, ids));
+    }
+    let ids = match ids.dtype() {
+        DType::I32 => ids,
+        _ => ids.cast(burn::tensor::IntDType::I32),
+    };
+    // Autodiff keeps its inner backend's integer tensors: the fused backend's, one primitive
+    // type for floats and ints.
+    let ids = downcast::<_, Primitive>(ids.into_primitive()).ok().expect("an autodiff CUDA backend's int tensor");
+    match on_autodiff_cuda::<B, 1, _>(autodiff::Embedding { ids }, [weight.into_primitive().tensor()]) {
+        Ok(y) => Ok(Tensor::from_primitive(TensorPrimitive::Float(y))),
+        Err(_) => unreachable!("autodiff_cuda::<B>() was checked above"),
+    }
+}
+
+/// Queues the embedding's backward: `[table_rows, d]` f32, row `i` the sum of `dy`'s rows
+/// (`dy` `[..., d]`) whose id is `i`.
+fn embedding_backward(dy: Primitive, ids: Primitive, table_rows: usize) -> Primitive {
+    let client = dy.client.clone();
+    let d = dy.shape[dy.shape.num_dims() - 1];
+    let streams = OperationStreams::with_inputs([&dy, &ids]);
+    let output = TensorIr::uninit(client.create_empty_handle(), Shape::new([table_rows, d]), DType::F32);
+    let desc = CustomOpIr::new("embedding_backward", &[dy.into_ir(), ids.into_ir()], &[output]);
+    client.register(streams, OperationIr::Custom(desc.clone()), EmbeddingBackward { desc }).output()
+}
+
+#[derive(Debug)]
+struct EmbeddingBackward {
+    desc: CustomOpIr,
+}
+
+impl Operation<Runtime> for EmbeddingBackward {
+    fn execute(&self, handles: &mut HandleContainer<<Runtime as FusionRuntime>::FusionHandle>) {
+        let dy = contiguous(handles.get_float_tensor::<Inner>(&self.desc.inputs[0]));
+        let ids = contiguous(handles.get_int_tensor::<Inner>(&self.desc.inputs[1]));
+        let (rows, d) = rows_and_width(&dy);
+        assert_eq!(ids.meta.num_elements(), rows, "embedding backward: {} ids for {rows} gradient rows", ids.meta.num_elements());
+        let table_rows = self.desc.outputs[0].shape[0];
+        let out = empty(&dy, [table_rows, d], DType::F32);
+        let params = words(rows, d, 0.0, 0, table_rows);
+        let code = code(dy.dtype, dy.dtype);
+        let zero_blocks = (table_rows * d).div_ceil(THREADS as usize).clamp(1, MAX_ELEMENTWISE_BLOCKS) as u32;
+        launch(Kernel::EmbeddingBackwardZero, code, vec![&out], params.clone(), CubeCount::Static(zero_blocks, 1, 1));
+        if rows > 0 {
+            let row_blocks = rows.min(MAX_ELEMENTWISE_BLOCKS) as u32;
+            launch(Kernel::EmbeddingBackward, code, vec![&dy, &ids, &out], params, CubeCount::Static(row_blocks, 1, 1));
+        }
+        handles.register_float_tensor::<Inner>(&self.desc.outputs[0].id, out);
     }
 }
 
@@ -453,6 +512,8 @@ enum Kernel {
     ResidualDropoutBackward,
     ColumnSumPartial,
     ColumnSumTotal,
+    EmbeddingBackwardZero,
+    EmbeddingBackward,
 }
 
 impl Kernel {
@@ -473,11 +534,13 @@ impl Kernel {
             Kernel::ResidualDropoutBackward => "residual_dropout_backward",
             Kernel::ColumnSumPartial => "column_sum_partial",
             Kernel::ColumnSumTotal => "column_sum_total",
+            Kernel::EmbeddingBackwardZero => "embedding_backward_zero",
+            Kernel::EmbeddingBackward => "embedding_backward",
         }
     }
 
     #[cfg(test)]
-    const ALL: [Kernel; 15] = [
+    const ALL: [Kernel; 17] = [
         Kernel::Forward,
         Kernel::BackwardInput,
         Kernel::ForwardWide,
@@ -493,13 +556,15 @@ impl Kernel {
         Kernel::ResidualDropoutBackward,
         Kernel::ColumnSumPartial,
         Kernel::ColumnSumTotal,
+        Kernel::EmbeddingBackwardZero,
+        Kernel::EmbeddingBackward,
     ];
 }
 
 /// The operations under autodiff, each with the kernels as its backward. LayerNorm's state keeps
 /// the input, the weight and the rows' statistics.
 mod autodiff {
-    use super::{cast, elementwise, gelu_forward, register_backward, register_forward, residual_add, Gelu, Kernel, Primitive};
+    use super::{cast, elementwise, embedding_backward, gelu_forward, register_backward, register_forward, residual_add, Fused, Gelu, Kernel, Primitive};
     use burn::tensor::DType;
     use crate::cuda_kernel::AutodiffCudaOp;
     use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -600,6 +665,46 @@ mod autodiff {
                     prep.finish(x.primitive, y)
                 }
                 OpsKind::UnTracked(prep) => prep.finish(gelu_forward(x.primitive, self.gelu)),
+            }
+        }
+    }
+
+    /// The embedding lookup over `[weight]`, the ids beside it; the state keeps the ids, the
+    /// table's rows and its dtype (the gradient's).
+    #[derive(Debug)]
+    pub(super) struct Embedding {
+        pub ids: Primitive,
+    }
+
+    #[derive(Debug)]
+    struct EmbeddingBackward;
+
+    impl<B: Backend<FloatTensorPrimitive = Primitive>> Backward<B, 1> for EmbeddingBackward {
+        type State = (Primitive, usize, DType);
+
+        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+            let dy = grads.consume::<B>(&ops.node);
+            if let [Some(node)] = ops.parents {
+                let (ids, table_rows, dtype) = ops.state;
+                grads.register::<B>(node.id, cast(embedding_backward(dy, ids, table_rows), dtype));
+            }
+        }
+    }
+
+    impl AutodiffCudaOp<1> for Embedding {
+        fn run<I, C>(self, [weight]: [FloatTensor<Autodiff<I, C>>; 1]) -> FloatTensor<Autodiff<I, C>>
+        where
+            I: Backend<FloatTensorPrimitive = Primitive>,
+            C: CheckpointStrategy,
+        {
+            use burn::tensor::ops::ModuleOps;
+            let (table_rows, dtype) = (weight.primitive.shape[0], weight.primitive.dtype);
+            match EmbeddingBackward.prepare::<C>([weight.node.clone()]).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => {
+                    let y = Fused::embedding(weight.primitive, self.ids.clone());
+                    prep.finish((self.ids, table_rows, dtype), y)
+                }
+                OpsKind::UnTracked(prep) => prep.finish(Fused::embedding(weight.primitive, self.ids)),
             }
         }
     }

@@ -847,6 +847,45 @@ fn fused_gelu_matches_burn_on_cuda() {
     assert_close("bf16 input gradient", &got, &f32s(x32.grad(&grads).unwrap().into_data()), 1.6e-2);
 }
 
+/// The embedding lookup's own backward (src/fused_ops.cu, `embedding_backward`) against
+/// burn's `embedding` on `Autodiff<Cuda<f32>>` and `<Cuda<bf16>>`: the lookup itself, and the
+/// table's gradient where ids repeat (summed by atomics, so within rounding) and rows never
+/// looked up stay zero; the kernel's route must be the one taken.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn fused_embedding_matches_burn_on_cuda() {
+    use burn::backend::cuda::CudaDevice;
+    use burn::tensor::{DType, Distribution};
+    use llava_jp::fused_ops;
+    fn check<A: burn::tensor::backend::AutodiffBackend>(device: &A::Device, dtype: DType, tol: f32) {
+        let (rows, d) = (300, 2048);
+        // Ids with repeats (0 and 7 many times), a row past 255 never used, and 299 once.
+        let ids: Vec<i64> = (0..4 * 37).map(|i| match i % 5 { 0 => 0, 1 => 7, _ => (i * 13 % 256) as i64 }).chain([299, 0]).collect();
+        let n = ids.len();
+        let ids = Tensor::<A, 2, Int>::from_data(TensorData::new(ids, [2, n / 2]), device);
+        let table = Tensor::<A, 2>::random([rows, d], Distribution::Normal(0.0, 1.0), device).cast(dtype).into_data();
+        let r = Tensor::<A, 3>::random([2, n / 2, d], Distribution::Normal(0.0, 1.0), device).cast(dtype);
+        let run = |fused: bool| {
+            let weight = Tensor::<A, 2>::from_data(table.clone(), device).cast(dtype).require_grad();
+            let y = match fused {
+                true => fused_ops::try_embedding(weight.clone(), ids.clone()).unwrap_or_else(|_| panic!("{dtype:?}: the kernel covers these ids")),
+                false => burn::tensor::module::embedding(weight.clone(), ids.clone()),
+            };
+            let grads = (y.clone() * r.clone()).sum().backward();
+            (f32s(y.into_data()), f32s(weight.grad(&grads).expect("the table is tracked").into_data()))
+        };
+        let (want, got) = (run(false), run(true));
+        assert_eq!(got.0, want.0, "{dtype:?}: the lookup");
+        assert_close(&format!("{dtype:?}: the table's gradient"), &got.1, &want.1, tol);
+        assert!(got.1[256 * d..299 * d].iter().all(|&g| g == 0.0), "{dtype:?}: rows never looked up have a gradient");
+        assert!(got.1[299 * d..].iter().any(|&g| g != 0.0), "{dtype:?}: row 299 was looked up");
+    }
+    let device = CudaDevice::new(0);
+    check::<Autodiff<burn::backend::Cuda<f32>>>(&device, DType::F32, 1e-6);
+    check::<Autodiff<burn::backend::Cuda<burn::tensor::bf16>>>(&device, DType::BF16, 8e-3);
+}
+
 /// CLIP's quick GELU kernels (src/fused_ops.cu) on `Autodiff<Cuda<f32>>`: in f32 against
 /// `x · sigmoid(1.702 x)` in burn's operations; in bf16 (the tower's fc1 output under
 /// autocast) against PyTorch's roundings emulated on the host, each of its three operations

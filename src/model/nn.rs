@@ -581,7 +581,14 @@ impl<B: Backend> Embedding<B> {
     }
 
     pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        burn::tensor::module::embedding(self.weight.val(), ids)
+        #[cfg(feature = "cuda")]
+        let (weight, ids) = match crate::fused_ops::try_embedding(self.weight.val(), ids) {
+            Ok(y) => return y,
+            Err(operands) => operands,
+        };
+        #[cfg(not(feature = "cuda"))]
+        let weight = self.weight.val();
+        burn::tensor::module::embedding(weight, ids)
     }
 }
 
