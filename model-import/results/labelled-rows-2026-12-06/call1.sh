@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Call 1: the embedding backward's test with its f32 reference (train-test.xz of branch
-# issue8-attention at 5d0a269), then stage 2 and stage 1 beside PyTorch with main's binary:
-# the flash mends and ln_f + head over the labelled rows only. Losses to compare with
+# Call 1 (binaries of branch issue8-embed: main at a8f41e8 + the embedding backward): the
+# embedding backward's test with its f32 reference, then stage 2 and stage 1 beside PyTorch:
+# the flash mends, ln_f + head over the labelled rows only, the embedding backward. Losses to compare with
 # upload-ahead-2026-12-05/call3 (same data, same seeds).
 # Carry .dev (llava-jp.xz, train-test.xz, tokenizer/).
 CALL=${CALL:-call1} BINARIES="train-test"
