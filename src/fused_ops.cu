@@ -22,7 +22,7 @@ struct __align__(8) Params {
     i64 d;              // the normalised (last) dimension
     i64 eps;            // f32 bits (LayerNorm's epsilon; dropout's 1 / (1 - prob))
     i64 rows_per_chunk; // weight / bias gradients: rows a block of partial sums covers (dropout: its hash threshold)
-    i64 chunks;         // and how many such blocks
+    i64 chunks;         // and how many such blocks (LayerNorm's input gradient: 1 where `addend` is added in)
 };
 
 // The two 16-bit formats as distinct types, so that loads and stores overload on them.
@@ -98,10 +98,14 @@ extern "C" __global__ void __launch_bounds__(256) layer_norm_forward(
 }
 
 // The input's gradient, one warp per row: with xhat = (x - mean) * rstd and g = dy * weight,
-// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)). dy is in the output's type.
+// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)). dy is in the output's type. With
+// `p.chunks` 1, `addend` (the input's gradient from its other uses: a pre-LN block's residual
+// branch) is added before the one rounding, which saves burn's add a pass over [rows, d] of its
+// own; otherwise `addend` is not read (the launch passes dx in its place).
 extern "C" __global__ void __launch_bounds__(256) layer_norm_backward_input(
     const elem_t* __restrict__ x, const elem_t* __restrict__ weight, const other_t* __restrict__ dy,
-    const float* __restrict__ mean_in, const float* __restrict__ rstd_in, elem_t* __restrict__ dx, const __grid_constant__ Params p) {
+    const float* __restrict__ mean_in, const float* __restrict__ rstd_in, elem_t* __restrict__ dx, const elem_t* __restrict__ addend,
+    const __grid_constant__ Params p) {
     const int lane = threadIdx.x & 31;
     const i64 row = (i64)blockIdx.x * 8 + (threadIdx.x >> 5);
     if (row >= p.rows) return;
@@ -117,9 +121,11 @@ extern "C" __global__ void __launch_bounds__(256) layer_norm_backward_input(
     const float mean_g = warp_sum(sum_g) / (float)p.d;
     const float mean_gx = warp_sum(sum_gx) / (float)p.d;
     elem_t* dxr = dx + row * p.d;
+    const elem_t* addr = addend + row * p.d;
     for (i64 i = lane; i < p.d; i += 32) {
         const float xhat = (load(xr, i) - mean) * rstd;
-        store(dxr, i, rstd * (load(dyr, i) * load(weight, i) - mean_g - xhat * mean_gx));
+        const float more = p.chunks ? load(addr, i) : 0.0f;
+        store(dxr, i, rstd * (load(dyr, i) * load(weight, i) - mean_g - xhat * mean_gx) + more);
     }
 }
 
@@ -180,7 +186,8 @@ extern "C" __global__ void __launch_bounds__(256) layer_norm_forward_wide(
 
 extern "C" __global__ void __launch_bounds__(256) layer_norm_backward_input_wide(
     const elem_t* __restrict__ x, const elem_t* __restrict__ weight, const other_t* __restrict__ dy,
-    const float* __restrict__ mean_in, const float* __restrict__ rstd_in, elem_t* __restrict__ dx, const __grid_constant__ Params p) {
+    const float* __restrict__ mean_in, const float* __restrict__ rstd_in, elem_t* __restrict__ dx, const elem_t* __restrict__ addend,
+    const __grid_constant__ Params p) {
     __shared__ float scratch[8];
     const i64 row = blockIdx.x;
     const float mean = mean_in[row], rstd = rstd_in[row];
@@ -200,10 +207,11 @@ extern "C" __global__ void __launch_bounds__(256) layer_norm_backward_input_wide
     const float mean_g = block_sum(sum_g, scratch) / (float)p.d;
     const float mean_gx = block_sum(sum_gx, scratch) / (float)p.d;
     elem_t* dxr = dx + row * p.d;
+    const elem_t* addr = addend + row * p.d;
 #pragma unroll
     for (int j = 0; j < WIDE_PER; ++j) {
         const i64 i = threadIdx.x + j * 256;
-        if (i < p.d) store(dxr, i, rstd * (g[j] - mean_g - xhat[j] * mean_gx));
+        if (i < p.d) store(dxr, i, rstd * (g[j] - mean_g - xhat[j] * mean_gx) + (p.chunks ? load(addr, i) : 0.0f));
     }
 }
 

@@ -377,16 +377,28 @@ fn register_forward(x: Primitive, weight: Primitive, bias: Primitive, eps: f64, 
 
 /// Queues the backward: the input's gradient, and the weight's and bias's when `params` (`dy`
 /// in any of the kernels' dtypes: the output's, or f32).
-fn register_backward(x: Primitive, weight: Primitive, mean: Primitive, rstd: Primitive, dy: Primitive, params: bool) -> (Primitive, Option<(Primitive, Primitive)>) {
+fn register_backward(
+    x: Primitive,
+    weight: Primitive,
+    mean: Primitive,
+    rstd: Primitive,
+    dy: Primitive,
+    params: bool,
+    addend: Option<Primitive>,
+) -> (Primitive, Option<(Primitive, Primitive)>) {
     let client = x.client.clone();
     let (shape, d) = (x.shape.clone(), weight.shape[0]);
-    let streams = OperationStreams::with_inputs([&x, &weight, &mean, &rstd, &dy]);
+    let mut inputs = vec![&x, &weight, &mean, &rstd, &dy];
+    inputs.extend(addend.as_ref());
+    let streams = OperationStreams::with_inputs(inputs);
     let mut outputs = vec![TensorIr::uninit(client.create_empty_handle(), shape, x.dtype)];
     if params {
         outputs.push(TensorIr::uninit(client.create_empty_handle(), Shape::new([d]), weight.dtype));
         outputs.push(TensorIr::uninit(client.create_empty_handle(), Shape::new([d]), weight.dtype));
     }
-    let desc = CustomOpIr::new("layer_norm_backward", &[x.into_ir(), weight.into_ir(), mean.into_ir(), rstd.into_ir(), dy.into_ir()], &outputs);
+    let mut irs = vec![x.into_ir(), weight.into_ir(), mean.into_ir(), rstd.into_ir(), dy.into_ir()];
+    irs.extend(addend.map(|a| a.into_ir()));
+    let desc = CustomOpIr::new("layer_norm_backward", &irs, &outputs);
     let op = LayerNormBackward { desc: desc.clone() };
     let mut out = client.register(streams, OperationIr::Custom(desc), op).into_iter();
     let dx = out.next().expect("the input's gradient");
@@ -462,11 +474,16 @@ impl Operation<Runtime> for LayerNormBackward {
         let inputs = &self.desc.inputs;
         let mut get = |i: usize| contiguous(handles.get_float_tensor::<Inner>(&inputs[i]));
         let (x, weight, mean, rstd, dy) = (get(0), get(1), get(2), get(3), get(4));
+        let addend = (inputs.len() == 6).then(|| get(5));
         let (rows, d) = rows_and_width(&x);
         let code = code(x.dtype, dy.dtype);
         let dx = empty(&x, [rows, d], x.dtype);
+        if let Some(a) = &addend {
+            assert!(a.dtype == x.dtype && a.meta.num_elements() == rows * d, "LayerNorm backward: the gradient to add is {:?} {:?}, the input {:?} {:?}", a.dtype, a.meta.shape(), x.dtype, x.meta.shape());
+        }
         let (kernel, blocks) = if d <= WIDE_ROWS { (Kernel::BackwardInputWide, wide_blocks(rows)) } else { (Kernel::BackwardInput, row_blocks(rows)) };
-        launch(kernel, code, vec![&x, &weight, &dy, &mean, &rstd, &dx], words(rows, d, 0.0, 0, 0), blocks);
+        let buffers = vec![&x, &weight, &dy, &mean, &rstd, &dx, addend.as_ref().unwrap_or(&dx)];
+        launch(kernel, code, buffers, words(rows, d, 0.0, 0, addend.is_some() as usize), blocks);
         let dx = CubeTensor::new_contiguous(dx.client.clone(), dx.device, x.meta.shape().clone(), dx.handle, dx.dtype);
         let mut grads = vec![dx];
         if self.desc.outputs.len() == 3 {
@@ -572,6 +589,7 @@ mod autodiff {
     use burn::backend::autodiff::grads::Gradients;
     use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
     use burn::backend::Autodiff;
+    use burn::tensor::backend::AutodiffBackend;
     use burn::prelude::Backend;
     use burn::tensor::ops::FloatTensor;
 
@@ -593,8 +611,23 @@ mod autodiff {
             let dy = grads.consume::<B>(&ops.node);
             let s = ops.state;
             let [x, weight, bias] = ops.parents;
+            // The input's gradient so far (a pre-LN block's residual branch, whose add comes
+            // later in the graph and so first in the backward) goes into the kernel, which adds
+            // it; burn's `register` would add it by a pass over [tokens, d] of its own.
+            // (burn removes a gradient by a tensor of the node: a stand-in carrying it; one not
+            // of the input's dtype and shape goes back, for `register` to add.)
+            let addend = x.as_ref().and_then(|node| {
+                let mut probe = <Autodiff<B> as AutodiffBackend>::from_inner(s.x.clone());
+                probe.node = node.clone();
+                let grad = <Autodiff<B> as AutodiffBackend>::grad_remove(&probe, grads)?;
+                if grad.dtype == s.x.dtype && grad.shape == s.x.shape {
+                    return Some(grad);
+                }
+                grads.register::<B>(node.id, grad);
+                None
+            });
             // A frozen LayerNorm (stage 1's LLM) needs only the input's gradient.
-            let (dx, params) = register_backward(s.x, s.weight, s.mean, s.rstd, dy, weight.is_some() || bias.is_some());
+            let (dx, params) = register_backward(s.x, s.weight, s.mean, s.rstd, dy, weight.is_some() || bias.is_some(), addend);
             if let Some(node) = x {
                 grads.register::<B>(node.id, dx);
             }

@@ -687,7 +687,8 @@ fn fused_optimizer_matches_burn_on_cuda() {
 /// LayerNorm's CUDA kernels (`src/fused_ops.rs`) against burn's operations on the same backend:
 /// the output and the gradients of the input, weight and bias under autodiff (rows of 2048 as
 /// the LLM's, 1024 as CLIP's, odd widths, a mean far from zero, a frozen weight and bias), and
-/// the bf16 forward of inference against the f32 formula.
+/// the bf16 forward of inference against the f32 formula; an input with a use besides LayerNorm
+/// (its gradient added in by the backward kernel, or by burn).
 #[cfg(feature = "cuda")]
 #[test]
 #[ignore = "needs a CUDA GPU"]
@@ -738,6 +739,39 @@ fn fused_layer_norm_matches_burn_on_cuda() {
             (None, None, None, None) if frozen => {}
             other => panic!("{what}: weight and bias gradients present as {:?}", (other.0.is_some(), other.1.is_some(), other.2.is_some(), other.3.is_some())),
         }
+    }
+    // The input used beside LayerNorm, as a pre-LN block's residual is: the other use's
+    // gradient is registered before LayerNorm's backward runs when that use is recorded after
+    // LayerNorm (the kernel then adds it in), after it otherwise (burn adds it).
+    // (Rows of 2500 take the warp-per-row kernel.)
+    for (other_first, d) in [(false, 2048), (true, 2048), (false, 2500)] {
+        let what = format!("input used beside LayerNorm, {} it, rows of {d}", if other_first { "before" } else { "after" });
+        let shape = [2usize, 19, d];
+        let x_data = Tensor::<A, 3>::random(shape, Distribution::Normal(0.5, 2.0), &device).into_data();
+        let w_data = Tensor::<A, 1>::random([d], Distribution::Normal(1.0, 0.3), &device).into_data();
+        let b_data = Tensor::<A, 1>::random([d], Distribution::Normal(0.0, 0.5), &device).into_data();
+        let r = Tensor::<A, 3>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        let r_other = Tensor::<A, 3>::random(shape, Distribution::Normal(0.0, 3.0), &device);
+        let run = |fused: bool| {
+            fused_ops::set_enabled(fused);
+            let x = Tensor::<A, 3>::from_data(x_data.clone(), &device).require_grad();
+            let w = Tensor::<A, 1>::from_data(w_data.clone(), &device).require_grad();
+            let b = Tensor::<A, 1>::from_data(b_data.clone(), &device).require_grad();
+            let other = |x: &Tensor<A, 3>| x.clone() * r_other.clone();
+            let early = other_first.then(|| other(&x));
+            let y = match fused {
+                true => fused_ops::try_layer_norm(x.clone(), w.clone(), b.clone(), eps, DType::F32).unwrap_or_else(|_| panic!("{what}: the kernels cover f32")),
+                false => reference(x.clone(), w.clone(), b.clone()),
+            };
+            let z = early.unwrap_or_else(|| other(&x));
+            let grads = (y * r.clone() + z).sum().backward();
+            let grad = |t: &Tensor<A, 1>| values(t.grad(&grads).expect("tracked").into_data());
+            (values(x.grad(&grads).expect("the input is tracked").into_data()), grad(&w), grad(&b))
+        };
+        let (want, got) = (run(false), run(true));
+        close(&format!("{what}: input gradient"), &got.0, &want.0, 1e-4);
+        close(&format!("{what}: weight gradient"), &got.1, &want.1, 1e-4);
+        close(&format!("{what}: bias gradient"), &got.2, &want.2, 1e-4);
     }
     // An f32 input written in bf16 for a product (autocast): the f32 formula rounded once,
     // and the gradients of a bf16 output gradient as burn's casts hand it back.
