@@ -61,8 +61,9 @@ struct __align__(8) Params {
     i64 drop_below;      // dropout: a score whose hash is below this (p * 2^32) is dropped
     i64 keep_scale;      // f32 bits: 1 / (1 - p), the kept scores' factor
     i64 out_stride[3];   // elements, over [batch, head, position] of what the kernel writes
-                         // (out; dq; dk and dv), its dimensions contiguous; the token-major
-                         // forward (OUT_TOKEN_MAJOR) does not read them
+                         // (out; dq; dk and dv; delta's kernel: of the output it reads), its
+                         // dimensions contiguous; the token-major forward (OUT_TOKEN_MAJOR)
+                         // does not read them
     i64 tile_map;        // 1: `map` holds what each tile of the mask sees (`flash_attention_tile_map`)
 };
 
@@ -1084,6 +1085,40 @@ extern "C" __global__ void __launch_bounds__(128) flash_attention_dq_zero(BACKWA
     const i64 rows = (p.queries - first < TILE ? p.queries - first : TILE);
     float4* at = (float4*)(dq_acc + (bh * p.queries + first) * D);
     for (i64 i = threadIdx.x; i < rows * D / 4; i += BLOCK_THREADS) at[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+}
+
+// The value of one 16-bit operand word (bf16 or f16) in f32.
+__device__ __forceinline__ float f32_of_word(u16 x) {
+#if IS_BF16
+    return __int_as_float(((int)x) << 16);
+#else
+    float r;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(r) : "h"(x));
+    return r;
+#endif
+}
+
+// delta = rowsum(dO * O) per query row, in f32, which every score gradient of the backward
+// subtracts: the output O (`out`) read through `p.out_stride` (over [batch, head, position],
+// its dimensions contiguous: the forward's output, perhaps a token-major view), dO through
+// `p.do_stride`, delta written as [batch * heads, queries]. One block per 64 queries of one
+// (batch, head), each warp a row at a time, its lanes over the row's dimensions.
+extern "C" __global__ void __launch_bounds__(128) flash_attention_delta(BACKWARD_OPERANDS, const u16* __restrict__ out, float* __restrict__ delta, const __grid_constant__ Params p) {
+    const i64 bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads, first = (i64)blockIdx.x * TILE;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const u16* ob = out + b * p.out_stride[0] + h * p.out_stride[1];
+    const u16* db = dout + b * p.do_stride[0] + h * p.do_stride[1];
+    for (int r = warp; r < TILE; r += BLOCK_THREADS / 32) {
+        const i64 row = first + r;
+        if (row >= p.queries) break;
+        float sum = 0.f;
+        for (int c = lane; c < D; c += 32) {
+            sum += f32_of_word(ob[row * p.out_stride[2] + c]) * f32_of_word(db[row * p.do_stride[2] + c * p.do_stride[3]]);
+        }
+#pragma unroll
+        for (int step = 16; step > 0; step >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, step);
+        if (lane == 0) delta[bh * p.queries + row] = sum;
+    }
 }
 
 // dq (the operand type, laid out as `p.out_stride` says) = dq_acc times the softmax scale.
