@@ -54,6 +54,12 @@ train_run() {
   local torch=100; [[ " $* " == *" TORCH=0 "* ]] && torch=5
   env "$@" OURS_TIMEOUT=$(( t - torch )) timeout $t bash model-import/scripts/gpu_bench_train.sh "$out/$name" "$stages" $steps
 }
+# Each train_run's losses of ours, a line per stage's metrics file (to set against another call's).
+losses() {
+  for f in $out/stage*/ours-stage*.metrics.jsonl; do
+    python3 -c "import json,sys; print(sys.argv[1].split('/')[-1], [round(json.loads(l)['loss'], 4) for l in open(sys.argv[1])])" $f
+  done
+}
 finish() {
   echo "total $((SECONDS - start)) s"
   tar czf "$final/$CALL-logs.tgz" -C "$out" .

@@ -247,16 +247,15 @@ impl<B: Backend> LlavaModel<B> {
         let [b, t, width] = hidden.dims();
         let weight = lm_head_weight(&self.transformer, self.lm_head.as_ref());
         let targets = shifted_targets(labels, t, weight.dims()[0]);
-        let hidden = hidden.reshape([b * t, width]);
+        let mut hidden = hidden.reshape([b * t, width]);
         let labelled: Vec<Option<usize>> = (0..targets.len()).filter(|&i| targets[i] >= 0).map(Some).collect();
-        // With no target at all the loss is 0 over the whole batch (no empty tensors made).
-        let (hidden, targets) = match labelled.len() {
-            0 => (hidden, targets),
-            n if n == targets.len() => (hidden, targets),
-            _ => {
-                let picked: Vec<i64> = labelled.iter().map(|&i| targets[i.expect("picked rows")]).collect();
-                (pick_rows(hidden, &labelled), picked)
+        // All rows or none (the loss is then 0 over the whole batch, no empty tensor made): as is.
+        let targets = match 0 < labelled.len() && labelled.len() < targets.len() {
+            true => {
+                hidden = pick_rows(hidden, &labelled);
+                targets.into_iter().filter(|&target| target >= 0).collect()
             }
+            false => targets,
         };
         linear_cross_entropy(self.transformer.ln_f.forward(hidden), weight, &targets)
     }

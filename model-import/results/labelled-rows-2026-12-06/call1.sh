@@ -12,7 +12,5 @@ TEST_TIMEOUT=80 train_tests fused_embedding_matches_burn_on_cuda
 rm -f /tmp/llava-jp
 CAP=230 train_run stage2 2 10
 CAP=230 train_run stage1 1 8
-for f in $out/stage*/ours-stage*.metrics.jsonl; do
-  python3 -c "import json,sys; print(sys.argv[1].split('/')[-1], [round(json.loads(l)['loss'], 4) for l in open(sys.argv[1])])" $f
-done
+losses
 finish
