@@ -177,20 +177,22 @@ pub fn try_autocast_affine<B: Backend, const D: usize>(
 ) -> Result<Tensor<B, D>, AffineOperands<B, D>> {
     let dims = x.dims();
     let [k, n] = w.dims();
+    // f32 master weights, or frozen ones already cast (`crate::train::frozen`).
+    let of_compute = |dtype: DType| dtype == DType::F32 || dtype == compute;
     let covered = routes::<B>()
         && crate::fused_ops::enabled()
         && !checking()
         && matches!(compute, DType::BF16 | DType::F16)
         && (x.dtype() == DType::F32 || x.dtype() == compute)
-        && w.dtype() == DType::F32
-        && bias.as_ref().is_none_or(|b| b.dtype() == DType::F32 && b.dims() == [n])
+        && of_compute(w.dtype())
+        && bias.as_ref().is_none_or(|b| of_compute(b.dtype()) && b.dims() == [n])
         && dims[D - 1] == k
         && x.shape().num_elements() > 0
         && n > 0;
     if !covered {
         return Err((x, w, bias));
     }
-    let op = AutocastAffine { compute, x_dtype: x.dtype(), x_dims: dims.to_vec() };
+    let op = AutocastAffine { compute, x_dtype: x.dtype(), w_dtype: w.dtype(), bias_dtype: bias.as_ref().map_or(DType::F32, |b| b.dtype()), x_dims: dims.to_vec() };
     if fused_cuda::<B>() {
         return Ok(from_primitive(op.forward(to_primitive(x), to_primitive(w), bias.map(to_primitive), (false, false)).0));
     }
@@ -203,12 +205,14 @@ pub fn try_autocast_affine<B: Backend, const D: usize>(
     Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
 }
 
-/// [`try_autocast_affine`]'s operation: the compute dtype, and the input's dtype (its
-/// gradient's) and shape.
+/// [`try_autocast_affine`]'s operation: the compute dtype, the operands' dtypes (their
+/// gradients') and the input's shape.
 #[derive(Debug, Clone)]
 struct AutocastAffine {
     compute: DType,
     x_dtype: DType,
+    w_dtype: DType,
+    bias_dtype: DType,
     x_dims: Vec<usize>,
 }
 
@@ -1047,7 +1051,6 @@ mod autodiff {
     use super::{cast, register, register_as, AutocastAffine, Fused, Primitive};
     use crate::cuda_kernel::AutodiffCudaOp;
     use burn::prelude::Shape;
-    use burn::tensor::DType;
     use burn::backend::autodiff::checkpoint::base::Checkpointer;
     use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
     use burn::backend::autodiff::grads::Gradients;
@@ -1129,10 +1132,10 @@ mod autodiff {
             }
             if let Some(node) = pw {
                 let x = x.expect("the input, kept for the weight's gradient");
-                grads.register::<B>(node.id, register_as(Fused::float_transpose(x), dy.clone(), DType::F32, None));
+                grads.register::<B>(node.id, register_as(Fused::float_transpose(x), dy.clone(), op.w_dtype, None));
             }
             if let Some(node) = pb {
-                grads.register::<B>(node.id, crate::fused_ops::column_sum(dy, DType::F32));
+                grads.register::<B>(node.id, crate::fused_ops::column_sum(dy, op.bias_dtype));
             }
         }
     }

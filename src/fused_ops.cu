@@ -488,27 +488,76 @@ extern "C" __global__ void __launch_bounds__(256) residual_dropout_backward(
 // ---- Column sums of a [rows, d] matrix (a linear layer's bias gradient: the output gradient
 // summed over rows), as partial sums per chunk of rows, then the chunks added in order (the
 // same sums give the same bits).
+// Two adjacent elements of a row, as one 8- or 4-byte load (`i` even, the buffer aligned).
+__device__ __forceinline__ void load_pair(const float* p, i64 i, float& a, float& b) {
+    const float2 v = *reinterpret_cast<const float2*>(p + i);
+    a = v.x;
+    b = v.y;
+}
+__device__ __forceinline__ void load_pair(const bf16_t* p, i64 i, float& a, float& b) {
+    const unsigned v = *reinterpret_cast<const unsigned*>(p + i);
+    a = __int_as_float((int)(v << 16));
+    b = __int_as_float((int)(v & 0xffff0000u));
+}
+__device__ __forceinline__ void load_pair(const f16_t* p, i64 i, float& a, float& b) {
+    a = load(p, i);
+    b = load(p, i + 1);
+}
+
+// Each thread sums two adjacent columns over one chunk of rows, in row order. With an even
+// width each row's pair is one load: a warp reads 128 (bf16) or 256 bytes a row, not 64 bytes
+// by 2-byte loads.
 extern "C" __global__ void __launch_bounds__(256) column_sum_partial(
     const elem_t* __restrict__ x, float* __restrict__ partial, const __grid_constant__ Params p) {
-    const i64 col = (i64)blockIdx.x * 256 + threadIdx.x;
+    const i64 col = 2 * ((i64)blockIdx.x * 256 + threadIdx.x);
     if (col >= p.d) return;
     const i64 chunk = blockIdx.y;
     const i64 first = chunk * p.rows_per_chunk;
     const i64 last = min(first + p.rows_per_chunk, p.rows);
-    float sum = 0.0f;
-    // Unrolled so that eight rows' loads are in flight at once (the sum's order is kept).
+    const bool two = col + 1 < p.d;
+    float s0 = 0.0f, s1 = 0.0f;
+    // Pairs start at even elements: with an even width, on an aligned buffer, each is one load.
+    const bool paired = p.d % 2 == 0 && (unsigned long long)x % (2 * sizeof(elem_t)) == 0;
+    if (two && paired) {
+        // Unrolled so that eight rows' loads are in flight at once (the sums' order is kept).
 #pragma unroll 8
-    for (i64 row = first; row < last; ++row) sum += load(x, row * p.d + col);
-    partial[chunk * p.d + col] = sum;
+        for (i64 row = first; row < last; ++row) {
+            float a, b;
+            load_pair(x, row * p.d + col, a, b);
+            s0 += a;
+            s1 += b;
+        }
+    } else {
+        for (i64 row = first; row < last; ++row) {
+            s0 += load(x, row * p.d + col);
+            if (two) s1 += load(x, row * p.d + col + 1);
+        }
+    }
+    partial[chunk * p.d + col] = s0;
+    if (two) partial[chunk * p.d + col + 1] = s1;
 }
 
+// A block takes 32 columns: each of its eight warps adds every eighth chunk (warp w: chunks
+// w, w + 8, ...) in order, then the eight sums are added in warp order. A fixed order, so the
+// same partial sums give the same bits. (One thread a column walking every chunk left the
+// GPU mostly idle: 6144 threads for c_attn's bias, each with 128 loads in a row.)
 extern "C" __global__ void __launch_bounds__(256) column_sum_total(
     const float* __restrict__ partial, other_t* __restrict__ out, const __grid_constant__ Params p) {
-    const i64 col = (i64)blockIdx.x * 256 + threadIdx.x;
-    if (col >= p.d) return;
-    float sum = 0.0f;
-    for (i64 c = 0; c < p.chunks; ++c) sum += partial[c * p.d + col];
-    store(out, col, sum);
+    __shared__ float sums[8][33];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const i64 col = (i64)blockIdx.x * 32 + lane;
+    float s = 0.0f;
+    if (col < p.d) {
+        for (i64 c = warp; c < p.chunks; c += 8) s += partial[c * p.d + col];
+    }
+    sums[warp][lane] = s;
+    __syncthreads();
+    if (warp == 0 && col < p.d) {
+        float total = 0.0f;
+#pragma unroll
+        for (int w = 0; w < 8; ++w) total += sums[w][lane];
+        store(out, col, total);
+    }
 }
 
 // ---- Embedding backward: out[ids[r]] += dy[r] for each of the p.rows rows of dy ([rows, p.d],

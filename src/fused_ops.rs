@@ -348,10 +348,11 @@ impl Operation<Runtime> for ColumnSum {
         let chunks = rows.div_ceil(rows_per_chunk).max(1);
         let partial = empty(&t, [chunks, d], DType::F32);
         let params = words(rows, d, 0.0, rows_per_chunk, chunks);
-        let columns = d.div_ceil(THREADS as usize) as u32;
-        launch(Kernel::ColumnSumPartial, code, vec![&t, &partial], params.clone(), CubeCount::Static(columns, chunks as u32, 1));
+        // Two columns a thread for the partial sums; 32 columns a block for their total.
+        let pairs = d.div_ceil(2 * THREADS as usize) as u32;
+        launch(Kernel::ColumnSumPartial, code, vec![&t, &partial], params.clone(), CubeCount::Static(pairs, chunks as u32, 1));
         let out = empty(&t, [d], out_dtype);
-        launch(Kernel::ColumnSumTotal, code, vec![&partial, &out], params, CubeCount::Static(columns, 1, 1));
+        launch(Kernel::ColumnSumTotal, code, vec![&partial, &out], params, CubeCount::Static(d.div_ceil(32) as u32, 1, 1));
         handles.register_float_tensor::<Inner>(&self.desc.outputs[0].id, out);
     }
 }

@@ -1166,6 +1166,59 @@ fn autocast_affine_matches_burn_on_cuda() {
     }
 }
 
+/// A frozen layer's weight and bias cast to bf16 once (`train::frozen`, stage 1) give the
+/// autocast affine's output and input gradient of the f32 ones it casts each call, bit for bit,
+/// on the cuBLASLt route: for a `[in, out]` weight and a transposed `[out, in]` one, and an odd
+/// width. The f32 bias's gradient (the column sums of the bf16 output gradient, by
+/// `column_sum`'s two kernels) against the sums done on the host.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn precast_frozen_weights_match_on_cuda() {
+    use burn::backend::cuda::CudaDevice;
+    use burn::tensor::{DType, Distribution};
+    use llava_jp::cublaslt::{set_route, GemmRoute};
+    use llava_jp::model::nn::{affine, autocast};
+    type A = Autodiff<burn::backend::Cuda<f32>>;
+    let device = CudaDevice::new(0);
+    set_route(GemmRoute::CublasLt);
+    let _bf16 = autocast(Some(DType::BF16));
+    for (transposed, n) in [(false, 1536usize), (true, 1536), (false, 301)] {
+        let (rows, k) = (300usize, 512usize);
+        let x_data = Tensor::<A, 2>::random([rows, k], Distribution::Normal(0.0, 1.0), &device).into_data();
+        let w = Tensor::<A, 2>::random([k, n], Distribution::Normal(0.0, 0.05), &device);
+        let b = Tensor::<A, 1>::random([n], Distribution::Normal(0.0, 0.5), &device);
+        let r = Tensor::<A, 2>::random([rows, n], Distribution::Normal(0.0, 1.0), &device);
+        let run = |precast: bool| {
+            let x = Tensor::<A, 2>::from_data(x_data.clone(), &device).require_grad();
+            let stored = if transposed { Tensor::from_data(w.clone().transpose().into_data(), &device) } else { w.clone() };
+            let (stored, bias) = match precast {
+                true => (stored.cast(DType::BF16), b.clone().cast(DType::BF16)),
+                false => (stored, b.clone().require_grad()),
+            };
+            let w_in_out = if transposed { stored.transpose() } else { stored };
+            let y = affine(x.clone(), w_in_out, Some(bias.clone()));
+            assert_eq!(y.dtype(), DType::BF16);
+            let grads = (y.clone().cast(DType::F32) * r.clone()).sum().backward();
+            let bias_grad = bias.grad(&grads).map(|g| f32s(g.into_data()));
+            (f32s(y.into_data()), f32s(x.grad(&grads).expect("the input's gradient").into_data()), bias_grad)
+        };
+        let (want, got) = (run(false), run(true));
+        let what = format!("transposed {transposed}, width {n}");
+        assert_eq!(got.0, want.0, "{what}: the output");
+        assert_eq!(got.1, want.1, "{what}: the input's gradient");
+        assert!(got.2.is_none(), "{what}: a frozen bias has no gradient");
+        // The output's gradient is r rounded to bf16; its column sums in f64 on the host.
+        let dy = f32s(r.clone().cast(DType::BF16).into_data());
+        let bias_grad = want.2.expect("the f32 bias's gradient");
+        for j in 0..n {
+            let (sum, size) = (0..rows).fold((0f64, 0f64), |(s, a), i| (s + dy[i * n + j] as f64, a + (dy[i * n + j] as f64).abs()));
+            let err = (bias_grad[j] as f64 - sum).abs();
+            assert!(err <= 1e-6 * size + 1e-6, "{what}: bias gradient column {j} is {} where the host sums {sum}", bias_grad[j]);
+        }
+    }
+}
+
 /// The head and its cross-entropy by chunks of the vocabulary (`linear_cross_entropy`, never
 /// the whole logits) against the same sums written with burn's operations (f32 logits of the
 /// operands rounded to bf16, then burn's log-softmax and gather), on `Autodiff<Cuda<f32>>`

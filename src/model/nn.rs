@@ -37,6 +37,12 @@ fn compute_dtype(dtype: DType) -> Option<DType> {
     AUTOCAST.get().filter(|&c| c != dtype)
 }
 
+/// The dtype a linear layer computes in under the current autocast, whatever its weight's
+/// dtype (f32 master weights, or frozen ones already cast to the compute dtype).
+fn product_dtype() -> Option<DType> {
+    AUTOCAST.get()
+}
+
 /// The one route for matrix products: `[m, k] x [k, n] -> [m, n]`.
 pub fn matmul<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
     let ([m, k], [_, n]) = (a.dims(), b.dims());
@@ -102,9 +108,10 @@ pub fn affine<B: Backend, const D: usize>(
     let dims = x.dims();
     let [k, n] = w_in_out.dims();
     assert_eq!(dims[D - 1], k, "input width {} does not match weight [in {k}, out {n}]", dims[D - 1]);
-    // The weight's dtype says whether autocast applies: the input may already be in the
-    // compute dtype (another linear layer's output).
-    let (x, w_in_out, bias) = match compute_dtype(w_in_out.dtype()) {
+    // Under autocast the weight is f32 (cast here each call) or already in the compute dtype
+    // (a frozen layer's, cast once a run by `crate::train::frozen`); either way the product
+    // computes in the compute dtype, whatever the input's (it may be another layer's output).
+    let (x, w_in_out, bias) = match product_dtype() {
         Some(compute) => {
             #[cfg(feature = "cuda")]
             let (x, w_in_out, bias) = match crate::cublaslt::try_autocast_affine(x, w_in_out, bias, compute) {
@@ -447,7 +454,8 @@ impl<B: Backend> Linear<B> {
     pub fn forward_stacked<const D: usize>(layers: &[&Self], x: Tensor<B, D>) -> Tensor<B, D> {
         let weight = Tensor::cat(layers.iter().map(|l| l.weight.val()).collect(), 0);
         let bias = layers.iter().any(|l| l.bias.is_some()).then(|| {
-            let part = |l: &Self| l.bias.as_ref().map_or_else(|| Tensor::zeros([l.weight.dims()[0]], &x.device()), |b| b.val());
+            let zeros = |l: &Self| Tensor::<B, 1>::zeros([l.weight.dims()[0]], &x.device()).cast(l.weight.val().dtype());
+            let part = |l: &Self| l.bias.as_ref().map_or_else(|| zeros(l), |b| b.val());
             Tensor::cat(layers.iter().map(|l| part(l)).collect(), 0)
         });
         affine(x, weight.transpose(), bias)

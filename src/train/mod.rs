@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod device_batches;
+pub mod frozen;
 pub mod lora;
 pub mod micro_batch;
 pub mod optim;

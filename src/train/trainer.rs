@@ -17,6 +17,7 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 
 use super::checkpoint::{self, latest, save_atomically, TrainerState};
+use super::frozen::FrozenCasts;
 use super::config::TrainConfig;
 use super::device_batches::{DeviceBatch, DeviceBatches};
 use super::micro_batch::{accumulate_gradients, derive_seed, MicroBatchRun};
@@ -478,10 +479,11 @@ fn replica_loop<B: AutodiffBackend>(
     register::<B::InnerBackend>(peer, device.clone(), collective).map_err(|e| anyhow::anyhow!("replica {rank}: joining the collective: {e:?}"))?;
     // The autocast guard is per thread.
     let _autocast = autocast(cfg.compute_dtype());
+    let mut frozen = FrozenCasts::new(cfg.compute_dtype());
     while let Ok(mut w) = work.recv() {
         let seed = dropout_seed(&cfg, w.step, rank);
         let (grads, loss_sum) =
-            local_gradients(&model, &mut w.micro, w.micro_batches, size, seed, cfg.gradient_checkpointing, false, &mut StepTimes::default());
+            local_gradients(&frozen.apply(model.clone()), &mut w.micro, w.micro_batches, size, seed, cfg.gradient_checkpointing, false, &mut StepTimes::default());
         let (grads, loss_sum) = all_reduce_step(Some(peer), &model, grads, loss_sum, &device)?;
         let grad_norm = global_grad_norm(&model, &grads);
         if loss_sum.is_finite() && grad_norm.is_finite() {
@@ -656,6 +658,8 @@ pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, resume: Option<&Path>, devic
     }
 
     let _autocast = autocast(cfg.compute_dtype());
+    // The frozen linear layers' casts, made on the first step (see `super::frozen`).
+    let mut frozen = FrozenCasts::new(cfg.compute_dtype());
     let mut last_checkpoint: Option<PathBuf> = resume_dir.clone();
     let mut data_report = DataReport::default();
     let run_started = Instant::now();
@@ -730,7 +734,7 @@ pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, resume: Option<&Path>, devic
                 // Dropout masks depend on the step only, so a resumed run draws the same ones.
                 let seed = dropout_seed(cfg, state.step, 0);
                 let (grads, loss_sum) =
-                    local_gradients(&model, &mut own, micro_batches, size, seed, cfg.gradient_checkpointing, poison, &mut times);
+                    local_gradients(&frozen.apply(model.clone()), &mut own, micro_batches, size, seed, cfg.gradient_checkpointing, poison, &mut times);
                 let norm_started = Instant::now();
                 let (grads, loss_sum) = all_reduce_step(peer, &model, grads, loss_sum, device)?;
                 let loss = loss_sum / micro_batches;
