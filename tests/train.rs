@@ -627,6 +627,7 @@ fn fused_optimizer_matches_burn_on_cuda() {
         ([64, 130], DType::F32, 0.01, true, 0.05),
         ([1, 1], DType::BF16, 0.1, false, 1e-8),
         ([600, 512], DType::F16, 0.1, false, 1e-8),
+        ([8, 1000], DType::BF16, 0.1, false, 1e-8),
     ]
     .into_iter()
     .enumerate()
