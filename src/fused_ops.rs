@@ -503,7 +503,8 @@ impl Operation<Runtime> for LayerNormBackward {
             );
             let dweight = empty(&x, [d], weight.dtype);
             let dbias = empty(&x, [d], weight.dtype);
-            launch(Kernel::BackwardParamsSum, code, vec![&partial_weight, &partial_bias, &dweight, &dbias], params, CubeCount::Static(columns, 1, 1));
+            let sum_blocks = d.div_ceil(32) as u32;
+            launch(Kernel::BackwardParamsSum, code, vec![&partial_weight, &partial_bias, &dweight, &dbias], params, CubeCount::Static(sum_blocks, 1, 1));
             grads.extend([dweight, dbias]);
         }
         for (output, tensor) in self.desc.outputs.iter().zip(grads) {

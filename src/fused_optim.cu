@@ -45,76 +45,18 @@ __device__ __forceinline__ float load_grad(const grad_t* g, i64 i) {
 // the memory's speed).
 #define UNROLL 4
 
-// Four consecutive gradient elements from a 16-byte (f32) or 8-byte (16-bit) aligned address.
-__device__ __forceinline__ void load_grad4(const grad_t* g, i64 i, float* out) {
-#if GRAD_TYPE == 0
-    const float4 v = *reinterpret_cast<const float4*>(g + i);
-    out[0] = v.x;
-    out[1] = v.y;
-    out[2] = v.z;
-    out[3] = v.w;
-#elif GRAD_TYPE == 1
-    const uint2 v = *reinterpret_cast<const uint2*>(g + i);
-    out[0] = __int_as_float((int)(v.x << 16));
-    out[1] = __int_as_float((int)(v.x & 0xffff0000u));
-    out[2] = __int_as_float((int)(v.y << 16));
-    out[3] = __int_as_float((int)(v.y & 0xffff0000u));
-#else
-#pragma unroll
-    for (int j = 0; j < 4; ++j) out[j] = load_grad(g, i + j);
-#endif
-}
-
-__device__ __forceinline__ bool aligned(const void* p, unsigned bytes) {
-    return (unsigned long long)p % bytes == 0;
-}
-
-// PyTorch's AdamW on one element (decoupled decay first, bias-corrected moments, epsilon
-// outside the root), in the order src/train/optim.rs's tensor version computes it.
-struct AdamW {
-    float decay, grad_scale, beta1, one_minus_beta1, beta2, one_minus_beta2, sqrt_bc2, epsilon, step_size;
-    __device__ __forceinline__ float update(float w, float g, float& m, float& v) const {
-        const float gs = g * grad_scale;
-        m = m * beta1 + gs * one_minus_beta1;
-        v = v * beta2 + gs * gs * one_minus_beta2;
-        const float denom = sqrtf(v) / sqrt_bc2 + epsilon;
-        return w * decay - m / denom * step_size;
-    }
-};
-
-// The outputs may be the inputs (updated in place): each element is read before it is written,
-// by the same thread.
+// PyTorch's AdamW (decoupled decay first, bias-corrected moments, epsilon outside the root),
+// in the order src/train/optim.rs's tensor version computes it. The outputs may be the inputs
+// (updated in place): each element is read before it is written, by the same thread.
 extern "C" __global__ void __launch_bounds__(256) adamw_step(
     const float* param, const grad_t* __restrict__ grad, const float* exp_avg, const float* exp_avg_sq,
     float* param_out, float* exp_avg_out, float* exp_avg_sq_out, const __grid_constant__ Params p) {
-    const AdamW adam = {word(p.decay), word(p.grad_scale), word(p.beta1), word(p.one_minus_beta1), word(p.beta2),
-                        word(p.one_minus_beta2), word(p.sqrt_bias_correction2), word(p.epsilon), word(p.step_size)};
+    const float decay = word(p.decay), grad_scale = word(p.grad_scale);
+    const float beta1 = word(p.beta1), one_minus_beta1 = word(p.one_minus_beta1);
+    const float beta2 = word(p.beta2), one_minus_beta2 = word(p.one_minus_beta2);
+    const float sqrt_bc2 = word(p.sqrt_bias_correction2), epsilon = word(p.epsilon), step_size = word(p.step_size);
     const i64 stride = (i64)gridDim.x * blockDim.x;
-    const i64 at = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-    // Four elements a thread by 16-byte loads and stores where every buffer allows: fewer,
-    // wider memory instructions than the scalar loop below (the same arithmetic, the same bits).
-    const bool by4 = p.n % 4 == 0 && aligned(param, 16) && aligned(grad, 4 * sizeof(grad_t)) && aligned(exp_avg, 16) &&
-                     aligned(exp_avg_sq, 16) && aligned(param_out, 16) && aligned(exp_avg_out, 16) && aligned(exp_avg_sq_out, 16);
-    if (by4) {
-        for (i64 q = at; q < p.n / 4; q += stride) {
-            float4 w = reinterpret_cast<const float4*>(param)[q];
-            float4 m = reinterpret_cast<const float4*>(exp_avg)[q];
-            float4 v = reinterpret_cast<const float4*>(exp_avg_sq)[q];
-            float g[4];
-            load_grad4(grad, 4 * q, g);
-            w.x = adam.update(w.x, g[0], m.x, v.x);
-            w.y = adam.update(w.y, g[1], m.y, v.y);
-            w.z = adam.update(w.z, g[2], m.z, v.z);
-            w.w = adam.update(w.w, g[3], m.w, v.w);
-            reinterpret_cast<float4*>(param_out)[q] = w;
-            reinterpret_cast<float4*>(exp_avg_out)[q] = m;
-            reinterpret_cast<float4*>(exp_avg_sq_out)[q] = v;
-        }
-        return;
-    }
-    // A thread takes UNROLL elements a grid-stride step apart and loads them all before using
-    // any, so that it has UNROLL of each load in flight.
-    for (i64 first = at; first < p.n; first += stride * UNROLL) {
+    for (i64 first = (i64)blockIdx.x * blockDim.x + threadIdx.x; first < p.n; first += stride * UNROLL) {
         float w[UNROLL], g[UNROLL], m[UNROLL], v[UNROLL];
 #pragma unroll
         for (int j = 0; j < UNROLL; ++j) {
@@ -129,9 +71,13 @@ extern "C" __global__ void __launch_bounds__(256) adamw_step(
         for (int j = 0; j < UNROLL; ++j) {
             const i64 i = first + j * stride;
             if (i >= p.n) continue;
-            param_out[i] = adam.update(w[j], g[j], m[j], v[j]);
-            exp_avg_out[i] = m[j];
-            exp_avg_sq_out[i] = v[j];
+            const float gs = g[j] * grad_scale;
+            const float mj = m[j] * beta1 + gs * one_minus_beta1;
+            const float vj = v[j] * beta2 + gs * gs * one_minus_beta2;
+            const float denom = sqrtf(vj) / sqrt_bc2 + epsilon;
+            param_out[i] = w[j] * decay - mj / denom * step_size;
+            exp_avg_out[i] = mj;
+            exp_avg_sq_out[i] = vj;
         }
     }
 }
@@ -156,19 +102,7 @@ extern "C" __global__ void __launch_bounds__(256) sum_squares_partial(
     const grad_t* __restrict__ grad, float* __restrict__ partials, const __grid_constant__ Params p) {
     float acc = 0.0f;
     const i64 stride = (i64)gridDim.x * blockDim.x;
-    const i64 at = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (p.n % 4 == 0 && aligned(grad, 4 * sizeof(grad_t))) {
-        // Four elements a thread by one wide load (the scalar loop below otherwise).
-        for (i64 q = at; q < p.n / 4; q += stride) {
-            float g[4];
-            load_grad4(grad, 4 * q, g);
-            acc += g[0] * g[0] + g[1] * g[1] + g[2] * g[2] + g[3] * g[3];
-        }
-        acc = block_sum(acc);
-        if (threadIdx.x == 0) partials[p.slot + blockIdx.x] = acc;
-        return;
-    }
-    for (i64 first = at; first < p.n; first += stride * UNROLL) {
+    for (i64 first = (i64)blockIdx.x * blockDim.x + threadIdx.x; first < p.n; first += stride * UNROLL) {
         float g[UNROLL];
 #pragma unroll
         for (int j = 0; j < UNROLL; ++j) g[j] = first + j * stride < p.n ? load_grad(grad, first + j * stride) : 0.0f;
