@@ -444,27 +444,12 @@ __device__ __forceinline__ int stage_mask(u8* tile, const u8* mask_bh, const Map
     } else
 #endif
     {
-        // Byte by byte (a tile at the bounds, or a mask rows the vector loads cannot take):
-        // eight loads in flight at a time. One at a time, each waited for before the next, this
-        // loop drew ~16% of the forward's stall samples at stage 1's 608 tokens, where the last
-        // block of queries stages every one of its tiles here.
-        constexpr int IN_FLIGHT = 8;
-        for (int i0 = threadIdx.x; i0 < TILE * TILE; i0 += IN_FLIGHT * BLOCK_THREADS) {
-            bool h[IN_FLIGHT];
-#pragma unroll
-            for (int j = 0; j < IN_FLIGHT; ++j) {
-                const int i = i0 + j * BLOCK_THREADS;
-                h[j] = i < TILE * TILE && hidden(mask_bh, p, q_first + i / TILE, k_first + i % TILE);
-            }
-#pragma unroll
-            for (int j = 0; j < IN_FLIGHT; ++j) {
-                const int i = i0 + j * BLOCK_THREADS;
-                if (i < TILE * TILE) {
-                    tile[(i / TILE) * MASK_ROW + i % TILE] = h[j];
-                    all &= h[j];
-                    any |= h[j];
-                }
-            }
+        for (int i = threadIdx.x; i < TILE * TILE; i += blockDim.x) {
+            const int r = i / TILE, c = i % TILE;
+            const bool h = hidden(mask_bh, p, q_first + r, k_first + c);
+            tile[r * MASK_ROW + c] = h;
+            all &= h;
+            any |= h;
         }
     }
     all = __syncthreads_and(all);
