@@ -37,6 +37,8 @@ type Runtime = FusionCubeRuntime<CudaRuntime>;
 /// Specialised on two element types (`CODE`, [`code`]).
 static SOURCE: KernelSource = KernelSource::new("CODE", include_str!("fused_ops.cu"));
 /// Threads per block (the launch bounds in the source); a warp per row, so eight rows a block.
+/// The chunk totals (`column_sum_total`, `layer_norm_backward_params_sum`) count on its eight
+/// warps too.
 const THREADS: u32 = 256;
 const ROWS_PER_BLOCK: usize = 8;
 /// Rows up to this wide take the block-per-row LayerNorm kernels (`WIDE_PER` elements a

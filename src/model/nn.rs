@@ -452,14 +452,22 @@ impl<B: Backend> Linear<B> {
 
     /// `layers` applied to the same input as one product: their outputs side by side.
     pub fn forward_stacked<const D: usize>(layers: &[&Self], x: Tensor<B, D>) -> Tensor<B, D> {
-        let weight = Tensor::cat(layers.iter().map(|l| l.weight.val()).collect(), 0);
+        // In the first weight's dtype: a frozen layer's may be cast already (`train::frozen`)
+        // where a trained one beside it is f32.
+        let dtype = layers.first().expect("at least one layer").weight.val().dtype();
+        let weight = Tensor::cat(layers.iter().map(|l| in_dtype(l.weight.val(), dtype)).collect(), 0);
         let bias = layers.iter().any(|l| l.bias.is_some()).then(|| {
-            let zeros = |l: &Self| Tensor::<B, 1>::zeros([l.weight.dims()[0]], &x.device()).cast(l.weight.val().dtype());
-            let part = |l: &Self| l.bias.as_ref().map_or_else(|| zeros(l), |b| b.val());
+            let zeros = |l: &Self| Tensor::<B, 1>::zeros([l.weight.dims()[0]], &x.device()).cast(dtype);
+            let part = |l: &Self| l.bias.as_ref().map_or_else(|| zeros(l), |b| in_dtype(b.val(), dtype));
             Tensor::cat(layers.iter().map(|l| part(l)).collect(), 0)
         });
         affine(x, weight.transpose(), bias)
     }
+}
+
+/// `t` in `dtype` (itself when it is already).
+fn in_dtype<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+    if t.dtype() == dtype { t } else { t.cast(dtype) }
 }
 
 /// GPT-2's `Conv1D`: a linear layer whose weight is stored `[in, out]`, optionally with a LoRA

@@ -30,8 +30,16 @@ impl<B: Backend> FrozenCasts<B> {
         Self { compute, cast: HashMap::new() }
     }
 
+    /// Makes the casts of `module`'s frozen linear parameters now (the trainer does it inside
+    /// `memory_persistent_allocations`, as for the weights themselves: resident for the run,
+    /// they belong in allocations of their own size, not in pages of cubecl's sliced pools).
+    pub fn prepare<M: Module<B>>(&mut self, module: M) {
+        let _ = self.apply(module);
+    }
+
     /// `module` with every frozen f32 linear weight and bias replaced by its cast to the
-    /// compute dtype. Parameters must not change between calls while frozen (a trainer's run).
+    /// compute dtype. A parameter must not change between calls while frozen, nor be frozen
+    /// again after training (its cast would be the old value): a trainer's run freezes once.
     pub fn apply<M: Module<B>>(&mut self, module: M) -> M {
         let Some(compute) = self.compute else { return module };
         module.map(&mut CastFrozen { compute, cast: &mut self.cast, containers: Vec::new() })
@@ -73,8 +81,11 @@ impl<B: Backend> ModuleMapper<B> for CastFrozen<'_, B> {
             return Param::from_mapped_value(id, tensor, mapper);
         }
         let compute = self.compute;
+        let dims = tensor.dims();
         let cast = self.cast.entry(id).or_insert_with(|| tensor.cast(compute).into_primitive()).clone();
-        Param::from_mapped_value(id, Tensor::from_primitive(cast), mapper)
+        let cast = Tensor::<B, D>::from_primitive(cast);
+        debug_assert_eq!(cast.dims(), dims, "the kept cast of parameter {id} has another shape: the parameter changed");
+        Param::from_mapped_value(id, cast, mapper)
     }
 }
 
@@ -150,7 +161,9 @@ mod tests {
         let block = &cast_model.transformer.h[0];
         assert_eq!(block.attn.c_attn.weight.val().dtype(), DType::BF16, "a frozen Conv1D weight is cast");
         assert_eq!(block.mlp.c_fc.bias.val().dtype(), DType::BF16, "a frozen Conv1D bias is cast");
-        assert_eq!(cast_model.vision_tower.vision_model.encoder.layers[0].self_attn.q_proj.weight.val().dtype(), DType::BF16, "a frozen Linear weight is cast");
+        let q_proj = &cast_model.vision_tower.vision_model.encoder.layers[0].self_attn.q_proj;
+        assert_eq!(q_proj.weight.val().dtype(), DType::BF16, "a frozen Linear weight is cast");
+        assert_eq!(q_proj.bias.as_ref().expect("CLIP's q_proj has a bias").val().dtype(), DType::BF16, "a frozen Linear's optional bias is cast");
         assert_eq!(block.ln_1.weight.val().dtype(), DType::F32, "LayerNorm is not cast");
         assert_eq!(cast_model.transformer.wte.weight.val().dtype(), DType::F32, "the embeddings are not cast");
         assert!(cast_model.mm_projector.linears.iter().all(|l| l.weight.val().dtype() == DType::F32), "the trained projector is not cast");

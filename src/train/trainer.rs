@@ -452,6 +452,18 @@ fn new_optimizer<B: Backend>(cfg: &TrainConfig) -> AdamW<B> {
     AdamW::new(AdamWConfig { beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, epsilon: cfg.adam_epsilon, weight_decay: cfg.weight_decay })
 }
 
+/// The frozen linear layers' casts for a run on `device` (see `super::frozen`), made now, in
+/// allocations of their own as the weights are.
+fn frozen_casts<B: AutodiffBackend>(model: &LlavaModel<B>, device: &B::Device, cfg: &TrainConfig) -> FrozenCasts<B> {
+    let make = |(mut frozen, model): (FrozenCasts<B>, LlavaModel<B>)| {
+        frozen.prepare(model);
+        // Queued casts run (and allocate) now, while allocations are persistent.
+        let _ = B::sync(device);
+        frozen
+    };
+    B::memory_persistent_allocations(device, (FrozenCasts::new(cfg.compute_dtype()), model.clone()), make)
+}
+
 /// The dropout seed of a step on a replica: it depends on the step (so a resumed run draws the
 /// same masks) and the replica (so replicas do not share masks). Hashed, so that no replica's
 /// micro-batch seed (`derive_seed` of this and the micro-batch's index) is another's.
@@ -479,7 +491,7 @@ fn replica_loop<B: AutodiffBackend>(
     register::<B::InnerBackend>(peer, device.clone(), collective).map_err(|e| anyhow::anyhow!("replica {rank}: joining the collective: {e:?}"))?;
     // The autocast guard is per thread.
     let _autocast = autocast(cfg.compute_dtype());
-    let mut frozen = FrozenCasts::new(cfg.compute_dtype());
+    let mut frozen = frozen_casts(&model, &device, &cfg);
     while let Ok(mut w) = work.recv() {
         let seed = dropout_seed(&cfg, w.step, rank);
         let (grads, loss_sum) =
@@ -658,8 +670,7 @@ pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, resume: Option<&Path>, devic
     }
 
     let _autocast = autocast(cfg.compute_dtype());
-    // The frozen linear layers' casts, made on the first step (see `super::frozen`).
-    let mut frozen = FrozenCasts::new(cfg.compute_dtype());
+    let mut frozen = frozen_casts(&model, device, cfg);
     let mut last_checkpoint: Option<PathBuf> = resume_dir.clone();
     let mut data_report = DataReport::default();
     let run_started = Instant::now();
