@@ -60,6 +60,41 @@ losses() {
     python3 -c "import json,sys; print(sys.argv[1].split('/')[-1], [round(json.loads(l)['loss'], 4) for l in open(sys.argv[1])])" $f
   done
 }
+# Every kernel of step 3 of each named stage, timed by Nsight Compute (gpu_kernel_profile.sh)
+# into $out/profile, each in at most CAP s (default 130) while keeping RESERVE s (default 300)
+# for what follows: stages...
+stage_kernels() {
+  local cap=${CAP:-130} reserve=${RESERVE:-300} stage t
+  for stage in "$@"; do
+    t=$(( $(left) - reserve )); [ $t -gt $cap ] && t=$cap
+    [ $t -lt 60 ] && { echo "== profile stage $stage: skipped, $(left) s left"; continue; }
+    echo "== stage $stage kernels ($((SECONDS - start)) s, $t s allowed)"
+    timeout $t bash model-import/scripts/gpu_kernel_profile.sh "$out/profile" $stage 3-3 2>&1 | grep -v "^==PROF==" | head -45
+    xz -9 "$out/profile/ncu-stage$stage.csv" 2>/dev/null
+    rm -f /tmp/llava-jp
+  done
+}
+# Where the flash kernels stall: one launch of each named kernel (forward, backward) at stage
+# 1's shape on /tmp/attention-bench, Nsight Compute's warp states, occupancy, memory and
+# per-SASS samples, each in at most CAP s (default 120) while keeping RESERVE s (default 30):
+# kinds...
+ncu_flash() {
+  local cap=${CAP:-120} reserve=${RESERVE:-30} k t
+  local ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+  for k in "$@"; do
+    t=$(( $(left) - reserve )); [ $t -gt $cap ] && t=$cap
+    [ $t -lt 30 ] && { echo "== ncu $k: skipped"; continue; }
+    timeout $t "$ncu" --kernel-name flash_attention_$k --launch-skip 4 --launch-count 1 --clock-control none \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section SourceCounters \
+      --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section InstructionStats --import-source no \
+      -o "$out/ncu-$k" -f /tmp/attention-bench --shapes stage1 --flash-train-only --iters 3 > "$out/ncu-$k.log" 2>&1
+    "$ncu" -i "$out/ncu-$k.ncu-rep" --page details --print-details all > "$out/ncu-$k.txt" 2>&1
+    "$ncu" -i "$out/ncu-$k.ncu-rep" --page source --csv --print-source sass > "$out/ncu-$k-sass.csv" 2> "$out/ncu-$k-sass.err"
+    xz -9 "$out/ncu-$k-sass.csv"
+    echo "== ncu $k ($((SECONDS - start)) s)"
+    grep -E "Duration|Warp Cycles Per Issued|Registers Per|Achieved Occupancy|Issue Slots Busy|Stall|Compute \(SM\) Throughput|Memory Throughput|L1/TEX Hit|Shared" "$out/ncu-$k.txt" | head -40
+  done
+}
 finish() {
   echo "total $((SECONDS - start)) s"
   tar czf "$final/$CALL-logs.tgz" -C "$out" .

@@ -18,7 +18,7 @@ use burn::module::{Module, ModuleMapper, Param, ParamId};
 use burn::prelude::*;
 use burn::tensor::{DType, TensorPrimitive};
 
-/// The cast weights of one run, by parameter id: made on the first step, reused after.
+/// The cast weights of one run, by parameter id: made before its first step, reused after.
 pub struct FrozenCasts<B: Backend> {
     compute: Option<DType>,
     cast: HashMap<ParamId, TensorPrimitive<B>>,
