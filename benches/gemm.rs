@@ -17,8 +17,9 @@ use llava_jp::model::nn::matmul;
 
 type B = Cuda<f32>;
 
-/// burn's product first (the reference), then cuBLASLt ordered on the device and by the host.
-const ROUTES: [GemmRoute; 3] = [GemmRoute::Burn, GemmRoute::CublasLt, GemmRoute::CublasLtHostOrdered];
+/// burn's product first (the reference), then cuBLASLt on cubecl's stream, ordered by the host,
+/// and ordered by flag kernels.
+const ROUTES: [GemmRoute; 4] = [GemmRoute::Burn, GemmRoute::CublasLt, GemmRoute::CublasLtHostOrdered, GemmRoute::CublasLtFlags];
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -47,7 +48,7 @@ fn main() {
         let w_out_in = Tensor::<B, 2>::random([n, k], Distribution::Normal(0.0, 0.02), &device).cast(dtype);
         let w_in_out = Tensor::<B, 2>::random([k, n], Distribution::Normal(0.0, 0.02), &device).cast(dtype);
         for (layout, w) in [("conv1d [in, out]", w_in_out), ("linear [out, in]^T", w_out_in.transpose())] {
-            let mut seconds = [0.0f64; 3];
+            let mut seconds = [0.0f64; ROUTES.len()];
             let mut products = Vec::new();
             for (i, route) in ROUTES.into_iter().enumerate() {
                 llava_jp::cublaslt::set_route(route);
@@ -71,10 +72,10 @@ fn main() {
                 "{}",
                 serde_json::json!({
                     "m": m, "k": k, "n": n, "layout": layout, "dtype": format!("{dtype:?}"),
-                    "burn_ms": seconds[0] * 1e3, "cublaslt_ms": seconds[1] * 1e3, "cublaslt_sync_ms": seconds[2] * 1e3,
+                    "burn_ms": seconds[0] * 1e3, "cublaslt_ms": seconds[1] * 1e3, "cublaslt_sync_ms": seconds[2] * 1e3, "cublaslt_flags_ms": seconds[3] * 1e3,
                     "burn_tflops": tflops(seconds[0]), "cublaslt_tflops": tflops(seconds[1]),
                     "speedup": seconds[0] / seconds[1],
-                    "max_abs_diff": diff(1), "max_abs_diff_sync": diff(2), "max_abs_burn": scale,
+                    "max_abs_diff": diff(1), "max_abs_diff_sync": diff(2), "max_abs_diff_flags": diff(3), "max_abs_burn": scale,
                 })
             );
         }

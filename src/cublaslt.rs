@@ -4,8 +4,16 @@
 //! burn's CUDA backend, for inference and for training alike, unless `LLAVA_JP_GEMM=burn` is
 //! set or libcublasLt cannot be loaded ([`enabled`]). Every other backend keeps burn's path.
 //!
-//! cubecl 0.10 does not hand out the CUDA stream it runs on, so the product runs on a stream of
-//! its own, ordered against cubecl's on the device, the host never waiting: a one-thread kernel
+//! The product is queued from cubecl's device thread, in order with cubecl's own launches. By
+//! default it goes on cubecl's own CUDA stream, so that stream order is all the ordering
+//! needed. cubecl 0.10 does not hand that stream out; CUPTI shows it, once per cubecl stream,
+//! as the stream of a no-op kernel launched through cubecl ([`crate::cupti`]).
+//!
+//! Where CUPTI cannot tell (no libcupti, or a profiler holding its subscription), and under
+//! `LLAVA_JP_GEMM=cublaslt-flags`, the product runs on a stream of its own, ordered against
+//! cubecl's on the device, the host never waiting. That costs ~20 µs of hand-off a product and a
+//! spinning block on one SM while the product runs (a full-size stage-2 step lost ~17 ms to
+//! them, `model-import/results/kernel-timeline-2026-12-06/`). The ordering: a one-thread kernel
 //! queued on cubecl's stream sets a flag in device memory once everything before it (the
 //! operands) is written; a one-thread kernel on cuBLASLt's stream spins until it sees that flag,
 //! then the product runs, then another one-thread kernel sets a second flag; a one-thread kernel
@@ -87,18 +95,21 @@ const WORKSPACE_BYTES: usize = 32 << 20;
 pub enum GemmRoute {
     /// burn's own product (cubecl's GEMM).
     Burn,
-    /// cuBLASLt, ordered against cubecl's stream on the device (flag kernels).
+    /// cuBLASLt on cubecl's own stream where CUPTI shows which it is ([`crate::cupti`]),
+    /// else as [`GemmRoute::CublasLtFlags`].
     CublasLt,
     /// cuBLASLt between two host waits (cubecl's queue drained before, cuBLASLt's stream
     /// after): the simple ordering, kept to compare against.
     CublasLtHostOrdered,
+    /// cuBLASLt on a stream of its own, ordered against cubecl's on the device by flag kernels.
+    CublasLtFlags,
 }
 
 impl GemmRoute {
     /// The routes, in `NAMES`' order (the default is `default_route`'s pick).
-    const ALL: [GemmRoute; 3] = [GemmRoute::Burn, GemmRoute::CublasLt, GemmRoute::CublasLtHostOrdered];
+    const ALL: [GemmRoute; 4] = [GemmRoute::Burn, GemmRoute::CublasLt, GemmRoute::CublasLtHostOrdered, GemmRoute::CublasLtFlags];
     /// `LLAVA_JP_GEMM`'s spellings, in `ALL`'s order.
-    const NAMES: [&'static str; 3] = ["burn", "cublaslt", "cublaslt-sync"];
+    const NAMES: [&'static str; 4] = ["burn", "cublaslt", "cublaslt-sync", "cublaslt-flags"];
 
     fn index(self) -> usize {
         Self::ALL.iter().position(|r| *r == self).expect("a listed route")
@@ -142,6 +153,16 @@ pub fn route_now() -> GemmRoute {
 /// Sets the route for the whole process (benchmarks compare them), over `LLAVA_JP_GEMM`.
 pub fn set_route(route: GemmRoute) {
     ROUTE.set(route.index());
+}
+
+/// How many of the cubecl streams that queued products on CUDA device `index` so far had them
+/// run on cubecl's own CUDA stream, and how many on a stream of their own ordered by flags
+/// (where CUPTI could not tell which stream cubecl's was).
+pub fn cubecl_streams_found(index: usize) -> (usize, usize) {
+    let Some(dev) = devices().lock().unwrap_or_else(|p| p.into_inner()).get(&index).cloned() else { return (0, 0) };
+    let guard = dev.lock().unwrap_or_else(|p| p.into_inner());
+    let found = guard.cubecl_streams.values().filter(|s| s.is_some()).count();
+    (found, guard.cubecl_streams.len() - found)
 }
 
 pub(crate) use crate::backend::downcast;
@@ -401,6 +422,9 @@ struct Device {
     plans: HashMap<Problem, Plan>,
     /// The device-ordered mode's flags, made on its first product.
     flags: Option<Flags>,
+    /// cubecl's CUDA stream for each cubecl stream id products came from (`None`: not found,
+    /// those products take the flags), found on the first product from each.
+    cubecl_streams: HashMap<u64, Option<CubeclStream>>,
     /// Work handed to cubecl's device thread for this GPU.
     queue: DeviceHandle<OnCubeclThread>,
 }
@@ -550,13 +574,66 @@ fn open(index: usize) -> Result<Device, String> {
     // cubecl's compute service runs at the same (default, downstream) stage, so this shares its
     // thread.
     let queue = DeviceHandle::<OnCubeclThread>::new(burn_cubecl::cubecl::device::Device::to_id(&burn_cubecl::cubecl::cuda::CudaDevice { index }));
-    Ok(Device { context, stream, handle, workspace, plans: HashMap::new(), flags: None, queue })
+    Ok(Device { context, stream, handle, workspace, plans: HashMap::new(), flags: None, cubecl_streams: HashMap::new(), queue })
 }
 
 /// The largest power of two (up to 256) that divides a device address: what the algorithm
 /// heuristic must assume about an operand's alignment.
 fn alignment(ptr: u64) -> u32 {
     (1u64 << ptr.trailing_zeros().min(8)) as u32
+}
+
+/// A CUDA stream of cubecl's (its `CUstream`) and a workspace for the products queued on it.
+#[derive(Debug, Clone, Copy)]
+struct CubeclStream {
+    stream: usize,
+    workspace: u64,
+}
+
+/// cubecl's CUDA stream for the products of the calling thread's cubecl stream: found once per
+/// cubecl stream id by launching a no-op kernel through cubecl on its device thread, where the
+/// launch is made at once, with CUPTI watching ([`crate::cupti::launch_stream`]). `None` (said
+/// once on stderr) where CUPTI cannot tell: those products take the flags.
+fn cubecl_stream(dev: &Mutex<Device>, client: &Client, index: usize) -> Result<Option<CubeclStream>, String> {
+    use burn_cubecl::cubecl::stream_id::StreamId;
+    // A task submitted to cubecl's device thread runs under its submitter's stream id, and the
+    // product's closure is submitted from this thread: the key the product will launch under.
+    let key = StreamId::current().value;
+    let queue = {
+        let guard = dev.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(found) = guard.cubecl_streams.get(&key) {
+            return Ok(*found);
+        }
+        guard.queue.clone()
+    };
+    let (marker_client, argument) = (client.clone(), client.empty(8));
+    let seen = queue
+        .submit_blocking(move |_: &mut OnCubeclThread| {
+            crate::cupti::launch_stream(|| {
+                use burn_cubecl::cubecl::prelude::CubeCount;
+                use burn_cubecl::cubecl::server::{KernelArguments, MetadataBindingInfo};
+                let mut args = KernelArguments::new();
+                args.buffers = vec![argument.binding()];
+                args.info = MetadataBindingInfo::new(vec![0, 0, 0], 3);
+                marker_client.launch(Box::new(FlagKernel::StreamMarker), CubeCount::Static(1, 1, 1), args);
+            })
+        })
+        .map_err(|e| format!("cubecl's device thread for CUDA device {index}: {e:?}"))?;
+    let found = match seen {
+        Ok(stream) => {
+            let context = dev.lock().unwrap_or_else(|p| p.into_inner()).context.clone();
+            context.bind_to_thread().map_err(|e| format!("CUDA device {index}: {e}"))?;
+            // SAFETY: a plain allocation in the bound context, kept for the process.
+            let workspace = unsafe { cudarc::driver::result::malloc_sync(WORKSPACE_BYTES) }
+                .map_err(|e| format!("cuBLASLt's {WORKSPACE_BYTES}-byte workspace on CUDA device {index}: {e}"))?;
+            Some(CubeclStream { stream, workspace })
+        }
+        Err(why) => {
+            eprintln!("cuBLASLt products on CUDA device {index} run on a stream of their own, ordered by flag kernels: cubecl's stream is not known ({why})");
+            None
+        }
+    };
+    Ok(*dev.lock().unwrap_or_else(|p| p.into_inner()).cubecl_streams.entry(key).or_insert(found))
 }
 
 fn gemm(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>, out_dtype: DType, bias: Option<CubeTensor<CudaRuntime>>) -> Result<CubeTensor<CudaRuntime>, String> {
@@ -591,9 +668,14 @@ fn gemm(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>, out_dtype: DType
     let (x, y) = (operand(b), operand(a));
     let dev = self::device(device.index)?;
     let route = route_now();
+    let on_cubecl = match route {
+        GemmRoute::CublasLt => cubecl_stream(&dev, &client, device.index)?,
+        _ => None,
+    };
+    let flagged = matches!(route, GemmRoute::CublasLt | GemmRoute::CublasLtFlags) && on_cubecl.is_none();
     let (queue, context, stream, needs_flags) = {
         let guard = dev.lock().unwrap_or_else(|p| p.into_inner());
-        (guard.queue.clone(), guard.context.clone(), guard.stream.clone(), route == GemmRoute::CublasLt && guard.flags.is_none())
+        (guard.queue.clone(), guard.context.clone(), guard.stream.clone(), flagged && guard.flags.is_none())
     };
     if needs_flags {
         // Made (and self-tested, with host waits) before the first product is queued, without
@@ -616,7 +698,7 @@ fn gemm(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>, out_dtype: DType
     let (task_client, task_dev, memory) = (client.clone(), dev.clone(), out.memory.clone());
     let index = device.index;
     queue.submit(move |_: &mut OnCubeclThread| {
-        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| enqueue(&task_client, &task_dev, route, (x, y, bias.as_ref()), memory, ldd, (m, n, k), (data_type, out_type))));
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| enqueue(&task_client, &task_dev, (route, on_cubecl), (x, y, bias.as_ref()), memory, ldd, (m, n, k), (data_type, out_type))));
         let why = match run {
             Ok(Ok(())) => return,
             Ok(Err(e)) => e,
@@ -634,7 +716,7 @@ fn gemm(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>, out_dtype: DType
 fn enqueue(
     client: &Client,
     dev: &Mutex<Device>,
-    route: GemmRoute,
+    (route, on_cubecl): (GemmRoute, Option<CubeclStream>),
     (x, y, bias): (Operand, Operand, Option<&CubeTensor<CudaRuntime>>),
     out: burn_cubecl::cubecl::server::Handle,
     ldd: i64,
@@ -656,7 +738,8 @@ fn enqueue(
     dev.context.bind_to_thread().map_err(|e| format!("CUDA device: {e}"))?;
     // Ordered on the device: cuBLASLt's stream waits for the flag a kernel launched now on
     // cubecl's stream will set (launched, not just queued: this runs on cubecl's thread).
-    let order = match route == GemmRoute::CublasLt {
+    let flagged = on_cubecl.is_none() && matches!(route, GemmRoute::CublasLt | GemmRoute::CublasLtFlags);
+    let order = match flagged {
         false => None,
         true => {
             let flags = dev.flags.as_mut().expect("made before the hand-off");
@@ -682,16 +765,23 @@ fn enqueue(
     };
     // SAFETY: the plan's descriptors describe these operands (the problem is their key);
     // pointers come from live cubecl allocations, sized by their shapes, that cubecl hands on
-    // only after the product is written (host-ordered: the resources are held until cuBLASLt's
-    // stream has finished; device-ordered: cubecl's stream waits for the product's flag before
-    // anything it queues later); the workspace is used on this stream alone.
-    let run = unsafe { plan.run(dev.handle, (px, py, pd), pb, dev.workspace, dev.stream.cu_stream() as sys::cudaStream_t) };
+    // only after the product is written (on cubecl's stream: stream order; host-ordered: the
+    // resources are held until cuBLASLt's stream has finished; flag-ordered: cubecl's stream
+    // waits for the product's flag before anything it queues later); each workspace is used on
+    // one stream alone.
+    let (workspace, on_stream) = match on_cubecl {
+        Some(found) => (found.workspace, found.stream as sys::cudaStream_t),
+        None => (dev.workspace, dev.stream.cu_stream() as sys::cudaStream_t),
+    };
+    let run = unsafe { plan.run(dev.handle, (px, py, pd), pb, workspace, on_stream) };
     if let Err(e) = run {
         // A failed launch leaves the wait kernel spinning for nothing it can miss (its ready
         // flag is launched), so cubecl's stream need not be told anything.
         return Err(format!("cublasLtMatmul for {problem:?}: {e}"));
     }
     match order {
+        // On cubecl's stream, in order with its kernels as they are launched from this thread.
+        None if on_cubecl.is_some() => {}
         Some(seq) => {
             trace(seq, "product queued");
             let flags = dev.flags.as_ref().expect("made above");
@@ -879,6 +969,10 @@ extern "C" __global__ void __launch_bounds__(32) cublaslt_operands_ready(u64* fl
     *(volatile u64*)(flags + p.slot) = p.seq;
 }
 
+// Does nothing: launched once per cubecl stream, for CUPTI to show which CUDA stream that is
+// (src/cupti.rs), so that products can be queued on it.
+extern "C" __global__ void __launch_bounds__(32) cublaslt_stream_marker(u64* flags, const __grid_constant__ Params p) {}
+
 // Hold cubecl's stream until cuBLASLt's stream has written the product (done[slot]).
 extern "C" __global__ void __launch_bounds__(32) cublaslt_product_done(u64* flags, const __grid_constant__ Params p) {
     if (threadIdx.x != 0) return;
@@ -898,6 +992,7 @@ extern "C" __global__ void __launch_bounds__(32) cublaslt_product_done(u64* flag
 enum FlagKernel {
     OperandsReady,
     ProductDone,
+    StreamMarker,
 }
 
 impl FlagKernel {
@@ -905,6 +1000,7 @@ impl FlagKernel {
         match self {
             FlagKernel::OperandsReady => "cublaslt_operands_ready",
             FlagKernel::ProductDone => "cublaslt_product_done",
+            FlagKernel::StreamMarker => "cublaslt_stream_marker",
         }
     }
 }

@@ -7,6 +7,8 @@ pub mod backend;
 pub mod cublaslt;
 #[cfg(feature = "cuda")]
 pub mod cuda_kernel;
+#[cfg(feature = "cuda")]
+pub mod cupti;
 pub mod config;
 pub mod data;
 pub mod demo;

@@ -1223,6 +1223,65 @@ fn precast_frozen_weights_match_on_cuda() {
     }
 }
 
+/// cuBLASLt's products queued on cubecl's own stream (found through CUPTI) give the same bits as
+/// on a stream of their own ordered by flag kernels, through a chain where every product reads
+/// the one before through burn's kernels (a cast, GELU) and whose temporaries are freed and
+/// reused as it goes: forward and backward under bf16 autocast, 40 layers, with widths that
+/// change so that each product's memory comes from another size class. A product that ran
+/// before its operands were written, or after its output was read, would change the bits.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs a CUDA GPU (and libcupti)"]
+fn cublaslt_on_cubecl_stream_matches_the_flag_route_on_cuda() {
+    use burn::backend::cuda::CudaDevice;
+    use burn::tensor::activation::gelu;
+    use burn::tensor::{DType, Distribution};
+    use llava_jp::cublaslt::{cubecl_streams_found, set_route, GemmRoute};
+    use llava_jp::model::nn::{affine, autocast};
+    type A = Autodiff<burn::backend::Cuda<f32>>;
+    let device = CudaDevice::new(0);
+    let _bf16 = autocast(Some(DType::BF16));
+    let widths = [512usize, 1536, 768, 2048, 512];
+    let layers = 40;
+    let weights: Vec<_> = (0..layers)
+        .map(|l| {
+            let (k, n) = (widths[l % widths.len()], widths[(l + 1) % widths.len()]);
+            (Tensor::<A, 2>::random([k, n], Distribution::Normal(0.0, 0.03), &device).into_data(), Tensor::<A, 1>::random([n], Distribution::Normal(0.0, 0.1), &device).into_data())
+        })
+        .collect();
+    let x_data = Tensor::<A, 2>::random([700, widths[0]], Distribution::Normal(0.0, 1.0), &device).into_data();
+    let run = |route: GemmRoute| {
+        set_route(route);
+        let params: Vec<_> = weights.iter().map(|(w, b)| (Tensor::<A, 2>::from_data(w.clone(), &device).require_grad(), Tensor::<A, 1>::from_data(b.clone(), &device).require_grad())).collect();
+        let x = Tensor::<A, 2>::from_data(x_data.clone(), &device).require_grad();
+        let mut h = x.clone();
+        for (w, b) in &params {
+            h = gelu(affine(h.clone(), w.clone(), Some(b.clone())).cast(DType::F32));
+        }
+        let grads = (h.clone() * h.clone()).mean().backward();
+        let mut out = vec![f32s(h.into_data()), f32s(x.grad(&grads).expect("the input's gradient").into_data())];
+        for (w, b) in &params {
+            out.push(f32s(w.grad(&grads).expect("a weight's gradient").into_data()));
+            out.push(f32s(b.grad(&grads).expect("a bias's gradient").into_data()));
+        }
+        out
+    };
+    let flagged = run(GemmRoute::CublasLtFlags);
+    let same_stream = run(GemmRoute::CublasLt);
+    let (found, flagged_streams) = cubecl_streams_found(0);
+    assert!(found >= 1 && flagged_streams == 0, "products ran on cubecl's stream for {found} cubecl stream(s), on flags for {flagged_streams}: is libcupti on the loader's path (or LLAVA_JP_CUPTI set)? The stderr line says why");
+    for (i, (got, want)) in same_stream.iter().zip(&flagged).enumerate() {
+        let what = match i {
+            0 => "the output".to_string(),
+            1 => "the input's gradient".to_string(),
+            i => format!("layer {}'s {} gradient", (i - 2) / 2, if i % 2 == 0 { "weight" } else { "bias" }),
+        };
+        assert!(got.iter().all(|v| v.is_finite()), "{what}: not finite");
+        assert_eq!(got, want, "{what}: cubecl's stream and the flag route differ");
+    }
+    set_route(GemmRoute::CublasLt);
+}
+
 /// The head and its cross-entropy by chunks of the vocabulary (`linear_cross_entropy`, never
 /// the whole logits) against the same sums written with burn's operations (f32 logits of the
 /// operands rounded to bf16, then burn's log-softmax and gather), on `Autodiff<Cuda<f32>>`
