@@ -238,35 +238,50 @@ extern "C" __global__ void __launch_bounds__(256) layer_norm_backward_params_par
     partial_bias[chunk * p.d + col] = db;
 }
 
-// The partial sums over the chunks: dweight, dbias [d] in the element type. A block takes 32
-// columns: each of its eight warps adds every eighth chunk in order, then the eight sums are
-// added in warp order (a fixed order, as `column_sum_total`, and for the same reason: one
-// thread a column walking every chunk left 2048 threads each with ~2 x 128 loads in a row).
+// The totals over `p.chunks` chunks of N sets of partial sums (`partials[n]`: [chunks, p.d],
+// f32) for the 32 columns of this block of 256 threads: each of its eight warps adds every
+// eighth chunk (warp w: chunks w, w + 8, ...) in order, then warp 0 adds the eight sums in warp
+// order. A fixed order, so the same partial sums give the same bits. (One thread a column
+// walking every chunk left the GPU mostly idle: 6144 threads for c_attn's bias, each with 128
+// loads in a row.) True in the lanes of warp 0 whose column `col` is inside, with `total` set.
+template <int N>
+__device__ __forceinline__ bool chunk_totals(const float* const (&partials)[N], const Params& p, i64& col, float (&total)[N]) {
+    __shared__ float sums[N][8][33];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    col = (i64)blockIdx.x * 32 + lane;
+    float s[N];
+#pragma unroll
+    for (int n = 0; n < N; ++n) s[n] = 0.0f;
+    if (col < p.d) {
+        for (i64 c = warp; c < p.chunks; c += 8) {
+#pragma unroll
+            for (int n = 0; n < N; ++n) s[n] += partials[n][c * p.d + col];
+        }
+    }
+#pragma unroll
+    for (int n = 0; n < N; ++n) sums[n][warp][lane] = s[n];
+    __syncthreads();
+    if (warp != 0 || col >= p.d) return false;
+#pragma unroll
+    for (int n = 0; n < N; ++n) {
+        total[n] = 0.0f;
+#pragma unroll
+        for (int w = 0; w < 8; ++w) total[n] += sums[n][w][lane];
+    }
+    return true;
+}
+
+// The partial sums over the chunks: dweight, dbias [d] in the element type, by `chunk_totals`
+// (a fixed order: the same partial sums give the same bits).
 extern "C" __global__ void __launch_bounds__(256) layer_norm_backward_params_sum(
     const float* __restrict__ partial_weight, const float* __restrict__ partial_bias,
     elem_t* __restrict__ dweight, elem_t* __restrict__ dbias, const __grid_constant__ Params p) {
-    __shared__ float sums[2][8][33];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const i64 col = (i64)blockIdx.x * 32 + lane;
-    float dw = 0.0f, db = 0.0f;
-    if (col < p.d) {
-        for (i64 c = warp; c < p.chunks; c += 8) {
-            dw += partial_weight[c * p.d + col];
-            db += partial_bias[c * p.d + col];
-        }
-    }
-    sums[0][warp][lane] = dw;
-    sums[1][warp][lane] = db;
-    __syncthreads();
-    if (warp == 0 && col < p.d) {
-        float w_total = 0.0f, b_total = 0.0f;
-#pragma unroll
-        for (int w = 0; w < 8; ++w) {
-            w_total += sums[0][w][lane];
-            b_total += sums[1][w][lane];
-        }
-        store(dweight, col, w_total);
-        store(dbias, col, b_total);
+    const float* partials[2] = {partial_weight, partial_bias};
+    float total[2];
+    i64 col;
+    if (chunk_totals<2>(partials, p, col, total)) {
+        store(dweight, col, total[0]);
+        store(dbias, col, total[1]);
     }
 }
 
@@ -554,27 +569,13 @@ extern "C" __global__ void __launch_bounds__(256) column_sum_partial(
     if (two) partial[chunk * p.d + col + 1] = s1;
 }
 
-// A block takes 32 columns: each of its eight warps adds every eighth chunk (warp w: chunks
-// w, w + 8, ...) in order, then the eight sums are added in warp order. A fixed order, so the
-// same partial sums give the same bits. (One thread a column walking every chunk left the
-// GPU mostly idle: 6144 threads for c_attn's bias, each with 128 loads in a row.)
+// The chunks' partial sums added up, by `chunk_totals`.
 extern "C" __global__ void __launch_bounds__(256) column_sum_total(
     const float* __restrict__ partial, other_t* __restrict__ out, const __grid_constant__ Params p) {
-    __shared__ float sums[8][33];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const i64 col = (i64)blockIdx.x * 32 + lane;
-    float s = 0.0f;
-    if (col < p.d) {
-        for (i64 c = warp; c < p.chunks; c += 8) s += partial[c * p.d + col];
-    }
-    sums[warp][lane] = s;
-    __syncthreads();
-    if (warp == 0 && col < p.d) {
-        float total = 0.0f;
-#pragma unroll
-        for (int w = 0; w < 8; ++w) total += sums[w][lane];
-        store(out, col, total);
-    }
+    const float* partials[1] = {partial};
+    float total[1];
+    i64 col;
+    if (chunk_totals<1>(partials, p, col, total)) store(out, col, total[0]);
 }
 
 // ---- Embedding backward: out[ids[r]] += dy[r] for each of the p.rows rows of dy ([rows, p.d],

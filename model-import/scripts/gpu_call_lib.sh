@@ -95,6 +95,23 @@ ncu_flash() {
     grep -E "Duration|Warp Cycles Per Issued|Registers Per|Achieved Occupancy|Issue Slots Busy|Stall|Compute \(SM\) Throughput|Memory Throughput|L1/TEX Hit|Shared" "$out/ncu-$k.txt" | head -40
   done
 }
+# A train_run of ours alone under the kernel timeline (kernel_timeline.c; .dev/cupti/ carries
+# libkernel_timeline.so and libcupti.so.12.xz), then kernel_timeline.py's report of the steps
+# asked for: name, stage, steps, first-last step reported, [env...].
+timeline() {
+  local name=$1 stage=$2 steps=$3 range=$4; shift 4
+  mkdir -p /tmp/cupti
+  [ -e /tmp/cupti/libcupti.so.12 ] || xz -dc .dev/cupti/libcupti.so.12.xz > /tmp/cupti/libcupti.so.12
+  cp .dev/cupti/libkernel_timeline.so /tmp/cupti/
+  # One CUPTI in the process: the product's stream search (src/cupti.rs) loads the same library.
+  train_run $name $stage $steps TORCH=0 CUDA_INJECTION64_PATH=/tmp/cupti/libkernel_timeline.so \
+    KERNEL_TIMELINE_OUT=$out/$name.tsv LD_LIBRARY_PATH=/tmp/cupti:$LD_LIBRARY_PATH LLAVA_JP_CUPTI=/tmp/cupti/libcupti.so.12 "$@"
+  local f=$(ls -S $out/$name.tsv.* 2>/dev/null | head -1)
+  [ -n "$f" ] || { echo "== $name: no timeline written"; return; }
+  python3 model-import/scripts/kernel_timeline.py "$f" --steps $range --top 25 > "$out/$name-idle.txt"
+  head -${TIMELINE_LINES:-20} "$out/$name-idle.txt"
+  xz -T4 -6 "$f"
+}
 finish() {
   echo "total $((SECONDS - start)) s"
   tar czf "$final/$CALL-logs.tgz" -C "$out" .

@@ -3,7 +3,7 @@
 # tree and packs them, stripped and xz-compressed, into .dev/ (git-ignored; the device tool's
 # `carry` takes it, 64 MiB in all): llava-jp.xz, train-test.xz (tests/train.rs),
 # backend-fuzz.xz, attention-bench.xz, bench-train.xz, graph-decode-test.xz (tests/graph_decode.rs,
-# not packed by default). NAMES="llava-jp train-test" packs only
+# not packed by default), bench-generate.xz (benches/generate.rs, not packed by default). NAMES="llava-jp train-test" packs only
 # those; PACK_DIR=dir packs into dir instead of .dev (while a GPU call may be carrying .dev).
 # One cargo build at a time: run it alone.
 #   usage (repository root): bash model-import/scripts/pack_gpu_binaries.sh
@@ -29,7 +29,8 @@ for name in $names; do
     attention-bench) bin=$(cargo bench --bench attention --no-run --message-format json | executable attention) ;;
     bench-train) bin=$(cargo bench --bench train --no-run --message-format json | executable train) ;;
     graph-decode-test) bin=$(cargo test --release --test graph_decode --no-run --message-format json | executable graph_decode) ;;
-    *) echo "unknown binary $name: expected llava-jp, train-test, backend-fuzz, attention-bench, bench-train or graph-decode-test" >&2; exit 1 ;;
+    bench-generate) bin=$(cargo bench --bench generate --no-run --message-format json | executable generate) ;;
+    *) echo "unknown binary $name: expected llava-jp, train-test, backend-fuzz, attention-bench, bench-train, graph-decode-test or bench-generate" >&2; exit 1 ;;
   esac
   [ -x "$bin" ] || { echo "$name: cargo reported no executable" >&2; exit 1; }
   strip -o "/tmp/pack-$name" "$bin"

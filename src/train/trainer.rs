@@ -454,14 +454,14 @@ fn new_optimizer<B: Backend>(cfg: &TrainConfig) -> AdamW<B> {
 
 /// The frozen linear layers' casts for a run on `device` (see `super::frozen`), made now, in
 /// allocations of their own as the weights are.
-fn frozen_casts<B: AutodiffBackend>(model: &LlavaModel<B>, device: &B::Device, cfg: &TrainConfig) -> FrozenCasts<B> {
+fn frozen_casts<B: AutodiffBackend>(model: &LlavaModel<B>, device: &B::Device, cfg: &TrainConfig) -> anyhow::Result<FrozenCasts<B>> {
     let make = |(mut frozen, model): (FrozenCasts<B>, LlavaModel<B>)| {
         frozen.prepare(model);
         // Queued casts run (and allocate) now, while allocations are persistent.
-        let _ = B::sync(device);
-        frozen
+        B::sync(device).map(|_| frozen)
     };
     B::memory_persistent_allocations(device, (FrozenCasts::new(cfg.compute_dtype()), model.clone()), make)
+        .map_err(|e| anyhow::anyhow!("casting the frozen layers' weights to {:?} on {device:?}: {e:?}", cfg.compute_dtype()))
 }
 
 /// The dropout seed of a step on a replica: it depends on the step (so a resumed run draws the
@@ -491,7 +491,7 @@ fn replica_loop<B: AutodiffBackend>(
     register::<B::InnerBackend>(peer, device.clone(), collective).map_err(|e| anyhow::anyhow!("replica {rank}: joining the collective: {e:?}"))?;
     // The autocast guard is per thread.
     let _autocast = autocast(cfg.compute_dtype());
-    let mut frozen = frozen_casts(&model, &device, &cfg);
+    let mut frozen = frozen_casts(&model, &device, &cfg)?;
     while let Ok(mut w) = work.recv() {
         let seed = dropout_seed(&cfg, w.step, rank);
         let (grads, loss_sum) =
@@ -670,7 +670,7 @@ pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, resume: Option<&Path>, devic
     }
 
     let _autocast = autocast(cfg.compute_dtype());
-    let mut frozen = frozen_casts(&model, device, cfg);
+    let mut frozen = frozen_casts(&model, device, cfg)?;
     let mut last_checkpoint: Option<PathBuf> = resume_dir.clone();
     let mut data_report = DataReport::default();
     let run_started = Instant::now();
