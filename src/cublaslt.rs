@@ -425,6 +425,9 @@ struct Device {
     /// cubecl's CUDA stream for each cubecl stream id products came from (`None`: not found,
     /// those products take the flags), found on the first product from each.
     cubecl_streams: HashMap<u64, Option<CubeclStream>>,
+    /// A workspace for each of cubecl's CUDA streams products run on (several stream ids share
+    /// a stream, and its products run one after another).
+    stream_workspaces: HashMap<usize, u64>,
     /// Work handed to cubecl's device thread for this GPU.
     queue: DeviceHandle<OnCubeclThread>,
 }
@@ -574,7 +577,7 @@ fn open(index: usize) -> Result<Device, String> {
     // cubecl's compute service runs at the same (default, downstream) stage, so this shares its
     // thread.
     let queue = DeviceHandle::<OnCubeclThread>::new(burn_cubecl::cubecl::device::Device::to_id(&burn_cubecl::cubecl::cuda::CudaDevice { index }));
-    Ok(Device { context, stream, handle, workspace, plans: HashMap::new(), flags: None, cubecl_streams: HashMap::new(), queue })
+    Ok(Device { context, stream, handle, workspace, plans: HashMap::new(), flags: None, cubecl_streams: HashMap::new(), stream_workspaces: HashMap::new(), queue })
 }
 
 /// The largest power of two (up to 256) that divides a device address: what the algorithm
@@ -621,11 +624,17 @@ fn cubecl_stream(dev: &Mutex<Device>, client: &Client, index: usize) -> Result<O
         .map_err(|e| format!("cubecl's device thread for CUDA device {index}: {e:?}"))?;
     let found = match seen {
         Ok(stream) => {
-            let context = dev.lock().unwrap_or_else(|p| p.into_inner()).context.clone();
-            context.bind_to_thread().map_err(|e| format!("CUDA device {index}: {e}"))?;
-            // SAFETY: a plain allocation in the bound context, kept for the process.
-            let workspace = unsafe { cudarc::driver::result::malloc_sync(WORKSPACE_BYTES) }
-                .map_err(|e| format!("cuBLASLt's {WORKSPACE_BYTES}-byte workspace on CUDA device {index}: {e}"))?;
+            let mut guard = dev.lock().unwrap_or_else(|p| p.into_inner());
+            let workspace = match guard.stream_workspaces.get(&stream) {
+                Some(workspace) => *workspace,
+                None => {
+                    guard.context.bind_to_thread().map_err(|e| format!("CUDA device {index}: {e}"))?;
+                    // SAFETY: a plain allocation in the bound context, kept for the process.
+                    let workspace = unsafe { cudarc::driver::result::malloc_sync(WORKSPACE_BYTES) }
+                        .map_err(|e| format!("cuBLASLt's {WORKSPACE_BYTES}-byte workspace on CUDA device {index}: {e}"))?;
+                    *guard.stream_workspaces.entry(stream).or_insert(workspace)
+                }
+            };
             Some(CubeclStream { stream, workspace })
         }
         Err(why) => {
@@ -796,7 +805,8 @@ fn enqueue(
         None => dev.stream.synchronize().map_err(|e| format!("cuBLASLt's stream: {e}"))?,
     }
     // Ordered on the device, cubecl may hand this memory on as soon as it is released: whatever
-    // it queues next runs after `cublaslt_product_done`.
+    // it queues next on this stream runs after the product (stream order on cubecl's stream,
+    // `cublaslt_product_done` on the flag route).
     drop((rx, ry, rd, rb));
     Ok(())
 }

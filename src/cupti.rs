@@ -11,10 +11,12 @@
 //! launch made on the calling thread (cubecl launches at once on its device thread) and
 //! returns the launch's stream; the callback is off otherwise.
 //!
-//! The library is loaded on first use: `LLAVA_JP_CUPTI` (a path) if set, else `libcupti.so`,
-//! `.so.13` or `.so.12` from the loader's path, else the usual toolkit places. Where none
-//! loads, or another tool holds CUPTI's one subscription (a profiler), [`launch_stream`] says
-//! why and callers keep their other route.
+//! The library is loaded on first use: `LLAVA_JP_CUPTI` (a path) if set; else a CUPTI already in
+//! the process; else `libcupti.so.<the driver's CUDA major>`, the other majors and `libcupti.so`,
+//! from the loader's path, then from the toolkit's usual places. The callback subscription (CUPTI
+//! allows one in a process) is held only during a capture. Where no library works, or another
+//! tool holds the subscription (a profiler: the products then take the flag route, so a profile
+//! shows that route), [`launch_stream`] says why and callers keep their other route.
 
 use std::cell::Cell;
 use std::ffi::c_void;
@@ -47,18 +49,21 @@ struct LaunchKernelParams {
 
 type Subscriber = *mut c_void;
 type Callback = unsafe extern "C" fn(*mut c_void, u32, u32, *const c_void);
+/// `CUPTI_ERROR_MULTIPLE_SUBSCRIBERS_NOT_SUPPORTED`: another tool (a profiler) holds CUPTI's one
+/// callback subscription.
+const MULTIPLE_SUBSCRIBERS: u32 = 39;
 
+/// The library and the entry points used. The callback subscription is taken only around a
+/// capture, so that a profiler attached later is not locked out.
 struct Cupti {
     /// Keeps the library mapped for the process (the function pointers below point into it).
     _library: libloading::Library,
+    name: String,
+    subscribe: unsafe extern "C" fn(*mut Subscriber, Callback, *mut c_void) -> u32,
+    unsubscribe: unsafe extern "C" fn(Subscriber) -> u32,
     enable_callback: unsafe extern "C" fn(u32, Subscriber, u32, u32) -> u32,
     result_string: unsafe extern "C" fn(u32, *mut *const std::ffi::c_char) -> u32,
-    subscriber: Subscriber,
 }
-
-// The subscriber handle is CUPTI's, valid for the process and usable from any thread.
-unsafe impl Send for Cupti {}
-unsafe impl Sync for Cupti {}
 
 impl Cupti {
     fn error(&self, code: u32) -> String {
@@ -71,10 +76,21 @@ impl Cupti {
         format!("CUPTI error {code}")
     }
 
-    fn set_launch_callbacks(&self, on: bool) -> Result<(), String> {
+    /// A subscription for [`on_driver_call`], or why not (`MULTIPLE_SUBSCRIBERS`'s code kept).
+    fn subscribe(&self) -> Result<Subscriber, (u32, String)> {
+        let mut subscriber: Subscriber = std::ptr::null_mut();
+        // SAFETY: a valid out pointer and a callback with CUPTI's signature.
+        let code = unsafe { (self.subscribe)(&mut subscriber, on_driver_call, std::ptr::null_mut()) };
+        match code {
+            0 => Ok(subscriber),
+            code => Err((code, format!("cuptiSubscribe ({}): {}", self.name, self.error(code)))),
+        }
+    }
+
+    fn set_launch_callbacks(&self, subscriber: Subscriber, on: bool) -> Result<(), String> {
         for cbid in CBID_LAUNCH_KERNEL {
-            // SAFETY: a subscriber of ours and a valid (domain, id) pair.
-            let code = unsafe { (self.enable_callback)(on as u32, self.subscriber, DOMAIN_DRIVER_API, cbid) };
+            // SAFETY: a live subscriber of ours and a valid (domain, id) pair.
+            let code = unsafe { (self.enable_callback)(on as u32, subscriber, DOMAIN_DRIVER_API, cbid) };
             if code != 0 {
                 return Err(format!("cuptiEnableCallback({on}, driver API, {cbid}): {}", self.error(code)));
             }
@@ -110,55 +126,101 @@ unsafe extern "C" fn on_driver_call(_: *mut c_void, domain: u32, cbid: u32, data
     });
 }
 
-/// Where the library may be, in the order tried.
+/// Where the library may be, in the order tried: `LLAVA_JP_CUPTI` alone where set; else the
+/// sonames of the driver's CUDA major version first (a CUPTI newer than the driver does not
+/// work with it), then the others, from the loader's path, then from the toolkit's usual places.
 fn candidates() -> Vec<String> {
     if let Ok(path) = std::env::var("LLAVA_JP_CUPTI") {
         return vec![path];
     }
-    let mut names: Vec<String> = ["libcupti.so", "libcupti.so.13", "libcupti.so.12"].iter().map(|s| s.to_string()).collect();
+    let mut driver = 0i32;
+    // SAFETY: writes the driver's version (e.g. 13000) into `driver`.
+    let major = match unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver) } {
+        cudarc::driver::sys::CUresult::CUDA_SUCCESS => driver / 1000,
+        _ => 0,
+    };
+    let first = format!("libcupti.so.{major}");
+    let others = ["libcupti.so.13", "libcupti.so.12", "libcupti.so"].into_iter().filter(|s| *s != first).map(String::from);
+    let sonames: Vec<String> = std::iter::once(first.clone()).chain(others).collect();
+    let mut names = sonames.clone();
     for root in ["/usr/local/cuda", "/usr/local/cuda-13.0", "/usr/local/cuda-12"] {
         for dir in ["extras/CUPTI/lib64", "targets/x86_64-linux/lib", "lib64"] {
-            for name in ["libcupti.so", "libcupti.so.13", "libcupti.so.12"] {
-                names.push(format!("{root}/{dir}/{name}"));
-            }
+            names.extend(sonames.iter().map(|name| format!("{root}/{dir}/{name}")));
         }
     }
     names
 }
 
+/// A CUPTI already in the process (a tool's, loaded through `CUDA_INJECTION64_PATH`, say), so
+/// that a second, different copy is not loaded beside it.
+#[cfg(target_os = "linux")]
+fn already_loaded() -> Option<(String, libloading::Library)> {
+    // glibc's RTLD_NOLOAD: open only what is loaded already.
+    const RTLD_NOLOAD: std::ffi::c_int = 4;
+    ["libcupti.so.13", "libcupti.so.12", "libcupti.so"].into_iter().find_map(|name| {
+        // SAFETY: opens nothing new; the library's initialisers have run already.
+        unsafe { libloading::os::unix::Library::open(Some(name), RTLD_NOLOAD | libloading::os::unix::RTLD_NOW) }.ok().map(|l| (name.to_string(), l.into()))
+    })
+}
+
+#[cfg(not(target_os = "linux"))]
+fn already_loaded() -> Option<(String, libloading::Library)> {
+    None
+}
+
+/// The entry points of one library, if it has them all.
+fn entry_points(name: String, library: libloading::Library) -> Result<Cupti, String> {
+    // SAFETY: the symbols have these C signatures in every CUPTI since 10.0.
+    unsafe {
+        Ok(Cupti {
+            subscribe: *library.get(b"cuptiSubscribe\0").map_err(|e| format!("{name}: cuptiSubscribe: {e}"))?,
+            unsubscribe: *library.get(b"cuptiUnsubscribe\0").map_err(|e| format!("{name}: cuptiUnsubscribe: {e}"))?,
+            enable_callback: *library.get(b"cuptiEnableCallback\0").map_err(|e| format!("{name}: cuptiEnableCallback: {e}"))?,
+            result_string: *library.get(b"cuptiGetResultString\0").map_err(|e| format!("{name}: cuptiGetResultString: {e}"))?,
+            _library: library,
+            name,
+        })
+    }
+}
+
+/// The first library that loads and takes a subscription (given back at once). A library that
+/// loads but cannot subscribe (one newer than the driver, say) makes way for the next; another
+/// tool holding the subscription ends the search.
 fn load() -> Result<Cupti, String> {
     let mut tried = Vec::new();
-    let library = candidates()
-        .into_iter()
+    // A path given outright is the one used, whatever else is loaded.
+    let preloaded = if std::env::var_os("LLAVA_JP_CUPTI").is_some() { None } else { already_loaded() };
+    let found = preloaded.into_iter().chain(candidates().into_iter().filter_map(|name| {
         // SAFETY: loading CUPTI runs its initialisers, which only register with the driver.
-        .find_map(|name| match unsafe { libloading::Library::new(&name) } {
-            Ok(library) => Some(library),
+        match unsafe { libloading::Library::new(&name) } {
+            Ok(library) => Some((name, library)),
             Err(e) => {
                 tried.push(format!("{name} ({e})"));
                 None
             }
-        })
-        .ok_or_else(|| format!("libcupti could not be loaded (set LLAVA_JP_CUPTI to its path); tried {}", tried.join(", ")))?;
-    // SAFETY: the symbols have these C signatures in every CUPTI since 10.0.
-    unsafe {
-        let subscribe = *library
-            .get::<unsafe extern "C" fn(*mut Subscriber, Callback, *mut c_void) -> u32>(b"cuptiSubscribe\0")
-            .map_err(|e| format!("cuptiSubscribe: {e}"))?;
-        let enable_callback = *library
-            .get::<unsafe extern "C" fn(u32, Subscriber, u32, u32) -> u32>(b"cuptiEnableCallback\0")
-            .map_err(|e| format!("cuptiEnableCallback: {e}"))?;
-        let result_string = *library
-            .get::<unsafe extern "C" fn(u32, *mut *const std::ffi::c_char) -> u32>(b"cuptiGetResultString\0")
-            .map_err(|e| format!("cuptiGetResultString: {e}"))?;
-        let mut subscriber: Subscriber = std::ptr::null_mut();
-        let code = subscribe(&mut subscriber, on_driver_call, std::ptr::null_mut());
-        let cupti = Cupti { _library: library, enable_callback, result_string, subscriber };
-        if code != 0 {
-            // CUPTI_ERROR_MULTIPLE_SUBSCRIBERS_NOT_SUPPORTED under a profiler, most often.
-            return Err(format!("cuptiSubscribe: {}", cupti.error(code)));
         }
-        Ok(cupti)
+    }));
+    let mut reasons = Vec::new();
+    for (name, library) in found {
+        let cupti = match entry_points(name, library) {
+            Ok(cupti) => cupti,
+            Err(e) => {
+                reasons.push(e);
+                continue;
+            }
+        };
+        match cupti.subscribe() {
+            Ok(subscriber) => {
+                // SAFETY: our live subscriber.
+                unsafe { (cupti.unsubscribe)(subscriber) };
+                return Ok(cupti);
+            }
+            Err((MULTIPLE_SUBSCRIBERS, why)) => return Err(why),
+            Err((_, why)) => reasons.push(why),
+        }
     }
+    reasons.extend(tried);
+    Err(format!("no usable libcupti (set LLAVA_JP_CUPTI to its path); tried {}", reasons.join(", ")))
 }
 
 fn cupti() -> Result<&'static Cupti, String> {
@@ -173,22 +235,32 @@ fn cupti() -> Result<&'static Cupti, String> {
 pub fn launch_stream(launch: impl FnOnce()) -> Result<usize, String> {
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
     let cupti = cupti()?;
-    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    /// Disarms this thread and turns the callback off however `launch` ends.
-    struct Armed<'a>(&'a Cupti);
-    impl Drop for Armed<'_> {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let subscriber = cupti.subscribe().map_err(|(_, why)| why)?;
+    /// Disarms this thread, turns the callbacks off and gives the subscription back, however
+    /// the capture ends.
+    struct Capture<'a>(&'a Cupti, Subscriber);
+    impl Drop for Capture<'_> {
         fn drop(&mut self) {
             ARMED.with(|armed| armed.set(false));
-            if let Err(e) = self.0.set_launch_callbacks(false) {
-                eprintln!("CUPTI: turning the launch callback off: {e}");
+            if let Err(e) = self.0.set_launch_callbacks(self.1, false) {
+                eprintln!("CUPTI: turning the launch callbacks off: {e}");
             }
+            // SAFETY: our live subscriber, not used after this.
+            unsafe { (self.0.unsubscribe)(self.1) };
         }
     }
+    let capture = Capture(cupti, subscriber);
     SEEN.with(|seen| seen.set(None));
-    cupti.set_launch_callbacks(true)?;
-    let armed = Armed(cupti);
+    cupti.set_launch_callbacks(subscriber, true)?;
     ARMED.with(|armed| armed.set(true));
     launch();
-    drop(armed);
-    SEEN.with(Cell::take).ok_or_else(|| "CUPTI saw no cuLaunchKernel from this thread during the launch".to_string())
+    drop(capture);
+    match SEEN.with(Cell::take) {
+        None => Err("CUPTI saw no cuLaunchKernel from this thread during the launch".to_string()),
+        // The NULL, legacy and per-thread default streams: not a stream of cubecl's (it makes
+        // non-blocking ones), and they would order a product differently.
+        Some(stream @ 0..=2) => Err(format!("the launch went to CUDA's default stream ({stream})")),
+        Some(stream) => Ok(stream),
+    }
 }
