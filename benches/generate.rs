@@ -68,6 +68,8 @@ impl BackendJob for BenchJob<'_> {
             match profile {
                 Ok(p) => println!("{}", serde_json::json!({
                     "side": "ours", "profile": "graph decode step", "graph_step_ms": p.graph_step_ms,
+                    "step_kernel_graph_ms": p.step_kernel_graph_ms, "kernels_graph_ms": p.kernels_graph_ms,
+                    "step_kernel_blocks": p.step_kernel_blocks,
                     "launched_step_ms": p.launched_step_ms, "gemv_blocks_per_sm": p.gemv_blocks_per_sm,
                     "dependent_launches": p.dependent_launches,
                     "kernels": p.kernels.iter().map(|(n, ms, count)| serde_json::json!({"kernel": n, "ms": ms, "launches": count})).collect::<Vec<_>>(),

@@ -171,15 +171,25 @@ __device__ bool last_to_arrive(int* counter, int expected) {
 // LayerNorm statistics of the residual stream come in slots of STAT_COLUMNS columns: each
 // slot's mean and sum of squared deviations, combined here in slot order (Chan et al.).
 #define STAT_COLUMNS 256
+// Each lane of a warp loads one slot, all at once, and every lane combines them in slot
+// order through shuffles: a loop that loads as it combines pays L2's latency once a slot,
+// and every product with a LayerNorm prologue waits on this. Called by whole warps.
+__device__ __forceinline__ void combine_slot(float nb, float mb, float m2b, float& n, float& mean, float& m2) {
+    float total = n + nb, delta = mb - mean;
+    mean += delta * nb / total;
+    m2 += m2b + delta * delta * n * nb / total;
+    n = total;
+}
 __device__ void combined_stats(const float* stats, int d_model, float eps, float* mean_out, float* rstd_out) {
+    int slots = (d_model + STAT_COLUMNS - 1) / STAT_COLUMNS, lane = threadIdx.x & 31;
     float n = 0.f, mean = 0.f, m2 = 0.f;
-    for (int s = 0; s * STAT_COLUMNS < d_model; s++) {
-        float nb = (float)min(STAT_COLUMNS, d_model - s * STAT_COLUMNS);
-        float mb = stats[2 * s], m2b = stats[2 * s + 1];
-        float total = n + nb, delta = mb - mean;
-        mean += delta * nb / total;
-        m2 += m2b + delta * delta * n * nb / total;
-        n = total;
+    for (int s0 = 0; s0 < slots; s0 += 32) {
+        float2 mine = make_float2(0.f, 0.f);
+        if (s0 + lane < slots) mine = reinterpret_cast<const float2*>(stats)[s0 + lane];
+        for (int s = s0; s < min(slots, s0 + 32); s++) {
+            float mb = __shfl_sync(0xffffffffu, mine.x, s - s0), m2b = __shfl_sync(0xffffffffu, mine.y, s - s0);
+            combine_slot((float)min(STAT_COLUMNS, d_model - s * STAT_COLUMNS), mb, m2b, n, mean, m2);
+        }
     }
     *mean_out = mean;
     *rstd_out = rsqrtf(m2 / n + eps);
@@ -195,20 +205,26 @@ __device__ void slot_stats(float v, int count, float* stats, int slot, float* sc
     if (threadIdx.x == 0) { stats[2 * slot] = mean; stats[2 * slot + 1] = m2; }
 }
 
-// h = wte[token] + wpe[position], and h's statistics. Blocks of STAT_COLUMNS threads.
+// h = wte[token] + wpe[position] over the STAT_COLUMNS columns of `block`, and their
+// statistics. Blocks of STAT_COLUMNS threads.
 template <typename T>
-__device__ void embed(const int* state, const T* wte, const T* wpe, float* h, float* stats, int d_model) {
+__device__ void embed_body(const int* state, const T* wte, const T* wpe, float* h, float* stats, int d_model, int block) {
     __shared__ float scratch[32];
-    wait_for_previous_kernel();
-    let_next_kernel_start();
-    int d = blockIdx.x * blockDim.x + threadIdx.x;
+    int d = block * STAT_COLUMNS + threadIdx.x;
     size_t token = (size_t)state[0], position = (size_t)state[1];
     float v = 0.f;
     if (d < d_model) {
         v = to_f32(wte[token * d_model + d]) + to_f32(wpe[position * d_model + d]);
         h[d] = v;
     }
-    slot_stats(v, min((int)blockDim.x, d_model - (int)(blockIdx.x * blockDim.x)), stats, blockIdx.x, scratch);
+    slot_stats(v, min(STAT_COLUMNS, d_model - block * STAT_COLUMNS), stats, block, scratch);
+}
+
+template <typename T>
+__device__ void embed(const int* state, const T* wte, const T* wpe, float* h, float* stats, int d_model) {
+    wait_for_previous_kernel();
+    let_next_kernel_start();
+    embed_body(state, wte, wpe, h, stats, d_model, blockIdx.x);
 }
 
 __device__ float activate(float v, int activation) {
@@ -252,17 +268,40 @@ struct GemvArgs {
 };
 
 // Output k of the attention (head k / head_dim): its chunks' partial softmaxes merged.
+// Chunks are read MERGE_BATCH at a time, all loads issued before the first is used (L2's
+// latency once a batch, not once a chunk); the sums keep the chunks' order.
+#define MERGE_BATCH 2
 __device__ float merged_attention(const GemvArgs& a, int k, int chunks) {
     int head = k / a.head_dim, d = k % a.head_dim;
     const float* ml = a.chunk_ml + (size_t)head * a.max_chunks * 2;
     const float* acc = a.chunk_acc + (size_t)head * a.max_chunks * a.head_dim + d;
     float big = NEG_INF;
-    for (int c = 0; c < chunks; c++) big = fmaxf(big, ml[2 * c]);
+    for (int c0 = 0; c0 < chunks; c0 += MERGE_BATCH) {
+        float m[MERGE_BATCH];
+#pragma unroll
+        for (int j = 0; j < MERGE_BATCH; j++) m[j] = c0 + j < chunks ? ml[2 * (c0 + j)] : NEG_INF;
+#pragma unroll
+        for (int j = 0; j < MERGE_BATCH; j++) big = fmaxf(big, m[j]);
+    }
     float total = 0.f, v = 0.f;
-    for (int c = 0; c < chunks; c++) {
-        float scale = expf(ml[2 * c] - big);
-        total += ml[2 * c + 1] * scale;
-        v += acc[(size_t)c * a.head_dim] * scale;
+    for (int c0 = 0; c0 < chunks; c0 += MERGE_BATCH) {
+        float m[MERGE_BATCH], l[MERGE_BATCH], x[MERGE_BATCH];
+#pragma unroll
+        for (int j = 0; j < MERGE_BATCH; j++) {
+            if (c0 + j < chunks) {
+                m[j] = ml[2 * (c0 + j)];
+                l[j] = ml[2 * (c0 + j) + 1];
+                x[j] = acc[(size_t)(c0 + j) * a.head_dim];
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < MERGE_BATCH; j++) {
+            if (c0 + j < chunks) {
+                float scale = expf(m[j] - big);
+                total += l[j] * scale;
+                v += x[j] * scale;
+            }
+        }
     }
     return v / total;
 }
@@ -278,25 +317,36 @@ __device__ float merged_attention(const GemvArgs& a, int k, int chunks) {
 #define GEMV_UNROLL 8
 #endif
 template <typename T>
-__device__ void gemv(const GemvArgs& a, const T* w) {
+__device__ __forceinline__ bool gemv_preload(const GemvArgs& a, const T* w, int column_block, int split, Raw8<T> (&wr)[GEMV_UNROLL]) {
+    int group = threadIdx.x & 31, lane = threadIdx.x >> 5;
+    int k0 = split * a.rows_per_split;
+    int k1 = min(k0 + a.rows_per_split, a.k_dim);
+    int col0 = (column_block * 32 + group) * 8;
+    bool vec = (a.n_dim % 8 == 0) && col0 + 8 <= a.n_dim;
+    int k = k0 + lane;
+    bool first_group = vec && k + 8 * (GEMV_UNROLL - 1) < k1;
+    if (first_group) {
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; u++) load_raw8(w + (size_t)(k + 8 * u) * a.n_dim + col0, wr[u]);
+    }
+    return first_group;
+}
+
+// The product of split `split` (of `splits`) of column block `column_block`, once what it
+// reads is ready; `first_group`: gemv_preload loaded the first rows into `wr`.
+template <typename T>
+__device__ void gemv_body(const GemvArgs& a, const T* w, int column_block, int split, int splits, bool first_group,
+                          Raw8<T> (&wr)[GEMV_UNROLL]) {
     extern __shared__ float xs[];
     __shared__ float sums[8][GEMV_THREADS + 1];
     __shared__ float scratch[32];
     int group = threadIdx.x & 31, lane = threadIdx.x >> 5;
-    int k0 = blockIdx.y * a.rows_per_split;
+    int k0 = split * a.rows_per_split;
     int k1 = min(k0 + a.rows_per_split, a.k_dim);
     int n_dim = a.n_dim;
-    int col0 = (blockIdx.x * 32 + group) * 8;
+    int col0 = (column_block * 32 + group) * 8;
     bool vec = (n_dim % 8 == 0) && col0 + 8 <= n_dim;
     int k = k0 + lane;
-    bool first_group = vec && k + 8 * (GEMV_UNROLL - 1) < k1;
-    Raw8<T> wr[GEMV_UNROLL];
-    if (first_group) {
-#pragma unroll
-        for (int u = 0; u < GEMV_UNROLL; u++) load_raw8(w + (size_t)(k + 8 * u) * n_dim + col0, wr[u]);
-    }
-    wait_for_previous_kernel();
-    let_next_kernel_start();
     if (a.prologue == PROLOGUE_LAYERNORM) {
         float mean, rstd;
         combined_stats(a.stats, a.k_dim, a.eps, &mean, &rstd);
@@ -349,17 +399,17 @@ __device__ void gemv(const GemvArgs& a, const T* w) {
 #pragma unroll
     for (int j = 0; j < 8; j++) sums[lane][group * 8 + j] = acc[j];
     __syncthreads();
-    int col = blockIdx.x * GEMV_THREADS + threadIdx.x;
+    int col = column_block * GEMV_THREADS + threadIdx.x;
     float s = 0.f;
 #pragma unroll
     for (int l = 0; l < 8; l++) s += sums[l][threadIdx.x];
-    if (col < n_dim) a.parts[(size_t)blockIdx.y * n_dim + col] = s;
+    if (col < n_dim) a.parts[(size_t)split * n_dim + col] = s;
 
-    if (!last_to_arrive(&a.counters[blockIdx.x], gridDim.y)) return;
+    if (!last_to_arrive(&a.counters[column_block], splits)) return;
     float v = 0.f;
     if (col < n_dim) {
         v = a.bias[col];
-        for (int split = 0; split < (int)gridDim.y; split++) v += __ldcg(&a.parts[(size_t)split * n_dim + col]);
+        for (int sp = 0; sp < splits; sp++) v += __ldcg(&a.parts[(size_t)sp * n_dim + col]);
         if (a.epilogue == EPILOGUE_STORE) {
             a.out[col] = v;
         } else if (a.epilogue == EPILOGUE_ACTIVATE) {
@@ -370,8 +420,17 @@ __device__ void gemv(const GemvArgs& a, const T* w) {
         }
     }
     if (a.epilogue == EPILOGUE_RESIDUAL) {
-        slot_stats(v, min(GEMV_THREADS, n_dim - (int)(blockIdx.x * GEMV_THREADS)), a.stats, blockIdx.x, scratch);
+        slot_stats(v, min(GEMV_THREADS, n_dim - column_block * GEMV_THREADS), a.stats, column_block, scratch);
     }
+}
+
+template <typename T>
+__device__ void gemv(const GemvArgs& a, const T* w) {
+    Raw8<T> wr[GEMV_UNROLL];
+    bool first_group = gemv_preload(a, w, blockIdx.x, blockIdx.y, wr);
+    wait_for_previous_kernel();
+    let_next_kernel_start();
+    gemv_body(a, w, blockIdx.x, blockIdx.y, gridDim.y, first_group, wr);
 }
 
 // Attention of the step's query against keys 0..=position, one block per (head, chunk of
@@ -384,43 +443,54 @@ __device__ void gemv(const GemvArgs& a, const T* w) {
 // `chunk` must be ATTN_ITERS x (ATTN_THREADS / lanes_per_key), as `attention_layout` in
 // src/graph_decode.rs makes it: a block covers no more keys than that.
 #define ATTN_THREADS 128
-#define ATTN_WARPS (ATTN_THREADS / 32)
 #define ATTN_ITERS 8
 #define MAX_HEAD_DIM 256
-template <typename T>
-__device__ void attention(const int* state, const float* qkv, T* k_cache, T* v_cache, float* chunk_acc, float* chunk_ml,
-                          int d_model, int head_dim, int n_positions, int max_chunks, int chunk, int lanes_per_key, float scale) {
-    __shared__ float warp_m[ATTN_WARPS], warp_l[ATTN_WARPS];
-    __shared__ float warp_acc[ATTN_WARPS][MAX_HEAD_DIM];
-    // The position is the step's state, written before the graph began: safe before the wait.
-    int position = state[1], head = blockIdx.x, c = blockIdx.y;
-    int chunks = position / chunk + 1;
-    if (c >= chunks) return;
+// A thread's keys and values of its chunk, as loaded.
+template <typename T, int ITERS> struct AttnRegs { Raw8<T> k[ITERS], v[ITERS]; };
+
+// Loads this thread's keys and values of chunk `c` of `head` (the older keys only: the
+// cache's rows written before this step), which need nothing of the step.
+template <typename T, int THREADS, int ITERS>
+__device__ __forceinline__ void attention_preload(int position, const T* k_cache, const T* v_cache, int head_dim, int n_positions,
+                                                  int chunk, int lanes_per_key, int head, int c, AttnRegs<T, ITERS>& r) {
     int j0 = c * chunk, n = min(chunk, position + 1 - j0);
-    int t = threadIdx.x, lane = t & 31, warp = t >> 5;
-    int sub = t % lanes_per_key, slot = t / lanes_per_key, keys_per_iter = ATTN_THREADS / lanes_per_key;
+    int t = threadIdx.x;
+    int sub = t % lanes_per_key, slot = t / lanes_per_key, keys_per_iter = THREADS / lanes_per_key;
     int d0 = sub * 8, dims = max(0, min(8, head_dim - d0));
     bool vec = head_dim % 8 == 0;
     size_t base = (size_t)head * n_positions * head_dim;
-    Raw8<T> kr[ATTN_ITERS], vr[ATTN_ITERS];
 #pragma unroll
-    for (int i = 0; i < ATTN_ITERS; i++) {
+    for (int i = 0; i < ITERS; i++) {
         int j = slot + i * keys_per_iter;
-        zero8(kr[i]);
-        zero8(vr[i]);
+        zero8(r.k[i]);
+        zero8(r.v[i]);
         if (j < n && dims > 0) {
             size_t at = base + (size_t)(j0 + j) * head_dim + d0;
             if (vec) {
-                load_raw8(k_cache + at, kr[i]);
-                load_raw8(v_cache + at, vr[i]);
+                load_raw8(k_cache + at, r.k[i]);
+                load_raw8(v_cache + at, r.v[i]);
             } else {
-                load_some8(k_cache + at, dims, kr[i]);
-                load_some8(v_cache + at, dims, vr[i]);
+                load_some8(k_cache + at, dims, r.k[i]);
+                load_some8(v_cache + at, dims, r.v[i]);
             }
         }
     }
-    wait_for_previous_kernel();
-    let_next_kernel_start();
+}
+
+// The chunk's softmax against the step's query, once q, k, v are in `qkv`.
+template <typename T, int THREADS, int ITERS>
+__device__ void attention_body(int position, const float* qkv, T* k_cache, T* v_cache, float* chunk_acc, float* chunk_ml, int d_model,
+                               int head_dim, int n_positions, int max_chunks, int chunk, int lanes_per_key, float scale, int head, int c,
+                               AttnRegs<T, ITERS>& r) {
+    constexpr int WARPS = THREADS / 32;
+    __shared__ float warp_m[WARPS], warp_l[WARPS];
+    __shared__ float warp_acc[WARPS][MAX_HEAD_DIM];
+    int chunks = position / chunk + 1;
+    int j0 = c * chunk, n = min(chunk, position + 1 - j0);
+    int t = threadIdx.x, lane = t & 31, warp = t >> 5;
+    int sub = t % lanes_per_key, slot = t / lanes_per_key, keys_per_iter = THREADS / lanes_per_key;
+    int d0 = sub * 8, dims = max(0, min(8, head_dim - d0));
+    size_t base = (size_t)head * n_positions * head_dim;
 
     const float* qh = qkv + (size_t)head * head_dim + d0;
     float q[8];
@@ -437,10 +507,10 @@ __device__ void attention(const int* state, const float* qkv, T* k_cache, T* v_c
         int which = (position - j0) / keys_per_iter;
         size_t at = base + (size_t)position * head_dim + d0;
 #pragma unroll
-        for (int i = 0; i < ATTN_ITERS; i++) {
+        for (int i = 0; i < ITERS; i++) {
             if (i == which) {
-                pack8(kn, kr[i]);
-                pack8(vn, vr[i]);
+                pack8(kn, r.k[i]);
+                pack8(vn, r.v[i]);
             }
         }
         for (int e = 0; e < dims; e++) {
@@ -449,12 +519,12 @@ __device__ void attention(const int* state, const float* qkv, T* k_cache, T* v_c
         }
     }
 
-    float s[ATTN_ITERS];
+    float s[ITERS];
     float m = NEG_INF;
 #pragma unroll
-    for (int i = 0; i < ATTN_ITERS; i++) {
+    for (int i = 0; i < ITERS; i++) {
         float kf[8], x = 0.f;
-        unpack8(kr[i], kf);
+        unpack8(r.k[i], kf);
 #pragma unroll
         for (int e = 0; e < 8; e++) x += q[e] * kf[e];
         for (int o = lanes_per_key / 2; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
@@ -465,14 +535,14 @@ __device__ void attention(const int* state, const float* qkv, T* k_cache, T* v_c
     if (lane == 0) warp_m[warp] = m;
     __syncthreads();
     m = warp_m[0];
-    for (int w2 = 1; w2 < ATTN_WARPS; w2++) m = fmaxf(m, warp_m[w2]);
+    for (int w2 = 1; w2 < WARPS; w2++) m = fmaxf(m, warp_m[w2]);
 
     float l = 0.f, acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-    for (int i = 0; i < ATTN_ITERS; i++) {
+    for (int i = 0; i < ITERS; i++) {
         float p = expf(s[i] - m), vf[8];
         l += p;
-        unpack8(vr[i], vf);
+        unpack8(r.v[i], vf);
 #pragma unroll
         for (int e = 0; e < 8; e++) acc[e] += p * vf[e];
     }
@@ -488,18 +558,34 @@ __device__ void attention(const int* state, const float* qkv, T* k_cache, T* v_c
     }
     __syncthreads();
     size_t at = (size_t)head * max_chunks + c;
-    for (int d = t; d < head_dim; d += ATTN_THREADS) {
+    for (int d = t; d < head_dim; d += THREADS) {
         float a = 0.f;
 #pragma unroll
-        for (int w2 = 0; w2 < ATTN_WARPS; w2++) a += warp_acc[w2][d];
+        for (int w2 = 0; w2 < WARPS; w2++) a += warp_acc[w2][d];
         chunk_acc[at * head_dim + d] = a;
     }
     if (t == 0) {
         float total = 0.f;
-        for (int w2 = 0; w2 < ATTN_WARPS; w2++) total += warp_l[w2];
+        for (int w2 = 0; w2 < WARPS; w2++) total += warp_l[w2];
         chunk_ml[at * 2] = m;
         chunk_ml[at * 2 + 1] = total;
     }
+    // The shared arrays are read above: a next chunk of this block must not overwrite them yet.
+    __syncthreads();
+}
+
+template <typename T>
+__device__ void attention(const int* state, const float* qkv, T* k_cache, T* v_cache, float* chunk_acc, float* chunk_ml,
+                          int d_model, int head_dim, int n_positions, int max_chunks, int chunk, int lanes_per_key, float scale) {
+    // The position is the step's state, written before the graph began: safe before the wait.
+    int position = state[1], head = blockIdx.x, c = blockIdx.y;
+    if (c >= position / chunk + 1) return;
+    AttnRegs<T, ATTN_ITERS> r;
+    attention_preload<T, ATTN_THREADS, ATTN_ITERS>(position, k_cache, v_cache, head_dim, n_positions, chunk, lanes_per_key, head, c, r);
+    wait_for_previous_kernel();
+    let_next_kernel_start();
+    attention_body<T, ATTN_THREADS, ATTN_ITERS>(position, qkv, k_cache, v_cache, chunk_acc, chunk_ml, d_model, head_dim, n_positions, max_chunks,
+                                    chunk, lanes_per_key, scale, head, c, r);
 }
 
 // logits[row] = w[row, :] . LayerNorm_f(h), w row-major [rows, d_model] (the tied wte or
@@ -509,21 +595,29 @@ __device__ void attention(const int* state, const float* qkv, T* k_cache, T* v_c
 #ifndef LOGITS_AHEAD
 #define LOGITS_AHEAD 2
 #endif
+// Asks L2 for this block's first rows (they need nothing of the step).
 template <typename T>
-__device__ void logits_argmax(const float* h, const float* stats, const float* gamma, const float* beta, float eps, const T* w,
-                              float* logits, float* best, int* counters, int* state, int rows, int d_model) {
-    extern __shared__ float xs[];
-    __shared__ float warp_v[32];
-    __shared__ int warp_i[32];
+__device__ __forceinline__ void logits_prefetch(const T* w, int rows, int d_model, int block, int blocks) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    int stride = gridDim.x * warps, first = blockIdx.x * warps + warp;
+    int stride = blocks * warps, first = block * warps + warp;
     size_t row_bytes = (size_t)d_model * sizeof(T);
     for (int a = 0; a < LOGITS_AHEAD; a++) {
         int row = first + a * stride;
         if (row < rows) prefetch_bytes(reinterpret_cast<const char*>(w + (size_t)row * d_model), row_bytes, lane, 32);
     }
-    wait_for_previous_kernel();
-    let_next_kernel_start();
+}
+
+// Block `block` of `blocks`: its rows' logits and first arg max; the last block to finish
+// picks the step's.
+template <typename T>
+__device__ void logits_body(const float* h, const float* stats, const float* gamma, const float* beta, float eps, const T* w,
+                            float* logits, float* best, int* counters, int* state, int rows, int d_model, int block, int blocks) {
+    extern __shared__ float xs[];
+    __shared__ float warp_v[32];
+    __shared__ int warp_i[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    int stride = blocks * warps, first = block * warps + warp;
+    size_t row_bytes = (size_t)d_model * sizeof(T);
     float mean, rstd;
     combined_stats(stats, d_model, eps, &mean, &rstd);
     for (int k = threadIdx.x; k < d_model; k += blockDim.x) xs[k] = (h[k] - mean) * rstd * gamma[k] + beta[k];
@@ -557,14 +651,14 @@ __device__ void logits_argmax(const float* h, const float* stats, const float* g
         for (int w2 = 1; w2 < warps; w2++) {
             if (warp_v[w2] > bv || (warp_v[w2] == bv && warp_i[w2] < bi)) { bv = warp_v[w2]; bi = warp_i[w2]; }
         }
-        best[2 * blockIdx.x] = bv;
-        best[2 * blockIdx.x + 1] = __int_as_float(bi);
+        best[2 * block] = bv;
+        best[2 * block + 1] = __int_as_float(bi);
     }
-    if (!last_to_arrive(&counters[0], gridDim.x)) return;
+    if (!last_to_arrive(&counters[0], blocks)) return;
     if (threadIdx.x == 0) {
         bv = NEG_INF;
         bi = 0x7fffffff;
-        for (int b = 0; b < (int)gridDim.x; b++) {
+        for (int b = 0; b < blocks; b++) {
             float v = __ldcg(&best[2 * b]);
             int i = __float_as_int(__ldcg(&best[2 * b + 1]));
             if (v > bv || (v == bv && i < bi)) { bv = v; bi = i; }
@@ -576,12 +670,178 @@ __device__ void logits_argmax(const float* h, const float* stats, const float* g
     }
 }
 
-#define INSTANCES(SUFFIX, T)                                                                                          \
+template <typename T>
+__device__ void logits_argmax(const float* h, const float* stats, const float* gamma, const float* beta, float eps, const T* w,
+                              float* logits, float* best, int* counters, int* state, int rows, int d_model) {
+    logits_prefetch(w, rows, d_model, blockIdx.x, gridDim.x);
+    wait_for_previous_kernel();
+    let_next_kernel_start();
+    logits_body(h, stats, gamma, beta, eps, w, logits, best, counters, state, rows, d_model, blockIdx.x, gridDim.x);
+}
+
+// ---- The whole step as one kernel ----
+// The same phases as the kernels above, run by one grid whose blocks are all resident at once
+// (a cooperative launch): between two phases the blocks meet at a grid barrier instead of a
+// kernel boundary. Before the barrier each block loads what its next piece of work needs of
+// the weights or the cache (as the kernels do before waiting for the kernel before), so the
+// memory stays busy while the last blocks finish. Work items of a phase are spread over the
+// blocks: block b takes items b, b + blocks, ...
+
+// Every block of the grid arrives; none leaves until all have, and then sees what every block
+// wrote before arriving (plain loads after it see fresh data, as after a kernel boundary).
+// Arrivals are counted in two levels, BARRIER_GROUP blocks to a counter and the groups in a
+// second, each counter in a 128-byte line of its own, the generation the blocks wait on in
+// another: call 2 measured one counter for the whole grid, read by every waiting block, at
+// ~25 ns an arriving block. The last to arrive of a group zeroes its count; the last group's
+// zeroes the top count and moves the generation on. Layout (32-bit words): [0] generation,
+// [32] groups arrived, [64 + 32 g] blocks of group g arrived.
+#define BARRIER_GROUP 32
+__device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
+    unsigned v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+__device__ __forceinline__ unsigned ld_relaxed(const unsigned* p) {
+    unsigned v;
+    asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+__device__ __forceinline__ unsigned atom_add_acq_rel(unsigned* p, unsigned v) {
+    unsigned old;
+    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
+    return old;
+}
+__device__ void grid_barrier(unsigned* bar) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned group = blockIdx.x / BARRIER_GROUP;
+        unsigned groups = (gridDim.x + BARRIER_GROUP - 1) / BARRIER_GROUP;
+        unsigned in_group = min((unsigned)BARRIER_GROUP, gridDim.x - group * BARRIER_GROUP);
+        // Read before arriving: the generation cannot move until this block has arrived.
+        unsigned generation = ld_acquire(bar);
+        bool released = false;
+        if (atom_add_acq_rel(bar + 64 + 32 * group, 1) == in_group - 1) {
+            bar[64 + 32 * group] = 0;
+            if (atom_add_acq_rel(bar + 32, 1) == groups - 1) {
+                bar[32] = 0;
+                asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(bar), "r"(generation + 1) : "memory");
+                released = true;
+            }
+        }
+        if (!released) {
+            while (ld_relaxed(bar) == generation) {
+            }
+        }
+        asm volatile("fence.acq_rel.gpu;" ::: "memory");
+    }
+    __syncthreads();
+}
+
+// One layer's weights, key/value cache and attention scale (DecodeLayer in src/graph_decode.rs, same
+// layout); its products' GemvArgs are built on the host, as the kernels above are launched.
+struct DecodeLayer {
+    // c_attn, attn.c_proj, c_fc, mlp.c_proj
+    const void* weights[4];
+    void *k_cache, *v_cache;
+    float scale, unused;
+};
+
+// The step kernel's parameters (StepArgs in src/graph_decode.rs, same layout). `products`:
+// each layer's c_attn, attn.c_proj, c_fc and mlp.c_proj, in device memory (read in place,
+// not copied into registers).
+struct StepArgs {
+    const GemvArgs* products;
+    const DecodeLayer* layers;
+    const void *wte, *wpe, *lm_head;
+    const float *lnf_g, *lnf_b, *h, *stats;
+    float *qkv, *logits, *best, *chunk_acc, *chunk_ml;
+    int *state, *counters;
+    unsigned* barrier;
+    float lnf_eps;
+    int n_layer, n_embd, n_head, vocab, n_positions, head_dim, max_chunks, attn_chunk, lanes_per_key;
+};
+
+#define STEP_THREADS 256
+// Keys a thread of the step kernel holds: fewer than the attention kernel's, since the
+// kernel's registers are its phases' most, and they bound the blocks an SM holds.
+// Blocks an SM must hold: the registers a thread may take follow (65536 / (256 x blocks)).
+#ifndef STEP_MIN_BLOCKS
+#define STEP_MIN_BLOCKS 4
+#endif
+#ifndef STEP_ATTN_ITERS
+#define STEP_ATTN_ITERS 4
+#endif
+
+template <typename T>
+__device__ __noinline__ void gemv_phase(const GemvArgs& a, const T* w, unsigned* barrier) {
+    int column_blocks = (a.n_dim + GEMV_THREADS - 1) / GEMV_THREADS;
+    int splits = (a.k_dim + a.rows_per_split - 1) / a.rows_per_split;
+    int items = column_blocks * splits;
+    int item = blockIdx.x;
+    Raw8<T> wr[GEMV_UNROLL];
+    bool first_group = item < items && gemv_preload(a, w, item % column_blocks, item / column_blocks, wr);
+    grid_barrier(barrier);
+    for (; item < items; item += gridDim.x) {
+        gemv_body(a, w, item % column_blocks, item / column_blocks, splits, first_group, wr);
+        first_group = false;
+    }
+}
+
+template <typename T>
+__device__ __noinline__ void attention_phase(const StepArgs& s, const DecodeLayer& L, int position, int attn_items) {
+    const int chunk = s.attn_chunk;
+    T* kc = (T*)L.k_cache;
+    T* vc = (T*)L.v_cache;
+    int item = blockIdx.x;
+    AttnRegs<T, STEP_ATTN_ITERS> r;
+    if (item < attn_items) {
+        attention_preload<T, STEP_THREADS, STEP_ATTN_ITERS>(position, kc, vc, s.head_dim, s.n_positions, chunk, s.lanes_per_key,
+                                                            item % s.n_head, item / s.n_head, r);
+    }
+    grid_barrier(s.barrier);
+    for (bool first = true; item < attn_items; item += gridDim.x, first = false) {
+        int head = item % s.n_head, c = item / s.n_head;
+        if (!first) {
+            attention_preload<T, STEP_THREADS, STEP_ATTN_ITERS>(position, kc, vc, s.head_dim, s.n_positions, chunk, s.lanes_per_key, head,
+                                                                c, r);
+        }
+        attention_body<T, STEP_THREADS, STEP_ATTN_ITERS>(position, s.qkv, kc, vc, s.chunk_acc, s.chunk_ml, s.n_embd, s.head_dim,
+                                                         s.n_positions, s.max_chunks, chunk, s.lanes_per_key, L.scale, head, c, r);
+    }
+}
+
+template <typename T>
+__device__ void decode_step(const StepArgs& s) {
+    const int position = s.state[1];
+    const int d = s.n_embd;
+    for (int b = blockIdx.x; b * STAT_COLUMNS < d; b += gridDim.x) {
+        embed_body(s.state, (const T*)s.wte, (const T*)s.wpe, (float*)s.h, (float*)s.stats, d, b);
+    }
+    const int attn_items = s.n_head * (position / s.attn_chunk + 1);
+    for (int l = 0; l < s.n_layer; l++) {
+        const GemvArgs* p = s.products + 4 * l;
+        const DecodeLayer& L = s.layers[l];
+        gemv_phase(p[0], (const T*)L.weights[0], s.barrier);
+        attention_phase<T>(s, L, position, attn_items);
+        gemv_phase(p[1], (const T*)L.weights[1], s.barrier);
+        gemv_phase(p[2], (const T*)L.weights[2], s.barrier);
+        gemv_phase(p[3], (const T*)L.weights[3], s.barrier);
+    }
+    const T* lm_head = (const T*)s.lm_head;
+    logits_prefetch(lm_head, s.vocab, d, blockIdx.x, gridDim.x);
+    grid_barrier(s.barrier);
+    logits_body(s.h, s.stats, s.lnf_g, s.lnf_b, s.lnf_eps, lm_head, s.logits, s.best, s.counters, s.state, s.vocab, d, blockIdx.x,
+                gridDim.x);
+}
+
+// GEMV_BLOCKS: the GEMV blocks an SM must hold (bf16: 4, one wave of the grid the Rust side
+// sizes by occupancy; the f32 kernel takes the registers it wants).
+#define INSTANCES(SUFFIX, T, GEMV_BLOCKS)                                                                                          \
     extern "C" __global__ void __launch_bounds__(STAT_COLUMNS) embed_##SUFFIX(const int* state, const T* wte, const T* wpe, float* h, \
             float* stats, int d_model) {                                                                              \
         embed<T>(state, wte, wpe, h, stats, d_model);                                                                 \
     }                                                                                                                 \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##SUFFIX(GemvArgs a, const T* w) {               \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS, GEMV_BLOCKS) gemv_##SUFFIX(GemvArgs a, const T* w) {               \
         gemv<T>(a, w);                                                                                                \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attention_##SUFFIX(const int* state, const float* qkv, T* k_cache, \
@@ -593,7 +853,8 @@ __device__ void logits_argmax(const float* h, const float* stats, const float* g
     extern "C" __global__ void __launch_bounds__(256) logits_##SUFFIX(const float* h, const float* stats, const float* gamma, \
             const float* beta, float eps, const T* w, float* logits, float* best, int* counters, int* state, int rows, int d_model) { \
         logits_argmax<T>(h, stats, gamma, beta, eps, w, logits, best, counters, state, rows, d_model);               \
-    }
+    }                                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(STEP_THREADS, STEP_MIN_BLOCKS) decode_step_##SUFFIX(StepArgs s) { decode_step<T>(s); }
 
-INSTANCES(bf16, bf16)
-INSTANCES(f32, float)
+INSTANCES(bf16, bf16, 4)
+INSTANCES(f32, float, 1)

@@ -21,6 +21,12 @@
 //! throughout (the products' operands bf16), so a bf16 model runs slightly more precisely than
 //! burn's bf16 path (which rounds every intermediate).
 //!
+//! The same step also exists as one kernel (`decode_step_*`): one cooperative grid, all of its
+//! blocks resident, running the phases above with grid barriers between them instead of kernel
+//! boundaries. It computes the same step (to f32 rounding: its attention blocks are twice as
+//! wide) and is replayed with `LLAVA_JP_GRAPH_STEP=kernel` or [`GraphDecoder::set_step_kernel`];
+//! [`GraphDecoder::profile`] times both.
+//!
 //! Built by the caller from the model it will generate with ([`GraphDecoder::new`]) and handed
 //! to generation in [`crate::infer::GenerationConfig::graph_decoder`]; generation uses it for
 //! a single prompt on a cache (the only case it covers) and keeps burn's path otherwise.
@@ -52,6 +58,14 @@ const GEMV_MAX_SPLITS: usize = 32;
 const GEMV_MIN_ROWS: usize = 64;
 /// Dynamic shared memory a block may use for its input rows (48 KiB less the static arrays).
 const MAX_DYNAMIC_SHARED: usize = 38 * 1024;
+/// The step kernel's threads per block and keys per attention thread (`STEP_THREADS`,
+/// `STEP_ATTN_ITERS` in the source). Its attention chunks must be the attention kernel's, so
+/// that the chunk buffers and attn.c_proj's merge serve both.
+const STEP_THREADS: usize = 256;
+const STEP_ATTN_ITERS: usize = 4;
+const _: () = assert!(STEP_THREADS * STEP_ATTN_ITERS == ATTN_THREADS * ATTN_ITERS);
+/// Blocks per first-level counter of the step kernel's grid barrier (`BARRIER_GROUP`).
+const BARRIER_GROUP: usize = 32;
 
 /// The GEMV kernel's parameters (`GemvArgs` in the source, same order and layout).
 #[repr(C)]
@@ -79,6 +93,64 @@ struct GemvArgs {
     prologue: i32,
     epilogue: i32,
     activation: i32,
+}
+
+/// One layer as the step kernel reads it (`DecodeLayer` in the source, same layout).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct DecodeLayerArgs {
+    /// c_attn, attn.c_proj, c_fc, mlp.c_proj.
+    weights: [u64; 4],
+    k_cache: u64,
+    v_cache: u64,
+    scale: f32,
+    unused: f32,
+}
+
+/// The step kernel's parameters (`StepArgs` in the source, same order and layout).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct StepArgs {
+    products: u64,
+    layers: u64,
+    wte: u64,
+    wpe: u64,
+    lm_head: u64,
+    lnf_g: u64,
+    lnf_b: u64,
+    h: u64,
+    stats: u64,
+    qkv: u64,
+    logits: u64,
+    best: u64,
+    chunk_acc: u64,
+    chunk_ml: u64,
+    state: u64,
+    counters: u64,
+    barrier: u64,
+    lnf_eps: f32,
+    n_layer: i32,
+    n_embd: i32,
+    n_head: i32,
+    vocab: i32,
+    n_positions: i32,
+    head_dim: i32,
+    max_chunks: i32,
+    attn_chunk: i32,
+    lanes_per_key: i32,
+}
+
+/// The step kernel's grid and buffers, where the device takes it.
+struct StepKernel {
+    /// Blocks of the grid: as many as the GPU holds at once (a cooperative launch).
+    blocks: usize,
+    /// Dynamic shared memory per block (the widest product's input rows, or ln_f's input).
+    shared: u32,
+    /// The layers' [`DecodeLayerArgs`] and their products' [`GemvArgs`] (four a layer).
+    layers: u64,
+    products: u64,
+    /// The grid barrier's generation and counts.
+    barrier: u64,
 }
 
 const PROLOGUE_PLAIN: i32 = 0;
@@ -165,6 +237,38 @@ unsafe fn launch_kernel(
     sys::cuLaunchKernelEx(&config, function.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()).result()
 }
 
+/// Launches `function` with every block of `blocks` resident at once (a cooperative launch:
+/// the launch fails rather than start more blocks than the GPU holds), for the step kernel's
+/// grid barriers.
+///
+/// # Safety
+/// As [`launch_kernel`].
+unsafe fn launch_cooperative(
+    function: &CudaFunction,
+    stream: &CudaStream,
+    blocks: u32,
+    block: u32,
+    shared: u32,
+    params: &mut [*mut c_void],
+) -> Result<(), DriverError> {
+    let mut attribute: sys::CUlaunchAttribute = std::mem::zeroed();
+    attribute.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
+    attribute.value.cooperative = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: blocks,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: block,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: shared,
+        hStream: stream.cu_stream(),
+        attrs: &mut attribute,
+        numAttrs: 1,
+    };
+    sys::cuLaunchKernelEx(&config, function.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()).result()
+}
+
 /// Kernel parameters as `cuLaunchKernelEx` takes them: the address of each argument. Nothing
 /// checks the types: each must be the kernel parameter's exact type (i32, f32, a u64 device
 /// address or `GemvArgs`), and live until the launch returns.
@@ -224,6 +328,8 @@ struct Kernels {
     gemv: CudaFunction,
     attention: CudaFunction,
     logits: CudaFunction,
+    /// The whole step as one kernel with grid barriers (`decode_step_*`).
+    step: CudaFunction,
     prefill_residual_layernorm: CudaFunction,
     prefill_split_qkv: CudaFunction,
     prefill_bias_activation: CudaFunction,
@@ -250,8 +356,14 @@ pub struct DecoderShape {
 /// [`GraphDecoder::profile`]'s answer (milliseconds).
 #[derive(Debug, Clone)]
 pub struct DecodeProfile {
-    /// One replay of the captured graph.
+    /// One replay of the captured graph (the one generation replays).
     pub graph_step_ms: f64,
+    /// One replay of a graph of the step kernel, and of the step's kernels one after another
+    /// (None where that one cannot run).
+    pub step_kernel_graph_ms: Option<f64>,
+    pub kernels_graph_ms: Option<f64>,
+    /// The step kernel's blocks (0: not prepared).
+    pub step_kernel_blocks: usize,
     /// The kernels launched one by one (launch gaps included, and no overlap between them:
     /// a timing event sits between each two, programmatic launch or not).
     pub launched_step_ms: f64,
@@ -306,6 +418,10 @@ pub struct GraphDecoder {
     lanes_per_key: usize,
     max_chunks: usize,
     kernels: Kernels,
+    /// The step as one kernel, where the device can run its grid (None: kernels only).
+    step_kernel: Option<StepKernel>,
+    /// Whether the graph replays the step kernel (else the step's kernels one after another).
+    use_step_kernel: bool,
     /// The prompt prefill's buffers and products, made by the first prefill.
     prefill: Option<Prefill>,
     /// The vision tower and projector, when [`Self::add_vision`] copied them.
@@ -683,6 +799,8 @@ impl GraphDecoder {
             lanes_per_key,
             max_chunks,
             kernels,
+            step_kernel: None,
+            use_step_kernel: false,
             prefill: None,
             vision: None,
             prefill_on: std::env::var("LLAVA_JP_GRAPH_PREFILL").map_or(true, |v| v != "0"),
@@ -691,8 +809,129 @@ impl GraphDecoder {
             stream,
             memory,
         };
-        decoder.capture()?;
+        // The step kernel is prepared wherever the device runs it (so that `profile` measures
+        // both), and replayed with `LLAVA_JP_GRAPH_STEP=kernel`: the step's kernels one after
+        // another measured faster (model-import/results/step-kernel-2026-12-06/).
+        let want_step_kernel = std::env::var("LLAVA_JP_GRAPH_STEP").is_ok_and(|v| v == "kernel");
+        match decoder.prepare_step_kernel() {
+            Ok(()) => decoder.use_step_kernel = want_step_kernel,
+            Err(why) if want_step_kernel => eprintln!("graph decoding: the step's kernels one by one ({why})"),
+            Err(_) => {}
+        }
+        if let Err(why) = decoder.capture() {
+            if !decoder.use_step_kernel {
+                return Err(why);
+            }
+            eprintln!("graph decoding: the step's kernels one by one (the step kernel's graph: {why})");
+            decoder.use_step_kernel = false;
+            decoder.capture()?;
+        }
         Ok(decoder)
+    }
+
+    /// The step kernel's grid (every block resident: the GPU's blocks at once for its
+    /// registers and shared memory), its products' splits for that grid, and their arguments
+    /// and the layers' in device memory.
+    fn prepare_step_kernel(&mut self) -> Result<(), String> {
+        let DecoderShape { n_embd, inner, .. } = self.shape;
+        let shared_for = |blocks: usize| {
+            let rows = [(n_embd, 3 * n_embd), (n_embd, n_embd), (n_embd, inner), (inner, n_embd)]
+                .into_iter()
+                .map(|(k, n)| gemv_splits(k, n, blocks).1)
+                .max()
+                .unwrap_or(8);
+            (rows.max(n_embd) * 4) as u32
+        };
+        let occupancy = |shared: u32| {
+            self.kernels
+                .step
+                .occupancy_max_active_blocks_per_multiprocessor(STEP_THREADS as u32, shared as usize, None)
+                .map_err(|e| format!("the step kernel's occupancy: {e}"))
+        };
+        // Rows per split shrink as blocks grow: size the grid for the smallest input, then
+        // check the larger one's occupancy (and take the fewer blocks it allows).
+        let per_sm = occupancy(shared_for(usize::MAX / 2))? as usize;
+        let mut blocks = per_sm * self.sms;
+        let mut shared = shared_for(blocks);
+        let fits = occupancy(shared)? as usize;
+        if fits < per_sm {
+            blocks = fits * self.sms;
+            shared = shared_for(blocks);
+        }
+        if blocks == 0 {
+            return Err("no block of the step kernel fits an SM".into());
+        }
+        if shared as usize > MAX_DYNAMIC_SHARED {
+            return Err(format!("its products need {shared} bytes of shared memory a block"));
+        }
+        let layers: Vec<DecodeLayerArgs> = self
+            .layers
+            .iter()
+            .map(|l| DecodeLayerArgs {
+                weights: [l.c_attn.0, l.attn_proj.0, l.c_fc.0, l.mlp_proj.0],
+                k_cache: l.k_cache,
+                v_cache: l.v_cache,
+                scale: l.scale,
+                unused: 0.0,
+            })
+            .collect();
+        let products: Vec<GemvArgs> = self
+            .layers
+            .iter()
+            .flat_map(|layer| self.layer_products(layer).map(|(_, _, args)| with_splits(args, blocks).0))
+            .collect();
+        let upload = |memory: &mut Memory, bytes: &[u8], what: &str| -> Result<u64, String> {
+            let at = memory.alloc(bytes.len(), what)?;
+            // SAFETY: `at` holds bytes.len() bytes; a synchronous copy from host memory.
+            unsafe { result::memcpy_htod_sync(at, bytes) }.map_err(|e| format!("copying {what}: {e}"))?;
+            Ok(at)
+        };
+        // SAFETY: plain-old-data structs of u64/f32/i32 fields, viewed as their bytes.
+        let as_bytes = |ptr: *const u8, len: usize| unsafe { std::slice::from_raw_parts(ptr, len) };
+        let layers = upload(
+            &mut self.memory,
+            as_bytes(layers.as_ptr().cast(), std::mem::size_of_val(layers.as_slice())),
+            "the step kernel's layers",
+        )?;
+        let products = upload(
+            &mut self.memory,
+            as_bytes(products.as_ptr().cast(), std::mem::size_of_val(products.as_slice())),
+            "the step kernel's products",
+        )?;
+        // The barrier's words (`grid_barrier` in the source): generation, groups arrived, and a
+        // count per group of BARRIER_GROUP blocks, each in a 128-byte line.
+        let barrier_bytes = (64 + 32 * blocks.div_ceil(BARRIER_GROUP)) * 4;
+        let barrier = self.memory.alloc(barrier_bytes, "the step kernel's grid barrier")?;
+        // SAFETY: barrier_bytes just allocated; every count starts at 0.
+        unsafe { result::memset_d8_sync(barrier, 0, barrier_bytes) }.map_err(|e| format!("zeroing the grid barrier: {e}"))?;
+        // The logits phase keeps one (value, index) per block of the grid.
+        if blocks > self.logits_blocks {
+            self.best = self.memory.alloc(blocks * 2 * 4, "arg max per block")?;
+        }
+        self.step_kernel = Some(StepKernel { blocks, shared, layers, products, barrier });
+        Ok(())
+    }
+
+    /// Whether the graph replays the step as one kernel (see [`Self::set_step_kernel`]).
+    pub fn uses_step_kernel(&self) -> bool {
+        self.use_step_kernel
+    }
+
+    /// Replays the step as one kernel (`true`, where the device runs it) or as its kernels one
+    /// after another, recapturing the graph; both compute the same step.
+    pub fn set_step_kernel(&mut self, on: bool) -> Result<(), String> {
+        if on && self.step_kernel.is_none() {
+            self.prepare_step_kernel()?;
+        }
+        self.stream.synchronize().map_err(|e| format!("decode stream: {e}"))?;
+        let before = self.use_step_kernel;
+        self.use_step_kernel = on;
+        if let Err(why) = self.capture() {
+            self.use_step_kernel = before;
+            self.capture()?;
+            return Err(why);
+        }
+        Ok(())
     }
 
     /// How long the last prompt's cache took to copy in (part of the first decode step).
@@ -1029,18 +1268,28 @@ impl GraphDecoder {
 
     /// Records the step's kernels on the stream as a graph.
     fn capture(&mut self) -> Result<(), String> {
+        self.graph = None;
+        self.graph = Some(self.capture_graph(self.use_step_kernel)?);
+        Ok(())
+    }
+
+    /// A graph of one step: the step kernel (`step_kernel`, where prepared) or the kernels.
+    fn capture_graph(&self, step_kernel: bool) -> Result<CudaGraph, String> {
         self.memory.context.bind_to_thread().map_err(|e| e.to_string())?;
         // Relaxed: other threads (cubecl's) may allocate or load modules meanwhile.
         self.stream
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
             .map_err(|e| format!("beginning the decode graph's capture: {e}"))?;
-        let launched = self.launch_step(None);
+        let launched = match (step_kernel, &self.step_kernel) {
+            (true, Some(step)) => self.launch_step_kernel(step),
+            (true, None) => Err("the step kernel was not prepared".into()),
+            (false, _) => self.launch_step(None),
+        };
         let graph = self.stream.end_capture(CUgraphInstantiate_flags(0)).map_err(|e| format!("ending the decode graph's capture: {e}"))?;
         launched?;
         let graph = graph.ok_or("the decode graph's capture recorded nothing")?;
         graph.upload().map_err(|e| format!("uploading the decode graph: {e}"))?;
-        self.graph = Some(graph);
-        Ok(())
+        Ok(graph)
     }
 
     /// Where a step's time goes at `position` (with whatever the cache holds): each kernel
@@ -1070,17 +1319,33 @@ impl GraphDecoder {
                 None => kernels.push((pair[1].0.to_string(), ms, 1)),
             }
         }
-        unsafe { result::memcpy_htod_async(self.state, &state, stream) }.map_err(|e| e.to_string())?;
-        let graph = self.graph.as_ref().expect("captured in new");
-        let start = event()?;
-        for _ in 0..replays {
-            graph.launch().map_err(|e| e.to_string())?;
-        }
-        let end = event()?;
-        let graph_ms = start.elapsed_ms(&end).map_err(|e| e.to_string())? as f64 / replays.max(1) as f64;
+        let time_graph = |graph: &CudaGraph| -> Result<f64, String> {
+            // SAFETY: as in `step`.
+            unsafe { result::memcpy_htod_async(self.state, &state, stream) }.map_err(|e| e.to_string())?;
+            let start = event()?;
+            for _ in 0..replays {
+                graph.launch().map_err(|e| e.to_string())?;
+            }
+            let end = event()?;
+            Ok(start.elapsed_ms(&end).map_err(|e| e.to_string())? as f64 / replays.max(1) as f64)
+        };
+        let graph_ms = time_graph(self.graph.as_ref().expect("captured in new"))?;
+        // The other way of running the step, in the same process, where it can be captured.
+        let other_ms = match self.capture_graph(!self.use_step_kernel) {
+            Ok(other) => {
+                let ms = time_graph(&other);
+                self.stream.synchronize().map_err(|e| e.to_string())?;
+                Some(ms?)
+            }
+            Err(_) => None,
+        };
         let launched_ms = kernels.iter().map(|k| k.1).sum();
+        let (step_ms, kernels_ms) = if self.use_step_kernel { (Some(graph_ms), other_ms) } else { (other_ms, Some(graph_ms)) };
         Ok(DecodeProfile {
             graph_step_ms: graph_ms,
+            step_kernel_graph_ms: step_ms,
+            kernels_graph_ms: kernels_ms,
+            step_kernel_blocks: self.step_kernel.as_ref().map_or(0, |k| k.blocks),
             launched_step_ms: launched_ms,
             kernels,
             gemv_blocks_per_sm: self.gemv_blocks_per_sm,
@@ -1091,7 +1356,7 @@ impl GraphDecoder {
     /// The step's kernels in order: captured into the graph, or launched one by one between
     /// timing events (`marks`, for [`Self::profile`]).
     fn launch_step(&self, marks: Option<&std::cell::RefCell<Vec<(&'static str, cudarc::driver::CudaEvent)>>>) -> Result<(), String> {
-        let DecoderShape { n_embd, n_head, inner, n_positions, .. } = self.shape;
+        let DecoderShape { n_embd, n_head, n_positions, .. } = self.shape;
         self.memory.context.bind_to_thread().map_err(|e| e.to_string())?;
         let k = &self.kernels;
         let s = &self.stream;
@@ -1112,48 +1377,16 @@ impl GraphDecoder {
         // SAFETY (every launch): the parameters are the kernels' in order, device addresses of
         // buffers sized in `new` for these shapes.
         launch("embed", unsafe { launch_kernel(&k.embed, s, grid, GEMV_COLUMNS as u32, 0, false, &mut params) })?;
-        let base = GemvArgs {
-            x: 0,
-            h: self.h,
-            stats: self.stats,
-            gamma: 0,
-            beta: 0,
-            eps: 0.0,
-            bias: 0,
-            parts: self.parts,
-            out: 0,
-            counters: self.counters,
-            state: self.state,
-            chunk_acc: self.chunk_acc,
-            chunk_ml: self.chunk_ml,
-            head_dim,
-            attn_chunk,
-            max_chunks,
-            k_dim: 0,
-            n_dim: 0,
-            rows_per_split: 0,
-            prologue: PROLOGUE_PLAIN,
-            epilogue: EPILOGUE_STORE,
-            activation: self.activation,
-        };
-        let gemv = |name: &'static str, (w, bias): (u64, u64), k_dim: usize, n_dim: usize, input: Input, epilogue: i32, out: u64| {
-            let (splits, rows) = gemv_splits(k_dim, n_dim, self.gemv_blocks_per_sm * self.sms);
-            let mut args = GemvArgs { bias, out, k_dim: k_dim as i32, n_dim: n_dim as i32, rows_per_split: rows as i32, epilogue, ..base };
-            match input {
-                Input::Vector(x) => args.x = x,
-                Input::LayerNorm(gamma, beta, eps) => {
-                    args.prologue = PROLOGUE_LAYERNORM;
-                    (args.gamma, args.beta, args.eps) = (gamma, beta, eps);
-                }
-                Input::Attention => args.prologue = PROLOGUE_ATTENTION,
-            }
-            let grid = (n_dim.div_ceil(GEMV_COLUMNS) as u32, splits as u32);
+        let gemv = |name: &'static str, w: u64, args: GemvArgs| {
+            let (args, splits) = with_splits(args, self.gemv_blocks_per_sm * self.sms);
+            let grid = (args.n_dim.max(1) as usize).div_ceil(GEMV_COLUMNS) as u32;
             let mut params = params![&args, &w];
-            launch(name, unsafe { launch_kernel(&k.gemv, s, grid, GEMV_COLUMNS as u32, (rows * 4) as u32, k.dependent, &mut params) })
+            let shared = (args.rows_per_split * 4) as u32;
+            launch(name, unsafe { launch_kernel(&k.gemv, s, (grid, splits as u32), GEMV_COLUMNS as u32, shared, k.dependent, &mut params) })
         };
         for layer in &self.layers {
-            let ln_1 = Input::LayerNorm(layer.ln_1.0, layer.ln_1.1, layer.eps.0);
-            gemv("attn.c_attn", layer.c_attn, n_embd, 3 * n_embd, ln_1, EPILOGUE_STORE, self.qkv)?;
+            let [c_attn, attn_proj, c_fc, mlp_proj] = self.layer_products(layer);
+            gemv(c_attn.0, c_attn.1, c_attn.2)?;
             let mut params = params![
                 &self.state,
                 &self.qkv,
@@ -1171,12 +1404,104 @@ impl GraphDecoder {
             ];
             let grid = (n_head as u32, max_chunks as u32);
             launch("attention", unsafe { launch_kernel(&k.attention, s, grid, ATTN_THREADS as u32, 0, k.dependent, &mut params) })?;
-            gemv("attn.c_proj", layer.attn_proj, n_embd, n_embd, Input::Attention, EPILOGUE_RESIDUAL, 0)?;
-            let ln_2 = Input::LayerNorm(layer.ln_2.0, layer.ln_2.1, layer.eps.1);
-            gemv("mlp.c_fc", layer.c_fc, n_embd, inner, ln_2, EPILOGUE_ACTIVATE, self.fc_out)?;
-            gemv("mlp.c_proj", layer.mlp_proj, inner, n_embd, Input::Vector(self.fc_out), EPILOGUE_RESIDUAL, 0)?;
+            for (name, w, args) in [attn_proj, c_fc, mlp_proj] {
+                gemv(name, w, args)?;
+            }
         }
         launch("ln_f + logits + arg max", self.launch_logits(k.dependent))
+    }
+
+    /// A layer's four products in order (c_attn, attn.c_proj, c_fc, mlp.c_proj): name,
+    /// weights and arguments, rows per split not yet set (they follow the grid).
+    fn layer_products(&self, layer: &Layer) -> [(&'static str, u64, GemvArgs); 4] {
+        let DecoderShape { n_embd, n_head, inner, .. } = self.shape;
+        let base = GemvArgs {
+            x: 0,
+            h: self.h,
+            stats: self.stats,
+            gamma: 0,
+            beta: 0,
+            eps: 0.0,
+            bias: 0,
+            parts: self.parts,
+            out: 0,
+            counters: self.counters,
+            state: self.state,
+            chunk_acc: self.chunk_acc,
+            chunk_ml: self.chunk_ml,
+            head_dim: (n_embd / n_head) as i32,
+            attn_chunk: self.attn_chunk as i32,
+            max_chunks: self.max_chunks as i32,
+            k_dim: 0,
+            n_dim: 0,
+            rows_per_split: 0,
+            prologue: PROLOGUE_PLAIN,
+            epilogue: EPILOGUE_STORE,
+            activation: self.activation,
+        };
+        let product = |(w, bias): (u64, u64), k_dim: usize, n_dim: usize, input: Input, epilogue: i32, out: u64| {
+            let mut args = GemvArgs { bias, out, k_dim: k_dim as i32, n_dim: n_dim as i32, epilogue, ..base };
+            match input {
+                Input::Vector(x) => args.x = x,
+                Input::LayerNorm(gamma, beta, eps) => {
+                    args.prologue = PROLOGUE_LAYERNORM;
+                    (args.gamma, args.beta, args.eps) = (gamma, beta, eps);
+                }
+                Input::Attention => args.prologue = PROLOGUE_ATTENTION,
+            }
+            (w, args)
+        };
+        let ln_1 = Input::LayerNorm(layer.ln_1.0, layer.ln_1.1, layer.eps.0);
+        let ln_2 = Input::LayerNorm(layer.ln_2.0, layer.ln_2.1, layer.eps.1);
+        let c_attn = product(layer.c_attn, n_embd, 3 * n_embd, ln_1, EPILOGUE_STORE, self.qkv);
+        let attn_proj = product(layer.attn_proj, n_embd, n_embd, Input::Attention, EPILOGUE_RESIDUAL, 0);
+        let c_fc = product(layer.c_fc, n_embd, inner, ln_2, EPILOGUE_ACTIVATE, self.fc_out);
+        let mlp_proj = product(layer.mlp_proj, inner, n_embd, Input::Vector(self.fc_out), EPILOGUE_RESIDUAL, 0);
+        [
+            ("attn.c_attn", c_attn.0, c_attn.1),
+            ("attn.c_proj", attn_proj.0, attn_proj.1),
+            ("mlp.c_fc", c_fc.0, c_fc.1),
+            ("mlp.c_proj", mlp_proj.0, mlp_proj.1),
+        ]
+    }
+
+    /// The whole step as one cooperative launch of the step kernel.
+    fn launch_step_kernel(&self, step: &StepKernel) -> Result<(), String> {
+        let DecoderShape { n_layer, n_embd, n_head, vocab, n_positions, .. } = self.shape;
+        let args = StepArgs {
+            products: step.products,
+            layers: step.layers,
+            wte: self.wte,
+            wpe: self.wpe,
+            lm_head: self.lm_head,
+            lnf_g: self.ln_f.0,
+            lnf_b: self.ln_f.1,
+            h: self.h,
+            stats: self.stats,
+            qkv: self.qkv,
+            logits: self.logits,
+            best: self.best,
+            chunk_acc: self.chunk_acc,
+            chunk_ml: self.chunk_ml,
+            state: self.state,
+            counters: self.counters,
+            barrier: step.barrier,
+            lnf_eps: self.ln_f.2,
+            n_layer: n_layer as i32,
+            n_embd: n_embd as i32,
+            n_head: n_head as i32,
+            vocab: vocab as i32,
+            n_positions: n_positions as i32,
+            head_dim: (n_embd / n_head) as i32,
+            max_chunks: self.max_chunks as i32,
+            attn_chunk: self.attn_chunk as i32,
+            lanes_per_key: self.lanes_per_key as i32,
+        };
+        let mut params = params![&args];
+        // SAFETY: `StepArgs` mirrors the kernel's parameter; its addresses are the decoder's
+        // buffers and the step kernel's arrays, sized in `new` / `prepare_step_kernel`.
+        unsafe { launch_cooperative(&self.kernels.step, &self.stream, step.blocks as u32, STEP_THREADS as u32, step.shared, &mut params) }
+            .map_err(|e| format!("decode step kernel ({} blocks): {e}", step.blocks))
     }
 
     /// ln_f, the logits and their arg max, from `h` and its statistics; the arg max becomes the
@@ -1205,6 +1530,13 @@ impl GraphDecoder {
         // in `new`.
         unsafe { launch_kernel(&self.kernels.logits, &self.stream, grid, 256, shared, dependent, &mut params) }
     }
+}
+
+/// `args` with its rows per split for a grid of `slots` blocks at once, and its splits.
+fn with_splits(mut args: GemvArgs, slots: usize) -> (GemvArgs, usize) {
+    let (splits, rows) = gemv_splits(args.k_dim as usize, args.n_dim as usize, slots);
+    args.rows_per_split = rows as i32;
+    (args, splits)
 }
 
 /// A product's row splits and rows per split: no more blocks than `slots` (the GPU's blocks
@@ -1254,6 +1586,7 @@ impl Kernels {
             gemv: function(format!("gemv_{suffix}"))?,
             attention: function(format!("attention_{suffix}"))?,
             logits: function(format!("logits_{suffix}"))?,
+            step: function(format!("decode_step_{suffix}"))?,
             prefill_residual_layernorm: function("prefill_residual_layernorm".into())?,
             prefill_split_qkv: function("prefill_split_qkv".into())?,
             prefill_bias_activation: function("prefill_bias_activation".into())?,

@@ -117,16 +117,28 @@ fn check<B: Backend>(device: &B::Device, tol: f32) {
         };
         for (decoder, path) in [(alone, prefill), (whole, format!("images on the {vision}"))] {
             let decoder = Arc::new(Mutex::new(decoder));
-            let what = format!("case {i} ({} wide, {} heads, {}), {path}", case.n_embd, case.n_head, case.activation);
-            eprintln!("{what}");
-            let graph = run(&model, &p, Some(&decoder), true);
-            compare(&what, &eager, &graph, tol);
-            // Greedy on the GPU (no logits kept) takes the tokens the host's arg max took.
-            let greedy = run(&model, &p, Some(&decoder), false);
-            assert_eq!(greedy.tokens, graph.tokens, "{what}: arg max on the GPU vs on the host");
-            // The decoder is reusable: a second generation starts from its own prompt again.
-            let again = run(&model, &p, Some(&decoder), false);
-            assert_eq!(again.tokens, greedy.tokens, "{what}: second generation");
+            // The step as one kernel (grid barriers) and as its kernels one after another: the
+            // same arithmetic, but the attention's blocks are twice as wide in the step kernel
+            // (so its sums over a chunk's keys are added in another order): f32 rounding apart.
+            let mut by_step_kernel: Option<Generated> = None;
+            for step_kernel in [true, false] {
+                decoder.lock().unwrap().set_step_kernel(step_kernel).unwrap();
+                let how = if step_kernel { "one step kernel" } else { "the step's kernels" };
+                let what = format!("case {i} ({} wide, {} heads, {}), {path}, {how}", case.n_embd, case.n_head, case.activation);
+                eprintln!("{what}");
+                let graph = run(&model, &p, Some(&decoder), true);
+                compare(&what, &eager, &graph, tol);
+                // Greedy on the GPU (no logits kept) takes the tokens the host's arg max took.
+                let greedy = run(&model, &p, Some(&decoder), false);
+                assert_eq!(greedy.tokens, graph.tokens, "{what}: arg max on the GPU vs on the host");
+                // The decoder is reusable: a second generation starts from its own prompt again.
+                let again = run(&model, &p, Some(&decoder), false);
+                assert_eq!(again.tokens, greedy.tokens, "{what}: second generation");
+                match &by_step_kernel {
+                    None => by_step_kernel = Some(graph),
+                    Some(one) => compare(&format!("{what} against the step kernel"), one, &graph, 1e-4),
+                }
+            }
         }
     }
 }
