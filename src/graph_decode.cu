@@ -409,7 +409,16 @@ __device__ void gemv_body(const GemvArgs& a, const T* w, int column_block, int s
     float v = 0.f;
     if (col < n_dim) {
         v = a.bias[col];
-        for (int sp = 0; sp < splits; sp++) v += __ldcg(&a.parts[(size_t)sp * n_dim + col]);
+        // Eight splits' loads at once, added in split order (one L2 latency per eight).
+        for (int sp0 = 0; sp0 < splits; sp0 += 8) {
+            float part[8];
+#pragma unroll
+            for (int j = 0; j < 8; j++) part[j] = sp0 + j < splits ? __ldcg(&a.parts[(size_t)(sp0 + j) * n_dim + col]) : 0.f;
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                if (sp0 + j < splits) v += part[j];
+            }
+        }
         if (a.epilogue == EPILOGUE_STORE) {
             a.out[col] = v;
         } else if (a.epilogue == EPILOGUE_ACTIVATE) {
@@ -655,13 +664,27 @@ __device__ void logits_body(const float* h, const float* stats, const float* gam
         best[2 * block + 1] = __int_as_float(bi);
     }
     if (!last_to_arrive(&counters[0], blocks)) return;
+    // The blocks' bests, a few per thread, then across the block: "larger, or as large with a
+    // smaller index" orders them totally, so any order of comparing finds the first max.
+    bv = NEG_INF;
+    bi = 0x7fffffff;
+    for (int b = threadIdx.x; b < blocks; b += blockDim.x) {
+        float v = __ldcg(&best[2 * b]);
+        int i = __float_as_int(__ldcg(&best[2 * b + 1]));
+        if (v > bv || (v == bv && i < bi)) { bv = v; bi = i; }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        float v = __shfl_xor_sync(0xffffffffu, bv, o);
+        int i = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (v > bv || (v == bv && i < bi)) { bv = v; bi = i; }
+    }
+    __syncthreads();
+    if (lane == 0) { warp_v[warp] = bv; warp_i[warp] = bi; }
+    __syncthreads();
     if (threadIdx.x == 0) {
-        bv = NEG_INF;
-        bi = 0x7fffffff;
-        for (int b = 0; b < blocks; b++) {
-            float v = __ldcg(&best[2 * b]);
-            int i = __float_as_int(__ldcg(&best[2 * b + 1]));
-            if (v > bv || (v == bv && i < bi)) { bv = v; bi = i; }
+        for (int w2 = 1; w2 < warps; w2++) {
+            if (warp_v[w2] > bv || (warp_v[w2] == bv && warp_i[w2] < bi)) { bv = warp_v[w2]; bi = warp_i[w2]; }
         }
         int token = bi == 0x7fffffff ? 0 : bi;
         state[2] = token;

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Call 3: (1) the step kernel with a two-level grid barrier (groups of 32 blocks, each counter
+# Call 3: (0) the GEMV tails add eight splits' partial sums per L2 round trip, the logits' arg max over blocks by the whole last block; (1) the step kernel with a two-level grid barrier (groups of 32 blocks, each counter
 # in a 128-byte line of its own); (2) both paths' prologues with their loads issued at once
 # (LayerNorm statistics a slot a lane, combined through shuffles; the attention chunks merged
 # two at a time). The graph decoder's tests against flex (both paths), then full-size greedy
-# decode at batch 1: step kernel, the kernels, the step kernel at 3 blocks per SM.
-# Carry .dev/next (bench-generate.xz, graph-decode-test.xz).
+# decode at batch 1: the kernels (now the default), the step kernel
+# (LLAVA_JP_GRAPH_STEP=kernel), the step kernel at 3 blocks per SM.
+# Then transformers' generate, same prompt. Carry .dev/next (bench-generate.xz, graph-decode-test.xz).
 CALL=${CALL:-call3} BINARIES=""
 source "$(dirname "$0")/../../scripts/gpu_call_lib.sh"
 for b in bench-generate graph-decode-test; do xz -T4 -dc .dev/next/$b.xz > /tmp/$b && chmod +x /tmp/$b; done
@@ -12,7 +13,8 @@ limit=${LIMIT:-560}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 run_test graph_decode_matches_flex_f32 flex-f32 120
 run_test graph_decode_matches_flex_bf16 flex-bf16 120
-bench ours-step bench-generate 3
-bench ours-kernels bench-generate 3 LLAVA_JP_GRAPH_STEP=kernels
-bench ours-step-3 bench-generate 2 LLAVA_JP_GRAPH_NVRTC_OPTIONS=-DSTEP_MIN_BLOCKS=3
+bench ours-kernels bench-generate 3
+bench ours-step bench-generate 3 LLAVA_JP_GRAPH_STEP=kernel
+bench ours-step-3 bench-generate 2 LLAVA_JP_GRAPH_STEP=kernel LLAVA_JP_GRAPH_NVRTC_OPTIONS=-DSTEP_MIN_BLOCKS=3
+transformers 100
 finish
