@@ -171,25 +171,15 @@ __device__ bool last_to_arrive(int* counter, int expected) {
 // LayerNorm statistics of the residual stream come in slots of STAT_COLUMNS columns: each
 // slot's mean and sum of squared deviations, combined here in slot order (Chan et al.).
 #define STAT_COLUMNS 256
-// Each lane of a warp loads one slot, all at once, and every lane combines them in slot
-// order through shuffles: a loop that loads as it combines pays L2's latency once a slot,
-// and every product with a LayerNorm prologue waits on this. Called by whole warps.
-__device__ __forceinline__ void combine_slot(float nb, float mb, float m2b, float& n, float& mean, float& m2) {
-    float total = n + nb, delta = mb - mean;
-    mean += delta * nb / total;
-    m2 += m2b + delta * delta * n * nb / total;
-    n = total;
-}
 __device__ void combined_stats(const float* stats, int d_model, float eps, float* mean_out, float* rstd_out) {
-    int slots = (d_model + STAT_COLUMNS - 1) / STAT_COLUMNS, lane = threadIdx.x & 31;
     float n = 0.f, mean = 0.f, m2 = 0.f;
-    for (int s0 = 0; s0 < slots; s0 += 32) {
-        float2 mine = make_float2(0.f, 0.f);
-        if (s0 + lane < slots) mine = reinterpret_cast<const float2*>(stats)[s0 + lane];
-        for (int s = s0; s < min(slots, s0 + 32); s++) {
-            float mb = __shfl_sync(0xffffffffu, mine.x, s - s0), m2b = __shfl_sync(0xffffffffu, mine.y, s - s0);
-            combine_slot((float)min(STAT_COLUMNS, d_model - s * STAT_COLUMNS), mb, m2b, n, mean, m2);
-        }
+    for (int s = 0; s * STAT_COLUMNS < d_model; s++) {
+        float nb = (float)min(STAT_COLUMNS, d_model - s * STAT_COLUMNS);
+        float mb = stats[2 * s], m2b = stats[2 * s + 1];
+        float total = n + nb, delta = mb - mean;
+        mean += delta * nb / total;
+        m2 += m2b + delta * delta * n * nb / total;
+        n = total;
     }
     *mean_out = mean;
     *rstd_out = rsqrtf(m2 / n + eps);
@@ -268,40 +258,17 @@ struct GemvArgs {
 };
 
 // Output k of the attention (head k / head_dim): its chunks' partial softmaxes merged.
-// Chunks are read MERGE_BATCH at a time, all loads issued before the first is used (L2's
-// latency once a batch, not once a chunk); the sums keep the chunks' order.
-#define MERGE_BATCH 2
 __device__ float merged_attention(const GemvArgs& a, int k, int chunks) {
     int head = k / a.head_dim, d = k % a.head_dim;
     const float* ml = a.chunk_ml + (size_t)head * a.max_chunks * 2;
     const float* acc = a.chunk_acc + (size_t)head * a.max_chunks * a.head_dim + d;
     float big = NEG_INF;
-    for (int c0 = 0; c0 < chunks; c0 += MERGE_BATCH) {
-        float m[MERGE_BATCH];
-#pragma unroll
-        for (int j = 0; j < MERGE_BATCH; j++) m[j] = c0 + j < chunks ? ml[2 * (c0 + j)] : NEG_INF;
-#pragma unroll
-        for (int j = 0; j < MERGE_BATCH; j++) big = fmaxf(big, m[j]);
-    }
+    for (int c = 0; c < chunks; c++) big = fmaxf(big, ml[2 * c]);
     float total = 0.f, v = 0.f;
-    for (int c0 = 0; c0 < chunks; c0 += MERGE_BATCH) {
-        float m[MERGE_BATCH], l[MERGE_BATCH], x[MERGE_BATCH];
-#pragma unroll
-        for (int j = 0; j < MERGE_BATCH; j++) {
-            if (c0 + j < chunks) {
-                m[j] = ml[2 * (c0 + j)];
-                l[j] = ml[2 * (c0 + j) + 1];
-                x[j] = acc[(size_t)(c0 + j) * a.head_dim];
-            }
-        }
-#pragma unroll
-        for (int j = 0; j < MERGE_BATCH; j++) {
-            if (c0 + j < chunks) {
-                float scale = expf(m[j] - big);
-                total += l[j] * scale;
-                v += x[j] * scale;
-            }
-        }
+    for (int c = 0; c < chunks; c++) {
+        float scale = expf(ml[2 * c] - big);
+        total += ml[2 * c + 1] * scale;
+        v += acc[(size_t)c * a.head_dim] * scale;
     }
     return v / total;
 }
@@ -409,16 +376,7 @@ __device__ void gemv_body(const GemvArgs& a, const T* w, int column_block, int s
     float v = 0.f;
     if (col < n_dim) {
         v = a.bias[col];
-        // Eight splits' loads at once, added in split order (one L2 latency per eight).
-        for (int sp0 = 0; sp0 < splits; sp0 += 8) {
-            float part[8];
-#pragma unroll
-            for (int j = 0; j < 8; j++) part[j] = sp0 + j < splits ? __ldcg(&a.parts[(size_t)(sp0 + j) * n_dim + col]) : 0.f;
-#pragma unroll
-            for (int j = 0; j < 8; j++) {
-                if (sp0 + j < splits) v += part[j];
-            }
-        }
+        for (int sp = 0; sp < splits; sp++) v += __ldcg(&a.parts[(size_t)sp * n_dim + col]);
         if (a.epilogue == EPILOGUE_STORE) {
             a.out[col] = v;
         } else if (a.epilogue == EPILOGUE_ACTIVATE) {
@@ -664,27 +622,13 @@ __device__ void logits_body(const float* h, const float* stats, const float* gam
         best[2 * block + 1] = __int_as_float(bi);
     }
     if (!last_to_arrive(&counters[0], blocks)) return;
-    // The blocks' bests, a few per thread, then across the block: "larger, or as large with a
-    // smaller index" orders them totally, so any order of comparing finds the first max.
-    bv = NEG_INF;
-    bi = 0x7fffffff;
-    for (int b = threadIdx.x; b < blocks; b += blockDim.x) {
-        float v = __ldcg(&best[2 * b]);
-        int i = __float_as_int(__ldcg(&best[2 * b + 1]));
-        if (v > bv || (v == bv && i < bi)) { bv = v; bi = i; }
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        float v = __shfl_xor_sync(0xffffffffu, bv, o);
-        int i = __shfl_xor_sync(0xffffffffu, bi, o);
-        if (v > bv || (v == bv && i < bi)) { bv = v; bi = i; }
-    }
-    __syncthreads();
-    if (lane == 0) { warp_v[warp] = bv; warp_i[warp] = bi; }
-    __syncthreads();
     if (threadIdx.x == 0) {
-        for (int w2 = 1; w2 < warps; w2++) {
-            if (warp_v[w2] > bv || (warp_v[w2] == bv && warp_i[w2] < bi)) { bv = warp_v[w2]; bi = warp_i[w2]; }
+        bv = NEG_INF;
+        bi = 0x7fffffff;
+        for (int b = 0; b < (int)blocks; b++) {
+            float v = __ldcg(&best[2 * b]);
+            int i = __float_as_int(__ldcg(&best[2 * b + 1]));
+            if (v > bv || (v == bv && i < bi)) { bv = v; bi = i; }
         }
         int token = bi == 0x7fffffff ? 0 : bi;
         state[2] = token;
@@ -692,6 +636,7 @@ __device__ void logits_body(const float* h, const float* stats, const float* gam
         state[1] += 1;
     }
 }
+
 
 template <typename T>
 __device__ void logits_argmax(const float* h, const float* stats, const float* gamma, const float* beta, float eps, const T* w,
@@ -711,51 +656,21 @@ __device__ void logits_argmax(const float* h, const float* stats, const float* g
 // blocks: block b takes items b, b + blocks, ...
 
 // Every block of the grid arrives; none leaves until all have, and then sees what every block
-// wrote before arriving (plain loads after it see fresh data, as after a kernel boundary).
-// Arrivals are counted in two levels, BARRIER_GROUP blocks to a counter and the groups in a
-// second, each counter in a 128-byte line of its own, the generation the blocks wait on in
-// another: call 2 measured one counter for the whole grid, read by every waiting block, at
-// ~25 ns an arriving block. The last to arrive of a group zeroes its count; the last group's
-// zeroes the top count and moves the generation on. Layout (32-bit words): [0] generation,
-// [32] groups arrived, [64 + 32 g] blocks of group g arrived.
-#define BARRIER_GROUP 32
-__device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
-    unsigned v;
-    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
-__device__ __forceinline__ unsigned ld_relaxed(const unsigned* p) {
-    unsigned v;
-    asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
-__device__ __forceinline__ unsigned atom_add_acq_rel(unsigned* p, unsigned v) {
-    unsigned old;
-    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
-    return old;
-}
+// wrote before arriving (the fences; plain loads after it see fresh data, as after a kernel
+// boundary). One counter: each block adds 1, the first block adds 2^31 - (blocks - 1)
+// instead, so that the top bit flips when the last one arrives, whoever it is, and the
+// count is back where it started modulo the flip. Measured at ~25 ns an arriving block
+// (model-import/results/step-kernel-2026-12-06/, call 2): the arrivals serialise on the one
+// word every waiting block also reads.
 __device__ void grid_barrier(unsigned* bar) {
     __syncthreads();
     if (threadIdx.x == 0) {
-        unsigned group = blockIdx.x / BARRIER_GROUP;
-        unsigned groups = (gridDim.x + BARRIER_GROUP - 1) / BARRIER_GROUP;
-        unsigned in_group = min((unsigned)BARRIER_GROUP, gridDim.x - group * BARRIER_GROUP);
-        // Read before arriving: the generation cannot move until this block has arrived.
-        unsigned generation = ld_acquire(bar);
-        bool released = false;
-        if (atom_add_acq_rel(bar + 64 + 32 * group, 1) == in_group - 1) {
-            bar[64 + 32 * group] = 0;
-            if (atom_add_acq_rel(bar + 32, 1) == groups - 1) {
-                bar[32] = 0;
-                asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(bar), "r"(generation + 1) : "memory");
-                released = true;
-            }
+        unsigned add = blockIdx.x == 0 ? 0x80000000u - (gridDim.x - 1) : 1u;
+        __threadfence();
+        unsigned before = atomicAdd(bar, add);
+        while (((before ^ *(volatile unsigned*)bar) & 0x80000000u) == 0) {
         }
-        if (!released) {
-            while (ld_relaxed(bar) == generation) {
-            }
-        }
-        asm volatile("fence.acq_rel.gpu;" ::: "memory");
+        __threadfence();
     }
     __syncthreads();
 }
@@ -857,14 +772,12 @@ __device__ void decode_step(const StepArgs& s) {
                 gridDim.x);
 }
 
-// GEMV_BLOCKS: the GEMV blocks an SM must hold (bf16: 4, one wave of the grid the Rust side
-// sizes by occupancy; the f32 kernel takes the registers it wants).
-#define INSTANCES(SUFFIX, T, GEMV_BLOCKS)                                                                                          \
+#define INSTANCES(SUFFIX, T)                                                                                          \
     extern "C" __global__ void __launch_bounds__(STAT_COLUMNS) embed_##SUFFIX(const int* state, const T* wte, const T* wpe, float* h, \
             float* stats, int d_model) {                                                                              \
         embed<T>(state, wte, wpe, h, stats, d_model);                                                                 \
     }                                                                                                                 \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS, GEMV_BLOCKS) gemv_##SUFFIX(GemvArgs a, const T* w) {               \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##SUFFIX(GemvArgs a, const T* w) {               \
         gemv<T>(a, w);                                                                                                \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attention_##SUFFIX(const int* state, const float* qkv, T* k_cache, \
@@ -879,5 +792,5 @@ __device__ void decode_step(const StepArgs& s) {
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(STEP_THREADS, STEP_MIN_BLOCKS) decode_step_##SUFFIX(StepArgs s) { decode_step<T>(s); }
 
-INSTANCES(bf16, bf16, 4)
-INSTANCES(f32, float, 1)
+INSTANCES(bf16, bf16)
+INSTANCES(f32, float)

@@ -64,8 +64,6 @@ const MAX_DYNAMIC_SHARED: usize = 38 * 1024;
 const STEP_THREADS: usize = 256;
 const STEP_ATTN_ITERS: usize = 4;
 const _: () = assert!(STEP_THREADS * STEP_ATTN_ITERS == ATTN_THREADS * ATTN_ITERS);
-/// Blocks per first-level counter of the step kernel's grid barrier (`BARRIER_GROUP`).
-const BARRIER_GROUP: usize = 32;
 
 /// The GEMV kernel's parameters (`GemvArgs` in the source, same order and layout).
 #[repr(C)]
@@ -149,7 +147,7 @@ struct StepKernel {
     /// The layers' [`DecodeLayerArgs`] and their products' [`GemvArgs`] (four a layer).
     layers: u64,
     products: u64,
-    /// The grid barrier's generation and counts.
+    /// The grid barrier's count (`grid_barrier` in the source).
     barrier: u64,
 }
 
@@ -898,12 +896,9 @@ impl GraphDecoder {
             as_bytes(products.as_ptr().cast(), std::mem::size_of_val(products.as_slice())),
             "the step kernel's products",
         )?;
-        // The barrier's words (`grid_barrier` in the source): generation, groups arrived, and a
-        // count per group of BARRIER_GROUP blocks, each in a 128-byte line.
-        let barrier_bytes = (64 + 32 * blocks.div_ceil(BARRIER_GROUP)) * 4;
-        let barrier = self.memory.alloc(barrier_bytes, "the step kernel's grid barrier")?;
-        // SAFETY: barrier_bytes just allocated; every count starts at 0.
-        unsafe { result::memset_d8_sync(barrier, 0, barrier_bytes) }.map_err(|e| format!("zeroing the grid barrier: {e}"))?;
+        let barrier = self.memory.alloc(4, "the step kernel's grid barrier")?;
+        // SAFETY: 4 bytes just allocated; the barrier's count starts at 0.
+        unsafe { result::memset_d8_sync(barrier, 0, 4) }.map_err(|e| format!("zeroing the grid barrier: {e}"))?;
         // The logits phase keeps one (value, index) per block of the grid.
         if blocks > self.logits_blocks {
             self.best = self.memory.alloc(blocks * 2 * 4, "arg max per block")?;
