@@ -706,9 +706,8 @@ struct StepArgs {
 #ifndef STEP_MIN_BLOCKS
 #define STEP_MIN_BLOCKS 4
 #endif
-#ifndef STEP_ATTN_ITERS
+// Not to be set from outside: src/graph_decode.rs sizes the attention chunks with it.
 #define STEP_ATTN_ITERS 4
-#endif
 
 template <typename T>
 __device__ __noinline__ void gemv_phase(const GemvArgs& a, const T* w, unsigned* barrier) {

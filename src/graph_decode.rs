@@ -23,8 +23,9 @@
 //!
 //! The same step also exists as one kernel (`decode_step_*`): one cooperative grid, all of its
 //! blocks resident, running the phases above with grid barriers between them instead of kernel
-//! boundaries. It computes the same step (to f32 rounding: its attention blocks are twice as
-//! wide) and is replayed with `LLAVA_JP_GRAPH_STEP=kernel` or [`GraphDecoder::set_step_kernel`];
+//! boundaries. It computes the same step to f32 rounding (its attention blocks are twice as
+//! wide, and its products split their rows for its own grid, so sums are added in other
+//! orders) and is replayed with `LLAVA_JP_GRAPH_STEP=kernel` or [`GraphDecoder::set_step_kernel`];
 //! [`GraphDecoder::profile`] times both.
 //!
 //! Built by the caller from the model it will generate with ([`GraphDecoder::new`]) and handed
@@ -64,6 +65,9 @@ const MAX_DYNAMIC_SHARED: usize = 38 * 1024;
 const STEP_THREADS: usize = 256;
 const STEP_ATTN_ITERS: usize = 4;
 const _: () = assert!(STEP_THREADS * STEP_ATTN_ITERS == ATTN_THREADS * ATTN_ITERS);
+/// Dynamic shared memory a step-kernel block may use: 48 KiB less every phase's static arrays
+/// (~16.6 KB, held at once).
+const STEP_MAX_DYNAMIC_SHARED: usize = 30 * 1024;
 
 /// The GEMV kernel's parameters (`GemvArgs` in the source, same order and layout).
 #[repr(C)]
@@ -847,20 +851,24 @@ impl GraphDecoder {
                 .map_err(|e| format!("the step kernel's occupancy: {e}"))
         };
         // Rows per split shrink as blocks grow: size the grid for the smallest input, then
-        // check the larger one's occupancy (and take the fewer blocks it allows).
-        let per_sm = occupancy(shared_for(usize::MAX / 2))? as usize;
-        let mut blocks = per_sm * self.sms;
-        let mut shared = shared_for(blocks);
-        let fits = occupancy(shared)? as usize;
-        if fits < per_sm {
-            blocks = fits * self.sms;
-            shared = shared_for(blocks);
+        // take fewer blocks while the rows that many blocks need do not fit as many an SM.
+        let mut per_sm = occupancy(shared_for(usize::MAX / 2))? as usize;
+        let mut shared = shared_for(per_sm * self.sms);
+        loop {
+            let fits = occupancy(shared)? as usize;
+            if fits >= per_sm || fits == 0 {
+                per_sm = per_sm.min(fits);
+                break;
+            }
+            per_sm = fits;
+            shared = shared_for(per_sm * self.sms);
         }
+        let blocks = per_sm * self.sms;
         if blocks == 0 {
             return Err("no block of the step kernel fits an SM".into());
         }
-        if shared as usize > MAX_DYNAMIC_SHARED {
-            return Err(format!("its products need {shared} bytes of shared memory a block"));
+        if shared as usize > STEP_MAX_DYNAMIC_SHARED {
+            return Err(format!("its products need {shared} bytes of shared memory a block, more than {STEP_MAX_DYNAMIC_SHARED}"));
         }
         let layers: Vec<DecodeLayerArgs> = self
             .layers
@@ -913,7 +921,7 @@ impl GraphDecoder {
     }
 
     /// Replays the step as one kernel (`true`, where the device runs it) or as its kernels one
-    /// after another, recapturing the graph; both compute the same step.
+    /// after another, recapturing the graph; both compute the same step, to f32 rounding.
     pub fn set_step_kernel(&mut self, on: bool) -> Result<(), String> {
         if on && self.step_kernel.is_none() {
             self.prepare_step_kernel()?;
@@ -1261,9 +1269,9 @@ impl GraphDecoder {
         }
     }
 
-    /// Records the step's kernels on the stream as a graph.
+    /// Captures the graph generation replays (the step kernel or the kernels, as
+    /// `use_step_kernel` says); the graph before stays where the capture fails.
     fn capture(&mut self) -> Result<(), String> {
-        self.graph = None;
         self.graph = Some(self.capture_graph(self.use_step_kernel)?);
         Ok(())
     }

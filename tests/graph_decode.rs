@@ -118,8 +118,9 @@ fn check<B: Backend>(device: &B::Device, tol: f32) {
         for (decoder, path) in [(alone, prefill), (whole, format!("images on the {vision}"))] {
             let decoder = Arc::new(Mutex::new(decoder));
             // The step as one kernel (grid barriers) and as its kernels one after another: the
-            // same arithmetic, but the attention's blocks are twice as wide in the step kernel
-            // (so its sums over a chunk's keys are added in another order): f32 rounding apart.
+            // same arithmetic, but the step kernel's attention blocks are twice as wide and its
+            // products split their rows for its own grid, so sums are added in other orders:
+            // f32 rounding apart.
             let mut by_step_kernel: Option<Generated> = None;
             for step_kernel in [true, false] {
                 decoder.lock().unwrap().set_step_kernel(step_kernel).unwrap();
