@@ -224,19 +224,7 @@ unsafe fn launch_kernel(
     let mut attribute: sys::CUlaunchAttribute = std::mem::zeroed();
     attribute.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
     attribute.value.programmaticStreamSerializationAllowed = 1;
-    let config = sys::CUlaunchConfig {
-        gridDimX: grid.0,
-        gridDimY: grid.1,
-        gridDimZ: 1,
-        blockDimX: block,
-        blockDimY: 1,
-        blockDimZ: 1,
-        sharedMemBytes: shared,
-        hStream: stream.cu_stream(),
-        attrs: &mut attribute,
-        numAttrs: dependent as u32,
-    };
-    sys::cuLaunchKernelEx(&config, function.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()).result()
+    launch_with(function, stream, grid, block, shared, dependent.then_some(attribute), params)
 }
 
 /// Launches `function` with every block of `blocks` resident at once (a cooperative launch:
@@ -256,17 +244,38 @@ unsafe fn launch_cooperative(
     let mut attribute: sys::CUlaunchAttribute = std::mem::zeroed();
     attribute.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
     attribute.value.cooperative = 1;
+    launch_with(function, stream, (blocks, 1), block, shared, Some(attribute), params)
+}
+
+/// `cuLaunchKernelEx` with at most one launch attribute.
+///
+/// # Safety
+/// As [`launch_kernel`].
+unsafe fn launch_with(
+    function: &CudaFunction,
+    stream: &CudaStream,
+    grid: (u32, u32),
+    block: u32,
+    shared: u32,
+    attribute: Option<sys::CUlaunchAttribute>,
+    params: &mut [*mut c_void],
+) -> Result<(), DriverError> {
+    let mut attribute = attribute;
+    let (attrs, num_attrs) = match attribute.as_mut() {
+        Some(a) => (a as *mut sys::CUlaunchAttribute, 1),
+        None => (std::ptr::null_mut(), 0),
+    };
     let config = sys::CUlaunchConfig {
-        gridDimX: blocks,
-        gridDimY: 1,
+        gridDimX: grid.0,
+        gridDimY: grid.1,
         gridDimZ: 1,
         blockDimX: block,
         blockDimY: 1,
         blockDimZ: 1,
         sharedMemBytes: shared,
         hStream: stream.cu_stream(),
-        attrs: &mut attribute,
-        numAttrs: 1,
+        attrs,
+        numAttrs: num_attrs,
     };
     sys::cuLaunchKernelEx(&config, function.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()).result()
 }
