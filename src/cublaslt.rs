@@ -248,8 +248,9 @@ impl AutocastAffine {
         let rows = self.x_dims.iter().product::<usize>() / k;
         let n = w.shape[1];
         let xc = cast(Fused::float_reshape(x, Shape::new([rows, k])), self.compute);
-        let wc = cast(w, self.compute);
-        let y = register_as(xc.clone(), wc.clone(), self.compute, bias.map(|b| cast(b, self.compute)));
+        // The trained weight and bias as the optimizer also wrote them, where it did.
+        let wc = crate::fused_optim::cast_parameter(w, self.compute);
+        let y = register_as(xc.clone(), wc.clone(), self.compute, bias.map(|b| crate::fused_optim::cast_parameter(b, self.compute)));
         let mut out_dims = self.x_dims.clone();
         *out_dims.last_mut().expect("a rank of at least one") = n;
         (Fused::float_reshape(y, Shape::from(out_dims)), keep.0.then_some(xc), keep.1.then_some(wc))

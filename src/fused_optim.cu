@@ -21,6 +21,8 @@ struct __align__(8) Params {
     i64 sqrt_bias_correction2;
     i64 epsilon;
     i64 step_size;      // lr / bias_correction1
+    i64 copy_type;      // adamw_step: 0 none, 1 also write the new parameter in bf16 to
+                        // `param_copy`, 2 in f16 (what an autocast forward would cast it to)
 };
 
 __device__ __forceinline__ float word(i64 bits) { return __int_as_float((int)bits); }
@@ -45,12 +47,21 @@ __device__ __forceinline__ float load_grad(const grad_t* g, i64 i) {
 // the memory's speed).
 #define UNROLL 4
 
+// `x` rounded to 16 bits as burn's cast rounds it (the same PTX conversion): bf16 where
+// `type` is 1, f16 where 2.
+__device__ __forceinline__ u16 round_to(float x, i64 type) {
+    u16 r;
+    if (type == 1) asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(x));
+    else asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(x));
+    return r;
+}
+
 // PyTorch's AdamW (decoupled decay first, bias-corrected moments, epsilon outside the root),
 // in the order src/train/optim.rs's tensor version computes it. The outputs may be the inputs
 // (updated in place): each element is read before it is written, by the same thread.
 extern "C" __global__ void __launch_bounds__(256) adamw_step(
     const float* param, const grad_t* __restrict__ grad, const float* exp_avg, const float* exp_avg_sq,
-    float* param_out, float* exp_avg_out, float* exp_avg_sq_out, const __grid_constant__ Params p) {
+    float* param_out, float* exp_avg_out, float* exp_avg_sq_out, u16* __restrict__ param_copy, const __grid_constant__ Params p) {
     const float decay = word(p.decay), grad_scale = word(p.grad_scale);
     const float beta1 = word(p.beta1), one_minus_beta1 = word(p.one_minus_beta1);
     const float beta2 = word(p.beta2), one_minus_beta2 = word(p.one_minus_beta2);
@@ -75,7 +86,9 @@ extern "C" __global__ void __launch_bounds__(256) adamw_step(
             const float mj = m[j] * beta1 + gs * one_minus_beta1;
             const float vj = v[j] * beta2 + gs * gs * one_minus_beta2;
             const float denom = sqrtf(vj) / sqrt_bc2 + epsilon;
-            param_out[i] = w[j] * decay - mj / denom * step_size;
+            const float wj = w[j] * decay - mj / denom * step_size;
+            param_out[i] = wj;
+            if (p.copy_type != 0) param_copy[i] = round_to(wj, p.copy_type);
             exp_avg_out[i] = mj;
             exp_avg_sq_out[i] = vj;
         }

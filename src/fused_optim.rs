@@ -10,7 +10,9 @@
 //! Launched like [`crate::flash`]'s kernels: a custom operation of burn's fusion stream, compiled
 //! by NVRTC through cubecl (PTX kept in the kernel cache), queued on cubecl's stream.
 
-use burn::backend::ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
+use std::collections::BTreeMap;
+
+use burn::backend::ir::{CustomOpIr, HandleContainer, OperationIr, TensorId, TensorIr};
 use burn::prelude::*;
 use burn::tensor::{DType, TensorPrimitive};
 use burn_cubecl::cubecl::cuda::CudaRuntime;
@@ -41,6 +43,8 @@ const MAX_BLOCKS: usize = 1024;
 const NORM_BLOCKS: usize = 1024;
 
 static SWITCH: Switch = Switch::new("LLAVA_JP_FUSED_OPTIM");
+/// `LLAVA_JP_OPTIM_COPIES=0` turns the compute-dtype copies off (A/B timing).
+static COPIES: Switch = Switch::new("LLAVA_JP_OPTIM_COPIES");
 
 /// Whether the kernels take the optimizer's work where they can: yes unless
 /// `LLAVA_JP_FUSED_OPTIM=0` or [`set_enabled`] said otherwise.
@@ -60,15 +64,80 @@ pub fn covers<B: Backend>() -> bool {
 
 type Rejected<B, const D: usize> = (Tensor<B, D>, Tensor<B, D>, Tensor<B, 1>, Tensor<B, 1>);
 
+/// The parameters' copies in the compute dtype that [`try_adamw`] wrote with their update, by
+/// the id of the f32 parameter each is a copy of. Under autocast every linear layer casts its
+/// f32 weight and bias on every forward (stage 2: ~4.4 ms a step of casts alone, reading the
+/// whole language model); the update already holds each new value in a register, so writing it
+/// rounded costs the write only. A parameter's copy is dropped when the parameter is updated
+/// again (its successor has a new id) or by [`drop_compute_copies`].
+static COMPUTE_COPIES: std::sync::Mutex<BTreeMap<TensorId, Primitive>> = std::sync::Mutex::new(BTreeMap::new());
+
+fn compute_copies() -> std::sync::MutexGuard<'static, BTreeMap<TensorId, Primitive>> {
+    // A panic elsewhere while the lock was held leaves a map that is still whole.
+    COMPUTE_COPIES.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// `param` in `dtype`: the copy the optimizer wrote with `param`'s update when it wrote one
+/// in that dtype, else burn's cast. The two are the same bits (the same rounding).
+pub(crate) fn cast_parameter(param: Primitive, dtype: DType) -> Primitive {
+    match compute_copy(&param, dtype) {
+        Some(copy) => {
+            COPIES_TAKEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            copy
+        }
+        None => crate::cuda_kernel::cast(param, dtype),
+    }
+}
+
+static COPIES_TAKEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many times a forward has taken the optimizer's copy instead of a cast, in this process
+/// (tests and benchmarks: that the copies are used).
+pub fn compute_copies_taken() -> u64 {
+    COPIES_TAKEN.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The optimizer's copy of `param` in `dtype`, if it wrote one (see [`COMPUTE_COPIES`]).
+pub(crate) fn compute_copy(param: &Primitive, dtype: DType) -> Option<Primitive> {
+    if param.dtype != DType::F32 || param.dtype == dtype {
+        return None;
+    }
+    compute_copies().get(&param.id).filter(|copy| copy.dtype == dtype && copy.shape == param.shape).cloned()
+}
+
+/// Drops every copy [`try_adamw`] kept (the end of a training run: they are device memory the
+/// size of the trained parameters in the compute dtype).
+pub fn drop_compute_copies() {
+    // Dropped once the lock is released (a drop queues an operation).
+    let copies = std::mem::take(&mut *compute_copies());
+    drop(copies);
+}
+
+/// How many copies are kept now (tests).
+pub fn compute_copies_kept() -> usize {
+    compute_copies().len()
+}
+
+/// The optimizer's copy of `param` in `dtype`, if it kept one (tests; the forward takes it
+/// through [`cast_parameter`]).
+pub fn compute_copy_of<B: Backend, const D: usize>(param: &Tensor<B, D>, dtype: DType) -> Option<Tensor<B, D>> {
+    if !crate::cuda_kernel::fused_cuda::<B>() {
+        return None;
+    }
+    compute_copy(&crate::cuda_kernel::to_primitive(param.clone()), dtype).map(crate::cuda_kernel::from_primitive)
+}
+
 /// One AdamW update of `param` (any shape, f32) from `grad` (its shape; f32, bf16 or f16) and
-/// the flattened f32 moments: `(param, exp_avg, exp_avg_sq)` after it. The operands come back
-/// untouched where the kernel does not cover them.
+/// the flattened f32 moments: `(param, exp_avg, exp_avg_sq)` after it. With `copy` (bf16 or
+/// f16) the kernel also writes the new parameter in that dtype, kept for [`cast_parameter`].
+/// The operands come back untouched where the kernel does not cover them.
 pub fn try_adamw<B: Backend, const D: usize>(
     param: Tensor<B, D>,
     grad: Tensor<B, D>,
     exp_avg: Tensor<B, 1>,
     exp_avg_sq: Tensor<B, 1>,
     update: &AdamWUpdate,
+    copy: Option<DType>,
 ) -> Result<(Tensor<B, D>, Tensor<B, 1>, Tensor<B, 1>), Rejected<B, D>> {
     let n = param.shape().num_elements();
     let fits = covers::<B>()
@@ -87,17 +156,33 @@ pub fn try_adamw<B: Backend, const D: usize>(
     let back = |p: Primitive| TensorPrimitive::<B>::Float(downcast::<Primitive, B::FloatTensorPrimitive>(p).ok().unwrap());
     let (p, g, m, v) = (prim(param.into_primitive()), prim(grad.into_primitive()), prim(exp_avg.into_primitive()), prim(exp_avg_sq.into_primitive()));
     let client = p.client.clone();
+    let copy_type = match copy.filter(|_| COPIES.on()) {
+        Some(DType::BF16) => 1,
+        Some(DType::F16) => 2,
+        _ => 0,
+    };
+    // The copy of the parameter before this update is stale from here on (dropped outside
+    // the lock: a drop queues an operation).
+    let stale = compute_copies().remove(&p.id);
+    drop(stale);
     let streams = OperationStreams::with_inputs([&p, &g, &m, &v]);
-    let outputs = [
+    let mut outputs = vec![
         TensorIr::uninit(client.create_empty_handle(), p.shape.clone(), DType::F32),
         TensorIr::uninit(client.create_empty_handle(), m.shape.clone(), DType::F32),
         TensorIr::uninit(client.create_empty_handle(), v.shape.clone(), DType::F32),
     ];
+    if copy_type != 0 {
+        outputs.push(TensorIr::uninit(client.create_empty_handle(), p.shape.clone(), copy.expect("a copy type")));
+    }
     let desc = CustomOpIr::new("adamw_step", &[p.into_ir(), g.into_ir(), m.into_ir(), v.into_ir()], &outputs);
-    let op = AdamWOp { desc: desc.clone(), params: update.params() };
+    let op = AdamWOp { desc: desc.clone(), params: update.params(), copy_type };
     let mut out = client.register(streams, OperationIr::Custom(desc), op).into_iter();
-    let mut next = || back(out.next().expect("three outputs"));
-    Ok((Tensor::from_primitive(next()), Tensor::from_primitive(next()), Tensor::from_primitive(next())))
+    let param = out.next().expect("the parameter");
+    let (exp_avg, exp_avg_sq) = (out.next().expect("the first moment"), out.next().expect("the second moment"));
+    if let Some(param_copy) = out.next() {
+        compute_copies().insert(param.id, param_copy);
+    }
+    Ok((Tensor::from_primitive(back(param)), Tensor::from_primitive(back(exp_avg)), Tensor::from_primitive(back(exp_avg_sq))))
 }
 
 /// The sum of the squares of every element of `grads` (f32, bf16 or f16 primitives of any
@@ -134,12 +219,14 @@ struct Params {
     n: u64,
     slot: u64,
     update: [u64; 9],
+    copy_type: u64,
 }
 
 impl Params {
     fn words(&self) -> Vec<u64> {
         let mut words = vec![self.n, self.slot];
         words.extend(self.update);
+        words.push(self.copy_type);
         words
     }
 }
@@ -181,6 +268,8 @@ fn launch(kernel: OptimKernel, grad: u8, buffers: Vec<&Cube>, params: Params, bl
 struct AdamWOp {
     desc: CustomOpIr,
     params: [u64; 9],
+    /// 0: no copy; 1: bf16, 2: f16 (the source's `copy_type`).
+    copy_type: u64,
 }
 
 impl Operation<Runtime> for AdamWOp {
@@ -194,11 +283,19 @@ impl Operation<Runtime> for AdamWOp {
         let output = |t: &Cube| if t.can_mut() { t.clone() } else { empty(t, [n], DType::F32) };
         let (param_out, exp_avg_out, exp_avg_sq_out) = (output(&param), output(&exp_avg), output(&exp_avg_sq));
         let kind = float_code(grad.dtype).expect("checked when queued");
-        let params = Params { n: n as u64, slot: 0, update: self.params };
-        launch(OptimKernel::AdamW, kind, vec![&param, &grad, &exp_avg, &exp_avg_sq, &param_out, &exp_avg_out, &exp_avg_sq_out], params, blocks(n));
+        let copy = self.desc.outputs.get(3).map(|ir| empty(&param, [n], ir.dtype));
+        let params = Params { n: n as u64, slot: 0, update: self.params, copy_type: self.copy_type };
+        // Without a copy the kernel writes none: `param_out` stands in for its buffer.
+        let copy_buffer = copy.as_ref().unwrap_or(&param_out);
+        launch(OptimKernel::AdamW, kind, vec![&param, &grad, &exp_avg, &exp_avg_sq, &param_out, &exp_avg_out, &exp_avg_sq_out, copy_buffer], params, blocks(n));
         // The parameter's own shape (a new buffer was made flat).
-        let param_out = CubeTensor::new_contiguous(param_out.client.clone(), param_out.device, param.meta.shape().clone(), param_out.handle, DType::F32);
-        for (output, tensor) in self.desc.outputs.iter().zip([param_out, exp_avg_out, exp_avg_sq_out]) {
+        let shaped = |t: Cube, dtype: DType| CubeTensor::new_contiguous(t.client.clone(), t.device, param.meta.shape().clone(), t.handle, dtype);
+        let param_out = shaped(param_out, DType::F32);
+        let copy = copy.map(|c| {
+            let dtype = c.dtype;
+            shaped(c, dtype)
+        });
+        for (output, tensor) in self.desc.outputs.iter().zip([param_out, exp_avg_out, exp_avg_sq_out].into_iter().chain(copy)) {
             handles.register_float_tensor::<Inner>(&output.id, tensor);
         }
     }

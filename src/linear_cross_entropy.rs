@@ -144,8 +144,13 @@ struct LinearCrossEntropy {
 impl LinearCrossEntropy {
     /// Rows `first..first + entries` of the weight, in the compute dtype.
     fn weight_rows(&self, w: &Primitive, first: usize, entries: usize) -> Primitive {
-        let rows = Fused::float_slice(w.clone(), &[Slice::new(first as isize, Some((first + entries) as isize), 1), Slice::full()]);
-        cast(rows, self.compute)
+        let rows = [Slice::new(first as isize, Some((first + entries) as isize), 1), Slice::full()];
+        // The optimizer's copy of the (tied, trained) weight where it wrote one; else only
+        // these rows are cast.
+        match crate::fused_optim::compute_copy(w, self.compute) {
+            Some(copy) => Fused::float_slice(copy, &rows),
+            None => cast(Fused::float_slice(w.clone(), &rows), self.compute),
+        }
     }
 
     /// `1 / count` as the kernels' f32 bits (a count of 0 gives a loss and gradients of 0).

@@ -646,7 +646,7 @@ fn fused_optimizer_matches_burn_on_cuda() {
             let grad = grad.cast(grad_dtype);
             let update = AdamWUpdate { lr: 1e-2, weight_decay, beta1: 0.9, beta2: 0.999, epsilon, step, grad_scale: 0.7 };
             fused_optim::set_enabled(false);
-            let (p, m) = update.apply(reference, grad.clone(), reference_moments.take());
+            let (p, m) = update.apply(reference, grad.clone(), reference_moments.take(), None);
             (reference, reference_moments) = (p, Some(m));
             fused_optim::set_enabled(true);
             let m = fused_moments.take().unwrap_or_else(|| Moments {
@@ -655,10 +655,30 @@ fn fused_optimizer_matches_burn_on_cuda() {
             });
             // Step 1 keeps a reference to the parameter: the kernel must not write over it.
             let kept = (step == 1).then(|| (fused.clone(), flat(fused.clone())));
-            let (p, exp_avg, exp_avg_sq) = fused_optim::try_adamw(fused, grad, m.exp_avg, m.exp_avg_sq, &update)
+            // The compute-dtype copy: bf16, f16 or none by case, as burn's cast of the new
+            // parameter to the bit; the previous step's copy is dropped with its parameter.
+            let copy = [Some(DType::BF16), None, Some(DType::F16)][case % 3];
+            // Held at step 2 only, so that step 3 updates in place.
+            let old = (step == 2).then(|| fused.clone());
+            let (p, exp_avg, exp_avg_sq) = fused_optim::try_adamw(fused, grad, m.exp_avg, m.exp_avg_sq, &update, copy)
                 .unwrap_or_else(|_| panic!("{what}: the kernel covers f32 parameters"));
             if let Some((kept, before)) = kept {
                 assert_eq!(flat(kept), before, "{what}: a parameter still referenced was overwritten");
+            }
+            for dtype in [DType::BF16, DType::F16] {
+                if let Some(old) = &old {
+                    assert!(fused_optim::compute_copy_of(old, dtype).is_none(), "{what}, step {step}: the updated parameter's copy is still kept");
+                }
+                match fused_optim::compute_copy_of(&p, dtype) {
+                    Some(got) if Some(dtype) == copy => {
+                        let want = p.clone().cast(dtype);
+                        let bits = |t: Tensor<C, 2>| t.into_data().as_bytes().to_vec();
+                        assert_eq!(got.dims(), [rows, cols], "{what}, step {step}: the copy's shape");
+                        assert!(bits(got) == bits(want), "{what}, step {step}: the {dtype:?} copy differs from burn's cast");
+                    }
+                    Some(_) => panic!("{what}, step {step}: a {dtype:?} copy kept where {copy:?} was asked"),
+                    None => assert!(Some(dtype) != copy, "{what}, step {step}: no {dtype:?} copy kept"),
+                }
             }
             (fused, fused_moments) = (p, Some(Moments { exp_avg, exp_avg_sq }));
             let (fm, rm) = (fused_moments.as_ref().unwrap(), reference_moments.as_ref().unwrap());
@@ -668,6 +688,8 @@ fn fused_optimizer_matches_burn_on_cuda() {
             assert_eq!(fused.dims(), [rows, cols], "{what}: the parameter keeps its shape");
         }
     }
+    fused_optim::drop_compute_copies();
+    assert_eq!(fused_optim::compute_copies_kept(), 0, "drop_compute_copies drops them all");
     // The norm: gradients of several shapes and dtypes, one transposed.
     let grads: Vec<Tensor<C, 2>> = vec![
         Tensor::random([513, 9], Distribution::Normal(0.0, 1.0), &device),
@@ -683,6 +705,94 @@ fn fused_optimizer_matches_burn_on_cuda() {
     assert!((got[0] - want).abs() <= 1e-5 * want, "sum of squares {} against burn's {want}", got[0]);
     let again = data(fused_optim::try_sum_of_squares::<C>(&prims).unwrap());
     assert_eq!(again[0].to_bits(), got[0].to_bits(), "the same gradients give the same bits");
+}
+
+/// The optimizer's compute-dtype copies (`AdamW::compute_copies`) change no number: three
+/// AdamW steps of two GPT-2 `Conv1D` layers under bf16 autocast, two forwards a step (as with
+/// gradient accumulation), give the same outputs and parameters to the bit with the copies as
+/// with the forward's own casts; from the second step on every forward takes each weight's and
+/// bias's copy instead of casting.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn optimizer_copies_change_no_number_on_cuda() {
+    use burn::backend::cuda::CudaDevice;
+    use burn::optim::GradientsParams;
+    use burn::tensor::{DType, Distribution};
+    use llava_jp::cublaslt::{set_route, GemmRoute};
+    use llava_jp::fused_optim;
+    use llava_jp::model::nn::{autocast, gelu_erf, Conv1D};
+    use llava_jp::train::optim::{AdamW, AdamWConfig, StepRates};
+    type A = Autodiff<burn::backend::Cuda<f32>>;
+    #[derive(Module, Debug)]
+    struct Mlp<B: Backend> {
+        c_fc: Conv1D<B>,
+        c_proj: Conv1D<B>,
+    }
+    let device = CudaDevice::new(0);
+    set_route(GemmRoute::CublasLt);
+    let _bf16 = autocast(Some(DType::BF16));
+    let mlp = Mlp::<A> { c_fc: Conv1D::new(256, 1024, &device), c_proj: Conv1D::new(1024, 256, &device) };
+    let inputs: Vec<(Tensor<A, 2>, Tensor<A, 2>)> = (0..6)
+        .map(|_| (Tensor::random([300, 256], Distribution::Normal(0.0, 1.0), &device), Tensor::random([300, 256], Distribution::Normal(0.0, 1.0), &device)))
+        .collect();
+    let bits = |t: TensorData| t.as_bytes().to_vec();
+    let run = |copies: bool| {
+        let mut model = mlp.clone();
+        let mut optim = AdamW::<burn::backend::Cuda<f32>>::new(AdamWConfig { weight_decay: 0.01, ..AdamWConfig::default() });
+        optim.compute_copies = copies.then_some(DType::BF16);
+        let taken = fused_optim::compute_copies_taken();
+        let mut outputs = vec![];
+        for step in 0..3 {
+            let mut grads: Option<GradientsParams> = None;
+            for (x, r) in &inputs[2 * step..2 * step + 2] {
+                let y = model.c_proj.forward(gelu_erf(model.c_fc.forward(x.clone())));
+                // The outputs, not the loss: burn's sum need not add in the same order twice.
+                outputs.push(bits(y.clone().into_data()));
+                let loss = (y.cast(DType::F32) * r.clone()).sum();
+                let g = GradientsParams::from_grads(loss.backward(), &model);
+                grads = Some(match grads {
+                    None => g,
+                    Some(before) => merge(before, g, &model),
+                });
+            }
+            model = optim.step(model, grads.expect("two micro-batches"), StepRates { lr: 1e-2, projector_lr: None, grad_scale: 1.0 });
+        }
+        let params = [model.c_fc.weight.val(), model.c_proj.weight.val()].map(|w| bits(w.into_data()));
+        let biases = [model.c_fc.bias.val(), model.c_proj.bias.val()].map(|b| bits(b.into_data()));
+        (outputs, params, biases, fused_optim::compute_copies_taken() - taken)
+    };
+    let (cast, copied) = (run(false), run(true));
+    assert_eq!(cast.3, 0, "no copy taken where the optimizer wrote none");
+    // Steps 2 and 3, two forwards each, two weights and two biases.
+    assert_eq!(copied.3, 16, "forwards that took the optimizer's copies");
+    for (i, (a, b)) in cast.0.iter().zip(&copied.0).enumerate() {
+        assert!(a == b, "forward {i} (step {}): the outputs differ with the copies", i / 2 + 1);
+    }
+    assert!(cast.1 == copied.1, "the weights differ with the copies");
+    assert!(cast.2 == copied.2, "the biases differ with the copies");
+    fused_optim::drop_compute_copies();
+}
+
+/// `a + b`, gradient by gradient (two micro-batches' gradients of `module`'s parameters).
+#[cfg(feature = "cuda")]
+fn merge<B: burn::tensor::backend::AutodiffBackend, M: burn::module::AutodiffModule<B>>(
+    a: burn::optim::GradientsParams,
+    b: burn::optim::GradientsParams,
+    module: &M,
+) -> burn::optim::GradientsParams {
+    use burn::optim::GradientsParams;
+    struct Merge(GradientsParams, GradientsParams, GradientsParams);
+    impl<B: burn::tensor::backend::AutodiffBackend> ModuleVisitor<B> for Merge {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let x = self.0.remove::<B::InnerBackend, D>(param.id).expect("a gradient in the first");
+            let y = self.1.remove::<B::InnerBackend, D>(param.id).expect("a gradient in the second");
+            self.2.register::<B::InnerBackend, D>(param.id, x + y);
+        }
+    }
+    let mut merge = Merge(a, b, GradientsParams::new());
+    module.visit(&mut merge);
+    merge.2
 }
 
 /// LayerNorm's CUDA kernels (`src/fused_ops.rs`) against burn's operations on the same backend:

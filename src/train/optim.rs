@@ -42,6 +42,10 @@ pub struct AdamW<B: Backend> {
     pub config: AdamWConfig,
     pub step: u64,
     pub state: BTreeMap<String, Moments<B>>,
+    /// The forward's autocast dtype: where the fused CUDA kernel updates a parameter it also
+    /// writes it in this dtype, so that the next forward need not cast it
+    /// ([`crate::fused_optim::cast_parameter`]). `None`: no copies.
+    pub compute_copies: Option<burn::tensor::DType>,
 }
 
 /// Where a parameter sits, as the module tree names it, and what kind of module holds it.
@@ -156,7 +160,7 @@ pub struct StepRates {
 
 impl<B: Backend> AdamW<B> {
     pub fn new(config: AdamWConfig) -> Self {
-        Self { config, step: 0, state: BTreeMap::new() }
+        Self { config, step: 0, state: BTreeMap::new(), compute_copies: None }
     }
 
     /// One update of every parameter of `module` that has a gradient in `grads`.
@@ -209,7 +213,7 @@ impl<A: AutodiffBackend> ModuleMapper<A> for Update<'_, A> {
         };
         let require_grad = tensor.is_require_grad();
         let moments = self.optim.state.remove(&path);
-        let (p, moments) = update.apply(tensor.inner(), grad, moments);
+        let (p, moments) = update.apply(tensor.inner(), grad, moments, self.optim.compute_copies);
         self.optim.state.insert(path, moments);
         let mut tensor = Tensor::from_inner(p);
         if require_grad {
@@ -238,8 +242,15 @@ impl AdamWUpdate {
     /// `param` after the update from `grad` (its shape), and its moments (flattened; zeros when
     /// `moments` is `None`, the parameter's first step). On burn's fused CUDA backend one
     /// kernel does it ([`crate::fused_optim`]); elsewhere burn's operations below, in the same
-    /// order.
-    pub fn apply<B: Backend, const D: usize>(&self, param: Tensor<B, D>, grad: Tensor<B, D>, moments: Option<Moments<B>>) -> (Tensor<B, D>, Moments<B>) {
+    /// order. `copy`: the dtype the kernel also writes the new parameter in (see
+    /// [`AdamW::compute_copies`]); the tensor version writes none.
+    pub fn apply<B: Backend, const D: usize>(
+        &self,
+        param: Tensor<B, D>,
+        grad: Tensor<B, D>,
+        moments: Option<Moments<B>>,
+        #[allow(unused_variables)] copy: Option<burn::tensor::DType>,
+    ) -> (Tensor<B, D>, Moments<B>) {
         let shape = param.shape();
         let n = shape.num_elements();
         let moments = moments.unwrap_or_else(|| Moments {
@@ -247,7 +258,7 @@ impl AdamWUpdate {
             exp_avg_sq: Tensor::zeros([n], (&param.device(), param.dtype())),
         });
         #[cfg(feature = "cuda")]
-        let (param, grad, moments) = match crate::fused_optim::try_adamw(param, grad, moments.exp_avg, moments.exp_avg_sq, self) {
+        let (param, grad, moments) = match crate::fused_optim::try_adamw(param, grad, moments.exp_avg, moments.exp_avg_sq, self, copy) {
             Ok((param, exp_avg, exp_avg_sq)) => return (param, Moments { exp_avg, exp_avg_sq }),
             Err((param, grad, exp_avg, exp_avg_sq)) => (param, grad, Moments { exp_avg, exp_avg_sq }),
         };

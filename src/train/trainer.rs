@@ -449,7 +449,20 @@ fn step_rates(cfg: &TrainConfig, step: u64, total_steps: u64, grad_norm: f64) ->
 }
 
 fn new_optimizer<B: Backend>(cfg: &TrainConfig) -> AdamW<B> {
-    AdamW::new(AdamWConfig { beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, epsilon: cfg.adam_epsilon, weight_decay: cfg.weight_decay })
+    let mut optim = AdamW::new(AdamWConfig { beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, epsilon: cfg.adam_epsilon, weight_decay: cfg.weight_decay });
+    optim.compute_copies = cfg.compute_dtype();
+    optim
+}
+
+/// Drops the optimizer's compute-dtype copies of the parameters when a run ends, however it
+/// ends (they are device memory the size of the trained weights).
+struct DropComputeCopies;
+
+impl Drop for DropComputeCopies {
+    fn drop(&mut self) {
+        #[cfg(feature = "cuda")]
+        crate::fused_optim::drop_compute_copies();
+    }
 }
 
 /// The frozen linear layers' casts for a run on `device` (see `super::frozen`), made now, in
@@ -670,6 +683,7 @@ pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, resume: Option<&Path>, devic
     }
 
     let _autocast = autocast(cfg.compute_dtype());
+    let _copies = DropComputeCopies;
     let mut frozen = frozen_casts(&model, device, cfg)?;
     let mut last_checkpoint: Option<PathBuf> = resume_dir.clone();
     let mut data_report = DataReport::default();
