@@ -27,7 +27,7 @@ struct Case {
     text_tokens: usize,
 }
 
-const CASES: [Case; 7] = [
+const CASES: [Case; 6] = [
     Case { n_embd: 32, n_head: 4, n_layer: 3, vocab: 96, activation: "gelu", tied: true, text_tokens: 6 },
     Case { n_embd: 2, n_head: 2, n_layer: 2, vocab: 37, activation: "gelu_new", tied: true, text_tokens: 3 },
     Case { n_embd: 13, n_head: 1, n_layer: 2, vocab: 233, activation: "quick_gelu", tied: false, text_tokens: 9 },
