@@ -769,22 +769,6 @@ impl GraphDecoder {
             return Err(format!("graph decoding: a width of {n_embd} does not fit the logits kernel's shared memory"));
         }
         let gemv_shared = GemvSharedMemory::of(&context, &kernels.gemv, bf16, gemv_blocks_per_sm)?;
-        // One L1 / shared memory split for every kernel of the step while the GEMVs stage: an
-        // SM changes its split between kernels that prefer different ones only once idle, which
-        // would undo a programmatic launch's overlap. `LLAVA_JP_GRAPH_CARVEOUT` = a percentage
-        // of shared memory to prefer, or -1 for the driver's choice (for measuring).
-        let carveout = match std::env::var("LLAVA_JP_GRAPH_CARVEOUT") {
-            Ok(v) => v.parse::<i32>().map_err(|_| format!("LLAVA_JP_GRAPH_CARVEOUT={v}: expected a percentage, or -1"))?,
-            Err(_) if gemv_shared.mode == StageMode::Off => -1,
-            Err(_) => 100,
-        };
-        if carveout >= 0 {
-            use cudarc::driver::sys::CUfunction_attribute as F;
-            for (name, f) in [("embed", &kernels.embed), ("gemv", &kernels.gemv), ("attention", &kernels.attention), ("logits", &kernels.logits)] {
-                f.set_attribute(F::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, carveout.min(100))
-                    .map_err(|e| format!("the decode kernel {name}'s shared memory carveout: {e}"))?;
-            }
-        }
         // Two blocks per SM: call 8 measured a grid sized by occupancy, each warp reading two
         // rows at a time, slower (0.130 against 0.091 ms).
         let logits_blocks = (2 * sms).min(vocab.div_ceil(8)).max(1);
