@@ -283,45 +283,8 @@ __device__ float merged_attention(const GemvArgs& a, int k, int chunks) {
 #ifndef GEMV_UNROLL
 #define GEMV_UNROLL 8
 #endif
-// Weight rows past the registers' first group, copied to shared memory before the wait (the
-// kernels' path: the launch's dynamic shared memory past `xs` says how many): a thread's row
-// slot j, row k0 + lane + 8 (GEMV_UNROLL + j), at slots[j * GEMV_THREADS + threadIdx.x], so
-// that every weight load of a block is in flight before the kernel before has finished (a
-// product of 256 rows a split took four rounds of loads, three after the wait). Each thread
-// reads back only its own copies: no barrier.
-template <typename T> struct GemvStage {
-    Raw8<T>* slots;
-    int count;
-};
-__device__ __forceinline__ void copy_async16(void* to, const void* from) {
-#if __CUDA_ARCH__ >= 800
-    unsigned long long at;
-    asm("cvta.to.shared.u64 %0, %1;" : "=l"(at) : "l"(to));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((unsigned)at), "l"(from) : "memory");
-#else
-    *reinterpret_cast<uint4*>(to) = *reinterpret_cast<const uint4*>(from);
-#endif
-}
-__device__ __forceinline__ void copies_commit() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void copies_wait_all() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_all;" ::: "memory");
-#endif
-}
-// Eight values of row `row` at column col0 into slot `to` (16-byte aligned rows: `vec`).
-__device__ __forceinline__ void stage_raw8(Raw8<bf16>* to, const bf16* from) { copy_async16(to, from); }
-__device__ __forceinline__ void stage_raw8(Raw8<float>* to, const float* from) {
-    copy_async16(&to->a, from);
-    copy_async16(&to->b, from + 4);
-}
-
 template <typename T>
-__device__ __forceinline__ bool gemv_preload(const GemvArgs& a, const T* w, int column_block, int split, Raw8<T> (&wr)[GEMV_UNROLL],
-                                             GemvStage<T> stage) {
+__device__ __forceinline__ bool gemv_preload(const GemvArgs& a, const T* w, int column_block, int split, Raw8<T> (&wr)[GEMV_UNROLL]) {
     int group = threadIdx.x & 31, lane = threadIdx.x >> 5;
     int k0 = split * a.rows_per_split;
     int k1 = min(k0 + a.rows_per_split, a.k_dim);
@@ -332,12 +295,6 @@ __device__ __forceinline__ bool gemv_preload(const GemvArgs& a, const T* w, int 
     if (first_group) {
 #pragma unroll
         for (int u = 0; u < GEMV_UNROLL; u++) load_raw8(w + (size_t)(k + 8 * u) * a.n_dim + col0, wr[u]);
-        for (int j = 0; j < stage.count; j++) {
-            int row = k + 8 * (GEMV_UNROLL + j);
-            if (row >= k1) break;
-            stage_raw8(stage.slots + j * GEMV_THREADS + threadIdx.x, w + (size_t)row * a.n_dim + col0);
-        }
-        copies_commit();
     }
     return first_group;
 }
@@ -346,8 +303,8 @@ __device__ __forceinline__ bool gemv_preload(const GemvArgs& a, const T* w, int 
 // reads is ready; `first_group`: gemv_preload loaded the first rows into `wr`.
 template <typename T>
 __device__ void gemv_body(const GemvArgs& a, const T* w, int column_block, int split, int splits, bool first_group,
-                          Raw8<T> (&wr)[GEMV_UNROLL], GemvStage<T> stage) {
-    extern __shared__ __align__(16) float xs[];
+                          Raw8<T> (&wr)[GEMV_UNROLL]) {
+    extern __shared__ float xs[];
     __shared__ float sums[8][GEMV_THREADS + 1];
     __shared__ float scratch[32];
     int group = threadIdx.x & 31, lane = threadIdx.x >> 5;
@@ -379,14 +336,6 @@ __device__ void gemv_body(const GemvArgs& a, const T* w, int column_block, int s
             for (int j = 0; j < 8; j++) acc[j] += xv * wv[j];
         }
         k += 8 * GEMV_UNROLL;
-        // The staged rows, in row order as the loop below would take them.
-        if (stage.count > 0) copies_wait_all();
-        for (int j = 0; j < stage.count && k < k1; j++, k += 8) {
-            float xv = xs[k - k0], wv[8];
-            unpack8(stage.slots[j * GEMV_THREADS + threadIdx.x], wv);
-#pragma unroll
-            for (int e = 0; e < 8; e++) acc[e] += xv * wv[e];
-        }
     }
     if (vec) {
         // GEMV_UNROLL rows' loads in flight before their products: the weights are the
@@ -444,18 +393,11 @@ __device__ void gemv_body(const GemvArgs& a, const T* w, int column_block, int s
 
 template <typename T>
 __device__ void gemv(const GemvArgs& a, const T* w) {
-    extern __shared__ __align__(16) float xs[];
-    // The dynamic shared memory past the input rows holds the staged weights.
-    unsigned dynamic;
-    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dynamic));
-    unsigned xs_bytes = ((unsigned)a.rows_per_split * 4u + 15u) & ~15u;
-    GemvStage<T> stage = {reinterpret_cast<Raw8<T>*>(reinterpret_cast<char*>(xs) + xs_bytes),
-                          dynamic > xs_bytes ? (int)((dynamic - xs_bytes) / (GEMV_THREADS * sizeof(Raw8<T>))) : 0};
     Raw8<T> wr[GEMV_UNROLL];
-    bool first_group = gemv_preload(a, w, blockIdx.x, blockIdx.y, wr, stage);
+    bool first_group = gemv_preload(a, w, blockIdx.x, blockIdx.y, wr);
     wait_for_previous_kernel();
     let_next_kernel_start();
-    gemv_body(a, w, blockIdx.x, blockIdx.y, gridDim.y, first_group, wr, stage);
+    gemv_body(a, w, blockIdx.x, blockIdx.y, gridDim.y, first_group, wr);
 }
 
 // Attention of the step's query against keys 0..=position, one block per (head, chunk of
@@ -774,12 +716,10 @@ __device__ __noinline__ void gemv_phase(const GemvArgs& a, const T* w, unsigned*
     int items = column_blocks * splits;
     int item = blockIdx.x;
     Raw8<T> wr[GEMV_UNROLL];
-    // No staging here: the step kernel's shared memory is sized for its input rows only.
-    const GemvStage<T> stage = {nullptr, 0};
-    bool first_group = item < items && gemv_preload(a, w, item % column_blocks, item / column_blocks, wr, stage);
+    bool first_group = item < items && gemv_preload(a, w, item % column_blocks, item / column_blocks, wr);
     grid_barrier(barrier);
     for (; item < items; item += gridDim.x) {
-        gemv_body(a, w, item % column_blocks, item / column_blocks, splits, first_group, wr, stage);
+        gemv_body(a, w, item % column_blocks, item / column_blocks, splits, first_group, wr);
         first_group = false;
     }
 }

@@ -423,8 +423,6 @@ pub struct GraphDecoder {
     sms: usize,
     /// GEMV blocks an SM runs at once (from the kernel's registers and shared memory).
     gemv_blocks_per_sm: usize,
-    /// What a GEMV block's staged weights may take (see [`GemvSharedMemory`]).
-    gemv_shared: GemvSharedMemory,
     logits: u64,
     /// Keys per attention block, lanes per key, chunks of the longest sequence.
     attn_chunk: usize,
@@ -768,7 +766,6 @@ impl GraphDecoder {
         if n_embd * 4 > MAX_DYNAMIC_SHARED {
             return Err(format!("graph decoding: a width of {n_embd} does not fit the logits kernel's shared memory"));
         }
-        let gemv_shared = GemvSharedMemory::of(&context, &kernels.gemv, bf16, gemv_blocks_per_sm)?;
         // Two blocks per SM: call 8 measured a grid sized by occupancy, each warp reading two
         // rows at a time, slower (0.130 against 0.091 ms).
         let logits_blocks = (2 * sms).min(vocab.div_ceil(8)).max(1);
@@ -808,7 +805,6 @@ impl GraphDecoder {
             logits_blocks,
             sms,
             gemv_blocks_per_sm,
-            gemv_shared,
             logits,
             attn_chunk,
             lanes_per_key,
@@ -1397,7 +1393,7 @@ impl GraphDecoder {
             let (args, splits) = with_splits(args, self.gemv_blocks_per_sm * self.sms);
             let grid = (args.n_dim.max(1) as usize).div_ceil(GEMV_COLUMNS) as u32;
             let mut params = params![&args, &w];
-            let shared = self.gemv_shared.bytes(args.rows_per_split as usize, grid as usize * splits, self.sms) as u32;
+            let shared = (args.rows_per_split * 4) as u32;
             launch(name, unsafe { launch_kernel(&k.gemv, s, (grid, splits as u32), GEMV_COLUMNS as u32, shared, k.dependent, &mut params) })
         };
         for layer in &self.layers {
@@ -1548,80 +1544,6 @@ impl GraphDecoder {
     }
 }
 
-/// Rows of weights a GEMV thread holds in registers before the wait (`GEMV_UNROLL` in the
-/// source), one every eight rows (a warp a row).
-const GEMV_UNROLL: usize = 8;
-
-/// Shared memory for a GEMV block's staged weight rows (`GemvStage` in the source): the rows a
-/// thread reads past its registers' first GEMV_UNROLL, copied to shared memory before the wait.
-/// The kernel stages as many rows as its launch's dynamic shared memory holds past the input
-/// rows, so a launch asks for what its grid leaves: every block of the product resident at
-/// once (one wave) and the SM's shared memory shared among them.
-#[derive(Debug, Clone, Copy)]
-struct GemvSharedMemory {
-    /// An SM's shared memory, and the most one block may have (opt-in).
-    per_sm: usize,
-    per_block: usize,
-    /// The kernel's static shared memory.
-    fixed: usize,
-    /// Bytes a staged row slot takes across the block (GEMV_COLUMNS threads, 8 values each).
-    slot: usize,
-    /// How the SM's shared memory is divided (`LLAVA_JP_GRAPH_GEMV_STAGE`, for measuring):
-    /// `wave` (the default) among the product's own blocks on it; `share` among as many blocks
-    /// as the GEMV's registers allow an SM, so that the next kernel's blocks find room to start
-    /// early (programmatic launch) beside a product of fewer blocks; `off`: nothing staged.
-    mode: StageMode,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum StageMode {
-    Wave,
-    Share(usize),
-    Off,
-}
-
-impl GemvSharedMemory {
-    /// The device's limits, and the GEMV kernel allowed all the dynamic shared memory a block
-    /// may have.
-    fn of(context: &Arc<CudaContext>, gemv: &CudaFunction, bf16: bool, blocks_per_sm: usize) -> Result<Self, String> {
-        use cudarc::driver::sys::{CUdevice_attribute as A, CUfunction_attribute as F};
-        let attribute = |a: A| context.attribute(a).map(|v| v as usize).map_err(|e| format!("the CUDA device's shared memory: {e}"));
-        let per_sm = attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)?;
-        let per_block = attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
-        let fixed = gemv.shared_size_bytes().map_err(|e| format!("the decode GEMV's shared memory: {e}"))? as usize;
-        let dynamic = per_block.saturating_sub(fixed);
-        gemv.set_attribute(F::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, dynamic as i32)
-            .map_err(|e| format!("allowing the decode GEMV {dynamic} bytes of shared memory: {e}"))?;
-        let value = if bf16 { 2 } else { 4 };
-        let mode = match std::env::var("LLAVA_JP_GRAPH_GEMV_STAGE").as_deref() {
-            Ok("off") => StageMode::Off,
-            Ok("share") => StageMode::Share(blocks_per_sm.max(1)),
-            Ok("wave") | Err(_) => StageMode::Wave,
-            Ok(other) => return Err(format!("LLAVA_JP_GRAPH_GEMV_STAGE={other}: expected wave, share or off")),
-        };
-        Ok(Self { per_sm, per_block, fixed, slot: GEMV_COLUMNS * 8 * value, mode })
-    }
-
-    /// The dynamic shared memory of a GEMV launch of `blocks` blocks over `rows` rows a split
-    /// on `sms` SMs: the input rows (16-byte aligned) and the staged row slots that fit.
-    fn bytes(&self, rows: usize, blocks: usize, sms: usize) -> usize {
-        let inputs = (rows * 4).next_multiple_of(16);
-        // A thread's rows past its registers' (none where the split has fewer rows than the
-        // registers' group: the kernel then preloads nothing).
-        let wanted = if rows >= 8 * GEMV_UNROLL { rows.div_ceil(8) - GEMV_UNROLL } else { 0 };
-        // The SM's shared memory shared by the product's blocks on it, less what CUDA reserves
-        // per block (1 KiB).
-        let resident = match self.mode {
-            StageMode::Off => return inputs,
-            StageMode::Wave => blocks.div_ceil(sms.max(1)).max(1),
-            StageMode::Share(per_sm) => per_sm.max(blocks.div_ceil(sms.max(1))),
-        };
-        let room = (self.per_sm / resident).saturating_sub(self.fixed + 1024).min(self.per_block.saturating_sub(self.fixed));
-        let fitting = room.saturating_sub(inputs) / self.slot;
-        inputs + wanted.min(fitting) * self.slot
-    }
-}
-
 /// `args` with its rows per split for a grid of `slots` blocks at once, and its splits.
 fn with_splits(mut args: GemvArgs, slots: usize) -> (GemvArgs, usize) {
     let (splits, rows) = gemv_splits(args.k_dim as usize, args.n_dim as usize, slots);
@@ -1695,42 +1617,5 @@ impl Kernels {
             capability: (major, minor),
             _module: module,
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// An H100's limits (228 KiB an SM, 227 KiB a block at most) and the bf16 GEMV's static
-    /// shared memory.
-    fn h100(mode: StageMode) -> GemvSharedMemory {
-        GemvSharedMemory { per_sm: 233_472, per_block: 232_448, fixed: 8368, slot: GEMV_COLUMNS * 8 * 2, mode }
-    }
-
-    /// The full-size model's products on 132 SMs: every row past the registers' staged where
-    /// the product's blocks leave room, none for a split the registers cover, nothing when off.
-    #[test]
-    fn gemv_staging_fits_the_sm() {
-        let wave = h100(StageMode::Wave);
-        let slot = GEMV_COLUMNS * 16;
-        // mlp.c_proj: 256 rows a split, 256 blocks (two an SM): 24 slots a thread.
-        assert_eq!(wave.bytes(256, 256, 132), 1024 + 24 * slot);
-        // mlp.c_fc: 128 rows, 512 blocks (four an SM): 8 slots; c_attn: 96 rows, 4.
-        assert_eq!(wave.bytes(128, 512, 132), 512 + 8 * slot);
-        assert_eq!(wave.bytes(96, 528, 132), 384 + 4 * slot);
-        // attn.c_proj: 64 rows, all in registers.
-        assert_eq!(wave.bytes(64, 256, 132), 256);
-        // Shared with the next kernel's blocks (four an SM): c_proj gets what a quarter holds.
-        let share = h100(StageMode::Share(4));
-        let quarter = (233_472 / 4 - 8368 - 1024 - 1024) / slot;
-        assert_eq!(share.bytes(256, 256, 132), 1024 + quarter * slot);
-        assert!(quarter < 24);
-        assert_eq!(h100(StageMode::Off).bytes(256, 256, 132), 1024);
-        // Every launch's blocks fit the SM together.
-        for (rows, blocks) in [(256, 256), (128, 512), (96, 528), (64, 256)] {
-            let per_sm = (blocks as usize).div_ceil(132);
-            assert!(per_sm * (wave.bytes(rows, blocks, 132) + 8368 + 1024) <= 233_472, "{rows} rows, {blocks} blocks");
-        }
     }
 }
