@@ -86,6 +86,15 @@ impl Switch {
     }
 }
 
+/// A kernel source: `builtin`, or the file the environment variable `var` names (a variant with
+/// the same entry points and arguments, timed on a GPU machine without another build).
+pub(crate) fn source_or_file(var: &str, builtin: &str) -> Result<String, String> {
+    match std::env::var_os(var).filter(|path| !path.is_empty()) {
+        Some(path) => std::fs::read_to_string(&path).map_err(|e| format!("{var}: cannot read {}: {e}", std::path::Path::new(&path).display())),
+        None => Ok(builtin.to_owned()),
+    }
+}
+
 /// The element-type code the sources are specialised on (`ELEM`): 0 f32, 1 bf16, 2 f16.
 pub(crate) fn float_code(dtype: DType) -> Option<u8> {
     match dtype {

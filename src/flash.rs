@@ -71,11 +71,7 @@ pub(crate) const SOURCE: &str = include_str!("flash_attention.cu");
 /// the GPU machine without another build. Read once per process.
 pub(crate) fn source() -> &'static str {
     static TEXT: OnceLock<String> = OnceLock::new();
-    TEXT.get_or_init(|| match std::env::var_os("LLAVA_JP_FLASH_SOURCE").filter(|path| !path.is_empty()) {
-        Some(path) => std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("LLAVA_JP_FLASH_SOURCE: cannot read {}: {e}", std::path::Path::new(&path).display())),
-        None => SOURCE.to_owned(),
-    })
+    TEXT.get_or_init(|| crate::cuda_kernel::source_or_file("LLAVA_JP_FLASH_SOURCE", SOURCE).unwrap_or_else(|e| panic!("{e}")))
 }
 
 /// Rows (queries or keys) per block and threads per block: `TILE` and the launch bounds in the

@@ -1588,11 +1588,7 @@ impl Kernels {
             .map_err(|e| format!("the CUDA device's compute capability: {e}"))?;
         // `LLAVA_JP_GRAPH_SOURCE`: a variant of src/graph_decode.cu (same entry points and
         // arguments) read from a file, to time it on the GPU machine without another build.
-        let decode_source = match std::env::var_os("LLAVA_JP_GRAPH_SOURCE").filter(|path| !path.is_empty()) {
-            Some(path) => std::fs::read_to_string(&path)
-                .map_err(|e| format!("LLAVA_JP_GRAPH_SOURCE: cannot read {}: {e}", std::path::Path::new(&path).display()))?,
-            None => SOURCE.to_owned(),
-        };
+        let decode_source = crate::cuda_kernel::source_or_file("LLAVA_JP_GRAPH_SOURCE", SOURCE)?;
         let source = format!("{decode_source}\n{PREFILL_SOURCE}");
         let ptx = cudarc::nvrtc::compile_ptx_with_opts(source, options)
             .map_err(|e| format!("NVRTC on src/graph_decode.cu and src/graph_prefill.cu: {e:?}"))?;

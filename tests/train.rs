@@ -717,7 +717,7 @@ fn fused_optimizer_matches_burn_on_cuda() {
 #[ignore = "needs a CUDA GPU"]
 fn optimizer_copies_change_no_number_on_cuda() {
     use burn::backend::cuda::CudaDevice;
-    use burn::optim::GradientsParams;
+    use burn::optim::{GradientsAccumulator, GradientsParams};
     use burn::tensor::{DType, Distribution};
     use llava_jp::cublaslt::{set_route, GemmRoute};
     use llava_jp::fused_optim;
@@ -744,19 +744,15 @@ fn optimizer_copies_change_no_number_on_cuda() {
         let taken = fused_optim::compute_copies_taken();
         let mut outputs = vec![];
         for step in 0..3 {
-            let mut grads: Option<GradientsParams> = None;
+            let mut grads = GradientsAccumulator::new();
             for (x, r) in &inputs[2 * step..2 * step + 2] {
                 let y = model.c_proj.forward(gelu_erf(model.c_fc.forward(x.clone())));
                 // The outputs, not the loss: burn's sum need not add in the same order twice.
                 outputs.push(bits(y.clone().into_data()));
                 let loss = (y.cast(DType::F32) * r.clone()).sum();
-                let g = GradientsParams::from_grads(loss.backward(), &model);
-                grads = Some(match grads {
-                    None => g,
-                    Some(before) => merge(before, g, &model),
-                });
+                grads.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
             }
-            model = optim.step(model, grads.expect("two micro-batches"), StepRates { lr: 1e-2, projector_lr: None, grad_scale: 1.0 });
+            model = optim.step(model, grads.grads(), StepRates { lr: 1e-2, projector_lr: None, grad_scale: 1.0 });
         }
         let params = [model.c_fc.weight.val(), model.c_proj.weight.val()].map(|w| bits(w.into_data()));
         let biases = [model.c_fc.bias.val(), model.c_proj.bias.val()].map(|b| bits(b.into_data()));
@@ -772,27 +768,6 @@ fn optimizer_copies_change_no_number_on_cuda() {
     assert!(cast.1 == copied.1, "the weights differ with the copies");
     assert!(cast.2 == copied.2, "the biases differ with the copies");
     fused_optim::drop_compute_copies();
-}
-
-/// `a + b`, gradient by gradient (two micro-batches' gradients of `module`'s parameters).
-#[cfg(feature = "cuda")]
-fn merge<B: burn::tensor::backend::AutodiffBackend, M: burn::module::AutodiffModule<B>>(
-    a: burn::optim::GradientsParams,
-    b: burn::optim::GradientsParams,
-    module: &M,
-) -> burn::optim::GradientsParams {
-    use burn::optim::GradientsParams;
-    struct Merge(GradientsParams, GradientsParams, GradientsParams);
-    impl<B: burn::tensor::backend::AutodiffBackend> ModuleVisitor<B> for Merge {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            let x = self.0.remove::<B::InnerBackend, D>(param.id).expect("a gradient in the first");
-            let y = self.1.remove::<B::InnerBackend, D>(param.id).expect("a gradient in the second");
-            self.2.register::<B::InnerBackend, D>(param.id, x + y);
-        }
-    }
-    let mut merge = Merge(a, b, GradientsParams::new());
-    module.visit(&mut merge);
-    merge.2
 }
 
 /// LayerNorm's CUDA kernels (`src/fused_ops.rs`) against burn's operations on the same backend:

@@ -1,7 +1,8 @@
 # Shared by the GPU call scripts of model-import/results/*/ (sourced; GPU machine, repository root, `.dev` carried).
 # Sets `out` (logs, archived into $OUT at the end by `finish`), the CUDA library path, the
 # time left (`left`, against LIMIT, default 570 s of the call's 600), and unpacks the
-# binaries named in BINARIES from .dev/<name>.xz to /tmp/<name>.
+# binaries named in BINARIES from .dev/<name>.xz to /tmp/<name> (a name may have a folder
+# under .dev: `next/bench-generate` unpacks .dev/next/bench-generate.xz to /tmp/bench-generate).
 set -uo pipefail
 final=${OUT:-/tmp/out}; out=/tmp/$CALL; mkdir -p "$out" "$final"
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
@@ -10,7 +11,7 @@ export CUBECL_AUTOTUNE_LEVEL=minimal PYTHONUNBUFFERED=1
 start=$SECONDS; limit=${LIMIT:-570}
 left() { echo $(( limit - (SECONDS - start) )); }
 for b in $BINARIES; do
-  xz -T4 -dc .dev/$b.xz > /tmp/$b && chmod +x /tmp/$b &
+  xz -T4 -dc .dev/$b.xz > /tmp/${b##*/} && chmod +x /tmp/${b##*/} &
 done
 wait
 # One test of the graph-decoder binary in a process of its own: test name, log name, timeout, [env...].

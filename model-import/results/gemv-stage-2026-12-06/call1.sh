@@ -6,9 +6,8 @@
 # (LLAVA_JP_GRAPH_GEMV_STAGE=share), off (as before), and one wave with the driver choosing each
 # kernel's shared-memory carveout (LLAVA_JP_GRAPH_CARVEOUT=-1; the default is 100% for all). Each bench's profile times the kernels one
 # by one and the graph. Carry .dev/next (bench-generate.xz, graph-decode-test.xz).
-CALL=${CALL:-call1} BINARIES=""
+CALL=${CALL:-call1} BINARIES="next/bench-generate next/graph-decode-test"
 source "$(dirname "$0")/../../scripts/gpu_call_lib.sh"
-for b in bench-generate graph-decode-test; do xz -T4 -dc .dev/next/$b.xz > /tmp/$b && chmod +x /tmp/$b; done
 limit=${LIMIT:-380}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 run_test graph_decode_matches_flex_bf16 flex-bf16 150

@@ -6,9 +6,8 @@
 # decode at batch 1: the kernels (now the default), the step kernel
 # (LLAVA_JP_GRAPH_STEP=kernel). (Trimmed to fit the device time left: no 3-blocks variant, no transformers.)
 # Carry .dev/next (bench-generate.xz, graph-decode-test.xz).
-CALL=${CALL:-call3} BINARIES=""
+CALL=${CALL:-call3} BINARIES="next/bench-generate next/graph-decode-test"
 source "$(dirname "$0")/../../scripts/gpu_call_lib.sh"
-for b in bench-generate graph-decode-test; do xz -T4 -dc .dev/next/$b.xz > /tmp/$b && chmod +x /tmp/$b; done
 limit=${LIMIT:-560}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 run_test graph_decode_matches_flex_f32 flex-f32 120

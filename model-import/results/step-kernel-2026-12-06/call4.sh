@@ -6,9 +6,8 @@
 # from the same source: one level (-DBARRIER_GROUP=1024), 3 blocks an SM; then Nsight
 # Compute on one step-kernel launch (warp states, memory, occupancy).
 # Carry .dev/next (bench-generate.xz, graph-decode-test.xz, packed from this tree).
-CALL=${CALL:-call4} BINARIES=""
+CALL=${CALL:-call4} BINARIES="next/bench-generate next/graph-decode-test"
 source "$(dirname "$0")/../../scripts/gpu_call_lib.sh"
-for b in bench-generate graph-decode-test; do xz -T4 -dc .dev/next/$b.xz > /tmp/$b && chmod +x /tmp/$b; done
 limit=${LIMIT:-400}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 run_test graph_decode_matches_flex_bf16 flex-bf16 120
