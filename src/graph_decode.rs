@@ -958,8 +958,9 @@ impl GraphDecoder {
     }
 
     /// Plans the L2 run-ahead ([`RunAhead`]) where the kernels can ask for it (sm_90, launched
-    /// as programmatic dependents): a window of `LLAVA_JP_GRAPH_L2_AHEAD_MB` (0: none), in
-    /// pieces of `LLAVA_JP_GRAPH_L2_PIECE_KB`.
+    /// as programmatic dependents): a window of `LLAVA_JP_GRAPH_L2_AHEAD_MB` (0: none), a
+    /// kernel's own bytes past it up to `LLAVA_JP_GRAPH_L2_OWN_MB`, in pieces of
+    /// `LLAVA_JP_GRAPH_L2_PIECE_KB`.
     fn plan_run_ahead(&mut self) -> Result<(), String> {
         let env = |name: &str, default: usize| -> Result<usize, String> {
             match std::env::var(name) {
@@ -969,6 +970,7 @@ impl GraphDecoder {
         };
         let window = env("LLAVA_JP_GRAPH_L2_AHEAD_MB", 0)? << 20;
         let piece = (env("LLAVA_JP_GRAPH_L2_PIECE_KB", 64)? << 10).max(1024);
+        let own = env("LLAVA_JP_GRAPH_L2_OWN_MB", 64)? << 20;
         if window == 0 || !self.kernels.dependent {
             self.run_ahead = None;
             return Ok(());
@@ -1004,7 +1006,7 @@ impl GraphDecoder {
             }
         }
         reads.push(vec![(self.lm_head, vocab * n_embd * elem)]);
-        let (pieces, spans) = run_ahead_pieces(&reads, window, piece);
+        let (pieces, spans) = run_ahead_pieces(&reads, window, own, piece);
         if pieces.is_empty() {
             self.run_ahead = None;
             return Ok(());
@@ -1680,9 +1682,12 @@ fn gemv_splits(k_dim: usize, n_dim: usize, slots: usize) -> (usize, usize) {
 /// The L2 run-ahead's pieces ([`RunAhead`]): `reads` holds what each kernel of a step reads
 /// of the weights, as (address, bytes) segments in the order it reads them. Kernel k asks for
 /// the step's bytes from `window` past where the kernel before stops reading to `window` past
-/// where it stops itself, wrapping round to the step's start, in pieces of at most `piece`
-/// bytes cut at 16-byte boundaries. Returns the pieces and each kernel's (first, count).
-fn run_ahead_pieces(reads: &[Vec<(u64, usize)>], window: usize, piece: usize) -> (Vec<AheadPiece>, Vec<(usize, usize)>) {
+/// where it stops itself, wrapping round to the step's start; of that, its own bytes (a
+/// kernel longer than the window) only up to `own` of them: a long read such as the logits'
+/// streams well by itself, and asking L2 for more than it holds evicts what it was asked for
+/// before. Pieces are at most `piece` bytes, cut at 16-byte boundaries. Returns the pieces and
+/// each kernel's (first, count).
+fn run_ahead_pieces(reads: &[Vec<(u64, usize)>], window: usize, own: usize, piece: usize) -> (Vec<AheadPiece>, Vec<(usize, usize)>) {
     let mut stream: Vec<(usize, u64, usize)> = vec![];
     let mut ends = Vec::with_capacity(reads.len());
     let mut total = 0;
@@ -1719,9 +1724,14 @@ fn run_ahead_pieces(reads: &[Vec<(u64, usize)>], window: usize, piece: usize) ->
     let mut spans = Vec::with_capacity(reads.len());
     for (k, &end) in ends.iter().enumerate() {
         let start = if k == 0 { 0 } else { ends[k - 1] };
-        let (from, to) = (start + window, end + window);
         let first = pieces.len();
         if window > 0 {
+            // Its own bytes past the window, then the later kernels' (round the step's end).
+            let own_from = start + window;
+            if own_from < end {
+                cut(own_from, end.min(own_from.saturating_add(own)), &mut pieces);
+            }
+            let (from, to) = (own_from.max(end), end + window);
             if from < total {
                 cut(from, to.min(total), &mut pieces);
             }
@@ -1798,7 +1808,8 @@ mod tests {
     /// segment or passes `piece` bytes.
     #[test]
     fn run_ahead_asks_for_each_weight_once_a_window_ahead() {
-        // Three "kernels": two segments, none, one segment (addresses far apart, 16-aligned).
+        // Three "kernels": two segments, none, one segment (addresses far apart, 16-aligned;
+        // windows and `own` multiples of 16, so that no piece's end is rounded).
         let reads: Vec<Vec<(u64, usize)>> = vec![vec![(0x10000, 4096), (0x40000, 1024)], vec![], vec![(0x80000, 8192)]];
         let total: usize = reads.iter().flatten().map(|s| s.1).sum();
         // Stream offset of an address.
@@ -1813,8 +1824,9 @@ mod tests {
             panic!("address {at:#x} is in no segment");
         };
         let ends = [5120usize, 5120, total];
-        for window in [0usize, 16, 1000, 5120, 6000, total, 10 * total] {
-            let (pieces, spans) = run_ahead_pieces(&reads, window, 1536);
+        let starts = [0usize, 5120, 5120];
+        for (window, own) in [0usize, 16, 1008, 5120, 6000, total, 10 * total].into_iter().flat_map(|w| [(w, usize::MAX), (w, 0), (w, 96)]) {
+            let (pieces, spans) = run_ahead_pieces(&reads, window, own, 1536);
             assert_eq!(spans.len(), reads.len());
             let mut seen = vec![0u32; total / 16];
             for (k, &(first, count)) in spans.iter().enumerate() {
@@ -1833,8 +1845,15 @@ mod tests {
                     }
                 }
             }
-            let expected = if window == 0 { 0 } else { 1 };
-            assert!(seen.iter().all(|&n| n == expected), "window {window}: units asked for {:?}", seen.iter().filter(|&&n| n != expected).count());
+            // A unit within the window of its kernel's start is asked for once; one further on,
+            // only as the kernel's own, up to `own` bytes past the window.
+            let w = window.min(total);
+            for (u, &n) in seen.iter().enumerate() {
+                let o = u * 16;
+                let k = ends.iter().position(|&e| o < e).unwrap();
+                let expected = u32::from(window > 0 && (o < starts[k] + w || o - (starts[k] + w) < own));
+                assert_eq!(n, expected, "window {window}, own {own}: unit at {o} asked for {n} times");
+            }
         }
     }
 }
