@@ -1702,7 +1702,7 @@ fn run_ahead_pieces(reads: &[Vec<(u64, usize)>], window: usize, own: usize, piec
     let piece = piece.max(16);
     let mut pieces: Vec<AheadPiece> = vec![];
     // The pieces of the stream's [from, to), within one step.
-    let mut cut = |from: usize, to: usize, out: &mut Vec<AheadPiece>| {
+    let cut = |from: usize, to: usize, out: &mut Vec<AheadPiece>| {
         let first = stream.partition_point(|s| s.0 + s.2 <= from);
         for &(offset, at, bytes) in &stream[first..] {
             if offset >= to {
