@@ -52,27 +52,6 @@ __device__ __forceinline__ void prefetch_bytes(const char* p, size_t bytes, int 
     if (i == 0 && bytes > 0) prefetch_l2(p + bytes - 1);
 }
 
-// A piece of the L2 run-ahead (AheadPiece in src/graph_decode.rs): `bytes` (a multiple of 16)
-// from `at` (16-byte aligned).
-struct AheadPiece {
-    unsigned long long at;
-    unsigned bytes, unused;
-};
-
-// The run-ahead: this launch's `count` pieces of the weights the step reads further on (see
-// RunAhead in src/graph_decode.rs), asked of L2 by one bulk prefetch each, which holds no
-// register and is not waited for. Piece i goes to block i % blocks, so every block asks for
-// one or two. Called after a kernel's own first loads are issued, before it waits.
-__device__ __forceinline__ void ask_l2_ahead(const AheadPiece* pieces, int count) {
-#if GRAPH_DECODE_PDL
-    int blocks = gridDim.x * gridDim.y, block = blockIdx.y * gridDim.x + blockIdx.x;
-    for (int i = block + blocks * (int)threadIdx.x; i < count; i += blocks * (int)blockDim.x) {
-        AheadPiece p = pieces[i];
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p.at), "r"(p.bytes) : "memory");
-    }
-#endif
-}
-
 __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(bf16 v) { return __uint_as_float(((unsigned)v) << 16); }
 
@@ -232,9 +211,7 @@ __device__ void embed_body(const int* state, const T* wte, const T* wpe, float* 
 }
 
 template <typename T>
-__device__ void embed(const int* state, const T* wte, const T* wpe, float* h, float* stats, int d_model, const AheadPiece* ahead,
-                      int ahead_count) {
-    ask_l2_ahead(ahead, ahead_count);
+__device__ void embed(const int* state, const T* wte, const T* wpe, float* h, float* stats, int d_model) {
     wait_for_previous_kernel();
     let_next_kernel_start();
     embed_body(state, wte, wpe, h, stats, d_model, blockIdx.x);
@@ -278,9 +255,6 @@ struct GemvArgs {
     const float* chunk_ml;
     int head_dim, attn_chunk, max_chunks;
     int k_dim, n_dim, rows_per_split, prologue, epilogue, activation;
-    // The L2 run-ahead's pieces for this launch (none in the step kernel).
-    const AheadPiece* ahead;
-    int ahead_count;
 };
 
 // Output k of the attention (head k / head_dim): its chunks' partial softmaxes merged.
@@ -421,7 +395,6 @@ template <typename T>
 __device__ void gemv(const GemvArgs& a, const T* w) {
     Raw8<T> wr[GEMV_UNROLL];
     bool first_group = gemv_preload(a, w, blockIdx.x, blockIdx.y, wr);
-    ask_l2_ahead(a.ahead, a.ahead_count);
     wait_for_previous_kernel();
     let_next_kernel_start();
     gemv_body(a, w, blockIdx.x, blockIdx.y, gridDim.y, first_group, wr);
@@ -570,18 +543,12 @@ __device__ void attention_body(int position, const float* qkv, T* k_cache, T* v_
 
 template <typename T>
 __device__ void attention(const int* state, const float* qkv, T* k_cache, T* v_cache, float* chunk_acc, float* chunk_ml,
-                          int d_model, int head_dim, int n_positions, int max_chunks, int chunk, int lanes_per_key, float scale,
-                          const AheadPiece* ahead, int ahead_count) {
+                          int d_model, int head_dim, int n_positions, int max_chunks, int chunk, int lanes_per_key, float scale) {
     // The position is the step's state, written before the graph began: safe before the wait.
     int position = state[1], head = blockIdx.x, c = blockIdx.y;
-    if (c >= position / chunk + 1) {
-        // Past the keys: nothing to compute, but this block's share of the run-ahead.
-        ask_l2_ahead(ahead, ahead_count);
-        return;
-    }
+    if (c >= position / chunk + 1) return;
     AttnRegs<T, ATTN_ITERS> r;
     attention_preload<T, ATTN_THREADS, ATTN_ITERS>(position, k_cache, v_cache, head_dim, n_positions, chunk, lanes_per_key, head, c, r);
-    ask_l2_ahead(ahead, ahead_count);
     wait_for_previous_kernel();
     let_next_kernel_start();
     attention_body<T, ATTN_THREADS, ATTN_ITERS>(position, qkv, k_cache, v_cache, chunk_acc, chunk_ml, d_model, head_dim, n_positions, max_chunks,
@@ -673,10 +640,8 @@ __device__ void logits_body(const float* h, const float* stats, const float* gam
 
 template <typename T>
 __device__ void logits_argmax(const float* h, const float* stats, const float* gamma, const float* beta, float eps, const T* w,
-                              float* logits, float* best, int* counters, int* state, int rows, int d_model, const AheadPiece* ahead,
-                              int ahead_count) {
+                              float* logits, float* best, int* counters, int* state, int rows, int d_model) {
     logits_prefetch(w, rows, d_model, blockIdx.x, gridDim.x);
-    ask_l2_ahead(ahead, ahead_count);
     wait_for_previous_kernel();
     let_next_kernel_start();
     logits_body(h, stats, gamma, beta, eps, w, logits, best, counters, state, rows, d_model, blockIdx.x, gridDim.x);
@@ -808,22 +773,21 @@ __device__ void decode_step(const StepArgs& s) {
 
 #define INSTANCES(SUFFIX, T)                                                                                          \
     extern "C" __global__ void __launch_bounds__(STAT_COLUMNS) embed_##SUFFIX(const int* state, const T* wte, const T* wpe, float* h, \
-            float* stats, int d_model, const AheadPiece* ahead, int ahead_count) {                                    \
-        embed<T>(state, wte, wpe, h, stats, d_model, ahead, ahead_count);                                             \
+            float* stats, int d_model) {                                                                              \
+        embed<T>(state, wte, wpe, h, stats, d_model);                                                                 \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##SUFFIX(GemvArgs a, const T* w) {               \
         gemv<T>(a, w);                                                                                                \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attention_##SUFFIX(const int* state, const float* qkv, T* k_cache, \
             T* v_cache, float* chunk_acc, float* chunk_ml, int d_model, int head_dim, int n_positions, int max_chunks, int chunk, \
-            int lanes_per_key, float scale, const AheadPiece* ahead, int ahead_count) {                               \
+            int lanes_per_key, float scale) {                                                                         \
         attention<T>(state, qkv, k_cache, v_cache, chunk_acc, chunk_ml, d_model, head_dim, n_positions, max_chunks, chunk, \
-                     lanes_per_key, scale, ahead, ahead_count);                                                       \
+                     lanes_per_key, scale);                                                                           \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(256) logits_##SUFFIX(const float* h, const float* stats, const float* gamma, \
-            const float* beta, float eps, const T* w, float* logits, float* best, int* counters, int* state, int rows, int d_model, \
-            const AheadPiece* ahead, int ahead_count) {                                                               \
-        logits_argmax<T>(h, stats, gamma, beta, eps, w, logits, best, counters, state, rows, d_model, ahead, ahead_count); \
+            const float* beta, float eps, const T* w, float* logits, float* best, int* counters, int* state, int rows, int d_model) { \
+        logits_argmax<T>(h, stats, gamma, beta, eps, w, logits, best, counters, state, rows, d_model);               \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(STEP_THREADS, STEP_MIN_BLOCKS) decode_step_##SUFFIX(StepArgs s) { decode_step<T>(s); }
 

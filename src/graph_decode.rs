@@ -95,9 +95,6 @@ struct GemvArgs {
     prologue: i32,
     epilogue: i32,
     activation: i32,
-    /// The L2 run-ahead's pieces for this launch (see [`RunAhead`]), and how many.
-    ahead: u64,
-    ahead_count: i32,
 }
 
 /// One layer as the step kernel reads it (`DecodeLayer` in the source, same layout).
@@ -157,32 +154,6 @@ struct StepKernel {
     /// The grid barrier's count (`grid_barrier` in the source).
     barrier: u64,
 }
-
-/// One piece of the L2 run-ahead (`AheadPiece` in the source): `bytes` (a multiple of 16)
-/// from `at` (16-byte aligned), asked of L2 by one bulk prefetch.
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-struct AheadPiece {
-    at: u64,
-    bytes: u32,
-    unused: u32,
-}
-
-/// The L2 run-ahead (sm_90): each kernel of the step asks L2 for the weights the step reads
-/// `window` bytes further on, so that memory streams the next kernels' weights across each
-/// kernel boundary (where it idled) and they find them in L2. Every weight byte of a step is
-/// asked for once, by the kernel whose own reads end `window` bytes before it; a step is a
-/// cycle (the logits kernel asks for the next step's first weights). Within a product the
-/// order is the one its blocks read in: every split's first `GEMV_PHASE_ROWS` rows, then their
-/// next ones, so a window shorter than a product still serves all of its blocks alike.
-struct RunAhead {
-    /// Per kernel of the step, in launch order (embed, five a layer, the logits): its pieces'
-    /// device address and count.
-    per_kernel: Vec<(u64, i32)>,
-}
-
-/// Rows a GEMV thread loads before its first products (8 warps x `GEMV_UNROLL`).
-const GEMV_PHASE_ROWS: usize = 64;
 
 const PROLOGUE_PLAIN: i32 = 0;
 const PROLOGUE_LAYERNORM: i32 = 1;
@@ -460,8 +431,6 @@ pub struct GraphDecoder {
     kernels: Kernels,
     /// The step as one kernel, where the device can run its grid (None: kernels only).
     step_kernel: Option<StepKernel>,
-    /// What each kernel asks L2 for ahead of the step (None: nothing, e.g. before sm_90).
-    run_ahead: Option<RunAhead>,
     /// Whether the graph replays the step kernel (else the step's kernels one after another).
     use_step_kernel: bool,
     /// The prompt prefill's buffers and products, made by the first prefill.
@@ -842,7 +811,6 @@ impl GraphDecoder {
             max_chunks,
             kernels,
             step_kernel: None,
-            run_ahead: None,
             use_step_kernel: false,
             prefill: None,
             vision: None,
@@ -856,7 +824,6 @@ impl GraphDecoder {
         // both), and replayed with `LLAVA_JP_GRAPH_STEP=kernel`: the step's kernels one after
         // another measured faster (model-import/results/step-kernel-2026-12-06/).
         let want_step_kernel = std::env::var("LLAVA_JP_GRAPH_STEP").is_ok_and(|v| v == "kernel");
-        decoder.plan_run_ahead()?;
         match decoder.prepare_step_kernel() {
             Ok(()) => decoder.use_step_kernel = want_step_kernel,
             Err(why) if want_step_kernel => eprintln!("graph decoding: the step's kernels one by one ({why})"),
@@ -955,79 +922,6 @@ impl GraphDecoder {
         }
         self.step_kernel = Some(StepKernel { blocks, shared, layers, products, barrier });
         Ok(())
-    }
-
-    /// Plans the L2 run-ahead ([`RunAhead`]) where the kernels can ask for it (sm_90, launched
-    /// as programmatic dependents): a window of `LLAVA_JP_GRAPH_L2_AHEAD_MB` (0: none), a
-    /// kernel's own bytes past it up to `LLAVA_JP_GRAPH_L2_OWN_MB`, in pieces of
-    /// `LLAVA_JP_GRAPH_L2_PIECE_KB`.
-    fn plan_run_ahead(&mut self) -> Result<(), String> {
-        let env = |name: &str, default: usize| -> Result<usize, String> {
-            match std::env::var(name) {
-                Ok(v) => v.trim().parse().map_err(|_| format!("{name}={v}: expected a whole number")),
-                Err(_) => Ok(default),
-            }
-        };
-        let window = env("LLAVA_JP_GRAPH_L2_AHEAD_MB", 0)? << 20;
-        let piece = (env("LLAVA_JP_GRAPH_L2_PIECE_KB", 64)? << 10).max(1024);
-        let own = env("LLAVA_JP_GRAPH_L2_OWN_MB", 64)? << 20;
-        if window == 0 || !self.kernels.dependent {
-            self.run_ahead = None;
-            return Ok(());
-        }
-        let DecoderShape { n_embd, vocab, .. } = self.shape;
-        let elem = if self.bf16 { 2 } else { 4 };
-        let slots = self.gemv_blocks_per_sm * self.sms;
-        // What each kernel reads of the weights, in the order it reads them.
-        let product = |w: u64, args: GemvArgs| -> Vec<(u64, usize)> {
-            let (args, splits) = with_splits(args, slots);
-            let (k_dim, rows) = (args.k_dim as usize, args.rows_per_split as usize);
-            let row_bytes = args.n_dim as usize * elem;
-            let mut segments = vec![];
-            for phase in 0..rows.div_ceil(GEMV_PHASE_ROWS) {
-                for split in 0..splits {
-                    let end = (split * rows + rows).min(k_dim);
-                    let first = split * rows + phase * GEMV_PHASE_ROWS;
-                    let last = (first + GEMV_PHASE_ROWS).min(end);
-                    if first < last {
-                        segments.push((w + (first * row_bytes) as u64, (last - first) * row_bytes));
-                    }
-                }
-            }
-            segments
-        };
-        let mut reads: Vec<Vec<(u64, usize)>> = vec![vec![]];
-        for layer in &self.layers {
-            let [c_attn, attn_proj, c_fc, mlp_proj] = self.layer_products(layer);
-            reads.push(product(c_attn.1, c_attn.2));
-            reads.push(vec![]);
-            for (_, w, args) in [attn_proj, c_fc, mlp_proj] {
-                reads.push(product(w, args));
-            }
-        }
-        reads.push(vec![(self.lm_head, vocab * n_embd * elem)]);
-        let (pieces, spans) = run_ahead_pieces(&reads, window, own, piece);
-        if pieces.is_empty() {
-            self.run_ahead = None;
-            return Ok(());
-        }
-        let base = self.memory.alloc(pieces.len() * std::mem::size_of::<AheadPiece>(), "the L2 run-ahead's pieces")?;
-        // SAFETY: `AheadPiece` is plain old data (u64, u32, u32), viewed as its bytes; `base`
-        // holds them all.
-        let bytes = unsafe { std::slice::from_raw_parts(pieces.as_ptr().cast::<u8>(), std::mem::size_of_val(pieces.as_slice())) };
-        // SAFETY: `base` holds `bytes.len()` bytes; a synchronous copy from host memory.
-        unsafe { result::memcpy_htod_sync(base, bytes) }.map_err(|e| format!("copying the L2 run-ahead's pieces: {e}"))?;
-        let per_kernel = spans
-            .into_iter()
-            .map(|(first, count)| (base + (first * std::mem::size_of::<AheadPiece>()) as u64, count as i32))
-            .collect();
-        self.run_ahead = Some(RunAhead { per_kernel });
-        Ok(())
-    }
-
-    /// Kernel `k` of the step's (launch order) L2 run-ahead pieces: address and count.
-    fn ahead_of(&self, k: usize) -> (u64, i32) {
-        self.run_ahead.as_ref().and_then(|r| r.per_kernel.get(k).copied()).unwrap_or((0, 0))
     }
 
     /// Whether the graph replays the step as one kernel (see [`Self::set_step_kernel`]).
@@ -1491,25 +1385,20 @@ impl GraphDecoder {
         let n_pos = n_positions as i32;
         // The first kernel follows the host's copy of the state, not a kernel.
         let grid = (n_embd.div_ceil(GEMV_COLUMNS) as u32, 1);
-        let (ahead, ahead_count) = self.ahead_of(0);
-        let mut params = params![&self.state, &self.wte, &self.wpe, &self.h, &self.stats, &d, &ahead, &ahead_count];
+        let mut params = params![&self.state, &self.wte, &self.wpe, &self.h, &self.stats, &d];
         // SAFETY (every launch): the parameters are the kernels' in order, device addresses of
         // buffers sized in `new` for these shapes.
         launch("embed", unsafe { launch_kernel(&k.embed, s, grid, GEMV_COLUMNS as u32, 0, false, &mut params) })?;
-        let gemv = |name: &'static str, w: u64, args: GemvArgs, kernel: usize| {
-            let (mut args, splits) = with_splits(args, self.gemv_blocks_per_sm * self.sms);
-            (args.ahead, args.ahead_count) = self.ahead_of(kernel);
+        let gemv = |name: &'static str, w: u64, args: GemvArgs| {
+            let (args, splits) = with_splits(args, self.gemv_blocks_per_sm * self.sms);
             let grid = (args.n_dim.max(1) as usize).div_ceil(GEMV_COLUMNS) as u32;
             let mut params = params![&args, &w];
             let shared = (args.rows_per_split * 4) as u32;
             launch(name, unsafe { launch_kernel(&k.gemv, s, (grid, splits as u32), GEMV_COLUMNS as u32, shared, k.dependent, &mut params) })
         };
-        for (l, layer) in self.layers.iter().enumerate() {
+        for layer in &self.layers {
             let [c_attn, attn_proj, c_fc, mlp_proj] = self.layer_products(layer);
-            // Kernel indices as the run-ahead counts them: embed first, five a layer.
-            let first = 1 + 5 * l;
-            gemv(c_attn.0, c_attn.1, c_attn.2, first)?;
-            let (ahead, ahead_count) = self.ahead_of(first + 1);
+            gemv(c_attn.0, c_attn.1, c_attn.2)?;
             let mut params = params![
                 &self.state,
                 &self.qkv,
@@ -1524,13 +1413,11 @@ impl GraphDecoder {
                 &attn_chunk,
                 &lanes_per_key,
                 &layer.scale,
-                &ahead,
-                &ahead_count,
             ];
             let grid = (n_head as u32, max_chunks as u32);
             launch("attention", unsafe { launch_kernel(&k.attention, s, grid, ATTN_THREADS as u32, 0, k.dependent, &mut params) })?;
-            for (i, (name, w, args)) in [attn_proj, c_fc, mlp_proj].into_iter().enumerate() {
-                gemv(name, w, args, first + 2 + i)?;
+            for (name, w, args) in [attn_proj, c_fc, mlp_proj] {
+                gemv(name, w, args)?;
             }
         }
         launch("ln_f + logits + arg max", self.launch_logits(k.dependent))
@@ -1563,8 +1450,6 @@ impl GraphDecoder {
             prologue: PROLOGUE_PLAIN,
             epilogue: EPILOGUE_STORE,
             activation: self.activation,
-            ahead: 0,
-            ahead_count: 0,
         };
         let product = |(w, bias): (u64, u64), k_dim: usize, n_dim: usize, input: Input, epilogue: i32, out: u64| {
             let mut args = GemvArgs { bias, out, k_dim: k_dim as i32, n_dim: n_dim as i32, epilogue, ..base };
@@ -1637,7 +1522,6 @@ impl GraphDecoder {
         let DecoderShape { n_embd, vocab, .. } = self.shape;
         let (v, d) = (vocab as i32, n_embd as i32);
         let (gamma, beta, eps) = self.ln_f;
-        let (ahead, ahead_count) = self.ahead_of(1 + 5 * self.layers.len());
         let mut params = params![
             &self.h,
             &self.stats,
@@ -1651,8 +1535,6 @@ impl GraphDecoder {
             &self.state,
             &v,
             &d,
-            &ahead,
-            &ahead_count,
         ];
         let grid = (self.logits_blocks as u32, 1);
         let shared = (n_embd * 4) as u32;
@@ -1677,71 +1559,6 @@ fn gemv_splits(k_dim: usize, n_dim: usize, slots: usize) -> (usize, usize) {
     let splits = (slots / column_blocks).clamp(1, GEMV_MAX_SPLITS).min(k_dim.div_ceil(GEMV_MIN_ROWS).max(1));
     let rows = k_dim.div_ceil(splits).div_ceil(8) * 8;
     (k_dim.div_ceil(rows).max(1), rows.max(8))
-}
-
-/// The L2 run-ahead's pieces ([`RunAhead`]): `reads` holds what each kernel of a step reads
-/// of the weights, as (address, bytes) segments in the order it reads them. Kernel k asks for
-/// the step's bytes from `window` past where the kernel before stops reading to `window` past
-/// where it stops itself, wrapping round to the step's start; of that, its own bytes (a
-/// kernel longer than the window) only up to `own` of them: a long read such as the logits'
-/// streams well by itself, and asking L2 for more than it holds evicts what it was asked for
-/// before. Pieces are at most `piece` bytes, cut at 16-byte boundaries. Returns the pieces and
-/// each kernel's (first, count).
-fn run_ahead_pieces(reads: &[Vec<(u64, usize)>], window: usize, own: usize, piece: usize) -> (Vec<AheadPiece>, Vec<(usize, usize)>) {
-    let mut stream: Vec<(usize, u64, usize)> = vec![];
-    let mut ends = Vec::with_capacity(reads.len());
-    let mut total = 0;
-    for kernel in reads {
-        for &(at, bytes) in kernel {
-            stream.push((total, at, bytes));
-            total += bytes;
-        }
-        ends.push(total);
-    }
-    let window = window.min(total);
-    let piece = piece.max(16);
-    let mut pieces: Vec<AheadPiece> = vec![];
-    // The pieces of the stream's [from, to), within one step.
-    let cut = |from: usize, to: usize, out: &mut Vec<AheadPiece>| {
-        let first = stream.partition_point(|s| s.0 + s.2 <= from);
-        for &(offset, at, bytes) in &stream[first..] {
-            if offset >= to {
-                break;
-            }
-            let (a, b) = (from.max(offset) - offset, to.min(offset + bytes) - offset);
-            let mut x = a;
-            while x < b {
-                let y = (x + piece).min(b);
-                // Whole 16-byte units, both ends rounded down: a piece never passes its segment.
-                let (p, q) = ((at + x as u64) & !15, (at + y as u64) & !15);
-                if q > p {
-                    out.push(AheadPiece { at: p, bytes: (q - p) as u32, unused: 0 });
-                }
-                x = y;
-            }
-        }
-    };
-    let mut spans = Vec::with_capacity(reads.len());
-    for (k, &end) in ends.iter().enumerate() {
-        let start = if k == 0 { 0 } else { ends[k - 1] };
-        let first = pieces.len();
-        if window > 0 {
-            // Its own bytes past the window, then the later kernels' (round the step's end).
-            let own_from = start + window;
-            if own_from < end {
-                cut(own_from, end.min(own_from.saturating_add(own)), &mut pieces);
-            }
-            let (from, to) = (own_from.max(end), end + window);
-            if from < total {
-                cut(from, to.min(total), &mut pieces);
-            }
-            if to > total {
-                cut(from.max(total) - total, to - total, &mut pieces);
-            }
-        }
-        spans.push((first, pieces.len() - first));
-    }
-    (pieces, spans)
 }
 
 impl Drop for GraphDecoder {
@@ -1796,64 +1613,5 @@ impl Kernels {
             capability: (major, minor),
             _module: module,
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Every 16-byte unit of the step's weights is asked for exactly once, by the kernel whose
-    /// own reads end `window` bytes before it (round the step's end), and no piece leaves its
-    /// segment or passes `piece` bytes.
-    #[test]
-    fn run_ahead_asks_for_each_weight_once_a_window_ahead() {
-        // Three "kernels": two segments, none, one segment (addresses far apart, 16-aligned;
-        // windows and `own` multiples of 16, so that no piece's end is rounded).
-        let reads: Vec<Vec<(u64, usize)>> = vec![vec![(0x10000, 4096), (0x40000, 1024)], vec![], vec![(0x80000, 8192)]];
-        let total: usize = reads.iter().flatten().map(|s| s.1).sum();
-        // Stream offset of an address.
-        let offset_of = |at: u64| -> usize {
-            let mut off = 0;
-            for &(a, b) in reads.iter().flatten() {
-                if at >= a && at < a + b as u64 {
-                    return off + (at - a) as usize;
-                }
-                off += b;
-            }
-            panic!("address {at:#x} is in no segment");
-        };
-        let ends = [5120usize, 5120, total];
-        let starts = [0usize, 5120, 5120];
-        for (window, own) in [0usize, 16, 1008, 5120, 6000, total, 10 * total].into_iter().flat_map(|w| [(w, usize::MAX), (w, 0), (w, 96)]) {
-            let (pieces, spans) = run_ahead_pieces(&reads, window, own, 1536);
-            assert_eq!(spans.len(), reads.len());
-            let mut seen = vec![0u32; total / 16];
-            for (k, &(first, count)) in spans.iter().enumerate() {
-                let w = window.min(total);
-                // Both ends round down to 16 bytes (the segments here start 16-byte aligned).
-                let (from, to) = ((if k == 0 { 0 } else { ends[k - 1] } + w) & !15, (ends[k] + w) & !15);
-                for p in &pieces[first..first + count] {
-                    assert!(p.bytes > 0 && p.bytes <= 1536 && p.bytes % 16 == 0 && p.at % 16 == 0, "window {window}: piece {p:?}");
-                    let o = offset_of(p.at);
-                    assert_eq!(offset_of(p.at + p.bytes as u64 - 1), o + p.bytes as usize - 1, "window {window}: {p:?} leaves its segment");
-                    // The piece lies in the kernel's range, taken round the step.
-                    let unwrapped = if o + total < to { o + total } else { o };
-                    assert!(unwrapped >= from && unwrapped + (p.bytes as usize) <= to, "window {window}, kernel {k}: {p:?} at {o}");
-                    for u in o / 16..(o + p.bytes as usize) / 16 {
-                        seen[u] += 1;
-                    }
-                }
-            }
-            // A unit within the window of its kernel's start is asked for once; one further on,
-            // only as the kernel's own, up to `own` bytes past the window.
-            let w = window.min(total);
-            for (u, &n) in seen.iter().enumerate() {
-                let o = u * 16;
-                let k = ends.iter().position(|&e| o < e).unwrap();
-                let expected = u32::from(window > 0 && (o < starts[k] + w || o - (starts[k] + w) < own));
-                assert_eq!(n, expected, "window {window}, own {own}: unit at {o} asked for {n} times");
-            }
-        }
     }
 }
