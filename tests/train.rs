@@ -1562,9 +1562,9 @@ fn qkv_attention_matches_the_split_route_on_cuda() {
 /// Both backends run through burn-fusion, whose streams (one per thread) mishandle tensors that
 /// several of them use (tracel-ai/burn#4328, #4347). On lavapipe it fails as the CUDA test does
 /// ("Should have handle for tensor" on the device thread), or, in another run, with the two
-/// replicas' losses parting at step 2 (10.896975 against 10.892046). Giving the second replica
-/// copies of the parameters of its own, or waiting for each upload, did not mend it
-/// (model-import/results/replicas-one-device-2026-12-06/).
+/// replicas' losses parting at step 2 (10.896975 against 10.892046). Waiting for each upload,
+/// giving the second replica copies of the parameters of its own, or copying the summed
+/// gradients through the host did not mend it (model-import/results/replicas-one-device-2026-12-06/).
 #[cfg(feature = "wgpu")]
 #[test]
 #[ignore = "fails (burn-fusion's shared tensors across streams, tracel-ai/burn#4328); ~1-2 min on lavapipe"]
