@@ -12,6 +12,12 @@
 // softmax per chunk of keys, merged by attn.c_proj's blocks as they read their rows. So no
 // kernel exists only to add up, normalise, merge or activate: a step is 5 x layers + 2 launches.
 //
+// Where the widths fit, the decoder keeps c_attn's, c_fc's and mlp.c_proj's weights by output
+// row instead (`gemv_rows_*`): their blocks read whole rows, so each output is final where it
+// is computed, with no partial sums, counter or last block, and the LayerNorm products take
+// their statistics from h themselves. attn.c_proj stays split-K: its blocks merge the
+// attention's chunks for their own rows only.
+//
 // On sm_90 and later (GRAPH_DECODE_PDL) every kernel after `embed` is launched as a
 // programmatic dependent: its blocks start while the kernel before finishes, load what does
 // not depend on it (a GEMV its first weight rows, the attention the cache's older keys and
@@ -400,6 +406,198 @@ __device__ void gemv(const GemvArgs& a, const T* w) {
     gemv_body(a, w, blockIdx.x, blockIdx.y, gridDim.y, first_group, wr);
 }
 
+// ---- Products on weights stored by output row ----
+// w row-major [n_dim, k_dim] (nn.Linear's layout, the decoder's copy transposed from Conv1D's):
+// output n is the dot of row n with the input, so a block reads whole rows, contiguous memory,
+// and each output is final in the block that computes it. No split-K partial sums, no last
+// block adding them up, no counter: the block writes its outputs (bias, activation or residual
+// added) and is done. A LayerNorm input's statistics are computed by every block from the
+// whole residual stream (an L2 read of k_dim floats), so nothing has to leave them behind.
+//
+// A row is read by a team of TEAM threads, each taking its ROWS_LOADS 16-byte loads of the
+// team's U rows at once (8 values each, or one where k_dim is not a multiple of 8); a block
+// holds TEAMS teams and covers `rows_per_split` consecutive rows, U x TEAMS at a time. The
+// width is fixed at compile time (ROWS_K_EMBD for products over the residual stream,
+// ROWS_K_INNER for mlp.c_proj; src/graph_decode.rs sets both), so that every loop over a row
+// unrolls and the loads in flight sit in registers.
+#ifndef ROWS_K_EMBD
+#define ROWS_K_EMBD 2048
+#endif
+#ifndef ROWS_K_INNER
+#define ROWS_K_INNER 8192
+#endif
+#ifndef ROWS_THREADS_EMBD
+#define ROWS_THREADS_EMBD 256
+#endif
+#ifndef ROWS_THREADS_INNER
+#define ROWS_THREADS_INNER 1024
+#endif
+#ifndef ROWS_LOADS
+#define ROWS_LOADS 8
+#endif
+// Blocks an SM must hold: 1024 threads, 64 registers each.
+#define ROWS_MIN_BLOCKS(THREADS) (1024 / (THREADS) > 0 ? 1024 / (THREADS) : 1)
+
+__host__ __device__ constexpr int floor_pow2(int v) { return v < 2 ? 1 : 2 * floor_pow2(v / 2); }
+
+template <int K, int THREADS, int LOADS> struct RowsShape {
+    static constexpr int VEC = K % 8 == 0 ? 8 : 1;                      // values a load takes
+    static constexpr int C = K / VEC;                                    // loads a row takes
+    static constexpr int TEAM = C >= THREADS ? THREADS : floor_pow2(C);  // threads reading a row
+    static constexpr int TEAMS = THREADS / TEAM;
+    static constexpr int I = (C + TEAM - 1) / TEAM;                      // a thread's loads of a row
+    static constexpr int U = I >= LOADS ? 1 : LOADS / I;                 // rows a team reads at once
+    static constexpr int BATCH = TEAMS * U;                              // rows a block reads at once
+};
+
+// One load of a weight row, as loaded (converted where used).
+template <typename T, int VEC> struct Chunk;
+template <> struct Chunk<bf16, 8> {
+    uint4 u;
+    __device__ __forceinline__ void load(const bf16* p) { u = *reinterpret_cast<const uint4*>(p); }
+    __device__ __forceinline__ void zero() { u = make_uint4(0, 0, 0, 0); }
+    __device__ __forceinline__ void get(float o[8]) const { unpack8(u, o); }
+};
+template <> struct Chunk<float, 8> {
+    float4 a, b;
+    __device__ __forceinline__ void load(const float* p) {
+        a = *reinterpret_cast<const float4*>(p);
+        b = *reinterpret_cast<const float4*>(p + 4);
+    }
+    __device__ __forceinline__ void zero() { a = b = make_float4(0.f, 0.f, 0.f, 0.f); }
+    __device__ __forceinline__ void get(float o[8]) const {
+        o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w;
+        o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
+    }
+};
+template <typename T> struct Chunk<T, 1> {
+    T v;
+    __device__ __forceinline__ void load(const T* p) { v = *p; }
+    __device__ __forceinline__ void zero() { v = 0; }
+    __device__ __forceinline__ void get(float o[1]) const { o[0] = to_f32(v); }
+};
+
+// xs[0..k) = LayerNorm(h) with gamma, beta: the statistics in two passes over the block's
+// copy of h (every block computes the same ones, in the same order).
+__device__ void layernorm_into(float* xs, const float* h, const float* gamma, const float* beta, float eps, int k_dim, float* scratch) {
+    float sum = 0.f;
+    for (int k = threadIdx.x; k < k_dim; k += blockDim.x) {
+        float v = h[k];
+        xs[k] = v;
+        sum += v;
+    }
+    float mean = block_sum(sum, scratch) / k_dim;
+    float m2 = 0.f;
+    for (int k = threadIdx.x; k < k_dim; k += blockDim.x) {
+        float c = xs[k] - mean;
+        m2 += c * c;
+    }
+    float rstd = rsqrtf(block_sum(m2, scratch) / k_dim + eps);
+    for (int k = threadIdx.x; k < k_dim; k += blockDim.x) xs[k] = (xs[k] - mean) * rstd * gamma[k] + beta[k];
+}
+
+// Sum over a team's TEAM lanes (TEAM <= 32, a power of two: the team lies in one warp).
+template <int TEAM> __device__ __forceinline__ float team_shuffle_sum(float v) {
+#pragma unroll
+    for (int o = TEAM / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+template <typename T, int K, int THREADS>
+__device__ void gemv_rows(const GemvArgs& a, const T* w) {
+    // As many bytes in flight a thread in f32 as in bf16, in as many registers.
+    using S = RowsShape<K, THREADS, ROWS_LOADS * 2 / (int)sizeof(T)>;
+    constexpr int VEC = S::VEC, TEAM = S::TEAM, TEAMS = S::TEAMS, I = S::I, U = S::U;
+    extern __shared__ float xs[];  // the input, K floats
+    __shared__ float warp_sums[THREADS / 32][U];
+    __shared__ float scratch[32];
+    const int t = threadIdx.x, team = t / TEAM, member = t % TEAM;
+    const int r0 = blockIdx.x * a.rows_per_split, r1 = min(r0 + a.rows_per_split, a.n_dim);
+    Chunk<T, VEC> wr[U][I];
+    // Loads of rows base + team + TEAMS * u, load i at member + TEAM * i.
+    auto load_rows = [&](int base) {
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            int n = base + team + TEAMS * u;
+#pragma unroll
+            for (int i = 0; i < I; i++) {
+                int c = member + TEAM * i;
+                if (n < r1 && c < S::C) wr[u][i].load(w + (size_t)n * K + c * VEC);
+                else wr[u][i].zero();
+            }
+        }
+    };
+    // The first rows need nothing of the step: in flight while the kernel before finishes.
+    load_rows(r0);
+    wait_for_previous_kernel();
+    let_next_kernel_start();
+    if (a.prologue == PROLOGUE_LAYERNORM) {
+        layernorm_into(xs, a.h, a.gamma, a.beta, a.eps, K, scratch);
+    } else if (a.prologue == PROLOGUE_ATTENTION) {
+        int chunks = a.state[1] / a.attn_chunk + 1;
+        for (int k = t; k < K; k += THREADS) xs[k] = merged_attention(a, k, chunks);
+    } else {
+        for (int k = t; k < K; k += THREADS) xs[k] = a.x[k];
+    }
+    __syncthreads();
+
+    for (int base = r0; base < r1; base += S::BATCH) {
+        if (base != r0) load_rows(base);
+        float acc[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) acc[u] = 0.f;
+#pragma unroll
+        for (int i = 0; i < I; i++) {
+            int c = member + TEAM * i;
+            if (c < S::C) {
+                float xv[VEC];
+#pragma unroll
+                for (int e = 0; e < VEC; e++) xv[e] = xs[c * VEC + e];
+#pragma unroll
+                for (int u = 0; u < U; u++) {
+                    float wv[VEC];
+                    wr[u][i].get(wv);
+#pragma unroll
+                    for (int e = 0; e < VEC; e++) acc[u] += xv[e] * wv[e];
+                }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) acc[u] = team_shuffle_sum<(TEAM < 32 ? TEAM : 32)>(acc[u]);
+        if (TEAM > 32) {
+            // The team spans warps: their sums meet in shared memory, added in warp order.
+            int warp = t >> 5;
+            if ((t & 31) == 0) {
+#pragma unroll
+                for (int u = 0; u < U; u++) warp_sums[warp][u] = acc[u];
+            }
+            __syncthreads();
+            if (member == 0) {
+#pragma unroll
+                for (int u = 0; u < U; u++) {
+                    float s = 0.f;
+                    for (int w2 = 0; w2 < TEAM / 32; w2++) s += warp_sums[warp + w2][u];
+                    acc[u] = s;
+                }
+            }
+            // warp_sums is written again by the next rows.
+            __syncthreads();
+        }
+        if (member == 0) {
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                int n = base + team + TEAMS * u;
+                if (n < r1) {
+                    float v = acc[u] + a.bias[n];
+                    if (a.epilogue == EPILOGUE_STORE) a.out[n] = v;
+                    else if (a.epilogue == EPILOGUE_ACTIVATE) a.out[n] = activate(v, a.activation);
+                    else a.h[n] += v;  // this block alone writes row n's h
+                }
+            }
+        }
+    }
+}
+
 // Attention of the step's query against keys 0..=position, one block per (head, chunk of
 // `chunk` keys). The cache is [head, position, head_dim], each head's rows contiguous. A key
 // is read by `lanes_per_key` adjacent lanes, eight of its dimensions each (16 bytes of bf16),
@@ -585,9 +783,14 @@ __device__ void logits_body(const float* h, const float* stats, const float* gam
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     int stride = blocks * warps, first = block * warps + warp;
     size_t row_bytes = (size_t)d_model * sizeof(T);
-    float mean, rstd;
-    combined_stats(stats, d_model, eps, &mean, &rstd);
-    for (int k = threadIdx.x; k < d_model; k += blockDim.x) xs[k] = (h[k] - mean) * rstd * gamma[k] + beta[k];
+    if (stats) {
+        float mean, rstd;
+        combined_stats(stats, d_model, eps, &mean, &rstd);
+        for (int k = threadIdx.x; k < d_model; k += blockDim.x) xs[k] = (h[k] - mean) * rstd * gamma[k] + beta[k];
+    } else {
+        // No slot statistics (products on weights by rows leave none): from h itself.
+        layernorm_into(xs, h, gamma, beta, eps, d_model, warp_v);
+    }
     __syncthreads();
     float bv = NEG_INF;
     int bi = 0x7fffffff;
@@ -778,6 +981,12 @@ __device__ void decode_step(const StepArgs& s) {
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##SUFFIX(GemvArgs a, const T* w) {               \
         gemv<T>(a, w);                                                                                                \
+    }                                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(ROWS_THREADS_EMBD, ROWS_MIN_BLOCKS(ROWS_THREADS_EMBD)) gemv_rows_embd_##SUFFIX(GemvArgs a, const T* w) { \
+        gemv_rows<T, ROWS_K_EMBD, ROWS_THREADS_EMBD>(a, w);                                                          \
+    }                                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(ROWS_THREADS_INNER, ROWS_MIN_BLOCKS(ROWS_THREADS_INNER)) gemv_rows_inner_##SUFFIX(GemvArgs a, const T* w) { \
+        gemv_rows<T, ROWS_K_INNER, ROWS_THREADS_INNER>(a, w);                                                        \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attention_##SUFFIX(const int* state, const float* qkv, T* k_cache, \
             T* v_cache, float* chunk_acc, float* chunk_ml, int d_model, int head_dim, int n_positions, int max_chunks, int chunk, \

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Call 1: where a decode step's time goes. The same greedy decode bench (full size, batch 1,
+# graph decoder) with variants of the decode source (.dev/next/diag.cu, the l2-run-ahead
+# branch's src/graph_decode.cu with DIAG_* switches; run-ahead off) that each drop one part of
+# the step: the waits for the kernel before (DIAG_NO_WAIT), the weights (DIAG_NO_WEIGHTS: the
+# step's skeleton of latencies), the split-K tails (DIAG_NO_TAIL), the GEMV prologues
+# (DIAG_NO_PROLOGUE). Their numbers are wrong; only their times count. Then Nsight Compute on
+# one layer's five kernels inside the graph (warp states and per-SASS stall samples).
+# Carry .dev/next (bench-generate.xz, graph-decode-test.xz from the l2-run-ahead branch, diag.cu).
+CALL=${CALL:-call1} BINARIES="next/bench-generate"
+source "$(dirname "$0")/../../scripts/gpu_call_lib.sh"
+limit=${LIMIT:-420}
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+export LLAVA_JP_GRAPH_L2_AHEAD_MB=0
+src=LLAVA_JP_GRAPH_SOURCE=.dev/next/diag.cu
+bench base bench-generate 2
+bench diag-base bench-generate 1 $src
+bench no-wait bench-generate 1 $src LLAVA_JP_GRAPH_NVRTC_OPTIONS=-DDIAG_NO_WAIT
+bench no-weights bench-generate 1 $src LLAVA_JP_GRAPH_NVRTC_OPTIONS=-DDIAG_NO_WEIGHTS
+bench no-tail bench-generate 1 $src LLAVA_JP_GRAPH_NVRTC_OPTIONS=-DDIAG_NO_TAIL
+bench no-prologue bench-generate 1 $src LLAVA_JP_GRAPH_NVRTC_OPTIONS=-DDIAG_NO_PROLOGUE
+bench no-tail-prologue bench-generate 1 $src "LLAVA_JP_GRAPH_NVRTC_OPTIONS=-DDIAG_NO_TAIL -DDIAG_NO_PROLOGUE"
+bench no-weights-wait bench-generate 1 $src "LLAVA_JP_GRAPH_NVRTC_OPTIONS=-DDIAG_NO_WEIGHTS -DDIAG_NO_WAIT"
+echo "== summary"
+for f in $out/*.jsonl; do
+  python3 - "$f" <<'PY'
+import json, sys
+name = sys.argv[1].split('/')[-1][:-6]
+step, tps = None, []
+for line in open(sys.argv[1]):
+    try: r = json.loads(line)
+    except Exception: continue
+    if r.get('profile') == 'graph decode step': step = r.get('kernels_graph_ms')
+    if 'decode_tokens_per_s' in r: tps.append(round(r['decode_tokens_per_s'], 1))
+print(f"{name:18s} kernels_graph_ms={step} tokens/s={tps}")
+PY
+done
+ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+t=$(( $(left) - 25 )); [ $t -gt 150 ] && t=150
+if [ -n "$ncu" ] && [ $t -gt 40 ]; then
+  # Layer 12 of the 3rd graph replay: 5 kernels a layer (gemv, attention, gemv, gemv, gemv).
+  timeout $t "$ncu" --kernel-name regex:'^(gemv|attention)_bf16' --launch-skip $((5 * 24 * 2 + 5 * 12)) --launch-count 5 \
+    --graph-profiling node --clock-control none \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section SourceCounters \
+    --section MemoryWorkloadAnalysis --import-source no \
+    -o "$out/ncu-layer" -f /tmp/bench-generate ${bench_args/--new-tokens 128/--new-tokens 8} --runs 1 > "$out/ncu-layer.log" 2>&1
+  "$ncu" -i "$out/ncu-layer.ncu-rep" --page details --print-details all > "$out/ncu-layer.txt" 2>&1
+  "$ncu" -i "$out/ncu-layer.ncu-rep" --page source --csv --print-source sass > "$out/ncu-layer-sass.csv" 2> "$out/ncu-layer-sass.err"
+  xz -9 "$out/ncu-layer-sass.csv"
+  echo "== ncu ($((SECONDS - start)) s)"
+  grep -E "^  [a-z_]+bf16|Duration|Warp Cycles Per Issued|Achieved Occupancy|DRAM Throughput|Stall" "$out/ncu-layer.txt" | head -60
+fi
+finish

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Call 2: decode products on weights by output row (gemv_rows_*: no split-K, no last-block
+# tail) for c_attn, c_fc and mlp.c_proj. The graph decoder's tests against flex with weights by
+# rows (the default) and by columns (LLAVA_JP_GRAPH_WEIGHTS=columns, the step kernel too), then
+# the full-size greedy decode bench: columns and rows in turn, then variants of the rows
+# kernels (threads per block of mlp.c_proj's, blocks an SM).
+# Carry .dev/rows (bench-generate.xz, graph-decode-test.xz packed from this tree).
+CALL=${CALL:-call2} BINARIES="rows/bench-generate rows/graph-decode-test"
+source "$(dirname "$0")/../../scripts/gpu_call_lib.sh"
+limit=${LIMIT:-560}
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+run_test graph_decode_matches_flex_bf16 flex-bf16-rows 120
+bench columns bench-generate 2 LLAVA_JP_GRAPH_WEIGHTS=columns
+bench rows bench-generate 2
+bench rows-inner256 bench-generate 1 LLAVA_JP_GRAPH_NVRTC_OPTIONS=-DROWS_THREADS_INNER=256
+bench rows-inner512 bench-generate 1 LLAVA_JP_GRAPH_NVRTC_OPTIONS=-DROWS_THREADS_INNER=512
+bench rows-2sm bench-generate 1 LLAVA_JP_GRAPH_ROWS_BLOCKS_PER_SM=2
+run_test graph_decode_matches_flex_f32 flex-f32-rows 120
+run_test graph_decode_matches_flex_bf16 flex-bf16-columns 120 LLAVA_JP_GRAPH_WEIGHTS=columns
+echo "== summary"
+for f in $out/*.jsonl; do
+  python3 - "$f" <<'PY'
+import json, sys
+name = sys.argv[1].split('/')[-1][:-6]
+step, tps, ks = None, [], ""
+for line in open(sys.argv[1]):
+    try: r = json.loads(line)
+    except Exception: continue
+    if r.get('profile') == 'graph decode step':
+        step = r.get('kernels_graph_ms')
+        ks = " ".join(f"{k['kernel']}={k['ms']:.3f}" for k in r.get('kernels', []))
+    if 'decode_tokens_per_s' in r: tps.append(round(r['decode_tokens_per_s'], 1))
+print(f"{name:16s} kernels_graph_ms={step} tokens/s={tps} | {ks}")
+PY
+done
+finish
