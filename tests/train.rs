@@ -269,14 +269,26 @@ fn data_parallel_replicas_equal_accumulation_on_one_device() {
     replicas_follow_accumulation::<B>("ddp", device(), 1e-5);
 }
 
-/// The same through burn's collective on CUDA: two replicas on the one GPU this machine has
-/// (threads, as on flex), in f32.
+/// On a fused backend (CUDA), two replicas on one device are refused with an error that says
+/// why: burn-fusion gets their shared tensors wrong (see the wgpu test below).
 #[cfg(feature = "cuda")]
 #[test]
 #[ignore = "needs a CUDA GPU"]
-fn data_parallel_replicas_equal_accumulation_on_one_device_on_cuda() {
+fn data_parallel_replicas_on_one_fused_device_are_refused_on_cuda() {
     type C = Autodiff<burn::backend::Cuda<f32>>;
-    replicas_follow_accumulation::<C>("ddp-cuda", burn::backend::cuda::CudaDevice::new(0), 1e-4);
+    replicas_on_one_fused_device_are_refused::<C>("ddp-cuda", burn::backend::cuda::CudaDevice::new(0));
+}
+
+fn replicas_on_one_fused_device_are_refused<A: burn::tensor::backend::AutodiffBackend>(name: &str, device: A::Device) {
+    let _serial = serial();
+    let dir = workspace(name);
+    let two = ["per_device_train_batch_size=1", "max_steps=1", "dropout=false", "num_devices=2"];
+    let err = match train::<A>(&config(&dir, 2, "two", &two), None, &[device.clone(), device], &TrainControl::default()) {
+        Ok(_) => panic!("two replicas on one fused device must be refused"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("replicas 0 and 1") && err.contains("fusion") && err.contains("a device of its own"), "{err}");
+    assert!(!dir.join("two").exists() || std::fs::read_dir(dir.join("two")).unwrap().next().is_none(), "nothing trained: {err}");
 }
 
 fn replicas_follow_accumulation<A: burn::tensor::backend::AutodiffBackend>(name: &str, device: A::Device, tol: f64) {
@@ -1567,8 +1579,16 @@ fn qkv_attention_matches_the_split_route_on_cuda() {
 /// gradients through the host did not mend it (model-import/results/replicas-one-device-2026-12-06/).
 #[cfg(feature = "wgpu")]
 #[test]
-#[ignore = "fails (burn-fusion's shared tensors across streams, tracel-ai/burn#4328); ~1-2 min on lavapipe"]
+#[ignore = "fails (burn-fusion's shared tensors across streams, tracel-ai/burn#4328); ~1-2 min on lavapipe; the trainer refuses this setup"]
 fn data_parallel_replicas_equal_accumulation_on_one_device_on_wgpu() {
     type W = Autodiff<burn::backend::Wgpu<f32>>;
     replicas_follow_accumulation::<W>("ddp-wgpu", burn::backend::wgpu::WgpuDevice::default(), 1e-4);
+}
+
+/// What the trainer does instead: refuse it, saying why.
+#[cfg(feature = "wgpu")]
+#[test]
+fn data_parallel_replicas_on_one_fused_device_are_refused_on_wgpu() {
+    type W = Autodiff<burn::backend::Wgpu<f32>>;
+    replicas_on_one_fused_device_are_refused::<W>("ddp-wgpu-refused", burn::backend::wgpu::WgpuDevice::default());
 }

@@ -558,6 +558,20 @@ pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, resume: Option<&Path>, devic
     );
     let device = &devices[0];
     let world = devices.len();
+    // burn-fusion mixes up tensors that replicas' threads use on one device (tracel-ai/burn#4328,
+    // #4347): the summed gradients come out wrong, or its device thread panics
+    // (model-import/results/replicas-one-device-2026-12-06/). Flex has no fusion and is fine.
+    if B::name(device).contains("fusion") {
+        for (i, a) in devices.iter().enumerate() {
+            if let Some(j) = devices[..i].iter().position(|b| b == a) {
+                anyhow::bail!(
+                    "num_devices = {world}: replicas {j} and {i} are both on {a:?}, and {} cannot run two replicas on one device \
+                     (burn-fusion shares their tensors across threads and the gradient sums come out wrong); give each replica a device of its own",
+                    B::name(device)
+                );
+            }
+        }
+    }
     let config = training_model_config(cfg)?;
     // Replicas share burn's one random generator (seeding it is process-wide), so a block rerun
     // for gradient checkpointing could draw other dropout masks than its first run drew.
