@@ -12,8 +12,8 @@
 // softmax per chunk of keys, merged by attn.c_proj's blocks as they read their rows. So no
 // kernel exists only to add up, normalise, merge or activate: a step is 5 x layers + 2 launches.
 //
-// Where the widths fit, the decoder keeps c_attn's, c_fc's and mlp.c_proj's weights by output
-// row instead (`gemv_rows_*`): their blocks read whole rows, so each output is final where it
+// With LLAVA_JP_GRAPH_WEIGHTS=rows, the decoder keeps c_attn's, c_fc's and mlp.c_proj's weights
+// by output row instead (`gemv_rows_*`): their blocks read whole rows, so each output is final where it
 // is computed, with no partial sums, counter or last block, and the LayerNorm products take
 // their statistics from h themselves. attn.c_proj stays split-K: its blocks merge the
 // attention's chunks for their own rows only.

@@ -4,9 +4,9 @@
 //! residual and the attention's merge folded into the products) are captured once and each
 //! token replays them with one launch. On sm_90 and later each kernel after the first is a
 //! programmatic dependent of the one before, so it starts early and loads its first weights
-//! (or the cache's older rows) while that one finishes. Where the widths fit, c_attn's, c_fc's
-//! and mlp.c_proj's weights are kept by output row (`LLAVA_JP_GRAPH_WEIGHTS`), so that their
-//! blocks read whole rows and finish their outputs without split-K partial sums. The kernels
+//! (or the cache's older rows) while that one finishes. With `LLAVA_JP_GRAPH_WEIGHTS=rows`,
+//! c_attn's, c_fc's and mlp.c_proj's weights are kept by output row, so that their blocks read
+//! whole rows and finish their outputs without split-K partial sums. The kernels
 //! read the token and its position from device memory and the last one writes the next
 //! (greedy) token and position there, so a greedy step costs the host one launch and a 4-byte
 //! read.
@@ -201,12 +201,13 @@ fn compute_arch(major: i32, minor: i32) -> &'static str {
 }
 
 /// Whether the decoder keeps c_attn's, c_fc's and mlp.c_proj's weights by output row:
-/// `LLAVA_JP_GRAPH_WEIGHTS` = `rows` or `columns` (Conv1D's layout, the split-K products), by
-/// default rows wherever the products on rows take the widths.
+/// `LLAVA_JP_GRAPH_WEIGHTS` = `rows` (where the products on rows take the widths) or `columns`
+/// (Conv1D's layout, the split-K products: the default until rows have been measured faster
+/// on a GPU; model-import/results/decode-anatomy-2026-12-06/).
 fn weights_by_rows(n_embd: usize, inner: usize) -> Result<bool, String> {
     let fits = n_embd.max(inner) <= ROWS_MAX_WIDTH;
     match std::env::var("LLAVA_JP_GRAPH_WEIGHTS").as_deref() {
-        Err(_) => Ok(fits),
+        Err(_) => Ok(false),
         Ok("columns") => Ok(false),
         Ok("rows") if fits => Ok(true),
         Ok("rows") => Err(format!(

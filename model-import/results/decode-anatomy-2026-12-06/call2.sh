@@ -10,13 +10,14 @@ CALL=${CALL:-call2} BINARIES="rows/bench-generate rows/graph-decode-test"
 source "$(dirname "$0")/../../scripts/gpu_call_lib.sh"
 limit=${LIMIT:-380}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-run_test graph_decode_matches_flex_bf16 flex-bf16-rows 100
-bench columns bench-generate 1 LLAVA_JP_GRAPH_WEIGHTS=columns
+export LLAVA_JP_GRAPH_WEIGHTS=rows
 bench rows bench-generate 1
-bench rows-inner256 bench-generate 1 LLAVA_JP_GRAPH_NVRTC_OPTIONS=-DROWS_THREADS_INNER=256
+bench columns bench-generate 1 LLAVA_JP_GRAPH_WEIGHTS=columns
+run_test graph_decode_matches_flex_bf16 flex-bf16-rows 90
 # The same kernels without waiting for the kernel before (wrong numbers; the time of the
 # step's weights streamed with no dependency between kernels).
 bench rows-nowait bench-generate 1 LLAVA_JP_GRAPH_SOURCE=.dev/rows/diag.cu LLAVA_JP_GRAPH_NVRTC_OPTIONS=-DDIAG_NO_WAIT
+bench rows-inner256 bench-generate 1 LLAVA_JP_GRAPH_NVRTC_OPTIONS=-DROWS_THREADS_INNER=256
 bench rows-2sm bench-generate 1 LLAVA_JP_GRAPH_ROWS_BLOCKS_PER_SM=2
 bench rows-inner512 bench-generate 1 LLAVA_JP_GRAPH_NVRTC_OPTIONS=-DROWS_THREADS_INNER=512
 [ $(left) -gt 100 ] && run_test graph_decode_matches_flex_f32 flex-f32-rows 80
