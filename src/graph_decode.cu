@@ -13,9 +13,9 @@
 // kernel exists only to add up, normalise, merge or activate: a step is 5 x layers + 2 launches.
 //
 // With LLAVA_JP_GRAPH_WEIGHTS=rows, the decoder keeps c_attn's, c_fc's and mlp.c_proj's weights
-// by output row instead (`gemv_rows_*`): their blocks read whole rows, so each output is final where it
-// is computed, with no partial sums, counter or last block, and the LayerNorm products take
-// their statistics from h themselves. attn.c_proj stays split-K: its blocks merge the
+// by output row instead (`gemv_rows_*`): their blocks read whole rows, so each output is final
+// where it is computed, with no partial sums, counter or last block, and the LayerNorm products
+// take their statistics from h themselves. attn.c_proj stays split-K: its blocks merge the
 // attention's chunks for their own rows only.
 //
 // On sm_90 and later (GRAPH_DECODE_PDL) every kernel after `embed` is launched as a
