@@ -89,11 +89,38 @@ ncu_flash() {
       --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section SourceCounters \
       --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section InstructionStats --import-source no \
       -o "$out/ncu-$k" -f /tmp/attention-bench --shapes stage1 --flash-train-only --iters 3 > "$out/ncu-$k.log" 2>&1
-    "$ncu" -i "$out/ncu-$k.ncu-rep" --page details --print-details all > "$out/ncu-$k.txt" 2>&1
-    "$ncu" -i "$out/ncu-$k.ncu-rep" --page source --csv --print-source sass > "$out/ncu-$k-sass.csv" 2> "$out/ncu-$k-sass.err"
-    xz -9 "$out/ncu-$k-sass.csv"
-    echo "== ncu $k ($((SECONDS - start)) s)"
-    grep -E "Duration|Warp Cycles Per Issued|Registers Per|Achieved Occupancy|Issue Slots Busy|Stall|Compute \(SM\) Throughput|Memory Throughput|L1/TEX Hit|Shared" "$out/ncu-$k.txt" | head -40
+    ncu_export "$ncu" ncu-$k "Registers Per|Issue Slots Busy|Compute \(SM\) Throughput|L1/TEX Hit|Shared"
+  done
+}
+# An Nsight Compute report $out/NAME.ncu-rep (made with the SourceCounters section) as text:
+# NAME.txt (every section), NAME-sass.csv.xz (per-SASS samples), and the main lines printed,
+# with those matching EXTRA too: ncu-binary, name, [extra regex].
+ncu_export() {
+  local ncu=$1 name=$2 extra=${3:-}
+  "$ncu" -i "$out/$name.ncu-rep" --page details --print-details all > "$out/$name.txt" 2>&1
+  "$ncu" -i "$out/$name.ncu-rep" --page source --csv --print-source sass > "$out/$name-sass.csv" 2> "$out/$name-sass.err"
+  xz -9 "$out/$name-sass.csv"
+  echo "== $name ($((SECONDS - start)) s)"
+  grep -E "Duration|Warp Cycles Per Issued|Achieved Occupancy|Stall|Memory Throughput|DRAM Throughput${extra:+|$extra}" "$out/$name.txt" | head -60
+}
+# Per bench log of this call ($out/*.jsonl): the graph step, tokens/s, and each decode
+# kernel's time a step when launched one by one.
+decode_summary() {
+  echo "== summary"
+  for f in $out/*.jsonl; do
+    python3 - "$f" <<'PY'
+import json, sys
+name = sys.argv[1].split('/')[-1][:-6]
+step, tps, ks = None, [], ""
+for line in open(sys.argv[1]):
+    try: r = json.loads(line)
+    except Exception: continue
+    if r.get('profile') == 'graph decode step':
+        step = r.get('kernels_graph_ms')
+        ks = " ".join(f"{k['kernel']}={k['ms']:.3f}" for k in r.get('kernels', []))
+    if 'decode_tokens_per_s' in r: tps.append(round(r['decode_tokens_per_s'], 1))
+print(f"{name:18s} kernels_graph_ms={step} tokens/s={tps} | {ks}")
+PY
   done
 }
 # A train_run of ours alone under the kernel timeline (kernel_timeline.c; .dev/cupti/ carries

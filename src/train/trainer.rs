@@ -110,6 +110,9 @@ pub struct TrainControl {
     /// Test hook: a NaN is put into the pixels (or, without images, the loss) of this step's
     /// (1-based) first micro-batch.
     pub poison_step: Option<u64>,
+    /// Test hook: let data-parallel replicas share a fused device, which `train` refuses
+    /// otherwise, to reproduce burn-fusion's bug with them.
+    pub replicas_share_fused_device: bool,
 }
 
 /// Sets whether each float parameter is trained (`require_grad`), by its path in the module.
@@ -561,7 +564,7 @@ pub fn train<B: AutodiffBackend>(cfg: &TrainConfig, resume: Option<&Path>, devic
     // burn-fusion mixes up tensors that replicas' threads use on one device (tracel-ai/burn#4328,
     // #4347): the summed gradients come out wrong, or its device thread panics
     // (model-import/results/replicas-one-device-2026-12-06/). Flex has no fusion and is fine.
-    if B::name(device).contains("fusion") {
+    if B::name(device).contains("fusion") && !control.replicas_share_fused_device {
         for (i, a) in devices.iter().enumerate() {
             if let Some(j) = devices[..i].iter().position(|b| b == a) {
                 anyhow::bail!(

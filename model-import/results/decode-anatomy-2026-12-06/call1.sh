@@ -21,20 +21,7 @@ bench no-tail bench-generate 1 $src LLAVA_JP_GRAPH_NVRTC_OPTIONS=-DDIAG_NO_TAIL
 bench no-prologue bench-generate 1 $src LLAVA_JP_GRAPH_NVRTC_OPTIONS=-DDIAG_NO_PROLOGUE
 bench no-tail-prologue bench-generate 1 $src "LLAVA_JP_GRAPH_NVRTC_OPTIONS=-DDIAG_NO_TAIL -DDIAG_NO_PROLOGUE"
 bench no-weights-wait bench-generate 1 $src "LLAVA_JP_GRAPH_NVRTC_OPTIONS=-DDIAG_NO_WEIGHTS -DDIAG_NO_WAIT"
-echo "== summary"
-for f in $out/*.jsonl; do
-  python3 - "$f" <<'PY'
-import json, sys
-name = sys.argv[1].split('/')[-1][:-6]
-step, tps = None, []
-for line in open(sys.argv[1]):
-    try: r = json.loads(line)
-    except Exception: continue
-    if r.get('profile') == 'graph decode step': step = r.get('kernels_graph_ms')
-    if 'decode_tokens_per_s' in r: tps.append(round(r['decode_tokens_per_s'], 1))
-print(f"{name:18s} kernels_graph_ms={step} tokens/s={tps}")
-PY
-done
+decode_summary
 ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
 t=$(( $(left) - 25 )); [ $t -gt 150 ] && t=150
 if [ -n "$ncu" ] && [ $t -gt 40 ]; then
@@ -44,10 +31,6 @@ if [ -n "$ncu" ] && [ $t -gt 40 ]; then
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section SourceCounters \
     --section MemoryWorkloadAnalysis --import-source no \
     -o "$out/ncu-layer" -f /tmp/bench-generate ${bench_args/--new-tokens 128/--new-tokens 8} --runs 1 > "$out/ncu-layer.log" 2>&1
-  "$ncu" -i "$out/ncu-layer.ncu-rep" --page details --print-details all > "$out/ncu-layer.txt" 2>&1
-  "$ncu" -i "$out/ncu-layer.ncu-rep" --page source --csv --print-source sass > "$out/ncu-layer-sass.csv" 2> "$out/ncu-layer-sass.err"
-  xz -9 "$out/ncu-layer-sass.csv"
-  echo "== ncu ($((SECONDS - start)) s)"
-  grep -E "^  [a-z_]+bf16|Duration|Warp Cycles Per Issued|Achieved Occupancy|DRAM Throughput|Stall" "$out/ncu-layer.txt" | head -60
+  ncu_export "$ncu" ncu-layer "^  [a-z_]+bf16"
 fi
 finish

@@ -21,20 +21,5 @@ bench rows-inner256 bench-generate 1 LLAVA_JP_GRAPH_NVRTC_OPTIONS=-DROWS_THREADS
 bench rows-2sm bench-generate 1 LLAVA_JP_GRAPH_ROWS_BLOCKS_PER_SM=2
 bench rows-inner512 bench-generate 1 LLAVA_JP_GRAPH_NVRTC_OPTIONS=-DROWS_THREADS_INNER=512
 [ $(left) -gt 100 ] && run_test graph_decode_matches_flex_f32 flex-f32-rows 80
-echo "== summary"
-for f in $out/*.jsonl; do
-  python3 - "$f" <<'PY'
-import json, sys
-name = sys.argv[1].split('/')[-1][:-6]
-step, tps, ks = None, [], ""
-for line in open(sys.argv[1]):
-    try: r = json.loads(line)
-    except Exception: continue
-    if r.get('profile') == 'graph decode step':
-        step = r.get('kernels_graph_ms')
-        ks = " ".join(f"{k['kernel']}={k['ms']:.3f}" for k in r.get('kernels', []))
-    if 'decode_tokens_per_s' in r: tps.append(round(r['decode_tokens_per_s'], 1))
-print(f"{name:16s} kernels_graph_ms={step} tokens/s={tps} | {ks}")
-PY
-done
+decode_summary
 finish
