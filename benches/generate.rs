@@ -72,6 +72,7 @@ impl BackendJob for BenchJob<'_> {
                     "step_kernel_blocks": p.step_kernel_blocks,
                     "launched_step_ms": p.launched_step_ms, "gemv_blocks_per_sm": p.gemv_blocks_per_sm,
                     "dependent_launches": p.dependent_launches, "weights_by_rows": p.weights_by_rows,
+                    "attn_proj_by_rows": p.attn_proj_by_rows,
                     "kernels": p.kernels.iter().map(|(n, ms, count)| serde_json::json!({"kernel": n, "ms": ms, "launches": count})).collect::<Vec<_>>(),
                 })),
                 Err(e) => eprintln!("graph decode profile: {e}"),

@@ -496,6 +496,72 @@ __device__ void layernorm_into(float* xs, const float* h, const float* gamma, co
     for (int k = threadIdx.x; k < k_dim; k += blockDim.x) xs[k] = (xs[k] - mean) * rstd * gamma[k] + beta[k];
 }
 
+// xs[0..K) = the attention's output, every head's chunks merged (what `merged_attention` gives
+// one output, for all K at once). `ml` (shared, 3 x heads x max_chunks floats) takes each
+// (head, chunk)'s max and sum, then its weight exp(m_c - m) / sum_c' l_c' exp(m_c' - m); each
+// output is then its chunks' numerators times their weights. A thread takes 8 adjacent
+// outputs of a head, MERGE_CHUNKS chunks' 16-byte loads of them in flight at once (chunk by
+// chunk, each would wait on L2 in turn); the registers left beside the weights loaded before
+// the wait bound MERGE_CHUNKS.
+#ifndef MERGE_CHUNKS
+#define MERGE_CHUNKS 4
+#endif
+template <int K, int THREADS>
+__device__ void merge_attention_into(float* xs, float* ml, const GemvArgs& a) {
+    const int chunks = a.state[1] / a.attn_chunk + 1, heads = K / a.head_dim, items = heads * chunks;
+    float *m = ml, *l = ml + items, *weight = ml + 2 * items;
+    for (int i = threadIdx.x; i < items; i += THREADS) {
+        int head = i / chunks, c = i % chunks;
+        m[i] = a.chunk_ml[((size_t)head * a.max_chunks + c) * 2];
+        l[i] = a.chunk_ml[((size_t)head * a.max_chunks + c) * 2 + 1];
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < items; i += THREADS) {
+        int first = i - i % chunks;
+        float big = NEG_INF, total = 0.f;
+        for (int c = 0; c < chunks; c++) big = fmaxf(big, m[first + c]);
+        for (int c = 0; c < chunks; c++) total += l[first + c] * expf(m[first + c] - big);
+        weight[i] = expf(m[i] - big) / total;
+    }
+    __syncthreads();
+    if (K % 8 == 0 && a.head_dim % 8 == 0) {
+        for (int k0 = threadIdx.x * 8; k0 < K; k0 += THREADS * 8) {
+            int head = k0 / a.head_dim;
+            const float* acc = a.chunk_acc + (size_t)head * a.max_chunks * a.head_dim + k0 % a.head_dim;
+            const float* wt = weight + head * chunks;
+            float v[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+            for (int c0 = 0; c0 < chunks; c0 += MERGE_CHUNKS) {
+                float4 r[MERGE_CHUNKS][2];
+#pragma unroll
+                for (int u = 0; u < MERGE_CHUNKS; u++) {
+                    r[u][0] = r[u][1] = make_float4(0.f, 0.f, 0.f, 0.f);
+                    if (c0 + u < chunks) {
+                        const float4* p = reinterpret_cast<const float4*>(acc + (size_t)(c0 + u) * a.head_dim);
+                        r[u][0] = __ldcg(p);
+                        r[u][1] = __ldcg(p + 1);
+                    }
+                }
+#pragma unroll
+                for (int u = 0; u < MERGE_CHUNKS; u++) {
+                    float w = c0 + u < chunks ? wt[c0 + u] : 0.f;
+                    v[0] += r[u][0].x * w; v[1] += r[u][0].y * w; v[2] += r[u][0].z * w; v[3] += r[u][0].w * w;
+                    v[4] += r[u][1].x * w; v[5] += r[u][1].y * w; v[6] += r[u][1].z * w; v[7] += r[u][1].w * w;
+                }
+            }
+#pragma unroll
+            for (int e = 0; e < 8; e++) xs[k0 + e] = v[e];
+        }
+    } else {
+        for (int k = threadIdx.x; k < K; k += THREADS) {
+            int head = k / a.head_dim;
+            const float* acc = a.chunk_acc + (size_t)head * a.max_chunks * a.head_dim + k % a.head_dim;
+            float v = 0.f;
+            for (int c = 0; c < chunks; c++) v += __ldcg(acc + (size_t)c * a.head_dim) * weight[head * chunks + c];
+            xs[k] = v;
+        }
+    }
+}
+
 // Sum over a team's TEAM lanes (TEAM <= 32, a power of two: the team lies in one warp).
 template <int TEAM> __device__ __forceinline__ float team_shuffle_sum(float v) {
 #pragma unroll
@@ -503,7 +569,10 @@ template <int TEAM> __device__ __forceinline__ float team_shuffle_sum(float v) {
     return v;
 }
 
-template <typename T, int K, int THREADS>
+// MERGE: the input is the attention's chunks, merged (attn.c_proj on rows). Its prologue needs
+// the registers that the other products' first rows take before the wait: those rows are asked
+// into L2 instead.
+template <typename T, int K, int THREADS, bool MERGE>
 __device__ void gemv_rows(const GemvArgs& a, const T* w) {
     // As many bytes in flight a thread in f32 as in bf16, in as many registers.
     using S = RowsShape<K, THREADS, ROWS_LOADS * 2 / (int)sizeof(T)>;
@@ -528,21 +597,33 @@ __device__ void gemv_rows(const GemvArgs& a, const T* w) {
         }
     };
     // The first rows need nothing of the step: in flight while the kernel before finishes.
-    load_rows(r0);
+    if (MERGE) {
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            int n = r0 + team + TEAMS * u;
+            // A thread's I loads of the row, 16 bytes each, lie 16 x TEAM bytes apart.
+#pragma unroll
+            for (int i = 0; i < I; i++) {
+                int c = member + TEAM * i;
+                if (n < r1 && c < S::C && (c * VEC * (int)sizeof(T)) % 128 < VEC * (int)sizeof(T)) prefetch_l2(w + (size_t)n * K + c * VEC);
+            }
+        }
+    } else {
+        load_rows(r0);
+    }
     wait_for_previous_kernel();
     let_next_kernel_start();
-    if (a.prologue == PROLOGUE_LAYERNORM) {
+    if (MERGE) {
+        merge_attention_into<K, THREADS>(xs, xs + K, a);
+    } else if (a.prologue == PROLOGUE_LAYERNORM) {
         layernorm_into(xs, a.h, a.gamma, a.beta, a.eps, K, scratch);
-    } else if (a.prologue == PROLOGUE_ATTENTION) {
-        int chunks = a.state[1] / a.attn_chunk + 1;
-        for (int k = t; k < K; k += THREADS) xs[k] = merged_attention(a, k, chunks);
     } else {
         for (int k = t; k < K; k += THREADS) xs[k] = a.x[k];
     }
     __syncthreads();
 
     for (int base = r0; base < r1; base += S::BATCH) {
-        if (base != r0) load_rows(base);
+        if (MERGE || base != r0) load_rows(base);
         float acc[U];
 #pragma unroll
         for (int u = 0; u < U; u++) acc[u] = 0.f;
@@ -983,10 +1064,13 @@ __device__ void decode_step(const StepArgs& s) {
         gemv<T>(a, w);                                                                                                \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(ROWS_THREADS_EMBD, ROWS_MIN_BLOCKS(ROWS_THREADS_EMBD)) gemv_rows_embd_##SUFFIX(GemvArgs a, const T* w) { \
-        gemv_rows<T, ROWS_K_EMBD, ROWS_THREADS_EMBD>(a, w);                                                          \
+        gemv_rows<T, ROWS_K_EMBD, ROWS_THREADS_EMBD, false>(a, w);                                                       \
+    }                                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(ROWS_THREADS_EMBD, ROWS_MIN_BLOCKS(ROWS_THREADS_EMBD)) gemv_rows_merge_##SUFFIX(GemvArgs a, const T* w) { \
+        gemv_rows<T, ROWS_K_EMBD, ROWS_THREADS_EMBD, true>(a, w);                                                      \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(ROWS_THREADS_INNER, ROWS_MIN_BLOCKS(ROWS_THREADS_INNER)) gemv_rows_inner_##SUFFIX(GemvArgs a, const T* w) { \
-        gemv_rows<T, ROWS_K_INNER, ROWS_THREADS_INNER>(a, w);                                                        \
+        gemv_rows<T, ROWS_K_INNER, ROWS_THREADS_INNER, false>(a, w);                                                       \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attention_##SUFFIX(const int* state, const float* qkv, T* k_cache, \
             T* v_cache, float* chunk_acc, float* chunk_ml, int d_model, int head_dim, int n_positions, int max_chunks, int chunk, \

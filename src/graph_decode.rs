@@ -6,7 +6,8 @@
 //! programmatic dependent of the one before, so it starts early and loads its first weights
 //! (or the cache's older rows) while that one finishes. With `LLAVA_JP_GRAPH_WEIGHTS=rows`,
 //! c_attn's, c_fc's and mlp.c_proj's weights are kept by output row, so that their blocks read
-//! whole rows and finish their outputs without split-K partial sums. The kernels
+//! whole rows and finish their outputs without split-K partial sums; `all-rows` keeps
+//! attn.c_proj's so too, each of its blocks merging all of the attention's chunks. The kernels
 //! read the token and its position from device memory and the last one writes the next
 //! (greedy) token and position there, so a greedy step costs the host one launch and a 4-byte
 //! read.
@@ -200,21 +201,29 @@ fn compute_arch(major: i32, minor: i32) -> &'static str {
     leaked
 }
 
-/// Whether the decoder keeps c_attn's, c_fc's and mlp.c_proj's weights by output row:
-/// `LLAVA_JP_GRAPH_WEIGHTS` = `rows` (where the products on rows take the widths) or `columns`
-/// (Conv1D's layout, the split-K products: the default until rows have been measured faster
-/// on a GPU; model-import/results/decode-anatomy-2026-12-06/).
-fn weights_by_rows(n_embd: usize, inner: usize) -> Result<bool, String> {
-    let fits = n_embd.max(inner) <= ROWS_MAX_WIDTH;
-    match std::env::var("LLAVA_JP_GRAPH_WEIGHTS").as_deref() {
-        Err(_) => Ok(false),
-        Ok("columns") => Ok(false),
-        Ok("rows") if fits => Ok(true),
-        Ok("rows") => Err(format!(
-            "LLAVA_JP_GRAPH_WEIGHTS=rows: widths {n_embd} and {inner}, the products on rows take up to {ROWS_MAX_WIDTH}"
-        )),
-        Ok(other) => Err(format!("LLAVA_JP_GRAPH_WEIGHTS={other}: expected rows or columns")),
+/// Which of a layer's weights the decoder keeps by output row, from `LLAVA_JP_GRAPH_WEIGHTS`:
+/// (c_attn, c_fc and mlp.c_proj; attn.c_proj). `columns`: none, Conv1D's layout and the
+/// split-K products (the default until rows have been measured faster on a GPU;
+/// model-import/results/decode-anatomy-2026-12-06/); `rows`: the three; `all-rows`: attn.c_proj
+/// too, each of its blocks merging every head's chunks of the attention. Rows take widths up to
+/// ROWS_MAX_WIDTH.
+fn weights_by_rows(n_embd: usize, inner: usize) -> Result<(bool, bool), String> {
+    let layout = match std::env::var("LLAVA_JP_GRAPH_WEIGHTS") {
+        Err(_) => return Ok((false, false)),
+        Ok(v) => v,
+    };
+    let by_rows = match layout.as_str() {
+        "columns" => return Ok((false, false)),
+        "rows" => (true, false),
+        "all-rows" => (true, true),
+        other => return Err(format!("LLAVA_JP_GRAPH_WEIGHTS={other}: expected columns, rows or all-rows")),
+    };
+    if n_embd.max(inner) > ROWS_MAX_WIDTH {
+        return Err(format!(
+            "LLAVA_JP_GRAPH_WEIGHTS={layout}: widths {n_embd} and {inner}, the products on rows take up to {ROWS_MAX_WIDTH}"
+        ));
     }
+    Ok(by_rows)
 }
 
 /// What a GEMV reads as its input.
@@ -359,9 +368,11 @@ struct Kernels {
     dependent: bool,
     embed: CudaFunction,
     gemv: CudaFunction,
-    /// Products on weights by rows over the residual stream's width and over the MLP's, and
-    /// their threads per block (the kernels' `__launch_bounds__`).
+    /// Products on weights by rows over the residual stream's width, over the attention's
+    /// chunks merged (attn.c_proj) and over the MLP's width, and their threads per block (the
+    /// kernels' `__launch_bounds__`).
     gemv_rows_embd: (CudaFunction, u32),
+    gemv_rows_merge: (CudaFunction, u32),
     gemv_rows_inner: (CudaFunction, u32),
     attention: CudaFunction,
     logits: CudaFunction,
@@ -411,6 +422,8 @@ pub struct DecodeProfile {
     pub dependent_launches: bool,
     /// Whether c_attn, c_fc and mlp.c_proj ran on weights by rows (`gemv_rows_*`).
     pub weights_by_rows: bool,
+    /// Whether attn.c_proj did too (`gemv_rows_merge_*`).
+    pub attn_proj_by_rows: bool,
 }
 
 /// What a step hands back.
@@ -434,9 +447,11 @@ pub struct GraphDecoder {
     layers: Vec<Layer>,
     /// Whether c_attn's, c_fc's and mlp.c_proj's weights are kept by output row
     /// ([out, in], products by `gemv_rows_*`); otherwise as Conv1D keeps them ([in, out],
-    /// split-K `gemv`). attn.c_proj's are always [in, out] (its blocks merge the attention's
-    /// chunks for their rows only).
+    /// split-K `gemv`).
     weights_by_rows: bool,
+    /// Whether attn.c_proj's are too (only with `weights_by_rows`): each of its blocks then
+    /// merges every head's chunks of the attention, where split-K blocks merge their rows'.
+    attn_proj_by_rows: bool,
     /// `[token, position, arg max, unused]`.
     state: u64,
     /// The residual stream and its LayerNorm statistics (per `GEMV_COLUMNS` columns).
@@ -738,7 +753,7 @@ impl GraphDecoder {
         context.bind_to_thread().map_err(|e| format!("CUDA device {device_index}: {e}"))?;
         let stream = context.new_stream().map_err(|e| format!("a stream on CUDA device {device_index}: {e}"))?;
         let kernels = Kernels::load(&context, bf16, n_embd, inner)?;
-        let by_rows = weights_by_rows(n_embd, inner)?;
+        let (by_rows, attn_proj_by_rows) = weights_by_rows(n_embd, inner)?;
         let mut memory = Memory { context: context.clone(), blocks: vec![] };
 
         let elem = if bf16 { 2 } else { 4 };
@@ -748,7 +763,7 @@ impl GraphDecoder {
             let name = |part: &str| format!("transformer.h.{i}.{part}");
             let ln_1 = up.layernorm(&block.ln_1, &name("ln_1"))?;
             let c_attn = up.conv(&block.attn.c_attn, by_rows, &name("attn.c_attn"))?;
-            let attn_proj = up.conv(&block.attn.c_proj, false, &name("attn.c_proj"))?;
+            let attn_proj = up.conv(&block.attn.c_proj, attn_proj_by_rows, &name("attn.c_proj"))?;
             let ln_2 = up.layernorm(&block.ln_2, &name("ln_2"))?;
             let c_fc = up.conv(&block.mlp.c_fc, by_rows, &name("mlp.c_fc"))?;
             let mlp_proj = up.conv(&block.mlp.c_proj, by_rows, &name("mlp.c_proj"))?;
@@ -829,6 +844,7 @@ impl GraphDecoder {
             lm_head,
             layers,
             weights_by_rows: by_rows,
+            attn_proj_by_rows,
             state,
             h,
             stats,
@@ -1258,7 +1274,7 @@ impl GraphDecoder {
             let mut params = params![&pf.q, &layer.k_cache, &layer.v_cache, &pf.mask, &pf.q, &pf.q, &pf.attn, &pf.lse, &flash];
             let grid = (tokens.div_ceil(FLASH_QUERIES) as u32, n_head as u32);
             run("flash attention", unsafe { launch_kernel(&pf.flash, s, grid, 128, 0, false, &mut params) })?;
-            unsafe { pf.gemm.bf16_to_f32(s, pf.attn, layer.attn_proj.0, pf.y, (tokens, n_embd, n_embd)) }?;
+            unsafe { pf.gemm.bf16_to_f32_weights(s, pf.attn, layer.attn_proj.0, self.attn_proj_by_rows, pf.y, (tokens, n_embd, n_embd)) }?;
             let (gamma, beta) = layer.ln_2;
             let eps = layer.eps.1;
             let mut params = params![&pf.h, &null, &null, &pf.y, &layer.attn_proj.1, &gamma, &beta, &eps, &pf.xn, &w];
@@ -1410,6 +1426,7 @@ impl GraphDecoder {
             gemv_blocks_per_sm: self.gemv_blocks_per_sm,
             dependent_launches: self.kernels.dependent,
             weights_by_rows: self.weights_by_rows,
+            attn_proj_by_rows: self.attn_proj_by_rows,
         })
     }
 
@@ -1446,8 +1463,15 @@ impl GraphDecoder {
         };
         let gemv_rows = |name: &'static str, w: u64, mut args: GemvArgs| {
             let k_dim = args.k_dim as usize;
-            let (function, threads) = if k_dim == n_embd { &k.gemv_rows_embd } else { &k.gemv_rows_inner };
-            let shared = (k_dim * 4) as u32;
+            let ((function, threads), merge) = if args.prologue == PROLOGUE_ATTENTION {
+                // The input, then three floats a (head, chunk) for the merge.
+                (&k.gemv_rows_merge, 3 * n_head * self.max_chunks)
+            } else if k_dim == n_embd {
+                (&k.gemv_rows_embd, 0)
+            } else {
+                (&k.gemv_rows_inner, 0)
+            };
+            let shared = ((k_dim + merge) * 4) as u32;
             let per_sm = function
                 .occupancy_max_active_blocks_per_multiprocessor(*threads, shared as usize, None)
                 .map_err(|e| format!("decode kernel {name}'s occupancy: {e}"))?
@@ -1490,7 +1514,7 @@ impl GraphDecoder {
             ];
             let grid = (n_head as u32, max_chunks as u32);
             launch("attention", unsafe { launch_kernel(&k.attention, s, grid, ATTN_THREADS as u32, 0, k.dependent, &mut params) })?;
-            product(attn_proj, false)?;
+            product(attn_proj, self.attn_proj_by_rows)?;
             product(c_fc, by_rows)?;
             product(mlp_proj, by_rows)?;
         }
@@ -1686,6 +1710,7 @@ impl Kernels {
             embed: function(format!("embed_{suffix}"))?,
             gemv: function(format!("gemv_{suffix}"))?,
             gemv_rows_embd: rows_function(format!("gemv_rows_embd_{suffix}"))?,
+            gemv_rows_merge: rows_function(format!("gemv_rows_merge_{suffix}"))?,
             gemv_rows_inner: rows_function(format!("gemv_rows_inner_{suffix}"))?,
             attention: function(format!("attention_{suffix}"))?,
             logits: function(format!("logits_{suffix}"))?,
