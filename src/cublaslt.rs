@@ -1109,35 +1109,17 @@ impl RawGemm {
     /// `a`, `w` and `out` must be device addresses of at least m·k, k·n and m·n elements in
     /// this context, `out` overlapping neither, and `stream` belong to the context; the
     /// product runs after the work queued on `stream` before it.
-    pub(crate) unsafe fn bf16_to_f32(&mut self, stream: &CudaStream, a: u64, w: u64, out: u64, mkn: (usize, usize, usize)) -> Result<(), String> {
-        self.bf16_to_f32_weights(stream, a, w, false, out, mkn)
-    }
-
-    /// As [`Self::bf16_to_f32`], with `w` stored by output row (`[n, k]` row-major, nn.Linear's
-    /// layout) when `w_by_rows`.
-    ///
-    /// # Safety
-    /// As [`Self::bf16_to_f32`].
-    pub(crate) unsafe fn bf16_to_f32_weights(
-        &mut self,
-        stream: &CudaStream,
-        a: u64,
-        w: u64,
-        w_by_rows: bool,
-        out: u64,
-        (m, k, n): (usize, usize, usize),
-    ) -> Result<(), String> {
+    pub(crate) unsafe fn bf16_to_f32(&mut self, stream: &CudaStream, a: u64, w: u64, out: u64, (m, k, n): (usize, usize, usize)) -> Result<(), String> {
         if m == 0 || n == 0 {
             return Ok(());
         }
-        // Row-major out = a·w is column-major outᵀ = wᵀ·aᵀ: cuBLASLt's first operand is `w`
-        // (column-major [n, k] as it lies, or the transpose of column-major [k, n] by rows).
+        // Row-major out = a·w is column-major outᵀ = wᵀ·aᵀ: cuBLASLt's first operand is `w`.
         let problem = Problem {
             dtype: sys::cudaDataType_t::CUDA_R_16BF,
             out_dtype: sys::cudaDataType_t::CUDA_R_32F,
-            transposed: (w_by_rows, false),
+            transposed: (false, false),
             mnk: (n as u64, m as u64, k as u64),
-            lds: (if w_by_rows { k } else { n } as i64, k as i64, n as i64),
+            lds: (n as i64, k as i64, n as i64),
             alignments: (alignment(w), alignment(a), alignment(out)),
             bias: false,
         };

@@ -4,10 +4,7 @@
 //! residual and the attention's merge folded into the products) are captured once and each
 //! token replays them with one launch. On sm_90 and later each kernel after the first is a
 //! programmatic dependent of the one before, so it starts early and loads its first weights
-//! (or the cache's older rows) while that one finishes. With `LLAVA_JP_GRAPH_WEIGHTS=rows`,
-//! c_attn's, c_fc's and mlp.c_proj's weights are kept by output row, so that their blocks read
-//! whole rows and finish their outputs without split-K partial sums; `all-rows` keeps
-//! attn.c_proj's so too, each of its blocks merging all of the attention's chunks. The kernels
+//! (or the cache's older rows) while that one finishes. The kernels
 //! read the token and its position from device memory and the last one writes the next
 //! (greedy) token and position there, so a greedy step costs the host one launch and a 4-byte
 //! read.
@@ -62,9 +59,6 @@ const GEMV_MAX_SPLITS: usize = 32;
 const GEMV_MIN_ROWS: usize = 64;
 /// Dynamic shared memory a block may use for its input rows (48 KiB less the static arrays).
 const MAX_DYNAMIC_SHARED: usize = 38 * 1024;
-/// Widest input of a product on weights by rows (`gemv_rows_*`): a block holds the whole input
-/// in shared memory (48 KiB less its static arrays, without opting in to more).
-const ROWS_MAX_WIDTH: usize = 11 * 1024;
 /// The step kernel's threads per block and keys per attention thread (`STEP_THREADS`,
 /// `STEP_ATTN_ITERS` in the source). Its attention chunks must be the attention kernel's, so
 /// that the chunk buffers and attn.c_proj's merge serve both.
@@ -199,31 +193,6 @@ fn compute_arch(major: i32, minor: i32) -> &'static str {
     let leaked: &'static str = Box::leak(name.into_boxed_str());
     names.push(leaked);
     leaked
-}
-
-/// Which of a layer's weights the decoder keeps by output row, from `LLAVA_JP_GRAPH_WEIGHTS`:
-/// (c_attn, c_fc and mlp.c_proj; attn.c_proj). `columns`: none, Conv1D's layout and the
-/// split-K products (the default until rows have been measured faster on a GPU;
-/// model-import/results/decode-anatomy-2026-12-06/); `rows`: the three; `all-rows`: attn.c_proj
-/// too, each of its blocks merging every head's chunks of the attention. Rows take widths up to
-/// ROWS_MAX_WIDTH.
-fn weights_by_rows(n_embd: usize, inner: usize) -> Result<(bool, bool), String> {
-    let layout = match std::env::var("LLAVA_JP_GRAPH_WEIGHTS") {
-        Err(_) => return Ok((false, false)),
-        Ok(v) => v,
-    };
-    let by_rows = match layout.as_str() {
-        "columns" => return Ok((false, false)),
-        "rows" => (true, false),
-        "all-rows" => (true, true),
-        other => return Err(format!("LLAVA_JP_GRAPH_WEIGHTS={other}: expected columns, rows or all-rows")),
-    };
-    if n_embd.max(inner) > ROWS_MAX_WIDTH {
-        return Err(format!(
-            "LLAVA_JP_GRAPH_WEIGHTS={layout}: widths {n_embd} and {inner}, the products on rows take up to {ROWS_MAX_WIDTH}"
-        ));
-    }
-    Ok(by_rows)
 }
 
 /// What a GEMV reads as its input.
@@ -368,12 +337,6 @@ struct Kernels {
     dependent: bool,
     embed: CudaFunction,
     gemv: CudaFunction,
-    /// Products on weights by rows over the residual stream's width, over the attention's
-    /// chunks merged (attn.c_proj) and over the MLP's width, and their threads per block (the
-    /// kernels' `__launch_bounds__`).
-    gemv_rows_embd: (CudaFunction, u32),
-    gemv_rows_merge: (CudaFunction, u32),
-    gemv_rows_inner: (CudaFunction, u32),
     attention: CudaFunction,
     logits: CudaFunction,
     /// The whole step as one kernel with grid barriers (`decode_step_*`).
@@ -420,10 +383,6 @@ pub struct DecodeProfile {
     /// GEMV blocks per SM, and whether kernels start early (programmatic dependent launch).
     pub gemv_blocks_per_sm: usize,
     pub dependent_launches: bool,
-    /// Whether c_attn, c_fc and mlp.c_proj ran on weights by rows (`gemv_rows_*`).
-    pub weights_by_rows: bool,
-    /// Whether attn.c_proj did too (`gemv_rows_merge_*`).
-    pub attn_proj_by_rows: bool,
 }
 
 /// What a step hands back.
@@ -445,13 +404,6 @@ pub struct GraphDecoder {
     wpe: u64,
     lm_head: u64,
     layers: Vec<Layer>,
-    /// Whether c_attn's, c_fc's and mlp.c_proj's weights are kept by output row
-    /// ([out, in], products by `gemv_rows_*`); otherwise as Conv1D keeps them ([in, out],
-    /// split-K `gemv`).
-    weights_by_rows: bool,
-    /// Whether attn.c_proj's are too (only with `weights_by_rows`): each of its blocks then
-    /// merges every head's chunks of the attention, where split-K blocks merge their rows'.
-    attn_proj_by_rows: bool,
     /// `[token, position, arg max, unused]`.
     state: u64,
     /// The residual stream and its LayerNorm statistics (per `GEMV_COLUMNS` columns).
@@ -602,10 +554,8 @@ impl Uploader<'_> {
         Ok((self.values(ln.weight.val(), false, name)?, self.values(ln.bias.val(), false, name)?))
     }
 
-    /// Weights as Conv1D keeps them ([in, out]), or by output row ([out, in]).
-    fn conv<B: Backend>(&mut self, c: &Conv1D<B>, by_rows: bool, name: &str) -> Result<(u64, u64), String> {
-        let weight = if by_rows { merged_weight(c).transpose() } else { merged_weight(c) };
-        Ok((self.values(weight, true, name)?, self.values(c.bias.val(), false, name)?))
+    fn conv<B: Backend>(&mut self, c: &Conv1D<B>, name: &str) -> Result<(u64, u64), String> {
+        Ok((self.values(merged_weight(c), true, name)?, self.values(c.bias.val(), false, name)?))
     }
 }
 
@@ -752,8 +702,7 @@ impl GraphDecoder {
         let context = CudaContext::new(device_index).map_err(|e| format!("CUDA device {device_index}: {e}"))?;
         context.bind_to_thread().map_err(|e| format!("CUDA device {device_index}: {e}"))?;
         let stream = context.new_stream().map_err(|e| format!("a stream on CUDA device {device_index}: {e}"))?;
-        let kernels = Kernels::load(&context, bf16, n_embd, inner)?;
-        let (by_rows, attn_proj_by_rows) = weights_by_rows(n_embd, inner)?;
+        let kernels = Kernels::load(&context, bf16)?;
         let mut memory = Memory { context: context.clone(), blocks: vec![] };
 
         let elem = if bf16 { 2 } else { 4 };
@@ -762,11 +711,11 @@ impl GraphDecoder {
         for (i, block) in transformer.h.iter().enumerate() {
             let name = |part: &str| format!("transformer.h.{i}.{part}");
             let ln_1 = up.layernorm(&block.ln_1, &name("ln_1"))?;
-            let c_attn = up.conv(&block.attn.c_attn, by_rows, &name("attn.c_attn"))?;
-            let attn_proj = up.conv(&block.attn.c_proj, attn_proj_by_rows, &name("attn.c_proj"))?;
+            let c_attn = up.conv(&block.attn.c_attn, &name("attn.c_attn"))?;
+            let attn_proj = up.conv(&block.attn.c_proj, &name("attn.c_proj"))?;
             let ln_2 = up.layernorm(&block.ln_2, &name("ln_2"))?;
-            let c_fc = up.conv(&block.mlp.c_fc, by_rows, &name("mlp.c_fc"))?;
-            let mlp_proj = up.conv(&block.mlp.c_proj, by_rows, &name("mlp.c_proj"))?;
+            let c_fc = up.conv(&block.mlp.c_fc, &name("mlp.c_fc"))?;
+            let mlp_proj = up.conv(&block.mlp.c_proj, &name("mlp.c_proj"))?;
             let cache_bytes = n_positions * n_embd * elem;
             let k_cache = up.memory.alloc(cache_bytes, &name("keys"))?;
             let v_cache = up.memory.alloc(cache_bytes, &name("values"))?;
@@ -843,8 +792,6 @@ impl GraphDecoder {
             wpe,
             lm_head,
             layers,
-            weights_by_rows: by_rows,
-            attn_proj_by_rows,
             state,
             h,
             stats,
@@ -897,9 +844,6 @@ impl GraphDecoder {
     /// registers and shared memory), its products' splits for that grid, and their arguments
     /// and the layers' in device memory.
     fn prepare_step_kernel(&mut self) -> Result<(), String> {
-        if self.weights_by_rows {
-            return Err("the step kernel reads weights as Conv1D keeps them (LLAVA_JP_GRAPH_WEIGHTS=columns)".into());
-        }
         let DecoderShape { n_embd, inner, .. } = self.shape;
         let shared_for = |blocks: usize| {
             let rows = [(n_embd, 3 * n_embd), (n_embd, n_embd), (n_embd, inner), (inner, n_embd)]
@@ -978,12 +922,6 @@ impl GraphDecoder {
         }
         self.step_kernel = Some(StepKernel { blocks, shared, layers, products, barrier });
         Ok(())
-    }
-
-    /// Whether c_attn's, c_fc's and mlp.c_proj's weights are kept by output row (see
-    /// `LLAVA_JP_GRAPH_WEIGHTS`); the step kernel runs only on Conv1D's layout.
-    pub fn weights_by_rows(&self) -> bool {
-        self.weights_by_rows
     }
 
     /// Whether the graph replays the step as one kernel (see [`Self::set_step_kernel`]).
@@ -1234,7 +1172,6 @@ impl GraphDecoder {
         let pf = self.prefill.as_mut().expect("made above");
         let k = &self.kernels;
         let s = &self.stream;
-        let by_rows = self.weights_by_rows;
         let head_dim = n_embd / n_head;
         let (t, w, inner_i, hd, n_pos) = (tokens as i32, n_embd as i32, inner as i32, head_dim as i32, n_positions as i32);
         let null = 0u64;
@@ -1249,7 +1186,7 @@ impl GraphDecoder {
         let mut params = params![&pf.h, &embeds_ptr, &self.wpe, &null, &null, &gamma, &beta, &eps, &pf.xn, &w];
         run("embeddings + ln_1", unsafe { launch_kernel(&k.prefill_residual_layernorm, s, rows_grid, 256, 0, false, &mut params) })?;
         for (i, layer) in self.layers.iter().enumerate() {
-            unsafe { pf.gemm.bf16_to_f32_weights(s, pf.xn, layer.c_attn.0, by_rows, pf.y, (tokens, n_embd, 3 * n_embd)) }?;
+            unsafe { pf.gemm.bf16_to_f32(s, pf.xn, layer.c_attn.0, pf.y, (tokens, n_embd, 3 * n_embd)) }?;
             let mut params = params![&pf.y, &layer.c_attn.1, &pf.q, &layer.k_cache, &layer.v_cache, &t, &w, &hd, &n_pos];
             run("split q, k, v", unsafe { launch_kernel(&k.prefill_split_qkv, s, elementwise(tokens * 3 * n_embd), 256, 0, false, &mut params) })?;
             let cache_head = (n_positions * head_dim) as i64;
@@ -1274,15 +1211,15 @@ impl GraphDecoder {
             let mut params = params![&pf.q, &layer.k_cache, &layer.v_cache, &pf.mask, &pf.q, &pf.q, &pf.attn, &pf.lse, &flash];
             let grid = (tokens.div_ceil(FLASH_QUERIES) as u32, n_head as u32);
             run("flash attention", unsafe { launch_kernel(&pf.flash, s, grid, 128, 0, false, &mut params) })?;
-            unsafe { pf.gemm.bf16_to_f32_weights(s, pf.attn, layer.attn_proj.0, self.attn_proj_by_rows, pf.y, (tokens, n_embd, n_embd)) }?;
+            unsafe { pf.gemm.bf16_to_f32(s, pf.attn, layer.attn_proj.0, pf.y, (tokens, n_embd, n_embd)) }?;
             let (gamma, beta) = layer.ln_2;
             let eps = layer.eps.1;
             let mut params = params![&pf.h, &null, &null, &pf.y, &layer.attn_proj.1, &gamma, &beta, &eps, &pf.xn, &w];
             run("attention residual + ln_2", unsafe { launch_kernel(&k.prefill_residual_layernorm, s, rows_grid, 256, 0, false, &mut params) })?;
-            unsafe { pf.gemm.bf16_to_f32_weights(s, pf.xn, layer.c_fc.0, by_rows, pf.y, (tokens, n_embd, inner)) }?;
+            unsafe { pf.gemm.bf16_to_f32(s, pf.xn, layer.c_fc.0, pf.y, (tokens, n_embd, inner)) }?;
             let mut params = params![&pf.y, &layer.c_fc.1, &pf.xn, &t, &inner_i, &self.activation];
             run("c_fc bias + activation", unsafe { launch_kernel(&k.prefill_bias_activation, s, elementwise(tokens * inner), 256, 0, false, &mut params) })?;
-            unsafe { pf.gemm.bf16_to_f32_weights(s, pf.xn, layer.mlp_proj.0, by_rows, pf.y, (tokens, inner, n_embd)) }?;
+            unsafe { pf.gemm.bf16_to_f32(s, pf.xn, layer.mlp_proj.0, pf.y, (tokens, inner, n_embd)) }?;
             // The next layer's ln_1; after the last layer, the logits kernel normalises the one
             // row it reads itself.
             let ((gamma, beta), eps) = match self.layers.get(i + 1) {
@@ -1425,8 +1362,6 @@ impl GraphDecoder {
             kernels,
             gemv_blocks_per_sm: self.gemv_blocks_per_sm,
             dependent_launches: self.kernels.dependent,
-            weights_by_rows: self.weights_by_rows,
-            attn_proj_by_rows: self.attn_proj_by_rows,
         })
     }
 
@@ -1461,42 +1396,9 @@ impl GraphDecoder {
             let shared = (args.rows_per_split * 4) as u32;
             launch(name, unsafe { launch_kernel(&k.gemv, s, (grid, splits as u32), GEMV_COLUMNS as u32, shared, k.dependent, &mut params) })
         };
-        let gemv_rows = |name: &'static str, w: u64, mut args: GemvArgs| {
-            let k_dim = args.k_dim as usize;
-            let ((function, threads), merge) = if args.prologue == PROLOGUE_ATTENTION {
-                // The input, then three floats a (head, chunk) for the merge.
-                (&k.gemv_rows_merge, 3 * n_head * self.max_chunks)
-            } else if k_dim == n_embd {
-                (&k.gemv_rows_embd, 0)
-            } else {
-                (&k.gemv_rows_inner, 0)
-            };
-            let shared = ((k_dim + merge) * 4) as u32;
-            let per_sm = function
-                .occupancy_max_active_blocks_per_multiprocessor(*threads, shared as usize, None)
-                .map_err(|e| format!("decode kernel {name}'s occupancy: {e}"))?
-                .max(1) as usize;
-            // For measuring: another number of blocks per SM to size the grid for.
-            let per_sm = std::env::var("LLAVA_JP_GRAPH_ROWS_BLOCKS_PER_SM").ok().and_then(|v| v.parse().ok()).unwrap_or(per_sm);
-            // As many blocks as run at once, each taking as many rows.
-            let n_dim = args.n_dim.max(1) as usize;
-            let rows = n_dim.div_ceil(per_sm * self.sms).max(1);
-            args.rows_per_split = rows as i32;
-            let mut params = params![&args, &w];
-            let grid = (n_dim.div_ceil(rows) as u32, 1);
-            launch(name, unsafe { launch_kernel(function, s, grid, *threads, shared, k.dependent, &mut params) })
-        };
-        let product = |(name, w, args): (&'static str, u64, GemvArgs), by_rows: bool| {
-            if by_rows {
-                gemv_rows(name, w, args)
-            } else {
-                gemv(name, w, args)
-            }
-        };
-        let by_rows = self.weights_by_rows;
         for layer in &self.layers {
             let [c_attn, attn_proj, c_fc, mlp_proj] = self.layer_products(layer);
-            product(c_attn, by_rows)?;
+            gemv(c_attn.0, c_attn.1, c_attn.2)?;
             let mut params = params![
                 &self.state,
                 &self.qkv,
@@ -1514,9 +1416,9 @@ impl GraphDecoder {
             ];
             let grid = (n_head as u32, max_chunks as u32);
             launch("attention", unsafe { launch_kernel(&k.attention, s, grid, ATTN_THREADS as u32, 0, k.dependent, &mut params) })?;
-            product(attn_proj, self.attn_proj_by_rows)?;
-            product(c_fc, by_rows)?;
-            product(mlp_proj, by_rows)?;
+            for (name, w, args) in [attn_proj, c_fc, mlp_proj] {
+                gemv(name, w, args)?;
+            }
         }
         launch("ln_f + logits + arg max", self.launch_logits(k.dependent))
     }
@@ -1620,11 +1522,9 @@ impl GraphDecoder {
         let DecoderShape { n_embd, vocab, .. } = self.shape;
         let (v, d) = (vocab as i32, n_embd as i32);
         let (gamma, beta, eps) = self.ln_f;
-        // Products on rows leave no slot statistics: the kernel takes them from h.
-        let stats = if self.weights_by_rows { 0u64 } else { self.stats };
         let mut params = params![
             &self.h,
-            &stats,
+            &self.stats,
             &gamma,
             &beta,
             &eps,
@@ -1670,8 +1570,7 @@ impl Drop for GraphDecoder {
 }
 
 impl Kernels {
-    /// The decode kernels, the products on rows compiled for inputs `n_embd` and `inner` wide.
-    fn load(context: &Arc<CudaContext>, bf16: bool, n_embd: usize, inner: usize) -> Result<Self, String> {
+    fn load(context: &Arc<CudaContext>, bf16: bool) -> Result<Self, String> {
         let major = context
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
             .map_err(|e| format!("the CUDA device's compute capability: {e}"))?;
@@ -1679,7 +1578,6 @@ impl Kernels {
         // measure what they bring.
         let dependent = major >= 9 && std::env::var("LLAVA_JP_GRAPH_PDL").map_or(true, |v| v != "0");
         let mut options: Vec<String> = if dependent { vec!["-DGRAPH_DECODE_PDL=1".into()] } else { vec![] };
-        options.extend([format!("-DROWS_K_EMBD={n_embd}"), format!("-DROWS_K_INNER={inner}")]);
         // For measuring variants without a rebuild, e.g. "-DGEMV_UNROLL=16".
         if let Ok(extra) = std::env::var("LLAVA_JP_GRAPH_NVRTC_OPTIONS") {
             options.extend(extra.split_whitespace().map(String::from));
@@ -1697,21 +1595,10 @@ impl Kernels {
         let module = context.load_module(ptx).map_err(|e| format!("loading the decode kernels: {e}"))?;
         let suffix = if bf16 { "bf16" } else { "f32" };
         let function = |name: String| module.load_function(&name).map_err(|e| format!("decode kernel {name}: {e}"));
-        // A product on rows with the threads per block its source bounds it to (it needs exactly those).
-        let rows_function = |name: String| {
-            let f = function(name.clone())?;
-            let threads = f
-                .get_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK)
-                .map_err(|e| format!("decode kernel {name}'s threads: {e}"))?;
-            Ok::<_, String>((f, threads as u32))
-        };
         Ok(Kernels {
             dependent,
             embed: function(format!("embed_{suffix}"))?,
             gemv: function(format!("gemv_{suffix}"))?,
-            gemv_rows_embd: rows_function(format!("gemv_rows_embd_{suffix}"))?,
-            gemv_rows_merge: rows_function(format!("gemv_rows_merge_{suffix}"))?,
-            gemv_rows_inner: rows_function(format!("gemv_rows_inner_{suffix}"))?,
             attention: function(format!("attention_{suffix}"))?,
             logits: function(format!("logits_{suffix}"))?,
             step: function(format!("decode_step_{suffix}"))?,

@@ -121,14 +121,8 @@ fn check<B: Backend>(device: &B::Device, tol: f32) {
             // same arithmetic, but the step kernel's attention blocks are twice as wide and its
             // products split their rows for its own grid, so sums are added in other orders:
             // f32 rounding apart.
-            // (The step kernel runs on Conv1D's weight layout only: with weights by rows, the
-            // step's kernels alone.)
-            let by_rows = decoder.lock().unwrap().weights_by_rows();
             let mut by_step_kernel: Option<Generated> = None;
             for step_kernel in [true, false] {
-                if step_kernel && by_rows {
-                    continue;
-                }
                 decoder.lock().unwrap().set_step_kernel(step_kernel).unwrap();
                 let how = if step_kernel { "one step kernel" } else { "the step's kernels" };
                 let what = format!("case {i} ({} wide, {} heads, {}), {path}, {how}", case.n_embd, case.n_head, case.activation);

@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # Call 1: where a decode step's time goes. The same greedy decode bench (full size, batch 1,
-# graph decoder) with variants of the decode source (.dev/next/diag.cu, the l2-run-ahead
-# branch's src/graph_decode.cu with DIAG_* switches; run-ahead off) that each drop one part of
-# the step: the waits for the kernel before (DIAG_NO_WAIT), the weights (DIAG_NO_WEIGHTS: the
-# step's skeleton of latencies), the split-K tails (DIAG_NO_TAIL), the GEMV prologues
-# (DIAG_NO_PROLOGUE). Their numbers are wrong; only their times count. Then Nsight Compute on
-# one layer's five kernels inside the graph (warp states and per-SASS stall samples).
-# Carry .dev/next (bench-generate.xz, graph-decode-test.xz from the l2-run-ahead branch, diag.cu).
-CALL=${CALL:-call1} BINARIES="next/bench-generate"
+# graph decoder, split-K products on Conv1D's layout) with variants of the decode source
+# (.dev/rows/diagc.cu: src/graph_decode.cu at 3ece8d3 with diag-columns.patch applied) that
+# each drop one part of the step: the waits for the kernel before (DIAG_NO_WAIT), the weights
+# (DIAG_NO_WEIGHTS: the step's skeleton of latencies), the split-K tails (DIAG_NO_TAIL), the
+# GEMV prologues (DIAG_NO_PROLOGUE). Their numbers are wrong; only their times count. Then
+# Nsight Compute on one layer's five kernels inside the graph (warp states and per-SASS stall
+# samples).
+# Carry .dev/rows (bench-generate.xz packed at 3ece8d3, whose decoder loads the rows kernels'
+# entry points too, and diagc.cu).
+CALL=${CALL:-call1} BINARIES="rows/bench-generate"
 source "$(dirname "$0")/../../scripts/gpu_call_lib.sh"
 limit=${LIMIT:-420}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-export LLAVA_JP_GRAPH_L2_AHEAD_MB=0
-src=LLAVA_JP_GRAPH_SOURCE=.dev/next/diag.cu
+export LLAVA_JP_GRAPH_WEIGHTS=columns
+src=LLAVA_JP_GRAPH_SOURCE=.dev/rows/diagc.cu
 bench base bench-generate 2
 bench diag-base bench-generate 1 $src
 bench no-wait bench-generate 1 $src LLAVA_JP_GRAPH_NVRTC_OPTIONS=-DDIAG_NO_WAIT
