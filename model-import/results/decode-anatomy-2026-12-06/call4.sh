@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Call 4: cheaper split-K tails, on the 3ece8d3 binaries through LLAVA_JP_GRAPH_SOURCE (carry
-# .dev/rows). tail1.cu: `last_to_arrive` arrives by one thread's acquire-release add after the
-# barrier, instead of a fence in every thread; tail2.cu: that, and `slot_stats` by warp
-# shuffles with one barrier instead of two block-wide sums. Each beside the built-in source,
-# twice, then the graph decoder against flex with tail2.
+# Call 4 (not run: the session's device time ran out): cheaper split-K tails, through
+# LLAVA_JP_GRAPH_SOURCE. tail1.cu (src/graph_decode.cu with tail1.patch): `last_to_arrive`
+# arrives by one thread's acquire-release add after the barrier, instead of a fence in every
+# thread; tail2.cu (tail2.patch): that, and `slot_stats` by warp shuffles with one barrier
+# instead of two block-wide sums. Each beside the built-in source, twice, then the graph
+# decoder against flex with tail2.
+# Carry .dev/rows: bench-generate.xz and graph-decode-test.xz packed from the tree the patches
+# apply to (NAMES="bench-generate graph-decode-test" PACK_DIR=.dev/rows), tail1.cu, tail2.cu.
 CALL=${CALL:-call4} BINARIES="rows/bench-generate rows/graph-decode-test"
 source "$(dirname "$0")/../../scripts/gpu_call_lib.sh"
 limit=${LIMIT:-260}
