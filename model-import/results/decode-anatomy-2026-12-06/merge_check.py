@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""merge_attention_into (src/graph_decode.cu, attn.c_proj's prologue on rows) in numpy, set
+"""merge_attention_into (src/graph_decode.cu with rows.patch applied: attn.c_proj's prologue on rows) in numpy, set
 against merged_attention (the split-K products' per-output merge) for widths, heads, chunk
 counts and block sizes: the per-(head, chunk) weights, the vector path (8 adjacent outputs a
 thread, MERGE_CHUNKS chunks at once) and the scalar path give every output, once.

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The index arithmetic of gemv_rows (src/graph_decode.cu, RowsShape and the kernel's loops), in
+"""The index arithmetic of gemv_rows (src/graph_decode.cu with rows.patch applied: RowsShape and the kernel's loops), in
 Python: for many widths, rows, block sizes, loads in flight and grids, every weight (n, k) is
 read exactly once and every output row written exactly once, by the team that summed it.
 Run: python3 model-import/results/decode-anatomy-2026-12-06/rows_indexing_check.py"""
