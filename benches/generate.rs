@@ -72,6 +72,7 @@ impl BackendJob for BenchJob<'_> {
                     "step_kernel_blocks": p.step_kernel_blocks,
                     "launched_step_ms": p.launched_step_ms, "gemv_blocks_per_sm": p.gemv_blocks_per_sm,
                     "dependent_launches": p.dependent_launches,
+                    "flag_waits": p.flag_waits,
                     "kernels": p.kernels.iter().map(|(n, ms, count)| serde_json::json!({"kernel": n, "ms": ms, "launches": count})).collect::<Vec<_>>(),
                 })),
                 Err(e) => eprintln!("graph decode profile: {e}"),
@@ -118,9 +119,11 @@ impl BackendJob for BenchJob<'_> {
             let mut ttft = Vec::new();
             let mut decode = Vec::new();
             let mut prompt_tokens = 0;
+            let mut answers: Vec<Vec<Vec<i64>>> = Vec::new();
             for _ in 0..s.runs {
                 let (out, stats) = generate(&model, &prompts, &gen, None, &mut |_, _| {}).expect("generation");
                 prompt_tokens = out.iter().map(|g| g.prompt_tokens).max().unwrap_or(0);
+                answers.push(out.iter().map(|g| g.tokens.clone()).collect());
                 ttft.push(stats.time_to_first_token);
                 // Every prompt advances one token per decode step.
                 decode.push((batch * stats.decode_steps) as f64 / stats.decode.as_secs_f64().max(1e-9));
@@ -132,10 +135,23 @@ impl BackendJob for BenchJob<'_> {
                 "decode_tokens_per_s": median(&mut decode), "runs": s.runs,
                 "decode": if graph && batch == 1 { "graph" } else { "eager" },
                 "graph_cache_load_ms": cache_load_ms(&gen),
+                // Greedy answers are deterministic: another build or kernel variant that only
+                // reorders work must give the same digest, and every run the same answers.
+                "answers_fnv": answers.first().map(|a| format!("{:016x}", fnv1a(a.iter().flatten()))),
+                "runs_same_answers": answers.windows(2).all(|w| w[0] == w[1]),
             });
             println!("{line}");
         }
     }
+}
+
+/// FNV-1a over the tokens' little-endian bytes.
+fn fnv1a<'a>(tokens: impl Iterator<Item = &'a i64>) -> u64 {
+    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    for byte in tokens.flat_map(|t| t.to_le_bytes()) {
+        hash = (hash ^ byte as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
 }
 
 /// The graph decoder's last cache copy (included in the decode time), when there is one.

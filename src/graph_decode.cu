@@ -17,6 +17,13 @@
 // not depend on it (a GEMV its first weight rows, the attention the cache's older keys and
 // values, into registers; the logits kernel asks L2 for its first rows) and only then wait for
 // it, so the memory stays busy across kernel boundaries.
+//
+// With GRAPH_DECODE_FLAGS that wait is not `griddepcontrol.wait` (which returns only once the
+// whole grid before has exited and its memory is flushed, ~4 us a kernel) but a counter per
+// kernel in device memory (`StepFlags`): the pieces of a kernel that finish its outputs (a
+// GEMV's column-block tails, the attention's blocks) raise it with a release, and the next
+// kernel's blocks start once it reaches their count. `embed` zeroes every counter at the start
+// of a step; the first product waits for it the programmatic way, so it sees them zeroed.
 
 typedef unsigned short bf16;
 #define NEG_INF __int_as_float(0xff800000)
@@ -38,6 +45,60 @@ __device__ __forceinline__ void wait_for_previous_kernel() {
 __device__ __forceinline__ void let_next_kernel_start() {
 #if GRAPH_DECODE_PDL
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+#ifndef GRAPH_DECODE_FLAGS
+#define GRAPH_DECODE_FLAGS 0
+#endif
+// Nanoseconds a block's poll of a counter backs off between reads (0: it spins).
+#ifndef FLAG_SLEEP_NS
+#define FLAG_SLEEP_NS 0
+#endif
+
+// How a kernel of the step (GRAPH_DECODE_FLAGS) learns that the one before has finished, and
+// tells the next (StepFlags in src/graph_decode.rs, same layout).
+struct StepFlags {
+    int* ready;       // one counter per kernel of the step
+    int wait_slot;    // the counter this kernel waits on; -1: griddepcontrol.wait instead
+    int wait_count;   // the count that means done (-1: the attention's blocks at this position)
+    int done_slot;    // the counter this kernel's finished pieces raise; -1: none
+    int reset_slots;  // embed: the step's counters, zeroed before anything waits on them
+};
+
+// Returns once the kernel before has finished what this one reads: `count` pieces of it have
+// raised its counter (the release there and the fence here make their writes visible to the
+// whole block, L1 included, as a kernel boundary would), or as wait_for_previous_kernel.
+__device__ __forceinline__ void wait_for_inputs(const StepFlags& f, int count) {
+#if GRAPH_DECODE_FLAGS
+    if (f.wait_slot >= 0) {
+        if (threadIdx.x == 0) {
+            const int* p = f.ready + f.wait_slot;
+            int seen;
+            for (;;) {
+                asm volatile("ld.relaxed.gpu.global.s32 %0, [%1];" : "=r"(seen) : "l"(p) : "memory");
+                if (seen >= count) break;
+#if FLAG_SLEEP_NS > 0
+                __nanosleep(FLAG_SLEEP_NS);
+#endif
+            }
+            asm volatile("fence.acq_rel.gpu;" ::: "memory");
+        }
+        __syncthreads();
+        return;
+    }
+#endif
+    wait_for_previous_kernel();
+}
+
+// After a piece of the kernel's output is written by the whole block: one more piece done.
+// The barrier orders every thread's writes before thread 0's release.
+__device__ __forceinline__ void signal_done(const StepFlags& f) {
+#if GRAPH_DECODE_FLAGS
+    if (f.done_slot >= 0) {
+        __syncthreads();
+        if (threadIdx.x == 0) asm volatile("red.release.gpu.global.add.s32 [%0], 1;" ::"l"(f.ready + f.done_slot) : "memory");
+    }
 #endif
 }
 
@@ -211,8 +272,14 @@ __device__ void embed_body(const int* state, const T* wte, const T* wpe, float* 
 }
 
 template <typename T>
-__device__ void embed(const int* state, const T* wte, const T* wpe, float* h, float* stats, int d_model) {
+__device__ void embed(const int* state, const T* wte, const T* wpe, float* h, float* stats, int d_model, StepFlags f) {
     wait_for_previous_kernel();
+#if GRAPH_DECODE_FLAGS
+    // Nothing of the step runs yet, and the next kernel waits for this one to exit.
+    if (blockIdx.x == 0) {
+        for (int i = threadIdx.x; i < f.reset_slots; i += blockDim.x) f.ready[i] = 0;
+    }
+#endif
     let_next_kernel_start();
     embed_body(state, wte, wpe, h, stats, d_model, blockIdx.x);
 }
@@ -255,6 +322,7 @@ struct GemvArgs {
     const float* chunk_ml;
     int head_dim, attn_chunk, max_chunks;
     int k_dim, n_dim, rows_per_split, prologue, epilogue, activation;
+    StepFlags flags;
 };
 
 // Output k of the attention (head k / head_dim): its chunks' partial softmaxes merged.
@@ -302,7 +370,7 @@ __device__ __forceinline__ bool gemv_preload(const GemvArgs& a, const T* w, int 
 // The product of split `split` (of `splits`) of column block `column_block`, once what it
 // reads is ready; `first_group`: gemv_preload loaded the first rows into `wr`.
 template <typename T>
-__device__ void gemv_body(const GemvArgs& a, const T* w, int column_block, int split, int splits, bool first_group,
+__device__ bool gemv_body(const GemvArgs& a, const T* w, int column_block, int split, int splits, bool first_group,
                           Raw8<T> (&wr)[GEMV_UNROLL]) {
     extern __shared__ float xs[];
     __shared__ float sums[8][GEMV_THREADS + 1];
@@ -372,7 +440,7 @@ __device__ void gemv_body(const GemvArgs& a, const T* w, int column_block, int s
     for (int l = 0; l < 8; l++) s += sums[l][threadIdx.x];
     if (col < n_dim) a.parts[(size_t)split * n_dim + col] = s;
 
-    if (!last_to_arrive(&a.counters[column_block], splits)) return;
+    if (!last_to_arrive(&a.counters[column_block], splits)) return false;
     float v = 0.f;
     if (col < n_dim) {
         v = a.bias[col];
@@ -389,15 +457,18 @@ __device__ void gemv_body(const GemvArgs& a, const T* w, int column_block, int s
     if (a.epilogue == EPILOGUE_RESIDUAL) {
         slot_stats(v, min(GEMV_THREADS, n_dim - column_block * GEMV_THREADS), a.stats, column_block, scratch);
     }
+    return true;
 }
 
 template <typename T>
 __device__ void gemv(const GemvArgs& a, const T* w) {
     Raw8<T> wr[GEMV_UNROLL];
     bool first_group = gemv_preload(a, w, blockIdx.x, blockIdx.y, wr);
-    wait_for_previous_kernel();
+    // After the attention: one piece per (head, chunk) at this position.
+    int count = a.flags.wait_count >= 0 ? a.flags.wait_count : (a.k_dim / a.head_dim) * (a.state[1] / a.attn_chunk + 1);
+    wait_for_inputs(a.flags, count);
     let_next_kernel_start();
-    gemv_body(a, w, blockIdx.x, blockIdx.y, gridDim.y, first_group, wr);
+    if (gemv_body(a, w, blockIdx.x, blockIdx.y, gridDim.y, first_group, wr)) signal_done(a.flags);
 }
 
 // Attention of the step's query against keys 0..=position, one block per (head, chunk of
@@ -543,16 +614,18 @@ __device__ void attention_body(int position, const float* qkv, T* k_cache, T* v_
 
 template <typename T>
 __device__ void attention(const int* state, const float* qkv, T* k_cache, T* v_cache, float* chunk_acc, float* chunk_ml,
-                          int d_model, int head_dim, int n_positions, int max_chunks, int chunk, int lanes_per_key, float scale) {
+                          int d_model, int head_dim, int n_positions, int max_chunks, int chunk, int lanes_per_key, float scale,
+                          const StepFlags& f) {
     // The position is the step's state, written before the graph began: safe before the wait.
     int position = state[1], head = blockIdx.x, c = blockIdx.y;
     if (c >= position / chunk + 1) return;
     AttnRegs<T, ATTN_ITERS> r;
     attention_preload<T, ATTN_THREADS, ATTN_ITERS>(position, k_cache, v_cache, head_dim, n_positions, chunk, lanes_per_key, head, c, r);
-    wait_for_previous_kernel();
+    wait_for_inputs(f, f.wait_count);
     let_next_kernel_start();
     attention_body<T, ATTN_THREADS, ATTN_ITERS>(position, qkv, k_cache, v_cache, chunk_acc, chunk_ml, d_model, head_dim, n_positions, max_chunks,
                                     chunk, lanes_per_key, scale, head, c, r);
+    signal_done(f);
 }
 
 // logits[row] = w[row, :] . LayerNorm_f(h), w row-major [rows, d_model] (the tied wte or
@@ -640,9 +713,9 @@ __device__ void logits_body(const float* h, const float* stats, const float* gam
 
 template <typename T>
 __device__ void logits_argmax(const float* h, const float* stats, const float* gamma, const float* beta, float eps, const T* w,
-                              float* logits, float* best, int* counters, int* state, int rows, int d_model) {
+                              float* logits, float* best, int* counters, int* state, int rows, int d_model, const StepFlags& f) {
     logits_prefetch(w, rows, d_model, blockIdx.x, gridDim.x);
-    wait_for_previous_kernel();
+    wait_for_inputs(f, f.wait_count);
     let_next_kernel_start();
     logits_body(h, stats, gamma, beta, eps, w, logits, best, counters, state, rows, d_model, blockIdx.x, gridDim.x);
 }
@@ -773,21 +846,22 @@ __device__ void decode_step(const StepArgs& s) {
 
 #define INSTANCES(SUFFIX, T)                                                                                          \
     extern "C" __global__ void __launch_bounds__(STAT_COLUMNS) embed_##SUFFIX(const int* state, const T* wte, const T* wpe, float* h, \
-            float* stats, int d_model) {                                                                              \
-        embed<T>(state, wte, wpe, h, stats, d_model);                                                                 \
+            float* stats, int d_model, StepFlags f) {                                                                 \
+        embed<T>(state, wte, wpe, h, stats, d_model, f);                                                              \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##SUFFIX(GemvArgs a, const T* w) {               \
         gemv<T>(a, w);                                                                                                \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attention_##SUFFIX(const int* state, const float* qkv, T* k_cache, \
             T* v_cache, float* chunk_acc, float* chunk_ml, int d_model, int head_dim, int n_positions, int max_chunks, int chunk, \
-            int lanes_per_key, float scale) {                                                                         \
+            int lanes_per_key, float scale, StepFlags f) {                                                            \
         attention<T>(state, qkv, k_cache, v_cache, chunk_acc, chunk_ml, d_model, head_dim, n_positions, max_chunks, chunk, \
-                     lanes_per_key, scale);                                                                           \
+                     lanes_per_key, scale, f);                                                                        \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(256) logits_##SUFFIX(const float* h, const float* stats, const float* gamma, \
-            const float* beta, float eps, const T* w, float* logits, float* best, int* counters, int* state, int rows, int d_model) { \
-        logits_argmax<T>(h, stats, gamma, beta, eps, w, logits, best, counters, state, rows, d_model);               \
+            const float* beta, float eps, const T* w, float* logits, float* best, int* counters, int* state, int rows, int d_model, \
+            StepFlags f) {                                                                                            \
+        logits_argmax<T>(h, stats, gamma, beta, eps, w, logits, best, counters, state, rows, d_model, f);            \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(STEP_THREADS, STEP_MIN_BLOCKS) decode_step_##SUFFIX(StepArgs s) { decode_step<T>(s); }
 

@@ -95,6 +95,28 @@ struct GemvArgs {
     prologue: i32,
     epilogue: i32,
     activation: i32,
+    flags: StepFlags,
+}
+
+/// How a kernel of the step learns that the one before has finished (`StepFlags` in the
+/// source, same layout), where `Kernels::flags`: `ready` holds a counter per kernel of the step.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct StepFlags {
+    ready: u64,
+    /// The counter to wait on; -1: `griddepcontrol.wait` (the kernel before's exit).
+    wait_slot: i32,
+    /// The count that means done; -1: the attention's blocks at the step's position.
+    wait_count: i32,
+    /// The counter this kernel's finished pieces raise; -1: none.
+    done_slot: i32,
+    /// `embed` zeroes this many counters first.
+    reset_slots: i32,
+}
+
+impl StepFlags {
+    /// The kernel waits for the one before to exit, and raises nothing.
+    const NONE: StepFlags = StepFlags { ready: 0, wait_slot: -1, wait_count: 0, done_slot: -1, reset_slots: 0 };
 }
 
 /// One layer as the step kernel reads it (`DecodeLayer` in the source, same layout).
@@ -335,6 +357,9 @@ struct Kernels {
     _module: Arc<CudaModule>,
     /// Launched as programmatic dependents (sm_90+, unless `LLAVA_JP_GRAPH_PDL=0`).
     dependent: bool,
+    /// Each kernel of the step waits for the one before on a counter (`GRAPH_DECODE_FLAGS`),
+    /// not for its exit: with `dependent`, unless `LLAVA_JP_GRAPH_SYNC=exit`.
+    flags: bool,
     embed: CudaFunction,
     gemv: CudaFunction,
     attention: CudaFunction,
@@ -383,6 +408,8 @@ pub struct DecodeProfile {
     /// GEMV blocks per SM, and whether kernels start early (programmatic dependent launch).
     pub gemv_blocks_per_sm: usize,
     pub dependent_launches: bool,
+    /// Whether each kernel waits on the one before's counter rather than its exit.
+    pub flag_waits: bool,
 }
 
 /// What a step hands back.
@@ -417,6 +444,8 @@ pub struct GraphDecoder {
     /// Which blocks have finished, per GEMV column block (`[0]` also for the logits blocks),
     /// reset by the last.
     counters: u64,
+    /// Per kernel of the step, its finished pieces (`StepFlags::ready`).
+    ready: u64,
     /// Each logits block's best (value, index).
     best: u64,
     logits_blocks: usize,
@@ -781,6 +810,8 @@ impl GraphDecoder {
         let counters = memory.alloc(n_counters * 4, "block counters")?;
         // SAFETY: `counters` holds n_counters i32s; the kernels expect them zero.
         unsafe { result::memset_d8_sync(counters, 0, n_counters * 4) }.map_err(|e| format!("zeroing the block counters: {e}"))?;
+        // Zeroed by `embed` at the start of every step.
+        let ready = memory.alloc(step_kernels(n_layer) * 4, "the step's kernel counters")?;
         let best = memory.alloc(logits_blocks * 2 * 4, "arg max per block")?;
         let logits = memory.alloc(vocab * 4, "logits")?;
         let mut decoder = GraphDecoder {
@@ -801,6 +832,7 @@ impl GraphDecoder {
             chunk_acc,
             chunk_ml,
             counters,
+            ready,
             best,
             logits_blocks,
             sms,
@@ -1237,7 +1269,7 @@ impl GraphDecoder {
         let state = [0i32, last, 0, 0];
         // SAFETY: as in `step`.
         unsafe { result::memcpy_htod_async(self.state, &state, s.cu_stream()) }.map_err(|e| format!("prefill state: {e}"))?;
-        self.launch_logits(false).map_err(|e| format!("prefill kernel ln_f + logits: {e}"))?;
+        self.launch_logits(false, StepFlags::NONE).map_err(|e| format!("prefill kernel ln_f + logits: {e}"))?;
         self.read_output(greedy)
     }
 
@@ -1362,6 +1394,7 @@ impl GraphDecoder {
             kernels,
             gemv_blocks_per_sm: self.gemv_blocks_per_sm,
             dependent_launches: self.kernels.dependent,
+            flag_waits: self.kernels.flags,
         })
     }
 
@@ -1383,15 +1416,34 @@ impl GraphDecoder {
         let (d, head_dim) = (n_embd as i32, (n_embd / n_head) as i32);
         let (attn_chunk, lanes_per_key, max_chunks) = (self.attn_chunk as i32, self.lanes_per_key as i32, self.max_chunks as i32);
         let n_pos = n_positions as i32;
+        // Kernel i of the step waits on counter i - 1 (the first product on embed's exit, which
+        // zeroes the counters) and raises counter i; `sync.1`: what kernel i - 1 counts to.
+        let sync = std::cell::Cell::new((0i32, 0i32));
+        let flags_for = |pieces: i32| {
+            let (i, before) = sync.get();
+            sync.set((i + 1, pieces));
+            if !k.flags {
+                return StepFlags::NONE;
+            }
+            let ready = self.ready;
+            match i {
+                0 => StepFlags { ready, reset_slots: step_kernels(self.layers.len()) as i32, ..StepFlags::NONE },
+                1 => StepFlags { ready, done_slot: i, ..StepFlags::NONE },
+                _ => StepFlags { ready, wait_slot: i - 1, wait_count: before, done_slot: i, reset_slots: 0 },
+            }
+        };
         // The first kernel follows the host's copy of the state, not a kernel.
         let grid = (n_embd.div_ceil(GEMV_COLUMNS) as u32, 1);
-        let mut params = params![&self.state, &self.wte, &self.wpe, &self.h, &self.stats, &d];
+        let flags = flags_for(grid.0 as i32);
+        let mut params = params![&self.state, &self.wte, &self.wpe, &self.h, &self.stats, &d, &flags];
         // SAFETY (every launch): the parameters are the kernels' in order, device addresses of
         // buffers sized in `new` for these shapes.
         launch("embed", unsafe { launch_kernel(&k.embed, s, grid, GEMV_COLUMNS as u32, 0, false, &mut params) })?;
         let gemv = |name: &'static str, w: u64, args: GemvArgs| {
-            let (args, splits) = with_splits(args, self.gemv_blocks_per_sm * self.sms);
+            let (mut args, splits) = with_splits(args, self.gemv_blocks_per_sm * self.sms);
             let grid = (args.n_dim.max(1) as usize).div_ceil(GEMV_COLUMNS) as u32;
+            // A product's pieces are its column blocks' tails.
+            args.flags = flags_for(grid as i32);
             let mut params = params![&args, &w];
             let shared = (args.rows_per_split * 4) as u32;
             launch(name, unsafe { launch_kernel(&k.gemv, s, (grid, splits as u32), GEMV_COLUMNS as u32, shared, k.dependent, &mut params) })
@@ -1399,6 +1451,8 @@ impl GraphDecoder {
         for layer in &self.layers {
             let [c_attn, attn_proj, c_fc, mlp_proj] = self.layer_products(layer);
             gemv(c_attn.0, c_attn.1, c_attn.2)?;
+            // The attention's pieces are its blocks at the step's position (attn.c_proj counts them).
+            let flags = flags_for(-1);
             let mut params = params![
                 &self.state,
                 &self.qkv,
@@ -1413,6 +1467,7 @@ impl GraphDecoder {
                 &attn_chunk,
                 &lanes_per_key,
                 &layer.scale,
+                &flags,
             ];
             let grid = (n_head as u32, max_chunks as u32);
             launch("attention", unsafe { launch_kernel(&k.attention, s, grid, ATTN_THREADS as u32, 0, k.dependent, &mut params) })?;
@@ -1420,7 +1475,10 @@ impl GraphDecoder {
                 gemv(name, w, args)?;
             }
         }
-        launch("ln_f + logits + arg max", self.launch_logits(k.dependent))
+        let mut flags = flags_for(0);
+        flags.done_slot = -1;
+        debug_assert_eq!(sync.get().0 as usize, step_kernels(self.layers.len()));
+        launch("ln_f + logits + arg max", self.launch_logits(k.dependent, flags))
     }
 
     /// A layer's four products in order (c_attn, attn.c_proj, c_fc, mlp.c_proj): name,
@@ -1450,6 +1508,7 @@ impl GraphDecoder {
             prologue: PROLOGUE_PLAIN,
             epilogue: EPILOGUE_STORE,
             activation: self.activation,
+            flags: StepFlags::NONE,
         };
         let product = |(w, bias): (u64, u64), k_dim: usize, n_dim: usize, input: Input, epilogue: i32, out: u64| {
             let mut args = GemvArgs { bias, out, k_dim: k_dim as i32, n_dim: n_dim as i32, epilogue, ..base };
@@ -1518,7 +1577,7 @@ impl GraphDecoder {
 
     /// ln_f, the logits and their arg max, from `h` and its statistics; the arg max becomes the
     /// state's next token and the position moves on.
-    fn launch_logits(&self, dependent: bool) -> Result<(), DriverError> {
+    fn launch_logits(&self, dependent: bool, flags: StepFlags) -> Result<(), DriverError> {
         let DecoderShape { n_embd, vocab, .. } = self.shape;
         let (v, d) = (vocab as i32, n_embd as i32);
         let (gamma, beta, eps) = self.ln_f;
@@ -1535,6 +1594,7 @@ impl GraphDecoder {
             &self.state,
             &v,
             &d,
+            &flags,
         ];
         let grid = (self.logits_blocks as u32, 1);
         let shared = (n_embd * 4) as u32;
@@ -1542,6 +1602,11 @@ impl GraphDecoder {
         // in `new`.
         unsafe { launch_kernel(&self.kernels.logits, &self.stream, grid, 256, shared, dependent, &mut params) }
     }
+}
+
+/// Kernels in a step of `n_layer` layers: embed, five a layer, ln_f + logits.
+fn step_kernels(n_layer: usize) -> usize {
+    5 * n_layer + 2
 }
 
 /// `args` with its rows per split for a grid of `slots` blocks at once, and its splits.
@@ -1578,6 +1643,12 @@ impl Kernels {
         // measure what they bring.
         let dependent = major >= 9 && std::env::var("LLAVA_JP_GRAPH_PDL").map_or(true, |v| v != "0");
         let mut options: Vec<String> = if dependent { vec!["-DGRAPH_DECODE_PDL=1".into()] } else { vec![] };
+        // Counters need the programmatic launch to gain anything: without it each kernel starts
+        // after the one before has exited anyway.
+        let flags = dependent && std::env::var("LLAVA_JP_GRAPH_SYNC").map_or(true, |v| v != "exit");
+        if flags {
+            options.push("-DGRAPH_DECODE_FLAGS=1".into());
+        }
         // For measuring variants without a rebuild, e.g. "-DGEMV_UNROLL=16".
         if let Ok(extra) = std::env::var("LLAVA_JP_GRAPH_NVRTC_OPTIONS") {
             options.extend(extra.split_whitespace().map(String::from));
@@ -1597,6 +1668,7 @@ impl Kernels {
         let function = |name: String| module.load_function(&name).map_err(|e| format!("decode kernel {name}: {e}"));
         Ok(Kernels {
             dependent,
+            flags,
             embed: function(format!("embed_{suffix}"))?,
             gemv: function(format!("gemv_{suffix}"))?,
             attention: function(format!("attention_{suffix}"))?,
