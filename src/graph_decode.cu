@@ -19,11 +19,16 @@
 // it, so the memory stays busy across kernel boundaries.
 //
 // With GRAPH_DECODE_FLAGS that wait is not `griddepcontrol.wait` (which returns only once the
-// whole grid before has exited and its memory is flushed, ~4 us a kernel) but a counter per
-// kernel in device memory (`StepFlags`): the pieces of a kernel that finish its outputs (a
-// GEMV's column-block tails, the attention's blocks) raise it with a release, and the next
-// kernel's blocks start once it reaches their count. `embed` zeroes every counter at the start
-// of a step; the first product waits for it the programmatic way, so it sees them zeroed.
+// whole grid before has exited and its memory is flushed, ~4 us a kernel) but counters in
+// device memory (`StepFlags`), one per piece of a kernel's output: a GEMV's column block
+// (raised by its tail), an attention head (raised by each of its blocks). A block of the next
+// kernel waits for the pieces it reads: all of them behind a LayerNorm (it needs every
+// column's statistics), else those of its own rows (attn.c_proj's split its heads, mlp.c_proj's
+// c_fc's column blocks) or, for the attention, its head's q, k and v. So the next kernel's
+// blocks start while the last pieces of the one before are still being finished. `embed`
+// zeroes every counter at the start of a step; the first product waits for it the
+// programmatic way, so it sees them zeroed. Consecutive products take turns between two sets
+// of partial sums and block counters, since one may start before the other's tails are done.
 
 typedef unsigned short bf16;
 #define NEG_INF __int_as_float(0xff800000)
@@ -56,31 +61,56 @@ __device__ __forceinline__ void let_next_kernel_start() {
 #define FLAG_SLEEP_NS 0
 #endif
 
-// How a kernel of the step (GRAPH_DECODE_FLAGS) learns that the one before has finished, and
-// tells the next (StepFlags in src/graph_decode.rs, same layout).
+// Counters a kernel of the step has (its pieces at most): StepFlags::ready holds this many
+// per kernel (STEP_PIECES in src/graph_decode.rs).
+#define STEP_PIECES 64
+
+// How a kernel of the step (GRAPH_DECODE_FLAGS) learns that what it reads of the kernel
+// before is done, and tells the next (StepFlags in src/graph_decode.rs, same layout).
 struct StepFlags {
-    int* ready;       // one counter per kernel of the step
-    int wait_slot;    // the counter this kernel waits on; -1: griddepcontrol.wait instead
-    int wait_count;   // the count that means done (-1: the attention's blocks at this position)
-    int done_slot;    // the counter this kernel's finished pieces raise; -1: none
-    int reset_slots;  // embed: the step's counters, zeroed before anything waits on them
+    int* ready;       // STEP_PIECES counters per kernel of the step
+    int wait_slot;    // the kernel whose pieces this one waits for; -1: griddepcontrol.wait
+    int wait_count;   // what a finished piece counts (-1: its head's attention blocks now)
+    int piece_width;  // columns of the kernel before a piece covers; 0: wait for all pieces
+    int pieces;       // the kernel before's pieces
+    int done_slot;    // the kernel whose counters this one's finished pieces raise; -1: none
+    int reset_slots;  // embed: counters of the step, zeroed before anything waits on them
 };
 
-// Returns once the kernel before has finished what this one reads: `count` pieces of it have
-// raised its counter (the release there and the fence here make their writes visible to the
-// whole block, L1 included, as a kernel boundary would), or as wait_for_previous_kernel.
-__device__ __forceinline__ void wait_for_inputs(const StepFlags& f, int count) {
+// Warp 0 waits for the pieces covering columns [lo, hi) of the kernel before (every piece
+// where f.piece_width is 0), a lane a piece.
+__device__ __forceinline__ void wait_pieces(const StepFlags& f, int count, int lo, int hi) {
+    int first = 0, last = f.pieces - 1;
+    if (f.piece_width > 0) {
+        first = lo / f.piece_width;
+        last = min(last, (hi - 1) / f.piece_width);
+    }
+    const int* counters = f.ready + (size_t)f.wait_slot * STEP_PIECES;
+    for (int p = first + (int)threadIdx.x; p <= last; p += 32) {
+        int seen;
+        for (;;) {
+            asm volatile("ld.relaxed.gpu.global.s32 %0, [%1];" : "=r"(seen) : "l"(counters + p) : "memory");
+            if (seen >= count) break;
+#if FLAG_SLEEP_NS > 0
+            __nanosleep(FLAG_SLEEP_NS);
+#endif
+        }
+    }
+}
+
+// Returns once the kernel before has finished what this block reads: the pieces covering
+// columns [lo0, hi0) and [lo1, hi1) and [lo2, hi2) of its output (empty ranges: none), each
+// raised `count` times (the releases there and the fences here make their writes visible to
+// the whole block, L1 included, as a kernel boundary would); or as wait_for_previous_kernel.
+__device__ __forceinline__ void wait_for_inputs(const StepFlags& f, int count, int lo0, int hi0, int lo1 = 0, int hi1 = 0,
+                                                int lo2 = 0, int hi2 = 0) {
 #if GRAPH_DECODE_FLAGS
     if (f.wait_slot >= 0) {
-        if (threadIdx.x == 0) {
-            const int* p = f.ready + f.wait_slot;
-            int seen;
-            for (;;) {
-                asm volatile("ld.relaxed.gpu.global.s32 %0, [%1];" : "=r"(seen) : "l"(p) : "memory");
-                if (seen >= count) break;
-#if FLAG_SLEEP_NS > 0
-                __nanosleep(FLAG_SLEEP_NS);
-#endif
+        if (threadIdx.x < 32) {
+            wait_pieces(f, count, lo0, hi0);
+            if (f.piece_width > 0) {
+                if (hi1 > lo1) wait_pieces(f, count, lo1, hi1);
+                if (hi2 > lo2) wait_pieces(f, count, lo2, hi2);
             }
             asm volatile("fence.acq_rel.gpu;" ::: "memory");
         }
@@ -91,13 +121,16 @@ __device__ __forceinline__ void wait_for_inputs(const StepFlags& f, int count) {
     wait_for_previous_kernel();
 }
 
-// After a piece of the kernel's output is written by the whole block: one more piece done.
-// The barrier orders every thread's writes before thread 0's release.
-__device__ __forceinline__ void signal_done(const StepFlags& f) {
+// After piece `piece` of the kernel's output is written by the whole block: raise its
+// counter. The barrier orders every thread's writes before thread 0's release.
+__device__ __forceinline__ void signal_done(const StepFlags& f, int piece) {
 #if GRAPH_DECODE_FLAGS
     if (f.done_slot >= 0) {
         __syncthreads();
-        if (threadIdx.x == 0) asm volatile("red.release.gpu.global.add.s32 [%0], 1;" ::"l"(f.ready + f.done_slot) : "memory");
+        if (threadIdx.x == 0) {
+            int* counter = f.ready + (size_t)f.done_slot * STEP_PIECES + piece;
+            asm volatile("red.release.gpu.global.add.s32 [%0], 1;" ::"l"(counter) : "memory");
+        }
     }
 #endif
 }
@@ -276,9 +309,7 @@ __device__ void embed(const int* state, const T* wte, const T* wpe, float* h, fl
     wait_for_previous_kernel();
 #if GRAPH_DECODE_FLAGS
     // Nothing of the step runs yet, and the next kernel waits for this one to exit.
-    if (blockIdx.x == 0) {
-        for (int i = threadIdx.x; i < f.reset_slots; i += blockDim.x) f.ready[i] = 0;
-    }
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < f.reset_slots; i += gridDim.x * blockDim.x) f.ready[i] = 0;
 #endif
     let_next_kernel_start();
     embed_body(state, wte, wpe, h, stats, d_model, blockIdx.x);
@@ -464,11 +495,14 @@ template <typename T>
 __device__ void gemv(const GemvArgs& a, const T* w) {
     Raw8<T> wr[GEMV_UNROLL];
     bool first_group = gemv_preload(a, w, blockIdx.x, blockIdx.y, wr);
-    // After the attention: one piece per (head, chunk) at this position.
-    int count = a.flags.wait_count >= 0 ? a.flags.wait_count : (a.k_dim / a.head_dim) * (a.state[1] / a.attn_chunk + 1);
-    wait_for_inputs(a.flags, count);
+    // After the attention: a head is done when all its chunks at this position are.
+    int count = a.flags.wait_count >= 0 ? a.flags.wait_count : a.state[1] / a.attn_chunk + 1;
+    // A LayerNorm reads every column (their statistics); else the block's own rows.
+    int k0 = blockIdx.y * a.rows_per_split, k1 = min(k0 + a.rows_per_split, a.k_dim);
+    if (a.prologue == PROLOGUE_LAYERNORM) k0 = 0, k1 = a.k_dim;
+    wait_for_inputs(a.flags, count, k0, k1);
     let_next_kernel_start();
-    if (gemv_body(a, w, blockIdx.x, blockIdx.y, gridDim.y, first_group, wr)) signal_done(a.flags);
+    if (gemv_body(a, w, blockIdx.x, blockIdx.y, gridDim.y, first_group, wr)) signal_done(a.flags, blockIdx.x);
 }
 
 // Attention of the step's query against keys 0..=position, one block per (head, chunk of
@@ -621,11 +655,13 @@ __device__ void attention(const int* state, const float* qkv, T* k_cache, T* v_c
     if (c >= position / chunk + 1) return;
     AttnRegs<T, ATTN_ITERS> r;
     attention_preload<T, ATTN_THREADS, ATTN_ITERS>(position, k_cache, v_cache, head_dim, n_positions, chunk, lanes_per_key, head, c, r);
-    wait_for_inputs(f, f.wait_count);
+    // The head's q, k and v columns of c_attn's output.
+    int q0 = head * head_dim;
+    wait_for_inputs(f, f.wait_count, q0, q0 + head_dim, d_model + q0, d_model + q0 + head_dim, 2 * d_model + q0, 2 * d_model + q0 + head_dim);
     let_next_kernel_start();
     attention_body<T, ATTN_THREADS, ATTN_ITERS>(position, qkv, k_cache, v_cache, chunk_acc, chunk_ml, d_model, head_dim, n_positions, max_chunks,
                                     chunk, lanes_per_key, scale, head, c, r);
-    signal_done(f);
+    signal_done(f, head);
 }
 
 // logits[row] = w[row, :] . LayerNorm_f(h), w row-major [rows, d_model] (the tied wte or
@@ -715,7 +751,7 @@ template <typename T>
 __device__ void logits_argmax(const float* h, const float* stats, const float* gamma, const float* beta, float eps, const T* w,
                               float* logits, float* best, int* counters, int* state, int rows, int d_model, const StepFlags& f) {
     logits_prefetch(w, rows, d_model, blockIdx.x, gridDim.x);
-    wait_for_inputs(f, f.wait_count);
+    wait_for_inputs(f, f.wait_count, 0, d_model);
     let_next_kernel_start();
     logits_body(h, stats, gamma, beta, eps, w, logits, best, counters, state, rows, d_model, blockIdx.x, gridDim.x);
 }

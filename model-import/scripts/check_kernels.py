@@ -54,7 +54,7 @@ def variants():
         defines = f"#define HEAD_DIM {d}\n#define IS_BF16 1\n#define MASK_BYTES {mask}\n#define DROPOUT 0\n#define OUT_TOKEN_MAJOR 1\n"
         yield f"flash token-major D={d} mask={mask}", defines + flash
     # graph_decode::Kernels::load: the decode step and the prefill's row kernels, one source.
-    # Waits on kernel counters (the default) or on the kernel before's exit (LLAVA_JP_GRAPH_SYNC=exit).
+    # Waits on counters (LLAVA_JP_GRAPH_SYNC=pieces or kernel) or on the kernel before's exit (exit).
     yield "graph_decode", read("graph_decode.cu") + "\n" + read("graph_prefill.cu")
     yield "graph_decode exit-waits", read("graph_decode.cu") + "\n" + read("graph_prefill.cu")
 
