@@ -1746,3 +1746,73 @@ impl Kernels {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fields of `struct name` in `source` as C lays them out: (name, offset), and the
+    /// struct's size and alignment. Knows what the decode source's argument structs are made
+    /// of: int, float, unsigned, pointers, arrays of them, and structs defined before.
+    fn c_layout(source: &str, name: &str) -> (Vec<(String, usize)>, usize, usize) {
+        let start = source.find(&format!("\nstruct {name} {{")).unwrap_or_else(|| panic!("struct {name} is not in the source"));
+        let body = &source[start..];
+        let body = &body[body.find('{').unwrap() + 1..body.find("};").unwrap()];
+        let body: Vec<&str> = body.lines().map(|l| l.split("//").next().unwrap()).collect();
+        let (mut fields, mut offset, mut align) = (vec![], 0usize, 1usize);
+        for decl in body.join(" ").split(';').map(str::trim).filter(|d| !d.is_empty()) {
+            // `[const] type declarator, declarator`: a declarator is `*`s, a name, maybe `[n]`.
+            let decl = decl.strip_prefix("const ").unwrap_or(decl).replace('*', " * ");
+            let (type_name, declarators) = decl.trim().split_once(' ').unwrap();
+            let (size, al) = match type_name {
+                "int" | "float" | "unsigned" => (4, 4),
+                "void" | "bf16" => (0, 1),
+                other => {
+                    let (_, size, al) = c_layout(source, other);
+                    (size, al)
+                }
+            };
+            for declarator in declarators.split(',') {
+                let pointer = declarator.contains('*');
+                let declarator = declarator.replace('*', "");
+                let (field, count) = match declarator.trim().split_once('[') {
+                    Some((f, n)) => (f.trim().to_string(), n.trim_end_matches(']').parse::<usize>().unwrap()),
+                    None => (declarator.trim().to_string(), 1),
+                };
+                let (size, al) = if pointer { (8, 8) } else { (size, al) };
+                assert!(size > 0, "struct {name}: field {field} has no size");
+                offset = offset.div_ceil(al) * al;
+                fields.push((field, offset));
+                offset += size * count;
+                align = align.max(al);
+            }
+        }
+        (fields, offset.div_ceil(align) * align, align)
+    }
+
+    /// Each Rust mirror of a kernel's argument struct has the source's fields, in its order, at
+    /// its offsets, and its size: a field added to one side only would shift every later one
+    /// without any error at launch.
+    #[test]
+    fn argument_structs_match_the_source() {
+        macro_rules! rust_layout {
+            ($t:ty: $($f:ident),* $(,)?) => {
+                (vec![$((stringify!($f).to_string(), std::mem::offset_of!($t, $f))),*], std::mem::size_of::<$t>())
+            };
+        }
+        let cases = [
+            ("StepFlags", rust_layout!(StepFlags: ready, wait_slot, wait_count, piece_width, pieces, done_slot, reset_slots)),
+            ("GemvArgs", rust_layout!(GemvArgs: x, h, stats, gamma, beta, eps, bias, parts, out, counters, state, chunk_acc, chunk_ml,
+                head_dim, attn_chunk, max_chunks, k_dim, n_dim, rows_per_split, prologue, epilogue, activation, flags)),
+            ("DecodeLayer", rust_layout!(DecodeLayerArgs: weights, k_cache, v_cache, scale, unused)),
+            ("StepArgs", rust_layout!(StepArgs: products, layers, wte, wpe, lm_head, lnf_g, lnf_b, h, stats, qkv, logits, best, chunk_acc,
+                chunk_ml, state, counters, barrier, lnf_eps, n_layer, n_embd, n_head, vocab, n_positions, head_dim, max_chunks,
+                attn_chunk, lanes_per_key)),
+        ];
+        for (name, (rust_fields, rust_size)) in cases {
+            let (c_fields, c_size, _) = c_layout(SOURCE, name);
+            assert_eq!(rust_fields, c_fields, "struct {name}: (field, offset) in src/graph_decode.rs against src/graph_decode.cu");
+            assert_eq!(rust_size, c_size, "struct {name}: size in src/graph_decode.rs against src/graph_decode.cu");
+        }
+    }
+}
