@@ -72,7 +72,6 @@ impl BackendJob for BenchJob<'_> {
                     "step_kernel_blocks": p.step_kernel_blocks,
                     "launched_step_ms": p.launched_step_ms, "gemv_blocks_per_sm": p.gemv_blocks_per_sm,
                     "dependent_launches": p.dependent_launches,
-                    "sync": format!("{:?}", p.sync),
                     "kernels": p.kernels.iter().map(|(n, ms, count)| serde_json::json!({"kernel": n, "ms": ms, "launches": count})).collect::<Vec<_>>(),
                 })),
                 Err(e) => eprintln!("graph decode profile: {e}"),

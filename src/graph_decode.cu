@@ -17,18 +17,6 @@
 // not depend on it (a GEMV its first weight rows, the attention the cache's older keys and
 // values, into registers; the logits kernel asks L2 for its first rows) and only then wait for
 // it, so the memory stays busy across kernel boundaries.
-//
-// With GRAPH_DECODE_FLAGS that wait is not `griddepcontrol.wait` (which returns only once the
-// whole grid before has exited and its memory is flushed, ~4 us a kernel) but counters in
-// device memory (`StepFlags`), one per piece of a kernel's output: a GEMV's column block
-// (raised by its tail), an attention head (raised by each of its blocks). A block of the next
-// kernel waits for the pieces it reads: all of them behind a LayerNorm (it needs every
-// column's statistics), else those of its own rows (attn.c_proj's split its heads, mlp.c_proj's
-// c_fc's column blocks) or, for the attention, its head's q, k and v. So the next kernel's
-// blocks start while the last pieces of the one before are still being finished. `embed`
-// zeroes every counter at the start of a step; the first product waits for it the
-// programmatic way, so it sees them zeroed. Consecutive products take turns between two sets
-// of partial sums and block counters, since one may start before the other's tails are done.
 
 typedef unsigned short bf16;
 #define NEG_INF __int_as_float(0xff800000)
@@ -50,88 +38,6 @@ __device__ __forceinline__ void wait_for_previous_kernel() {
 __device__ __forceinline__ void let_next_kernel_start() {
 #if GRAPH_DECODE_PDL
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
-#ifndef GRAPH_DECODE_FLAGS
-#define GRAPH_DECODE_FLAGS 0
-#endif
-// Nanoseconds a block's poll of a counter backs off between reads (0: it spins).
-#ifndef FLAG_SLEEP_NS
-#define FLAG_SLEEP_NS 0
-#endif
-
-// Counters a kernel of the step has (its pieces at most): StepFlags::ready holds this many
-// per kernel (STEP_PIECES in src/graph_decode.rs).
-#define STEP_PIECES 64
-
-// How a kernel of the step (GRAPH_DECODE_FLAGS) learns that what it reads of the kernel
-// before is done, and tells the next (StepFlags in src/graph_decode.rs, same layout).
-struct StepFlags {
-    int* ready;       // STEP_PIECES counters per kernel of the step
-    int wait_slot;    // the kernel whose pieces this one waits for; -1: griddepcontrol.wait
-    int wait_count;   // what a finished piece counts (-1: its head's attention blocks now)
-    int piece_width;  // columns of the kernel before a piece covers; 0: wait for all pieces
-    int pieces;       // the kernel before's pieces
-    int done_slot;    // the kernel whose counters this one's finished pieces raise; -1: none
-    int reset_slots;  // embed: counters of the step, zeroed before anything waits on them
-};
-
-// Warp 0 waits for the pieces covering columns [lo, hi) of the kernel before (every piece
-// where f.piece_width is 0), a lane a piece.
-__device__ __forceinline__ void wait_pieces(const StepFlags& f, int count, int lo, int hi) {
-    int first = 0, last = f.pieces - 1;
-    if (f.piece_width > 0) {
-        first = lo / f.piece_width;
-        last = min(last, (hi - 1) / f.piece_width);
-    }
-    const int* counters = f.ready + (size_t)f.wait_slot * STEP_PIECES;
-    for (int p = first + (int)threadIdx.x; p <= last; p += 32) {
-        int seen;
-        for (;;) {
-            asm volatile("ld.relaxed.gpu.global.s32 %0, [%1];" : "=r"(seen) : "l"(counters + p) : "memory");
-            if (seen >= count) break;
-#if FLAG_SLEEP_NS > 0
-            __nanosleep(FLAG_SLEEP_NS);
-#endif
-        }
-    }
-}
-
-// Returns once the kernel before has finished what this block reads: the pieces covering
-// columns [lo0, hi0) and [lo1, hi1) and [lo2, hi2) of its output (empty ranges: none), each
-// raised `count` times (the releases there and the fences here make their writes visible to
-// the whole block, L1 included, as a kernel boundary would); or as wait_for_previous_kernel.
-__device__ __forceinline__ void wait_for_inputs(const StepFlags& f, int count, int lo0, int hi0, int lo1 = 0, int hi1 = 0,
-                                                int lo2 = 0, int hi2 = 0) {
-#if GRAPH_DECODE_FLAGS
-    if (f.wait_slot >= 0) {
-        if (threadIdx.x < 32) {
-            wait_pieces(f, count, lo0, hi0);
-            if (f.piece_width > 0) {
-                if (hi1 > lo1) wait_pieces(f, count, lo1, hi1);
-                if (hi2 > lo2) wait_pieces(f, count, lo2, hi2);
-            }
-            asm volatile("fence.acq_rel.gpu;" ::: "memory");
-        }
-        __syncthreads();
-        return;
-    }
-#endif
-    wait_for_previous_kernel();
-}
-
-// After piece `piece` of the kernel's output is written by the whole block: raise its
-// counter. The barrier orders every thread's writes before thread 0's release.
-__device__ __forceinline__ void signal_done(const StepFlags& f, int piece) {
-#if GRAPH_DECODE_FLAGS
-    if (f.done_slot >= 0) {
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            int* counter = f.ready + (size_t)f.done_slot * STEP_PIECES + piece;
-            asm volatile("red.release.gpu.global.add.s32 [%0], 1;" ::"l"(counter) : "memory");
-        }
-    }
 #endif
 }
 
@@ -305,12 +211,8 @@ __device__ void embed_body(const int* state, const T* wte, const T* wpe, float* 
 }
 
 template <typename T>
-__device__ void embed(const int* state, const T* wte, const T* wpe, float* h, float* stats, int d_model, StepFlags f) {
+__device__ void embed(const int* state, const T* wte, const T* wpe, float* h, float* stats, int d_model) {
     wait_for_previous_kernel();
-#if GRAPH_DECODE_FLAGS
-    // Nothing of the step runs yet, and the next kernel waits for this one to exit.
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < f.reset_slots; i += gridDim.x * blockDim.x) f.ready[i] = 0;
-#endif
     let_next_kernel_start();
     embed_body(state, wte, wpe, h, stats, d_model, blockIdx.x);
 }
@@ -353,7 +255,6 @@ struct GemvArgs {
     const float* chunk_ml;
     int head_dim, attn_chunk, max_chunks;
     int k_dim, n_dim, rows_per_split, prologue, epilogue, activation;
-    StepFlags flags;
 };
 
 // Output k of the attention (head k / head_dim): its chunks' partial softmaxes merged.
@@ -401,7 +302,7 @@ __device__ __forceinline__ bool gemv_preload(const GemvArgs& a, const T* w, int 
 // The product of split `split` (of `splits`) of column block `column_block`, once what it
 // reads is ready; `first_group`: gemv_preload loaded the first rows into `wr`.
 template <typename T>
-__device__ bool gemv_body(const GemvArgs& a, const T* w, int column_block, int split, int splits, bool first_group,
+__device__ void gemv_body(const GemvArgs& a, const T* w, int column_block, int split, int splits, bool first_group,
                           Raw8<T> (&wr)[GEMV_UNROLL]) {
     extern __shared__ float xs[];
     __shared__ float sums[8][GEMV_THREADS + 1];
@@ -471,7 +372,7 @@ __device__ bool gemv_body(const GemvArgs& a, const T* w, int column_block, int s
     for (int l = 0; l < 8; l++) s += sums[l][threadIdx.x];
     if (col < n_dim) a.parts[(size_t)split * n_dim + col] = s;
 
-    if (!last_to_arrive(&a.counters[column_block], splits)) return false;
+    if (!last_to_arrive(&a.counters[column_block], splits)) return;
     float v = 0.f;
     if (col < n_dim) {
         v = a.bias[col];
@@ -488,21 +389,15 @@ __device__ bool gemv_body(const GemvArgs& a, const T* w, int column_block, int s
     if (a.epilogue == EPILOGUE_RESIDUAL) {
         slot_stats(v, min(GEMV_THREADS, n_dim - column_block * GEMV_THREADS), a.stats, column_block, scratch);
     }
-    return true;
 }
 
 template <typename T>
 __device__ void gemv(const GemvArgs& a, const T* w) {
     Raw8<T> wr[GEMV_UNROLL];
     bool first_group = gemv_preload(a, w, blockIdx.x, blockIdx.y, wr);
-    // After the attention: a head is done when all its chunks at this position are.
-    int count = a.flags.wait_count >= 0 ? a.flags.wait_count : a.state[1] / a.attn_chunk + 1;
-    // A LayerNorm reads every column (their statistics); else the block's own rows.
-    int k0 = blockIdx.y * a.rows_per_split, k1 = min(k0 + a.rows_per_split, a.k_dim);
-    if (a.prologue == PROLOGUE_LAYERNORM) k0 = 0, k1 = a.k_dim;
-    wait_for_inputs(a.flags, count, k0, k1);
+    wait_for_previous_kernel();
     let_next_kernel_start();
-    if (gemv_body(a, w, blockIdx.x, blockIdx.y, gridDim.y, first_group, wr)) signal_done(a.flags, blockIdx.x);
+    gemv_body(a, w, blockIdx.x, blockIdx.y, gridDim.y, first_group, wr);
 }
 
 // Attention of the step's query against keys 0..=position, one block per (head, chunk of
@@ -648,20 +543,16 @@ __device__ void attention_body(int position, const float* qkv, T* k_cache, T* v_
 
 template <typename T>
 __device__ void attention(const int* state, const float* qkv, T* k_cache, T* v_cache, float* chunk_acc, float* chunk_ml,
-                          int d_model, int head_dim, int n_positions, int max_chunks, int chunk, int lanes_per_key, float scale,
-                          const StepFlags& f) {
+                          int d_model, int head_dim, int n_positions, int max_chunks, int chunk, int lanes_per_key, float scale) {
     // The position is the step's state, written before the graph began: safe before the wait.
     int position = state[1], head = blockIdx.x, c = blockIdx.y;
     if (c >= position / chunk + 1) return;
     AttnRegs<T, ATTN_ITERS> r;
     attention_preload<T, ATTN_THREADS, ATTN_ITERS>(position, k_cache, v_cache, head_dim, n_positions, chunk, lanes_per_key, head, c, r);
-    // The head's q, k and v columns of c_attn's output.
-    int q0 = head * head_dim;
-    wait_for_inputs(f, f.wait_count, q0, q0 + head_dim, d_model + q0, d_model + q0 + head_dim, 2 * d_model + q0, 2 * d_model + q0 + head_dim);
+    wait_for_previous_kernel();
     let_next_kernel_start();
     attention_body<T, ATTN_THREADS, ATTN_ITERS>(position, qkv, k_cache, v_cache, chunk_acc, chunk_ml, d_model, head_dim, n_positions, max_chunks,
                                     chunk, lanes_per_key, scale, head, c, r);
-    signal_done(f, head);
 }
 
 // logits[row] = w[row, :] . LayerNorm_f(h), w row-major [rows, d_model] (the tied wte or
@@ -749,9 +640,9 @@ __device__ void logits_body(const float* h, const float* stats, const float* gam
 
 template <typename T>
 __device__ void logits_argmax(const float* h, const float* stats, const float* gamma, const float* beta, float eps, const T* w,
-                              float* logits, float* best, int* counters, int* state, int rows, int d_model, const StepFlags& f) {
+                              float* logits, float* best, int* counters, int* state, int rows, int d_model) {
     logits_prefetch(w, rows, d_model, blockIdx.x, gridDim.x);
-    wait_for_inputs(f, f.wait_count, 0, d_model);
+    wait_for_previous_kernel();
     let_next_kernel_start();
     logits_body(h, stats, gamma, beta, eps, w, logits, best, counters, state, rows, d_model, blockIdx.x, gridDim.x);
 }
@@ -882,22 +773,21 @@ __device__ void decode_step(const StepArgs& s) {
 
 #define INSTANCES(SUFFIX, T)                                                                                          \
     extern "C" __global__ void __launch_bounds__(STAT_COLUMNS) embed_##SUFFIX(const int* state, const T* wte, const T* wpe, float* h, \
-            float* stats, int d_model, StepFlags f) {                                                                 \
-        embed<T>(state, wte, wpe, h, stats, d_model, f);                                                              \
+            float* stats, int d_model) {                                                                              \
+        embed<T>(state, wte, wpe, h, stats, d_model);                                                                 \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_##SUFFIX(GemvArgs a, const T* w) {               \
         gemv<T>(a, w);                                                                                                \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attention_##SUFFIX(const int* state, const float* qkv, T* k_cache, \
             T* v_cache, float* chunk_acc, float* chunk_ml, int d_model, int head_dim, int n_positions, int max_chunks, int chunk, \
-            int lanes_per_key, float scale, StepFlags f) {                                                            \
+            int lanes_per_key, float scale) {                                                                         \
         attention<T>(state, qkv, k_cache, v_cache, chunk_acc, chunk_ml, d_model, head_dim, n_positions, max_chunks, chunk, \
-                     lanes_per_key, scale, f);                                                                        \
+                     lanes_per_key, scale);                                                                           \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(256) logits_##SUFFIX(const float* h, const float* stats, const float* gamma, \
-            const float* beta, float eps, const T* w, float* logits, float* best, int* counters, int* state, int rows, int d_model, \
-            StepFlags f) {                                                                                            \
-        logits_argmax<T>(h, stats, gamma, beta, eps, w, logits, best, counters, state, rows, d_model, f);            \
+            const float* beta, float eps, const T* w, float* logits, float* best, int* counters, int* state, int rows, int d_model) { \
+        logits_argmax<T>(h, stats, gamma, beta, eps, w, logits, best, counters, state, rows, d_model);               \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(STEP_THREADS, STEP_MIN_BLOCKS) decode_step_##SUFFIX(StepArgs s) { decode_step<T>(s); }
 

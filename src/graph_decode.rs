@@ -95,50 +95,6 @@ struct GemvArgs {
     prologue: i32,
     epilogue: i32,
     activation: i32,
-    flags: StepFlags,
-}
-
-/// How a kernel of the step learns that what it reads of the one before is done (`StepFlags`
-/// in the source, same layout), unless `Kernels::sync` is [`StepSync::Exit`]: `ready` holds
-/// `STEP_PIECES` counters per kernel of the step, one per piece of its output.
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-struct StepFlags {
-    ready: u64,
-    /// The kernel whose pieces to wait for; -1: `griddepcontrol.wait` (its exit).
-    wait_slot: i32,
-    /// What a finished piece counts; -1: its head's attention blocks at the step's position.
-    wait_count: i32,
-    /// Columns a piece of the kernel before covers; 0: wait for all of its pieces.
-    piece_width: i32,
-    /// Pieces of the kernel before.
-    pieces: i32,
-    /// The kernel whose counters this one's finished pieces raise; -1: none.
-    done_slot: i32,
-    /// `embed` zeroes this many counters first.
-    reset_slots: i32,
-}
-
-impl StepFlags {
-    /// The kernel waits for the one before to exit, and raises nothing.
-    const NONE: StepFlags = StepFlags { ready: 0, wait_slot: -1, wait_count: 0, piece_width: 0, pieces: 0, done_slot: -1, reset_slots: 0 };
-}
-
-/// Counters per kernel of the step in `GraphDecoder::ready` (`STEP_PIECES` in the source): a
-/// kernel's pieces (a product's column blocks, the attention's heads) at most.
-const STEP_PIECES: usize = 64;
-
-/// How each kernel of the step after the first product waits for the one before
-/// (`LLAVA_JP_GRAPH_SYNC`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StepSync {
-    /// `griddepcontrol.wait`: until the kernel before has exited (`exit`; where there are no
-    /// programmatic launches, the kernel boundary).
-    Exit,
-    /// Until every piece of the kernel before is done (`kernel`).
-    Kernel,
-    /// Until the pieces it reads are done (`pieces`).
-    Pieces,
 }
 
 /// One layer as the step kernel reads it (`DecodeLayer` in the source, same layout).
@@ -379,9 +335,6 @@ struct Kernels {
     _module: Arc<CudaModule>,
     /// Launched as programmatic dependents (sm_90+, unless `LLAVA_JP_GRAPH_PDL=0`).
     dependent: bool,
-    /// How a kernel of the step waits for the one before: on counters
-    /// (`GRAPH_DECODE_FLAGS`) with `dependent`, unless `LLAVA_JP_GRAPH_SYNC=exit`.
-    sync: StepSync,
     embed: CudaFunction,
     gemv: CudaFunction,
     attention: CudaFunction,
@@ -430,8 +383,6 @@ pub struct DecodeProfile {
     /// GEMV blocks per SM, and whether kernels start early (programmatic dependent launch).
     pub gemv_blocks_per_sm: usize,
     pub dependent_launches: bool,
-    /// How each kernel waits for the one before.
-    pub sync: StepSync,
 }
 
 /// What a step hands back.
@@ -466,13 +417,6 @@ pub struct GraphDecoder {
     /// Which blocks have finished, per GEMV column block (`[0]` also for the logits blocks),
     /// reset by the last.
     counters: u64,
-    /// Per kernel of the step, its finished pieces (`StepFlags::ready`).
-    ready: u64,
-    /// Bytes of one of the two sets of partial sums and of block counters (`parts`,
-    /// `counters`): consecutive products take turns, so that one may start before the
-    /// other's tails have read theirs.
-    parts_set: u64,
-    counters_set: u64,
     /// Each logits block's best (value, index).
     best: u64,
     logits_blocks: usize,
@@ -830,16 +774,13 @@ impl GraphDecoder {
         let stats = memory.alloc(n_embd.div_ceil(GEMV_COLUMNS) * 2 * 4, "LayerNorm statistics")?;
         let qkv = memory.alloc(3 * n_embd * 4, "q, k, v")?;
         let fc_out = memory.alloc(inner * 4, "the MLP's activations")?;
-        let parts_set = GEMV_MAX_SPLITS * widest * 4;
-        let parts = memory.alloc(2 * parts_set, "GEMV partial sums")?;
+        let parts = memory.alloc(GEMV_MAX_SPLITS * widest * 4, "GEMV partial sums")?;
         let chunk_acc = memory.alloc(n_head * max_chunks * head_dim * 4, "attention chunks")?;
         let chunk_ml = memory.alloc(n_head * max_chunks * 2 * 4, "attention chunk maxima")?;
         let n_counters = widest.div_ceil(GEMV_COLUMNS).max(1);
-        let counters = memory.alloc(2 * n_counters * 4, "block counters")?;
-        // SAFETY: `counters` holds 2 x n_counters i32s; the kernels expect them zero.
-        unsafe { result::memset_d8_sync(counters, 0, 2 * n_counters * 4) }.map_err(|e| format!("zeroing the block counters: {e}"))?;
-        // Zeroed by `embed` at the start of every step.
-        let ready = memory.alloc(step_kernels(n_layer) * STEP_PIECES * 4, "the step's kernel counters")?;
+        let counters = memory.alloc(n_counters * 4, "block counters")?;
+        // SAFETY: `counters` holds n_counters i32s; the kernels expect them zero.
+        unsafe { result::memset_d8_sync(counters, 0, n_counters * 4) }.map_err(|e| format!("zeroing the block counters: {e}"))?;
         let best = memory.alloc(logits_blocks * 2 * 4, "arg max per block")?;
         let logits = memory.alloc(vocab * 4, "logits")?;
         let mut decoder = GraphDecoder {
@@ -860,9 +801,6 @@ impl GraphDecoder {
             chunk_acc,
             chunk_ml,
             counters,
-            ready,
-            parts_set: parts_set as u64,
-            counters_set: (n_counters * 4) as u64,
             best,
             logits_blocks,
             sms,
@@ -1299,7 +1237,7 @@ impl GraphDecoder {
         let state = [0i32, last, 0, 0];
         // SAFETY: as in `step`.
         unsafe { result::memcpy_htod_async(self.state, &state, s.cu_stream()) }.map_err(|e| format!("prefill state: {e}"))?;
-        self.launch_logits(false, StepFlags::NONE).map_err(|e| format!("prefill kernel ln_f + logits: {e}"))?;
+        self.launch_logits(false).map_err(|e| format!("prefill kernel ln_f + logits: {e}"))?;
         self.read_output(greedy)
     }
 
@@ -1424,19 +1362,7 @@ impl GraphDecoder {
             kernels,
             gemv_blocks_per_sm: self.gemv_blocks_per_sm,
             dependent_launches: self.kernels.dependent,
-            sync: self.step_sync(),
         })
-    }
-
-    /// How the step's kernels wait for each other: as the kernels were built, unless a kernel
-    /// has more pieces than the counters hold (a very wide model), where they wait for exits.
-    fn step_sync(&self) -> StepSync {
-        let DecoderShape { n_embd, n_head, inner, .. } = self.shape;
-        let widest = (3 * n_embd).max(inner).div_ceil(GEMV_COLUMNS);
-        if widest.max(n_head) > STEP_PIECES {
-            return StepSync::Exit;
-        }
-        self.kernels.sync
     }
 
     /// The step's kernels in order: captured into the graph, or launched one by one between
@@ -1457,54 +1383,22 @@ impl GraphDecoder {
         let (d, head_dim) = (n_embd as i32, (n_embd / n_head) as i32);
         let (attn_chunk, lanes_per_key, max_chunks) = (self.attn_chunk as i32, self.lanes_per_key as i32, self.max_chunks as i32);
         let n_pos = n_positions as i32;
-        // Kernel i of the step waits for pieces of kernel i - 1 (the first product for embed's
-        // exit, as embed zeroes the counters) and raises kernel i's; `flags_for` is given a
-        // kernel's pieces, their width in columns and what each counts to, in launch order.
-        let sync = self.step_sync();
-        let order = std::cell::Cell::new((0i32, (0i32, 0i32, 0i32)));
-        let flags_for = |pieces: i32, width: i32, count: i32| {
-            let (i, (before, before_width, before_count)) = order.get();
-            order.set((i + 1, (pieces, width, count)));
-            let ready = self.ready;
-            match (sync, i) {
-                (StepSync::Exit, _) => StepFlags::NONE,
-                (_, 0) => StepFlags { ready, reset_slots: (step_kernels(self.layers.len()) * STEP_PIECES) as i32, ..StepFlags::NONE },
-                (_, 1) => StepFlags { ready, done_slot: 1, ..StepFlags::NONE },
-                (_, _) => StepFlags {
-                    ready,
-                    wait_slot: i - 1,
-                    wait_count: before_count,
-                    piece_width: if sync == StepSync::Pieces { before_width } else { 0 },
-                    pieces: before,
-                    done_slot: i,
-                    reset_slots: 0,
-                },
-            }
-        };
         // The first kernel follows the host's copy of the state, not a kernel.
         let grid = (n_embd.div_ceil(GEMV_COLUMNS) as u32, 1);
-        let flags = flags_for(0, 0, 0);
-        let mut params = params![&self.state, &self.wte, &self.wpe, &self.h, &self.stats, &d, &flags];
+        let mut params = params![&self.state, &self.wte, &self.wpe, &self.h, &self.stats, &d];
         // SAFETY (every launch): the parameters are the kernels' in order, device addresses of
         // buffers sized in `new` for these shapes.
         launch("embed", unsafe { launch_kernel(&k.embed, s, grid, GEMV_COLUMNS as u32, 0, false, &mut params) })?;
-        let gemv = |name: &'static str, w: u64, args: GemvArgs, turn: u64| {
-            let (mut args, splits) = with_splits(args, self.gemv_blocks_per_sm * self.sms);
+        let gemv = |name: &'static str, w: u64, args: GemvArgs| {
+            let (args, splits) = with_splits(args, self.gemv_blocks_per_sm * self.sms);
             let grid = (args.n_dim.max(1) as usize).div_ceil(GEMV_COLUMNS) as u32;
-            // A product's pieces are its column blocks, done when their tail is.
-            args.flags = flags_for(grid as i32, GEMV_COLUMNS as i32, 1);
-            args.parts += turn * self.parts_set;
-            args.counters += turn * self.counters_set;
             let mut params = params![&args, &w];
             let shared = (args.rows_per_split * 4) as u32;
             launch(name, unsafe { launch_kernel(&k.gemv, s, (grid, splits as u32), GEMV_COLUMNS as u32, shared, k.dependent, &mut params) })
         };
         for layer in &self.layers {
             let [c_attn, attn_proj, c_fc, mlp_proj] = self.layer_products(layer);
-            gemv(c_attn.0, c_attn.1, c_attn.2, 0)?;
-            // The attention's pieces are its heads, done when their blocks at the step's
-            // position are (attn.c_proj counts them).
-            let flags = flags_for(n_head as i32, head_dim, -1);
+            gemv(c_attn.0, c_attn.1, c_attn.2)?;
             let mut params = params![
                 &self.state,
                 &self.qkv,
@@ -1519,19 +1413,14 @@ impl GraphDecoder {
                 &attn_chunk,
                 &lanes_per_key,
                 &layer.scale,
-                &flags,
             ];
             let grid = (n_head as u32, max_chunks as u32);
             launch("attention", unsafe { launch_kernel(&k.attention, s, grid, ATTN_THREADS as u32, 0, k.dependent, &mut params) })?;
-            // Turns alternate from one product to the next, c_attn's being the logits'.
-            for ((name, w, args), turn) in [attn_proj, c_fc, mlp_proj].into_iter().zip([1, 0, 1]) {
-                gemv(name, w, args, turn)?;
+            for (name, w, args) in [attn_proj, c_fc, mlp_proj] {
+                gemv(name, w, args)?;
             }
         }
-        let mut flags = flags_for(0, 0, 0);
-        flags.done_slot = -1;
-        debug_assert_eq!(order.get().0 as usize, step_kernels(self.layers.len()));
-        launch("ln_f + logits + arg max", self.launch_logits(k.dependent, flags))
+        launch("ln_f + logits + arg max", self.launch_logits(k.dependent))
     }
 
     /// A layer's four products in order (c_attn, attn.c_proj, c_fc, mlp.c_proj): name,
@@ -1561,7 +1450,6 @@ impl GraphDecoder {
             prologue: PROLOGUE_PLAIN,
             epilogue: EPILOGUE_STORE,
             activation: self.activation,
-            flags: StepFlags::NONE,
         };
         let product = |(w, bias): (u64, u64), k_dim: usize, n_dim: usize, input: Input, epilogue: i32, out: u64| {
             let mut args = GemvArgs { bias, out, k_dim: k_dim as i32, n_dim: n_dim as i32, epilogue, ..base };
@@ -1630,7 +1518,7 @@ impl GraphDecoder {
 
     /// ln_f, the logits and their arg max, from `h` and its statistics; the arg max becomes the
     /// state's next token and the position moves on.
-    fn launch_logits(&self, dependent: bool, flags: StepFlags) -> Result<(), DriverError> {
+    fn launch_logits(&self, dependent: bool) -> Result<(), DriverError> {
         let DecoderShape { n_embd, vocab, .. } = self.shape;
         let (v, d) = (vocab as i32, n_embd as i32);
         let (gamma, beta, eps) = self.ln_f;
@@ -1647,7 +1535,6 @@ impl GraphDecoder {
             &self.state,
             &v,
             &d,
-            &flags,
         ];
         let grid = (self.logits_blocks as u32, 1);
         let shared = (n_embd * 4) as u32;
@@ -1655,11 +1542,6 @@ impl GraphDecoder {
         // in `new`.
         unsafe { launch_kernel(&self.kernels.logits, &self.stream, grid, 256, shared, dependent, &mut params) }
     }
-}
-
-/// Kernels in a step of `n_layer` layers: embed, five a layer, ln_f + logits.
-fn step_kernels(n_layer: usize) -> usize {
-    5 * n_layer + 2
 }
 
 /// `args` with its rows per split for a grid of `slots` blocks at once, and its splits.
@@ -1696,18 +1578,6 @@ impl Kernels {
         // measure what they bring.
         let dependent = major >= 9 && std::env::var("LLAVA_JP_GRAPH_PDL").map_or(true, |v| v != "0");
         let mut options: Vec<String> = if dependent { vec!["-DGRAPH_DECODE_PDL=1".into()] } else { vec![] };
-        // Counters need the programmatic launch to gain anything: without it each kernel starts
-        // after the one before has exited anyway.
-        let sync = match std::env::var("LLAVA_JP_GRAPH_SYNC").as_deref() {
-            _ if !dependent => StepSync::Exit,
-            Ok("exit") => StepSync::Exit,
-            Ok("kernel") => StepSync::Kernel,
-            Ok("pieces") | Err(_) => StepSync::Pieces,
-            Ok(other) => return Err(format!("LLAVA_JP_GRAPH_SYNC={other}: expected exit, kernel or pieces")),
-        };
-        if sync != StepSync::Exit {
-            options.push("-DGRAPH_DECODE_FLAGS=1".into());
-        }
         // For measuring variants without a rebuild, e.g. "-DGEMV_UNROLL=16".
         if let Ok(extra) = std::env::var("LLAVA_JP_GRAPH_NVRTC_OPTIONS") {
             options.extend(extra.split_whitespace().map(String::from));
@@ -1727,7 +1597,6 @@ impl Kernels {
         let function = |name: String| module.load_function(&name).map_err(|e| format!("decode kernel {name}: {e}"));
         Ok(Kernels {
             dependent,
-            sync,
             embed: function(format!("embed_{suffix}"))?,
             gemv: function(format!("gemv_{suffix}"))?,
             attention: function(format!("attention_{suffix}"))?,
@@ -1801,9 +1670,8 @@ mod tests {
             };
         }
         let cases = [
-            ("StepFlags", rust_layout!(StepFlags: ready, wait_slot, wait_count, piece_width, pieces, done_slot, reset_slots)),
             ("GemvArgs", rust_layout!(GemvArgs: x, h, stats, gamma, beta, eps, bias, parts, out, counters, state, chunk_acc, chunk_ml,
-                head_dim, attn_chunk, max_chunks, k_dim, n_dim, rows_per_split, prologue, epilogue, activation, flags)),
+                head_dim, attn_chunk, max_chunks, k_dim, n_dim, rows_per_split, prologue, epilogue, activation)),
             ("DecodeLayer", rust_layout!(DecodeLayerArgs: weights, k_cache, v_cache, scale, unused)),
             ("StepArgs", rust_layout!(StepArgs: products, layers, wte, wpe, lm_head, lnf_g, lnf_b, h, stats, qkv, logits, best, chunk_acc,
                 chunk_ml, state, counters, barrier, lnf_eps, n_layer, n_embd, n_head, vocab, n_positions, head_dim, max_chunks,

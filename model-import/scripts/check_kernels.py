@@ -54,9 +54,7 @@ def variants():
         defines = f"#define HEAD_DIM {d}\n#define IS_BF16 1\n#define MASK_BYTES {mask}\n#define DROPOUT 0\n#define OUT_TOKEN_MAJOR 1\n"
         yield f"flash token-major D={d} mask={mask}", defines + flash
     # graph_decode::Kernels::load: the decode step and the prefill's row kernels, one source.
-    # Waits on counters (LLAVA_JP_GRAPH_SYNC=pieces or kernel) or on the kernel before's exit (exit).
     yield "graph_decode", read("graph_decode.cu") + "\n" + read("graph_prefill.cu")
-    yield "graph_decode exit-waits", read("graph_decode.cu") + "\n" + read("graph_prefill.cu")
 
 
 def nvrtc_compile(lib, label, source, arch, options):
@@ -140,9 +138,7 @@ def main():
     for label, source in variants():
         if args.only and args.only not in label:
             continue
-        options = []
-        if label.startswith("graph_decode"):
-            options = ["-DGRAPH_DECODE_PDL=1"] + ([] if "exit-waits" in label else ["-DGRAPH_DECODE_FLAGS=1"])
+        options = ["-DGRAPH_DECODE_PDL=1"] if label == "graph_decode" else []
         ptx, log = nvrtc_compile(lib, label, source, args.arch, options)
         if ptx is None:
             failed += 1

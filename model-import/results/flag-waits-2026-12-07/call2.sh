@@ -5,7 +5,8 @@
 # (LLAVA_JP_GRAPH_SOURCE): early.cu (kernels after the first product let the next start before
 # their wait), tail2.cu (decode-anatomy-2026-12-06/tail2.patch: cheaper split-K tails),
 # early-tail2.cu (both). Then the graph decoder against flex.
-# Carry .dev/pieces: bench-generate.xz and graph-decode-test.xz of this tree, and the .cu variants.
+# Carry .dev/pieces: bench-generate.xz and graph-decode-test.xz packed from f5026e0 (main with
+# pieces.patch applied gives the same sync code, plus call 3's acquire loads), and the .cu variants.
 CALL=${CALL:-call2} BINARIES="pieces/bench-generate pieces/graph-decode-test"
 source "$(dirname "$0")/../../scripts/gpu_call_lib.sh"
 limit=${LIMIT:-560}
