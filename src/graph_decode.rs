@@ -1659,6 +1659,21 @@ mod tests {
         (fields, offset.div_ceil(align) * align, align)
     }
 
+    /// The parser against layouts a C compiler gives: padding before a pointer, arrays, a
+    /// nested struct's alignment, several declarators on one line, `const` and comments.
+    #[test]
+    fn c_layout_lays_out_as_c_does() {
+        let source = "\nstruct Inner {\n    int a;\n    const float* p;  // 8-aligned\n};\n\
+                      \nstruct Outer {\n    float x;\n    Inner inner;\n    int *q, r[3];\n    unsigned u;\n};\n";
+        let (inner, size, align) = c_layout(source, "Inner");
+        assert_eq!(inner, vec![("a".to_string(), 0), ("p".to_string(), 8)]);
+        assert_eq!((size, align), (16, 8));
+        let (outer, size, align) = c_layout(source, "Outer");
+        let names_offsets = [("x", 0), ("inner", 8), ("q", 24), ("r", 32), ("u", 44)];
+        assert_eq!(outer, names_offsets.map(|(n, o)| (n.to_string(), o)).to_vec());
+        assert_eq!((size, align), (48, 8));
+    }
+
     /// Each Rust mirror of a kernel's argument struct has the source's fields, in its order, at
     /// its offsets, and its size: a field added to one side only would shift every later one
     /// without any error at launch.
