@@ -103,15 +103,16 @@ ncu_export() {
   echo "== $name ($((SECONDS - start)) s)"
   grep -E "Duration|Warp Cycles Per Issued|Achieved Occupancy|Stall|Memory Throughput|DRAM Throughput${extra:+|$extra}" "$out/$name.txt" | head -60
 }
-# Per bench log of this call ($out/*.jsonl): the graph step, tokens/s, and each decode
-# kernel's time a step when launched one by one.
+# Per bench log of this call ($out/*.jsonl): the graph step, tokens/s, the greedy answers'
+# digest (and whether the runs agreed), and each decode kernel's time a step when launched one
+# by one.
 decode_summary() {
   echo "== summary"
   for f in $out/*.jsonl; do
     python3 - "$f" <<'PY'
 import json, sys
 name = sys.argv[1].split('/')[-1][:-6]
-step, tps, ks = None, [], ""
+step, tps, ks, answers = None, [], "", []
 for line in open(sys.argv[1]):
     try: r = json.loads(line)
     except Exception: continue
@@ -119,7 +120,8 @@ for line in open(sys.argv[1]):
         step = r.get('kernels_graph_ms')
         ks = " ".join(f"{k['kernel']}={k['ms']:.3f}" for k in r.get('kernels', []))
     if 'decode_tokens_per_s' in r: tps.append(round(r['decode_tokens_per_s'], 1))
-print(f"{name:18s} kernels_graph_ms={step} tokens/s={tps} | {ks}")
+    if 'answers_fnv' in r: answers.append(f"{r['answers_fnv']}{'' if r.get('runs_same_answers') else ' (runs differ)'}")
+print(f"{name:18s} kernels_graph_ms={step} tokens/s={tps} answers={answers} | {ks}")
 PY
   done
 }

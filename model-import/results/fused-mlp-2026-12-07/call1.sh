@@ -17,8 +17,4 @@ bench slice64 bench-generate 1 LLAVA_JP_GRAPH_MLP_SLICE=64 > /dev/null
 bench unroll16 bench-generate 1 LLAVA_JP_GRAPH_NVRTC_OPTIONS=-DMLP_UNROLL=16 > /dev/null
 bench unroll4 bench-generate 1 LLAVA_JP_GRAPH_NVRTC_OPTIONS=-DMLP_UNROLL=4 > /dev/null
 decode_summary
-grep -h answers_fnv $out/*.jsonl | python3 -c "
-import sys, json
-for l in sys.stdin:
-    r = json.loads(l); print(r.get('answers_fnv'), r.get('runs_same_answers'))" | sort | uniq -c
 finish

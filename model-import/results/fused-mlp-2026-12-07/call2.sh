@@ -22,8 +22,4 @@ bench rows16-timing bench-generate 1 LLAVA_JP_GRAPH_ATTENTION=split "LLAVA_JP_GR
 bench rows-both-timing bench-generate 1 LLAVA_JP_GRAPH_NVRTC_OPTIONS=-DMLP_FC_BY_ROWS=1 > /dev/null
 unset LLAVA_JP_GRAPH_SOURCE
 decode_summary
-grep -H answers_fnv $out/*.jsonl | python3 -c "
-import sys, json
-for l in sys.stdin:
-    f, j = l.split(':', 1); r = json.loads(j); print(f.split('/')[-1], r.get('answers_fnv'), r.get('runs_same_answers'))"
 finish

@@ -11,8 +11,4 @@ for c in 8 4 2 1; do
 done
 bench split bench-generate 1 LLAVA_JP_GRAPH_MLP=split > /dev/null
 decode_summary
-grep -H answers_fnv $out/*.jsonl | python3 -c "
-import sys, json
-for l in sys.stdin:
-    f, j = l.split(':', 1); r = json.loads(j); print(f.split('/')[-1], r.get('answers_fnv'), r.get('runs_same_answers'))"
 finish

@@ -18,8 +18,4 @@ unset LLAVA_JP_GRAPH_MLP LLAVA_JP_GRAPH_ATTENTION
 bench tails-fused-mlp bench-generate 1 LLAVA_JP_GRAPH_SOURCE=.dev/ap/tails.cu LLAVA_JP_GRAPH_ATTENTION=split > /dev/null
 bench tails-fused-both bench-generate 1 LLAVA_JP_GRAPH_SOURCE=.dev/ap/tails.cu > /dev/null
 decode_summary
-grep -H answers_fnv $out/*.jsonl | python3 -c "
-import sys, json
-for l in sys.stdin:
-    f, j = l.split(':', 1); r = json.loads(j); print(f.split('/')[-1], r.get('answers_fnv'), r.get('runs_same_answers'))"
 finish

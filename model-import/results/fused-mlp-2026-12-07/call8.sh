@@ -14,8 +14,4 @@ for r in 1 2; do
   bench prologue$r bench-generate 1 LLAVA_JP_GRAPH_SOURCE=.dev/next/prologue.cu > /dev/null
 done
 decode_summary
-grep -H answers_fnv $out/*.jsonl | python3 -c "
-import sys, json
-for l in sys.stdin:
-    f, j = l.split(':', 1); r = json.loads(j); print(f.split('/')[-1], r.get('answers_fnv'), r.get('runs_same_answers'))"
 finish
