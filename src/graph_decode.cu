@@ -661,129 +661,790 @@ __device__ void logits_argmax(const float* h, const float* stats, const float* g
     logits_body(h, stats, gamma, beta, eps, w, logits, best, counters, state, rows, d_model, blockIdx.x, gridDim.x);
 }
 
-// ---- The whole step as one kernel ----
-// The same phases as the kernels above, run by one grid whose blocks are all resident at once
-// (a cooperative launch): between two phases the blocks meet at a grid barrier instead of a
-// kernel boundary. Before the barrier each block loads what its next piece of work needs of
-// the weights or the cache (as the kernels do before waiting for the kernel before), so the
-// memory stays busy while the last blocks finish. Work items of a phase are spread over the
-// blocks: block b takes items b, b + blocks, ...
-
-// Every block of the grid arrives; none leaves until all have, and then sees what every block
-// wrote before arriving (the fences; plain loads after it see fresh data, as after a kernel
-// boundary). One counter: each block adds 1, the first block adds 2^31 - (blocks - 1)
-// instead, so that the top bit flips when the last one arrives, whoever it is, and the
-// count is back where it started modulo the flip. Measured at ~25 ns an arriving block
-// (model-import/results/step-kernel-2026-12-06/, call 2): the arrivals serialise on the one
-// word every waiting block also reads.
-__device__ void grid_barrier(unsigned* bar) {
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        unsigned add = blockIdx.x == 0 ? 0x80000000u - (gridDim.x - 1) : 1u;
-        __threadfence();
-        unsigned before = atomicAdd(bar, add);
-        while (((before ^ *(volatile unsigned*)bar) & 0x80000000u) == 0) {
-        }
-        __threadfence();
-    }
-    __syncthreads();
-}
-
-// One layer's weights, key/value cache and attention scale (DecodeLayer in src/graph_decode.rs, same
-// layout); its products' GemvArgs are built on the host, as the kernels above are launched.
-struct DecodeLayer {
-    // c_attn, attn.c_proj, c_fc, mlp.c_proj
-    const void* weights[4];
-    void *k_cache, *v_cache;
-    float scale, unused;
-};
-
-// The step kernel's parameters (StepArgs in src/graph_decode.rs, same layout). `products`:
-// each layer's c_attn, attn.c_proj, c_fc and mlp.c_proj, in device memory (read in place,
-// not copied into registers).
-struct StepArgs {
-    const GemvArgs* products;
-    const DecodeLayer* layers;
-    const void *wte, *wpe, *lm_head;
-    const float *lnf_g, *lnf_b, *h, *stats;
-    float *qkv, *logits, *best, *chunk_acc, *chunk_ml;
-    int *state, *counters;
-    unsigned* barrier;
-    float lnf_eps;
-    int n_layer, n_embd, n_head, vocab, n_positions, head_dim, max_chunks, attn_chunk, lanes_per_key;
-};
-
-#define STEP_THREADS 256
-// Keys a thread of the step kernel holds: fewer than the attention kernel's, since the
-// kernel's registers are its phases' most, and they bound the blocks an SM holds.
-// Blocks an SM must hold: the registers a thread may take follow (65536 / (256 x blocks)).
-#ifndef STEP_MIN_BLOCKS
-#define STEP_MIN_BLOCKS 4
+// ---- The whole step as one persistent kernel ----
+// One block an SM, all resident (a cooperative launch). Each block walks the step's tasks in
+// order (embed, then per layer c_attn tiles, attention chunks, attn.c_proj tiles, c_fc tiles,
+// mlp.c_proj tiles, then the logits' rows), taking task t of a phase when t falls to it round
+// robin. A task waits only for the phase it reads (a counter in device memory that the tasks
+// of that phase raise when done), not for the whole grid. One warp of each block streams the
+// weights (and the cache's older keys and values) of the block's coming tasks into a ring of
+// shared-memory stages with bulk copies, whatever the tasks wait on: so the memory keeps
+// streaming while the eight other warps wait for the phase before. Split-K partial sums are
+// added in a fixed order: by the task that reads them (q, k, v by the attention; c_fc's by
+// mlp.c_proj), or, for the residual products, by the last tile of a column block to finish,
+// which also leaves the LayerNorm statistics of its columns. No float atomics.
+#define STEP_CONSUMERS 256
+#define STEP_THREADS (STEP_CONSUMERS + 32)
+#define STEP_STAGES 6
+// How the streaming warp fills a stage (one contiguous stretch): 1, one bulk copy by the TMA
+// unit; 0, 16-byte cp.async by every lane (as fast when stages were 64 rows of 512 bytes).
+#ifndef STEP_BULK
+#define STEP_BULK 1
 #endif
-// Not to be set from outside: src/graph_decode.rs sizes the attention chunks with it.
-#define STEP_ATTN_ITERS 4
+#define STEP_STAGE_BYTES 32768
+#define STEP_COLUMNS 256
+// Ints between two counters: a 128-byte line each.
+#define STEP_PAD 32
+// (head, chunk) pairs attn.c_proj's tile merges at most.
+#define STEP_MERGE 1024
 
+// One layer as the step kernel reads it (StepLayer in src/graph_decode.rs, same layout).
+struct StepLayer {
+    // c_attn, attn.c_proj, c_fc, mlp.c_proj: weights by column blocks (block c, columns
+    // from 256c, as a [k, its width] matrix; the blocks one after another); biases.
+    const void* w[4];
+    const float* b[4];
+    const float* ln1_g;
+    const float* ln1_b;
+    const float* ln2_g;
+    const float* ln2_b;
+    void* k_cache;
+    void* v_cache;
+    float ln1_eps, ln2_eps, scale, unused;
+};
+
+// The step kernel's parameters (StepArgs in src/graph_decode.rs, same layout). The host sizes
+// the tiles; the kernel traps where a buffer is smaller than they need.
+struct StepArgs {
+    const StepLayer* layers;
+    const void* wte;
+    const void* wpe;
+    const void* lm_head;
+    const float* lnf_g;
+    const float* lnf_b;
+    float* h;
+    float* stats;
+    float* logits;
+    float* best;
+    float* parts;
+    float* chunk_acc;
+    float* chunk_ml;
+    int* state;
+    int* counters;
+    float lnf_eps;
+    int n_layer, n_embd, n_head, inner, vocab, n_positions, activation;
+    // Rows of a tile of c_attn, attn.c_proj, c_fc, mlp.c_proj.
+    int rows[4];
+    int attn_keys, max_chunks, logits_rows, parts_per_layer, n_counters, xs_floats;
+};
+
+#define STEP_EMBED 0
+#define STEP_QKV 1
+#define STEP_ATTN 2
+#define STEP_PROJ 3
+#define STEP_FC 4
+#define STEP_MLP 5
+#define STEP_LOGITS 6
+
+struct StepShared {
+    float sums[STEP_CONSUMERS / 32][STEP_COLUMNS];
+    float sc[256];
+    float q[256], kn[256], vn[256];
+    float red[256];
+    float merge_m[STEP_MERGE], merge_l[STEP_MERGE];
+    float tot[64];
+    float scratch[32];
+    float best_v[8];
+    int best_i[8];
+    int flag;
+    unsigned long long full[STEP_STAGES], empty[STEP_STAGES];
+};
+
+// A product's shape and tiling: p 0..3 is c_attn, attn.c_proj, c_fc, mlp.c_proj.
+struct StepProduct {
+    int k, n, rows, col_blocks, splits, parts_at;
+};
+__device__ StepProduct step_product(const StepArgs& s, int p) {
+    StepProduct r;
+    r.parts_at = 0;
+    for (int q = 0; q <= p; q++) {
+        r.k = q == 3 ? s.inner : s.n_embd;
+        r.n = q == 0 ? 3 * s.n_embd : q == 2 ? s.inner : s.n_embd;
+        r.rows = s.rows[q];
+        r.col_blocks = (r.n + STEP_COLUMNS - 1) / STEP_COLUMNS;
+        r.splits = (r.k + r.rows - 1) / r.rows;
+        if (q < p) r.parts_at += r.splits * r.n;
+    }
+    return r;
+}
+
+// Counters: 0 embed's column blocks done, 1 blocks done with the step, then per layer (at
+// `layer_counters` + an offset of StepCounters): c_attn's tiles done per column block, attention
+// chunks done per head, attn.c_proj's column blocks added up, c_fc's tiles done per column
+// block, mlp.c_proj's column blocks added up, and the two residual products' tiles done per
+// column block. So a task waits only for what it reads: an attention head for its q, k and v
+// column blocks, an attn.c_proj tile for its heads, an mlp.c_proj tile for its c_fc columns.
+struct StepCounters {
+    int qkv, attn, resid_o, fc, resid_p, tail_o, tail_p, per_layer;
+};
+__device__ StepCounters step_counters(const StepArgs& s) {
+    int cd = (s.n_embd + STEP_COLUMNS - 1) / STEP_COLUMNS;
+    StepCounters c;
+    c.qkv = 0;
+    c.attn = c.qkv + (3 * s.n_embd + STEP_COLUMNS - 1) / STEP_COLUMNS;
+    c.resid_o = c.attn + s.n_head;
+    c.fc = c.resid_o + 1;
+    c.resid_p = c.fc + (s.inner + STEP_COLUMNS - 1) / STEP_COLUMNS;
+    c.tail_o = c.resid_p + 1;
+    c.tail_p = c.tail_o + cd;
+    c.per_layer = c.tail_p + cd;
+    return c;
+}
+__device__ __forceinline__ int layer_counters(const StepCounters& c, int layer) { return 2 + layer * c.per_layer; }
+__device__ __forceinline__ int* step_counter(const StepArgs& s, int index) { return s.counters + (size_t)index * STEP_PAD; }
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ __forceinline__ unsigned smem_address(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void mbar_init(unsigned long long* bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_address(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect(unsigned long long* bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_address(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_address(bar)) : "memory");
+}
+__device__ __forceinline__ bool mbar_try(unsigned long long* bar, unsigned parity) {
+    unsigned done;
+    asm volatile(
+        "{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\tselp.u32 %0, 1, 0, p;\n\t}"
+        : "=r"(done)
+        : "r"(smem_address(bar)), "r"(parity)
+        : "memory");
+    return done != 0;
+}
+// A hang (a counter never reached: a bug) traps after ~2^31 cycles instead of holding the GPU.
+__device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned parity) {
+    long long start = clock64();
+    while (!mbar_try(bar, parity)) {
+        if (clock64() - start > (1ll << 31)) __trap();
+    }
+}
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned bytes, unsigned long long* bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(smem_address(dst)),
+                 "l"(src), "r"(bytes), "r"(smem_address(bar))
+                 : "memory");
+}
+__device__ __forceinline__ void copy16_async(void* dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_address(dst)), "l"(src) : "memory");
+}
+// One arrival on `bar` once this thread's cp.asyncs so far have landed.
+__device__ __forceinline__ void mbar_arrive_on_copies(unsigned long long* bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem_address(bar)) : "memory");
+}
+// `bytes` (a multiple of 16) from `src` to `dst`, by the warp's lanes (`lane` of 32).
+__device__ __forceinline__ void copy_async(char* dst, const char* src, unsigned bytes, int lane) {
+    for (unsigned u = lane * 16; u < bytes; u += 32 * 16) copy16_async(dst + u, src + u);
+}
+__device__ __forceinline__ int load_acquire(const int* p) {
+    int v;
+    asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+__device__ __forceinline__ void add_release(int* p, int v) {
+    asm volatile("red.release.gpu.global.add.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ int add_acq_rel(int* p, int v) {
+    int old;
+    asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
+    return old;
+}
+// The eight computing warps only (the streaming warp never joins).
+__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" ::"n"(STEP_CONSUMERS) : "memory"); }
+
+__device__ float consumers_sum(float v, StepShared& sh) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_sum(v);
+    consumers_sync();
+    if (lane == 0) sh.scratch[warp] = v;
+    consumers_sync();
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < STEP_CONSUMERS / 32; w++) total += sh.scratch[w];
+    return total;
+}
+__device__ float consumers_max(float v, StepShared& sh) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_max(v);
+    consumers_sync();
+    if (lane == 0) sh.scratch[warp] = v;
+    consumers_sync();
+    float m = sh.scratch[0];
+#pragma unroll
+    for (int w = 1; w < STEP_CONSUMERS / 32; w++) m = fmaxf(m, sh.scratch[w]);
+    return m;
+}
+
+// Consumers wait until `counter` reaches `target` (thread 0 polls; the acquire also drops the
+// SM's L1, so plain loads after the barrier see what the phase wrote). `known`: the counter
+// this block last saw reached (targets are fixed within a step).
+__device__ void wait_counter(const int* counter, int target, const int*& known, StepShared& sh) {
+    if (known == counter) return;
+    if (threadIdx.x == 0) {
+        long long start = clock64();
+        while (load_acquire(counter) < target) {
+            if (clock64() - start > (1ll << 31)) __trap();
+        }
+    }
+    consumers_sync();
+    known = counter;
+}
+// Consumers wait until counters [a, a + na), [b, b + nb) and [c, c + nc) all reach `target`:
+// a thread polls each, all at once.
+__device__ void wait_counters(const StepArgs& s, int a, int na, int b, int nb, int c, int nc, int target) {
+    int t = threadIdx.x, i = -1;
+    if (t < na) i = a + t;
+    else if (t < na + nb) i = b + t - na;
+    else if (t < na + nb + nc) i = c + t - na - nb;
+    if (i >= 0) {
+        const int* counter = step_counter(s, i);
+        long long start = clock64();
+        while (load_acquire(counter) < target) {
+            if (clock64() - start > (1ll << 31)) __trap();
+        }
+    }
+    consumers_sync();
+}
+
+// sum over q < n of p[q * stride], in q's order, with the loads issued eight at a time (a
+// loop of dependent adds would otherwise wait on each load in turn).
+__device__ __forceinline__ float sum_strided(const float* p, size_t stride, int n) {
+    float v = 0.f;
+    for (int q = 0; q < n; q += 8) {
+        float a[8];
+#pragma unroll
+        for (int j = 0; j < 8; j++) a[j] = q + j < n ? __ldcg(p + (size_t)(q + j) * stride) : 0.f;
+#pragma unroll
+        for (int j = 0; j < 8; j++) v += a[j];
+    }
+    return v;
+}
+
+// After the consumers' writes: one release add for the block.
+__device__ void signal_counter(int* counter) {
+    consumers_sync();
+    if (threadIdx.x == 0) add_release(counter, 1);
+}
+
+// The step's tasks in order; `f(kind, layer, task)` for this block's.
+template <typename F>
+__device__ void step_walk(const StepArgs& s, int chunks, F&& f) {
+    int blocks = gridDim.x, b = blockIdx.x, offset = 0;
+    auto phase = [&](int kind, int layer, int tasks) {
+        int first = (b - offset) % blocks;
+        if (first < 0) first += blocks;
+        for (int t = first; t < tasks; t += blocks) f(kind, layer, t);
+        offset = (offset + tasks) % blocks;
+    };
+    int cd = (s.n_embd + STEP_COLUMNS - 1) / STEP_COLUMNS;
+    phase(STEP_EMBED, 0, cd);
+    for (int l = 0; l < s.n_layer; l++) {
+        StepProduct p0 = step_product(s, 0), p1 = step_product(s, 1), p2 = step_product(s, 2), p3 = step_product(s, 3);
+        phase(STEP_QKV, l, p0.col_blocks * p0.splits);
+        phase(STEP_ATTN, l, s.n_head * chunks);
+        phase(STEP_PROJ, l, p1.col_blocks * p1.splits);
+        phase(STEP_FC, l, p2.col_blocks * p2.splits);
+        phase(STEP_MLP, l, p3.col_blocks * p3.splits);
+    }
+    phase(STEP_LOGITS, 0, (s.vocab + s.logits_rows - 1) / s.logits_rows);
+}
+
+__device__ __forceinline__ int product_of_kind(int kind) {
+    return kind == STEP_QKV ? 0 : kind == STEP_PROJ ? 1 : kind == STEP_FC ? 2 : 3;
+}
+
+// The stream of one block's stages: for each task the stages it reads, in walk order.
 template <typename T>
-__device__ __noinline__ void gemv_phase(const GemvArgs& a, const T* w, unsigned* barrier) {
-    int column_blocks = (a.n_dim + GEMV_THREADS - 1) / GEMV_THREADS;
-    int splits = (a.k_dim + a.rows_per_split - 1) / a.rows_per_split;
-    int items = column_blocks * splits;
-    int item = blockIdx.x;
-    Raw8<T> wr[GEMV_UNROLL];
-    bool first_group = item < items && gemv_preload(a, w, item % column_blocks, item / column_blocks, wr);
-    grid_barrier(barrier);
-    for (; item < items; item += gridDim.x) {
-        gemv_body(a, w, item % column_blocks, item / column_blocks, splits, first_group, wr);
-        first_group = false;
+__device__ void step_stream(const StepArgs& s, StepShared& sh, char* ring, int position, int chunks) {
+    int lane = threadIdx.x & 31;
+    int piece = 0;
+    const int head_dim = s.n_embd / s.n_head;
+    // One stage: wait until the consumers freed it (and with bulk copies, expect `bytes` on
+    // its barrier); the caller's lanes then fill it (`dst`), the copies completing on `bar`.
+    char* dst;
+    unsigned long long* bar;
+    auto stage = [&](unsigned bytes) {
+        int at = piece % STEP_STAGES;
+        unsigned round = piece / STEP_STAGES;
+        if (lane == 0) {
+            mbar_wait(&sh.empty[at], (round & 1) ^ 1);
+            if (STEP_BULK) mbar_arrive_expect(&sh.full[at], bytes);
+        }
+        __syncwarp();
+        dst = ring + (size_t)at * STEP_STAGE_BYTES;
+        bar = &sh.full[at];
+        piece++;
+    };
+    step_walk(s, chunks, [&](int kind, int layer, int t) {
+        const StepLayer& L = s.layers[layer];
+        if (kind == STEP_EMBED) return;
+        if (kind == STEP_ATTN) {
+            int head = t % s.n_head, c = t / s.n_head;
+            int j0 = c * s.attn_keys;
+            int n_old = max(0, min(s.attn_keys, position - j0));
+            unsigned bytes = (unsigned)(n_old * head_dim * sizeof(T));
+            size_t at = ((size_t)head * s.n_positions + j0) * head_dim;
+            stage(2 * bytes);
+            char* v_dst = dst + (size_t)s.attn_keys * head_dim * sizeof(T);
+            if (STEP_BULK) {
+                if (lane == 0 && bytes > 0) {
+                    bulk_copy(dst, (const T*)L.k_cache + at, bytes, bar);
+                    bulk_copy(v_dst, (const T*)L.v_cache + at, bytes, bar);
+                }
+            } else {
+                copy_async(dst, (const char*)((const T*)L.k_cache + at), bytes, lane);
+                copy_async(v_dst, (const char*)((const T*)L.v_cache + at), bytes, lane);
+                mbar_arrive_on_copies(bar);
+            }
+            return;
+        }
+        if (kind == STEP_LOGITS) {
+            int r0 = t * s.logits_rows, r1 = min(r0 + s.logits_rows, s.vocab);
+            unsigned bytes = (unsigned)((size_t)(r1 - r0) * s.n_embd * sizeof(T));
+            stage(bytes);
+            const T* src = (const T*)s.lm_head + (size_t)r0 * s.n_embd;
+            if (STEP_BULK) {
+                if (lane == 0) bulk_copy(dst, src, bytes, bar);
+            } else {
+                copy_async(dst, (const char*)src, bytes, lane);
+                mbar_arrive_on_copies(bar);
+            }
+            return;
+        }
+        int p = product_of_kind(kind);
+        StepProduct P = step_product(s, p);
+        const T* w = (const T*)L.w[p];
+        int c = t % P.col_blocks, sp = t / P.col_blocks;
+        int k0 = sp * P.rows, k1 = min(k0 + P.rows, P.k);
+        int col0 = c * STEP_COLUMNS, ncols = min(STEP_COLUMNS, P.n - col0);
+        const int piece_rows = STEP_STAGE_BYTES / (STEP_COLUMNS * (int)sizeof(T));
+        // The column block's rows are contiguous, `ncols` wide: a stage is one stretch.
+        const T* block = w + (size_t)col0 * P.k;
+        for (int r0 = k0; r0 < k1; r0 += piece_rows) {
+            int nr = min(piece_rows, k1 - r0);
+            unsigned bytes = (unsigned)((size_t)nr * ncols * sizeof(T));
+            const char* src = (const char*)(block + (size_t)r0 * ncols);
+            stage(bytes);
+            if (STEP_BULK) {
+                if (lane == 0) bulk_copy(dst, src, bytes, bar);
+            } else {
+                copy_async(dst, src, bytes, lane);
+                mbar_arrive_on_copies(bar);
+            }
+        }
+    });
+}
+
+__device__ __forceinline__ float as_stored(float v, const float*) { return v; }
+__device__ __forceinline__ float as_stored(float v, const bf16*) { return to_f32(to_bf16(v)); }
+
+// The consumers' side of one stage: wait for it, run `use`, free it.
+struct StepRing {
+    char* base;
+    int piece;
+};
+template <typename U>
+__device__ __forceinline__ void consume_stage(StepShared& sh, StepRing& ring, U&& use) {
+    int at = ring.piece % STEP_STAGES;
+    unsigned round = ring.piece / STEP_STAGES;
+    mbar_wait(&sh.full[at], round & 1);
+    use(ring.base + (size_t)at * STEP_STAGE_BYTES);
+    __syncwarp();
+    if ((threadIdx.x & 31) == 0) mbar_arrive(&sh.empty[at]);
+    ring.piece++;
+}
+
+// h[cols of block c] = v (one per thread, `count` valid) and its slot statistics.
+__device__ void step_residual_slot(const StepArgs& s, StepShared& sh, float v, int c, int count) {
+    bool valid = threadIdx.x < count;
+    float mean = consumers_sum(valid ? v : 0.f, sh) / count;
+    float d = valid ? v - mean : 0.f;
+    float m2 = consumers_sum(d * d, sh);
+    if (threadIdx.x == 0) {
+        s.stats[2 * c] = mean;
+        s.stats[2 * c + 1] = m2;
     }
 }
 
 template <typename T>
-__device__ __noinline__ void attention_phase(const StepArgs& s, const DecodeLayer& L, int position, int attn_items) {
-    const int chunk = s.attn_chunk;
-    T* kc = (T*)L.k_cache;
-    T* vc = (T*)L.v_cache;
-    int item = blockIdx.x;
-    AttnRegs<T, STEP_ATTN_ITERS> r;
-    if (item < attn_items) {
-        attention_preload<T, STEP_THREADS, STEP_ATTN_ITERS>(position, kc, vc, s.head_dim, s.n_positions, chunk, s.lanes_per_key,
-                                                            item % s.n_head, item / s.n_head, r);
+__device__ void step_embed(const StepArgs& s, StepShared& sh, int c, int token, int position) {
+    int d = c * STEP_COLUMNS + threadIdx.x;
+    int count = min(STEP_COLUMNS, s.n_embd - c * STEP_COLUMNS);
+    float v = 0.f;
+    if (threadIdx.x < count) {
+        v = to_f32(((const T*)s.wte)[(size_t)token * s.n_embd + d]) + to_f32(((const T*)s.wpe)[(size_t)position * s.n_embd + d]);
+        s.h[d] = v;
     }
-    grid_barrier(s.barrier);
-    for (bool first = true; item < attn_items; item += gridDim.x, first = false) {
-        int head = item % s.n_head, c = item / s.n_head;
-        if (!first) {
-            attention_preload<T, STEP_THREADS, STEP_ATTN_ITERS>(position, kc, vc, s.head_dim, s.n_positions, chunk, s.lanes_per_key, head,
-                                                                c, r);
+    step_residual_slot(s, sh, v, c, count);
+    signal_counter(step_counter(s, 0));
+}
+
+// xs[0 .. k1 - k0) = LayerNorm(h)[k0 .. k1).
+__device__ void step_layernorm_rows(const StepArgs& s, float* xs, const float* g, const float* b, float eps, int k0, int k1) {
+    float mean, rstd;
+    combined_stats(s.stats, s.n_embd, eps, &mean, &rstd);
+    for (int k = k0 + threadIdx.x; k < k1; k += STEP_CONSUMERS) xs[k - k0] = (s.h[k] - mean) * rstd * g[k] + b[k];
+}
+
+// A tile of a product: its input rows, its stages, its partial sums; the residual products'
+// last tile of a column block adds them up.
+template <typename T>
+__device__ void step_gemv(const StepArgs& s, StepShared& sh, StepRing& ring, float* xs, int kind, int layer, int t, int position,
+                          int chunks, const int*& known) {
+    const StepLayer& L = s.layers[layer];
+    int p = product_of_kind(kind);
+    StepProduct P = step_product(s, p);
+    int c = t % P.col_blocks, sp = t / P.col_blocks;
+    int k0 = sp * P.rows, k1 = min(k0 + P.rows, P.k);
+    int col0 = c * STEP_COLUMNS, ncols = min(STEP_COLUMNS, P.n - col0);
+    int cd = (s.n_embd + STEP_COLUMNS - 1) / STEP_COLUMNS;
+    float* parts = s.parts + (size_t)layer * s.parts_per_layer;
+    const int head_dim = s.n_embd / s.n_head;
+
+    StepCounters cn = step_counters(s);
+    int base = layer_counters(cn, layer);
+    if (kind == STEP_QKV) {
+        wait_counter(step_counter(s, layer == 0 ? 0 : layer_counters(cn, layer - 1) + cn.resid_p), cd, known, sh);
+        step_layernorm_rows(s, xs, L.ln1_g, L.ln1_b, L.ln1_eps, k0, k1);
+    } else if (kind == STEP_FC) {
+        wait_counter(step_counter(s, base + cn.resid_o), cd, known, sh);
+        step_layernorm_rows(s, xs, L.ln2_g, L.ln2_b, L.ln2_eps, k0, k1);
+    } else if (kind == STEP_MLP) {
+        StepProduct F = step_product(s, 2);
+        // c_fc's column blocks over this tile's rows.
+        int c0 = k0 / STEP_COLUMNS, c1 = (k1 - 1) / STEP_COLUMNS;
+        wait_counters(s, base + cn.fc + c0, c1 - c0 + 1, 0, 0, 0, 0, F.splits);
+        const float* fp = parts + F.parts_at;
+        for (int k = k0 + threadIdx.x; k < k1; k += STEP_CONSUMERS) {
+            xs[k - k0] = activate(L.b[2][k] + sum_strided(fp + k, F.n, F.splits), s.activation);
         }
-        attention_body<T, STEP_THREADS, STEP_ATTN_ITERS>(position, s.qkv, kc, vc, s.chunk_acc, s.chunk_ml, s.n_embd, s.head_dim,
-                                                         s.n_positions, s.max_chunks, chunk, s.lanes_per_key, L.scale, head, c, r);
+    } else {
+        // attn.c_proj: the attention's output rows k0..k1, its chunks merged.
+        // The heads of this tile's rows.
+        wait_counters(s, base + cn.attn + k0 / head_dim, (k1 - 1) / head_dim - k0 / head_dim + 1, 0, 0, 0, 0, chunks);
+        const float* acc = s.chunk_acc + (size_t)layer * s.n_head * s.max_chunks * head_dim;
+        const float* ml = s.chunk_ml + (size_t)layer * s.n_head * s.max_chunks * 2;
+        int h0 = k0 / head_dim, nh = (k1 - 1) / head_dim - h0 + 1;
+        if (nh * chunks > STEP_MERGE || nh > 64) __trap();
+        for (int i = threadIdx.x; i < nh * chunks; i += STEP_CONSUMERS) {
+            int hh = i / chunks, cc = i % chunks;
+            size_t at = ((size_t)(h0 + hh) * s.max_chunks + cc) * 2;
+            sh.merge_m[i] = ml[at];
+            sh.merge_l[i] = ml[at + 1];
+        }
+        consumers_sync();
+        if (threadIdx.x < nh) {
+            int hh = threadIdx.x;
+            float big = NEG_INF;
+            for (int cc = 0; cc < chunks; cc++) big = fmaxf(big, sh.merge_m[hh * chunks + cc]);
+            float total = 0.f;
+            for (int cc = 0; cc < chunks; cc++) {
+                float f = expf(sh.merge_m[hh * chunks + cc] - big);
+                total += sh.merge_l[hh * chunks + cc] * f;
+                sh.merge_m[hh * chunks + cc] = f;
+            }
+            sh.tot[hh] = total;
+        }
+        consumers_sync();
+        for (int k = k0 + threadIdx.x; k < k1; k += STEP_CONSUMERS) {
+            int hh = k / head_dim - h0, dd = k % head_dim;
+            const float* a = acc + (size_t)(h0 + hh) * s.max_chunks * head_dim + dd;
+            float v = 0.f;
+#pragma unroll 4
+            for (int cc = 0; cc < chunks; cc++) v += a[(size_t)cc * head_dim] * sh.merge_m[hh * chunks + cc];
+            xs[k - k0] = v / sh.tot[hh];
+        }
     }
+    consumers_sync();
+
+    int group = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int col = group * 8;
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    const int piece_rows = STEP_STAGE_BYTES / (STEP_COLUMNS * (int)sizeof(T));
+    for (int r0 = k0; r0 < k1; r0 += piece_rows) {
+        int nr = min(piece_rows, k1 - r0);
+        consume_stage(sh, ring, [&](const char* stage) {
+            if (col < ncols) {
+#pragma unroll 4
+                for (int r = warp; r < nr; r += STEP_CONSUMERS / 32) {
+                    float x = xs[r0 - k0 + r], wv[8];
+                    Raw8<T> raw;
+                    load_raw8((const T*)stage + (size_t)r * ncols + col, raw);
+                    unpack8(raw, wv);
+#pragma unroll
+                    for (int j = 0; j < 8; j++) acc[j] += x * wv[j];
+                }
+            }
+        });
+    }
+#pragma unroll
+    for (int j = 0; j < 8; j++) sh.sums[warp][col + j] = acc[j];
+    consumers_sync();
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < STEP_CONSUMERS / 32; w++) v += sh.sums[w][threadIdx.x];
+    float* out = parts + P.parts_at;
+    if (threadIdx.x < ncols) out[(size_t)sp * P.n + col0 + threadIdx.x] = v;
+
+    if (kind == STEP_QKV || kind == STEP_FC) {
+        signal_counter(step_counter(s, base + (kind == STEP_QKV ? cn.qkv : cn.fc) + c));
+        return;
+    }
+    // A residual product: the last of the column block's tiles adds them up.
+    consumers_sync();
+    int tail = base + (kind == STEP_PROJ ? cn.tail_o : cn.tail_p) + c;
+    if (threadIdx.x == 0) sh.flag = add_acq_rel(step_counter(s, tail), 1) == P.splits - 1;
+    consumers_sync();
+    if (!sh.flag) return;
+    float r = 0.f;
+    if (threadIdx.x < ncols) {
+        int k = col0 + threadIdx.x;
+        r = L.b[p][k] + sum_strided(out + k, P.n, P.splits);
+        r += __ldcg(&s.h[k]);
+        s.h[k] = r;
+    }
+    step_residual_slot(s, sh, r, c, ncols);
+    signal_counter(step_counter(s, base + (kind == STEP_PROJ ? cn.resid_o : cn.resid_p)));
+}
+
+// One (head, chunk) of the attention: its softmax numerator and (max, sum), as the attention
+// kernel leaves them. q, k, v are c_attn's partial sums added up here.
+template <typename T>
+__device__ void step_attention(const StepArgs& s, StepShared& sh, StepRing& ring, int layer, int t, int position, int chunks,
+                               const int*& known) {
+    const StepLayer& L = s.layers[layer];
+    StepProduct Q = step_product(s, 0);
+    const int head_dim = s.n_embd / s.n_head, d_model = s.n_embd;
+    int head = t % s.n_head, c = t / s.n_head;
+    int j0 = c * s.attn_keys, n = min(s.attn_keys, position + 1 - j0);
+    bool last = c == chunks - 1;
+    StepCounters cn = step_counters(s);
+    int base = layer_counters(cn, layer) + cn.qkv;
+    // The column blocks of this head's q, k and v.
+    int q0 = head * head_dim, blocks = (q0 + head_dim - 1) / STEP_COLUMNS - q0 / STEP_COLUMNS + 1;
+    wait_counters(s, base + q0 / STEP_COLUMNS, blocks, base + (d_model + q0) / STEP_COLUMNS,
+                  (d_model + q0 + head_dim - 1) / STEP_COLUMNS - (d_model + q0) / STEP_COLUMNS + 1,
+                  base + (2 * d_model + q0) / STEP_COLUMNS,
+                  (2 * d_model + q0 + head_dim - 1) / STEP_COLUMNS - (2 * d_model + q0) / STEP_COLUMNS + 1, Q.splits);
+    const float* qp = s.parts + (size_t)layer * s.parts_per_layer + Q.parts_at;
+    for (int e = threadIdx.x; e < head_dim; e += STEP_CONSUMERS) {
+        int col = head * head_dim + e;
+        sh.q[e] = L.b[0][col] + sum_strided(qp + col, Q.n, Q.splits);
+        if (last) {
+            float k = L.b[0][d_model + col] + sum_strided(qp + d_model + col, Q.n, Q.splits);
+            float v = L.b[0][2 * d_model + col] + sum_strided(qp + 2 * d_model + col, Q.n, Q.splits);
+            size_t at = ((size_t)head * s.n_positions + position) * head_dim + e;
+            store((T*)L.k_cache, at, k);
+            store((T*)L.v_cache, at, v);
+            // As the cache keeps them.
+            sh.kn[e] = as_stored(k, (const T*)nullptr);
+            sh.vn[e] = as_stored(v, (const T*)nullptr);
+        }
+    }
+    consumers_sync();
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    consume_stage(sh, ring, [&](const char* stage) {
+        const T* ks = (const T*)stage;
+        const T* vs = ks + (size_t)s.attn_keys * head_dim;
+        for (int j = warp; j < n; j += STEP_CONSUMERS / 32) {
+            bool own = j0 + j == position;
+            float x = 0.f;
+            for (int e = lane; e < head_dim; e += 32) x += sh.q[e] * (own ? sh.kn[e] : to_f32(ks[(size_t)j * head_dim + e]));
+            x = warp_sum(x);
+            if (lane == 0) sh.sc[j] = x * L.scale;
+        }
+        consumers_sync();
+        float sv = threadIdx.x < n ? sh.sc[threadIdx.x] : NEG_INF;
+        float m = consumers_max(sv, sh);
+        float pv = threadIdx.x < n ? expf(sv - m) : 0.f;
+        float l = consumers_sum(pv, sh);
+        if (threadIdx.x < n) sh.sc[threadIdx.x] = pv;
+        consumers_sync();
+        int groups = STEP_CONSUMERS / head_dim;
+        int e = threadIdx.x % head_dim, g = threadIdx.x / head_dim;
+        if (g < groups) {
+            float a = 0.f;
+            for (int j = g; j < n; j += groups) a += sh.sc[j] * (j0 + j == position ? sh.vn[e] : to_f32(vs[(size_t)j * head_dim + e]));
+            sh.red[g * head_dim + e] = a;
+        }
+        consumers_sync();
+        size_t at = ((size_t)layer * s.n_head + head) * s.max_chunks + c;
+        if (threadIdx.x < head_dim) {
+            float a = 0.f;
+            for (int g2 = 0; g2 < groups; g2++) a += sh.red[g2 * head_dim + threadIdx.x];
+            s.chunk_acc[at * head_dim + threadIdx.x] = a;
+        }
+        if (threadIdx.x == 0) {
+            s.chunk_ml[at * 2] = m;
+            s.chunk_ml[at * 2 + 1] = l;
+        }
+    });
+    signal_counter(step_counter(s, layer_counters(cn, layer) + cn.attn + head));
+}
+
+// Rows of the logits; the block's first arg max so far in (bv, bi) per warp.
+template <typename T>
+__device__ void step_logits(const StepArgs& s, StepShared& sh, StepRing& ring, float* xs, int t, bool& normed, const int*& known,
+                            float& bv, int& bi) {
+    int cd = (s.n_embd + STEP_COLUMNS - 1) / STEP_COLUMNS;
+    if (!normed) {
+        StepCounters cn = step_counters(s);
+        wait_counter(step_counter(s, layer_counters(cn, s.n_layer - 1) + cn.resid_p), cd, known, sh);
+        step_layernorm_rows(s, xs, s.lnf_g, s.lnf_b, s.lnf_eps, 0, s.n_embd);
+        consumers_sync();
+        normed = true;
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int r0 = t * s.logits_rows, nr = min(s.logits_rows, s.vocab - r0);
+    int d = s.n_embd;
+    consume_stage(sh, ring, [&](const char* stage) {
+        for (int r = warp; r < nr; r += STEP_CONSUMERS / 32) {
+            const T* row = (const T*)stage + (size_t)r * d;
+            float x = 0.f;
+            if (d % 8 == 0) {
+                for (int e = lane * 8; e < d; e += 256) {
+                    Raw8<T> raw;
+                    float wv[8];
+                    load_raw8(row + e, raw);
+                    unpack8(raw, wv);
+#pragma unroll
+                    for (int j = 0; j < 8; j++) x += wv[j] * xs[e + j];
+                }
+            } else {
+                for (int e = lane; e < d; e += 32) x += to_f32(row[e]) * xs[e];
+            }
+            x = warp_sum(x);
+            if (lane == 0) s.logits[r0 + r] = x;
+            // Rows come in increasing order: only a larger value replaces (first max).
+            if (x > bv || (bi == 0x7fffffff && x == bv)) {
+                bv = x;
+                bi = r0 + r;
+            }
+        }
+    });
+}
+
+// The block's arg max, then the last block's of all: the next token, the position moved on,
+// and every counter back to zero for the next step.
+__device__ void step_finish(const StepArgs& s, StepShared& sh, float bv, int bi) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) {
+        sh.best_v[warp] = bv;
+        sh.best_i[warp] = bi;
+    }
+    consumers_sync();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < STEP_CONSUMERS / 32; w++) {
+            if (sh.best_v[w] > bv || (sh.best_v[w] == bv && sh.best_i[w] < bi)) {
+                bv = sh.best_v[w];
+                bi = sh.best_i[w];
+            }
+        }
+        s.best[2 * blockIdx.x] = bv;
+        s.best[2 * blockIdx.x + 1] = __int_as_float(bi);
+    }
+    consumers_sync();
+    if (threadIdx.x == 0) sh.flag = add_acq_rel(step_counter(s, 1), 1) == (int)gridDim.x - 1;
+    consumers_sync();
+    if (!sh.flag) return;
+    bv = NEG_INF;
+    bi = 0x7fffffff;
+    for (int b = threadIdx.x; b < gridDim.x; b += STEP_CONSUMERS) {
+        float v = __ldcg(&s.best[2 * b]);
+        int i = __float_as_int(__ldcg(&s.best[2 * b + 1]));
+        if (v > bv || (v == bv && i < bi)) {
+            bv = v;
+            bi = i;
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        float v = __shfl_xor_sync(0xffffffffu, bv, o);
+        int i = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (v > bv || (v == bv && i < bi)) {
+            bv = v;
+            bi = i;
+        }
+    }
+    consumers_sync();
+    if (lane == 0) {
+        sh.best_v[warp] = bv;
+        sh.best_i[warp] = bi;
+    }
+    consumers_sync();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < STEP_CONSUMERS / 32; w++) {
+            if (sh.best_v[w] > bv || (sh.best_v[w] == bv && sh.best_i[w] < bi)) {
+                bv = sh.best_v[w];
+                bi = sh.best_i[w];
+            }
+        }
+        int token = bi == 0x7fffffff ? 0 : bi;
+        s.state[2] = token;
+        s.state[0] = token;
+        s.state[1] += 1;
+    }
+    // Every block has finished the step (each arrived above after its last task).
+    for (int i = threadIdx.x; i < s.n_counters; i += STEP_CONSUMERS) s.counters[(size_t)i * STEP_PAD] = 0;
 }
 
 template <typename T>
 __device__ void decode_step(const StepArgs& s) {
-    const int position = s.state[1];
-    const int d = s.n_embd;
-    for (int b = blockIdx.x; b * STAT_COLUMNS < d; b += gridDim.x) {
-        embed_body(s.state, (const T*)s.wte, (const T*)s.wpe, (float*)s.h, (float*)s.stats, d, b);
+    __shared__ StepShared sh;
+    extern __shared__ __align__(128) char step_dynamic[];
+    char* ring = step_dynamic;
+    float* xs = (float*)(step_dynamic + (size_t)STEP_STAGES * STEP_STAGE_BYTES);
+    const int token = s.state[0], position = s.state[1];
+    const int chunks = position / s.attn_keys + 1;
+    if (threadIdx.x == 0) {
+        // The host's sizes against what this step needs.
+        StepProduct last = step_product(s, 3);
+        int head_dim = s.n_embd / s.n_head, widest = 0;
+        for (int p = 0; p < 4; p++) widest = max(widest, s.rows[p]);
+        if (last.parts_at + last.splits * last.n > s.parts_per_layer || layer_counters(step_counters(s), s.n_layer) > s.n_counters ||
+            chunks > s.max_chunks || head_dim > 256 || s.attn_keys > 256 ||
+            2 * (size_t)s.attn_keys * head_dim * sizeof(T) > STEP_STAGE_BYTES ||
+            (size_t)s.logits_rows * s.n_embd * sizeof(T) > STEP_STAGE_BYTES || widest > s.xs_floats || s.n_embd > s.xs_floats)
+            __trap();
+        for (int i = 0; i < STEP_STAGES; i++) {
+            // Bulk copies: the streaming lane's one arrival (and the bytes); cp.async: one
+            // arrival per lane once its copies land.
+            mbar_init(&sh.full[i], STEP_BULK ? 1 : 32);
+            mbar_init(&sh.empty[i], STEP_CONSUMERS / 32);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
     }
-    const int attn_items = s.n_head * (position / s.attn_chunk + 1);
-    for (int l = 0; l < s.n_layer; l++) {
-        const GemvArgs* p = s.products + 4 * l;
-        const DecodeLayer& L = s.layers[l];
-        gemv_phase(p[0], (const T*)L.weights[0], s.barrier);
-        attention_phase<T>(s, L, position, attn_items);
-        gemv_phase(p[1], (const T*)L.weights[1], s.barrier);
-        gemv_phase(p[2], (const T*)L.weights[2], s.barrier);
-        gemv_phase(p[3], (const T*)L.weights[3], s.barrier);
+    __syncthreads();
+    if (threadIdx.x >= STEP_CONSUMERS) {
+        step_stream<T>(s, sh, ring, position, chunks);
+        return;
     }
-    const T* lm_head = (const T*)s.lm_head;
-    logits_prefetch(lm_head, s.vocab, d, blockIdx.x, gridDim.x);
-    grid_barrier(s.barrier);
-    logits_body(s.h, s.stats, s.lnf_g, s.lnf_b, s.lnf_eps, lm_head, s.logits, s.best, s.counters, s.state, s.vocab, d, blockIdx.x,
-                gridDim.x);
+    StepRing r{ring, 0};
+    const int* known = nullptr;
+    bool normed = false;
+    float bv = NEG_INF;
+    int bi = 0x7fffffff;
+    step_walk(s, chunks, [&](int kind, int layer, int t) {
+        if (kind == STEP_EMBED) {
+            step_embed<T>(s, sh, t, token, position);
+        } else if (kind == STEP_ATTN) {
+            step_attention<T>(s, sh, r, layer, t, position, chunks, known);
+        } else if (kind == STEP_LOGITS) {
+            step_logits<T>(s, sh, r, xs, t, normed, known, bv, bi);
+        } else {
+            step_gemv<T>(s, sh, r, xs, kind, layer, t, position, chunks, known);
+        }
+    });
+    step_finish(s, sh, bv, bi);
 }
+#else
+template <typename T>
+__device__ void decode_step(const StepArgs&) {
+    // sm_90's bulk copies and mbarrier transactions: the host launches it only there.
+    __trap();
+}
+#endif
 
 #define INSTANCES(SUFFIX, T)                                                                                          \
     extern "C" __global__ void __launch_bounds__(STAT_COLUMNS) embed_##SUFFIX(const int* state, const T* wte, const T* wpe, float* h, \
@@ -803,7 +1464,7 @@ __device__ void decode_step(const StepArgs& s) {
             const float* beta, float eps, const T* w, float* logits, float* best, int* counters, int* state, int rows, int d_model) { \
         logits_argmax<T>(h, stats, gamma, beta, eps, w, logits, best, counters, state, rows, d_model);               \
     }                                                                                                                 \
-    extern "C" __global__ void __launch_bounds__(STEP_THREADS, STEP_MIN_BLOCKS) decode_step_##SUFFIX(StepArgs s) { decode_step<T>(s); }
+    extern "C" __global__ void __launch_bounds__(STEP_THREADS, 1) decode_step_##SUFFIX(StepArgs s) { decode_step<T>(s); }
 
 INSTANCES(bf16, bf16)
 INSTANCES(f32, float)

@@ -21,12 +21,14 @@
 //! throughout (the products' operands bf16), so a bf16 model runs slightly more precisely than
 //! burn's bf16 path (which rounds every intermediate).
 //!
-//! The same step also exists as one kernel (`decode_step_*`): one cooperative grid, all of its
-//! blocks resident, running the phases above with grid barriers between them instead of kernel
-//! boundaries. It computes the same step to f32 rounding (its attention blocks are twice as
-//! wide, and its products split their rows for its own grid, so sums are added in other
-//! orders) and is replayed with `LLAVA_JP_GRAPH_STEP=kernel` or [`GraphDecoder::set_step_kernel`];
-//! [`GraphDecoder::profile`] times both.
+//! The same step also exists as one persistent kernel (`decode_step_*`, sm_90): one block an
+//! SM, all resident. Each block takes its share of every phase's tasks (product tiles,
+//! attention chunks, logits rows) in order, and waits only for the counters of the phase it
+//! reads, not for the whole grid; one warp of each block streams the weights of its coming
+//! tasks into a ring of shared-memory stages with bulk copies meanwhile, so the memory does not
+//! idle while the computing warps wait. It computes the same step to f32 rounding (its sums
+//! are split and added in other orders) and is replayed with `LLAVA_JP_GRAPH_STEP=kernel` or
+//! [`GraphDecoder::set_step_kernel`]; [`GraphDecoder::profile`] times both.
 //!
 //! Built by the caller from the model it will generate with ([`GraphDecoder::new`]) and handed
 //! to generation in [`crate::infer::GenerationConfig::graph_decoder`]; generation uses it for
@@ -59,15 +61,18 @@ const GEMV_MAX_SPLITS: usize = 32;
 const GEMV_MIN_ROWS: usize = 64;
 /// Dynamic shared memory a block may use for its input rows (48 KiB less the static arrays).
 const MAX_DYNAMIC_SHARED: usize = 38 * 1024;
-/// The step kernel's threads per block and keys per attention thread (`STEP_THREADS`,
-/// `STEP_ATTN_ITERS` in the source). Its attention chunks must be the attention kernel's, so
-/// that the chunk buffers and attn.c_proj's merge serve both.
-const STEP_THREADS: usize = 256;
-const STEP_ATTN_ITERS: usize = 4;
-const _: () = assert!(STEP_THREADS * STEP_ATTN_ITERS == ATTN_THREADS * ATTN_ITERS);
-/// Dynamic shared memory a step-kernel block may use: 48 KiB less every phase's static arrays
-/// (~16.6 KB, held at once).
-const STEP_MAX_DYNAMIC_SHARED: usize = 30 * 1024;
+/// The step kernel's shape (`STEP_*` in the source): threads per block (eight computing warps
+/// and one streaming warp), the ring of weight stages each block streams into, a product
+/// tile's columns, ints between two of its counters, and the (head, chunk) pairs an
+/// attn.c_proj tile may merge.
+const STEP_THREADS: usize = 256 + 32;
+const STEP_STAGES: usize = 6;
+const STEP_STAGE_BYTES: usize = 32768;
+const STEP_COLUMNS: usize = 256;
+const STEP_PAD: usize = 32;
+const STEP_MERGE: usize = 1024;
+/// Shared memory a block may use on sm_90 (228 KiB an SM, 1 KiB of it the driver's).
+const STEP_SHARED_LIMIT: usize = 227 * 1024;
 
 /// The GEMV kernel's parameters (`GemvArgs` in the source, same order and layout).
 #[repr(C)]
@@ -97,14 +102,21 @@ struct GemvArgs {
     activation: i32,
 }
 
-/// One layer as the step kernel reads it (`DecodeLayer` in the source, same layout).
+/// One layer as the step kernel reads it (`StepLayer` in the source, same layout).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
-struct DecodeLayerArgs {
-    /// c_attn, attn.c_proj, c_fc, mlp.c_proj.
-    weights: [u64; 4],
+struct StepLayerArgs {
+    /// c_attn, attn.c_proj, c_fc, mlp.c_proj: weights and biases.
+    w: [u64; 4],
+    b: [u64; 4],
+    ln1_g: u64,
+    ln1_b: u64,
+    ln2_g: u64,
+    ln2_b: u64,
     k_cache: u64,
     v_cache: u64,
+    ln1_eps: f32,
+    ln2_eps: f32,
     scale: f32,
     unused: f32,
 }
@@ -113,7 +125,6 @@ struct DecodeLayerArgs {
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 struct StepArgs {
-    products: u64,
     layers: u64,
     wte: u64,
     wpe: u64,
@@ -122,37 +133,109 @@ struct StepArgs {
     lnf_b: u64,
     h: u64,
     stats: u64,
-    qkv: u64,
     logits: u64,
     best: u64,
+    parts: u64,
     chunk_acc: u64,
     chunk_ml: u64,
     state: u64,
     counters: u64,
-    barrier: u64,
     lnf_eps: f32,
     n_layer: i32,
     n_embd: i32,
     n_head: i32,
+    inner: i32,
     vocab: i32,
     n_positions: i32,
-    head_dim: i32,
+    activation: i32,
+    rows: [i32; 4],
+    attn_keys: i32,
     max_chunks: i32,
-    attn_chunk: i32,
-    lanes_per_key: i32,
+    logits_rows: i32,
+    parts_per_layer: i32,
+    n_counters: i32,
+    xs_floats: i32,
+}
+
+/// How the step kernel cuts a model's step into tasks (the source takes these, and its
+/// buffers are sized from them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct StepTiling {
+    /// Rows of a tile of c_attn, attn.c_proj, c_fc, mlp.c_proj: each product in at most as
+    /// many tiles as the grid has blocks, so that no block takes two tiles of a phase (the
+    /// phase would wait on its second tile's stream) and few partial sums are left to add.
+    rows: [usize; 4],
+    /// Keys of an attention chunk (its older keys and values fill one stage), and chunks of
+    /// the longest sequence.
+    attn_keys: usize,
+    max_chunks: usize,
+    /// lm_head rows of a logits task (one stage).
+    logits_rows: usize,
+    parts_per_layer: usize,
+    n_counters: usize,
+    /// Floats of a block's input rows (a tile's, or ln_f's whole width).
+    xs_floats: usize,
+}
+
+impl StepTiling {
+    /// The tiling for `shape`, or why the step kernel does not take it: its bulk copies move
+    /// rows of whole 16-byte units, so every width must be a multiple of 16 bytes.
+    fn new(shape: DecoderShape, bf16: bool, blocks: usize) -> Result<Self, String> {
+        let DecoderShape { n_layer, n_embd, n_head, inner, n_positions, .. } = shape;
+        let elem = if bf16 { 2 } else { 4 };
+        let head_dim = n_embd / n_head;
+        for (what, width) in [("n_embd", n_embd), ("the MLP's width", inner), ("head_dim", head_dim)] {
+            if width * elem % 16 != 0 {
+                return Err(format!("{what} = {width}: rows of {} bytes, not a multiple of 16", width * elem));
+            }
+        }
+        if head_dim > 256 {
+            return Err(format!("heads {head_dim} wide (at most 256)"));
+        }
+        let products = [(n_embd, 3 * n_embd), (n_embd, n_embd), (n_embd, inner), (inner, n_embd)];
+        let rows = products.map(|(k, n)| {
+            let splits = (blocks / n.div_ceil(STEP_COLUMNS)).max(1);
+            k.div_ceil(splits).div_ceil(8) * 8
+        });
+        let attn_keys = (STEP_STAGE_BYTES / (2 * head_dim * elem)).min(256);
+        let max_chunks = n_positions.div_ceil(attn_keys);
+        // attn.c_proj's tile: the heads its rows reach (one more where they start mid-head).
+        let heads = rows[1].div_ceil(head_dim) + 1;
+        if heads * max_chunks > STEP_MERGE || heads > 64 {
+            return Err(format!("{heads} heads x {max_chunks} attention chunks to merge in a tile, more than {STEP_MERGE}"));
+        }
+        let logits_rows = STEP_STAGE_BYTES / (n_embd * elem);
+        if logits_rows == 0 {
+            return Err(format!("n_embd = {n_embd}: an lm_head row does not fit a {STEP_STAGE_BYTES}-byte stage"));
+        }
+        let parts_per_layer = products.iter().zip(rows).map(|(&(k, n), r)| k.div_ceil(r) * n).sum();
+        // Per layer, as `step_counters` in the source: c_attn's and c_fc's column blocks, the
+        // heads, two residual points, and the residual products' column blocks twice.
+        let per_layer = (3 * n_embd).div_ceil(STEP_COLUMNS) + n_head + 1 + inner.div_ceil(STEP_COLUMNS) + 1 + 2 * n_embd.div_ceil(STEP_COLUMNS);
+        let n_counters = 2 + n_layer * per_layer;
+        let xs_floats = n_embd.max(rows.into_iter().max().unwrap_or(0));
+        Ok(StepTiling { rows, attn_keys, max_chunks, logits_rows, parts_per_layer, n_counters, xs_floats })
+    }
+
+    /// Dynamic shared memory a block takes: the ring and the input rows.
+    fn dynamic_shared(&self) -> usize {
+        STEP_STAGES * STEP_STAGE_BYTES + self.xs_floats * 4
+    }
 }
 
 /// The step kernel's grid and buffers, where the device takes it.
 struct StepKernel {
-    /// Blocks of the grid: as many as the GPU holds at once (a cooperative launch).
+    /// Blocks of the grid: one an SM, all resident (a cooperative launch).
     blocks: usize,
-    /// Dynamic shared memory per block (the widest product's input rows, or ln_f's input).
-    shared: u32,
-    /// The layers' [`DecodeLayerArgs`] and their products' [`GemvArgs`] (four a layer).
+    tiling: StepTiling,
+    /// The layers' [`StepLayerArgs`].
     layers: u64,
-    products: u64,
-    /// The grid barrier's count (`grid_barrier` in the source).
-    barrier: u64,
+    /// Per layer: the products' partial sums, the attention's chunks.
+    parts: u64,
+    chunk_acc: u64,
+    chunk_ml: u64,
+    /// The tasks' counters, `STEP_PAD` ints apart; zero between steps.
+    counters: u64,
 }
 
 const PROLOGUE_PLAIN: i32 = 0;
@@ -228,8 +311,8 @@ unsafe fn launch_kernel(
 }
 
 /// Launches `function` with every block of `blocks` resident at once (a cooperative launch:
-/// the launch fails rather than start more blocks than the GPU holds), for the step kernel's
-/// grid barriers.
+/// the launch fails rather than start more blocks than the GPU holds), for the step kernel,
+/// whose blocks wait on each other's counters.
 ///
 /// # Safety
 /// As [`launch_kernel`].
@@ -339,7 +422,7 @@ struct Kernels {
     gemv: CudaFunction,
     attention: CudaFunction,
     logits: CudaFunction,
-    /// The whole step as one kernel with grid barriers (`decode_step_*`).
+    /// The whole step as one persistent kernel (`decode_step_*`).
     step: CudaFunction,
     prefill_residual_layernorm: CudaFunction,
     prefill_split_qkv: CudaFunction,
@@ -820,14 +903,13 @@ impl GraphDecoder {
             stream,
             memory,
         };
-        // The step kernel is prepared wherever the device runs it (so that `profile` measures
-        // both), and replayed with `LLAVA_JP_GRAPH_STEP=kernel`: the step's kernels one after
-        // another measured faster (model-import/results/step-kernel-2026-12-06/).
-        let want_step_kernel = std::env::var("LLAVA_JP_GRAPH_STEP").is_ok_and(|v| v == "kernel");
-        match decoder.prepare_step_kernel() {
-            Ok(()) => decoder.use_step_kernel = want_step_kernel,
-            Err(why) if want_step_kernel => eprintln!("graph decoding: the step's kernels one by one ({why})"),
-            Err(_) => {}
+        // The step kernel (`LLAVA_JP_GRAPH_STEP=kernel`) is prepared only when asked for: it
+        // keeps a copy of the layers' weights of its own.
+        if std::env::var("LLAVA_JP_GRAPH_STEP").is_ok_and(|v| v == "kernel") {
+            match decoder.prepare_step_kernel() {
+                Ok(()) => decoder.use_step_kernel = true,
+                Err(why) => eprintln!("graph decoding: the step's kernels one by one ({why})"),
+            }
         }
         if let Err(why) = decoder.capture() {
             if !decoder.use_step_kernel {
@@ -840,87 +922,98 @@ impl GraphDecoder {
         Ok(decoder)
     }
 
-    /// The step kernel's grid (every block resident: the GPU's blocks at once for its
-    /// registers and shared memory), its products' splits for that grid, and their arguments
-    /// and the layers' in device memory.
+    /// The step kernel's grid (one block an SM, all resident), its tiling and buffers, and
+    /// the layers' arguments in device memory; an error where the device or the model's shape
+    /// does not take it.
     fn prepare_step_kernel(&mut self) -> Result<(), String> {
-        let DecoderShape { n_embd, inner, .. } = self.shape;
-        let shared_for = |blocks: usize| {
-            let rows = [(n_embd, 3 * n_embd), (n_embd, n_embd), (n_embd, inner), (inner, n_embd)]
-                .into_iter()
-                .map(|(k, n)| gemv_splits(k, n, blocks).1)
-                .max()
-                .unwrap_or(8);
-            (rows.max(n_embd) * 4) as u32
-        };
-        let occupancy = |shared: u32| {
-            self.kernels
-                .step
-                .occupancy_max_active_blocks_per_multiprocessor(STEP_THREADS as u32, shared as usize, None)
-                .map_err(|e| format!("the step kernel's occupancy: {e}"))
-        };
-        // Rows per split shrink as blocks grow: size the grid for the smallest input, then
-        // take fewer blocks while the rows that many blocks need do not fit as many an SM.
-        let mut per_sm = occupancy(shared_for(usize::MAX / 2))? as usize;
-        let mut shared = shared_for(per_sm * self.sms);
-        loop {
-            let fits = occupancy(shared)? as usize;
-            if fits >= per_sm || fits == 0 {
-                per_sm = per_sm.min(fits);
-                break;
-            }
-            per_sm = fits;
-            shared = shared_for(per_sm * self.sms);
+        // Bulk copies and mbarrier transactions: sm_90, and the source compiled for it.
+        if !self.kernels.dependent {
+            let (major, minor) = self.kernels.capability;
+            return Err(format!("it needs sm_90 and programmatic launches (the device is sm_{major}{minor})"));
         }
-        let blocks = per_sm * self.sms;
-        if blocks == 0 {
+        let tiling = StepTiling::new(self.shape, self.bf16, self.sms)?;
+        let DecoderShape { n_layer, n_embd, n_head, .. } = self.shape;
+        let step = &self.kernels.step;
+        let static_shared = step
+            .get_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
+            .map_err(|e| format!("the step kernel's shared memory: {e}"))? as usize;
+        let dynamic = tiling.dynamic_shared();
+        if static_shared + dynamic > STEP_SHARED_LIMIT {
+            return Err(format!("{} bytes of shared memory a block, more than {STEP_SHARED_LIMIT}", static_shared + dynamic));
+        }
+        step.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, dynamic as i32)
+            .map_err(|e| format!("the step kernel's shared memory ({dynamic} bytes): {e}"))?;
+        let per_sm = step
+            .occupancy_max_active_blocks_per_multiprocessor(STEP_THREADS as u32, dynamic, None)
+            .map_err(|e| format!("the step kernel's occupancy: {e}"))?;
+        if per_sm == 0 {
             return Err("no block of the step kernel fits an SM".into());
         }
-        if shared as usize > STEP_MAX_DYNAMIC_SHARED {
-            return Err(format!("its products need {shared} bytes of shared memory a block, more than {STEP_MAX_DYNAMIC_SHARED}"));
+        let blocks = self.sms;
+        // Weights and cache rows are copied in 16-byte units from where they start.
+        for (i, l) in self.layers.iter().enumerate() {
+            let at = [("c_attn", l.c_attn.0), ("attn.c_proj", l.attn_proj.0), ("c_fc", l.c_fc.0), ("mlp.c_proj", l.mlp_proj.0)];
+            for (what, at) in at.into_iter().chain([("k cache", l.k_cache), ("v cache", l.v_cache)]) {
+                if at % 16 != 0 {
+                    return Err(format!("layer {i}'s {what} at {at:#x}, not 16-byte aligned"));
+                }
+            }
         }
-        let layers: Vec<DecodeLayerArgs> = self
+        if self.lm_head % 16 != 0 {
+            return Err(format!("lm_head at {:#x}, not 16-byte aligned", self.lm_head));
+        }
+        // The step kernel's own copy of each layer's products, a column block after another
+        // (tile_by_column_blocks): a tile's rows are then one stretch of memory, which streams
+        // at the memory's speed where rows of 512 bytes far apart do not (call 3).
+        self.memory.context.bind_to_thread().map_err(|e| e.to_string())?;
+        let elem = if self.bf16 { 2 } else { 4 };
+        let DecoderShape { inner, .. } = self.shape;
+        let shapes = [(n_embd, 3 * n_embd), (n_embd, n_embd), (n_embd, inner), (inner, n_embd)];
+        let mut tiled = Vec::with_capacity(self.layers.len());
+        for (i, l) in self.layers.iter().enumerate() {
+            let mut w = [0u64; 4];
+            for (j, (at, (k, n))) in [l.c_attn.0, l.attn_proj.0, l.c_fc.0, l.mlp_proj.0].into_iter().zip(shapes).enumerate() {
+                w[j] = tile_by_column_blocks(&mut self.memory, at, k, n, elem, &format!("layer {i}'s product {j}, by column blocks"))?;
+            }
+            tiled.push(w);
+        }
+        let layers: Vec<StepLayerArgs> = self
             .layers
             .iter()
-            .map(|l| DecodeLayerArgs {
-                weights: [l.c_attn.0, l.attn_proj.0, l.c_fc.0, l.mlp_proj.0],
+            .zip(tiled)
+            .map(|(l, w)| StepLayerArgs {
+                w,
+                b: [l.c_attn.1, l.attn_proj.1, l.c_fc.1, l.mlp_proj.1],
+                ln1_g: l.ln_1.0,
+                ln1_b: l.ln_1.1,
+                ln2_g: l.ln_2.0,
+                ln2_b: l.ln_2.1,
                 k_cache: l.k_cache,
                 v_cache: l.v_cache,
+                ln1_eps: l.eps.0,
+                ln2_eps: l.eps.1,
                 scale: l.scale,
                 unused: 0.0,
             })
             .collect();
-        let products: Vec<GemvArgs> = self
-            .layers
-            .iter()
-            .flat_map(|layer| self.layer_products(layer).map(|(_, _, args)| with_splits(args, blocks).0))
-            .collect();
-        let upload = |memory: &mut Memory, bytes: &[u8], what: &str| -> Result<u64, String> {
-            let at = memory.alloc(bytes.len(), what)?;
-            // SAFETY: `at` holds bytes.len() bytes; a synchronous copy from host memory.
-            unsafe { result::memcpy_htod_sync(at, bytes) }.map_err(|e| format!("copying {what}: {e}"))?;
-            Ok(at)
-        };
-        // SAFETY: plain-old-data structs of u64/f32/i32 fields, viewed as their bytes.
-        let as_bytes = |ptr: *const u8, len: usize| unsafe { std::slice::from_raw_parts(ptr, len) };
-        let layers = upload(
-            &mut self.memory,
-            as_bytes(layers.as_ptr().cast(), std::mem::size_of_val(layers.as_slice())),
-            "the step kernel's layers",
-        )?;
-        let products = upload(
-            &mut self.memory,
-            as_bytes(products.as_ptr().cast(), std::mem::size_of_val(products.as_slice())),
-            "the step kernel's products",
-        )?;
-        let barrier = self.memory.alloc(4, "the step kernel's grid barrier")?;
-        // SAFETY: 4 bytes just allocated; the barrier's count starts at 0.
-        unsafe { result::memset_d8_sync(barrier, 0, 4) }.map_err(|e| format!("zeroing the grid barrier: {e}"))?;
+        // SAFETY: plain-old-data structs of u64/f32 fields, viewed as their bytes.
+        let bytes = unsafe { std::slice::from_raw_parts(layers.as_ptr().cast::<u8>(), std::mem::size_of_val(layers.as_slice())) };
+        let layers = self.memory.alloc(bytes.len(), "the step kernel's layers")?;
+        // SAFETY: `layers` holds bytes.len() bytes; a synchronous copy from host memory.
+        unsafe { result::memcpy_htod_sync(layers, bytes) }.map_err(|e| format!("copying the step kernel's layers: {e}"))?;
+        let head_dim = n_embd / n_head;
+        let parts = self.memory.alloc(n_layer * tiling.parts_per_layer * 4, "the step kernel's partial sums")?;
+        let chunk_acc = self.memory.alloc(n_layer * n_head * tiling.max_chunks * head_dim * 4, "the step kernel's attention chunks")?;
+        let chunk_ml = self.memory.alloc(n_layer * n_head * tiling.max_chunks * 2 * 4, "the step kernel's attention maxima")?;
+        let counter_bytes = tiling.n_counters * STEP_PAD * 4;
+        let counters = self.memory.alloc(counter_bytes, "the step kernel's counters")?;
+        // SAFETY: just allocated with that many bytes; the kernel expects its counters zero.
+        unsafe { result::memset_d8_sync(counters, 0, counter_bytes) }.map_err(|e| format!("zeroing the step kernel's counters: {e}"))?;
         // The logits phase keeps one (value, index) per block of the grid.
         if blocks > self.logits_blocks {
             self.best = self.memory.alloc(blocks * 2 * 4, "arg max per block")?;
         }
-        self.step_kernel = Some(StepKernel { blocks, shared, layers, products, barrier });
+        self.step_kernel = Some(StepKernel { blocks, tiling, layers, parts, chunk_acc, chunk_ml, counters });
         Ok(())
     }
 
@@ -949,6 +1042,11 @@ impl GraphDecoder {
     /// How long the last prompt's cache took to copy in (part of the first decode step).
     pub fn last_cache_load(&self) -> std::time::Duration {
         self.last_cache_load
+    }
+
+    /// The device's compute capability (major, minor).
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.kernels.capability
     }
 
     pub fn shape(&self) -> DecoderShape {
@@ -1479,9 +1577,9 @@ impl GraphDecoder {
 
     /// The whole step as one cooperative launch of the step kernel.
     fn launch_step_kernel(&self, step: &StepKernel) -> Result<(), String> {
-        let DecoderShape { n_layer, n_embd, n_head, vocab, n_positions, .. } = self.shape;
+        let DecoderShape { n_layer, n_embd, n_head, inner, vocab, n_positions } = self.shape;
+        let t = &step.tiling;
         let args = StepArgs {
-            products: step.products,
             layers: step.layers,
             wte: self.wte,
             wpe: self.wpe,
@@ -1490,29 +1588,34 @@ impl GraphDecoder {
             lnf_b: self.ln_f.1,
             h: self.h,
             stats: self.stats,
-            qkv: self.qkv,
             logits: self.logits,
             best: self.best,
-            chunk_acc: self.chunk_acc,
-            chunk_ml: self.chunk_ml,
+            parts: step.parts,
+            chunk_acc: step.chunk_acc,
+            chunk_ml: step.chunk_ml,
             state: self.state,
-            counters: self.counters,
-            barrier: step.barrier,
+            counters: step.counters,
             lnf_eps: self.ln_f.2,
             n_layer: n_layer as i32,
             n_embd: n_embd as i32,
             n_head: n_head as i32,
+            inner: inner as i32,
             vocab: vocab as i32,
             n_positions: n_positions as i32,
-            head_dim: (n_embd / n_head) as i32,
-            max_chunks: self.max_chunks as i32,
-            attn_chunk: self.attn_chunk as i32,
-            lanes_per_key: self.lanes_per_key as i32,
+            activation: self.activation,
+            rows: t.rows.map(|r| r as i32),
+            attn_keys: t.attn_keys as i32,
+            max_chunks: t.max_chunks as i32,
+            logits_rows: t.logits_rows as i32,
+            parts_per_layer: t.parts_per_layer as i32,
+            n_counters: t.n_counters as i32,
+            xs_floats: t.xs_floats as i32,
         };
         let mut params = params![&args];
+        let shared = t.dynamic_shared() as u32;
         // SAFETY: `StepArgs` mirrors the kernel's parameter; its addresses are the decoder's
-        // buffers and the step kernel's arrays, sized in `new` / `prepare_step_kernel`.
-        unsafe { launch_cooperative(&self.kernels.step, &self.stream, step.blocks as u32, STEP_THREADS as u32, step.shared, &mut params) }
+        // buffers and the step kernel's, sized in `new` / `prepare_step_kernel` from `t`.
+        unsafe { launch_cooperative(&self.kernels.step, &self.stream, step.blocks as u32, STEP_THREADS as u32, shared, &mut params) }
             .map_err(|e| format!("decode step kernel ({} blocks): {e}", step.blocks))
     }
 
@@ -1542,6 +1645,37 @@ impl GraphDecoder {
         // in `new`.
         unsafe { launch_kernel(&self.kernels.logits, &self.stream, grid, 256, shared, dependent, &mut params) }
     }
+}
+
+/// A copy of `w` ([k, n] row-major, `elem` bytes a value) by column blocks: block c (columns
+/// from `STEP_COLUMNS` x c, at most that many) as a [k, its width] matrix of its own, the
+/// blocks one after another, so that any rows of one block are one contiguous stretch.
+fn tile_by_column_blocks(memory: &mut Memory, w: u64, k: usize, n: usize, elem: usize, what: &str) -> Result<u64, String> {
+    let tiled = memory.alloc(k * n * elem, what)?;
+    for c in 0..n.div_ceil(STEP_COLUMNS) {
+        let cols = STEP_COLUMNS.min(n - c * STEP_COLUMNS);
+        let copy = sys::CUDA_MEMCPY2D {
+            srcXInBytes: 0,
+            srcY: 0,
+            srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+            srcHost: std::ptr::null(),
+            srcDevice: w + (c * STEP_COLUMNS * elem) as u64,
+            srcArray: std::ptr::null_mut(),
+            srcPitch: n * elem,
+            dstXInBytes: 0,
+            dstY: 0,
+            dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+            dstHost: std::ptr::null_mut(),
+            dstDevice: tiled + (c * STEP_COLUMNS * k * elem) as u64,
+            dstArray: std::ptr::null_mut(),
+            dstPitch: cols * elem,
+            WidthInBytes: cols * elem,
+            Height: k,
+        };
+        // SAFETY: both ranges lie in allocations of k x n values (`w` the decoder's weights).
+        unsafe { sys::cuMemcpy2D_v2(&copy) }.result().map_err(|e| format!("copying {what}: {e}"))?;
+    }
+    Ok(tiled)
 }
 
 /// `args` with its rows per split for a grid of `slots` blocks at once, and its splits.
@@ -1674,6 +1808,28 @@ mod tests {
         assert_eq!((size, align), (48, 8));
     }
 
+    /// llm-jp-1.3b's step on an H100 / H200 (132 SMs): every product in at most one tile a
+    /// block, the attention's chunks and the logits' rows one stage each, the ring and input
+    /// rows within an SM's shared memory (with ~22 KB of static arrays); and widths the bulk
+    /// copies cannot move refused by name.
+    #[test]
+    fn step_tiling_at_full_size() {
+        let shape = DecoderShape { n_layer: 24, n_embd: 2048, n_head: 16, inner: 8192, vocab: 50688, n_positions: 2048 };
+        let t = StepTiling::new(shape, true, 132).unwrap();
+        assert_eq!(t.rows, [416, 128, 512, 512]);
+        let products: [(usize, usize); 4] = [(2048, 6144), (2048, 2048), (2048, 8192), (8192, 2048)];
+        for ((k, n), rows) in products.into_iter().zip(t.rows) {
+            assert!(k.div_ceil(rows) * n.div_ceil(STEP_COLUMNS) <= 132, "{k}x{n} in tiles of {rows} rows");
+        }
+        assert_eq!((t.attn_keys, t.max_chunks, t.logits_rows), (64, 32, 8));
+        assert_eq!(t.parts_per_layer, 5 * 6144 + 16 * 2048 + 4 * 8192 + 16 * 2048);
+        assert_eq!(t.n_counters, 2 + 24 * (24 + 16 + 1 + 32 + 1 + 2 * 8));
+        assert!(t.dynamic_shared() + 23 * 1024 <= STEP_SHARED_LIMIT, "{} bytes of dynamic shared memory", t.dynamic_shared());
+        let odd = DecoderShape { n_embd: 13, n_head: 1, inner: 52, ..shape };
+        let why = StepTiling::new(odd, true, 132).unwrap_err();
+        assert!(why.contains("n_embd = 13"), "{why}");
+    }
+
     /// Each Rust mirror of a kernel's argument struct has the source's fields, in its order, at
     /// its offsets, and its size: a field added to one side only would shift every later one
     /// without any error at launch.
@@ -1687,10 +1843,10 @@ mod tests {
         let cases = [
             ("GemvArgs", rust_layout!(GemvArgs: x, h, stats, gamma, beta, eps, bias, parts, out, counters, state, chunk_acc, chunk_ml,
                 head_dim, attn_chunk, max_chunks, k_dim, n_dim, rows_per_split, prologue, epilogue, activation)),
-            ("DecodeLayer", rust_layout!(DecodeLayerArgs: weights, k_cache, v_cache, scale, unused)),
-            ("StepArgs", rust_layout!(StepArgs: products, layers, wte, wpe, lm_head, lnf_g, lnf_b, h, stats, qkv, logits, best, chunk_acc,
-                chunk_ml, state, counters, barrier, lnf_eps, n_layer, n_embd, n_head, vocab, n_positions, head_dim, max_chunks,
-                attn_chunk, lanes_per_key)),
+            ("StepLayer", rust_layout!(StepLayerArgs: w, b, ln1_g, ln1_b, ln2_g, ln2_b, k_cache, v_cache, ln1_eps, ln2_eps, scale, unused)),
+            ("StepArgs", rust_layout!(StepArgs: layers, wte, wpe, lm_head, lnf_g, lnf_b, h, stats, logits, best, parts, chunk_acc, chunk_ml,
+                state, counters, lnf_eps, n_layer, n_embd, n_head, inner, vocab, n_positions, activation, rows, attn_keys, max_chunks,
+                logits_rows, parts_per_layer, n_counters, xs_floats)),
         ];
         for (name, (rust_fields, rust_size)) in cases {
             let (c_fields, c_size, _) = c_layout(SOURCE, name);
