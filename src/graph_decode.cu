@@ -677,9 +677,10 @@ __device__ void logits_argmax(const float* h, const float* stats, const float* g
 #define STEP_THREADS (STEP_CONSUMERS + 32)
 #define STEP_STAGES 6
 // How the streaming warp fills a stage (one contiguous stretch): 1, one bulk copy by the TMA
-// unit; 0, 16-byte cp.async by every lane (as fast when stages were 64 rows of 512 bytes).
+// unit; 0, 16-byte cp.async by every lane, measured faster (step 1.467 against 1.669 ms on an
+// H100, model-import/results/stream-step-2026-12-07/ call 5).
 #ifndef STEP_BULK
-#define STEP_BULK 1
+#define STEP_BULK 0
 #endif
 #define STEP_STAGE_BYTES 32768
 #define STEP_COLUMNS 256

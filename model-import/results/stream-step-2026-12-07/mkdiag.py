@@ -105,4 +105,14 @@ rep('''            step_gemv<T>(s, sh, r, xs, kind, layer, t, position, chunks, 
             printf("TRACE %d %d %d %d %u %u %u\\n", blockIdx.x, i, sh.tr.kind[i], sh.tr.layer[i], sh.tr.start[i], sh.tr.wait[i], sh.tr.done[i]);
     }
 #endif''')
+import re
+# Each task's wait on several counters ends its "wait" in the trace too.
+s, n = re.subn(r"(\n(\s*)wait_counters\(s,[^;]*\);)", r"\1\n\2STEP_TRACE_WAITED(sh);", s)
+assert n == 3, n
+rep('''struct StepShared {''','''#ifdef STEP_TRACE_POS
+#define STEP_TRACE_WAITED(sh) if (threadIdx.x == 0) (sh).tr.last_wait = (unsigned)(global_ns() - (sh).tr.base)
+#else
+#define STEP_TRACE_WAITED(sh)
+#endif
+struct StepShared {''')
 open(sys.argv[1],'w').write(s)
