@@ -1325,10 +1325,12 @@ __device__ void step_logits(const StepArgs& s, StepShared& sh, StepRing& ring, f
     });
 }
 
-// The block's arg max, then the last block's of all: the next token, the position moved on,
-// and every counter back to zero for the next step.
-__device__ void step_finish(const StepArgs& s, StepShared& sh, float bv, int bi) {
+// Each warp's (value, index) (every lane holding it) combined into thread 0's, by the total
+// order larger value, then smaller index.
+__device__ void consumers_best(float& bv, int& bi, StepShared& sh) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    // The arrays may still be read from a combination before.
+    consumers_sync();
     if (lane == 0) {
         sh.best_v[warp] = bv;
         sh.best_i[warp] = bi;
@@ -1341,6 +1343,14 @@ __device__ void step_finish(const StepArgs& s, StepShared& sh, float bv, int bi)
                 bi = sh.best_i[w];
             }
         }
+    }
+}
+
+// The block's arg max, then the last block's of all: the next token, the position moved on,
+// and every counter back to zero for the next step.
+__device__ void step_finish(const StepArgs& s, StepShared& sh, float bv, int bi) {
+    consumers_best(bv, bi, sh);
+    if (threadIdx.x == 0) {
         s.best[2 * blockIdx.x] = bv;
         s.best[2 * blockIdx.x + 1] = __int_as_float(bi);
     }
@@ -1367,19 +1377,8 @@ __device__ void step_finish(const StepArgs& s, StepShared& sh, float bv, int bi)
             bi = i;
         }
     }
-    consumers_sync();
-    if (lane == 0) {
-        sh.best_v[warp] = bv;
-        sh.best_i[warp] = bi;
-    }
-    consumers_sync();
+    consumers_best(bv, bi, sh);
     if (threadIdx.x == 0) {
-        for (int w = 1; w < STEP_CONSUMERS / 32; w++) {
-            if (sh.best_v[w] > bv || (sh.best_v[w] == bv && sh.best_i[w] < bi)) {
-                bv = sh.best_v[w];
-                bi = sh.best_i[w];
-            }
-        }
         int token = bi == 0x7fffffff ? 0 : bi;
         s.state[2] = token;
         s.state[0] = token;
