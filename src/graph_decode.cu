@@ -683,7 +683,8 @@ __device__ void logits_argmax(const float* h, const float* stats, const float* g
 #define STEP_BULK 0
 #endif
 #define STEP_STAGE_BYTES 32768
-#define STEP_COLUMNS 256
+// A tile's columns: a LayerNorm statistics slot, so a residual tail leaves whole slots.
+#define STEP_COLUMNS STAT_COLUMNS
 // Ints between two counters: a 128-byte line each.
 #define STEP_PAD 32
 // (head, chunk) pairs attn.c_proj's tile merges at most.

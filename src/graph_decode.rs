@@ -25,7 +25,7 @@
 //! SM, all resident. Each block takes its share of every phase's tasks (product tiles,
 //! attention chunks, logits rows) in order, and waits only for the counters of the phase it
 //! reads, not for the whole grid; one warp of each block streams the weights of its coming
-//! tasks into a ring of shared-memory stages with bulk copies meanwhile, so the memory does not
+//! tasks into a ring of shared-memory stages (cp.async) meanwhile, so the memory does not
 //! idle while the computing warps wait. It computes the same step to f32 rounding (its sums
 //! are split and added in other orders) and is replayed with `LLAVA_JP_GRAPH_STEP=kernel` or
 //! [`GraphDecoder::set_step_kernel`]; [`GraphDecoder::profile`] times both.
@@ -68,7 +68,7 @@ const MAX_DYNAMIC_SHARED: usize = 38 * 1024;
 const STEP_THREADS: usize = 256 + 32;
 const STEP_STAGES: usize = 6;
 const STEP_STAGE_BYTES: usize = 32768;
-const STEP_COLUMNS: usize = 256;
+const STEP_COLUMNS: usize = GEMV_COLUMNS;
 const STEP_PAD: usize = 32;
 const STEP_MERGE: usize = 1024;
 /// Shared memory a block may use on sm_90 (228 KiB an SM, 1 KiB of it the driver's).
@@ -177,6 +177,12 @@ struct StepTiling {
     xs_floats: usize,
 }
 
+/// (k, n) of c_attn, attn.c_proj, c_fc and mlp.c_proj, in the step kernel's order.
+fn step_products(shape: DecoderShape) -> [(usize, usize); 4] {
+    let DecoderShape { n_embd, inner, .. } = shape;
+    [(n_embd, 3 * n_embd), (n_embd, n_embd), (n_embd, inner), (inner, n_embd)]
+}
+
 impl StepTiling {
     /// The tiling for `shape`, or why the step kernel does not take it: its bulk copies move
     /// rows of whole 16-byte units, so every width must be a multiple of 16 bytes.
@@ -192,7 +198,7 @@ impl StepTiling {
         if head_dim > 256 {
             return Err(format!("heads {head_dim} wide (at most 256)"));
         }
-        let products = [(n_embd, 3 * n_embd), (n_embd, n_embd), (n_embd, inner), (inner, n_embd)];
+        let products = step_products(shape);
         let rows = products.map(|(k, n)| {
             let splits = (blocks / n.div_ceil(STEP_COLUMNS)).max(1);
             k.div_ceil(splits).div_ceil(8) * 8
@@ -950,10 +956,10 @@ impl GraphDecoder {
             return Err("no block of the step kernel fits an SM".into());
         }
         let blocks = self.sms;
-        // Weights and cache rows are copied in 16-byte units from where they start.
+        // The cache's rows and lm_head's are copied in 16-byte units from where they start
+        // (the products from the copies made below).
         for (i, l) in self.layers.iter().enumerate() {
-            let at = [("c_attn", l.c_attn.0), ("attn.c_proj", l.attn_proj.0), ("c_fc", l.c_fc.0), ("mlp.c_proj", l.mlp_proj.0)];
-            for (what, at) in at.into_iter().chain([("k cache", l.k_cache), ("v cache", l.v_cache)]) {
+            for (what, at) in [("k cache", l.k_cache), ("v cache", l.v_cache)] {
                 if at % 16 != 0 {
                     return Err(format!("layer {i}'s {what} at {at:#x}, not 16-byte aligned"));
                 }
@@ -967,8 +973,7 @@ impl GraphDecoder {
         // at the memory's speed where rows of 512 bytes far apart do not (call 3).
         self.memory.context.bind_to_thread().map_err(|e| e.to_string())?;
         let elem = if self.bf16 { 2 } else { 4 };
-        let DecoderShape { inner, .. } = self.shape;
-        let shapes = [(n_embd, 3 * n_embd), (n_embd, n_embd), (n_embd, inner), (inner, n_embd)];
+        let shapes = step_products(self.shape);
         let mut tiled = Vec::with_capacity(self.layers.len());
         for (i, l) in self.layers.iter().enumerate() {
             let mut w = [0u64; 4];
