@@ -683,6 +683,10 @@ __device__ void logits_argmax(const float* h, const float* stats, const float* g
 #define STEP_BULK 0
 #endif
 #define STEP_STAGE_BYTES 32768
+// Stages the stream walks ahead of its fills, asking L2 for them (0: none).
+#ifndef STEP_PREFETCH
+#define STEP_PREFETCH 8
+#endif
 // A tile's columns: a LayerNorm statistics slot, so a residual tail leaves whole slots.
 #define STEP_COLUMNS STAT_COLUMNS
 // Ints between two counters: a 128-byte line each.
@@ -738,6 +742,13 @@ struct StepArgs {
 #define STEP_MLP 5
 #define STEP_LOGITS 6
 
+// What one stage holds: `bytes` from `a`, and as many from `b` (if any) at `b_offset`.
+struct StepPiece {
+    const char* a;
+    const char* b;
+    unsigned bytes, b_offset;
+};
+
 struct StepShared {
     float sums[STEP_CONSUMERS / 32][STEP_COLUMNS];
     float sc[256];
@@ -750,6 +761,9 @@ struct StepShared {
     int best_i[8];
     int flag;
     unsigned long long full[STEP_STAGES], empty[STEP_STAGES];
+#if STEP_PREFETCH > 0
+    StepPiece queue[STEP_PREFETCH];
+#endif
 };
 
 // A product's shape and tiling: p 0..3 is c_attn, attn.c_proj, c_fc, mlp.c_proj.
@@ -837,6 +851,10 @@ __device__ __forceinline__ void mbar_arrive_on_copies(unsigned long long* bar) {
 // `bytes` (a multiple of 16) from `src` to `dst`, by the warp's lanes (`lane` of 32).
 __device__ __forceinline__ void copy_async(char* dst, const char* src, unsigned bytes, int lane) {
     for (unsigned u = lane * 16; u < bytes; u += 32 * 16) copy16_async(dst + u, src + u);
+}
+// Ask L2 for `bytes` (a multiple of 16) from `src`, without waiting.
+__device__ __forceinline__ void prefetch_l2(const void* src, unsigned bytes) {
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
 }
 __device__ __forceinline__ int load_acquire(const int* p) {
     int v;
@@ -955,27 +973,53 @@ __device__ __forceinline__ int product_of_kind(int kind) {
     return kind == STEP_QKV ? 0 : kind == STEP_PROJ ? 1 : kind == STEP_FC ? 2 : 3;
 }
 
-// The stream of one block's stages: for each task the stages it reads, in walk order.
+// The stream of one block's stages: for each task the stages it reads, in walk order. With
+// STEP_PREFETCH > 0 the walk runs that many stages ahead of the fills, asking L2 for each
+// stage's bytes as it is walked: so the memory keeps streaming for a while after the ring is
+// full and the computing warps wait, and the fills that follow come from L2.
 template <typename T>
 __device__ void step_stream(const StepArgs& s, StepShared& sh, char* ring, int position, int chunks) {
     int lane = threadIdx.x & 31;
-    int piece = 0;
+    int filled = 0, walked = 0;
     const int head_dim = s.n_embd / s.n_head;
-    // One stage: wait until the consumers freed it (and with bulk copies, expect `bytes` on
-    // its barrier); the caller's lanes then fill it (`dst`), the copies completing on `bar`.
-    char* dst;
-    unsigned long long* bar;
-    auto stage = [&](unsigned bytes) {
-        int at = piece % STEP_STAGES;
-        unsigned round = piece / STEP_STAGES;
+    // One stage: wait until the consumers freed it, then fill it, the copies completing on
+    // its `full` barrier.
+    auto fill = [&](const StepPiece& q) {
+        int at = filled % STEP_STAGES;
+        unsigned round = filled / STEP_STAGES;
+        unsigned long long* bar = &sh.full[at];
+        char* dst = ring + (size_t)at * STEP_STAGE_BYTES;
         if (lane == 0) {
             mbar_wait(&sh.empty[at], (round & 1) ^ 1);
-            if (STEP_BULK) mbar_arrive_expect(&sh.full[at], bytes);
+            if (STEP_BULK) mbar_arrive_expect(&sh.full[at], q.b ? 2 * q.bytes : q.bytes);
         }
         __syncwarp();
-        dst = ring + (size_t)at * STEP_STAGE_BYTES;
-        bar = &sh.full[at];
-        piece++;
+        if (STEP_BULK) {
+            if (lane == 0 && q.bytes > 0) {
+                bulk_copy(dst, q.a, q.bytes, bar);
+                if (q.b) bulk_copy(dst + q.b_offset, q.b, q.bytes, bar);
+            }
+        } else {
+            copy_async(dst, q.a, q.bytes, lane);
+            if (q.b) copy_async(dst + q.b_offset, q.b, q.bytes, lane);
+            mbar_arrive_on_copies(bar);
+        }
+        filled++;
+    };
+    auto emit = [&](StepPiece q) {
+#if STEP_PREFETCH > 0
+        if (lane == 0 && q.bytes > 0) {
+            prefetch_l2(q.a, q.bytes);
+            if (q.b) prefetch_l2(q.b, q.bytes);
+        }
+        if (walked - filled == STEP_PREFETCH) fill(sh.queue[filled % STEP_PREFETCH]);
+        __syncwarp();
+        if (lane == 0) sh.queue[walked % STEP_PREFETCH] = q;
+        __syncwarp();
+#else
+        fill(q);
+#endif
+        walked++;
     };
     step_walk(s, chunks, [&](int kind, int layer, int t) {
         const StepLayer& L = s.layers[layer];
@@ -984,33 +1028,15 @@ __device__ void step_stream(const StepArgs& s, StepShared& sh, char* ring, int p
             int head = t % s.n_head, c = t / s.n_head;
             int j0 = c * s.attn_keys;
             int n_old = max(0, min(s.attn_keys, position - j0));
-            unsigned bytes = (unsigned)(n_old * head_dim * sizeof(T));
             size_t at = ((size_t)head * s.n_positions + j0) * head_dim;
-            stage(2 * bytes);
-            char* v_dst = dst + (size_t)s.attn_keys * head_dim * sizeof(T);
-            if (STEP_BULK) {
-                if (lane == 0 && bytes > 0) {
-                    bulk_copy(dst, (const T*)L.k_cache + at, bytes, bar);
-                    bulk_copy(v_dst, (const T*)L.v_cache + at, bytes, bar);
-                }
-            } else {
-                copy_async(dst, (const char*)((const T*)L.k_cache + at), bytes, lane);
-                copy_async(v_dst, (const char*)((const T*)L.v_cache + at), bytes, lane);
-                mbar_arrive_on_copies(bar);
-            }
+            emit({(const char*)((const T*)L.k_cache + at), (const char*)((const T*)L.v_cache + at),
+                  (unsigned)(n_old * head_dim * sizeof(T)), (unsigned)(s.attn_keys * head_dim * sizeof(T))});
             return;
         }
         if (kind == STEP_LOGITS) {
             int r0 = t * s.logits_rows, r1 = min(r0 + s.logits_rows, s.vocab);
-            unsigned bytes = (unsigned)((size_t)(r1 - r0) * s.n_embd * sizeof(T));
-            stage(bytes);
             const T* src = (const T*)s.lm_head + (size_t)r0 * s.n_embd;
-            if (STEP_BULK) {
-                if (lane == 0) bulk_copy(dst, src, bytes, bar);
-            } else {
-                copy_async(dst, (const char*)src, bytes, lane);
-                mbar_arrive_on_copies(bar);
-            }
+            emit({(const char*)src, nullptr, (unsigned)((size_t)(r1 - r0) * s.n_embd * sizeof(T)), 0});
             return;
         }
         int p = product_of_kind(kind);
@@ -1024,17 +1050,12 @@ __device__ void step_stream(const StepArgs& s, StepShared& sh, char* ring, int p
         const T* block = w + (size_t)col0 * P.k;
         for (int r0 = k0; r0 < k1; r0 += piece_rows) {
             int nr = min(piece_rows, k1 - r0);
-            unsigned bytes = (unsigned)((size_t)nr * ncols * sizeof(T));
-            const char* src = (const char*)(block + (size_t)r0 * ncols);
-            stage(bytes);
-            if (STEP_BULK) {
-                if (lane == 0) bulk_copy(dst, src, bytes, bar);
-            } else {
-                copy_async(dst, src, bytes, lane);
-                mbar_arrive_on_copies(bar);
-            }
+            emit({(const char*)(block + (size_t)r0 * ncols), nullptr, (unsigned)((size_t)nr * ncols * sizeof(T)), 0});
         }
     });
+#if STEP_PREFETCH > 0
+    while (filled < walked) fill(sh.queue[filled % STEP_PREFETCH]);
+#endif
 }
 
 __device__ __forceinline__ float as_stored(float v, const float*) { return v; }

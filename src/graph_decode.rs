@@ -177,6 +177,12 @@ struct StepTiling {
     xs_floats: usize,
 }
 
+/// "a,b,c,d": four positive counts.
+fn parse_splits(v: &str) -> Option<[usize; 4]> {
+    let counts: Vec<usize> = v.split(',').map(|c| c.trim().parse().ok().filter(|&n| n > 0)).collect::<Option<_>>()?;
+    counts.try_into().ok()
+}
+
 /// (k, n) of c_attn, attn.c_proj, c_fc and mlp.c_proj, in the step kernel's order.
 fn step_products(shape: DecoderShape) -> [(usize, usize); 4] {
     let DecoderShape { n_embd, inner, .. } = shape;
@@ -186,7 +192,9 @@ fn step_products(shape: DecoderShape) -> [(usize, usize); 4] {
 impl StepTiling {
     /// The tiling for `shape`, or why the step kernel does not take it: its bulk copies move
     /// rows of whole 16-byte units, so every width must be a multiple of 16 bytes.
-    fn new(shape: DecoderShape, bf16: bool, blocks: usize) -> Result<Self, String> {
+    /// `splits`: each product's split-K count instead of the most that keeps it within
+    /// `blocks` tiles (`LLAVA_JP_GRAPH_STEP_SPLITS`, for measuring other tilings).
+    fn new(shape: DecoderShape, bf16: bool, blocks: usize, splits: Option<[usize; 4]>) -> Result<Self, String> {
         let DecoderShape { n_layer, n_embd, n_head, inner, n_positions, .. } = shape;
         let elem = if bf16 { 2 } else { 4 };
         let head_dim = n_embd / n_head;
@@ -199,10 +207,18 @@ impl StepTiling {
             return Err(format!("heads {head_dim} wide (at most 256)"));
         }
         let products = step_products(shape);
-        let rows = products.map(|(k, n)| {
+        let mut rows = products.map(|(k, n)| {
             let splits = (blocks / n.div_ceil(STEP_COLUMNS)).max(1);
             k.div_ceil(splits).div_ceil(8) * 8
         });
+        if let Some(splits) = splits {
+            for ((r, (k, _)), s) in rows.iter_mut().zip(products).zip(splits) {
+                if s == 0 || s > k {
+                    return Err(format!("{s} splits of a product {k} rows deep"));
+                }
+                *r = k.div_ceil(s).div_ceil(8) * 8;
+            }
+        }
         let attn_keys = (STEP_STAGE_BYTES / (2 * head_dim * elem)).min(256);
         let max_chunks = n_positions.div_ceil(attn_keys);
         // attn.c_proj's tile: the heads its rows reach (one more where they start mid-head).
@@ -937,7 +953,11 @@ impl GraphDecoder {
             let (major, minor) = self.kernels.capability;
             return Err(format!("it needs sm_90 and programmatic launches (the device is sm_{major}{minor})"));
         }
-        let tiling = StepTiling::new(self.shape, self.bf16, self.sms)?;
+        let splits = match std::env::var("LLAVA_JP_GRAPH_STEP_SPLITS") {
+            Ok(v) => Some(parse_splits(&v).ok_or_else(|| format!("LLAVA_JP_GRAPH_STEP_SPLITS = {v:?}: expected four counts, as 5,16,4,16"))?),
+            Err(_) => None,
+        };
+        let tiling = StepTiling::new(self.shape, self.bf16, self.sms, splits)?;
         let DecoderShape { n_layer, n_embd, n_head, .. } = self.shape;
         let step = &self.kernels.step;
         let static_shared = step
@@ -1820,7 +1840,7 @@ mod tests {
     #[test]
     fn step_tiling_at_full_size() {
         let shape = DecoderShape { n_layer: 24, n_embd: 2048, n_head: 16, inner: 8192, vocab: 50688, n_positions: 2048 };
-        let t = StepTiling::new(shape, true, 132).unwrap();
+        let t = StepTiling::new(shape, true, 132, None).unwrap();
         assert_eq!(t.rows, [416, 128, 512, 512]);
         let products: [(usize, usize); 4] = [(2048, 6144), (2048, 2048), (2048, 8192), (8192, 2048)];
         for ((k, n), rows) in products.into_iter().zip(t.rows) {
@@ -1831,7 +1851,13 @@ mod tests {
         assert_eq!(t.n_counters, 2 + 24 * (24 + 16 + 1 + 32 + 1 + 2 * 8));
         assert!(t.dynamic_shared() + 23 * 1024 <= STEP_SHARED_LIMIT, "{} bytes of dynamic shared memory", t.dynamic_shared());
         let odd = DecoderShape { n_embd: 13, n_head: 1, inner: 52, ..shape };
-        let why = StepTiling::new(odd, true, 132).unwrap_err();
+        let why = StepTiling::new(odd, true, 132, None).unwrap_err();
+        // Other split counts: c_fc's and mlp.c_proj's tiles halved.
+        let halved = StepTiling::new(shape, true, 132, Some([5, 16, 8, 32])).unwrap();
+        assert_eq!(halved.rows, [416, 128, 256, 256]);
+        assert_eq!(parse_splits("5, 16,8,32"), Some([5, 16, 8, 32]));
+        assert_eq!(parse_splits("5,16,8"), None);
+        assert_eq!(parse_splits("5,0,8,3"), None);
         assert!(why.contains("n_embd = 13"), "{why}");
     }
 

@@ -1,5 +1,6 @@
 import sys
-s=open('src/graph_decode.cu').read()
+# usage: mkdiag.py out.cu [source.cu, default src/graph_decode.cu]
+s=open(sys.argv[2] if len(sys.argv) > 2 else 'src/graph_decode.cu').read()
 def rep(old,new,count=1):
     global s
     assert s.count(old)==count, (old, s.count(old))
@@ -23,12 +24,12 @@ __device__ __forceinline__ unsigned long long global_ns() {
 struct StepShared {''')
 rep('''    int flag;
     unsigned long long full[STEP_STAGES], empty[STEP_STAGES];
-};''','''    int flag;
+''','''    int flag;
     unsigned long long full[STEP_STAGES], empty[STEP_STAGES];
 #ifdef STEP_TRACE_POS
     StepTrace tr;
 #endif
-};''')
+''')
 rep('''    if (known == counter) return;
     if (threadIdx.x == 0) {
         long long start = clock64();
