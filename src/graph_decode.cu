@@ -683,10 +683,6 @@ __device__ void logits_argmax(const float* h, const float* stats, const float* g
 #define STEP_BULK 0
 #endif
 #define STEP_STAGE_BYTES 32768
-// Stages the stream walks ahead of its fills, asking L2 for them (0: none).
-#ifndef STEP_PREFETCH
-#define STEP_PREFETCH 8
-#endif
 // A tile's columns: a LayerNorm statistics slot, so a residual tail leaves whole slots.
 #define STEP_COLUMNS STAT_COLUMNS
 // Ints between two counters: a 128-byte line each.
@@ -742,12 +738,24 @@ struct StepArgs {
 #define STEP_MLP 5
 #define STEP_LOGITS 6
 
-// What one stage holds: `bytes` from `a`, and as many from `b` (if any) at `b_offset`.
-struct StepPiece {
-    const char* a;
-    const char* b;
-    unsigned bytes, b_offset;
-};
+// Keys of an attention chunk at `position`: a multiple of `attn_keys` (what one stage holds
+// of both keys and values), the smallest that gives every head's chunks a block of their
+// own, at most 256 (a chunk's scores sit in shared memory). A chunk reads its keys' stages,
+// then its values'.
+__device__ __forceinline__ int chunk_keys(const StepArgs& s, int position) {
+#ifdef STEP_CHUNK_KEYS
+    // A fixed length (a multiple of attn_keys, at most 256), for checking chunks of several stages.
+    return STEP_CHUNK_KEYS;
+#endif
+    int most = max(s.attn_keys, 256 / s.attn_keys * s.attn_keys), keys = s.attn_keys;
+    while (keys < most && s.n_head * (position / keys + 1) > (int)gridDim.x) keys += s.attn_keys;
+    return keys;
+}
+// Keys (or values) of one head a stage holds.
+template <typename T>
+__device__ __forceinline__ int stage_keys(const StepArgs& s) {
+    return STEP_STAGE_BYTES / (s.n_embd / s.n_head * (int)sizeof(T));
+}
 
 struct StepShared {
     float sums[STEP_CONSUMERS / 32][STEP_COLUMNS];
@@ -761,9 +769,6 @@ struct StepShared {
     int best_i[8];
     int flag;
     unsigned long long full[STEP_STAGES], empty[STEP_STAGES];
-#if STEP_PREFETCH > 0
-    StepPiece queue[STEP_PREFETCH];
-#endif
 };
 
 // A product's shape and tiling: p 0..3 is c_attn, attn.c_proj, c_fc, mlp.c_proj.
@@ -851,10 +856,6 @@ __device__ __forceinline__ void mbar_arrive_on_copies(unsigned long long* bar) {
 // `bytes` (a multiple of 16) from `src` to `dst`, by the warp's lanes (`lane` of 32).
 __device__ __forceinline__ void copy_async(char* dst, const char* src, unsigned bytes, int lane) {
     for (unsigned u = lane * 16; u < bytes; u += 32 * 16) copy16_async(dst + u, src + u);
-}
-// Ask L2 for `bytes` (a multiple of 16) from `src`, without waiting.
-__device__ __forceinline__ void prefetch_l2(const void* src, unsigned bytes) {
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
 }
 __device__ __forceinline__ int load_acquire(const int* p) {
     int v;
@@ -973,70 +974,56 @@ __device__ __forceinline__ int product_of_kind(int kind) {
     return kind == STEP_QKV ? 0 : kind == STEP_PROJ ? 1 : kind == STEP_FC ? 2 : 3;
 }
 
-// The stream of one block's stages: for each task the stages it reads, in walk order. With
-// STEP_PREFETCH > 0 the walk runs that many stages ahead of the fills, asking L2 for each
-// stage's bytes as it is walked: so the memory keeps streaming for a while after the ring is
-// full and the computing warps wait, and the fills that follow come from L2.
+// The stream of one block's stages: for each task the stages it reads, in walk order. (Also
+// asking L2 for the stages 4 to 16 ahead of the fills made the step slower, 1.62 to 2.12
+// against 1.47 ms on an H100: model-import/results/step-prefetch-2026-12-07/.)
 template <typename T>
 __device__ void step_stream(const StepArgs& s, StepShared& sh, char* ring, int position, int chunks) {
     int lane = threadIdx.x & 31;
-    int filled = 0, walked = 0;
+    int filled = 0;
     const int head_dim = s.n_embd / s.n_head;
-    // One stage: wait until the consumers freed it, then fill it, the copies completing on
-    // its `full` barrier.
-    auto fill = [&](const StepPiece& q) {
+    // One stage, `bytes` from `src`: wait until the consumers freed it, then fill it, the
+    // copies completing on its `full` barrier.
+    auto emit = [&](const void* src, size_t bytes) {
         int at = filled % STEP_STAGES;
         unsigned round = filled / STEP_STAGES;
         unsigned long long* bar = &sh.full[at];
         char* dst = ring + (size_t)at * STEP_STAGE_BYTES;
         if (lane == 0) {
             mbar_wait(&sh.empty[at], (round & 1) ^ 1);
-            if (STEP_BULK) mbar_arrive_expect(&sh.full[at], q.b ? 2 * q.bytes : q.bytes);
+            if (STEP_BULK) mbar_arrive_expect(&sh.full[at], (unsigned)bytes);
         }
         __syncwarp();
         if (STEP_BULK) {
-            if (lane == 0 && q.bytes > 0) {
-                bulk_copy(dst, q.a, q.bytes, bar);
-                if (q.b) bulk_copy(dst + q.b_offset, q.b, q.bytes, bar);
-            }
+            if (lane == 0 && bytes > 0) bulk_copy(dst, src, (unsigned)bytes, bar);
         } else {
-            copy_async(dst, q.a, q.bytes, lane);
-            if (q.b) copy_async(dst + q.b_offset, q.b, q.bytes, lane);
+            copy_async(dst, (const char*)src, (unsigned)bytes, lane);
             mbar_arrive_on_copies(bar);
         }
         filled++;
-    };
-    auto emit = [&](StepPiece q) {
-#if STEP_PREFETCH > 0
-        if (lane == 0 && q.bytes > 0) {
-            prefetch_l2(q.a, q.bytes);
-            if (q.b) prefetch_l2(q.b, q.bytes);
-        }
-        if (walked - filled == STEP_PREFETCH) fill(sh.queue[filled % STEP_PREFETCH]);
-        __syncwarp();
-        if (lane == 0) sh.queue[walked % STEP_PREFETCH] = q;
-        __syncwarp();
-#else
-        fill(q);
-#endif
-        walked++;
     };
     step_walk(s, chunks, [&](int kind, int layer, int t) {
         const StepLayer& L = s.layers[layer];
         if (kind == STEP_EMBED) return;
         if (kind == STEP_ATTN) {
             int head = t % s.n_head, c = t / s.n_head;
-            int j0 = c * s.attn_keys;
-            int n_old = max(0, min(s.attn_keys, position - j0));
-            size_t at = ((size_t)head * s.n_positions + j0) * head_dim;
-            emit({(const char*)((const T*)L.k_cache + at), (const char*)((const T*)L.v_cache + at),
-                  (unsigned)(n_old * head_dim * sizeof(T)), (unsigned)(s.attn_keys * head_dim * sizeof(T))});
+            const int keys = chunk_keys(s, position), per_stage = stage_keys<T>(s);
+            int j0 = c * keys;
+            int n_old = max(0, min(keys, position - j0));
+            // The chunk's keys' stages, then its values'.
+            for (int kv = 0; kv < 2; kv++) {
+                const T* cache = (const T*)(kv ? L.v_cache : L.k_cache) + ((size_t)head * s.n_positions + j0) * head_dim;
+                for (int s0 = 0; s0 < keys; s0 += per_stage) {
+                    int sn = max(0, min(per_stage, n_old - s0));
+                    emit(cache + (size_t)s0 * head_dim, (size_t)sn * head_dim * sizeof(T));
+                }
+            }
             return;
         }
         if (kind == STEP_LOGITS) {
             int r0 = t * s.logits_rows, r1 = min(r0 + s.logits_rows, s.vocab);
             const T* src = (const T*)s.lm_head + (size_t)r0 * s.n_embd;
-            emit({(const char*)src, nullptr, (unsigned)((size_t)(r1 - r0) * s.n_embd * sizeof(T)), 0});
+            emit(src, (size_t)(r1 - r0) * s.n_embd * sizeof(T));
             return;
         }
         int p = product_of_kind(kind);
@@ -1050,12 +1037,9 @@ __device__ void step_stream(const StepArgs& s, StepShared& sh, char* ring, int p
         const T* block = w + (size_t)col0 * P.k;
         for (int r0 = k0; r0 < k1; r0 += piece_rows) {
             int nr = min(piece_rows, k1 - r0);
-            emit({(const char*)(block + (size_t)r0 * ncols), nullptr, (unsigned)((size_t)nr * ncols * sizeof(T)), 0});
+            emit(block + (size_t)r0 * ncols, (size_t)nr * ncols * sizeof(T));
         }
     });
-#if STEP_PREFETCH > 0
-    while (filled < walked) fill(sh.queue[filled % STEP_PREFETCH]);
-#endif
 }
 
 __device__ __forceinline__ float as_stored(float v, const float*) { return v; }
@@ -1238,8 +1222,9 @@ __device__ void step_attention(const StepArgs& s, StepShared& sh, StepRing& ring
     const StepLayer& L = s.layers[layer];
     StepProduct Q = step_product(s, 0);
     const int head_dim = s.n_embd / s.n_head, d_model = s.n_embd;
+    const int keys = chunk_keys(s, position), per_stage = stage_keys<T>(s);
     int head = t % s.n_head, c = t / s.n_head;
-    int j0 = c * s.attn_keys, n = min(s.attn_keys, position + 1 - j0);
+    int j0 = c * keys, n = min(keys, position + 1 - j0);
     bool last = c == chunks - 1;
     StepCounters cn = step_counters(s);
     int base = layer_counters(cn, layer) + cn.qkv;
@@ -1266,42 +1251,126 @@ __device__ void step_attention(const StepArgs& s, StepShared& sh, StepRing& ring
     }
     consumers_sync();
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    consume_stage(sh, ring, [&](const char* stage) {
-        const T* ks = (const T*)stage;
-        const T* vs = ks + (size_t)s.attn_keys * head_dim;
-        for (int j = warp; j < n; j += STEP_CONSUMERS / 32) {
-            bool own = j0 + j == position;
-            float x = 0.f;
-            for (int e = lane; e < head_dim; e += 32) x += sh.q[e] * (own ? sh.kn[e] : to_f32(ks[(size_t)j * head_dim + e]));
-            x = warp_sum(x);
-            if (lane == 0) sh.sc[j] = x * L.scale;
+    // Heads a multiple of eight wide: a key is read by `lpk` adjacent lanes, eight dimensions
+    // each (16 bytes of bf16), with q's eight in registers. Others: a warp a key, a lane a
+    // dimension (lpk = 0).
+    int lpk = 0;
+    if (head_dim % 8 == 0) {
+        lpk = 1;
+        while (lpk * 8 < head_dim) lpk *= 2;
+    }
+    int sub = lpk ? lane % lpk : lane, d0 = lpk ? sub * 8 : 0;
+    bool dims = lpk ? d0 < head_dim : true;
+    float q8[8];
+#pragma unroll
+    for (int e = 0; e < 8; e++) q8[e] = lpk && dims ? sh.q[d0 + e] : 0.f;
+    const int stages = (keys + per_stage - 1) / per_stage;
+    // Scores, a stage of keys at a time.
+    for (int st = 0; st < stages; st++) {
+        int s0 = st * per_stage, sn = min(per_stage, n - s0);
+        consume_stage(sh, ring, [&](const char* stage) {
+            const T* ks = (const T*)stage;
+            if (lpk) {
+                int per_warp = 32 / lpk;
+                for (int j = warp * per_warp + lane / lpk; j - lane / lpk < sn; j += STEP_CONSUMERS / lpk) {
+                    float x = 0.f;
+                    if (j < sn && dims) {
+                        float k8[8];
+                        if (j0 + s0 + j == position) {
+#pragma unroll
+                            for (int e = 0; e < 8; e++) k8[e] = sh.kn[d0 + e];
+                        } else {
+                            Raw8<T> raw;
+                            load_raw8(ks + (size_t)j * head_dim + d0, raw);
+                            unpack8(raw, k8);
+                        }
+#pragma unroll
+                        for (int e = 0; e < 8; e++) x += q8[e] * k8[e];
+                    }
+                    for (int o = lpk / 2; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+                    if (sub == 0 && j < sn) sh.sc[s0 + j] = x * L.scale;
+                }
+            } else {
+                for (int j = warp; j < sn; j += STEP_CONSUMERS / 32) {
+                    bool own = j0 + s0 + j == position;
+                    float x = 0.f;
+                    for (int e = lane; e < head_dim; e += 32) x += sh.q[e] * (own ? sh.kn[e] : to_f32(ks[(size_t)j * head_dim + e]));
+                    x = warp_sum(x);
+                    if (lane == 0) sh.sc[s0 + j] = x * L.scale;
+                }
+            }
+        });
+    }
+    consumers_sync();
+    float sv = threadIdx.x < n ? sh.sc[threadIdx.x] : NEG_INF;
+    float m = consumers_max(sv, sh);
+    float pv = threadIdx.x < n ? expf(sv - m) : 0.f;
+    float l = consumers_sum(pv, sh);
+    if (threadIdx.x < n) sh.sc[threadIdx.x] = pv;
+    consumers_sync();
+    // The values, a stage at a time: with lpk, each thread dimensions d0..d0+8 over its key
+    // lane's keys; else thread (g, e) dimension e over keys g, g + groups, ...
+    float a8[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    const int key_lanes = lpk ? STEP_CONSUMERS / lpk : 0, groups = STEP_CONSUMERS / head_dim;
+    const int e1 = threadIdx.x % head_dim, g1 = threadIdx.x / head_dim;
+    for (int st = 0; st < stages; st++) {
+        int s0 = st * per_stage, sn = min(per_stage, n - s0);
+        consume_stage(sh, ring, [&](const char* stage) {
+            const T* vs = (const T*)stage;
+            if (lpk) {
+                if (!dims) return;
+                for (int j = threadIdx.x / lpk; j < sn; j += key_lanes) {
+                    float p = sh.sc[s0 + j], v8[8];
+                    if (j0 + s0 + j == position) {
+#pragma unroll
+                        for (int e = 0; e < 8; e++) v8[e] = sh.vn[d0 + e];
+                    } else {
+                        Raw8<T> raw;
+                        load_raw8(vs + (size_t)j * head_dim + d0, raw);
+                        unpack8(raw, v8);
+                    }
+#pragma unroll
+                    for (int e = 0; e < 8; e++) a8[e] += p * v8[e];
+                }
+            } else if (g1 < groups) {
+                for (int j = g1; j < sn; j += groups)
+                    a8[0] += sh.sc[s0 + j] * (j0 + s0 + j == position ? sh.vn[e1] : to_f32(vs[(size_t)j * head_dim + e1]));
+            }
+        });
+    }
+    size_t at = ((size_t)layer * s.n_head + head) * s.max_chunks + c;
+    if (lpk) {
+        // The warp's key lanes, then the warps' (in warp order).
+        for (int o = lpk; o < 32; o <<= 1) {
+#pragma unroll
+            for (int e = 0; e < 8; e++) a8[e] += __shfl_xor_sync(0xffffffffu, a8[e], o);
+        }
+        if (lane < lpk && dims) {
+#pragma unroll
+            for (int e = 0; e < 8; e++) sh.sums[warp][d0 + e] = a8[e];
         }
         consumers_sync();
-        float sv = threadIdx.x < n ? sh.sc[threadIdx.x] : NEG_INF;
-        float m = consumers_max(sv, sh);
-        float pv = threadIdx.x < n ? expf(sv - m) : 0.f;
-        float l = consumers_sum(pv, sh);
-        if (threadIdx.x < n) sh.sc[threadIdx.x] = pv;
-        consumers_sync();
-        int groups = STEP_CONSUMERS / head_dim;
-        int e = threadIdx.x % head_dim, g = threadIdx.x / head_dim;
-        if (g < groups) {
+        for (int d = threadIdx.x; d < head_dim; d += STEP_CONSUMERS) {
             float a = 0.f;
-            for (int j = g; j < n; j += groups) a += sh.sc[j] * (j0 + j == position ? sh.vn[e] : to_f32(vs[(size_t)j * head_dim + e]));
-            sh.red[g * head_dim + e] = a;
+#pragma unroll
+            for (int w = 0; w < STEP_CONSUMERS / 32; w++) a += sh.sums[w][d];
+            s.chunk_acc[at * head_dim + d] = a;
         }
+    } else {
+        if (g1 < groups) sh.red[g1 * head_dim + e1] = a8[0];
         consumers_sync();
-        size_t at = ((size_t)layer * s.n_head + head) * s.max_chunks + c;
         if (threadIdx.x < head_dim) {
             float a = 0.f;
             for (int g2 = 0; g2 < groups; g2++) a += sh.red[g2 * head_dim + threadIdx.x];
             s.chunk_acc[at * head_dim + threadIdx.x] = a;
         }
-        if (threadIdx.x == 0) {
-            s.chunk_ml[at * 2] = m;
-            s.chunk_ml[at * 2 + 1] = l;
-        }
-    });
+    }
+    if (threadIdx.x == 0) {
+        s.chunk_ml[at * 2] = m;
+        s.chunk_ml[at * 2 + 1] = l;
+    }
+    // sh.sums / sh.red are read above: the next task must not write them yet. (The signal's
+    // barrier below.)
     signal_counter(step_counter(s, layer_counters(cn, layer) + cn.attn + head));
 }
 
@@ -1417,7 +1486,7 @@ __device__ void decode_step(const StepArgs& s) {
     char* ring = step_dynamic;
     float* xs = (float*)(step_dynamic + (size_t)STEP_STAGES * STEP_STAGE_BYTES);
     const int token = s.state[0], position = s.state[1];
-    const int chunks = position / s.attn_keys + 1;
+    const int chunks = position / chunk_keys(s, position) + 1;
     if (threadIdx.x == 0) {
         // The host's sizes against what this step needs.
         StepProduct last = step_product(s, 3);

@@ -165,8 +165,9 @@ struct StepTiling {
     /// many tiles as the grid has blocks, so that no block takes two tiles of a phase (the
     /// phase would wait on its second tile's stream) and few partial sums are left to add.
     rows: [usize; 4],
-    /// Keys of an attention chunk (its older keys and values fill one stage), and chunks of
-    /// the longest sequence.
+    /// The unit of an attention chunk's keys (as many keys and values as fill one stage; the
+    /// kernel takes a multiple of it each step, up to 256, so that the chunks fill the grid),
+    /// and chunks of the longest sequence at that unit.
     attn_keys: usize,
     max_chunks: usize,
     /// lm_head rows of a logits task (one stage).
