@@ -1214,6 +1214,20 @@ __device__ void step_gemv(const StepArgs& s, StepShared& sh, StepRing& ring, flo
     signal_counter(step_counter(s, base + (kind == STEP_PROJ ? cn.resid_o : cn.resid_p)));
 }
 
+// Eight dimensions of a key (or value): this step's own from `fresh` (not in the stage), an
+// older one from its stage row.
+template <typename T>
+__device__ __forceinline__ void key_dims8(bool own, const float* fresh, const T* row, float out[8]) {
+    if (own) {
+#pragma unroll
+        for (int e = 0; e < 8; e++) out[e] = fresh[e];
+    } else {
+        Raw8<T> raw;
+        load_raw8(row, raw);
+        unpack8(raw, out);
+    }
+}
+
 // One (head, chunk) of the attention: its softmax numerator and (max, sum), as the attention
 // kernel leaves them. q, k, v are c_attn's partial sums added up here.
 template <typename T>
@@ -1276,14 +1290,7 @@ __device__ void step_attention(const StepArgs& s, StepShared& sh, StepRing& ring
                     float x = 0.f;
                     if (j < sn && dims) {
                         float k8[8];
-                        if (j0 + s0 + j == position) {
-#pragma unroll
-                            for (int e = 0; e < 8; e++) k8[e] = sh.kn[d0 + e];
-                        } else {
-                            Raw8<T> raw;
-                            load_raw8(ks + (size_t)j * head_dim + d0, raw);
-                            unpack8(raw, k8);
-                        }
+                        key_dims8(j0 + s0 + j == position, sh.kn + d0, ks + (size_t)j * head_dim + d0, k8);
 #pragma unroll
                         for (int e = 0; e < 8; e++) x += q8[e] * k8[e];
                     }
@@ -1321,14 +1328,7 @@ __device__ void step_attention(const StepArgs& s, StepShared& sh, StepRing& ring
                 if (!dims) return;
                 for (int j = threadIdx.x / lpk; j < sn; j += key_lanes) {
                     float p = sh.sc[s0 + j], v8[8];
-                    if (j0 + s0 + j == position) {
-#pragma unroll
-                        for (int e = 0; e < 8; e++) v8[e] = sh.vn[d0 + e];
-                    } else {
-                        Raw8<T> raw;
-                        load_raw8(vs + (size_t)j * head_dim + d0, raw);
-                        unpack8(raw, v8);
-                    }
+                    key_dims8(j0 + s0 + j == position, sh.vn + d0, vs + (size_t)j * head_dim + d0, v8);
 #pragma unroll
                     for (int e = 0; e < 8; e++) a8[e] += p * v8[e];
                 }

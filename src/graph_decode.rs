@@ -1853,13 +1853,15 @@ mod tests {
         assert!(t.dynamic_shared() + 23 * 1024 <= STEP_SHARED_LIMIT, "{} bytes of dynamic shared memory", t.dynamic_shared());
         let odd = DecoderShape { n_embd: 13, n_head: 1, inner: 52, ..shape };
         let why = StepTiling::new(odd, true, 132, None).unwrap_err();
+        assert!(why.contains("n_embd = 13"), "{why}");
         // Other split counts: c_fc's and mlp.c_proj's tiles halved.
         let halved = StepTiling::new(shape, true, 132, Some([5, 16, 8, 32])).unwrap();
         assert_eq!(halved.rows, [416, 128, 256, 256]);
         assert_eq!(parse_splits("5, 16,8,32"), Some([5, 16, 8, 32]));
         assert_eq!(parse_splits("5,16,8"), None);
         assert_eq!(parse_splits("5,0,8,3"), None);
-        assert!(why.contains("n_embd = 13"), "{why}");
+        let deeper = StepTiling::new(shape, true, 132, Some([5, 16, 4, 9000])).unwrap_err();
+        assert!(deeper.contains("9000 splits of a product 8192 rows deep"), "{deeper}");
     }
 
     /// Each Rust mirror of a kernel's argument struct has the source's fields, in its order, at
