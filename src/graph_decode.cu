@@ -171,55 +171,18 @@ __device__ bool last_to_arrive(int* counter, int expected) {
 // LayerNorm statistics of the residual stream come in slots of STAT_COLUMNS columns: each
 // slot's mean and sum of squared deviations, combined here in slot order (Chan et al.).
 #define STAT_COLUMNS 256
-// Eight slots' loads go out together: one round trip to memory for them, not one a slot.
 __device__ void combined_stats(const float* stats, int d_model, float eps, float* mean_out, float* rstd_out) {
     float n = 0.f, mean = 0.f, m2 = 0.f;
-    int slots = (d_model + STAT_COLUMNS - 1) / STAT_COLUMNS;
-    for (int s0 = 0; s0 < slots; s0 += 8) {
-        float mb[8], m2b[8];
-#pragma unroll
-        for (int j = 0; j < 8; j++) {
-            mb[j] = s0 + j < slots ? stats[2 * (s0 + j)] : 0.f;
-            m2b[j] = s0 + j < slots ? stats[2 * (s0 + j) + 1] : 0.f;
-        }
-#pragma unroll
-        for (int j = 0; j < 8; j++) {
-            if (s0 + j >= slots) break;
-            float nb = (float)min(STAT_COLUMNS, d_model - (s0 + j) * STAT_COLUMNS);
-            float total = n + nb, delta = mb[j] - mean;
-            mean += delta * nb / total;
-            m2 += m2b[j] + delta * delta * n * nb / total;
-            n = total;
-        }
+    for (int s = 0; s * STAT_COLUMNS < d_model; s++) {
+        float nb = (float)min(STAT_COLUMNS, d_model - s * STAT_COLUMNS);
+        float mb = stats[2 * s], m2b = stats[2 * s + 1];
+        float total = n + nb, delta = mb - mean;
+        mean += delta * nb / total;
+        m2 += m2b + delta * delta * n * nb / total;
+        n = total;
     }
     *mean_out = mean;
     *rstd_out = rsqrtf(m2 / n + eps);
-}
-
-// xs[0 .. k1 - k0) = LayerNorm(h)[k0 .. k1), by `threads` threads (this one `t`). A pass loads
-// four rows a thread, then the statistics, before using any: one round trip to memory, where
-// a row at a time waits one for the statistics and one a row (a store to xs keeps the next
-// row's loads behind it).
-__device__ void layernorm_rows(const float* h, const float* stats, const float* gamma, const float* beta, float eps, int d_model,
-                               float* xs, int k0, int k1, int t, int threads) {
-    float mean = 0.f, rstd = 0.f;
-    for (int base = k0; base < k1; base += 4 * threads) {
-        float hv[4], gv[4], bv[4];
-#pragma unroll
-        for (int u = 0; u < 4; u++) {
-            int k = base + u * threads + t;
-            bool in = k < k1;
-            hv[u] = in ? h[k] : 0.f;
-            gv[u] = in ? gamma[k] : 0.f;
-            bv[u] = in ? beta[k] : 0.f;
-        }
-        if (base == k0) combined_stats(stats, d_model, eps, &mean, &rstd);
-#pragma unroll
-        for (int u = 0; u < 4; u++) {
-            int k = base + u * threads + t;
-            if (k < k1) xs[k - k0] = (hv[u] - mean) * rstd * gv[u] + bv[u];
-        }
-    }
 }
 
 // This block's `count` (<= blockDim.x) values, one per thread (threads past `count` give
@@ -352,7 +315,9 @@ __device__ void gemv_body(const GemvArgs& a, const T* w, int column_block, int s
     bool vec = (n_dim % 8 == 0) && col0 + 8 <= n_dim;
     int k = k0 + lane;
     if (a.prologue == PROLOGUE_LAYERNORM) {
-        layernorm_rows(a.h, a.stats, a.gamma, a.beta, a.eps, a.k_dim, xs, k0, k1, threadIdx.x, blockDim.x);
+        float mean, rstd;
+        combined_stats(a.stats, a.k_dim, a.eps, &mean, &rstd);
+        for (int k = k0 + threadIdx.x; k < k1; k += blockDim.x) xs[k - k0] = (a.h[k] - mean) * rstd * a.gamma[k] + a.beta[k];
     } else if (a.prologue == PROLOGUE_ATTENTION) {
         int chunks = a.state[1] / a.attn_chunk + 1;
         for (int k = k0 + threadIdx.x; k < k1; k += blockDim.x) xs[k - k0] = merged_attention(a, k, chunks);
@@ -620,7 +585,9 @@ __device__ void logits_body(const float* h, const float* stats, const float* gam
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     int stride = blocks * warps, first = block * warps + warp;
     size_t row_bytes = (size_t)d_model * sizeof(T);
-    layernorm_rows(h, stats, gamma, beta, eps, d_model, xs, 0, d_model, threadIdx.x, blockDim.x);
+    float mean, rstd;
+    combined_stats(stats, d_model, eps, &mean, &rstd);
+    for (int k = threadIdx.x; k < d_model; k += blockDim.x) xs[k] = (h[k] - mean) * rstd * gamma[k] + beta[k];
     __syncthreads();
     float bv = NEG_INF;
     int bi = 0x7fffffff;
@@ -708,7 +675,14 @@ __device__ void logits_argmax(const float* h, const float* stats, const float* g
 // which also leaves the LayerNorm statistics of its columns. No float atomics.
 #define STEP_CONSUMERS 256
 #define STEP_THREADS (STEP_CONSUMERS + 32)
+#ifndef STEP_STAGES
 #define STEP_STAGES 6
+#endif
+// Stages whose copies the streaming warp keeps in flight at most (cp.async; up to
+// STEP_STAGES): every load of the computing warps waits behind what is in flight to its SM.
+#ifndef STEP_INFLIGHT
+#define STEP_INFLIGHT STEP_STAGES
+#endif
 // How the streaming warp fills a stage (one contiguous stretch): 1, one bulk copy by the TMA
 // unit; 0, 16-byte cp.async by every lane, measured faster (step 1.467 against 1.669 ms on an
 // H100, model-import/results/stream-step-2026-12-07/ call 5).
@@ -790,15 +764,7 @@ __device__ __forceinline__ int stage_keys(const StepArgs& s) {
     return STEP_STAGE_BYTES / (s.n_embd / s.n_head * (int)sizeof(T));
 }
 
-// Layers whose StepLayer each block keeps in shared memory, read once a step. From device
-// memory a layer's pointer costs a round trip of its own before the loads it addresses, as
-// the waits' acquires drop the SM's L1. Layers past these are read from device memory.
-#ifndef STEP_LAYER_TABLE
-#define STEP_LAYER_TABLE 24
-#endif
-
 struct StepShared {
-    StepLayer layers[STEP_LAYER_TABLE];
     float sums[STEP_CONSUMERS / 32][STEP_COLUMNS];
     float sc[256];
     float q[256], kn[256], vn[256];
@@ -811,10 +777,6 @@ struct StepShared {
     int flag;
     unsigned long long full[STEP_STAGES], empty[STEP_STAGES];
 };
-
-__device__ __forceinline__ const StepLayer& step_layer(const StepArgs& s, const StepShared& sh, int layer) {
-    return layer < STEP_LAYER_TABLE ? sh.layers[layer] : s.layers[layer];
-}
 
 // A product's shape and tiling: p 0..3 is c_attn, attn.c_proj, c_fc, mlp.c_proj.
 struct StepProduct {
@@ -972,27 +934,18 @@ __device__ void wait_counters(const StepArgs& s, int a, int na, int b, int nb, i
     consumers_sync();
 }
 
-// out[u] = sum over q < n of p[u * row_step + q * stride] for rows u < rows (0 past them), in
-// q's order. The loads of all R rows and B splits go out together: one round trip to memory
-// for them, where a loop of dependent adds would wait on each load in turn, and a row at a
-// time on each row.
-template <int R, int B>
-__device__ __forceinline__ void sum_strided_rows(const float* p, size_t row_step, int rows, size_t stride, int n, float (&out)[R]) {
+// sum over q < n of p[q * stride], in q's order, with the loads issued eight at a time (a
+// loop of dependent adds would otherwise wait on each load in turn).
+__device__ __forceinline__ float sum_strided(const float* p, size_t stride, int n) {
+    float v = 0.f;
+    for (int q = 0; q < n; q += 8) {
+        float a[8];
 #pragma unroll
-    for (int u = 0; u < R; u++) out[u] = 0.f;
-    for (int q = 0; q < n; q += B) {
-        float a[R][B];
+        for (int j = 0; j < 8; j++) a[j] = q + j < n ? __ldcg(p + (size_t)(q + j) * stride) : 0.f;
 #pragma unroll
-        for (int u = 0; u < R; u++) {
-#pragma unroll
-            for (int j = 0; j < B; j++) a[u][j] = u < rows && q + j < n ? __ldcg(p + u * row_step + (size_t)(q + j) * stride) : 0.f;
-        }
-#pragma unroll
-        for (int u = 0; u < R; u++) {
-#pragma unroll
-            for (int j = 0; j < B; j++) out[u] += a[u][j];
-        }
+        for (int j = 0; j < 8; j++) v += a[j];
     }
+    return v;
 }
 
 // After the consumers' writes: one release add for the block.
@@ -1053,11 +1006,15 @@ __device__ void step_stream(const StepArgs& s, StepShared& sh, char* ring, int p
         } else {
             copy_async(dst, (const char*)src, (unsigned)bytes, lane);
             mbar_arrive_on_copies(bar);
+            if (STEP_INFLIGHT < STEP_STAGES) {
+                asm volatile("cp.async.commit_group;" ::: "memory");
+                asm volatile("cp.async.wait_group %0;" ::"n"(STEP_INFLIGHT - 1) : "memory");
+            }
         }
         filled++;
     };
     step_walk(s, chunks, [&](int kind, int layer, int t) {
-        const StepLayer& L = step_layer(s, sh, layer);
+        const StepLayer& L = s.layers[layer];
         if (kind == STEP_EMBED) return;
         if (kind == STEP_ATTN) {
             int head = t % s.n_head, c = t / s.n_head;
@@ -1142,7 +1099,9 @@ __device__ void step_embed(const StepArgs& s, StepShared& sh, int c, int token, 
 
 // xs[0 .. k1 - k0) = LayerNorm(h)[k0 .. k1).
 __device__ void step_layernorm_rows(const StepArgs& s, float* xs, const float* g, const float* b, float eps, int k0, int k1) {
-    layernorm_rows(s.h, s.stats, g, b, eps, s.n_embd, xs, k0, k1, threadIdx.x, STEP_CONSUMERS);
+    float mean, rstd;
+    combined_stats(s.stats, s.n_embd, eps, &mean, &rstd);
+    for (int k = k0 + threadIdx.x; k < k1; k += STEP_CONSUMERS) xs[k - k0] = (s.h[k] - mean) * rstd * g[k] + b[k];
 }
 
 // A tile of a product: its input rows, its stages, its partial sums; the residual products'
@@ -1150,7 +1109,7 @@ __device__ void step_layernorm_rows(const StepArgs& s, float* xs, const float* g
 template <typename T>
 __device__ void step_gemv(const StepArgs& s, StepShared& sh, StepRing& ring, float* xs, int kind, int layer, int t, int position,
                           int chunks, const int*& known) {
-    const StepLayer& L = step_layer(s, sh, layer);
+    const StepLayer& L = s.layers[layer];
     int p = product_of_kind(kind);
     StepProduct P = step_product(s, p);
     int c = t % P.col_blocks, sp = t / P.col_blocks;
@@ -1174,17 +1133,8 @@ __device__ void step_gemv(const StepArgs& s, StepShared& sh, StepRing& ring, flo
         int c0 = k0 / STEP_COLUMNS, c1 = (k1 - 1) / STEP_COLUMNS;
         wait_counters(s, base + cn.fc + c0, c1 - c0 + 1, 0, 0, 0, 0, F.splits);
         const float* fp = parts + F.parts_at;
-        // Four rows a thread at once (sum_strided_rows).
-        for (int base = k0 + threadIdx.x; base < k1; base += 4 * STEP_CONSUMERS) {
-            int rows = min(4, (k1 - base + STEP_CONSUMERS - 1) / STEP_CONSUMERS);
-            float bias[4], sum[4];
-#pragma unroll
-            for (int u = 0; u < 4; u++) bias[u] = u < rows ? L.b[2][base + u * STEP_CONSUMERS] : 0.f;
-            sum_strided_rows<4, 8>(fp + base, STEP_CONSUMERS, rows, F.n, F.splits, sum);
-#pragma unroll
-            for (int u = 0; u < 4; u++) {
-                if (u < rows) xs[base + u * STEP_CONSUMERS - k0] = activate(bias[u] + sum[u], s.activation);
-            }
+        for (int k = k0 + threadIdx.x; k < k1; k += STEP_CONSUMERS) {
+            xs[k - k0] = activate(L.b[2][k] + sum_strided(fp + k, F.n, F.splits), s.activation);
         }
     } else {
         // attn.c_proj: the attention's output rows k0..k1, its chunks merged.
@@ -1194,13 +1144,6 @@ __device__ void step_gemv(const StepArgs& s, StepShared& sh, StepRing& ring, flo
         const float* ml = s.chunk_ml + (size_t)layer * s.n_head * s.max_chunks * 2;
         int h0 = k0 / head_dim, nh = (k1 - 1) / head_dim - h0 + 1;
         if (nh * chunks > STEP_MERGE || nh > 64) __trap();
-        // The thread's first row's first eight chunks, loaded beside the (max, sum) pairs: one
-        // round trip for both, where after the merge's barriers they would take another.
-        int k_first = k0 + threadIdx.x;
-        const float* a_first = acc + (size_t)(k_first / head_dim) * s.max_chunks * head_dim + k_first % head_dim;
-        float first[8];
-#pragma unroll
-        for (int cc = 0; cc < 8; cc++) first[cc] = k_first < k1 && cc < chunks ? a_first[(size_t)cc * head_dim] : 0.f;
         for (int i = threadIdx.x; i < nh * chunks; i += STEP_CONSUMERS) {
             int hh = i / chunks, cc = i % chunks;
             size_t at = ((size_t)(h0 + hh) * s.max_chunks + cc) * 2;
@@ -1225,15 +1168,8 @@ __device__ void step_gemv(const StepArgs& s, StepShared& sh, StepRing& ring, flo
             int hh = k / head_dim - h0, dd = k % head_dim;
             const float* a = acc + (size_t)(h0 + hh) * s.max_chunks * head_dim + dd;
             float v = 0.f;
-            int cc = 0;
-            if (k == k_first) {
-#pragma unroll
-                for (; cc < 8; cc++) {
-                    if (cc < chunks) v += first[cc] * sh.merge_m[hh * chunks + cc];
-                }
-            }
 #pragma unroll 4
-            for (; cc < chunks; cc++) v += a[(size_t)cc * head_dim] * sh.merge_m[hh * chunks + cc];
+            for (int cc = 0; cc < chunks; cc++) v += a[(size_t)cc * head_dim] * sh.merge_m[hh * chunks + cc];
             xs[k - k0] = v / sh.tot[hh];
         }
     }
@@ -1281,11 +1217,8 @@ __device__ void step_gemv(const StepArgs& s, StepShared& sh, StepRing& ring, flo
     float r = 0.f;
     if (threadIdx.x < ncols) {
         int k = col0 + threadIdx.x;
-        // The residual and bias loaded beside the partial sums, sixteen at once.
-        float resid = __ldcg(&s.h[k]), bias = L.b[p][k], sum[1];
-        sum_strided_rows<1, 16>(out + k, 0, 1, P.n, P.splits, sum);
-        r = bias + sum[0];
-        r += resid;
+        r = L.b[p][k] + sum_strided(out + k, P.n, P.splits);
+        r += __ldcg(&s.h[k]);
         s.h[k] = r;
     }
     step_residual_slot(s, sh, r, c, ncols);
@@ -1311,7 +1244,7 @@ __device__ __forceinline__ void key_dims8(bool own, const float* fresh, const T*
 template <typename T>
 __device__ void step_attention(const StepArgs& s, StepShared& sh, StepRing& ring, int layer, int t, int position, int chunks,
                                const int*& known) {
-    const StepLayer& L = step_layer(s, sh, layer);
+    const StepLayer& L = s.layers[layer];
     StepProduct Q = step_product(s, 0);
     const int head_dim = s.n_embd / s.n_head, d_model = s.n_embd;
     const int keys = chunk_keys(s, position), per_stage = stage_keys<T>(s);
@@ -1329,13 +1262,10 @@ __device__ void step_attention(const StepArgs& s, StepShared& sh, StepRing& ring
     const float* qp = s.parts + (size_t)layer * s.parts_per_layer + Q.parts_at;
     for (int e = threadIdx.x; e < head_dim; e += STEP_CONSUMERS) {
         int col = head * head_dim + e;
-        // q's partial sums, and the last chunk's k's and v's, loaded at once (sum_strided_rows).
-        float qb = L.b[0][col], kb = last ? L.b[0][d_model + col] : 0.f, vb = last ? L.b[0][2 * d_model + col] : 0.f, sum[3];
-        sum_strided_rows<3, 8>(qp + col, d_model, last ? 3 : 1, Q.n, Q.splits, sum);
-        sh.q[e] = qb + sum[0];
+        sh.q[e] = L.b[0][col] + sum_strided(qp + col, Q.n, Q.splits);
         if (last) {
-            float k = kb + sum[1];
-            float v = vb + sum[2];
+            float k = L.b[0][d_model + col] + sum_strided(qp + d_model + col, Q.n, Q.splits);
+            float v = L.b[0][2 * d_model + col] + sum_strided(qp + 2 * d_model + col, Q.n, Q.splits);
             size_t at = ((size_t)head * s.n_positions + position) * head_dim + e;
             store((T*)L.k_cache, at, k);
             store((T*)L.v_cache, at, v);
@@ -1586,10 +1516,6 @@ __device__ void decode_step(const StepArgs& s) {
         }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-    }
-    {
-        int words = min(s.n_layer, STEP_LAYER_TABLE) * (int)(sizeof(StepLayer) / sizeof(int));
-        for (int i = threadIdx.x; i < words; i += blockDim.x) ((int*)sh.layers)[i] = ((const int*)s.layers)[i];
     }
     __syncthreads();
     if (threadIdx.x >= STEP_CONSUMERS) {

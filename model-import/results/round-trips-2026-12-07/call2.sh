@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Call 2: does what the streaming warp keeps in flight slow the computing warps' own loads?
+# The tree's source (d33270b) with two knobs (inflight.cu): STEP_INFLIGHT, the stages whose
+# cp.asyncs may be in flight at once (the warp waits on its own copies, cp.async.wait_group),
+# and STEP_STAGES, the ring's stages. Same binaries as call 1; a trace at 3 in flight.
+CALL=${CALL:-call2} BINARIES="mk/bench-generate"
+source "$(dirname "$0")/../../scripts/gpu_call_lib.sh"
+nvidia-smi --query-gpu=name --format=csv,noheader
+k=LLAVA_JP_GRAPH_STEP=kernel s=LLAVA_JP_GRAPH_SOURCE=.dev/mk/inflight.cu
+stepms() { echo "$1 $(grep -o '"step_kernel_graph_ms":[^,}]*' $out/$1.jsonl) $(grep -o '"kernels_graph_ms":[^,}]*' $out/$1.jsonl) $(grep -o '"answers_fnv":[^,}]*' $out/$1.jsonl)"; }
+opt() { echo "LLAVA_JP_GRAPH_NVRTC_OPTIONS=$*"; }
+bench base bench-generate 1 $k $s > /dev/null; stepms base
+bench in3 bench-generate 1 $k $s $(opt -DSTEP_INFLIGHT=3) > /dev/null; stepms in3
+bench in2 bench-generate 1 $k $s $(opt -DSTEP_INFLIGHT=2) > /dev/null; stepms in2
+bench in4 bench-generate 1 $k $s $(opt -DSTEP_INFLIGHT=4) > /dev/null; stepms in4
+bench st4 bench-generate 1 $k $s $(opt -DSTEP_STAGES=4) > /dev/null; stepms st4
+bench in1 bench-generate 1 $k $s $(opt -DSTEP_INFLIGHT=1) > /dev/null; stepms in1
+bench base2 bench-generate 1 $k $s > /dev/null; stepms base2
+bench trace3 bench-generate 1 $k LLAVA_JP_GRAPH_SOURCE=.dev/mk/diag-inflight.cu "$(opt -DSTEP_TRACE_POS=650 -DSTEP_INFLIGHT=3)" > /dev/null; stepms trace3
+decode_summary
+finish
