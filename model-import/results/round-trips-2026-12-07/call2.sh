@@ -2,7 +2,8 @@
 # Call 2: does what the streaming warp keeps in flight slow the computing warps' own loads?
 # The tree's source (d33270b) with two knobs (inflight.cu): STEP_INFLIGHT, the stages whose
 # cp.asyncs may be in flight at once (the warp waits on its own copies, cp.async.wait_group),
-# and STEP_STAGES, the ring's stages. Same binaries as call 1; a trace at 3 in flight.
+# and STEP_STAGES, the ring's stages. Same binaries as call 1. Traces (diag-inflight.cu:
+# mkdiag2.py, with each task's wait for its stages' data) as it is and at 3 in flight.
 CALL=${CALL:-call2} BINARIES="mk/bench-generate"
 source "$(dirname "$0")/../../scripts/gpu_call_lib.sh"
 nvidia-smi --query-gpu=name --format=csv,noheader
@@ -16,6 +17,10 @@ bench in4 bench-generate 1 $k $s $(opt -DSTEP_INFLIGHT=4) > /dev/null; stepms in
 bench st4 bench-generate 1 $k $s $(opt -DSTEP_STAGES=4) > /dev/null; stepms st4
 bench in1 bench-generate 1 $k $s $(opt -DSTEP_INFLIGHT=1) > /dev/null; stepms in1
 bench base2 bench-generate 1 $k $s > /dev/null; stepms base2
-bench trace3 bench-generate 1 $k LLAVA_JP_GRAPH_SOURCE=.dev/mk/diag-inflight.cu "$(opt -DSTEP_TRACE_POS=650 -DSTEP_INFLIGHT=3)" > /dev/null; stepms trace3
+t=LLAVA_JP_GRAPH_SOURCE=.dev/mk/diag-inflight.cu
+bench trace bench-generate 1 $k $t $(opt -DSTEP_TRACE_POS=650) > /dev/null; stepms trace
+python3 model-import/results/round-trips-2026-12-07/trace2.py $out/trace.jsonl
+bench trace3 bench-generate 1 $k $t "$(opt -DSTEP_TRACE_POS=650 -DSTEP_INFLIGHT=3)" > /dev/null; stepms trace3
+python3 model-import/results/round-trips-2026-12-07/trace2.py $out/trace3.jsonl
 decode_summary
 finish
