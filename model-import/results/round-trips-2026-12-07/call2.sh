@@ -11,15 +11,15 @@ k=LLAVA_JP_GRAPH_STEP=kernel s=LLAVA_JP_GRAPH_SOURCE=.dev/mk/inflight.cu
 stepms() { echo "$1 $(grep -o '"step_kernel_graph_ms":[^,}]*' $out/$1.jsonl) $(grep -o '"kernels_graph_ms":[^,}]*' $out/$1.jsonl) $(grep -o '"answers_fnv":[^,}]*' $out/$1.jsonl)"; }
 opt() { echo "LLAVA_JP_GRAPH_NVRTC_OPTIONS=$*"; }
 bench base bench-generate 1 $k $s > /dev/null; stepms base
-bench in3 bench-generate 1 $k $s $(opt -DSTEP_INFLIGHT=3) > /dev/null; stepms in3
 bench in2 bench-generate 1 $k $s $(opt -DSTEP_INFLIGHT=2) > /dev/null; stepms in2
-bench in4 bench-generate 1 $k $s $(opt -DSTEP_INFLIGHT=4) > /dev/null; stepms in4
-bench st4 bench-generate 1 $k $s $(opt -DSTEP_STAGES=4) > /dev/null; stepms st4
-bench in1 bench-generate 1 $k $s $(opt -DSTEP_INFLIGHT=1) > /dev/null; stepms in1
-bench base2 bench-generate 1 $k $s > /dev/null; stepms base2
+bench in3 bench-generate 1 $k $s $(opt -DSTEP_INFLIGHT=3) > /dev/null; stepms in3
 t=LLAVA_JP_GRAPH_SOURCE=.dev/mk/diag-inflight.cu
 bench trace bench-generate 1 $k $t $(opt -DSTEP_TRACE_POS=650) > /dev/null; stepms trace
 python3 model-import/results/round-trips-2026-12-07/trace2.py $out/trace.jsonl
+bench in1 bench-generate 1 $k $s $(opt -DSTEP_INFLIGHT=1) > /dev/null; stepms in1
+bench st4 bench-generate 1 $k $s $(opt -DSTEP_STAGES=4) > /dev/null; stepms st4
+bench base2 bench-generate 1 $k $s > /dev/null; stepms base2
+bench in4 bench-generate 1 $k $s $(opt -DSTEP_INFLIGHT=4) > /dev/null; stepms in4
 bench trace3 bench-generate 1 $k $t "$(opt -DSTEP_TRACE_POS=650 -DSTEP_INFLIGHT=3)" > /dev/null; stepms trace3
 python3 model-import/results/round-trips-2026-12-07/trace2.py $out/trace3.jsonl
 decode_summary
