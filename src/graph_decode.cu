@@ -679,7 +679,8 @@ __device__ void logits_argmax(const float* h, const float* stats, const float* g
 #define STEP_STAGES 6
 #endif
 // Stages whose copies the streaming warp keeps in flight at most (cp.async; up to
-// STEP_STAGES): every load of the computing warps waits behind what is in flight to its SM.
+// STEP_STAGES). A knob to measure whether the computing warps' own loads wait behind what is
+// in flight to their SM (model-import/results/round-trips-2026-12-07/, call 2).
 #ifndef STEP_INFLIGHT
 #define STEP_INFLIGHT STEP_STAGES
 #endif
