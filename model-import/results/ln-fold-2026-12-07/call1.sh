@@ -38,5 +38,7 @@ bench fold-in3 bench-generate 1 $k $(opt -DSTEP_INFLIGHT=3) > /dev/null; stepms 
 bench fold-st4 bench-generate 1 $k $(opt -DSTEP_STAGES=4) > /dev/null; stepms fold-st4
 bench fold0c bench-generate 1 $k $(opt -DSTEP_FOLD=0) > /dev/null; stepms fold0c
 bench foldc bench-generate 1 $k > /dev/null; stepms foldc
+# transformers' generate on the same prompt, in what time is left (the issue's table: beside PyTorch).
+transformers 90
 decode_summary
 finish
