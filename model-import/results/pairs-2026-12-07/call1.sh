@@ -3,7 +3,8 @@
 # set of binaries in .dev/next; see README.md). Variants, compiled at run time from the same
 # source: F0 normalises first (main's arithmetic: its greedy digest must stay
 # e63d96a960f06d45), F1 the fold (the default), L1 the fold with c_attn's and c_fc's partial
-# sums as polled pairs (STEP_LL=1), L0 the pairs without the fold. The flex tests decide which
+# sums as polled pairs (STEP_LL=1), L2 the attention chunks' results as pairs too (STEP_LL=2),
+# L0 the pairs without the fold (only if the fold fails). The flex tests decide which
 # variants are benched; then each variant twice, traces (mkdiag2.py: with each task's wait for
 # its stages' data), the streaming warp's knobs, and transformers' generate on the same prompt.
 CALL=${CALL:-call1} BINARIES="next/bench-generate next/graph-decode-test"
@@ -11,7 +12,7 @@ source "$(dirname "$0")/../../scripts/gpu_call_lib.sh"
 nvidia-smi --query-gpu=name --format=csv,noheader
 k=LLAVA_JP_GRAPH_STEP=kernel
 stepms() { echo "$1 $(grep -o '"step_kernel_graph_ms":[^,}]*' $out/$1.jsonl) $(grep -o '"kernels_graph_ms":[^,}]*' $out/$1.jsonl) $(grep -o '"answers_fnv":[^,}]*' $out/$1.jsonl)"; }
-declare -A flags=([F0]="-DSTEP_FOLD=0" [F1]="" [L1]="-DSTEP_LL=1" [L0]="-DSTEP_FOLD=0 -DSTEP_LL=1")
+declare -A flags=([F0]="-DSTEP_FOLD=0" [F1]="" [L1]="-DSTEP_LL=1" [L2]="-DSTEP_LL=2" [L0]="-DSTEP_FOLD=0 -DSTEP_LL=1")
 nv() { echo "LLAVA_JP_GRAPH_NVRTC_OPTIONS=${flags[$1]} ${2:-}"; }
 # Both flex tests of a variant; true when both pass.
 flex() {
@@ -26,17 +27,19 @@ flex() {
 valid="F0"
 flex F1 && valid="$valid F1"
 flex L1 && valid="$valid L1"
+flex L2 && valid="$valid L2"
 case " $valid " in *" F1 "*) ;; *) flex L0 && valid="$valid L0" ;; esac
 echo "== variants that passed: $valid"
 for round in a b; do
   for v in $valid; do bench $v$round bench-generate 1 $k "$(nv $v)" > /dev/null; stepms $v$round; done
 done
-for v in $valid; do [ $v = F0 ] && [ "$valid" != F0 ] && continue
+best=${valid##* }
+# Traces of the fold alone and of the last variant that passed (or of F0 if none did).
+for v in $(echo "$valid" | tr ' ' '\n' | grep -E "^F1$|^$best$" | sort -u); do
   python3 model-import/results/round-trips-2026-12-07/mkdiag2.py /tmp/diag.cu src/graph_decode.cu
   bench trace-$v bench-generate 1 $k LLAVA_JP_GRAPH_SOURCE=/tmp/diag.cu "$(nv $v -DSTEP_TRACE_POS=650)" > /dev/null; stepms trace-$v
   python3 model-import/results/round-trips-2026-12-07/trace2.py $out/trace-$v.jsonl
 done
-best=${valid##* }
 for knob in -DSTEP_INFLIGHT=2 -DSTEP_INFLIGHT=3 -DSTEP_STAGES=4; do
   name=$best${knob#-DSTEP_}; name=${name//=/}
   bench $name bench-generate 1 $k "$(nv $best $knob)" > /dev/null; stepms $name
