@@ -25,4 +25,29 @@ rep("            sh.tr.layer[i] = layer;\n", "            sh.tr.layer[i] = layer
 rep('printf("TRACE %d %d %d %d %u %u %u\\n", blockIdx.x, i, sh.tr.kind[i], sh.tr.layer[i], sh.tr.start[i], sh.tr.wait[i], sh.tr.done[i]);',
     'printf("TRACE %d %d %d %d %u %u %u %u\\n", blockIdx.x, i, sh.tr.kind[i], sh.tr.layer[i], sh.tr.start[i], sh.tr.wait[i], sh.tr.done[i], sh.tr.dwait[i]);')
 s = s.replace("#define TRACE_MAX 200", "#define TRACE_MAX 160")
+# With ../pairs-2026-12-07/ll.patch's STEP_LL, the readers poll their inputs in their first
+# loop, not on a counter: their "wait" ends once that loop is done (data's round trip included).
+if "STEP_LL" in s:
+    rep("""            sh.vn[e] = as_stored(v, (const T*)nullptr);
+        }
+    }
+    consumers_sync();
+""", """            sh.vn[e] = as_stored(v, (const T*)nullptr);
+        }
+    }
+    consumers_sync();
+#if STEP_LL
+    STEP_TRACE_WAITED(sh);
+#endif
+""")
+    rep("""    }
+    consumers_sync();
+
+    int group = threadIdx.x & 31""", """    }
+    consumers_sync();
+#if STEP_LL
+    if (kind == STEP_MLP || (STEP_LL >= 2 && kind == STEP_PROJ)) STEP_TRACE_WAITED(sh);
+#endif
+
+    int group = threadIdx.x & 31""")
 open(sys.argv[1], "w").write(s)
