@@ -30,6 +30,9 @@ bench() {
   env "$@" timeout $t /tmp/$bin $bench_args ${extra:-} --runs $runs > "$out/$name.jsonl" 2> "$out/$name.err"
   echo "== $name ($((SECONDS - start)) s)"; tail -2 "$out/$name.err"; cat "$out/$name.jsonl"
 }
+# One line of a bench log: its name, the step kernel's and the step's kernels' graph step (ms)
+# and the greedy answers' digest.
+stepms() { echo "$1 $(grep -o '"step_kernel_graph_ms":[^,}]*' $out/$1.jsonl) $(grep -o '"kernels_graph_ms":[^,}]*' $out/$1.jsonl) $(grep -o '"answers_fnv":[^,}]*' $out/$1.jsonl)"; }
 # transformers' generate, same prompt: timeout cap.
 transformers() {
   local t=$(( $(left) - 60 )); [ $t -gt $1 ] && t=$1

@@ -11,7 +11,6 @@ CALL=${CALL:-call1} BINARIES="next/bench-generate next/graph-decode-test"
 source "$(dirname "$0")/../../scripts/gpu_call_lib.sh"
 nvidia-smi --query-gpu=name --format=csv,noheader
 k=LLAVA_JP_GRAPH_STEP=kernel
-stepms() { echo "$1 $(grep -o '"step_kernel_graph_ms":[^,}]*' $out/$1.jsonl) $(grep -o '"kernels_graph_ms":[^,}]*' $out/$1.jsonl) $(grep -o '"answers_fnv":[^,}]*' $out/$1.jsonl)"; }
 declare -A flags=([F0]="-DSTEP_FOLD=0" [F1]="" [L1]="-DSTEP_LL=1" [L2]="-DSTEP_LL=2" [L0]="-DSTEP_FOLD=0 -DSTEP_LL=1")
 nv() { echo "LLAVA_JP_GRAPH_NVRTC_OPTIONS=${flags[$1]} ${2:-}"; }
 # Both flex tests of a variant; true when both pass.

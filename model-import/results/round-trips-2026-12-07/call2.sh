@@ -10,7 +10,6 @@ source "$(dirname "$0")/../../scripts/gpu_call_lib.sh"
 nvidia-smi --query-gpu=name --format=csv,noheader
 k=LLAVA_JP_GRAPH_STEP=kernel s=LLAVA_JP_GRAPH_SOURCE=src/graph_decode.cu
 python3 model-import/results/round-trips-2026-12-07/mkdiag2.py /tmp/diag-inflight.cu src/graph_decode.cu
-stepms() { echo "$1 $(grep -o '"step_kernel_graph_ms":[^,}]*' $out/$1.jsonl) $(grep -o '"kernels_graph_ms":[^,}]*' $out/$1.jsonl) $(grep -o '"answers_fnv":[^,}]*' $out/$1.jsonl)"; }
 opt() { echo "LLAVA_JP_GRAPH_NVRTC_OPTIONS=$*"; }
 bench base bench-generate 1 $k $s > /dev/null; stepms base
 bench in2 bench-generate 1 $k $s $(opt -DSTEP_INFLIGHT=2) > /dev/null; stepms in2
