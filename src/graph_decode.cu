@@ -679,10 +679,12 @@ __device__ void logits_argmax(const float* h, const float* stats, const float* g
 #define STEP_STAGES 6
 #endif
 // Stages whose copies the streaming warp keeps in flight at most (cp.async; up to
-// STEP_STAGES). A knob to measure whether the computing warps' own loads wait behind what is
-// in flight to their SM (model-import/results/round-trips-2026-12-07/, call 2).
+// STEP_STAGES). One is fastest: with more, the computing warps' own loads (partial sums,
+// counters, the cache) queue behind the stream's; step 1.275 ms at 1, 1.357 at 2, 1.396 at 6
+// on an H100 (model-import/results/pairs-2026-12-07/, calls 2 and 3). The ring still needs
+// its six stages (1.47 ms with three).
 #ifndef STEP_INFLIGHT
-#define STEP_INFLIGHT STEP_STAGES
+#define STEP_INFLIGHT 1
 #endif
 // How the streaming warp fills a stage (one contiguous stretch): 1, one bulk copy by the TMA
 // unit; 0, 16-byte cp.async by every lane, measured faster (step 1.467 against 1.669 ms on an
@@ -710,6 +712,9 @@ struct StepLayer {
     const float* ln2_b;
     void* k_cache;
     void* v_cache;
+    // STEP_FOLD: c_attn's G and B (3 n_embd each), c_fc's G and B (inner each), made by
+    // step_fold_layernorm: G = w^T g, B = bias + w^T b of the LayerNorm before the product.
+    const float* fold[4];
     float ln1_eps, ln2_eps, scale, unused;
 };
 
@@ -737,6 +742,25 @@ struct StepArgs {
     int rows[4];
     int attn_keys, max_chunks, logits_rows, parts_per_layer, n_counters, xs_floats;
 };
+
+// 1: the LayerNorms before c_attn and c_fc are applied after the product, where its split-K
+// partial sums are added up (the attention; mlp.c_proj's prologue):
+//   W^T LayerNorm(h) + bias = rstd (W^T (g h) - mean G) + B,  G = W^T g,  B = bias + W^T b,
+// so a c_attn or c_fc tile waits only for its own rows of h (its column blocks' residual tails),
+// not for every column's statistics. 0: normalised first.
+#ifndef STEP_FOLD
+#define STEP_FOLD 1
+#endif
+
+// 1: c_attn's and c_fc's partial sums reach their readers (the attention; mlp.c_proj's
+// prologue) as (value, step serial) pairs, each one 64-bit store, which the readers poll
+// themselves. The tile then makes no release and the reader no counter poll before a second
+// round trip for the data. Same sums in the same order as 0 (partial sums, then a counter).
+// 2: the attention chunks' accumulators and (max, sum) for attn.c_proj as well. Step 1.275 ms
+// at 2, 1.288 at 1, 1.297 at 0 on an H100 (pairs-2026-12-07/, call 3), same greedy answers.
+#ifndef STEP_LL
+#define STEP_LL 2
+#endif
 
 #define STEP_EMBED 0
 #define STEP_QKV 1
@@ -775,9 +799,20 @@ struct StepShared {
     float scratch[32];
     float best_v[8];
     int best_i[8];
+#if STEP_LL
+    // This step's serial: the tag its partial-sum pairs carry.
+    unsigned serial;
+#endif
     int flag;
     unsigned long long full[STEP_STAGES], empty[STEP_STAGES];
 };
+
+// LayerNorm statistics of the layer's two residual points: 0 before c_attn (after the
+// embedding or mlp.c_proj), 1 before c_fc (after attn.c_proj). Apart: one point's readers may
+// still read while the other's tails write.
+__device__ __forceinline__ float* step_stats(const StepArgs& s, int point) {
+    return s.stats + point * 2 * ((s.n_embd + STAT_COLUMNS - 1) / STAT_COLUMNS);
+}
 
 // A product's shape and tiling: p 0..3 is c_attn, attn.c_proj, c_fc, mlp.c_proj.
 struct StepProduct {
@@ -935,6 +970,67 @@ __device__ void wait_counters(const StepArgs& s, int a, int na, int b, int nb, i
     consumers_sync();
 }
 
+// STEP_LL's (value, serial) pairs: after the step's partial sums, an 8-byte aligned region
+// holding one pair per partial sum (the host allocates s.parts three times as long, zeroed, so
+// no pair carries a serial before its step). The serials: a word of counter 1's line, which
+// the end-of-step reset leaves alone.
+__device__ __forceinline__ unsigned long long* pairs_after(float* p, size_t floats) {
+    return (unsigned long long*)(p + ((floats + 1) & ~(size_t)1));
+}
+__device__ __forceinline__ unsigned long long* step_pairs(const StepArgs& s) {
+    return pairs_after(s.parts, (size_t)s.n_layer * s.parts_per_layer);
+}
+// STEP_LL >= 2: the chunks' accumulators and (max, sum) as pairs, after each buffer's floats.
+__device__ __forceinline__ unsigned long long* chunk_acc_pairs(const StepArgs& s) {
+    return pairs_after(s.chunk_acc, (size_t)s.n_layer * s.n_head * s.max_chunks * (s.n_embd / s.n_head));
+}
+__device__ __forceinline__ unsigned long long* chunk_ml_pairs(const StepArgs& s) {
+    return pairs_after(s.chunk_ml, (size_t)s.n_layer * s.n_head * s.max_chunks * 2);
+}
+__device__ __forceinline__ unsigned* step_serial(const StepArgs& s) { return (unsigned*)s.counters + STEP_PAD + 1; }
+__device__ __forceinline__ void store_pair(unsigned long long* p, float v, unsigned serial) {
+    unsigned long long x = ((unsigned long long)serial << 32) | __float_as_uint(v);
+    asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(x) : "memory");
+}
+__device__ __forceinline__ unsigned long long load_pair(const unsigned long long* p) {
+    unsigned long long x;
+    asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(x) : "l"(p) : "memory");
+    return x;
+}
+// A pair's value once it carries `serial` (loaded until it does).
+__device__ __forceinline__ float pair_value(const unsigned long long* p, unsigned serial) {
+    unsigned long long x = load_pair(p);
+    long long start = clock64();
+    while ((unsigned)(x >> 32) != serial) {
+        if (clock64() - start > (1ll << 31)) __trap();
+        x = load_pair(p);
+    }
+    return __uint_as_float((unsigned)x);
+}
+// The values of pairs p[j * stride], j < min(m, 8) (the rest 0), once each carries `serial`:
+// all loads issued before any is waited for, those not yet written loaded again.
+__device__ __forceinline__ void pairs8(const unsigned long long* p, size_t stride, int m, unsigned serial, float out[8]) {
+    unsigned long long x[8];
+#pragma unroll
+    for (int j = 0; j < 8; j++) x[j] = j < m ? load_pair(p + (size_t)j * stride) : (unsigned long long)serial << 32;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        out[j] = (unsigned)(x[j] >> 32) == serial ? __uint_as_float((unsigned)x[j]) : pair_value(p + (size_t)j * stride, serial);
+    }
+}
+// sum_strided over pairs, each waited for until it carries `serial`: the same adds in the same
+// order.
+__device__ __forceinline__ float sum_pairs(const unsigned long long* p, size_t stride, int n, unsigned serial) {
+    float v = 0.f;
+    for (int q = 0; q < n; q += 8) {
+        float a[8];
+        pairs8(p + (size_t)q * stride, stride, n - q, serial, a);
+#pragma unroll
+        for (int j = 0; j < 8; j++) v += a[j];
+    }
+    return v;
+}
+
 // sum over q < n of p[q * stride], in q's order, with the loads issued eight at a time (a
 // loop of dependent adds would otherwise wait on each load in turn).
 __device__ __forceinline__ float sum_strided(const float* p, size_t stride, int n) {
@@ -1073,15 +1169,15 @@ __device__ __forceinline__ void consume_stage(StepShared& sh, StepRing& ring, U&
     ring.piece++;
 }
 
-// h[cols of block c] = v (one per thread, `count` valid) and its slot statistics.
-__device__ void step_residual_slot(const StepArgs& s, StepShared& sh, float v, int c, int count) {
+// Slot c of `stats`: the statistics of v (one per thread, `count` valid).
+__device__ void step_residual_slot(StepShared& sh, float* stats, float v, int c, int count) {
     bool valid = threadIdx.x < count;
     float mean = consumers_sum(valid ? v : 0.f, sh) / count;
     float d = valid ? v - mean : 0.f;
     float m2 = consumers_sum(d * d, sh);
     if (threadIdx.x == 0) {
-        s.stats[2 * c] = mean;
-        s.stats[2 * c + 1] = m2;
+        stats[2 * c] = mean;
+        stats[2 * c + 1] = m2;
     }
 }
 
@@ -1094,14 +1190,15 @@ __device__ void step_embed(const StepArgs& s, StepShared& sh, int c, int token, 
         v = to_f32(((const T*)s.wte)[(size_t)token * s.n_embd + d]) + to_f32(((const T*)s.wpe)[(size_t)position * s.n_embd + d]);
         s.h[d] = v;
     }
-    step_residual_slot(s, sh, v, c, count);
+    step_residual_slot(sh, step_stats(s, 0), v, c, count);
     signal_counter(step_counter(s, 0));
 }
 
-// xs[0 .. k1 - k0) = LayerNorm(h)[k0 .. k1).
-__device__ void step_layernorm_rows(const StepArgs& s, float* xs, const float* g, const float* b, float eps, int k0, int k1) {
+// xs[0 .. k1 - k0) = LayerNorm(h)[k0 .. k1), h's statistics in `stats`.
+__device__ void step_layernorm_rows(const StepArgs& s, const float* stats, float* xs, const float* g, const float* b, float eps, int k0,
+                                    int k1) {
     float mean, rstd;
-    combined_stats(s.stats, s.n_embd, eps, &mean, &rstd);
+    combined_stats(stats, s.n_embd, eps, &mean, &rstd);
     for (int k = k0 + threadIdx.x; k < k1; k += STEP_CONSUMERS) xs[k - k0] = (s.h[k] - mean) * rstd * g[k] + b[k];
 }
 
@@ -1122,34 +1219,84 @@ __device__ void step_gemv(const StepArgs& s, StepShared& sh, StepRing& ring, flo
 
     StepCounters cn = step_counters(s);
     int base = layer_counters(cn, layer);
-    if (kind == STEP_QKV) {
-        wait_counter(step_counter(s, layer == 0 ? 0 : layer_counters(cn, layer - 1) + cn.resid_p), cd, known, sh);
-        step_layernorm_rows(s, xs, L.ln1_g, L.ln1_b, L.ln1_eps, k0, k1);
-    } else if (kind == STEP_FC) {
-        wait_counter(step_counter(s, base + cn.resid_o), cd, known, sh);
-        step_layernorm_rows(s, xs, L.ln2_g, L.ln2_b, L.ln2_eps, k0, k1);
+    if (kind == STEP_QKV || kind == STEP_FC) {
+        bool qkv = kind == STEP_QKV;
+#if STEP_FOLD
+        // g h over this tile's rows, once their column blocks' tails wrote them (the tail's
+        // release after the tiles' arrivals: splits + 1), or the embedding did.
+        int c0 = k0 / STEP_COLUMNS, c1 = (k1 - 1) / STEP_COLUMNS;
+        if (qkv && layer == 0) {
+            wait_counter(step_counter(s, 0), cd, known, sh);
+        } else {
+            int tails = qkv ? layer_counters(cn, layer - 1) + cn.tail_p : base + cn.tail_o;
+            wait_counters(s, tails + c0, c1 - c0 + 1, 0, 0, 0, 0, step_product(s, qkv ? 3 : 1).splits + 1);
+        }
+        const float* g = qkv ? L.ln1_g : L.ln2_g;
+        for (int k = k0 + threadIdx.x; k < k1; k += STEP_CONSUMERS) xs[k - k0] = g[k] * s.h[k];
+#else
+        if (qkv) wait_counter(step_counter(s, layer == 0 ? 0 : layer_counters(cn, layer - 1) + cn.resid_p), cd, known, sh);
+        else wait_counter(step_counter(s, base + cn.resid_o), cd, known, sh);
+        step_layernorm_rows(s, step_stats(s, qkv ? 0 : 1), xs, qkv ? L.ln1_g : L.ln2_g, qkv ? L.ln1_b : L.ln2_b,
+                            qkv ? L.ln1_eps : L.ln2_eps, k0, k1);
+#endif
     } else if (kind == STEP_MLP) {
         StepProduct F = step_product(s, 2);
         // c_fc's column blocks over this tile's rows.
         int c0 = k0 / STEP_COLUMNS, c1 = (k1 - 1) / STEP_COLUMNS;
+#if STEP_LL
+        // Each pair waited for where it is added.
+        (void)c0, (void)c1;
+        const unsigned long long* fpp = step_pairs(s) + (size_t)layer * s.parts_per_layer + F.parts_at;
+        const unsigned serial = sh.serial;
+        auto fc_at = [&](int k) { return sum_pairs(fpp + k, F.n, F.splits, serial); };
+#else
         wait_counters(s, base + cn.fc + c0, c1 - c0 + 1, 0, 0, 0, 0, F.splits);
         const float* fp = parts + F.parts_at;
+        auto fc_at = [&](int k) { return sum_strided(fp + k, F.n, F.splits); };
+#endif
+#if STEP_FOLD || STEP_LL
+        // Every column block's attn.c_proj tail: LayerNorm 2's statistics (the fold), and with
+        // the pairs the acquire that orders h's writes before mlp.c_proj's tail reads them.
+        wait_counter(step_counter(s, base + cn.resid_o), cd, known, sh);
+#endif
+#if STEP_FOLD
+        float mean, rstd;
+        combined_stats(step_stats(s, 1), s.n_embd, L.ln2_eps, &mean, &rstd);
         for (int k = k0 + threadIdx.x; k < k1; k += STEP_CONSUMERS) {
-            xs[k - k0] = activate(L.b[2][k] + sum_strided(fp + k, F.n, F.splits), s.activation);
+            xs[k - k0] = activate(rstd * (fc_at(k) - mean * L.fold[2][k]) + L.fold[3][k], s.activation);
         }
+#else
+        for (int k = k0 + threadIdx.x; k < k1; k += STEP_CONSUMERS) {
+            xs[k - k0] = activate(L.b[2][k] + fc_at(k), s.activation);
+        }
+#endif
     } else {
         // attn.c_proj: the attention's output rows k0..k1, its chunks merged.
         // The heads of this tile's rows.
+#if STEP_LL >= 2
+        // Each chunk's pairs waited for where they are read.
+        const unsigned serial = sh.serial;
+        const unsigned long long* acc = chunk_acc_pairs(s) + (size_t)layer * s.n_head * s.max_chunks * head_dim;
+        const unsigned long long* ml = chunk_ml_pairs(s) + (size_t)layer * s.n_head * s.max_chunks * 2;
+#else
         wait_counters(s, base + cn.attn + k0 / head_dim, (k1 - 1) / head_dim - k0 / head_dim + 1, 0, 0, 0, 0, chunks);
         const float* acc = s.chunk_acc + (size_t)layer * s.n_head * s.max_chunks * head_dim;
         const float* ml = s.chunk_ml + (size_t)layer * s.n_head * s.max_chunks * 2;
+#endif
         int h0 = k0 / head_dim, nh = (k1 - 1) / head_dim - h0 + 1;
         if (nh * chunks > STEP_MERGE || nh > 64) __trap();
         for (int i = threadIdx.x; i < nh * chunks; i += STEP_CONSUMERS) {
             int hh = i / chunks, cc = i % chunks;
             size_t at = ((size_t)(h0 + hh) * s.max_chunks + cc) * 2;
+#if STEP_LL >= 2
+            float x[8];
+            pairs8(ml + at, 1, 2, serial, x);
+            sh.merge_m[i] = x[0];
+            sh.merge_l[i] = x[1];
+#else
             sh.merge_m[i] = ml[at];
             sh.merge_l[i] = ml[at + 1];
+#endif
         }
         consumers_sync();
         if (threadIdx.x < nh) {
@@ -1167,10 +1314,23 @@ __device__ void step_gemv(const StepArgs& s, StepShared& sh, StepRing& ring, flo
         consumers_sync();
         for (int k = k0 + threadIdx.x; k < k1; k += STEP_CONSUMERS) {
             int hh = k / head_dim - h0, dd = k % head_dim;
-            const float* a = acc + (size_t)(h0 + hh) * s.max_chunks * head_dim + dd;
             float v = 0.f;
+#if STEP_LL >= 2
+            // Eight chunks' pairs at once; the same adds in order.
+            const unsigned long long* a = acc + (size_t)(h0 + hh) * s.max_chunks * head_dim + dd;
+            for (int c0 = 0; c0 < chunks; c0 += 8) {
+                float x[8];
+                pairs8(a + (size_t)c0 * head_dim, head_dim, chunks - c0, serial, x);
+#pragma unroll
+                for (int j = 0; j < 8; j++) {
+                    if (c0 + j < chunks) v += x[j] * sh.merge_m[hh * chunks + c0 + j];
+                }
+            }
+#else
+            const float* a = acc + (size_t)(h0 + hh) * s.max_chunks * head_dim + dd;
 #pragma unroll 4
             for (int cc = 0; cc < chunks; cc++) v += a[(size_t)cc * head_dim] * sh.merge_m[hh * chunks + cc];
+#endif
             xs[k - k0] = v / sh.tot[hh];
         }
     }
@@ -1203,6 +1363,17 @@ __device__ void step_gemv(const StepArgs& s, StepShared& sh, StepRing& ring, flo
 #pragma unroll
     for (int w = 0; w < STEP_CONSUMERS / 32; w++) v += sh.sums[w][threadIdx.x];
     float* out = parts + P.parts_at;
+#if STEP_LL
+    if (kind == STEP_QKV || kind == STEP_FC) {
+        if (threadIdx.x < ncols) {
+            size_t at = (size_t)layer * s.parts_per_layer + P.parts_at + (size_t)sp * P.n + col0 + threadIdx.x;
+            store_pair(step_pairs(s) + at, v, sh.serial);
+        }
+        // sh.sums is read above: the block's next task must not write it yet.
+        consumers_sync();
+        return;
+    }
+#endif
     if (threadIdx.x < ncols) out[(size_t)sp * P.n + col0 + threadIdx.x] = v;
 
     if (kind == STEP_QKV || kind == STEP_FC) {
@@ -1215,6 +1386,11 @@ __device__ void step_gemv(const StepArgs& s, StepShared& sh, StepRing& ring, flo
     if (threadIdx.x == 0) sh.flag = add_acq_rel(step_counter(s, tail), 1) == P.splits - 1;
     consumers_sync();
     if (!sh.flag) return;
+#if STEP_LL >= 2
+    // attn.c_proj's tiles made no acquire of their own (the chunks' pairs are relaxed): the
+    // acquire that orders the last tails' h before this read (long reached; usually known).
+    if (kind == STEP_PROJ) wait_counter(step_counter(s, layer == 0 ? 0 : layer_counters(cn, layer - 1) + cn.resid_p), cd, known, sh);
+#endif
     float r = 0.f;
     if (threadIdx.x < ncols) {
         int k = col0 + threadIdx.x;
@@ -1222,8 +1398,14 @@ __device__ void step_gemv(const StepArgs& s, StepShared& sh, StepRing& ring, flo
         r += __ldcg(&s.h[k]);
         s.h[k] = r;
     }
-    step_residual_slot(s, sh, r, c, ncols);
-    signal_counter(step_counter(s, base + (kind == STEP_PROJ ? cn.resid_o : cn.resid_p)));
+    step_residual_slot(sh, step_stats(s, kind == STEP_PROJ ? 1 : 0), r, c, ncols);
+    consumers_sync();
+    if (threadIdx.x == 0) {
+        // This column block's h is written (its tile count reaches splits + 1), then one more of
+        // the point's column blocks (with the statistics).
+        add_release(step_counter(s, tail), 1);
+        add_release(step_counter(s, base + (kind == STEP_PROJ ? cn.resid_o : cn.resid_p)), 1);
+    }
 }
 
 // Eight dimensions of a key (or value): this step's own from `fresh` (not in the stage), an
@@ -1256,17 +1438,41 @@ __device__ void step_attention(const StepArgs& s, StepShared& sh, StepRing& ring
     int base = layer_counters(cn, layer) + cn.qkv;
     // The column blocks of this head's q, k and v.
     int q0 = head * head_dim, blocks = (q0 + head_dim - 1) / STEP_COLUMNS - q0 / STEP_COLUMNS + 1;
+#if STEP_LL
+    // Each pair waited for where it is added.
+    const unsigned long long* qpp = step_pairs(s) + (size_t)layer * s.parts_per_layer + Q.parts_at;
+    const unsigned serial = sh.serial;
+    auto q_sum = [&](int col) { return sum_pairs(qpp + col, Q.n, Q.splits, serial); };
+    (void)blocks;
+#else
     wait_counters(s, base + q0 / STEP_COLUMNS, blocks, base + (d_model + q0) / STEP_COLUMNS,
                   (d_model + q0 + head_dim - 1) / STEP_COLUMNS - (d_model + q0) / STEP_COLUMNS + 1,
                   base + (2 * d_model + q0) / STEP_COLUMNS,
                   (2 * d_model + q0 + head_dim - 1) / STEP_COLUMNS - (2 * d_model + q0) / STEP_COLUMNS + 1, Q.splits);
     const float* qp = s.parts + (size_t)layer * s.parts_per_layer + Q.parts_at;
+    auto q_sum = [&](int col) { return sum_strided(qp + col, Q.n, Q.splits); };
+#endif
+#if STEP_FOLD || STEP_LL
+    // Every column block's tail before c_attn: LayerNorm 1's statistics (the fold), and with
+    // the pairs the acquire that orders h's writes before attn.c_proj's tail reads them.
+    {
+        int cd = (s.n_embd + STEP_COLUMNS - 1) / STEP_COLUMNS;
+        wait_counter(step_counter(s, layer == 0 ? 0 : layer_counters(cn, layer - 1) + cn.resid_p), cd, known, sh);
+    }
+#endif
+#if STEP_FOLD
+    float mean, rstd;
+    combined_stats(step_stats(s, 0), s.n_embd, L.ln1_eps, &mean, &rstd);
+    auto qkv_at = [&](int col) { return rstd * (q_sum(col) - mean * L.fold[0][col]) + L.fold[1][col]; };
+#else
+    auto qkv_at = [&](int col) { return L.b[0][col] + q_sum(col); };
+#endif
     for (int e = threadIdx.x; e < head_dim; e += STEP_CONSUMERS) {
         int col = head * head_dim + e;
-        sh.q[e] = L.b[0][col] + sum_strided(qp + col, Q.n, Q.splits);
+        sh.q[e] = qkv_at(col);
         if (last) {
-            float k = L.b[0][d_model + col] + sum_strided(qp + d_model + col, Q.n, Q.splits);
-            float v = L.b[0][2 * d_model + col] + sum_strided(qp + 2 * d_model + col, Q.n, Q.splits);
+            float k = qkv_at(d_model + col);
+            float v = qkv_at(2 * d_model + col);
             size_t at = ((size_t)head * s.n_positions + position) * head_dim + e;
             store((T*)L.k_cache, at, k);
             store((T*)L.v_cache, at, v);
@@ -1351,6 +1557,13 @@ __device__ void step_attention(const StepArgs& s, StepShared& sh, StepRing& ring
         });
     }
     size_t at = ((size_t)layer * s.n_head + head) * s.max_chunks + c;
+#if STEP_LL >= 2
+    auto put_acc = [&](size_t i, float a) { store_pair(chunk_acc_pairs(s) + i, a, sh.serial); };
+    auto put_ml = [&](size_t i, float a) { store_pair(chunk_ml_pairs(s) + i, a, sh.serial); };
+#else
+    auto put_acc = [&](size_t i, float a) { s.chunk_acc[i] = a; };
+    auto put_ml = [&](size_t i, float a) { s.chunk_ml[i] = a; };
+#endif
     if (lpk) {
         // The warp's key lanes, then the warps' (in warp order).
         for (int o = lpk; o < 32; o <<= 1) {
@@ -1366,7 +1579,7 @@ __device__ void step_attention(const StepArgs& s, StepShared& sh, StepRing& ring
             float a = 0.f;
 #pragma unroll
             for (int w = 0; w < STEP_CONSUMERS / 32; w++) a += sh.sums[w][d];
-            s.chunk_acc[at * head_dim + d] = a;
+            put_acc(at * head_dim + d, a);
         }
     } else {
         if (g1 < groups) sh.red[g1 * head_dim + e1] = a8[0];
@@ -1374,16 +1587,20 @@ __device__ void step_attention(const StepArgs& s, StepShared& sh, StepRing& ring
         if (threadIdx.x < head_dim) {
             float a = 0.f;
             for (int g2 = 0; g2 < groups; g2++) a += sh.red[g2 * head_dim + threadIdx.x];
-            s.chunk_acc[at * head_dim + threadIdx.x] = a;
+            put_acc(at * head_dim + threadIdx.x, a);
         }
     }
     if (threadIdx.x == 0) {
-        s.chunk_ml[at * 2] = m;
-        s.chunk_ml[at * 2 + 1] = l;
+        put_ml(at * 2, m);
+        put_ml(at * 2 + 1, l);
     }
     // sh.sums / sh.red are read above: the next task must not write them yet. (The signal's
     // barrier below.)
+#if STEP_LL >= 2
+    consumers_sync();
+#else
     signal_counter(step_counter(s, layer_counters(cn, layer) + cn.attn + head));
+#endif
 }
 
 // Rows of the logits; the block's first arg max so far in (bv, bi) per warp.
@@ -1394,7 +1611,7 @@ __device__ void step_logits(const StepArgs& s, StepShared& sh, StepRing& ring, f
     if (!normed) {
         StepCounters cn = step_counters(s);
         wait_counter(step_counter(s, layer_counters(cn, s.n_layer - 1) + cn.resid_p), cd, known, sh);
-        step_layernorm_rows(s, xs, s.lnf_g, s.lnf_b, s.lnf_eps, 0, s.n_embd);
+        step_layernorm_rows(s, step_stats(s, 0), xs, s.lnf_g, s.lnf_b, s.lnf_eps, 0, s.n_embd);
         consumers_sync();
         normed = true;
     }
@@ -1486,6 +1703,10 @@ __device__ void step_finish(const StepArgs& s, StepShared& sh, float bv, int bi)
         s.state[2] = token;
         s.state[0] = token;
         s.state[1] += 1;
+#if STEP_LL
+        // The next step's pairs carry the next serial (every block read this one at its start).
+        *step_serial(s) = sh.serial;
+#endif
     }
     // Every block has finished the step (each arrived above after its last task).
     for (int i = threadIdx.x; i < s.n_counters; i += STEP_CONSUMERS) s.counters[(size_t)i * STEP_PAD] = 0;
@@ -1499,6 +1720,10 @@ __device__ void decode_step(const StepArgs& s) {
     float* xs = (float*)(step_dynamic + (size_t)STEP_STAGES * STEP_STAGE_BYTES);
     const int token = s.state[0], position = s.state[1];
     const int chunks = position / chunk_keys(s, position) + 1;
+#if STEP_LL
+    // Read before this block arrives at counter 1, so before the last block moves it on.
+    if (threadIdx.x == 0) sh.serial = __ldcg(step_serial(s)) + 1;
+#endif
     if (threadIdx.x == 0) {
         // The host's sizes against what this step needs.
         StepProduct last = step_product(s, 3);
@@ -1549,6 +1774,25 @@ __device__ void decode_step(const StepArgs&) {
 }
 #endif
 
+// The step kernel's folded LayerNorm (STEP_FOLD), made once: per column c of w (a [k, n]
+// product held by column blocks, as the step kernel reads it), G[c] = sum_k w[k, c] g[k] and
+// B[c] = bias[c] + sum_k w[k, c] b[k], in k's order. A thread a column.
+template <typename T>
+__device__ void fold_layernorm(const T* w, const float* g, const float* b, const float* bias, int k, int n, float* G, float* B) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= n) return;
+    int block = c / STEP_COLUMNS, width = min(STEP_COLUMNS, n - block * STEP_COLUMNS);
+    const T* column = w + (size_t)block * STEP_COLUMNS * k + (c - block * STEP_COLUMNS);
+    float gs = 0.f, bs = 0.f;
+    for (int r = 0; r < k; r++) {
+        float x = to_f32(column[(size_t)r * width]);
+        gs += x * g[r];
+        bs += x * b[r];
+    }
+    G[c] = gs;
+    B[c] = bias[c] + bs;
+}
+
 #define INSTANCES(SUFFIX, T)                                                                                          \
     extern "C" __global__ void __launch_bounds__(STAT_COLUMNS) embed_##SUFFIX(const int* state, const T* wte, const T* wpe, float* h, \
             float* stats, int d_model) {                                                                              \
@@ -1567,7 +1811,11 @@ __device__ void decode_step(const StepArgs&) {
             const float* beta, float eps, const T* w, float* logits, float* best, int* counters, int* state, int rows, int d_model) { \
         logits_argmax<T>(h, stats, gamma, beta, eps, w, logits, best, counters, state, rows, d_model);               \
     }                                                                                                                 \
-    extern "C" __global__ void __launch_bounds__(STEP_THREADS, 1) decode_step_##SUFFIX(StepArgs s) { decode_step<T>(s); }
+    extern "C" __global__ void __launch_bounds__(STEP_THREADS, 1) decode_step_##SUFFIX(StepArgs s) { decode_step<T>(s); } \
+    extern "C" __global__ void step_fold_layernorm_##SUFFIX(const T* w, const float* g, const float* b, const float* bias, int k, \
+            int n, float* G, float* B) {                                                                              \
+        fold_layernorm<T>(w, g, b, bias, k, n, G, B);                                                                 \
+    }
 
 INSTANCES(bf16, bf16)
 INSTANCES(f32, float)
