@@ -5,7 +5,7 @@
 # LLAVA_JP_GRAPH_STEP=kernels, since the H200's numbers are what the call is for (the kernel's
 # source with these options passed the flex tests in ../pairs-2026-12-07/ call 3); then, in
 # what time is left, the graph-decoder tests, each in a process of its own, and transformers.
-CALL=${CALL:-call1} BINARIES="final/bench-generate final/graph-decode-test"
+CALL=${CALL:-default1} BINARIES="final/bench-generate final/graph-decode-test"
 source "$(dirname "$0")/../../scripts/gpu_call_lib.sh"
 nvidia-smi --query-gpu=name --format=csv,noheader
 bench default-a bench-generate 1 > /dev/null; stepms default-a
