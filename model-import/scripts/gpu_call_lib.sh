@@ -20,6 +20,16 @@ run_test() {
   env "$@" timeout $t /tmp/graph-decode-test --ignored --exact $name --nocapture > "$out/$log.log" 2>&1
   echo "== $log: $(grep -E 'test result|panicked|differ' "$out/$log.log" | head -3) ($((SECONDS - start)) s)"
 }
+# Graph-decoder tests, each in a process of its own with the default options, in what time is
+# left (each gets it less 20 s; skipped under 40 s), with any failure's lines: names...
+graph_tests() {
+  local t
+  for t in "$@"; do
+    [ $(left) -lt 40 ] && { echo "== $t: skipped, $(left) s left"; continue; }
+    run_test $t $t $(( $(left) - 20 ))
+    grep -E "panicked|differ" -A3 "$out/$t.log" | head -6
+  done
+}
 # The generation bench at full size, batch 1, graph decoder: name, binary, runs, [env...];
 # `extra="--flag value" bench ...` adds bench arguments.
 bench_args="--config configs/llava-jp-1.3b-v1.0.json --batches 1 --text-tokens 48 --new-tokens ${NEW:-128} --backends cuda --dtype bf16 --decode graph"

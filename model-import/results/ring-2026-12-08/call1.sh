@@ -24,11 +24,7 @@ for round in a b; do
     bench $v$round bench-generate 1 $(envs $v) > /dev/null; stepms $v$round
   done
 done
-for t in graph_decode_matches_eager_bf16 graph_decode_matches_eager_f32 graph_decode_rejects_a_model_of_another_shape; do
-  [ $(left) -lt 40 ] && { echo "== $t: skipped, $(left) s left"; continue; }
-  run_test $t $t $(( $(left) - 20 ))
-  grep -E "panicked|differ" -A3 "$out/$t.log" | head -6
-done
+graph_tests graph_decode_matches_eager_bf16 graph_decode_matches_eager_f32 graph_decode_rejects_a_model_of_another_shape
 transformers 90
 decode_summary | cut -c1-200
 finish

@@ -11,11 +11,8 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 bench default-a bench-generate 1 > /dev/null; stepms default-a
 bench kernels bench-generate 1 LLAVA_JP_GRAPH_STEP=kernels > /dev/null; stepms kernels
 bench default-b bench-generate 1 > /dev/null; stepms default-b
-for t in graph_decode_matches_flex_bf16 graph_decode_matches_flex_f32 graph_decode_matches_eager_bf16 graph_decode_rejects_a_model_of_another_shape graph_decode_matches_eager_f32; do
-  [ $(left) -lt 40 ] && { echo "== $t: skipped, $(left) s left"; continue; }
-  run_test $t $t $(( $(left) - 20 ))
-  grep -E "panicked|differ" -A3 "$out/$t.log" | head -6
-done
+graph_tests graph_decode_matches_flex_bf16 graph_decode_matches_flex_f32 graph_decode_matches_eager_bf16 \
+  graph_decode_rejects_a_model_of_another_shape graph_decode_matches_eager_f32
 transformers 90
 decode_summary | cut -c1-200
 finish
