@@ -188,6 +188,19 @@ fn parse_splits(v: &str) -> Option<[usize; 4]> {
     counts.try_into().ok()
 }
 
+/// What `LLAVA_JP_GRAPH_STEP` asks for: `Some(asked_by_name)` to try the step kernel (unset, or
+/// "kernel"), `None` to keep to the step's kernels ("kernels"), an error for any other value.
+fn step_kernel_choice(value: Option<&str>) -> Result<Option<bool>, String> {
+    match value {
+        None => Ok(Some(false)),
+        Some("kernel") => Ok(Some(true)),
+        Some("kernels") => Ok(None),
+        Some(other) => Err(format!(
+            "LLAVA_JP_GRAPH_STEP = {other:?}: expected \"kernel\" (one persistent kernel a step, the default on sm_90) or \"kernels\" (the step's kernels one by one)"
+        )),
+    }
+}
+
 /// (k, n) of c_attn, attn.c_proj, c_fc and mlp.c_proj, in the step kernel's order.
 fn step_products(shape: DecoderShape) -> [(usize, usize); 4] {
     let DecoderShape { n_embd, inner, .. } = shape;
@@ -938,16 +951,12 @@ impl GraphDecoder {
         // llm-jp-1.3b), for a second copy of the layers' weights (2.4 GB there).
         // `LLAVA_JP_GRAPH_STEP=kernels` keeps to the step's kernels and that memory.
         let step = std::env::var("LLAVA_JP_GRAPH_STEP").ok();
-        match step.as_deref() {
-            Some("kernels") => {}
-            None | Some("kernel") => match decoder.prepare_step_kernel() {
+        if let Some(asked) = step_kernel_choice(step.as_deref())? {
+            match decoder.prepare_step_kernel() {
                 Ok(()) => decoder.use_step_kernel = true,
                 // Said only when asked for by name: elsewhere the fallback is the expected path.
-                Err(why) if step.is_some() => eprintln!("graph decoding: the step's kernels one by one ({why})"),
+                Err(why) if asked => eprintln!("graph decoding: the step's kernels one by one ({why})"),
                 Err(_) => {}
-            },
-            Some(other) => {
-                return Err(format!("LLAVA_JP_GRAPH_STEP = {other:?}: expected \"kernel\" (one persistent kernel a step, the default on sm_90) or \"kernels\" (the step's kernels one by one)"))
             }
         }
         if let Err(why) = decoder.capture() {
@@ -1075,24 +1084,21 @@ impl GraphDecoder {
         // that no pair carries a step's serial before that step writes it.
         let parts_bytes = (3 * n_layer * tiling.parts_per_layer + 2) * 4;
         let parts = self.memory.alloc(parts_bytes, "the step kernel's partial sums")?;
-        // SAFETY: just allocated with that many bytes.
-        unsafe { result::memset_d8_sync(parts, 0, parts_bytes) }.map_err(|e| format!("zeroing the step kernel's partial sums: {e}"))?;
         // The chunks' accumulators and (max, sum), each then (8-byte aligned) as the kernel's
         // STEP_LL=2 pairs, zeroed as the partial sums are.
         let acc_bytes = (3 * n_layer * n_head * tiling.max_chunks * head_dim + 2) * 4;
         let chunk_acc = self.memory.alloc(acc_bytes, "the step kernel's attention chunks")?;
         let ml_bytes = (3 * n_layer * n_head * tiling.max_chunks * 2 + 2) * 4;
         let chunk_ml = self.memory.alloc(ml_bytes, "the step kernel's attention maxima")?;
-        for (at, bytes, what) in [(chunk_acc, acc_bytes, "attention chunks"), (chunk_ml, ml_bytes, "attention maxima")] {
-            // SAFETY: just allocated with that many bytes.
-            unsafe { result::memset_d8_sync(at, 0, bytes) }.map_err(|e| format!("zeroing the step kernel's {what}: {e}"))?;
-        }
         let counter_bytes = tiling.n_counters * STEP_PAD * 4;
         let counters = self.memory.alloc(counter_bytes, "the step kernel's counters")?;
-        // SAFETY: just allocated with that many bytes; the kernel expects its counters zero.
-        unsafe { result::memset_d8_sync(counters, 0, counter_bytes) }.map_err(|e| format!("zeroing the step kernel's counters: {e}"))?;
+        let zeroed = [(parts, parts_bytes, "partial sums"), (chunk_acc, acc_bytes, "attention chunks"), (chunk_ml, ml_bytes, "attention maxima"), (counters, counter_bytes, "counters")];
+        for (at, bytes, what) in zeroed {
+            // SAFETY: just allocated with that many bytes; the kernel expects them zero.
+            unsafe { result::memset_d8_sync(at, 0, bytes) }.map_err(|e| format!("zeroing the step kernel's {what}: {e}"))?;
+        }
         // cuMemsetD8 on device memory returns before it ends, on the legacy stream, which the
-        // decoder's non-blocking stream does not wait for (every memset above).
+        // decoder's non-blocking stream does not wait for.
         self.memory.context.synchronize().map_err(|e| format!("zeroing the step kernel's buffers: {e}"))?;
         // The logits phase keeps one (value, index) per block of the grid.
         if blocks > self.logits_blocks {
@@ -1892,6 +1898,16 @@ mod tests {
         let names_offsets = [("x", 0), ("inner", 8), ("q", 24), ("r", 32), ("u", 44)];
         assert_eq!(outer, names_offsets.map(|(n, o)| (n.to_string(), o)).to_vec());
         assert_eq!((size, align), (48, 8));
+    }
+
+    /// The step kernel unless told otherwise; a misspelt value refused by name.
+    #[test]
+    fn step_kernel_choice_reads_the_variable() {
+        assert_eq!(step_kernel_choice(None), Ok(Some(false)));
+        assert_eq!(step_kernel_choice(Some("kernel")), Ok(Some(true)));
+        assert_eq!(step_kernel_choice(Some("kernels")), Ok(None));
+        let why = step_kernel_choice(Some("Kernel")).unwrap_err();
+        assert!(why.contains("LLAVA_JP_GRAPH_STEP = \"Kernel\"") && why.contains("\"kernels\""), "{why}");
     }
 
     /// llm-jp-1.3b's step on an H100 / H200 (132 SMs): every product in at most one tile a
